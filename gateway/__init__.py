@@ -1,0 +1,1 @@
+"""The aiohttp gateway: validates, publishes to JetStream, and serves status, events and images."""

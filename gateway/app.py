@@ -1,0 +1,78 @@
+"""Builds the aiohttp application: routes, CORS, errors, the web UI and the JetStream connection."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway import mflux_api, native_api, openapi
+from gateway.http_errors import errors_middleware
+from gateway.jobs import JobService
+from gateway.mflux_api import SERVICE
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("imagegen.gateway")
+STATIC = Path(__file__).parent / "static"
+
+
+def cors_middleware(origins: str):
+    @web.middleware
+    async def cors(request: web.Request, handler):
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response = web.Response(status=204)
+        else:
+            response = await handler(request)
+        if not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = origins
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, X-API-Key, Idempotency-Key"
+        return response
+
+    return cors
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    connected = jobs.nc is not None and jobs.nc.is_connected
+    body = {"ok": connected, "nats": "connected" if connected else "disconnected", "workers": len(jobs.view.live_workers())}
+    return web.json_response(body, status=200 if connected else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    lines = ["# TYPE imagegen_queue_depth gauge"]
+    for tier, depth in jobs.view.queue_depth().items():
+        lines.append(f'imagegen_queue_depth{{tier="{tier}"}} {depth}')
+    lines += ["# TYPE imagegen_jobs_running gauge", f"imagegen_jobs_running {len(jobs.view.running)}"]
+    lines += ["# TYPE imagegen_workers gauge", f"imagegen_workers {len(jobs.view.live_workers())}"]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[cors_middleware(settings.cors_origins), errors_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SERVICE] = jobs or JobService(settings)
+    app.add_routes(mflux_api.routes)
+    app.add_routes(native_api.routes)
+    openapi.add_routes(app)
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_static("/static", STATIC)
+
+    async def lifecycle(app: web.Application):
+        await app[SERVICE].start()
+        log.info("gateway ready on http://%s:%d (nats %s)", settings.host, settings.port, settings.nats_url)
+        yield
+        await app[SERVICE].close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,209 @@
+"""What the gateway does with jobs, over JetStream: submit, read, cancel, fetch, delete.
+
+Handlers in `mflux_api.py` and `native_api.py` are thin translations onto these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.aio.client import Client as NATS
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
+
+from gateway.forecast import forecast, jobs_ahead
+from gateway.queue_view import QueueView
+from gateway.settings import GatewaySettings
+from schemas import jobstore, names
+from schemas.codec import encode
+from schemas.connect import connect
+from schemas.events import JobEvent
+from schemas.jetstream import ensure_topology
+from schemas.job import JobEnvelope
+from schemas.request import GenerateRequest, RequestInvalid
+from schemas.status import JobState, JobStatus
+
+log = logging.getLogger("imagegen.gateway")
+
+DEFAULT_MODEL_KEY = "default_model"
+
+
+class UnknownJob(LookupError):
+    """No job with this id (or not one this caller may see)."""
+
+
+class NotReady(Exception):
+    """The job has no image (yet, or ever); the text says which."""
+
+
+class JobService:
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.view = QueueView(worker_ttl_s=settings.topology.worker_ttl_s)
+        self.nc: NATS | None = None
+        self.default_model: str | None = None
+
+    async def start(self) -> None:
+        self.nc = await connect(self.settings.nats_url, name="imagegen-gateway")
+        self.js = self.nc.jetstream(timeout=self.settings.nats_timeout_s)
+        await ensure_topology(self.js, self.settings.topology)
+        self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
+        self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
+        self.config_kv = await self.js.key_value(names.CONFIG_BUCKET)
+        self.images = await self.js.object_store(names.IMAGES_BUCKET)
+        self.view.start(self.status_kv, self.workers_kv)
+        await asyncio.wait_for(self.view.ready.wait(), timeout=30)
+
+    async def close(self) -> None:
+        await self.view.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def served_models(self) -> dict[str, list]:
+        models: dict[str, list] = {}
+        for worker in self.view.live_workers():
+            models.setdefault(worker.model, []).append(worker)
+        return models
+
+    async def current_model(self) -> str | None:
+        try:
+            entry = await self.config_kv.get(DEFAULT_MODEL_KEY)
+            chosen = entry.value.decode() if entry.value else None
+        except (KeyNotFoundError, KeyDeletedError):
+            chosen = None
+        served = self.served_models()
+        if chosen in served or (chosen and not served):
+            return chosen
+        return max(served, key=lambda m: len(served[m])) if served else None
+
+    async def load_model(self, model: str) -> None:
+        served = self.served_models()
+        if model not in served:
+            known = ", ".join(sorted(served)) or "none (no worker is running)"
+            raise RequestInvalid([{"field": "model", "message": f"unknown model {model!r}; served: {known}"}])
+        await self.config_kv.put(DEFAULT_MODEL_KEY, model.encode())
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    async def submit(self, request: GenerateRequest, *, owner: str | None = None, job_id: str | None = None) -> JobStatus:
+        served = self.served_models()
+        if request.model is None:
+            current = await self.current_model()
+            if current is not None and len(served) > 1:
+                request = request.model_copy(update={"model": current})
+        elif served and request.model not in served:
+            raise RequestInvalid(
+                [{"field": "model", "message": f"unknown model {request.model!r}; served: {', '.join(sorted(served))}"}]
+            )
+        if request.use_refiner and served and not any(
+            w.has_refiner for ws in served.values() for w in ws if request.model in (None, w.model)
+        ):
+            raise RequestInvalid([{"field": "use_refiner", "message": "no running worker has a refiner loaded"}])
+        envelope = JobEnvelope.for_request(request, job_id=job_id, owner=owner)
+        status = JobStatus(
+            job_id=envelope.job_id,
+            tier=envelope.tier,
+            request=request.model_dump(mode="json", exclude_none=True),
+            seed=envelope.seed,
+            owner=owner,
+            submitted_at=envelope.submitted_at,
+        )
+        if not await jobstore.create_status(self.status_kv, status):
+            existing = await jobstore.read_status(self.status_kv, envelope.job_id)
+            if existing is not None:
+                return existing
+        await self.js.publish(
+            envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id}
+        )
+        self.view.apply(status)
+        await self._event(
+            JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=forecast(self.view, status))
+        )
+        log.info("job %s queued tier=%s %dx%d", status.job_id, status.tier.value, request.width, request.height)
+        return status
+
+    async def get(self, job_id: str, *, owner: str | None = None) -> JobStatus:
+        status = self.view.jobs.get(job_id)
+        if status is None:
+            status = await jobstore.read_status(self.status_kv, job_id) if _plausible(job_id) else None
+        if status is None or (owner is not None and status.owner != owner):
+            raise UnknownJob(job_id)
+        return status
+
+    def position(self, status: JobStatus) -> int | None:
+        return self.view.position(status) if status.state is JobState.QUEUED else None
+
+    def eta(self, status: JobStatus) -> float | None:
+        return forecast(self.view, status)
+
+    def task_length(self, status: JobStatus) -> int:
+        return jobs_ahead(self.view, status)
+
+    async def cancel(self, job_id: str, *, owner: str | None = None) -> JobStatus:
+        await self.get(job_id, owner=owner)
+        cancelled_queued = False
+
+        def request_cancel(s: JobStatus) -> JobStatus | None:
+            nonlocal cancelled_queued
+            if s.state.final:
+                return None
+            s.cancel_requested = True
+            if s.state is JobState.QUEUED:
+                s.state, s.finished_at, s.error = JobState.CANCELLED, time.time(), "cancelled"
+                cancelled_queued = True
+            return s
+
+        status = await jobstore.change_status(self.status_kv, job_id, request_cancel)
+        if status is None:
+            raise UnknownJob(job_id)
+        self.view.apply(status)
+        if cancelled_queued:
+            await self._event(JobEvent(type="cancelled", job_id=job_id, reason="cancelled"))
+        elif status.state is JobState.RUNNING:
+            await self.nc.publish(names.CANCEL_SUBJECT, job_id.encode())
+        return status
+
+    async def image(self, job_id: str, *, owner: str | None = None) -> tuple[JobStatus, bytes]:
+        status = await self.get(job_id, owner=owner)
+        if status.state is not JobState.DONE or status.image is None:
+            raise NotReady(f"job {job_id} is {status.state.value}" + (f": {status.error}" if status.error else ""))
+        try:
+            result = await asyncio.wait_for(self.images.get(status.image.name), timeout=self.settings.nats_timeout_s * 6)
+        except (ObjectNotFoundError, NotFoundError):
+            raise NotReady(f"the image of job {job_id} is no longer stored") from None
+        return status, result.data
+
+    async def delete(self, job_id: str, *, owner: str | None = None) -> None:
+        status = await self.get(job_id, owner=owner)
+        if not status.state.final:
+            await self.cancel(job_id, owner=owner)
+        await self.status_kv.delete(job_id)
+        if status.image is not None:
+            try:
+                await self.images.delete(status.image.name)
+            except (ObjectNotFoundError, NotFoundError):
+                pass
+        self.view.forget(job_id)
+
+    def list(self, *, owner: str | None = None) -> list[JobStatus]:
+        jobs = [s for s in self.view.jobs.values() if owner is None or s.owner == owner]
+        return sorted(jobs, key=lambda s: s.submitted_at)
+
+    async def clear(self, *, owner: str | None = None) -> int:
+        jobs = self.list(owner=owner)
+        for status in jobs:
+            try:
+                await self.delete(status.job_id, owner=owner)
+            except UnknownJob:
+                pass
+        return len(jobs)
+
+    async def _event(self, event: JobEvent) -> None:
+        await self.nc.publish(names.events_subject(event.job_id), encode(event))
+
+
+def _plausible(job_id: str) -> bool:
+    return 8 <= len(job_id) <= 64 and all(c.isalnum() or c in "-_" for c in job_id)

@@ -1,0 +1,160 @@
+"""The native API under /v1: jobs with their full status, events over SSE and WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from aiohttp import WSMsgType, web
+
+from gateway.event_feed import event_json, follow
+from gateway.http_errors import read_json
+from gateway.jobs import JobService, NotReady, UnknownJob
+from gateway.mflux_api import SERVICE, owner_of
+from schemas.http import JobView
+from schemas.request import parse_request
+from schemas.status import JobState, JobStatus
+
+log = logging.getLogger("imagegen.gateway.native")
+routes = web.RouteTableDef()
+
+
+def job_view(jobs: JobService, status: JobStatus) -> JobView:
+    base = f"/v1/jobs/{status.job_id}"
+    return JobView(
+        job_id=status.job_id,
+        state=status.state.value,
+        tier=status.tier.value,
+        position=jobs.position(status),
+        eta_s=jobs.eta(status),
+        step=status.step,
+        total_steps=status.total_steps,
+        seed=status.seed,
+        request=status.request,
+        submitted_at=status.submitted_at,
+        started_at=status.started_at,
+        finished_at=status.finished_at,
+        worker=status.worker,
+        attempt=status.attempt,
+        error=status.error,
+        image_url=f"{base}/image" if status.state is JobState.DONE else None,
+        events_url=f"{base}/events",
+        websocket_url=f"{base}/ws",
+    )
+
+
+@routes.post("/v1/jobs")
+async def submit(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    body = parse_request(await read_json(request), limits=jobs.settings.limits)
+    status = await jobs.submit(body, owner=owner_of(request))
+    return web.json_response(job_view(jobs, status).model_dump(), status=202)
+
+
+@routes.get("/v1/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    return web.json_response([job_view(jobs, s).model_dump() for s in jobs.list(owner=owner_of(request))])
+
+
+@routes.get("/v1/jobs/{job_id}")
+async def get_job(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    status = await jobs.get(request.match_info["job_id"], owner=owner_of(request))
+    return web.json_response(job_view(jobs, status).model_dump())
+
+
+@routes.get("/v1/jobs/{job_id}/image")
+async def get_image(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    status, data = await jobs.image(request.match_info["job_id"], owner=owner_of(request))
+    return web.Response(body=data, content_type=status.image.content_type)
+
+
+@routes.post("/v1/jobs/{job_id}/cancel")
+@routes.delete("/v1/jobs/{job_id}")
+async def cancel_job(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    status = await jobs.cancel(request.match_info["job_id"], owner=owner_of(request))
+    return web.json_response(job_view(jobs, status).model_dump())
+
+
+@routes.get("/v1/jobs/{job_id}/events")
+async def sse(request: web.Request) -> web.StreamResponse:
+    jobs = request.app[SERVICE]
+    job_id = request.match_info["job_id"]
+    feed = follow(jobs, job_id, owner=owner_of(request))
+    first = await anext(feed, None)  # unknown jobs fail here, before the stream starts: a clean 404
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    event = first
+    while event is not None:
+        payload = json.dumps(event_json(event))
+        await response.write(f"event: {event.type}\ndata: {payload}\n\n".encode())
+        event = await anext(feed, None)
+    await response.write_eof()
+    return response
+
+
+@routes.get("/v1/jobs/{job_id}/ws")
+async def job_socket(request: web.Request) -> web.WebSocketResponse:
+    return await _socket(request, [request.match_info["job_id"]])
+
+
+@routes.get("/v1/ws")
+async def socket(request: web.Request) -> web.WebSocketResponse:
+    return await _socket(request, [])
+
+
+async def _socket(request: web.Request, job_ids: list[str]) -> web.WebSocketResponse:
+    """Sends the events of every followed job as JSON. The client may send
+    {"follow": [ids]} to follow more jobs and {"cancel": id} to cancel one."""
+    jobs = request.app[SERVICE]
+    owner = owner_of(request)
+    ws = web.WebSocketResponse(heartbeat=20)
+    await ws.prepare(request)
+    followers: dict[str, asyncio.Task] = {}
+    lock = asyncio.Lock()
+
+    async def pump(job_id: str) -> None:
+        try:
+            async for event in follow(jobs, job_id, owner=owner):
+                async with lock:
+                    await ws.send_json(event_json(event))
+        except UnknownJob:
+            async with lock:
+                await ws.send_json({"type": "error", "job_id": job_id, "error": f"unknown job {job_id!r}"})
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+
+    def start(job_id: str) -> None:
+        if job_id not in followers and isinstance(job_id, str):
+            followers[job_id] = asyncio.create_task(pump(job_id))
+
+    for job_id in job_ids:
+        start(job_id)
+    try:
+        async for message in ws:
+            if message.type is not WSMsgType.TEXT:
+                continue
+            try:
+                command = json.loads(message.data)
+            except json.JSONDecodeError:
+                await ws.send_json({"type": "error", "error": "messages must be JSON objects"})
+                continue
+            if not isinstance(command, dict):
+                await ws.send_json({"type": "error", "error": "messages must be JSON objects"})
+                continue
+            follow_ids = command.get("follow", [])
+            for job_id in [follow_ids] if isinstance(follow_ids, str) else follow_ids:
+                start(str(job_id))
+            if "cancel" in command:
+                try:
+                    await jobs.cancel(str(command["cancel"]), owner=owner)
+                except (UnknownJob, NotReady):
+                    await ws.send_json({"type": "error", "job_id": command["cancel"], "error": "unknown job"})
+    finally:
+        for task in followers.values():
+            task.cancel()
+    return ws

@@ -1,0 +1,132 @@
+"""The OpenAPI document, generated from the same pydantic models that validate requests, and the
+Swagger UI at /swagger, served from the swagger-ui-bundle package's files (no CDN)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from swagger_ui_bundle import swagger_ui_path
+
+from schemas.http import (
+    ErrorBody,
+    JobView,
+    LoadRequest,
+    MfluxGenerateResponse,
+    MfluxPs,
+    MfluxStatusResponse,
+    MfluxTask,
+    ModelInfo,
+)
+from schemas.request import GenerateRequest
+
+TASK_ID = {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+BOOL = {"type": "boolean"}
+
+# (method, path, summary, tag, request body model, response model, parameters, extra responses)
+OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dict], dict]] = [
+    ("post", "/api/generate", "Queue an image (mflux-server)", "mflux", GenerateRequest, MfluxGenerateResponse, [], {}),
+    ("get", "/api/status", "Status of a task (mflux-server)", "mflux", None, MfluxStatusResponse, [TASK_ID], {}),
+    (
+        "get",
+        "/api/image",
+        "The finished image; deleted after delivery unless delete=false (mflux-server)",
+        "mflux",
+        None,
+        "image",
+        [
+            TASK_ID,
+            {"name": "base64", "in": "query", "schema": {**BOOL, "default": False}},
+            {"name": "delete", "in": "query", "schema": {**BOOL, "default": True}},
+        ],
+        {},
+    ),
+    ("get", "/api/cancel", "Cancel a task (mflux-server)", "mflux", None, None, [TASK_ID], {}),
+    ("get", "/api/tasks", "All tasks, without images (mflux-server)", "mflux", None, [MfluxTask], [], {}),
+    ("get", "/api/clear", "Remove all tasks (mflux-server)", "mflux", None, None, [], {}),
+    ("get", "/api/ls", "Models the workers serve (mflux-server)", "mflux", None, {"additionalProperties": ModelInfo}, [], {}),
+    ("get", "/api/ps", "The current model (mflux-server)", "mflux", None, MfluxPs, [], {}),
+    ("post", "/api/load", "Make a served model the default (mflux-server)", "mflux", LoadRequest, None, [], {}),
+    ("post", "/v1/jobs", "Queue an image", "jobs", GenerateRequest, JobView, [], {}),
+    ("get", "/v1/jobs", "List jobs", "jobs", None, [JobView], [], {}),
+    ("get", "/v1/jobs/{job_id}", "A job's status, position and ETA", "jobs", None, JobView, [JOB_ID], {}),
+    ("get", "/v1/jobs/{job_id}/image", "The finished image", "jobs", None, "image", [JOB_ID], {}),
+    ("delete", "/v1/jobs/{job_id}", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
+    ("post", "/v1/jobs/{job_id}/cancel", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
+    ("get", "/v1/jobs/{job_id}/events", "The job's events as Server-Sent Events", "jobs", None, "sse", [JOB_ID], {}),
+    ("get", "/healthz", "Liveness and NATS connection", "ops", None, None, [], {}),
+]
+
+
+def _schema_ref(model: Any, components: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(model, list):
+        return {"type": "array", "items": _schema_ref(model[0], components)}
+    if isinstance(model, dict):
+        return {k: _schema_ref(v, components) if isinstance(v, type) else v for k, v in model.items()} | {
+            "type": "object"
+        }
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, sub in schema.pop("$defs", {}).items():
+        components[name] = sub
+    components[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def build_spec() -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    paths: dict[str, Any] = {}
+    error = {"content": {"application/json": {"schema": _schema_ref(ErrorBody, components)}}}
+    for method, path, summary, tag, body, answer, params, extra in OPERATIONS:
+        if answer == "image":
+            ok = {"description": "The image", "content": {t: {} for t in ("image/jpeg", "image/png", "image/webp", "text/plain")}}
+        elif answer == "sse":
+            ok = {"description": "Events", "content": {"text/event-stream": {}}}
+        elif answer is None:
+            ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+        else:
+            ok = {"description": "OK", "content": {"application/json": {"schema": _schema_ref(answer, components)}}}
+        op: dict[str, Any] = {
+            "summary": summary,
+            "tags": [tag],
+            "parameters": params,
+            "responses": {"200" if method != "post" or path != "/v1/jobs" else "202": ok, "400": {"description": "Bad input", **error}, "404": {"description": "Unknown task", **error}, "503": {"description": "NATS unavailable", **error}, **extra},
+        }
+        if body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _schema_ref(body, components)}}}
+        paths.setdefault(path, {})[method] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "imagegen",
+            "version": "1",
+            "description": "SDXL image generation over NATS JetStream. mflux-server's API under /api, the native API under /v1.",
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+SWAGGER_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>imagegen API</title>
+<link rel="stylesheet" href="/swagger/static/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/swagger/static/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>"""
+
+
+def add_routes(app: web.Application) -> None:
+    spec = build_spec()
+
+    async def openapi(_request: web.Request) -> web.Response:
+        return web.json_response(spec)
+
+    async def swagger(_request: web.Request) -> web.Response:
+        return web.Response(text=SWAGGER_PAGE, content_type="text/html")
+
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/swagger", swagger)
+    app.router.add_get("/swagger/", swagger)
+    app.router.add_static("/swagger/static", swagger_ui_path)

@@ -1,0 +1,154 @@
+"""Every job record and live worker, kept in memory by watching the KV buckets.
+
+The view is a cache of JetStream, rebuilt on start and kept current by KV watchers, so any number of
+gateways agree and a restart loses nothing. It answers positions and forecasts without a KV read per
+poll. A watcher that fails (say, across a broker restart) is recreated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+
+import nats.errors
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from schemas.codec import DecodeError, decode
+from schemas.names import TIERS, Tier
+from schemas.status import JobState, JobStatus
+from schemas.workers import WorkerInfo
+
+log = logging.getLogger("imagegen.gateway.view")
+
+
+class QueueView:
+    def __init__(self, *, worker_ttl_s: float):
+        self.worker_ttl_s = worker_ttl_s
+        self.jobs: dict[str, JobStatus] = {}
+        self.queued: dict[Tier, list[tuple[float, str]]] = {tier: [] for tier in TIERS}
+        self.running: set[str] = set()
+        self.workers: dict[str, WorkerInfo] = {}
+        self.ready = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # -- applying records ---------------------------------------------------------------------
+
+    def apply(self, status: JobStatus) -> None:
+        old = self.jobs.get(status.job_id)
+        if old is not None:
+            self._unindex(old)
+        self.jobs[status.job_id] = status
+        if status.state is JobState.QUEUED:
+            bisect.insort(self.queued[status.tier], (status.submitted_at, status.job_id))
+        elif status.state is JobState.RUNNING:
+            self.running.add(status.job_id)
+
+    def forget(self, job_id: str) -> None:
+        old = self.jobs.pop(job_id, None)
+        if old is not None:
+            self._unindex(old)
+
+    def _unindex(self, status: JobStatus) -> None:
+        if status.state is JobState.QUEUED:
+            queue = self.queued[status.tier]
+            i = bisect.bisect_left(queue, (status.submitted_at, status.job_id))
+            if i < len(queue) and queue[i][1] == status.job_id:
+                del queue[i]
+        self.running.discard(status.job_id)
+
+    # -- questions ----------------------------------------------------------------------------
+
+    def queued_ahead(self, status: JobStatus) -> list[str]:
+        """Ids of the queued jobs a worker will take before this one, in order."""
+        ahead: list[str] = []
+        for tier in TIERS:
+            queue = self.queued[tier]
+            if tier is status.tier:
+                i = bisect.bisect_left(queue, (status.submitted_at, status.job_id))
+                ahead.extend(job_id for _, job_id in queue[:i])
+                break
+            ahead.extend(job_id for _, job_id in queue)
+        return ahead
+
+    def position(self, status: JobStatus) -> int:
+        n = 0
+        for tier in TIERS:
+            queue = self.queued[tier]
+            if tier is status.tier:
+                return n + bisect.bisect_left(queue, (status.submitted_at, status.job_id))
+            n += len(queue)
+        return n
+
+    def queue_depth(self) -> dict[str, int]:
+        return {tier.value: len(self.queued[tier]) for tier in TIERS}
+
+    def live_workers(self) -> list[WorkerInfo]:
+        now = time.time()
+        return [w for w in self.workers.values() if now - w.seen_at < self.worker_ttl_s]
+
+    # -- watching -----------------------------------------------------------------------------
+
+    def start(self, status_kv: KeyValue, workers_kv: KeyValue) -> None:
+        jobs_ready, workers_ready = asyncio.Event(), asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._watch(status_kv, self._on_job, jobs_ready)),
+            asyncio.create_task(self._watch(workers_kv, self._on_worker, workers_ready)),
+        ]
+
+        async def both_ready() -> None:
+            await jobs_ready.wait()
+            await workers_ready.wait()
+            self.ready.set()
+
+        self._tasks.append(asyncio.create_task(both_ready()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _on_job(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.forget(key)
+            return
+        try:
+            self.apply(decode(value, JobStatus))
+        except DecodeError as exc:
+            log.warning("job record %s unreadable: %s", key, exc)
+
+    def _on_worker(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.workers.pop(key, None)
+            return
+        try:
+            self.workers[key] = decode(value, WorkerInfo)
+        except DecodeError as exc:
+            log.warning("worker record %s unreadable: %s", key, exc)
+
+    async def _watch(self, kv: KeyValue, on_entry, ready: asyncio.Event) -> None:
+        while True:
+            watcher = None
+            try:
+                watcher = await kv.watchall()
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=30)
+                    except nats.errors.TimeoutError:  # idle
+                        continue
+                    if entry is None:
+                        ready.set()
+                        continue
+                    deleted = entry.operation in (KV_DEL, KV_PURGE)
+                    on_entry(entry.key, None if deleted else entry.value)
+            except asyncio.CancelledError:
+                if watcher is not None:
+                    try:
+                        await watcher.stop()
+                    except Exception:
+                        pass
+                raise
+            except Exception as exc:
+                log.warning("kv watch on %s failed (%s); recreating", kv._name, exc)
+                await asyncio.sleep(0.5)

@@ -1,0 +1,70 @@
+"""Picks and loads the engine that `--model` names."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from gpu_worker.engine import Engine
+from gpu_worker.settings import WorkerSettings
+from gpu_worker.simulated import SIMULATED, SimulatedEngine
+
+log = logging.getLogger("imagegen.worker")
+
+TINY_SDXL = "tiny-sdxl"
+TINY_REFINER = "tiny-sdxl-refiner"
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    return "cuda:0" if cuda_available() else "cpu"
+
+
+def resolve_model(model: str) -> str:
+    if model != "auto":
+        return model
+    if cuda_available():
+        from gpu_worker.sdxl import SDXL_BASE
+
+        return SDXL_BASE
+    log.warning("no CUDA device: serving tiny-sdxl (random weights, it draws noise); pass --model for SDXL")
+    return TINY_SDXL
+
+
+def load_engine(settings: WorkerSettings) -> Engine:
+    model = resolve_model(settings.model)
+    if model == SIMULATED:
+        return SimulatedEngine(
+            step_s=settings.sim_step_s, step_s_per_mpx=settings.sim_step_s_per_mpx, fixed_s=settings.sim_fixed_s
+        )
+    from gpu_worker.sdxl import SdxlEngine, SdxlSettings
+
+    device = resolve_device(settings.device)
+    path, refiner, name = model, settings.refiner, model
+    if model == TINY_SDXL:
+        from gpu_worker import tiny_sdxl
+
+        root = Path(settings.data_dir or ".") / "models"
+        path = str(tiny_sdxl.build_tiny_sdxl(root / TINY_SDXL))
+        if refiner in (None, TINY_REFINER):
+            refiner = str(tiny_sdxl.build_tiny_refiner(root / TINY_REFINER))
+    elif refiner == TINY_REFINER:
+        raise ValueError("--refiner tiny-sdxl-refiner goes only with --model tiny-sdxl")
+    sdxl = SdxlSettings(
+        model=path,
+        refiner=refiner,
+        device=device,
+        dtype=settings.dtype,
+        threads=settings.threads,
+        default_steps=4 if model == TINY_SDXL else 30,
+    )
+    return SdxlEngine.load(sdxl, name=name)

@@ -1,0 +1,28 @@
+"""The few outcomes a job can end in besides success; `outcome.py` maps each to ack / nak / term."""
+
+from __future__ import annotations
+
+
+class JobCancelled(Exception):
+    """The job was cancelled; raised from the step callback so the engine stops at the step boundary."""
+
+
+class JobExpired(Exception):
+    """The job waited in the queue past its deadline and was not generated."""
+
+
+class JobFailed(Exception):
+    """The job cannot succeed however often it is tried (bad message, bad input, out of memory)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RetryLater(Exception):
+    """This worker cannot take the job now; another try (here or elsewhere) may succeed."""
+
+    def __init__(self, reason: str, *, delay_s: float = 1.0):
+        super().__init__(reason)
+        self.reason = reason
+        self.delay_s = delay_s

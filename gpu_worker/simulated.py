@@ -1,0 +1,44 @@
+"""A simulated engine for load and scale tests: no torch, a configurable time per step.
+
+It sleeps `fixed_s` plus `step_s` (+ `step_s_per_mpx` per megapixel) per step and returns a flat image
+whose colour comes from the seed, so that different seeds give different images.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from PIL import Image
+
+from gpu_worker.engine import GenerationTask, StepCallback
+
+SIMULATED = "simulated"
+
+
+@dataclass(kw_only=True)
+class SimulatedEngine:
+    step_s: float = 0.0
+    step_s_per_mpx: float = 0.0
+    fixed_s: float = 0.0
+    name: str = SIMULATED
+    device: str = "cpu"
+    default_steps: int = 4
+    default_guidance: float = 5.0
+    has_refiner: bool = True
+    refiner_fraction: float = 0.2
+
+    def refiner_steps(self, task: GenerationTask) -> int:
+        return int(round(task.steps * self.refiner_fraction)) if task.use_refiner else 0
+
+    def generate(self, task: GenerationTask, on_step: StepCallback) -> Image.Image:
+        if self.fixed_s:
+            time.sleep(self.fixed_s)
+        per_step = self.step_s + self.step_s_per_mpx * task.width * task.height / 1e6
+        total = task.steps
+        for step in range(1, total + 1):
+            if per_step:
+                time.sleep(per_step)
+            on_step(step, total, None)
+        colour = (task.seed % 251, (task.seed // 251) % 241, (task.seed // 60491) % 239)
+        return Image.new("RGB", (task.width, task.height), colour)

@@ -1,0 +1,51 @@
+"""Measures this worker's speed from the jobs it runs and fits the ETA model of `schemas.workers`.
+
+Per job it records the seconds per step (against megapixels, least squares over a sliding window),
+the decode-and-encode time per megapixel, and the fixed rest.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from schemas.workers import SpeedModel
+
+
+def _fit_line(points: deque[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares intercept and slope of y over x; flat through the mean when x does not vary."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var_x = sum((x - mean_x) ** 2 for x, _ in points)
+    if var_x < 1e-12:
+        return 0.0, mean_y / mean_x if mean_x > 0 else 0.0
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var_x
+    if slope < 0:
+        return mean_y, 0.0
+    return max(0.0, mean_y - slope * mean_x), slope
+
+
+@dataclass
+class SpeedMeter:
+    window: int = 64
+    per_step: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    decode: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    fixed: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    model: SpeedModel = field(default_factory=SpeedModel)
+
+    def record(self, *, mpx: float, steps: int, steps_s: float, decode_s: float, total_s: float) -> SpeedModel:
+        if steps > 0:
+            self.per_step.append((mpx, steps_s / steps))
+        self.decode.append((mpx, decode_s))
+        self.fixed.append(max(0.0, total_s - steps_s - decode_s))
+        step_s, step_s_per_mpx = _fit_line(self.per_step) if self.per_step else (0.0, 0.0)
+        _, decode_s_per_mpx = _fit_line(self.decode)
+        self.model = SpeedModel(
+            fixed_s=sorted(self.fixed)[len(self.fixed) // 2],
+            step_s=step_s,
+            step_s_per_mpx=step_s_per_mpx,
+            decode_s_per_mpx=decode_s_per_mpx,
+            samples=self.model.samples + 1,
+        )
+        return self.model

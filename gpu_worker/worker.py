@@ -1,0 +1,404 @@
+"""The worker loop: pull one job, run it off the event loop, store the image, then ack.
+
+A job may run twice (a worker can die after storing the image and before the ack): the image is
+stored under the job id, so a second run overwrites it, and a job whose record already says `done`
+is acked without running again. Every outcome is settled in `settle`, the one place that acks,
+naks or terms a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from PIL import Image
+
+from gpu_worker.engine import Engine, GenerationTask
+from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, RetryLater
+from gpu_worker.puller import PriorityPuller
+from gpu_worker.settings import WorkerSettings
+from gpu_worker.speed import SpeedMeter
+from schemas import jobstore, names
+from schemas.codec import DecodeError, decode, encode
+from schemas.connect import connect
+from schemas.events import JobEvent
+from schemas.jetstream import ensure_topology
+from schemas.job import JobEnvelope
+from schemas.request import limit_problems
+from schemas.status import ImageRef, JobState, JobStatus
+from schemas.workers import WorkerInfo
+
+log = logging.getLogger("imagegen.worker")
+
+KV_KEY_UNSAFE = re.compile(r"[^-_=.a-zA-Z0-9]")
+
+
+def retry_delay(attempt: int) -> float:
+    return min(30.0, 0.5 * 2 ** (attempt - 1))
+
+
+@dataclass
+class RunningJob:
+    envelope: JobEnvelope
+    msg: Msg
+    attempt: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)
+    steps_done_at: float | None = None
+    last_status_write: float = 0.0
+    step: int = 0
+    total: int = 0
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, engine: Engine):
+        self.settings = settings
+        self.engine = engine
+        self.worker_id = KV_KEY_UNSAFE.sub("_", settings.worker_id)
+        self.stopping = asyncio.Event()
+        self.meter = SpeedMeter()
+        self.current: RunningJob | None = None
+        self.jobs_done = 0
+        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegen-gpu")
+        self.nc: NATS | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.nc = await connect(self.settings.nats_url, name=f"imagegen-worker {self.worker_id}")
+        self.js = self.nc.jetstream()
+        await ensure_topology(self.js, self.settings.topology)
+        self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
+        self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
+        self.images = await self.js.object_store(names.IMAGES_BUCKET)
+        self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness)
+        await self.puller.start()
+        await self.nc.subscribe(names.CANCEL_SUBJECT, cb=self._on_cancel)
+        await self._register()
+        self._tasks.append(asyncio.create_task(self._registry_loop()))
+        log.info("worker %s ready: model=%s device=%s", self.worker_id, self.engine.name, self.engine.device)
+
+    async def run(self) -> None:
+        """Serves jobs until `stop()`; the job in hand is finished first."""
+        while not self.stopping.is_set():
+            msg = await self.puller.next(self.stopping)
+            if msg is None:
+                break
+            await self.handle(msg)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.current is not None:
+            log.info("worker %s draining: finishing job %s", self.worker_id, self.current.envelope.job_id)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.nc is not None and self.nc.is_connected:
+            try:
+                await self.workers_kv.delete(self.worker_id)
+            except Exception:  # the registry entry expires by itself anyway
+                pass
+            await self.puller.stop()
+            await self.nc.drain()
+        self.gpu.shutdown(wait=False, cancel_futures=True)
+
+    async def warm_up(self) -> None:
+        """Runs a small job twice before serving: loads kernels and gives the first ETAs a measurement."""
+        task = GenerationTask(
+            job_id="warm-up",
+            prompt="warm-up",
+            negative_prompt="",
+            width=64,
+            height=64,
+            steps=2,
+            guidance=self.engine.default_guidance,
+            seed=0,
+        )
+        for _ in range(2):
+            started = time.monotonic()
+            stamps: list[float] = []
+            image = await asyncio.get_running_loop().run_in_executor(
+                self.gpu, self.engine.generate, task, lambda *_: stamps.append(time.monotonic())
+            )
+            decode_s = await asyncio.get_running_loop().run_in_executor(self.gpu, self._time_encode, image)
+        steps_s = (stamps[-1] - started) if stamps else 0.0
+        self.meter.record(mpx=64 * 64 / 1e6, steps=2, steps_s=steps_s, decode_s=decode_s, total_s=time.monotonic() - started)
+
+    @staticmethod
+    def _time_encode(image: Image.Image) -> float:
+        started = time.monotonic()
+        image.save(io.BytesIO(), format="JPEG", quality=85)
+        return time.monotonic() - started
+
+    # -- registry -------------------------------------------------------------------------------
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            model=self.engine.name,
+            default_steps=self.engine.default_steps,
+            default_guidance=self.engine.default_guidance,
+            has_refiner=self.engine.has_refiner,
+            device=self.engine.device,
+            state="busy" if self.current else ("draining" if self.stopping.is_set() else "idle"),
+            job_id=self.current.envelope.job_id if self.current else None,
+            jobs_done=self.jobs_done,
+            speed=self.meter.model,
+        )
+
+    async def _register(self) -> None:
+        await self.workers_kv.put(self.worker_id, encode(self.info()))
+
+    async def _registry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self._register()
+                if self.current is not None:
+                    await self._heartbeat(self.current)
+            except Exception as exc:  # broker away: keep going, the next beat retries
+                log.warning("worker %s heartbeat failed: %s", self.worker_id, exc)
+
+    async def _heartbeat(self, job: RunningJob) -> None:
+        await job.msg.in_progress()
+        status = await jobstore.read_status(self.status_kv, job.envelope.job_id)
+        if status is not None and status.cancel_requested:
+            job.cancel.set()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        job = self.current
+        if job is not None and msg.data.decode(errors="replace") == job.envelope.job_id:
+            job.cancel.set()
+
+    # -- one job --------------------------------------------------------------------------------
+
+    async def handle(self, msg: Msg) -> None:
+        attempt = msg.metadata.num_delivered
+        job_id = (msg.headers or {}).get(names.MSG_ID_HEADER, "")
+        started = time.monotonic()
+        try:
+            envelope = self._decode(msg)
+            job_id = envelope.job_id
+            await self._run(envelope, msg, attempt)
+            outcome = None
+        except (JobCancelled, JobExpired, JobFailed, RetryLater) as exc:
+            outcome = exc
+        except Exception as exc:
+            log.exception("job %s try %d crashed", job_id or "?", attempt)
+            outcome = exc
+        finally:
+            self.current = None
+        await self.settle(msg, job_id, attempt, outcome, time.monotonic() - started)
+
+    def _decode(self, msg: Msg) -> JobEnvelope:
+        try:
+            envelope = decode(msg.data, JobEnvelope)
+        except DecodeError as exc:
+            raise JobFailed(f"undecodable job message: {exc}") from None
+        problems = limit_problems(envelope.request, self.settings.limits)
+        if problems:
+            raise JobFailed("; ".join(f"{p['field']}: {p['message']}" for p in problems))
+        return envelope
+
+    async def _run(self, envelope: JobEnvelope, msg: Msg, attempt: int) -> None:
+        job_id = envelope.job_id
+        request = envelope.request
+        if request.model and request.model != self.engine.name:
+            raise JobFailed(f"model: {request.model!r} is not served here; this worker serves {self.engine.name!r}")
+        if request.use_refiner and not self.engine.has_refiner:
+            raise JobFailed("use_refiner: no refiner is loaded on this worker")
+        steps = request.steps or self.engine.default_steps
+        status = await jobstore.read_status(self.status_kv, job_id)
+        if status is None:  # published straight onto NATS: this worker writes the first record
+            await jobstore.create_status(
+                self.status_kv,
+                JobStatus(
+                    job_id=job_id,
+                    tier=envelope.tier,
+                    request=request.model_dump(mode="json", exclude_none=True),
+                    seed=envelope.seed,
+                    owner=envelope.owner,
+                    submitted_at=envelope.submitted_at,
+                ),
+            )
+        elif status.state is JobState.DONE:
+            log.info("job %s try %d already done; acking", job_id, attempt)
+            return
+        elif status.state.final:
+            raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(status.state, JobCancelled)()
+        job = RunningJob(envelope=envelope, msg=msg, attempt=attempt, total=steps)
+        self.current = job
+
+        def to_running(s: JobStatus) -> JobStatus:
+            if s.cancel_requested:
+                job.cancel.set()
+            s.state, s.worker, s.attempt = JobState.RUNNING, self.worker_id, attempt
+            s.started_at, s.step, s.total_steps, s.seed = time.time(), 0, steps, envelope.seed
+            return s
+
+        await jobstore.change_status(self.status_kv, job_id, to_running)
+        if job.cancel.is_set():
+            raise JobCancelled()
+        await self._event(JobEvent(type="started", job_id=job_id, worker=self.worker_id, attempt=attempt, total=steps))
+        task = GenerationTask(
+            job_id=job_id,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=request.width,
+            height=request.height,
+            steps=steps,
+            guidance=request.guidance if request.guidance is not None else self.engine.default_guidance,
+            seed=envelope.seed,
+            use_refiner=request.use_refiner,
+        )
+        loop = asyncio.get_running_loop()
+        gen_started = time.monotonic()
+        image = await loop.run_in_executor(self.gpu, self.engine.generate, task, self._step_callback(job))
+        steps_done = job.steps_done_at or time.monotonic()
+        data = await loop.run_in_executor(self.gpu, self._encode, image, request.format, request.quality)
+        encoded = time.monotonic()
+        await asyncio.wait_for(self.images.put(job_id, data), timeout=30)
+        ref = ImageRef(
+            name=job_id, content_type=request.content_type, size=len(data), width=image.width, height=image.height
+        )
+
+        def to_done(s: JobStatus) -> JobStatus:
+            s.state, s.finished_at, s.image, s.step, s.error = JobState.DONE, time.time(), ref, steps, None
+            return s
+
+        await jobstore.change_status(self.status_kv, job_id, to_done)
+        total_s = time.monotonic() - gen_started
+        timings = {"steps_s": steps_done - gen_started, "encode_s": encoded - steps_done, "total_s": total_s}
+        await self._event(JobEvent(type="done", job_id=job_id, image=ref, timings=timings, worker=self.worker_id))
+        self.meter.record(
+            mpx=request.pixels / 1e6,
+            steps=steps,
+            steps_s=timings["steps_s"],
+            decode_s=timings["encode_s"],
+            total_s=total_s,
+        )
+        self.jobs_done += 1
+
+    def _step_callback(self, job: RunningJob):
+        loop = self._loop
+
+        def on_step(step: int, total: int, latents: Any) -> None:
+            if job.cancel.is_set():
+                raise JobCancelled()
+            if step >= total:
+                job.steps_done_at = time.monotonic()
+            loop.call_soon_threadsafe(self._progress, job, step, total)
+
+        return on_step
+
+    def _progress(self, job: RunningJob, step: int, total: int) -> None:
+        job.step, job.total = step, total
+        elapsed = time.monotonic() - job.started
+        eta = elapsed / step * (total - step) if step else None
+        event = JobEvent(
+            type="progress", job_id=job.envelope.job_id, step=step, total=total, elapsed_s=elapsed, eta_s=eta
+        )
+        asyncio.ensure_future(self._event(event))
+        now = time.monotonic()
+        if now - job.last_status_write >= self.settings.progress_write_s and step < total:
+            job.last_status_write = now
+            asyncio.ensure_future(self._write_step(job.envelope.job_id, step))
+
+    async def _write_step(self, job_id: str, step: int) -> None:
+        def set_step(s: JobStatus) -> JobStatus | None:
+            if s.state is not JobState.RUNNING or s.step >= step:
+                return None
+            s.step = step
+            return s
+
+        try:
+            await jobstore.change_status(self.status_kv, job_id, set_step)
+        except Exception as exc:
+            log.debug("job %s step write skipped: %s", job_id, exc)
+
+    @staticmethod
+    def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
+        buf = io.BytesIO()
+        if fmt == "JPEG" and image.mode != "RGB":
+            image = image.convert("RGB")
+        image.save(buf, format=fmt, quality=quality)
+        return buf.getvalue()
+
+    async def _event(self, event: JobEvent) -> None:
+        try:
+            await self.nc.publish(names.events_subject(event.job_id), encode(event))
+        except Exception as exc:
+            log.warning("job %s event %s not published: %s", event.job_id, event.type, exc)
+
+    # -- outcomes: the one place that acks, naks and terms ----------------------------------------
+
+    async def settle(self, msg: Msg, job_id: str, attempt: int, outcome: BaseException | None, duration: float) -> None:
+        tag = f"job {job_id or '?'} try {attempt}"
+        if outcome is None:
+            await msg.ack()
+            log.info("%s done in %.2fs", tag, duration)
+        elif isinstance(outcome, JobCancelled):
+            await self._finish(job_id, JobState.CANCELLED, "cancelled")
+            await msg.ack()
+            log.info("%s cancelled after %.2fs", tag, duration)
+        elif isinstance(outcome, JobExpired):
+            await self._finish(job_id, JobState.EXPIRED, "expired in the queue before a worker took it")
+            await msg.ack()
+            log.info("%s expired", tag)
+        elif isinstance(outcome, RetryLater):
+            await msg.nak(delay=outcome.delay_s)
+            log.info("%s deferred %.1fs: %s", tag, outcome.delay_s, outcome.reason)
+        elif isinstance(outcome, JobFailed):
+            await self._dead_letter(msg, job_id, attempt, outcome.reason)
+            await msg.term()
+            log.warning("%s failed after %.2fs: %s", tag, duration, outcome.reason)
+        else:
+            reason = f"{type(outcome).__name__}: {outcome}"
+            if attempt >= self.settings.topology.max_deliver:
+                await self._dead_letter(msg, job_id, attempt, f"failed {attempt} times, last: {reason}")
+                await msg.term()
+                log.warning("%s crashed for the last time: %s", tag, reason)
+            else:
+                await msg.nak(delay=retry_delay(attempt))
+                log.warning("%s crashed, will retry in %.1fs: %s", tag, retry_delay(attempt), reason)
+
+    async def _finish(self, job_id: str, state: JobState, reason: str) -> None:
+        """Writes a final state unless the record has one already (then whoever wrote it told the client)."""
+        if not job_id:
+            return
+        changed = False
+
+        def to_final(s: JobStatus) -> JobStatus | None:
+            nonlocal changed
+            if s.state.final:
+                return None
+            changed = True
+            s.state, s.finished_at, s.error = state, time.time(), reason
+            return s
+
+        await jobstore.change_status(self.status_kv, job_id, to_final)
+        if changed:
+            await self._event(JobEvent(type=state.value, job_id=job_id, reason=reason))
+
+    async def _dead_letter(self, msg: Msg, job_id: str, attempt: int, reason: str) -> None:
+        letter = {"job_id": job_id, "reason": reason, "subject": msg.subject, "attempt": attempt, "data": msg.data}
+        await self.js.publish(names.DLQ_SUBJECT, msgpack.packb(letter, use_bin_type=True))
+        if job_id and re.fullmatch(r"[A-Za-z0-9_-]{8,64}", job_id):
+            existing = await jobstore.read_status(self.status_kv, job_id)
+            if existing is None:
+                await jobstore.create_status(self.status_kv, JobStatus(job_id=job_id, submitted_at=time.time()))
+            await self._finish(job_id, JobState.FAILED, reason)

@@ -1,0 +1,136 @@
+"""The `imagegen` command: up, gateway, worker, generate. Every flag has an IMAGEGEN_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway.settings import GatewaySettings
+from gpu_worker.settings import WorkerSettings
+from imagegen.paths import default_data_dir
+from schemas.jetstream import Topology
+from schemas.request import Limits
+
+log = logging.getLogger("imagegen")
+
+
+def env(name: str, default):
+    value = os.environ.get(f"IMAGEGEN_{name}")
+    if value is None:
+        return default
+    return type(default)(value) if default is not None and not isinstance(default, bool) else value
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats", default=os.environ.get("IMAGEGEN_NATS"), help="NATS server URL(s), comma-separated (IMAGEGEN_NATS)")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (IMAGEGEN_LOG_LEVEL)")
+    p.add_argument("--replicas", type=int, default=env("REPLICAS", 1), help="JetStream replicas of every stream, 3 on a cluster (IMAGEGEN_REPLICAS)")
+    p.add_argument("--max-pixels", type=int, default=env("MAX_PIXELS", Limits().max_pixels), help="pixel budget per image (IMAGEGEN_MAX_PIXELS)")
+    p.add_argument("--max-steps", type=int, default=env("MAX_STEPS", Limits().max_steps), help="most steps per image (IMAGEGEN_MAX_STEPS)")
+    p.add_argument("--max-prompt-chars", type=int, default=env("MAX_PROMPT_CHARS", Limits().max_prompt_chars), help="longest prompt (IMAGEGEN_MAX_PROMPT_CHARS)")
+    p.add_argument("--job-ttl", type=float, default=env("JOB_TTL", Topology().job_ttl_s), help="seconds status records and images are kept (IMAGEGEN_JOB_TTL)")
+
+
+def add_gateway(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address the gateway listens on (IMAGEGEN_HOST)")
+    p.add_argument("--port", type=int, default=env("PORT", 4030), help="gateway port (IMAGEGEN_PORT)")
+
+
+def add_worker(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=env("MODEL", "auto"), help="hub id, local folder, tiny-sdxl or simulated; auto: SDXL base with CUDA, tiny-sdxl without (IMAGEGEN_MODEL)")
+    p.add_argument("--refiner", default=os.environ.get("IMAGEGEN_REFINER"), help="refiner hub id or folder (tiny-sdxl-refiner with tiny-sdxl) (IMAGEGEN_REFINER)")
+    p.add_argument("--device", default=env("DEVICE", "auto"), help="cuda:N or cpu; one worker process per GPU (IMAGEGEN_DEVICE)")
+    p.add_argument("--dtype", default=env("DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"], help="(IMAGEGEN_DTYPE)")
+    p.add_argument("--threads", type=int, default=env("THREADS", 1), help="torch CPU threads (IMAGEGEN_THREADS)")
+    p.add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
+    p.add_argument("--sim-step-s", type=float, default=env("SIM_STEP_S", 0.05), help="simulated engine: seconds per step (IMAGEGEN_SIM_STEP_S)")
+    p.add_argument("--data-dir", default=str(default_data_dir()), help="where built models (and up's server store) live (IMAGEGEN_DATA_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagegen", description="SDXL image generation over NATS JetStream")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="all in one: embedded nats-server (unless --nats), a gateway and a worker")
+    add_common(up), add_gateway(up), add_worker(up)
+    gw = sub.add_parser("gateway", help="run a gateway (HTTP and WebSocket) against NATS")
+    add_common(gw), add_gateway(gw)
+    wk = sub.add_parser("worker", help="run one worker (one per GPU) against NATS")
+    add_common(wk), add_worker(wk)
+    gen = sub.add_parser("generate", help="generate an image through a running gateway")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="out.png", help="file to write; the format follows its extension")
+    gen.add_argument("--url", default=env("URL", "http://127.0.0.1:4030"), help="gateway URL (IMAGEGEN_URL)")
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--seed", default=None)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--api-key", default=os.environ.get("IMAGEGEN_API_KEY"), help="(IMAGEGEN_API_KEY)")
+    return parser
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    return Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars)
+
+
+def topology_of(args: argparse.Namespace) -> Topology:
+    return Topology(replicas=args.replicas, job_ttl_s=args.job_ttl)
+
+
+def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings:
+    return GatewaySettings(nats_url=nats_url, host=args.host, port=args.port, limits=limits_of(args), topology=topology_of(args))
+
+
+def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
+    extra = {"worker_id": args.worker_id} if args.worker_id else {}
+    return WorkerSettings(
+        nats_url=nats_url,
+        model=args.model,
+        refiner=args.refiner,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        data_dir=args.data_dir,
+        sim_step_s=args.sim_step_s,
+        limits=limits_of(args),
+        topology=topology_of(args),
+        **extra,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    from imagegen import runtime
+
+    if args.command == "generate":
+        from imagegen.client_cli import generate_command
+
+        return generate_command(args)
+    if args.command == "gateway":
+        asyncio.run(runtime.serve(gateway=gateway_settings(args, args.nats or "nats://127.0.0.1:4222"), worker=None))
+        return 0
+    if args.command == "worker":
+        asyncio.run(runtime.serve(gateway=None, worker=worker_settings(args, args.nats or "nats://127.0.0.1:4222")))
+        return 0
+    embedded = None
+    nats_url = args.nats
+    if not nats_url:
+        from imagegen.embedded_nats import EmbeddedNats
+
+        embedded = EmbeddedNats(store_dir=Path(args.data_dir) / "nats").start()
+        nats_url = embedded.url
+    try:
+        asyncio.run(runtime.serve(gateway=gateway_settings(args, nats_url), worker=worker_settings(args, nats_url)))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0

@@ -1,0 +1,83 @@
+"""Starting and stopping the parts: a gateway, a worker, or all of them (`imagegen up`).
+
+SIGTERM or SIGINT drains: the gateway stops accepting and finishes requests in flight; the worker
+finishes the job in hand, stops pulling, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from gpu_worker.engines import load_engine
+from gpu_worker.settings import WorkerSettings
+from gpu_worker.worker import Worker
+
+log = logging.getLogger("imagegen")
+
+
+@dataclass
+class RunningGateway:
+    runner: web.AppRunner
+    port: int
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_gateway(settings: GatewaySettings) -> RunningGateway:
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else settings.port
+    return RunningGateway(runner=runner, port=port)
+
+
+async def start_worker(settings: WorkerSettings, *, warm_up: bool = True) -> tuple[Worker, asyncio.Task]:
+    engine = await asyncio.get_running_loop().run_in_executor(None, load_engine, settings)
+    worker = Worker(settings, engine)
+    if warm_up:
+        await worker.warm_up()
+    await worker.start()
+    return worker, asyncio.create_task(worker.run())
+
+
+def _stop_signal() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve(*, gateway: GatewaySettings | None, worker: WorkerSettings | None, on_ready=None) -> None:
+    stop = _stop_signal()
+    async with AsyncExitStack() as stack:
+        worker_obj = worker_task = None
+        if worker is not None:
+            worker_obj, worker_task = await start_worker(worker)
+            stack.push_async_callback(worker_obj.close)
+        running = None
+        if gateway is not None:
+            running = await start_gateway(gateway)
+            stack.push_async_callback(running.stop)
+            log.info("gateway listening on http://%s:%d", gateway.host, running.port)
+        if on_ready is not None:
+            on_ready(running)
+        waiters = [asyncio.ensure_future(stop.wait())]
+        if worker_task is not None:
+            waiters.append(worker_task)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping: draining")
+        if worker_obj is not None:
+            worker_obj.stop()
+            await worker_task

@@ -1,0 +1,43 @@
+"""Connecting to NATS the same way everywhere: a list of servers, reconnecting forever."""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+
+log = logging.getLogger("imagegen.nats")
+
+
+def server_list(url: str) -> list[str]:
+    """`nats://a:4222,nats://b:4222` -> both; a bare host:port gets the nats:// scheme."""
+    servers = []
+    for part in url.split(","):
+        part = part.strip()
+        if part:
+            servers.append(part if "://" in part else f"nats://{part}")
+    return servers
+
+
+async def connect(url: str, *, name: str, connect_timeout: float = 5.0) -> NATS:
+    async def disconnected() -> None:
+        log.warning("nats disconnected (%s); reconnecting", name)
+
+    async def reconnected() -> None:
+        log.info("nats reconnected (%s)", name)
+
+    async def error(exc: Exception) -> None:
+        log.warning("nats error (%s): %s", name, exc)
+
+    return await nats.connect(
+        servers=server_list(url),
+        name=name,
+        connect_timeout=connect_timeout,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        error_cb=error,
+    )

@@ -1,0 +1,113 @@
+"""The JetStream objects imagegen uses, created or brought up to date by whoever starts first.
+
+Gateways and workers both call `ensure_topology`; it is idempotent, so any number of them can start
+in any order against one server or a cluster (`replicas` > 1 replicates every stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from schemas import names
+
+
+@dataclass(frozen=True, kw_only=True)
+class Topology:
+    replicas: int = 1
+    job_ttl_s: float = 24 * 3600  # status records and images live this long
+    events_ttl_s: float = 3600  # events replayable this long
+    duplicate_window_s: float = 600  # idempotent submit window (Nats-Msg-Id)
+    ack_wait_s: float = 30.0  # a worker that stops heartbeating loses its job after this
+    max_deliver: int = 5
+    worker_ttl_s: float = 15.0  # a worker that stops heartbeating disappears after this
+
+
+def job_stream_config(t: Topology) -> StreamConfig:
+    return StreamConfig(
+        name=names.JOBS_STREAM,
+        subjects=[tier.subject for tier in names.TIERS],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=t.duplicate_window_s,
+        max_age=t.job_ttl_s,
+        num_replicas=t.replicas,
+        discard=DiscardPolicy.OLD,
+    )
+
+
+def consumer_config(t: Topology, tier: names.Tier) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=tier.consumer,
+        filter_subject=tier.subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=t.ack_wait_s,
+        max_deliver=t.max_deliver,
+        max_ack_pending=-1,
+        max_waiting=4096,
+        num_replicas=t.replicas,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            return
+        except BadRequestError:  # created meanwhile by another process
+            pass
+    await js.update_stream(config)
+
+
+async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> None:
+    await _ensure_stream(js, job_stream_config(t))
+    for tier in names.TIERS:
+        await js.add_consumer(names.JOBS_STREAM, consumer_config(t, tier))
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.EVENTS_STREAM,
+            subjects=[f"{names.EVENTS_SUBJECT_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=t.events_ttl_s,
+            num_replicas=t.replicas,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.DLQ_STREAM,
+            subjects=[names.DLQ_SUBJECT],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * 24 * 3600,
+            num_replicas=t.replicas,
+        ),
+    )
+    await js.create_key_value(
+        KeyValueConfig(bucket=names.STATUS_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas)
+    )
+    await js.create_key_value(
+        KeyValueConfig(bucket=names.WORKERS_BUCKET, history=1, ttl=t.worker_ttl_s, replicas=t.replicas)
+    )
+    await js.create_key_value(KeyValueConfig(bucket=names.CONFIG_BUCKET, history=1, replicas=t.replicas))
+    await js.create_object_store(
+        names.IMAGES_BUCKET, config=ObjectStoreConfig(ttl=t.job_ttl_s, replicas=t.replicas)
+    )

@@ -1,0 +1,58 @@
+"""Status records in KV `imagegen-jobs`, changed only by compare-and-set so gateway and worker never
+overwrite each other's facts (a cancel request and a finished image can race; both survive)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from schemas.codec import decode, encode
+from schemas.status import JobStatus
+
+Mutation = Callable[[JobStatus], "JobStatus | None"]
+
+
+async def read_status(kv: KeyValue, job_id: str) -> JobStatus | None:
+    try:
+        entry = await kv.get(job_id)
+    except (KeyNotFoundError, KeyDeletedError):
+        return None
+    if not entry.value:
+        return None
+    return decode(entry.value, JobStatus)
+
+
+async def create_status(kv: KeyValue, status: JobStatus) -> bool:
+    """Writes the first record of a job; False when the job id exists already (a repeated submit)."""
+    try:
+        await kv.create(status.job_id, encode(status))
+    except KeyWrongLastSequenceError:
+        return False
+    return True
+
+
+async def change_status(kv: KeyValue, job_id: str, mutate: Mutation, *, tries: int = 20) -> JobStatus | None:
+    """Applies `mutate` to the current record with compare-and-set, retrying on conflict.
+
+    `mutate` gets a copy and returns the new record, or None to leave the record as it is. Returns the
+    record as stored afterwards, or None if the job is unknown.
+    """
+    for _ in range(tries):
+        try:
+            entry = await kv.get(job_id)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        if not entry.value:
+            return None
+        current = decode(entry.value, JobStatus)
+        changed = mutate(current.model_copy(deep=True))
+        if changed is None:
+            return current
+        try:
+            await kv.update(job_id, encode(changed), last=entry.revision)
+            return changed
+        except KeyWrongLastSequenceError:
+            continue
+    raise RuntimeError(f"status of {job_id} kept changing under {tries} tries")

@@ -1,0 +1,50 @@
+"""Names of every subject, stream, bucket and consumer: the contract others code against."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+JOBS_STREAM = "IMAGEGEN_JOBS"
+EVENTS_STREAM = "IMAGEGEN_EVENTS"
+DLQ_STREAM = "IMAGEGEN_DLQ"
+AUDIT_STREAM = "IMAGEGEN_AUDIT"
+
+JOBS_SUBJECT_PREFIX = "imagegen.jobs"
+EVENTS_SUBJECT_PREFIX = "imagegen.events"
+DLQ_SUBJECT = "imagegen.dlq"
+AUDIT_SUBJECT = "imagegen.audit"
+CANCEL_SUBJECT = "imagegen.control.cancel"
+
+STATUS_BUCKET = "imagegen-jobs"
+WORKERS_BUCKET = "imagegen-workers"
+CONFIG_BUCKET = "imagegen-config"
+IMAGES_BUCKET = "imagegen-images"
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+class Tier(str, Enum):
+    """Priority tiers, highest first. Workers always take a higher tier first."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def subject(self) -> str:
+        return f"{JOBS_SUBJECT_PREFIX}.{self.value}"
+
+    @property
+    def consumer(self) -> str:
+        return f"imagegen-workers-{self.value}"
+
+    @property
+    def rank(self) -> int:
+        return TIERS.index(self)
+
+
+TIERS: tuple[Tier, ...] = (Tier.HIGH, Tier.NORMAL, Tier.LOW)
+
+
+def events_subject(job_id: str) -> str:
+    return f"{EVENTS_SUBJECT_PREFIX}.{job_id}"

@@ -1,0 +1,177 @@
+"""The generation request: every field a client may send, and every limit, validated here.
+
+One model serves mflux-server's `/api/generate`, the native API and NATS publishers. Limits that an
+operator configures (pixel budget, steps, prompt length) come in through `Limits`; `parse_request`
+applies both, so the gateway and the worker check the same rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from schemas.names import Tier
+
+MAX_SEED = 2**63 - 1
+FORMATS = ("JPEG", "PNG", "WEBP")
+CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one deployment accepts. The defaults fit SDXL on a 24 GB GPU."""
+
+    max_pixels: int = 2048 * 2048
+    max_side: int = 4096
+    min_side: int = 64
+    max_steps: int = 100
+    max_prompt_chars: int = 2000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class RequestInvalid(ValueError):
+    """A request that breaks a rule; `errors` names each field and what is wrong with it."""
+
+    def __init__(self, errors: list[dict[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
+
+    @classmethod
+    def from_validation_error(cls, exc: ValidationError) -> "RequestInvalid":
+        errors = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "body"
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown field"
+            errors.append({"field": field, "message": message})
+        return cls(errors)
+
+
+class GenerateRequest(BaseModel):
+    """A text-to-image request. Field names follow mflux-server, plus the SDXL fields of the FastAPI tutorial."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    prompt: str = Field(description="What to draw.")
+    negative_prompt: str = Field("", description="What not to draw.")
+    seed: int | None = Field(
+        None, description="Seed; a number or a string of digits. The server picks one when absent."
+    )
+    width: int = Field(1024, description="Image width in pixels, a multiple of 8.")
+    height: int = Field(1024, description="Image height in pixels, a multiple of 8.")
+    steps: int | None = Field(None, description="Denoising steps; the model's default when absent.")
+    guidance: float | None = Field(None, ge=0.0, le=30.0, description="Classifier-free guidance scale.")
+    format: Literal["JPEG", "PNG", "WEBP"] = Field("JPEG", description="Image encoding.")
+    quality: int = Field(85, ge=1, le=100, description="JPEG/WEBP quality, 1..100.")
+    priority: bool = Field(False, description="mflux-server's priority flag: the high tier.")
+    tier: Tier | None = Field(None, description="Priority tier: high, normal or low. Overrides `priority`.")
+    use_refiner: bool = Field(False, description="Hand the latents to the SDXL refiner for the last steps.")
+    model: str | None = Field(None, description="Model to use; the service's current model when absent.")
+    init_image: str | None = Field(None, description="Base64 image for image-to-image (mflux-server field).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_from_string(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number or a string of digits")
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return None
+            if not text.isdigit():
+                raise ValueError(f"must be a whole number or a string of digits, got {value!r}")
+            return int(text)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"must be a whole number, got {value!r}")
+            return int(value)
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be between 0 and {MAX_SEED}")
+        return value
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format_upper(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.upper() in FORMATS:
+            return value.upper()
+        if isinstance(value, str):
+            raise ValueError(f"must be one of {', '.join(FORMATS)}, got {value!r}")
+        return value
+
+    @field_validator("init_image")
+    @classmethod
+    def _no_init_image_yet(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("image-to-image is not available on this server")
+        return None
+
+    @property
+    def effective_tier(self) -> Tier:
+        if self.tier is not None:
+            return self.tier
+        return Tier.HIGH if self.priority else Tier.NORMAL
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def limit_problems(request: GenerateRequest, limits: Limits) -> list[dict[str, str]]:
+    """The configured limits a valid-looking request breaks, one entry per field."""
+    problems: list[dict[str, str]] = []
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(request, name)) > limits.max_prompt_chars:
+            problems.append({"field": name, "message": f"exceeds {limits.max_prompt_chars} characters"})
+    for name in ("width", "height"):
+        side = getattr(request, name)
+        if side % 8:
+            problems.append({"field": name, "message": f"must be a multiple of 8, got {side}"})
+        elif not limits.min_side <= side <= limits.max_side:
+            problems.append(
+                {"field": name, "message": f"must be between {limits.min_side} and {limits.max_side}, got {side}"}
+            )
+    if not problems and request.pixels > limits.max_pixels:
+        problems.append(
+            {
+                "field": "width",
+                "message": f"{request.width}x{request.height} exceeds the pixel budget of {limits.max_pixels} pixels",
+            }
+        )
+    if request.steps is not None and not 1 <= request.steps <= limits.max_steps:
+        problems.append({"field": "steps", "message": f"must be between 1 and {limits.max_steps}, got {request.steps}"})
+    return problems
+
+
+def parse_request(data: Any, *, limits: Limits = DEFAULT_LIMITS) -> GenerateRequest:
+    """Validates a decoded body against the model and the limits; raises RequestInvalid naming each bad field."""
+    if not isinstance(data, dict):
+        raise RequestInvalid([{"field": "body", "message": "must be a JSON object"}])
+    try:
+        request = GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestInvalid.from_validation_error(exc) from None
+    problems = limit_problems(request, limits)
+    if problems:
+        raise RequestInvalid(problems)
+    return request

@@ -1,0 +1,62 @@
+"""The status record of a job, kept in KV bucket `imagegen-jobs` under the job id."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.names import Tier
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
+
+
+class ImageRef(BaseModel):
+    """Where a finished image lies: object store `imagegen-images`, object name = job id."""
+
+    name: str
+    content_type: str
+    size: int
+    width: int
+    height: int
+
+
+class JobStatus(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    state: JobState = JobState.QUEUED
+    tier: Tier = Tier.NORMAL
+    request: dict = Field(default_factory=dict, description="The request's fields, as submitted.")
+    seed: int = 0
+    owner: str | None = None
+    submitted_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    attempt: int = 0
+    step: int = 0
+    total_steps: int = 0
+    error: str | None = None
+    image: ImageRef | None = None
+    cancel_requested: bool = False
+
+    @property
+    def compute_time(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at

@@ -1,0 +1,40 @@
+"""What a live worker publishes in KV `imagegen-workers`: its model and its measured speed.
+
+The speed model is what ETAs are computed from: a fixed cost per job plus a cost per denoising step
+that grows with the pixel count, plus a cost per megapixel for the VAE decode and image encoding, and
+the refiner's steps counted like base steps. Workers measure it on every job; gateways read it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, Field
+
+
+class SpeedModel(BaseModel):
+    fixed_s: float = Field(0.05, description="Seconds per job that do not depend on size or steps.")
+    step_s: float = Field(0.01, description="Seconds per step that do not depend on size.")
+    step_s_per_mpx: float = Field(0.1, description="Seconds per step per megapixel.")
+    decode_s_per_mpx: float = Field(0.05, description="Seconds per megapixel for decode and encoding.")
+    samples: int = 0
+
+    def estimate(self, *, width: int, height: int, steps: int, refiner_steps: int = 0) -> float:
+        mpx = width * height / 1e6
+        per_step = self.step_s + self.step_s_per_mpx * mpx
+        return self.fixed_s + per_step * (steps + refiner_steps) + self.decode_s_per_mpx * mpx
+
+
+class WorkerInfo(BaseModel):
+    worker_id: str
+    model: str
+    default_steps: int
+    default_guidance: float
+    has_refiner: bool = False
+    device: str = "cpu"
+    state: str = "idle"
+    job_id: str | None = None
+    jobs_done: int = 0
+    started_at: float = Field(default_factory=time.time)
+    seen_at: float = Field(default_factory=time.time)
+    speed: SpeedModel = Field(default_factory=SpeedModel)

