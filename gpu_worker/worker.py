@@ -395,10 +395,11 @@ class Worker:
             await self._event(JobEvent(type=state.value, job_id=job_id, reason=reason))
 
     async def _dead_letter(self, msg: Msg, job_id: str, attempt: int, reason: str) -> None:
-        letter = {"job_id": job_id, "reason": reason, "subject": msg.subject, "attempt": attempt, "data": msg.data}
-        await self.js.publish(names.DLQ_SUBJECT, msgpack.packb(letter, use_bin_type=True))
+        """Marks the job failed with the reason, then keeps the message in `imagegen.dlq`."""
         if job_id and re.fullmatch(r"[A-Za-z0-9_-]{8,64}", job_id):
             existing = await jobstore.read_status(self.status_kv, job_id)
             if existing is None:
                 await jobstore.create_status(self.status_kv, JobStatus(job_id=job_id, submitted_at=time.time()))
             await self._finish(job_id, JobState.FAILED, reason)
+        letter = {"job_id": job_id, "reason": reason, "subject": msg.subject, "attempt": attempt, "data": msg.data}
+        await self.js.publish(names.DLQ_SUBJECT, msgpack.packb(letter, use_bin_type=True))

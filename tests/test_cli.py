@@ -1,0 +1,69 @@
+"""The `imagegen` command as a user runs it: --help everywhere, and `imagegen up` end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from imagegen.embedded_nats import free_port
+from tests.conftest import wait_status
+
+
+@pytest.mark.parametrize("command", [[], ["up"], ["gateway"], ["worker"], ["generate"]])
+def test_help(command):
+    result = subprocess.run([sys.executable, "-m", "imagegen", *command, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "usage: imagegen" in result.stdout
+    if command in (["up"], ["worker"]):
+        assert "--model" in result.stdout and "IMAGEGEN_MODEL" in result.stdout
+    if command in (["up"], ["gateway"]):
+        assert "--port" in result.stdout and "--nats" in result.stdout
+
+
+async def test_up_serves_mflux_workflow_and_drains_on_sigterm(tmp_path):
+    port = free_port()
+    env = {**os.environ, "IMAGEGEN_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "imagegen", "up", "--port", str(port)], stdout=log, stderr=log, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, log_path.read_text()
+                try:
+                    async with http.get(f"{url}/healthz") as r:
+                        if r.status == 200 and (await r.json())["workers"] >= 1:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("imagegen up did not become ready:\n" + log_path.read_text())
+            async with http.get(f"{url}/api/ps") as r:
+                assert (await r.json())["model"] == "tiny-sdxl"
+            body = {"prompt": "a fox", "width": 64, "height": 64, "steps": 2, "seed": "42"}
+            async with http.post(f"{url}/api/generate", json=body) as r:
+                task_id = (await r.json())["task_id"]
+            assert (await wait_status(http, url, task_id))["status"] == "done"
+            async with http.get(f"{url}/api/image", params={"task_id": task_id, "base64": "false", "delete": "true"}) as r:
+                assert Image.open(io.BytesIO(await r.read())).size == (64, 64)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert "tiny-sdxl" in text and "no CUDA" in text
+    assert (tmp_path / "nats").is_dir() and (tmp_path / "models" / "tiny-sdxl" / "model_index.json").exists()
