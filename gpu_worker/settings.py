@@ -27,6 +27,7 @@ class WorkerSettings:
     data_dir: str = ""
     heartbeat_s: float = 5.0  # in_progress() and worker-registry refresh period
     progress_write_s: float = 0.5  # at most this often a running job's step goes to the status record
+    preview_every: int = 5  # a preview event every N steps (0: none)
     fairness: int = 10
     sim_step_s: float = 0.05
     sim_step_s_per_mpx: float = 0.0

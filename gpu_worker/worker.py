@@ -25,6 +25,7 @@ from PIL import Image
 
 from gpu_worker.engine import Engine, GenerationTask
 from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, RetryLater
+from gpu_worker.preview import latent_preview
 from gpu_worker.puller import PriorityPuller
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speed import SpeedMeter
@@ -117,26 +118,33 @@ class Worker:
         self.gpu.shutdown(wait=False, cancel_futures=True)
 
     async def warm_up(self) -> None:
-        """Runs a small job twice before serving: loads kernels and gives the first ETAs a measurement."""
-        task = GenerationTask(
-            job_id="warm-up",
-            prompt="warm-up",
-            negative_prompt="",
-            width=64,
-            height=64,
-            steps=2,
-            guidance=self.engine.default_guidance,
-            seed=0,
-        )
-        for _ in range(2):
-            started = time.monotonic()
-            stamps: list[float] = []
-            image = await asyncio.get_running_loop().run_in_executor(
-                self.gpu, self.engine.generate, task, lambda *_: stamps.append(time.monotonic())
+        """Runs small jobs at two sizes before serving: loads kernels and gives the first ETAs a
+        measurement of the fixed and the per-pixel cost."""
+        loop = asyncio.get_running_loop()
+        for side, measured in ((64, False), (64, True), (128, True)):  # the first run pays one-off costs
+            task = GenerationTask(
+                job_id="warm-up",
+                prompt="warm-up",
+                negative_prompt="",
+                width=side,
+                height=side,
+                steps=2,
+                guidance=self.engine.default_guidance,
+                seed=0,
             )
-            decode_s = await asyncio.get_running_loop().run_in_executor(self.gpu, self._time_encode, image)
-        steps_s = (stamps[-1] - started) if stamps else 0.0
-        self.meter.record(mpx=64 * 64 / 1e6, steps=2, steps_s=steps_s, decode_s=decode_s, total_s=time.monotonic() - started)
+            started = time.monotonic()
+            image = await loop.run_in_executor(self.gpu, self.engine.generate, task, lambda *_: None)
+            steps_done = time.monotonic()
+            decode_s = await loop.run_in_executor(self.gpu, self._time_encode, image)
+            if not measured:
+                continue
+            self.meter.record(
+                mpx=side * side / 1e6,
+                steps=2,
+                steps_s=steps_done - started,
+                decode_s=decode_s,
+                total_s=time.monotonic() - started,
+            )
 
     @staticmethod
     def _time_encode(image: Image.Image) -> float:
@@ -295,6 +303,7 @@ class Worker:
 
     def _step_callback(self, job: RunningJob):
         loop = self._loop
+        every = self.settings.preview_every
 
         def on_step(step: int, total: int, latents: Any) -> None:
             if job.cancel.is_set():
@@ -302,6 +311,11 @@ class Worker:
             if step >= total:
                 job.steps_done_at = time.monotonic()
             loop.call_soon_threadsafe(self._progress, job, step, total)
+            if every and latents is not None and step % every == 0 and step < total:
+                preview = latent_preview(latents)
+                if preview is not None:
+                    event = JobEvent(type="preview", job_id=job.envelope.job_id, step=step, total=total, preview=preview)
+                    loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._event(event)))
 
         return on_step
 

@@ -47,6 +47,7 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=env("DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"], help="(IMAGEGEN_DTYPE)")
     p.add_argument("--threads", type=int, default=env("THREADS", 1), help="torch CPU threads (IMAGEGEN_THREADS)")
     p.add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
+    p.add_argument("--preview-every", type=int, default=env("PREVIEW_EVERY", 5), help="a preview image every N steps, 0 for none (IMAGEGEN_PREVIEW_EVERY)")
     p.add_argument("--sim-step-s", type=float, default=env("SIM_STEP_S", 0.05), help="simulated engine: seconds per step (IMAGEGEN_SIM_STEP_S)")
     p.add_argument("--data-dir", default=str(default_data_dir()), help="where built models (and up's server store) live (IMAGEGEN_DATA_DIR)")
 
@@ -96,6 +97,7 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
         threads=args.threads,
         data_dir=args.data_dir,
         sim_step_s=args.sim_step_s,
+        preview_every=args.preview_every,
         limits=limits_of(args),
         topology=topology_of(args),
         **extra,

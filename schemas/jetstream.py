@@ -6,6 +6,7 @@ in any order against one server or a cluster (`replicas` > 1 replicates every st
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
@@ -23,6 +24,8 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from schemas import names
+
+log = logging.getLogger("imagegen.jetstream")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,13 +104,16 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
             num_replicas=t.replicas,
         ),
     )
-    await js.create_key_value(
-        KeyValueConfig(bucket=names.STATUS_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas)
-    )
-    await js.create_key_value(
-        KeyValueConfig(bucket=names.WORKERS_BUCKET, history=1, ttl=t.worker_ttl_s, replicas=t.replicas)
-    )
-    await js.create_key_value(KeyValueConfig(bucket=names.CONFIG_BUCKET, history=1, replicas=t.replicas))
-    await js.create_object_store(
-        names.IMAGES_BUCKET, config=ObjectStoreConfig(ttl=t.job_ttl_s, replicas=t.replicas)
-    )
+    for config in (
+        KeyValueConfig(bucket=names.STATUS_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas),
+        KeyValueConfig(bucket=names.WORKERS_BUCKET, history=1, ttl=t.worker_ttl_s, replicas=t.replicas),
+        KeyValueConfig(bucket=names.CONFIG_BUCKET, history=1, replicas=t.replicas),
+    ):
+        try:
+            await js.create_key_value(config)
+        except BadRequestError:  # exists with other settings: the first process's settings stand
+            log.warning("bucket %s exists with other settings; keeping them", config.bucket)
+    try:
+        await js.create_object_store(names.IMAGES_BUCKET, config=ObjectStoreConfig(ttl=t.job_ttl_s, replicas=t.replicas))
+    except BadRequestError:
+        log.warning("object store %s exists with other settings; keeping them", names.IMAGES_BUCKET)

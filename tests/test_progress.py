@@ -1,0 +1,158 @@
+"""Live progress over real NATS: every event in order for late clients, SSE for plain HTTP clients,
+previews, and queue positions across tiers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from imagegen.embedded_nats import EmbeddedNats, free_port
+from tests.conftest import start_service, stop_service, wait_status
+
+
+async def submit(http, url, **fields) -> str:
+    body = {"prompt": "progress", "width": 64, "height": 64, "steps": 6, **fields}
+    async with http.post(f"{url}/v1/jobs", json=body) as r:
+        assert r.status == 202, await r.text()
+        return (await r.json())["job_id"]
+
+
+async def ws_events(http, url, job_id, *, limit: int = 200) -> list[dict]:
+    events = []
+    async with http.ws_connect(f"{url}/v1/jobs/{job_id}/ws") as ws:
+        async with asyncio.timeout(60):
+            async for message in ws:
+                events.append(message.json())
+                if events[-1]["type"] in ("done", "failed", "cancelled", "expired") or len(events) >= limit:
+                    break
+    return events
+
+
+def check_order(events: list[dict], steps: int) -> None:
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "queued" and kinds[1] == "started" and kinds[-1] == "done"
+    assert [e["step"] for e in events if e["type"] == "progress"] == list(range(1, steps + 1))
+    stamps = [e["ts"] for e in events]
+    assert stamps == sorted(stamps)
+
+
+async def test_live_and_late_websocket_clients_get_every_event_in_order(service, http):
+    job_id = await submit(http, service.url, steps=6)
+    live = await ws_events(http, service.url, job_id)
+    check_order(live, 6)
+    late = await ws_events(http, service.url, job_id)  # after the job is done: replayed from the stream
+    assert late == live
+    done = live[-1]
+    assert done["image"]["width"] == 64 and done["timings"]["total_s"] > 0
+
+
+async def test_previews_are_small_jpegs(service, http):
+    job_id = await submit(http, service.url, steps=10, width=128, height=96)
+    events = await ws_events(http, service.url, job_id)
+    previews = [e for e in events if e["type"] == "preview"]
+    assert [p["step"] for p in previews] == [5]
+    image = Image.open(io.BytesIO(base64.b64decode(previews[0]["preview"])))
+    assert image.format == "JPEG" and image.size == (128, 96)
+
+
+async def test_many_jobs_over_one_socket(service, http):
+    ids = [await submit(http, service.url, steps=2, seed=i) for i in range(3)]
+    finals: dict[str, str] = {}
+    async with http.ws_connect(f"{service.url}/v1/ws") as ws:
+        await ws.send_json({"follow": ids})
+        async with asyncio.timeout(60):
+            async for message in ws:
+                event = message.json()
+                if event["type"] == "done":
+                    finals[event["job_id"]] = "done"
+                if len(finals) == 3:
+                    break
+    assert set(finals) == set(ids)
+
+
+async def test_server_sent_events_with_a_plain_http_client(service):
+    async with aiohttp.ClientSession() as http:
+        job_id = await submit(http, service.url, steps=4)
+        async with http.get(f"{service.url}/v1/jobs/{job_id}/events") as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            raw = (await asyncio.wait_for(r.read(), 60)).decode()
+    blocks = [b for b in raw.split("\n\n") if b.strip()]
+    parsed = []
+    for block in blocks:
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        data = json.loads(lines["data"])
+        assert data["type"] == lines["event"]
+        parsed.append(data)
+    check_order(parsed, 4)
+
+
+async def test_sse_for_unknown_job_is_404(service, http):
+    async with http.get(f"{service.url}/v1/jobs/unknown-job-1/events") as r:
+        assert r.status == 404
+
+
+async def test_polling_sees_running_step_and_eta(service, http):
+    job_id = await submit(http, service.url, steps=60, width=256, height=256)
+    seen = None
+    async with asyncio.timeout(60):
+        while True:
+            async with http.get(f"{service.url}/v1/jobs/{job_id}") as r:
+                job = await r.json()
+            if job["state"] == "running" and job["step"] > 0:
+                seen = job
+                break
+            assert job["state"] in ("queued", "running")
+            await asyncio.sleep(0.02)
+    assert seen["total_steps"] == 60 and seen["eta_s"] > 0 and seen["position"] is None
+    async with http.post(f"{service.url}/v1/jobs/{job_id}/cancel") as r:
+        assert r.status == 200
+    final = await wait_status(http, service.url, job_id)
+    assert final == {"status": "error", "error": "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def own_nats(tmp_path_factory):
+    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats-tiers"), port=free_port()).start()
+    yield server
+    server.stop()
+
+
+async def test_positions_across_tiers_and_the_order_workers_take_them(own_nats, data_dir, http):
+    from gateway.settings import GatewaySettings
+    from imagegen import runtime
+
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=own_nats.url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        low = await submit(http, url, tier="low", steps=2)
+        normal_1 = await submit(http, url, steps=2)
+        high = await submit(http, url, priority=True, steps=2)
+        normal_2 = await submit(http, url, tier="normal", steps=2)
+        expected = {high: 0, normal_1: 1, normal_2: 2, low: 3}
+        for job_id, position in expected.items():
+            async with http.get(f"{url}/api/status", params={"task_id": job_id}) as r:
+                status = await r.json()
+            assert status["status"] == "waiting" and status["pos"] == position, (job_id, status)
+        async with http.post(f"{url}/api/generate", json={"prompt": "last", "width": 64, "height": 64, "steps": 2}) as r:
+            assert (await r.json())["task_length"] == 4  # behind high, normal_1, normal_2; ahead of low
+        async with http.get(f"{url}/api/status", params={"task_id": low}) as r:
+            assert (await r.json())["pos"] == 4
+
+        svc = await start_service(own_nats.url, data_dir, preview_every=0)
+        try:
+            for job_id in expected:
+                await wait_status(http, url, job_id)
+            async with http.get(f"{url}/api/tasks") as r:
+                tasks = {t["task_id"]: t for t in await r.json()}
+            started = sorted(expected, key=lambda j: tasks[j]["start_time"])
+            assert started == [high, normal_1, normal_2, low]
+        finally:
+            await stop_service(svc)
+    finally:
+        await gateway.stop()
