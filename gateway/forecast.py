@@ -3,7 +3,8 @@
 Each live worker is free after its running job's remaining time; the queued jobs ahead (higher tiers
 first, then older ones of the same tier) go one by one to whichever worker is free first, each costing
 what that worker's speed model says for its size, steps and refiner. The job's ETA is when it would
-end in that schedule. Unlike a pixels-only average, this counts steps, size, refiner and workers.
+end in that schedule, its wait stretched by the higher-tier work expected to arrive meanwhile. Unlike
+a pixels-only average, this counts steps, size, refiner, priority tiers and workers.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import heapq
 import time
 
 from gateway.queue_view import QueueView
+from schemas.names import TIERS
 from schemas.status import JobState, JobStatus
 from schemas.workers import SpeedModel, WorkerInfo
 
+ARRIVAL_WINDOW_S = 60.0
+MAX_LOAD = 0.8
 FALLBACK = WorkerInfo(worker_id="none", model="", default_steps=30, default_guidance=5.0)
 
 
@@ -31,15 +35,15 @@ def job_cost(status: JobStatus, worker: WorkerInfo, speed: SpeedModel | None = N
 
 
 def remaining(status: JobStatus, worker: WorkerInfo, now: float) -> float:
-    """Seconds left for a running job: from its step rate once it has steps, else from the model."""
-    cost = job_cost(status, worker)
-    if status.started_at is None:
-        return cost
-    elapsed = max(0.0, now - status.started_at)
-    if status.step > 0 and status.total_steps:
-        per_step = elapsed / status.step
-        return max(0.0, per_step * (status.total_steps - status.step) + worker.speed.fixed_s)
-    return max(0.0, cost - elapsed)
+    """Seconds left for a running job: from its measured step rate once the worker reported one,
+    else from the worker's speed model."""
+    if status.step_s is not None and status.step_at is not None and status.total_steps:
+        request = status.request
+        mpx = request.get("width", 1024) * request.get("height", 1024) / 1e6
+        left = (status.total_steps - status.step) * status.step_s - (now - status.step_at)
+        return max(0.0, left) + worker.speed.decode_s_per_mpx * mpx
+    elapsed = max(0.0, now - status.started_at) if status.started_at is not None else 0.0
+    return max(0.0, job_cost(status, worker) - elapsed)
 
 
 def forecast(view: QueueView, status: JobStatus, *, now: float | None = None) -> float | None:
@@ -70,7 +74,18 @@ def forecast(view: QueueView, status: JobStatus, *, now: float | None = None) ->
         t, i = heapq.heappop(free)
         heapq.heappush(free, (t + job_cost(ahead, workers[i]), i))
     t, i = heapq.heappop(free)
-    return t + job_cost(status, workers[i])
+    return t / (1.0 - higher_tier_load(view, status, workers, now)) + job_cost(status, workers[i])
+
+
+def higher_tier_load(view: QueueView, status: JobStatus, workers: list[WorkerInfo], now: float) -> float:
+    """The share of the pool that higher-tier work arriving from now on will take (from the last
+    minute's arrivals): a job waits W for the work ahead of it now, plus the higher-tier work that
+    arrives meanwhile and goes first, so its wait stretches to W / (1 - load)."""
+    since = now - ARRIVAL_WINDOW_S
+    work = 0.0
+    for tier in TIERS[: status.tier.rank]:
+        work += sum(job_cost(s, workers[0]) for s in view.recent_arrivals(tier, since=since))
+    return min(MAX_LOAD, work / ARRIVAL_WINDOW_S / len(workers))
 
 
 def _last_known(view: QueueView) -> WorkerInfo:

@@ -12,12 +12,13 @@ import nats.errors
 import nats.js.errors
 from aiohttp import web
 
-from gateway.jobs import NotReady, UnknownJob
+from gateway.jobs import BrokerAway, NotReady, UnknownJob
 from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
 
 BROKER_DOWN = (
+    BrokerAway,
     nats.errors.ConnectionClosedError,
     nats.errors.NoServersError,
     nats.errors.TimeoutError,

@@ -37,6 +37,10 @@ class NotReady(Exception):
     """The job has no image (yet, or ever); the text says which."""
 
 
+class BrokerAway(ConnectionError):
+    """The gateway is not connected to NATS right now (it is reconnecting): answered at once, not after a timeout."""
+
+
 class JobService:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
@@ -59,6 +63,12 @@ class JobService:
         await self.view.stop()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
+
+    def connected(self) -> None:
+        """Raises BrokerAway while the NATS connection is down, so a write fails now instead of
+        waiting `nats_timeout_s` for an answer that cannot come."""
+        if self.nc is None or not self.nc.is_connected:
+            raise BrokerAway("not connected to NATS")
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -89,6 +99,7 @@ class JobService:
     # -- jobs -----------------------------------------------------------------------------------
 
     async def submit(self, request: GenerateRequest, *, owner: str | None = None, job_id: str | None = None) -> JobStatus:
+        self.connected()
         served = self.served_models()
         if request.model is None:
             current = await self.current_model()
@@ -111,14 +122,15 @@ class JobService:
             owner=owner,
             submitted_at=envelope.submitted_at,
         )
-        if not await jobstore.create_status(self.status_kv, status):
+        revision = await jobstore.create_status(self.status_kv, status)
+        if revision is None:
             existing = await jobstore.read_status(self.status_kv, envelope.job_id)
             if existing is not None:
                 return existing
         await self.js.publish(
             envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id}
         )
-        self.view.apply(status)
+        self.view.apply(status, revision or 0)
         await self._event(
             JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=forecast(self.view, status))
         )
@@ -144,6 +156,7 @@ class JobService:
 
     async def cancel(self, job_id: str, *, owner: str | None = None) -> JobStatus:
         await self.get(job_id, owner=owner)
+        self.connected()
         cancelled_queued = False
 
         def request_cancel(s: JobStatus) -> JobStatus | None:
@@ -156,10 +169,10 @@ class JobService:
                 cancelled_queued = True
             return s
 
-        status = await jobstore.change_status(self.status_kv, job_id, request_cancel)
+        status, revision = await jobstore.change_status_at(self.status_kv, job_id, request_cancel)
         if status is None:
             raise UnknownJob(job_id)
-        self.view.apply(status)
+        self.view.apply(status, revision)
         if cancelled_queued:
             await self._event(JobEvent(type="cancelled", job_id=job_id, reason="cancelled"))
         elif status.state is JobState.RUNNING:
@@ -170,6 +183,7 @@ class JobService:
         status = await self.get(job_id, owner=owner)
         if status.state is not JobState.DONE or status.image is None:
             raise NotReady(f"job {job_id} is {status.state.value}" + (f": {status.error}" if status.error else ""))
+        self.connected()
         try:
             result = await asyncio.wait_for(self.images.get(status.image.name), timeout=self.settings.nats_timeout_s * 6)
         except (ObjectNotFoundError, NotFoundError):
@@ -178,6 +192,7 @@ class JobService:
 
     async def delete(self, job_id: str, *, owner: str | None = None) -> None:
         status = await self.get(job_id, owner=owner)
+        self.connected()
         if not status.state.final:
             await self.cancel(job_id, owner=owner)
         await self.status_kv.delete(job_id)

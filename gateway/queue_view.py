@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+from collections import deque
 import logging
 import time
 
@@ -27,16 +28,25 @@ class QueueView:
     def __init__(self, *, worker_ttl_s: float):
         self.worker_ttl_s = worker_ttl_s
         self.jobs: dict[str, JobStatus] = {}
+        self.revisions: dict[str, int] = {}
         self.queued: dict[Tier, list[tuple[float, str]]] = {tier: [] for tier in TIERS}
         self.running: set[str] = set()
+        self.arrivals: dict[Tier, deque[tuple[float, JobStatus]]] = {tier: deque(maxlen=4096) for tier in TIERS}
         self.workers: dict[str, WorkerInfo] = {}
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
     # -- applying records ---------------------------------------------------------------------
 
-    def apply(self, status: JobStatus) -> None:
+    def apply(self, status: JobStatus, revision: int) -> None:
+        """Takes a record at a KV revision; an older revision than the one held is ignored, so the
+        gateway's own write cannot overtake a worker's newer one that the watcher brought first."""
+        if revision < self.revisions.get(status.job_id, 0):
+            return
         old = self.jobs.get(status.job_id)
+        if old is None and status.job_id not in self.revisions:
+            self.arrivals[status.tier].append((status.submitted_at, status))
+        self.revisions[status.job_id] = revision
         if old is not None:
             self._unindex(old)
         self.jobs[status.job_id] = status
@@ -46,6 +56,7 @@ class QueueView:
             self.running.add(status.job_id)
 
     def forget(self, job_id: str) -> None:
+        self.revisions.pop(job_id, None)
         old = self.jobs.pop(job_id, None)
         if old is not None:
             self._unindex(old)
@@ -84,6 +95,9 @@ class QueueView:
     def queue_depth(self) -> dict[str, int]:
         return {tier.value: len(self.queued[tier]) for tier in TIERS}
 
+    def recent_arrivals(self, tier: Tier, *, since: float) -> list[JobStatus]:
+        return [status for at, status in self.arrivals[tier] if at >= since]
+
     def live_workers(self) -> list[WorkerInfo]:
         now = time.time()
         return [w for w in self.workers.values() if now - w.seen_at < self.worker_ttl_s]
@@ -109,16 +123,16 @@ class QueueView:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _on_job(self, key: str, value: bytes | None) -> None:
+    def _on_job(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
             self.forget(key)
             return
         try:
-            self.apply(decode(value, JobStatus))
+            self.apply(decode(value, JobStatus), revision)
         except DecodeError as exc:
             log.warning("job record %s unreadable: %s", key, exc)
 
-    def _on_worker(self, key: str, value: bytes | None) -> None:
+    def _on_worker(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
             self.workers.pop(key, None)
             return
@@ -141,7 +155,7 @@ class QueueView:
                         ready.set()
                         continue
                     deleted = entry.operation in (KV_DEL, KV_PURGE)
-                    on_entry(entry.key, None if deleted else entry.value)
+                    on_entry(entry.key, None if deleted else entry.value, entry.revision)
             except asyncio.CancelledError:
                 if watcher is not None:
                     try:

@@ -28,6 +28,9 @@ class GenerationTask:
     guidance: float
     seed: int
     use_refiner: bool = False
+    refiner_split: float | None = None  # None: the engine's default
+    scheduler: str | None = None  # one of schemas.request.SCHEDULERS; None: the model's own
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, weight) pairs, in the request's order
 
 
 class Engine(Protocol):

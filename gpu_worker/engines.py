@@ -44,7 +44,10 @@ def load_engine(settings: WorkerSettings) -> Engine:
     model = resolve_model(settings.model)
     if model == SIMULATED:
         return SimulatedEngine(
-            step_s=settings.sim_step_s, step_s_per_mpx=settings.sim_step_s_per_mpx, fixed_s=settings.sim_fixed_s
+            step_s=settings.sim_step_s,
+            step_s_per_mpx=settings.sim_step_s_per_mpx,
+            fixed_s=settings.sim_fixed_s,
+            fail_marker=settings.sim_fail_marker,
         )
     from gpu_worker.sdxl import SdxlEngine, SdxlSettings
 
@@ -66,5 +69,16 @@ def load_engine(settings: WorkerSettings) -> Engine:
         dtype=settings.dtype,
         threads=settings.threads,
         default_steps=4 if model == TINY_SDXL else 30,
+        refiner_split=settings.refiner_split,
+        vae=settings.vae,
+        vae_dtype=settings.vae_dtype,
+        vae_tiling=settings.vae_tiling,
+        loras=tuple(settings.loras),
+        offload=settings.offload,
+        channels_last=settings.channels_last,
+        fuse_qkv=settings.fuse_qkv,
+        compile=settings.compile,
+        compile_mode=settings.compile_mode,
+        compile_buckets=settings.compile_buckets,
     )
     return SdxlEngine.load(sdxl, name=name)

@@ -2,12 +2,19 @@
 
 `--model` is a hub id (stabilityai/stable-diffusion-xl-base-1.0), a local folder, or `tiny-sdxl`
 (built locally with small random weights and loaded through the same `from_pretrained` path).
+
+One job runs as: pick the sampler and LoRA mix it asks for, denoise on the base (up to the hand-over
+point when the refiner is used: the ensemble of experts of `denoising_end` / `denoising_start`), hand
+the latents to the refiner, then decode them (`decode.py`). Progress is reported after every step of
+both models; the step callback may raise JobCancelled, which stops the job at that step boundary. Out of
+GPU memory fails only that job, with a clear reason, after the memory is given back.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +23,13 @@ from PIL import Image
 
 from gpu_worker.engine import GenerationTask, StepCallback
 from gpu_worker.errors import JobFailed
+from gpu_worker.speedups import DEFAULT_BUCKETS
 
 log = logging.getLogger("imagegen.worker.sdxl")
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
+WARM_UP_STEPS = 4
 
 
 @dataclass(kw_only=True)
@@ -28,19 +37,56 @@ class SdxlSettings:
     model: str = SDXL_BASE
     refiner: str | None = None
     device: str = "cpu"
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    refiner_split: float = 0.8  # fraction of steps the base runs when the refiner is used
+    dtype: str = "auto"  # auto: fp16 on CUDA (the VAE then decodes in bf16), fp32 on CPU
+    refiner_split: float = 0.8  # fraction of the noise schedule the base denoises when the refiner is used
     default_steps: int = 30
     default_guidance: float = 5.0
     threads: int = 1  # torch CPU threads
+    vae: str | None = None  # another VAE (hub id or folder), e.g. an fp16-fixed one
+    vae_dtype: str = "auto"  # auto, fp32, fp16, bf16: the dtype the VAE decodes in
+    vae_tiling: str = "auto"  # auto: tiles above vae_tiling_min_pixels; on; off
+    vae_tiling_min_pixels: int = 1536 * 1536
+    loras: tuple[str, ...] = ()  # NAME=SOURCE each
+    offload: bool = False  # model CPU offload, for GPUs too small to hold the pipeline
+    channels_last: str = "auto"  # auto: on with CUDA
+    fuse_qkv: str = "auto"  # auto: on with CUDA unless LoRAs are loaded
+    compile: str = "auto"  # auto: on with CUDA unless offloading
+    compile_mode: str = "default"
+    compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: sizes compiled and warmed up at start
 
 
 def _torch_dtype(name: str, device: str) -> Any:
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return torch.float16 if device.startswith("cuda") else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _local_only(source: str) -> bool:
+    return Path(source).is_dir() or bool(os.environ.get("HF_HUB_OFFLINE"))
+
+
+def _load_vae(source: str, dtype: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    subfolder = "vae" if (Path(source) / "vae" / "config.json").is_file() else None
+    return AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype, local_files_only=_local_only(source))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one job runs: the samplers, the hand-over point and how many steps each model takes."""
+
+    base_scheduler: Any
+    refiner_scheduler: Any
+    split: float | None
+    base_steps: int
+    refiner_steps: int
+
+    @property
+    def total(self) -> int:
+        return self.base_steps + self.refiner_steps
 
 
 @dataclass(kw_only=True)
@@ -51,22 +97,40 @@ class SdxlEngine:
     default_steps: int = 30
     default_guidance: float = 5.0
     has_refiner: bool = False
+    lora_names: tuple[str, ...] = ()
     _base: Any = field(default=None, repr=False)
     _refiner: Any = field(default=None, repr=False)
+    _loras: Any = field(default=None, repr=False)
+    _decoder: Any = field(default=None, repr=False)
+    _scheduler_configs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, settings: SdxlSettings, *, name: str | None = None) -> "SdxlEngine":
         import torch
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-        if settings.device == "cpu":
+        from gpu_worker import speedups as sp
+        from gpu_worker.decode import LatentDecoder, bf16_native, pick_decode_dtype
+        from gpu_worker.lora import LoraSet, parse_lora_specs
+
+        device = settings.device
+        if device == "cpu":
             torch.set_num_threads(max(1, settings.threads))
-        dtype = _torch_dtype(settings.dtype, settings.device)
-        local = Path(settings.model).is_dir()
+        adapters = parse_lora_specs(settings.loras)
+        speedups = sp.Speedups(
+            channels_last=sp.flag_on(settings.channels_last, device),
+            fuse_qkv=sp.flag_on(settings.fuse_qkv, device),
+            compile=sp.flag_on(settings.compile, device) and not settings.offload,
+            compile_mode=settings.compile_mode,
+            buckets=sp.parse_buckets(settings.compile_buckets),
+        )
+        dtype = _torch_dtype(settings.dtype, device)
+        extra = {"vae": _load_vae(settings.vae, dtype)} if settings.vae else {}
         base = StableDiffusionXLPipeline.from_pretrained(
-            settings.model, dtype=dtype, local_files_only=local or bool(os.environ.get("HF_HUB_OFFLINE"))
-        ).to(settings.device)
+            settings.model, dtype=dtype, local_files_only=_local_only(settings.model), **extra
+        )
         base.set_progress_bar_config(disable=True)
+        loras = LoraSet.load(base, adapters)
         refiner = None
         if settings.refiner:
             refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
@@ -74,43 +138,156 @@ class SdxlEngine:
                 dtype=dtype,
                 text_encoder_2=base.text_encoder_2,
                 vae=base.vae,
-                local_files_only=Path(settings.refiner).is_dir(),
-            ).to(settings.device)
+                local_files_only=_local_only(settings.refiner),
+            )
             refiner.set_progress_bar_config(disable=True)
-        log.info("loaded model=%s refiner=%s device=%s dtype=%s", settings.model, settings.refiner, settings.device, dtype)
-        return cls(
+        decode_dtype = pick_decode_dtype(
+            settings.vae_dtype,
+            model_dtype=dtype,
+            device=device,
+            force_upcast=bool(getattr(base.vae.config, "force_upcast", True)),
+            bf16_native=bf16_native(device),
+        )
+        if base.vae.dtype != decode_dtype:
+            base.vae.to(dtype=decode_dtype)
+        unets = [base.unet] + ([refiner.unet] if refiner is not None else [])
+        sp.apply_to_modules(speedups, unets=unets, vae=base.vae, has_loras=bool(loras.names))
+        for pipe in (base, refiner):
+            if pipe is None:
+                continue
+            if settings.offload:
+                pipe.enable_model_cpu_offload(device=device)
+            else:
+                pipe.to(device)
+        engine = cls(
             settings=settings,
             name=name or settings.model,
-            device=settings.device,
+            device=device,
             default_steps=settings.default_steps,
             default_guidance=settings.default_guidance,
             has_refiner=refiner is not None,
+            lora_names=loras.names,
             _base=base,
             _refiner=refiner,
+            _loras=loras,
+            _decoder=LatentDecoder(
+                vae=base.vae,
+                image_processor=base.image_processor,
+                dtype=decode_dtype,
+                tiling=settings.vae_tiling,
+                tiling_min_pixels=settings.vae_tiling_min_pixels,
+                watermark=getattr(base, "watermark", None),
+            ),
+            _scheduler_configs={
+                "base": base.scheduler.config,
+                **({"refiner": refiner.scheduler.config} if refiner is not None else {}),
+            },
         )
+        log.info(
+            "loaded model=%s refiner=%s device=%s dtype=%s vae_decode=%s loras=%s offload=%s speedups=%s",
+            settings.model, settings.refiner, device, dtype, decode_dtype,
+            ",".join(loras.names) or "none", settings.offload, speedups.describe(),
+        )
+        if speedups.compile:
+            sp.compile_unets(speedups, unets)
+            engine._warm_up(speedups.buckets)
+            sp.freeze_compiled()
+        return engine
+
+    def _warm_up(self, buckets: tuple[tuple[int, int], ...]) -> None:
+        for width, height in buckets:
+            started = time.monotonic()
+            task = GenerationTask(
+                job_id="compile-warm-up",
+                prompt="warm-up",
+                negative_prompt="",
+                width=width,
+                height=height,
+                steps=WARM_UP_STEPS,
+                guidance=self.default_guidance,
+                seed=0,
+                use_refiner=self.has_refiner,
+            )
+            self.generate(task, lambda *_: None)
+            log.info("compiled and warmed up %dx%d in %.1fs", width, height, time.monotonic() - started)
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def _plan(self, task: GenerationTask) -> Plan:
+        from gpu_worker.schedulers import UnknownScheduler, make_scheduler, split_steps
+
+        if task.use_refiner and not self.has_refiner:
+            raise JobFailed("use_refiner: this worker has no refiner loaded (start it with --refiner)")
+        try:
+            base_scheduler = make_scheduler(task.scheduler, self._scheduler_configs["base"])
+            if not task.use_refiner:
+                return Plan(base_scheduler, None, None, task.steps, 0)
+            refiner_scheduler = make_scheduler(task.scheduler, self._scheduler_configs["refiner"])
+            split = task.refiner_split or self.settings.refiner_split
+            base_steps, _ = split_steps(make_scheduler(task.scheduler, self._scheduler_configs["base"]), task.steps, split)
+            _, refiner_steps = split_steps(
+                make_scheduler(task.scheduler, self._scheduler_configs["refiner"]), task.steps, split
+            )
+        except UnknownScheduler as exc:
+            raise JobFailed(str(exc)) from None
+        if base_steps == 0 or refiner_steps == 0:
+            log.info(
+                "job %s: %d steps split at %.2f leave one model no step; the base runs them all",
+                task.job_id, task.steps, split,
+            )
+            return Plan(base_scheduler, None, None, task.steps, 0)
+        return Plan(base_scheduler, refiner_scheduler, split, base_steps, refiner_steps)
 
     def refiner_steps(self, task: GenerationTask) -> int:
         if not (task.use_refiner and self.has_refiner):
             return 0
-        return task.steps - self._base_steps(task)
+        try:
+            return self._plan(task).refiner_steps
+        except JobFailed:
+            return 0
 
-    def _base_steps(self, task: GenerationTask) -> int:
-        return max(1, int(task.steps * self.settings.refiner_split))
+    # -- one job --------------------------------------------------------------------------------
 
     def generate(self, task: GenerationTask, on_step: StepCallback) -> Image.Image:
+        from gpu_worker.memory import OUT_OF_MEMORY, free_device_memory, memory_note
+
+        plan = self._plan(task)
+        self._loras.select(self._base, task.loras)
+        try:
+            return self._run(task, plan, on_step)
+        except OUT_OF_MEMORY:
+            log.debug("job %s: out of memory; freeing it", task.job_id)
+        finally:
+            if self.settings.offload:
+                for pipe in (self._base, self._refiner):
+                    if pipe is not None:
+                        pipe.maybe_free_model_hooks()
+        free_device_memory()
+        note = memory_note(self.device)
+        what = f"{task.width}x{task.height}, {task.steps} steps" + (", refiner" if plan.refiner_steps else "")
+        log.warning("job %s: out of GPU memory at %s%s", task.job_id, what, f" ({note})" if note else "")
+        raise JobFailed(
+            f"out of GPU memory at {what}{f' ({note})' if note else ''}; try a smaller size"
+            + ("" if self.settings.offload else ", or start the worker with --offload on a small GPU")
+        )
+
+    def _run(self, task: GenerationTask, plan: Plan, on_step: StepCallback) -> Image.Image:
         import torch
 
-        if task.use_refiner and not self.has_refiner:
-            raise JobFailed("use_refiner: this worker has no refiner loaded (start it with --refiner)")
+        with torch.inference_mode():
+            latents = self._denoise(task, plan, on_step)
+            return self._decoder.decode(latents, job_id=task.job_id)
+
+    def _denoise(self, task: GenerationTask, plan: Plan, on_step: StepCallback) -> Any:
+        import torch
+
         generator = torch.Generator(device="cpu").manual_seed(task.seed)
-        use_refiner = task.use_refiner and self.has_refiner
-        base_steps = self._base_steps(task) if use_refiner else task.steps
         done = 0
 
         def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             nonlocal done
             done += 1
-            on_step(min(done, task.steps), task.steps, kwargs.get("latents"))
+            on_step(min(done, plan.total), plan.total, kwargs.get("latents"))
             return kwargs
 
         common = dict(
@@ -120,12 +297,11 @@ class SdxlEngine:
             guidance_scale=task.guidance,
             generator=generator,
             callback_on_step_end=callback,
+            output_type="latent",
         )
-        with torch.inference_mode():
-            if not use_refiner:
-                return self._base(width=task.width, height=task.height, **common).images[0]
-            split = base_steps / task.steps
-            latents = self._base(
-                width=task.width, height=task.height, denoising_end=split, output_type="latent", **common
-            ).images
-            return self._refiner(image=latents, denoising_start=split, **common).images[0]
+        self._base.scheduler = plan.base_scheduler
+        if plan.split is None:
+            return self._base(width=task.width, height=task.height, **common).images
+        latents = self._base(width=task.width, height=task.height, denoising_end=plan.split, **common).images
+        self._refiner.scheduler = plan.refiner_scheduler
+        return self._refiner(image=latents, denoising_start=plan.split, **common).images

@@ -7,6 +7,7 @@ import socket
 import secrets
 from dataclasses import dataclass, field
 
+from gpu_worker.speedups import DEFAULT_BUCKETS
 from schemas.jetstream import Topology
 from schemas.request import Limits
 
@@ -24,6 +25,17 @@ class WorkerSettings:
     device: str = "auto"  # auto: cuda:0 when available, else cpu
     dtype: str = "auto"
     threads: int = 1
+    refiner_split: float = 0.8  # with the refiner: the fraction of the noise schedule the base denoises
+    vae: str | None = None  # another VAE (hub id or folder), e.g. an fp16-fixed one
+    vae_dtype: str = "auto"  # auto: bf16 for a float16 model (fp32 without bf16), fp32 on CPU
+    vae_tiling: str = "auto"  # auto: tiled decode above 1536x1536 pixels; on; off
+    loras: tuple[str, ...] = ()  # LoRA adapters loaded at start, NAME=FOLDER|FILE|HUB_ID each
+    offload: bool = False  # model CPU offload: for GPUs too small to hold the pipeline (slower)
+    channels_last: str = "auto"  # auto, on, off; auto: on with CUDA
+    fuse_qkv: str = "auto"  # fused QKV projections; auto: on with CUDA unless LoRAs are loaded
+    compile: str = "auto"  # torch.compile of the UNets; auto: on with CUDA unless offloading
+    compile_mode: str = "default"  # torch.compile mode
+    compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: compiled and warmed up at start
     data_dir: str = ""
     heartbeat_s: float = 5.0  # in_progress() and worker-registry refresh period
     progress_write_s: float = 0.5  # at most this often a running job's step goes to the status record
@@ -32,5 +44,6 @@ class WorkerSettings:
     sim_step_s: float = 0.05
     sim_step_s_per_mpx: float = 0.0
     sim_fixed_s: float = 0.0
+    sim_fail_marker: str = ""  # simulated engine: prompts containing this crash it (tests of retries)
     limits: Limits = field(default_factory=Limits)
     topology: Topology = field(default_factory=Topology)

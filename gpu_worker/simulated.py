@@ -1,7 +1,9 @@
 """A simulated engine for load and scale tests: no torch, a configurable time per step.
 
 It sleeps `fixed_s` plus `step_s` (+ `step_s_per_mpx` per megapixel) per step and returns a flat image
-whose colour comes from the seed, so that different seeds give different images.
+whose colour comes from the seed, so that different seeds give different images. With `fail_marker`
+set, a prompt containing it makes the engine raise `RuntimeError` after the first step, every time:
+a poison job, for testing retries and dead letters against real processes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class SimulatedEngine:
     default_guidance: float = 5.0
     has_refiner: bool = True
     refiner_fraction: float = 0.2
+    fail_marker: str = ""  # a prompt containing this crashes the engine (off when empty)
 
     def refiner_steps(self, task: GenerationTask) -> int:
         return int(round(task.steps * self.refiner_fraction)) if task.use_refiner else 0
@@ -40,5 +43,7 @@ class SimulatedEngine:
             if per_step:
                 time.sleep(per_step)
             on_step(step, total, None)
+            if self.fail_marker and self.fail_marker in task.prompt:
+                raise RuntimeError(f"simulated engine crash: the prompt contains {self.fail_marker!r}")
         colour = (task.seed % 251, (task.seed // 251) % 241, (task.seed // 60491) % 239)
         return Image.new("RGB", (task.width, task.height), colour)

@@ -44,6 +44,14 @@ log = logging.getLogger("imagegen.worker")
 KV_KEY_UNSAFE = re.compile(r"[^-_=.a-zA-Z0-9]")
 
 
+def steps_seconds(steps: int, started: float, first_step_at: float | None, last_step_at: float) -> float:
+    """Time the denoising steps took: from the spacing of step callbacks, so that the set-up before
+    the first step (text encoding, latents) counts as fixed cost, not as step cost."""
+    if steps > 1 and first_step_at is not None and last_step_at > first_step_at:
+        return (last_step_at - first_step_at) * steps / (steps - 1)
+    return last_step_at - started
+
+
 def retry_delay(attempt: int) -> float:
     return min(30.0, 0.5 * 2 ** (attempt - 1))
 
@@ -55,6 +63,7 @@ class RunningJob:
     attempt: int
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
+    first_step_at: float | None = None
     steps_done_at: float | None = None
     last_status_write: float = 0.0
     step: int = 0
@@ -118,33 +127,33 @@ class Worker:
         self.gpu.shutdown(wait=False, cancel_futures=True)
 
     async def warm_up(self) -> None:
-        """Runs small jobs at two sizes before serving: loads kernels and gives the first ETAs a
-        measurement of the fixed and the per-pixel cost."""
+        """Runs small jobs at a few sizes before serving: loads kernels and gives the first ETAs a
+        measurement of the fixed, per-step and per-pixel costs."""
         loop = asyncio.get_running_loop()
-        for side, measured in ((64, False), (64, True), (128, True)):  # the first run pays one-off costs
+        for side, measured in ((64, False), (256, True), (512, True)):  # the first run pays one-off costs
             task = GenerationTask(
                 job_id="warm-up",
                 prompt="warm-up",
                 negative_prompt="",
                 width=side,
                 height=side,
-                steps=2,
+                steps=3,
                 guidance=self.engine.default_guidance,
                 seed=0,
             )
+            stamps: list[float] = []
             started = time.monotonic()
-            image = await loop.run_in_executor(self.gpu, self.engine.generate, task, lambda *_: None)
-            steps_done = time.monotonic()
-            decode_s = await loop.run_in_executor(self.gpu, self._time_encode, image)
-            if not measured:
-                continue
-            self.meter.record(
-                mpx=side * side / 1e6,
-                steps=2,
-                steps_s=steps_done - started,
-                decode_s=decode_s,
-                total_s=time.monotonic() - started,
-            )
+            image = await loop.run_in_executor(self.gpu, self.engine.generate, task, lambda *_: stamps.append(time.monotonic()))
+            steps_done = stamps[-1] if stamps else time.monotonic()
+            decode_s = (time.monotonic() - steps_done) + await loop.run_in_executor(self.gpu, self._time_encode, image)
+            if measured:
+                self.meter.record(
+                    mpx=side * side / 1e6,
+                    steps=task.steps,
+                    steps_s=steps_seconds(task.steps, started, stamps[0] if stamps else None, steps_done),
+                    decode_s=decode_s,
+                    total_s=time.monotonic() - started,
+                )
 
     @staticmethod
     def _time_encode(image: Image.Image) -> float:
@@ -171,13 +180,18 @@ class Worker:
     async def _register(self) -> None:
         await self.workers_kv.put(self.worker_id, encode(self.info()))
 
+    def heartbeat_period(self) -> float:
+        """Often enough that a job in hand is never redelivered while this worker is alive."""
+        return min(self.settings.heartbeat_s, self.settings.topology.ack_wait_s / 3)
+
     async def _registry_loop(self) -> None:
+        period = self.heartbeat_period()
         while True:
-            await asyncio.sleep(self.settings.heartbeat_s)
+            await asyncio.sleep(period)
             try:
-                await self._register()
                 if self.current is not None:
                     await self._heartbeat(self.current)
+                await self._register()
             except Exception as exc:  # broker away: keep going, the next beat retries
                 log.warning("worker %s heartbeat failed: %s", self.worker_id, exc)
 
@@ -272,6 +286,9 @@ class Worker:
             guidance=request.guidance if request.guidance is not None else self.engine.default_guidance,
             seed=envelope.seed,
             use_refiner=request.use_refiner,
+            refiner_split=request.refiner_split,
+            scheduler=request.scheduler,
+            loras=tuple((request.loras or {}).items()),
         )
         loop = asyncio.get_running_loop()
         gen_started = time.monotonic()
@@ -295,7 +312,7 @@ class Worker:
         self.meter.record(
             mpx=request.pixels / 1e6,
             steps=steps,
-            steps_s=timings["steps_s"],
+            steps_s=steps_seconds(steps, gen_started, job.first_step_at, steps_done),
             decode_s=timings["encode_s"],
             total_s=total_s,
         )
@@ -308,8 +325,11 @@ class Worker:
         def on_step(step: int, total: int, latents: Any) -> None:
             if job.cancel.is_set():
                 raise JobCancelled()
+            now = time.monotonic()
+            if job.first_step_at is None:
+                job.first_step_at = now
             if step >= total:
-                job.steps_done_at = time.monotonic()
+                job.steps_done_at = now
             loop.call_soon_threadsafe(self._progress, job, step, total)
             if every and latents is not None and step % every == 0 and step < total:
                 preview = latent_preview(latents)
@@ -321,22 +341,31 @@ class Worker:
 
     def _progress(self, job: RunningJob, step: int, total: int) -> None:
         job.step, job.total = step, total
-        elapsed = time.monotonic() - job.started
-        eta = elapsed / step * (total - step) if step else None
+        now = time.monotonic()
+        elapsed = now - job.started
+        request = job.envelope.request
+        decode_s = self.meter.model.decode_s_per_mpx * request.pixels / 1e6
+        step_s = (now - job.first_step_at) / (step - 1) if step > 1 and job.first_step_at else None
+        if step_s is not None:
+            eta = (total - step) * step_s + decode_s
+        else:
+            cost = self.meter.model.estimate(width=request.width, height=request.height, steps=total)
+            eta = max(0.0, cost - elapsed)
         event = JobEvent(
             type="progress", job_id=job.envelope.job_id, step=step, total=total, elapsed_s=elapsed, eta_s=eta
         )
         asyncio.ensure_future(self._event(event))
-        now = time.monotonic()
         if now - job.last_status_write >= self.settings.progress_write_s and step < total:
             job.last_status_write = now
-            asyncio.ensure_future(self._write_step(job.envelope.job_id, step))
+            asyncio.ensure_future(self._write_step(job.envelope.job_id, step, step_s))
 
-    async def _write_step(self, job_id: str, step: int) -> None:
+    async def _write_step(self, job_id: str, step: int, step_s: float | None) -> None:
+        step_at = time.time()
+
         def set_step(s: JobStatus) -> JobStatus | None:
             if s.state is not JobState.RUNNING or s.step >= step:
                 return None
-            s.step = step
+            s.step, s.step_s, s.step_at = step, step_s, step_at
             return s
 
         try:
@@ -361,6 +390,17 @@ class Worker:
     # -- outcomes: the one place that acks, naks and terms ----------------------------------------
 
     async def settle(self, msg: Msg, job_id: str, attempt: int, outcome: BaseException | None, duration: float) -> None:
+        """Acks, naks or terms the message for this outcome. When the broker cannot be told (it is
+        away), the message stays unacknowledged and comes back after the ack wait; the worker goes on."""
+        try:
+            await self._settle(msg, job_id, attempt, outcome, duration)
+        except Exception as exc:
+            log.warning(
+                "job %s try %d not settled (%s: %s); it is redelivered after %.0fs",
+                job_id or "?", attempt, type(exc).__name__, exc, self.settings.topology.ack_wait_s,
+            )
+
+    async def _settle(self, msg: Msg, job_id: str, attempt: int, outcome: BaseException | None, duration: float) -> None:
         tag = f"job {job_id or '?'} try {attempt}"
         if outcome is None:
             await msg.ack()

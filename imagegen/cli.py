@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
+from gpu_worker.speedups import DEFAULT_BUCKETS
 from imagegen.paths import default_data_dir
 from schemas.jetstream import Topology
 from schemas.request import Limits
@@ -25,6 +26,14 @@ def env(name: str, default):
     return type(default)(value) if default is not None and not isinstance(default, bool) else value
 
 
+def env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(f"IMAGEGEN_{name}", "").split(",") if item.strip()]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(f"IMAGEGEN_{name}", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=os.environ.get("IMAGEGEN_NATS"), help="NATS server URL(s), comma-separated (IMAGEGEN_NATS)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (IMAGEGEN_LOG_LEVEL)")
@@ -33,6 +42,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=env("MAX_STEPS", Limits().max_steps), help="most steps per image (IMAGEGEN_MAX_STEPS)")
     p.add_argument("--max-prompt-chars", type=int, default=env("MAX_PROMPT_CHARS", Limits().max_prompt_chars), help="longest prompt (IMAGEGEN_MAX_PROMPT_CHARS)")
     p.add_argument("--job-ttl", type=float, default=env("JOB_TTL", Topology().job_ttl_s), help="seconds status records and images are kept (IMAGEGEN_JOB_TTL)")
+    p.add_argument("--ack-wait", type=float, default=env("ACK_WAIT", Topology().ack_wait_s), help="seconds a silent worker keeps a job before it is redelivered; the same on every process (IMAGEGEN_ACK_WAIT)")
+    p.add_argument("--max-deliver", type=int, default=env("MAX_DELIVER", Topology().max_deliver), help="tries of a job before it is dead-lettered; the same on every process (IMAGEGEN_MAX_DELIVER)")
 
 
 def add_gateway(p: argparse.ArgumentParser) -> None:
@@ -46,9 +57,21 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=env("DEVICE", "auto"), help="cuda:N or cpu; one worker process per GPU (IMAGEGEN_DEVICE)")
     p.add_argument("--dtype", default=env("DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"], help="(IMAGEGEN_DTYPE)")
     p.add_argument("--threads", type=int, default=env("THREADS", 1), help="torch CPU threads (IMAGEGEN_THREADS)")
+    p.add_argument("--refiner-split", type=float, default=env("REFINER_SPLIT", 0.8), help="with the refiner: fraction of the noise schedule the base denoises before handing over (IMAGEGEN_REFINER_SPLIT)")
+    p.add_argument("--lora", dest="loras", action="append", default=env_list("LORAS"), metavar="NAME=SOURCE", help="load a LoRA adapter at start, from a folder, a .safetensors file or a hub id (owner/repo[:file]); repeatable; requests pick it by NAME (IMAGEGEN_LORAS, comma-separated)")
+    p.add_argument("--vae", default=os.environ.get("IMAGEGEN_VAE"), help="another VAE, hub id or folder, e.g. madebyollin/sdxl-vae-fp16-fix (IMAGEGEN_VAE)")
+    p.add_argument("--vae-dtype", default=env("VAE_DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"], help="dtype of the VAE decode; auto: bf16 for an fp16 model whose VAE overflows in fp16 (IMAGEGEN_VAE_DTYPE)")
+    p.add_argument("--vae-tiling", default=env("VAE_TILING", "auto"), choices=["auto", "on", "off"], help="tiled VAE decode; auto: above 1536x1536 pixels (IMAGEGEN_VAE_TILING)")
+    p.add_argument("--offload", action="store_true", default=env_flag("OFFLOAD"), help="model CPU offload, only for GPUs too small for the pipeline; slower (IMAGEGEN_OFFLOAD=1)")
+    p.add_argument("--compile", default=env("COMPILE", "auto"), choices=["auto", "on", "off"], help="torch.compile the UNets; auto: on with CUDA (IMAGEGEN_COMPILE)")
+    p.add_argument("--compile-mode", default=env("COMPILE_MODE", "default"), choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], help="(IMAGEGEN_COMPILE_MODE)")
+    p.add_argument("--compile-buckets", default=env("COMPILE_BUCKETS", DEFAULT_BUCKETS), metavar="WxH,...", help="sizes compiled and warmed up at start; other sizes run uncompiled, never recompiling (IMAGEGEN_COMPILE_BUCKETS)")
+    p.add_argument("--channels-last", default=env("CHANNELS_LAST", "auto"), choices=["auto", "on", "off"], help="channels-last memory layout; auto: on with CUDA (IMAGEGEN_CHANNELS_LAST)")
+    p.add_argument("--fuse-qkv", default=env("FUSE_QKV", "auto"), choices=["auto", "on", "off"], help="fused QKV attention projections; auto: on with CUDA unless LoRAs are loaded (IMAGEGEN_FUSE_QKV)")
     p.add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
     p.add_argument("--preview-every", type=int, default=env("PREVIEW_EVERY", 5), help="a preview image every N steps, 0 for none (IMAGEGEN_PREVIEW_EVERY)")
     p.add_argument("--sim-step-s", type=float, default=env("SIM_STEP_S", 0.05), help="simulated engine: seconds per step (IMAGEGEN_SIM_STEP_S)")
+    p.add_argument("--sim-fail-marker", default=env("SIM_FAIL_MARKER", ""), help="simulated engine: a prompt containing this text crashes it, for testing retries (IMAGEGEN_SIM_FAIL_MARKER)")
     p.add_argument("--data-dir", default=str(default_data_dir()), help="where built models (and up's server store) live (IMAGEGEN_DATA_DIR)")
 
 
@@ -79,7 +102,9 @@ def limits_of(args: argparse.Namespace) -> Limits:
 
 
 def topology_of(args: argparse.Namespace) -> Topology:
-    return Topology(replicas=args.replicas, job_ttl_s=args.job_ttl)
+    return Topology(
+        replicas=args.replicas, job_ttl_s=args.job_ttl, ack_wait_s=args.ack_wait, max_deliver=args.max_deliver
+    )
 
 
 def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings:
@@ -95,8 +120,20 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,
+        refiner_split=args.refiner_split,
+        loras=tuple(args.loras or ()),
+        vae=args.vae,
+        vae_dtype=args.vae_dtype,
+        vae_tiling=args.vae_tiling,
+        offload=args.offload,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        compile_buckets=args.compile_buckets,
+        channels_last=args.channels_last,
+        fuse_qkv=args.fuse_qkv,
         data_dir=args.data_dir,
         sim_step_s=args.sim_step_s,
+        sim_fail_marker=args.sim_fail_marker,
         preview_every=args.preview_every,
         limits=limits_of(args),
         topology=topology_of(args),

@@ -24,13 +24,13 @@ async def read_status(kv: KeyValue, job_id: str) -> JobStatus | None:
     return decode(entry.value, JobStatus)
 
 
-async def create_status(kv: KeyValue, status: JobStatus) -> bool:
-    """Writes the first record of a job; False when the job id exists already (a repeated submit)."""
+async def create_status(kv: KeyValue, status: JobStatus) -> int | None:
+    """Writes the first record of a job and returns its revision; None when the job id exists already
+    (a repeated submit)."""
     try:
-        await kv.create(status.job_id, encode(status))
+        return await kv.create(status.job_id, encode(status))
     except KeyWrongLastSequenceError:
-        return False
-    return True
+        return None
 
 
 async def change_status(kv: KeyValue, job_id: str, mutate: Mutation, *, tries: int = 20) -> JobStatus | None:
@@ -39,20 +39,27 @@ async def change_status(kv: KeyValue, job_id: str, mutate: Mutation, *, tries: i
     `mutate` gets a copy and returns the new record, or None to leave the record as it is. Returns the
     record as stored afterwards, or None if the job is unknown.
     """
+    status, _ = await change_status_at(kv, job_id, mutate, tries=tries)
+    return status
+
+
+async def change_status_at(
+    kv: KeyValue, job_id: str, mutate: Mutation, *, tries: int = 20
+) -> tuple[JobStatus | None, int]:
+    """`change_status`, also returning the KV revision of the record it returns (0 when unknown)."""
     for _ in range(tries):
         try:
             entry = await kv.get(job_id)
         except (KeyNotFoundError, KeyDeletedError):
-            return None
+            return None, 0
         if not entry.value:
-            return None
+            return None, 0
         current = decode(entry.value, JobStatus)
         changed = mutate(current.model_copy(deep=True))
         if changed is None:
-            return current
+            return current, entry.revision
         try:
-            await kv.update(job_id, encode(changed), last=entry.revision)
-            return changed
+            return changed, await kv.update(job_id, encode(changed), last=entry.revision)
         except KeyWrongLastSequenceError:
             continue
     raise RuntimeError(f"status of {job_id} kept changing under {tries} tries")

@@ -7,6 +7,8 @@ applies both, so the gateway and the worker check the same rules.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,6 +19,21 @@ from schemas.names import Tier
 MAX_SEED = 2**63 - 1
 FORMATS = ("JPEG", "PNG", "WEBP")
 CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+SCHEDULERS = (
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "ddim",
+    "unipc",
+    "deis",
+)
+"""Sampler names a request may pick; absent means the model's own scheduler."""
+MAX_LORAS = 8
+MAX_LORA_WEIGHT = 4.0
+LORA_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +88,20 @@ class GenerateRequest(BaseModel):
     priority: bool = Field(False, description="mflux-server's priority flag: the high tier.")
     tier: Tier | None = Field(None, description="Priority tier: high, normal or low. Overrides `priority`.")
     use_refiner: bool = Field(False, description="Hand the latents to the SDXL refiner for the last steps.")
+    refiner_split: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="With use_refiner: the fraction of the noise schedule the base model denoises before the "
+        "refiner takes over (0.8 hands the last 20% to the refiner); the worker's default when absent.",
+    )
+    scheduler: str | None = Field(
+        None, description=f"Sampler: one of {', '.join(SCHEDULERS)}; the model's own when absent."
+    )
+    loras: dict[str, float] | None = Field(
+        None,
+        description="LoRA adapters loaded on the worker, by name, with their weights, e.g. {\"pixel-art\": 0.8}.",
+    )
     model: str | None = Field(None, description="Model to use; the service's current model when absent.")
     init_image: str | None = Field(None, description="Base64 image for image-to-image (mflux-server field).")
 
@@ -113,6 +144,34 @@ class GenerateRequest(BaseModel):
             return value.upper()
         if isinstance(value, str):
             raise ValueError(f"must be one of {', '.join(FORMATS)}, got {value!r}")
+        return value
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _known_scheduler(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}")
+        name = value.strip().lower()
+        if not name:
+            return None
+        if name not in SCHEDULERS:
+            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}, got {value!r}")
+        return name
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if not value:
+            return None
+        if len(value) > MAX_LORAS:
+            raise ValueError(f"at most {MAX_LORAS} adapters per request, got {len(value)}")
+        for name, weight in value.items():
+            if not LORA_NAME.match(name):
+                raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+            if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
+                raise ValueError(f"weight of {name!r} must be between -{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {weight!r}")
         return value
 
     @field_validator("init_image")

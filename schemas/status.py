@@ -51,6 +51,8 @@ class JobStatus(BaseModel):
     attempt: int = 0
     step: int = 0
     total_steps: int = 0
+    step_s: float | None = Field(None, description="Seconds per step, measured by the worker.")
+    step_at: float | None = Field(None, description="When `step` was reached.")
     error: str | None = None
     image: ImageRef | None = None
     cancel_requested: bool = False

@@ -1,0 +1,130 @@
+"""ETA accuracy at submission: how far `expected_time_seconds` is from the real time to done.
+
+Simulated engines (a fixed cost, a cost per step and per megapixel per step) on a real nats-server,
+a real gateway and in-process workers; a mixed workload of sizes, steps, refiner on/off and priority
+tiers arriving at random at about 85 % of capacity, with 1 and 4 workers.
+
+    python bench/eta.py [--jobs 80] [--out bench/results/eta.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.settings import GatewaySettings  # noqa: E402
+from gpu_worker.settings import WorkerSettings  # noqa: E402
+from imagegen import runtime  # noqa: E402
+from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
+
+SIZES = [(512, 512), (768, 768), (1024, 1024), (1152, 896), (896, 1152)]
+STEP_S, STEP_S_PER_MPX, FIXED_S = 0.004, 0.02, 0.03
+
+
+def workload(n: int, rng: random.Random) -> list[dict]:
+    jobs = []
+    for i in range(n):
+        width, height = rng.choice(SIZES)
+        jobs.append(
+            {
+                "prompt": f"job {i}",
+                "width": width,
+                "height": height,
+                "steps": rng.randint(10, 40),
+                "use_refiner": rng.random() < 0.3,
+                "tier": rng.choices(["high", "normal", "low"], [0.2, 0.6, 0.2])[0],
+                "seed": i,
+            }
+        )
+    return jobs
+
+
+def job_seconds(job: dict) -> float:
+    return FIXED_S + job["steps"] * (STEP_S + STEP_S_PER_MPX * job["width"] * job["height"] / 1e6)
+
+
+async def run_level(nats_url: str, workers: int, jobs: list[dict], rng: random.Random) -> dict:
+    settings = dict(
+        nats_url=nats_url, model="simulated", sim_step_s=STEP_S, sim_step_s_per_mpx=STEP_S_PER_MPX,
+        sim_fixed_s=FIXED_S, preview_every=0, heartbeat_s=1.0,
+    )
+    started = [await runtime.start_worker(WorkerSettings(**settings)) for _ in range(workers)]
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    capacity = workers / statistics.mean(job_seconds(j) for j in jobs)
+    predicted: dict[str, float] = {}
+    submitted: dict[str, float] = {}
+    try:
+        async with aiohttp.ClientSession() as http:
+            await asyncio.sleep(1.5)  # the gateway sees every worker's registry entry
+            for job in jobs:
+                async with http.post(f"{url}/api/generate", json=job) as r:
+                    body = await r.json()
+                submitted[body["task_id"]] = time.time()
+                predicted[body["task_id"]] = body["expected_time_seconds"]
+                await asyncio.sleep(rng.expovariate(capacity * 0.85))
+            deadline = time.monotonic() + 600
+            actual: dict[str, float] = {}
+            while len(actual) < len(jobs) and time.monotonic() < deadline:
+                async with http.get(f"{url}/api/tasks") as r:
+                    for task in await r.json():
+                        if task["end_time"] and task["task_id"] in submitted:
+                            actual[task["task_id"]] = task["end_time"] - submitted[task["task_id"]]
+                await asyncio.sleep(0.5)
+            await http.get(f"{url}/api/clear")
+    finally:
+        await gateway.stop()
+        for worker, task in started:
+            worker.stop()
+            await task
+            await worker.close()
+    errors = sorted(abs(predicted[j] - actual[j]) / actual[j] for j in actual)
+    return {
+        "workers": workers,
+        "jobs": len(jobs),
+        "completed": len(actual),
+        "median_abs_error": statistics.median(errors),
+        "p90_abs_error": errors[int(0.9 * (len(errors) - 1))],
+        "mean_actual_s": statistics.mean(actual.values()),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=80)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eta.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rng = random.Random(args.seed)
+    results = []
+    with tempfile.TemporaryDirectory() as store:
+        server = EmbeddedNats(store_dir=Path(store), port=free_port()).start()
+        try:
+            for workers in (1, 4):
+                jobs = workload(args.jobs * (1 if workers == 1 else 2), rng)
+                results.append(await run_level(server.url, workers, jobs, rng))
+        finally:
+            server.stop()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"benchmark": "eta", "results": results}, indent=2))
+    print("| workers | jobs | median abs error | p90 abs error | mean time to done |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['workers']} | {r['completed']}/{r['jobs']} | {r['median_abs_error']:.1%} | {r['p90_abs_error']:.1%} | {r['mean_actual_s']:.2f} s |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

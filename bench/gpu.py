@@ -1,0 +1,474 @@
+"""SDXL speed on one GPU: the FastAPI tutorial's setup, plain diffusers, and the imagegen engine.
+
+Full-size SDXL base and refiner are built from the official architecture configs in
+`bench/sdxl_configs/` (those of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0) with small
+random weights, so nothing is downloaded; speed does not depend on the weights' values. Reported per
+setup: seconds per image and images/s (batch 1), FLOPs per image counted with
+torch.utils.flop_counter.FlopCounterMode, the achieved TFLOP/s against a measured bf16 matmul peak, and
+peak GPU memory. Setups:
+
+- tutorial: fp16, enable_model_cpu_offload, torch.compile(mode="reduce-overhead") on the UNet
+- diffusers: fp16 pipeline on the GPU, nothing else (plus the base + refiner ensemble)
+- engine: gpu_worker.sdxl.SdxlEngine with its defaults (plus refiner, plus other sizes)
+
+    python bench/gpu.py --json bench.json --markdown bench.md         # on a GPU
+    python bench/gpu.py --tiny --json /tmp/bench.json                  # tiny-sdxl on a CPU, seconds
+
+On a CPU the tutorial setup runs without offload and compile (both need a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+log = logging.getLogger("imagegen.bench")
+
+CONFIGS = HERE / "sdxl_configs"
+PROMPT = "a lighthouse on a cliff at sunset, detailed, photograph"
+NEGATIVE = "blurry, low quality"
+GUIDANCE = 5.0
+SPLIT = 0.8
+
+
+@dataclass
+class Row:
+    setup: str
+    width: int
+    height: int
+    steps: int
+    seconds_per_image: float = 0.0
+    images_per_s: float = 0.0
+    seconds_min: float = 0.0
+    tflop_per_image: float | None = None
+    achieved_tflops: float | None = None
+    pct_of_peak: float | None = None
+    max_memory_gib: float | None = None
+    note: str = ""
+    error: str | None = None
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@torch.no_grad()
+def _small_init(module: torch.nn.Module, seed: int) -> None:
+    """Normal(0, 0.02) weights and zero biases: activations stay finite through every layer in fp16."""
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
+            m.weight.normal_(0.0, 0.02, generator=generator)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+
+
+def _made(build: Callable[[], Any], device: str, seed: int) -> Any:
+    with torch.device(device):
+        module = build()
+    _small_init(module, seed)
+    return module.to(torch.float16).eval()
+
+
+def _commit(tmp: Path, target: Path) -> Path:
+    os.replace(tmp, target)
+    return target
+
+
+def build_full_sdxl(work: Path, device: str) -> tuple[Path, Path]:
+    """Random-weight SDXL base and refiner folders (fp16) from the shipped configs; reused when present."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from gpu_worker.tiny_sdxl import build_tiny_sdxl
+
+    base_dir, refiner_dir = work / "sdxl-base-random", work / "sdxl-refiner-random"
+    work.mkdir(parents=True, exist_ok=True)
+    if not (base_dir / "model_index.json").exists():
+        started = time.monotonic()
+        tiny = build_tiny_sdxl(work / "tiny-sdxl")  # its byte-level tokenizers: 77 tokens like CLIP's
+        base_cfg = CONFIGS / "base"
+        pipe = StableDiffusionXLPipeline(
+            vae=_made(lambda: AutoencoderKL.from_config(_read(base_cfg / "vae" / "config.json")), device, 1),
+            text_encoder=_made(lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(base_cfg / "text_encoder")), device, 2),
+            text_encoder_2=_made(
+                lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(base_cfg / "text_encoder_2")), device, 3
+            ),
+            tokenizer=CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer"),
+            tokenizer_2=CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer_2"),
+            unet=_made(lambda: UNet2DConditionModel.from_config(_read(base_cfg / "unet" / "config.json")), device, 4),
+            scheduler=EulerDiscreteScheduler.from_config(_read(base_cfg / "scheduler" / "scheduler_config.json")),
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=".base.", dir=work))
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        del pipe
+        _commit(tmp, base_dir)
+        log.info("built %s in %.0fs", base_dir, time.monotonic() - started)
+    if not (refiner_dir / "model_index.json").exists():
+        started = time.monotonic()
+        ref_cfg = CONFIGS / "refiner"
+        tmp = Path(tempfile.mkdtemp(prefix=".refiner.", dir=work))
+        unet = _made(lambda: UNet2DConditionModel.from_config(_read(ref_cfg / "unet" / "config.json")), device, 5)
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        del unet
+        (tmp / "scheduler").mkdir()
+        shutil.copy(ref_cfg / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+        shutil.copy(ref_cfg / "model_index.json", tmp / "model_index.json")
+        for shared in ("text_encoder_2", "tokenizer_2", "vae"):  # the refiner's are the base's
+            shutil.copytree(base_dir / shared, tmp / shared)
+        _commit(tmp, refiner_dir)
+        log.info("built %s in %.0fs", refiner_dir, time.monotonic() - started)
+    return base_dir, refiner_dir
+
+
+def build_tiny(work: Path) -> tuple[Path, Path]:
+    from gpu_worker.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
+
+    return build_tiny_sdxl(work / "tiny-sdxl"), build_tiny_refiner(work / "tiny-sdxl-refiner")
+
+
+# -- measuring ------------------------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def free(device: str) -> None:
+    import torch._dynamo
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    if hasattr(torch.compiler, "set_stance"):
+        torch.compiler.set_stance("default")
+
+
+def reset_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def max_memory_gib(device: str) -> float | None:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**30
+    return None
+
+
+def measure_peak(device: str) -> tuple[float, str]:
+    """Dense matmul TFLOP/s: bf16 on a GPU, fp32 on a CPU (the dtype each runs fast)."""
+    cuda = device.startswith("cuda")
+    n, dtype, iters = (8192, torch.bfloat16, 50) if cuda else (512, torch.float32, 10)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    seconds = time.perf_counter() - started
+    return 2 * n**3 * iters / seconds / 1e12, str(dtype).removeprefix("torch.")
+
+
+def timed(run: Callable[[], Any], *, device: str, repeats: int, warm_ups: int) -> list[float]:
+    for _ in range(warm_ups):
+        run()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def fill(row: Row, times: list[float], device: str) -> Row:
+    row.seconds_per_image = statistics.mean(times)
+    row.seconds_min = min(times)
+    row.images_per_s = 1.0 / row.seconds_per_image
+    row.max_memory_gib = max_memory_gib(device)
+    return row
+
+
+def guarded(rows: list[Row], row: Row, measure: Callable[[Row], Row]) -> None:
+    try:
+        rows.append(measure(row))
+    except Exception as exc:  # one setup failing (e.g. out of memory) still reports the others
+        log.exception("setup %s %dx%d failed", row.setup, row.width, row.height)
+        row.error = f"{type(exc).__name__}: {exc}"[:500]
+        rows.append(row)
+
+
+def generator() -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(0)
+
+
+# -- setups -------------------------------------------------------------------------------------------
+
+
+def bench_diffusers(args, base_dir: Path, refiner_dir: Path, sizes: list[int], rows: list[Row]) -> None:
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    reset_memory(args.device)
+    base = StableDiffusionXLPipeline.from_pretrained(base_dir, dtype=dtype, local_files_only=True).to(args.device)
+    base.set_progress_bar_config(disable=True)
+
+    def image(side: int) -> Callable[[], Any]:
+        return lambda: base(
+            PROMPT, negative_prompt=NEGATIVE, width=side, height=side, num_inference_steps=args.steps,
+            guidance_scale=GUIDANCE, generator=generator(),
+        ).images[0]
+
+    for side in [args.size, *sizes]:
+        guarded(rows, Row("diffusers", side, side, args.steps), lambda row, side=side: fill(
+            row, timed(image(side), device=args.device, repeats=args.repeats, warm_ups=1), args.device))
+    if not args.no_refiner:
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            refiner_dir, dtype=dtype, text_encoder_2=base.text_encoder_2, vae=base.vae, local_files_only=True
+        ).to(args.device)
+        refiner.set_progress_bar_config(disable=True)
+
+        def ensemble() -> Any:
+            common = dict(negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=GUIDANCE)
+            latents = base(
+                PROMPT, width=args.size, height=args.size, denoising_end=SPLIT, output_type="latent",
+                generator=generator(), **common,
+            ).images
+            return refiner(PROMPT, image=latents, denoising_start=SPLIT, generator=generator(), **common).images[0]
+
+        guarded(rows, Row("diffusers+refiner", args.size, args.size, args.steps), lambda row: fill(
+            row, timed(ensemble, device=args.device, repeats=args.repeats, warm_ups=1), args.device))
+        del refiner
+    del base
+    free(args.device)
+
+
+def bench_tutorial(args, base_dir: Path, rows: list[Row]) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    cuda = args.device.startswith("cuda")
+    reset_memory(args.device)
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        base_dir, dtype=torch.float16 if cuda else torch.float32, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    note = "fp16, model CPU offload, UNet compiled with reduce-overhead"
+    if cuda:
+        pipe.enable_model_cpu_offload(device=args.device)
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+    else:
+        pipe.to(args.device)
+        note = "fp32 on CPU: offload and compile need a GPU"
+
+    def image() -> Any:
+        return pipe(
+            PROMPT, negative_prompt=NEGATIVE, width=args.size, height=args.size, num_inference_steps=args.steps,
+            guidance_scale=GUIDANCE, generator=generator(),
+        ).images[0]
+
+    row = Row("tutorial", args.size, args.size, args.steps, note=note)
+    guarded(rows, row, lambda row: fill(
+        row, timed(image, device=args.device, repeats=args.repeats, warm_ups=2 if cuda else 1), args.device))
+    del pipe
+    free(args.device)
+
+
+def bench_engine(args, base_dir: Path, refiner_dir: Path, sizes: list[int], rows: list[Row], report: dict) -> None:
+    from gpu_worker.engine import GenerationTask
+    from gpu_worker.sdxl import SdxlEngine, SdxlSettings
+
+    buckets = ",".join(f"{s}x{s}" for s in [args.size, *sizes])
+    reset_memory(args.device)
+    started = time.monotonic()
+    engine = SdxlEngine.load(SdxlSettings(
+        model=str(base_dir),
+        refiner=None if args.no_refiner else str(refiner_dir),
+        device=args.device,
+        threads=args.threads,
+        compile=args.engine_compile,
+        compile_mode=args.compile_mode,
+        compile_buckets=buckets,
+    ))
+    report["engine_startup_s"] = time.monotonic() - started
+    report["engine_compile_buckets"] = buckets if args.device.startswith("cuda") else ""
+
+    def task(side: int, use_refiner: bool) -> GenerationTask:
+        return GenerationTask(
+            job_id="bench", prompt=PROMPT, negative_prompt=NEGATIVE, width=side, height=side,
+            steps=args.steps, guidance=GUIDANCE, seed=0, use_refiner=use_refiner, refiner_split=SPLIT,
+        )
+
+    def image(side: int, use_refiner: bool) -> Callable[[], Any]:
+        return lambda: engine.generate(task(side, use_refiner), lambda *_: None)
+
+    configs = [(args.size, False)] + ([] if args.no_refiner else [(args.size, True)]) + [(s, False) for s in sizes]
+    for side, use_refiner in configs:
+        name = "engine+refiner" if use_refiner else "engine"
+        guarded(rows, Row(name, side, side, args.steps), lambda row, side=side, use_refiner=use_refiner: fill(
+            row, timed(image(side, use_refiner), device=args.device, repeats=args.repeats, warm_ups=1), args.device))
+    report["flops"] = {}
+    for side, use_refiner in configs:
+        try:
+            flops = count_flops(image(side, use_refiner))
+        except Exception as exc:
+            log.warning("FLOP count at %d failed: %s", side, exc)
+            continue
+        report["flops"][f"{side}x{side}{'+refiner' if use_refiner else ''}"] = flops
+    report["engine_flops_per_image"] = report["flops"].get(f"{args.size}x{args.size}", 0)
+    del engine
+    free(args.device)
+
+
+def count_flops(run: Callable[[], Any]) -> int:
+    """FLOPs of one image, counted on the eager model (compiled graphs hide their ops from the counter)."""
+    from contextlib import nullcontext
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stance = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+    counter = FlopCounterMode(display=False)
+    with stance, counter:
+        run()
+    return counter.get_total_flops()
+
+
+def attach_flops(rows: list[Row], report: dict) -> None:
+    peak = report["peak_tflops"]
+    for row in rows:
+        key = f"{row.width}x{row.height}{'+refiner' if row.setup.endswith('+refiner') else ''}"
+        flops = report.get("flops", {}).get(key)
+        if not flops or row.error:
+            continue
+        row.tflop_per_image = flops / 1e12
+        row.achieved_tflops = row.tflop_per_image / row.seconds_per_image
+        row.pct_of_peak = 100 * row.achieved_tflops / peak if peak else None
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    def num(value: float | None, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    lines = [
+        f"SDXL on {report['device_name']} ({report['device']}), batch 1, {report['steps']} steps, "
+        f"mean of {report['repeats']}; matmul peak {report['peak_tflops']:.3g} TFLOP/s ({report['peak_dtype']})",
+        "",
+        "| setup | size | s/image | images/s | TFLOP/image | TFLOP/s | % of peak | max GiB | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in report["results"]:
+        if row["error"]:
+            lines.append(f"| {row['setup']} | {row['width']}x{row['height']} | failed | | | | | | {row['error'][:120]} |")
+            continue
+        lines.append(
+            f"| {row['setup']} | {row['width']}x{row['height']} | {row['seconds_per_image']:.3f} | "
+            f"{row['images_per_s']:.3f} | {num(row['tflop_per_image'], '.3g')} | {num(row['achieved_tflops'], '.3g')} | "
+            f"{num(row['pct_of_peak'], '.0f')} | {num(row['max_memory_gib'], '.1f')} | {row['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="tiny-sdxl on the CPU: checks the script, measures nothing real")
+    p.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when there is one; cpu with --tiny)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (30; 3 with --tiny)")
+    p.add_argument("--repeats", type=int, default=None, help="timed images per row (3; 1 with --tiny)")
+    p.add_argument("--size", type=int, default=None, help="main square size (1024; 64 with --tiny)")
+    p.add_argument("--sizes", default=None, help="other square sizes, comma-separated (512,768,1536; 96,128 with --tiny)")
+    p.add_argument("--setups", default="tutorial,diffusers,engine", help="which setups to run, comma-separated")
+    p.add_argument("--no-refiner", action="store_true", help="skip the base + refiner rows")
+    p.add_argument("--engine-compile", default="auto", choices=["auto", "on", "off"], help="the engine's --compile")
+    p.add_argument("--compile-mode", default="default", help="the engine's --compile-mode")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--work-dir", default=None, help="where the random-weight models are built (kept for reuse)")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--markdown", default=None, help="write the table as markdown here")
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    args.device = args.device or ("cpu" if tiny or not torch.cuda.is_available() else "cuda:0")
+    args.steps = args.steps or (3 if tiny else 30)
+    args.repeats = args.repeats or (1 if tiny else 3)
+    args.size = args.size or (64 if tiny else 1024)
+    sizes = args.sizes if args.sizes is not None else ("96,128" if tiny else "512,768,1536")
+    args.sizes = [int(s) for s in sizes.split(",") if s.strip()]
+    args.setups = {s.strip() for s in args.setups.split(",") if s.strip()}
+    default_work = Path(tempfile.gettempdir()) / ("imagegen-bench-tiny" if tiny else "imagegen-bench")
+    args.work_dir = Path(args.work_dir) if args.work_dir else default_work
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    import diffusers
+
+    if args.tiny:
+        base_dir, refiner_dir = build_tiny(args.work_dir)
+    else:
+        base_dir, refiner_dir = build_full_sdxl(args.work_dir, args.device)
+    peak, peak_dtype = measure_peak(args.device)
+    report: dict[str, Any] = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "guidance": GUIDANCE,
+        "refiner_split": SPLIT,
+        "peak_tflops": peak,
+        "peak_dtype": peak_dtype,
+    }
+    rows: list[Row] = []
+    if "diffusers" in args.setups:
+        bench_diffusers(args, base_dir, refiner_dir, args.sizes, rows)
+    if "tutorial" in args.setups:
+        bench_tutorial(args, base_dir, rows)
+    if "engine" in args.setups:
+        bench_engine(args, base_dir, refiner_dir, args.sizes, rows, report)
+    attach_flops(rows, report)
+    report["results"] = [asdict(row) for row in rows]
+    table = markdown(report)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0 if all(row.error is None for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""What the whole path costs per job with an engine that takes no time.
+
+The path: HTTP submit -> JetStream -> worker -> object store -> status -> image fetch, with a simulated
+engine of zero time (steps=1, 64x64 JPEG). Compared in the same run with (a) the engine called
+in-process behind an asyncio.Lock, no HTTP at all, and (b) the single-process design of the FastAPI
+tutorial: one HTTP server holding an asyncio.Lock around the engine, answering with the image.
+
+Latency is measured one job at a time (submit, wait for done, fetch the image), waiting either on the
+job's WebSocket (/v1/jobs/{id}/ws) or by polling GET /v1/jobs/{id} back to back. Throughput is
+measured with many concurrent clients each running submit -> WebSocket -> image in a loop.
+
+Processes: an embedded nats-server, the gateway in its own process, each worker in its own process
+(as deployed, one per GPU), the clients in this process.
+
+  python bench/overhead.py            # about 2 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    SMALL_JOB,
+    JobError,
+    RssSampler,
+    generate_locked,
+    http_session,
+    markdown_table,
+    open_stack,
+    run_job,
+    start_role,
+    summary_ms,
+    write_results,
+)
+
+TARGET_P50_MS = 5.0
+TARGET_P99_MS = 20.0
+
+
+def job_body(i: int) -> dict:
+    return {**SMALL_JOB, "seed": i}
+
+
+async def engine_direct(n: int) -> dict:
+    """The engine in this process behind an asyncio.Lock: the floor any design starts from."""
+    from gpu_worker.engine import GenerationTask
+    from gpu_worker.simulated import SimulatedEngine
+
+    engine = SimulatedEngine(step_s=0.0)
+    lock = asyncio.Lock()
+    lat = []
+    for i in range(n + 20):
+        task = GenerationTask(job_id="direct", prompt="benchmark", negative_prompt="", width=64, height=64, steps=1, guidance=5.0, seed=i)
+        t0 = time.perf_counter()
+        await generate_locked(engine, lock, task)
+        if i >= 20:
+            lat.append(time.perf_counter() - t0)
+    started = time.perf_counter()
+
+    async def caller(k: int) -> None:
+        for i in range(n // 16):
+            task = GenerationTask(job_id="direct", prompt="benchmark", negative_prompt="", width=64, height=64, steps=1, guidance=5.0, seed=k * n + i)
+            await generate_locked(engine, lock, task)
+
+    await asyncio.gather(*(caller(k) for k in range(16)))
+    rate = (n // 16) * 16 / (time.perf_counter() - started)
+    return {"latency": summary_ms(lat), "jobs_per_s": round(rate, 1)}
+
+
+async def sequential(http, url: str, n: int, *, wait: str, body=job_body) -> dict:
+    parts: dict[str, list[float]] = {"total": [], "submit": [], "wait": [], "image": []}
+    errors = 0
+    for i in range(n):
+        try:
+            t = await run_job(http, url, body(i), wait=wait)
+        except JobError:
+            errors += 1
+            continue
+        for k, v in t.items():
+            parts[k].append(v)
+    return {"latency": summary_ms(parts["total"]), "parts_p50_ms": {k: summary_ms(v)["p50_ms"] for k, v in parts.items() if k != "total"}, "errors": errors}
+
+
+async def throughput(http, url: str, *, clients: int, duration_s: float, wait: str = "ws") -> dict:
+    lat: list[float] = []
+    errors: list[str] = []
+    deadline = time.perf_counter() + duration_s
+
+    async def client(k: int) -> None:
+        i = 0
+        while time.perf_counter() < deadline:
+            try:
+                t = await run_job(http, url, job_body(k * 1_000_000 + i), wait=wait)
+                lat.append(t["total"])
+            except JobError as exc:
+                errors.append(str(exc))
+            i += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    elapsed = time.perf_counter() - started
+    return {"jobs_per_s": round(len(lat) / elapsed, 1), "jobs": len(lat), "latency": summary_ms(lat), "errors": len(errors), "first_errors": errors[:3]}
+
+
+async def tutorial_path(stack, http, *, n: int, clients: int, duration_s: float) -> dict:
+    role = await start_role("tutorial", ["tutorial"], log_path=stack.workdir / "tutorial.log")
+    stack.roles.append(role)
+    url = f"http://127.0.0.1:{role.port}"
+
+    async def one(i: int) -> float:
+        t0 = time.perf_counter()
+        async with http.post(f"{url}/generate", json=job_body(i)) as r:
+            await r.read()
+            if r.status != 200:
+                raise JobError(f"tutorial answered {r.status}")
+        return time.perf_counter() - t0
+
+    for i in range(20):
+        await one(i)
+    lat = [await one(i) for i in range(n)]
+    done = 0
+    deadline = time.perf_counter() + duration_s
+
+    async def client(k: int) -> None:
+        nonlocal done
+        i = 0
+        while time.perf_counter() < deadline:
+            await one(k * 1_000_000 + i)
+            done += 1
+            i += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    rate = done / (time.perf_counter() - started)
+    await role.stop()
+    stack.roles.remove(role)
+    return {"latency": summary_ms(lat), "jobs_per_s": round(rate, 1)}
+
+
+async def main(args: argparse.Namespace) -> int:
+    results: dict = {"config": vars(args), "processes": "nats-server, gateway process, one process per worker, clients in the benchmark process"}
+    async with AsyncExitStack() as es:
+        stack = await open_stack(es)
+        async with http_session() as http:
+            results["engine_direct"] = await engine_direct(args.jobs)
+            results["tutorial"] = await tutorial_path(stack, http, n=args.jobs, clients=args.clients, duration_s=args.duration)
+            imagegen: dict = {}
+            for workers in (1, 4):
+                await stack.start_workers(workers, per_process=args.per_process)
+                await asyncio.sleep(0.5)
+                with RssSampler({"gateway": stack.gateway.pid, **{w.name: w.pid for w in stack.workers}}) as rss:
+                    for i in range(30):  # warm-up: connections, consumers, caches
+                        await run_job(http, stack.url, job_body(i))
+                    level: dict = {}
+                    level["sequential_ws"] = await sequential(http, stack.url, args.jobs, wait="ws")
+                    level["sequential_poll"] = await sequential(http, stack.url, args.jobs, wait="poll")
+                    level["throughput_ws"] = await throughput(http, stack.url, clients=args.clients, duration_s=args.duration)
+                level["rss_peak_mib"] = {k: round(v, 1) for k, v in rss.peak.items()}
+                imagegen[f"workers_{workers}"] = level
+                await stack.stop_workers()
+            results["imagegen"] = imagegen
+
+    floor = results["engine_direct"]["latency"]
+    one = results["imagegen"]["workers_1"]
+    added = {
+        mode: {
+            "p50_ms": round(one[mode]["latency"]["p50_ms"] - floor["p50_ms"], 2),
+            "p99_ms": round(one[mode]["latency"]["p99_ms"] - floor["p99_ms"], 2),
+        }
+        for mode in ("sequential_ws", "sequential_poll")
+    }
+    results["added_per_job_1_worker"] = added
+    results["targets"] = {"added_p50_ms": TARGET_P50_MS, "added_p99_ms": TARGET_P99_MS}
+    best = min(added.values(), key=lambda a: a["p50_ms"])
+    results["meets_target"] = best["p50_ms"] <= TARGET_P50_MS and best["p99_ms"] <= TARGET_P99_MS
+    path = write_results("overhead", results)
+
+    rows = [
+        ["engine in-process, asyncio.Lock", "-", floor["p50_ms"], floor["p99_ms"], "-", results["engine_direct"]["jobs_per_s"]],
+        ["tutorial: one HTTP process, asyncio.Lock", "-", results["tutorial"]["latency"]["p50_ms"], results["tutorial"]["latency"]["p99_ms"], "-", results["tutorial"]["jobs_per_s"]],
+    ]
+    for w in (1, 4):
+        level = results["imagegen"][f"workers_{w}"]
+        for mode, label in (("sequential_ws", "WebSocket"), ("sequential_poll", "polling")):
+            lat = level[mode]["latency"]
+            rows.append([f"imagegen, {w} worker{'s' if w > 1 else ''}, wait by {label}", w, lat["p50_ms"], lat["p99_ms"], level[mode]["parts_p50_ms"], level["throughput_ws"]["jobs_per_s"] if mode == "sequential_ws" else "-"])
+    print(markdown_table(["path", "workers", "p50 ms", "p99 ms", "p50 parts ms (submit/wait/image)", f"jobs/s ({args.clients} clients)"], rows))
+    print()
+    print(f"added per job, 1 worker: WebSocket p50 {added['sequential_ws']['p50_ms']} ms / p99 {added['sequential_ws']['p99_ms']} ms; "
+          f"polling p50 {added['sequential_poll']['p50_ms']} ms / p99 {added['sequential_poll']['p99_ms']} ms "
+          f"(target <= {TARGET_P50_MS} / {TARGET_P99_MS} ms): {'met' if results['meets_target'] else 'NOT met'}")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=300, help="jobs per sequential latency run")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients for throughput")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run")
+    parser.add_argument("--per-process", type=int, default=1, help="workers per worker process")
+    sys.exit(asyncio.run(main(parser.parse_args())))

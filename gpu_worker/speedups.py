@@ -1,0 +1,99 @@
+"""GPU speed-ups that leave the image as it is: channels-last, fused QKV projections, torch.compile.
+
+Each is a flag of auto, on or off; auto means on with CUDA and off elsewhere, so a CPU worker runs the
+plain eager model. torch.compile specialises on shapes, so the UNets are compiled for a fixed list of
+resolution buckets, warmed up at start, and then frozen: a request at another size (or one that would
+need another graph, such as a LoRA mix not seen at warm-up) runs eagerly instead of recompiling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("imagegen.worker.speedups")
+
+FLAG_VALUES = ("auto", "on", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEFAULT_BUCKETS = "1024x1024,1152x896,896x1152,1216x832,832x1216"
+"""SDXL's native size and its four nearest training aspect ratios."""
+
+
+def flag_on(value: str, device: str) -> bool:
+    if value not in FLAG_VALUES:
+        raise ValueError(f"expected one of {', '.join(FLAG_VALUES)}, got {value!r}")
+    return value == "on" or (value == "auto" and device.startswith("cuda"))
+
+
+def parse_buckets(text: str) -> tuple[tuple[int, int], ...]:
+    """'1024x1024,1152x896' -> ((1024, 1024), (1152, 896)) as (width, height); raises ValueError."""
+    buckets: list[tuple[int, int]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        width, sep, height = part.lower().partition("x")
+        if not sep or not width.isdigit() or not height.isdigit():
+            raise ValueError(f"resolution bucket {part!r}: expected WIDTHxHEIGHT, e.g. 1024x1024")
+        size = (int(width), int(height))
+        if size[0] % 8 or size[1] % 8 or min(size) < 64:
+            raise ValueError(f"resolution bucket {part!r}: sides must be multiples of 8, at least 64")
+        if size not in buckets:
+            buckets.append(size)
+    return tuple(buckets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Speedups:
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    buckets: tuple[tuple[int, int], ...] = ()
+
+    def describe(self) -> str:
+        on = [name for name in ("channels_last", "fuse_qkv") if getattr(self, name)]
+        if self.compile:
+            on.append(f"compile({self.compile_mode}; buckets {' '.join(f'{w}x{h}' for w, h in self.buckets)})")
+        return ", ".join(on) or "none"
+
+
+def apply_to_modules(speedups: Speedups, *, unets: list[Any], vae: Any, has_loras: bool) -> None:
+    """Layout and projection changes, done once after the weights (and any LoRA) are loaded."""
+    import torch
+
+    if speedups.channels_last:
+        for module in [*unets, vae]:
+            module.to(memory_format=torch.channels_last)
+    if speedups.fuse_qkv:
+        if has_loras:
+            log.info("fused QKV projections skipped: LoRA adapters act on the separate projections")
+        else:
+            for module in [*unets, vae]:
+                module.fuse_qkv_projections()
+
+
+def compile_unets(speedups: Speedups, unets: list[Any]) -> None:
+    """Compiles each UNet in place for static shapes; one graph per bucket is made at warm-up."""
+    import torch
+    import torch._dynamo
+    import torch._inductor.config
+
+    limit = max(8, 2 * len(speedups.buckets) + 4)
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+    torch._inductor.config.conv_1x1_as_mm = True
+    for unet in unets:
+        unet.compile(mode=speedups.compile_mode, dynamic=False)
+
+
+def freeze_compiled() -> None:
+    """From now on a shape without a compiled graph runs eagerly instead of triggering a recompile."""
+    import torch
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        log.warning("this torch has no torch.compiler.set_stance: a size outside the buckets will recompile")
+        return
+    set_stance("eager_on_recompile")

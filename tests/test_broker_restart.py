@@ -1,0 +1,148 @@
+"""Nothing is lost when nats-server restarts in the middle of a run: a gateway and a worker run as real
+processes, jobs go in over HTTP, the server is killed and started again on the same port and store.
+While it is down the gateway answers 503 with Retry-After, promptly, instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import nats
+import pytest
+
+from imagegen.embedded_nats import EmbeddedNats, free_port
+from schemas import names
+from tests.real_processes import Parts, job_state, restart_nats, submit, wait_state
+
+TOPOLOGY_FLAGS = ("--ack-wait", "3")
+JOBS = 20
+OUTAGE_S = 6.0  # longer than the ack wait and the gateway's NATS timeout: work in flight outlives its requests
+
+
+@pytest.fixture
+def broker(tmp_path):
+    server = EmbeddedNats(store_dir=tmp_path / "nats", port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def parts(tmp_path):
+    started = Parts(logs=tmp_path)
+    yield started
+    started.stop_all()
+
+
+async def done_ones(http: aiohttp.ClientSession, url: str, job_ids: list[str]) -> list[str]:
+    return [job_id for job_id in job_ids if (await job_state(http, url, job_id))["state"] == "done"]
+
+
+async def test_broker_restart_mid_run_loses_no_job(broker, parts, http):
+    worker = await parts.worker(broker.url, *TOPOLOGY_FLAGS, "--sim-step-s", "0.1", name="worker")
+    port = free_port()
+    gateway = await parts.gateway(broker.url, port, *TOPOLOGY_FLAGS)
+    url = f"http://127.0.0.1:{port}"
+    job_ids = [
+        await submit(http, url, {"prompt": f"job {n}", "width": 64, "height": 64, "steps": 4, "seed": n})
+        for n in range(JOBS)
+    ]
+    deadline = time.monotonic() + 30
+    while len(done := await done_ones(http, url, job_ids)) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    done_before = done[0]
+
+    broker.process.kill()
+    broker.process.wait(timeout=10)
+    bounded = aiohttp.ClientTimeout(total=10)
+    async with http.post(f"{url}/api/generate", json={"prompt": "while the broker is down"}, timeout=bounded) as r:
+        refused = r.status, r.headers.get("Retry-After"), await r.json()
+    async with http.get(f"{url}/api/image", params={"task_id": done_before, "delete": "false"}, timeout=bounded) as r:
+        image_while_down = r.status, r.headers.get("Retry-After")
+    async with http.get(f"{url}/api/status", params={"task_id": done_before}, timeout=bounded) as r:
+        status_while_down = r.status, await r.json()
+    await asyncio.sleep(OUTAGE_S)
+    restart_nats(broker)
+
+    assert refused[0] == 503 and refused[1] and "unavailable" in refused[2]["error"]
+    assert image_while_down[0] == 503 and image_while_down[1]
+    assert status_while_down == (200, {"status": "done"})  # polling clients keep going
+    finished = [await wait_state(http, url, job_id, {"done", "failed"}, timeout=60) for job_id in job_ids]
+    assert [job["state"] for job in finished] == ["done"] * JOBS
+    for job_id in job_ids:
+        async with http.get(f"{url}/v1/jobs/{job_id}/image", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            assert r.status == 200, await r.text()
+    assert worker.alive and gateway.alive
+
+
+def cluster_of_three(tmp_path) -> list[EmbeddedNats]:
+    """Three JetStream nodes routed to each other on loopback, each with its own store and name."""
+    client_ports = [free_port() for _ in range(3)]
+    route_ports = [free_port() for _ in range(3)]
+    routes = ",".join(f"nats://127.0.0.1:{port}" for port in route_ports)
+    return [
+        EmbeddedNats(
+            store_dir=tmp_path / f"node{n}",
+            port=client_ports[n],
+            extra_args=["--server_name", f"node{n}", "--cluster_name", "imagegen",
+                        "--cluster", f"nats://127.0.0.1:{route_ports[n]}", "--routes", routes],
+        )
+        for n in range(3)
+    ]
+
+
+async def wait_jetstream_ready(url: str, *, timeout: float = 30) -> None:
+    """Until the nodes have elected a JetStream meta leader and answer API requests."""
+    deadline = time.monotonic() + timeout
+    nc = await nats.connect(servers=url.split(","))
+    try:
+        while True:
+            try:
+                await nc.jetstream(timeout=1).account_info()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    nodes = cluster_of_three(tmp_path)
+    for node in nodes:
+        node.start()
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+async def test_cluster_node_killed_mid_run_loses_no_job(cluster, parts, http):
+    urls = ",".join(node.url for node in cluster)
+    await wait_jetstream_ready(urls)
+    flags = (*TOPOLOGY_FLAGS, "--replicas", "3")
+    worker = await parts.worker(urls, *flags, "--sim-step-s", "0.1", name="worker")
+    port = free_port()
+    gateway = await parts.gateway(urls, port, *flags)
+    url = f"http://127.0.0.1:{port}"
+    job_ids = [
+        await submit(http, url, {"prompt": f"job {n}", "width": 64, "height": 64, "steps": 4, "seed": n})
+        for n in range(JOBS)
+    ]
+    deadline = time.monotonic() + 30
+    while len(await done_ones(http, url, job_ids)) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+    nc = await nats.connect(servers=urls.split(","))
+    try:
+        leader = (await nc.jetstream().stream_info(names.JOBS_STREAM)).cluster.leader
+    finally:
+        await nc.close()
+    victim = next(node for node in cluster if node.extra_args[1] == leader)
+    victim.process.kill()
+    victim.process.wait(timeout=10)
+
+    finished = [await wait_state(http, url, job_id, {"done", "failed"}, timeout=60) for job_id in job_ids]
+    assert [job["state"] for job in finished] == ["done"] * JOBS
+    assert worker.alive and gateway.alive
