@@ -8,6 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway import mflux_api, native_api, openapi
+from gateway.auth import KeyRing, auth_middleware
 from gateway.http_errors import errors_middleware
 from gateway.jobs import JobService
 from gateway.mflux_api import SERVICE
@@ -55,8 +56,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web.Application:
+    keys = KeyRing.load(path=settings.api_keys_file, inline=settings.api_keys)
     app = web.Application(
-        middlewares=[cors_middleware(settings.cors_origins), errors_middleware],
+        middlewares=[cors_middleware(settings.cors_origins), errors_middleware, auth_middleware(keys)],
         client_max_size=settings.max_body_bytes,
     )
     app[SERVICE] = jobs or JobService(settings)
@@ -70,7 +72,10 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
 
     async def lifecycle(app: web.Application):
         await app[SERVICE].start()
-        log.info("gateway ready on http://%s:%d (nats %s)", settings.host, settings.port, settings.nats_url)
+        log.info(
+            "gateway ready on http://%s:%d (nats %s, auth %s)",
+            settings.host, settings.port, settings.nats_url, f"on, {len(keys.keys)} keys" if keys.enabled else "off",
+        )
         yield
         await app[SERVICE].close()
 

@@ -11,7 +11,7 @@ import asyncio
 import base64
 from typing import Any, AsyncIterator
 
-import nats.errors
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from gateway.jobs import JobService
@@ -38,19 +38,33 @@ def event_json(event: JobEvent) -> dict[str, Any]:
 
 async def follow(jobs: JobService, job_id: str, *, owner: str | None = None, poll_s: float = 1.0) -> AsyncIterator[JobEvent]:
     await jobs.get(job_id, owner=owner)
+    inbox: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def deliver(msg: Msg) -> None:
+        inbox.put_nowait(msg)
+
+    # Waits without timeouts that raise: a follower idles most of its life, and an exception per
+    # idle second (with its traceback cycle) made the garbage collector stall the whole gateway.
     sub = await jobs.js.subscribe(
-        names.events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        names.events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=deliver
     )
+    getter: asyncio.Future[Msg] | None = None
     try:
         while True:
-            try:
-                msg = await sub.next_msg(timeout=poll_s)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                status = await jobs.get(job_id)
-                if status.state.final:
-                    yield final_event(status)
-                    return
-                continue
+            if getter is None:
+                if not inbox.empty():
+                    msg = inbox.get_nowait()
+                else:
+                    getter = asyncio.ensure_future(inbox.get())
+            if getter is not None:
+                await asyncio.wait((getter,), timeout=poll_s)
+                if not getter.done():
+                    status = await jobs.get(job_id)
+                    if status.state.final:
+                        yield final_event(status)
+                        return
+                    continue
+                msg, getter = getter.result(), None
             try:
                 event = decode(msg.data, JobEvent)
             except DecodeError:
@@ -59,6 +73,8 @@ async def follow(jobs: JobService, job_id: str, *, owner: str | None = None, pol
             if event.final:
                 return
     finally:
+        if getter is not None:
+            getter.cancel()
         try:
             await sub.unsubscribe()
         except Exception:

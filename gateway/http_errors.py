@@ -12,7 +12,8 @@ import nats.errors
 import nats.js.errors
 from aiohttp import web
 
-from gateway.jobs import BrokerAway, NotReady, UnknownJob
+from gateway.jobs import BrokerAway, Forbidden, NotReady, UnknownJob
+from gateway.ratelimit import RateLimited
 from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
@@ -63,6 +64,10 @@ async def errors_middleware(request: web.Request, handler):
         return invalid(exc)
     except UnknownJob as exc:
         return web.json_response({"error": f"unknown task_id {exc.args[0]!r}"}, status=404)
+    except Forbidden as exc:
+        return web.json_response({"error": str(exc), "field": exc.field}, status=403)
+    except RateLimited as exc:
+        return web.json_response({"error": str(exc)}, status=429, headers={"Retry-After": str(exc.retry_after_s)})
     except NotReady as exc:
         return web.json_response({"error": str(exc)}, status=404)
     except web.HTTPRequestEntityTooLarge as exc:

@@ -6,12 +6,18 @@ Handlers in `mflux_api.py` and `native_api.py` are thin translations onto these 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import logging
 import time
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
 
+from gateway import ratelimit
+from gateway.ratelimit import RateLimited
+from gateway.auth import ApiKey
 from gateway.forecast import forecast, jobs_ahead
 from gateway.queue_view import QueueView
 from gateway.settings import GatewaySettings
@@ -25,12 +31,37 @@ from schemas.request import GenerateRequest, RequestInvalid
 from schemas.status import JobState, JobStatus
 
 log = logging.getLogger("imagegen.gateway")
+audit_log = logging.getLogger("imagegen.audit")
+
+
+def idempotent_job_id(owner: str | None, idempotency_key: str) -> str:
+    """The same (key, Idempotency-Key) always names the same job, so a retried submit finds it."""
+    digest = hashlib.sha256(f"{owner or ''}\n{idempotency_key}".encode()).digest()
+    return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
+
+
+def redacted(request: dict, redact: bool) -> dict:
+    if not redact:
+        return request
+    out = dict(request)
+    for name in ("prompt", "negative_prompt"):
+        if out.get(name):
+            out[name] = "sha256:" + hashlib.sha256(out[name].encode()).hexdigest()[:16]
+    return out
 
 DEFAULT_MODEL_KEY = "default_model"
 
 
 class UnknownJob(LookupError):
     """No job with this id (or not one this caller may see)."""
+
+
+class Forbidden(Exception):
+    """The caller's key may not do this; the text says why."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 class NotReady(Exception):
@@ -55,11 +86,16 @@ class JobService:
         self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
         self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
         self.config_kv = await self.js.key_value(names.CONFIG_BUCKET)
+        self.rate_kv = await self.js.key_value(names.RATE_BUCKET)
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
         self.view.start(self.status_kv, self.workers_kv)
         await asyncio.wait_for(self.view.ready.wait(), timeout=30)
+        self._sweeper = asyncio.create_task(self._sweep())
 
     async def close(self) -> None:
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None:
+            sweeper.cancel()
         await self.view.stop()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
@@ -98,8 +134,21 @@ class JobService:
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    async def submit(self, request: GenerateRequest, *, owner: str | None = None, job_id: str | None = None) -> JobStatus:
+    async def submit(
+        self,
+        request: GenerateRequest,
+        *,
+        owner: str | None = None,
+        job_id: str | None = None,
+        key: ApiKey | None = None,
+        idempotency_key: str | None = None,
+    ) -> JobStatus:
         self.connected()
+        self._check_blocklist(request)
+        if key is not None:
+            await self._check_key(request, key)
+        if idempotency_key:
+            job_id = idempotent_job_id(owner, idempotency_key)
         served = self.served_models()
         if request.model is None:
             current = await self.current_model()
@@ -113,8 +162,11 @@ class JobService:
             w.has_refiner for ws in served.values() for w in ws if request.model in (None, w.model)
         ):
             raise RequestInvalid([{"field": "use_refiner", "message": "no running worker has a refiner loaded"}])
-        envelope = JobEnvelope.for_request(request, job_id=job_id, owner=owner)
+        envelope = JobEnvelope.for_request(
+            request, job_id=job_id, owner=owner, default_timeout_s=self.settings.default_timeout_s
+        )
         status = JobStatus(
+            deadline=envelope.deadline,
             job_id=envelope.job_id,
             tier=envelope.tier,
             request=request.model_dump(mode="json", exclude_none=True),
@@ -134,8 +186,71 @@ class JobService:
         await self._event(
             JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=forecast(self.view, status))
         )
-        log.info("job %s queued tier=%s %dx%d", status.job_id, status.tier.value, request.width, request.height)
+        await self._audit(status, "submitted")
+        log.info("job %s queued tier=%s %dx%d key=%s", status.job_id, status.tier.value, request.width, request.height, owner)
         return status
+
+    def _check_blocklist(self, request: GenerateRequest) -> None:
+        text = request.prompt.lower()
+        for term in self.settings.blocklist:
+            if term and term.lower() in text:
+                raise RequestInvalid([{"field": "prompt", "message": f"contains the blocked term {term!r}"}])
+
+    async def _check_key(self, request: GenerateRequest, key: ApiKey) -> None:
+        tier = request.effective_tier
+        if tier not in key.tiers:
+            allowed = ", ".join(t.value for t in key.tiers)
+            field = "priority" if request.tier is None else "tier"
+            raise Forbidden(f"{field}: key {key.name!r} may not use the {tier.value} tier; allowed: {allowed}", field)
+        active = sum(1 for s in self.view.jobs.values() if s.owner == key.name and not s.state.final)
+        if active >= key.max_concurrent:
+            raise RateLimited(f"key {key.name!r} has {active} unfinished jobs, its quota is {key.max_concurrent}", 2)
+        await ratelimit.take(self.rate_kv, key.name, per_minute=key.rate_per_minute)
+
+    async def _audit(self, status: JobStatus, what: str) -> None:
+        record = {
+            "event": what,
+            "job_id": status.job_id,
+            "key": status.owner,
+            "tier": status.tier.value,
+            "ts": time.time(),
+            "request": redacted(status.request, self.settings.redact_prompts),
+        }
+        await self.nc.publish(names.AUDIT_SUBJECT, json.dumps(record).encode())
+        audit_log.info(json.dumps(record))
+
+    async def expire_overdue(self) -> int:
+        """Ends queued jobs whose deadline passed as `expired` and tells their followers."""
+        now = time.time()
+        overdue = [s.job_id for s in self.view.jobs.values() if s.state is JobState.QUEUED and s.deadline and s.deadline < now]
+        ended = 0
+        for job_id in overdue:
+            changed = False
+
+            def expire(s: JobStatus) -> JobStatus | None:
+                nonlocal changed
+                if s.state is not JobState.QUEUED:
+                    return None
+                changed = True
+                s.state, s.finished_at = JobState.EXPIRED, now
+                s.error = f"expired: no worker started it within {s.deadline - s.submitted_at:.0f}s"
+                return s
+
+            status, revision = await jobstore.change_status_at(self.status_kv, job_id, expire)
+            if changed and status is not None:
+                self.view.apply(status, revision)
+                await self._event(JobEvent(type="expired", job_id=job_id, reason=status.error))
+                await self._audit(status, "expired")
+                ended += 1
+        return ended
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.expire_overdue()
+            except Exception as exc:  # broker away: try again next round
+                log.debug("expiry sweep skipped: %s", exc)
 
     async def get(self, job_id: str, *, owner: str | None = None) -> JobStatus:
         status = self.view.jobs.get(job_id)

@@ -25,6 +25,15 @@ def owner_of(request: web.Request) -> str | None:
     return request.get("owner")
 
 
+def caller(request: web.Request) -> dict:
+    """Who submits: the key's name (owner), the key itself, and an Idempotency-Key if sent."""
+    return {
+        "owner": request.get("owner"),
+        "key": request.get("api_key"),
+        "idempotency_key": request.headers.get("Idempotency-Key"),
+    }
+
+
 def task_id_param(request: web.Request) -> str:
     task_id = request.query.get("task_id", "").strip()
     if not task_id:
@@ -78,7 +87,7 @@ def mflux_task(status: JobStatus) -> MfluxTask:
 async def generate(request: web.Request) -> web.Response:
     jobs = _jobs(request)
     body = parse_request(await read_json(request), limits=jobs.settings.limits)
-    status = await jobs.submit(body, owner=owner_of(request))
+    status = await jobs.submit(body, **caller(request))
     answer = MfluxGenerateResponse(
         task_id=status.job_id,
         task_length=jobs.task_length(status),

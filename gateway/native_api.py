@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 from gateway.event_feed import event_json, follow
 from gateway.http_errors import read_json
 from gateway.jobs import JobService, NotReady, UnknownJob
-from gateway.mflux_api import SERVICE, owner_of
+from gateway.mflux_api import SERVICE, caller, owner_of
 from schemas.http import JobView
 from schemas.request import parse_request
 from schemas.status import JobState, JobStatus
@@ -48,7 +48,7 @@ def job_view(jobs: JobService, status: JobStatus) -> JobView:
 async def submit(request: web.Request) -> web.Response:
     jobs = request.app[SERVICE]
     body = parse_request(await read_json(request), limits=jobs.settings.limits)
-    status = await jobs.submit(body, owner=owner_of(request))
+    status = await jobs.submit(body, **caller(request))
     return web.json_response(job_view(jobs, status).model_dump(), status=202)
 
 

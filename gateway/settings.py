@@ -18,3 +18,8 @@ class GatewaySettings:
     cors_origins: str = "*"
     limits: Limits = field(default_factory=Limits)
     topology: Topology = field(default_factory=Topology)
+    api_keys_file: str | None = None  # JSON list of keys (see gateway/auth.py); auth is on when any key is set
+    api_keys: str | None = None  # the same JSON inline
+    blocklist: tuple[str, ...] = ()  # prompts containing any of these (case-insensitive) are refused
+    redact_prompts: bool = False  # audit records and logs carry a hash instead of the prompt
+    default_timeout_s: float | None = None  # deadline for requests that set no timeout_s

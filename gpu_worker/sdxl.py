@@ -110,13 +110,19 @@ class SdxlEngine:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
         from gpu_worker import speedups as sp
-        from gpu_worker.decode import LatentDecoder, bf16_native, pick_decode_dtype
+        from gpu_worker.decode import DTYPE_NAMES, LatentDecoder, bf16_native, pick_decode_dtype
         from gpu_worker.lora import LoraSet, parse_lora_specs
 
         device = settings.device
         if device == "cpu":
             torch.set_num_threads(max(1, settings.threads))
         adapters = parse_lora_specs(settings.loras)
+        if settings.vae_tiling not in sp.FLAG_VALUES:
+            raise ValueError(f"--vae-tiling: expected one of {', '.join(sp.FLAG_VALUES)}, got {settings.vae_tiling!r}")
+        if settings.vae_dtype not in DTYPE_NAMES:
+            raise ValueError(f"--vae-dtype: expected one of {', '.join(DTYPE_NAMES)}, got {settings.vae_dtype!r}")
+        if settings.compile_mode not in sp.COMPILE_MODES:
+            raise ValueError(f"--compile-mode: expected one of {', '.join(sp.COMPILE_MODES)}, got {settings.compile_mode!r}")
         speedups = sp.Speedups(
             channels_last=sp.flag_on(settings.channels_last, device),
             fuse_qkv=sp.flag_on(settings.fuse_qkv, device),

@@ -16,8 +16,8 @@ log = logging.getLogger("imagegen.worker.speedups")
 
 FLAG_VALUES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DEFAULT_BUCKETS = "1024x1024,1152x896,896x1152,1216x832,832x1216"
-"""SDXL's native size and its four nearest training aspect ratios."""
+DEFAULT_BUCKETS = "1024x1024,1152x896,896x1152"
+"""SDXL's native size and its two nearest training aspect ratios; each bucket costs start-up time."""
 
 
 def flag_on(value: str, device: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import re
 import threading
@@ -224,7 +225,27 @@ class Worker:
             outcome = exc
         finally:
             self.current = None
-        await self.settle(msg, job_id, attempt, outcome, time.monotonic() - started)
+        duration = time.monotonic() - started
+        await self.settle(msg, job_id, attempt, outcome, duration)
+        await self._audit(job_id, attempt, outcome, duration)
+
+    async def _audit(self, job_id: str, attempt: int, outcome: BaseException | None, duration: float) -> None:
+        """The outcome of one try, for the audit stream IMAGEGEN_AUDIT."""
+        result = "done" if outcome is None else type(outcome).__name__
+        record = {
+            "event": "outcome",
+            "job_id": job_id,
+            "attempt": attempt,
+            "result": result,
+            "reason": getattr(outcome, "reason", None) or (str(outcome) if outcome else None),
+            "duration_s": round(duration, 4),
+            "worker": self.worker_id,
+            "ts": time.time(),
+        }
+        try:
+            await self.nc.publish(names.AUDIT_SUBJECT, json.dumps(record).encode())
+        except Exception as exc:
+            log.warning("job %s audit record not published: %s", job_id, exc)
 
     def _decode(self, msg: Msg) -> JobEnvelope:
         try:
@@ -243,6 +264,8 @@ class Worker:
             raise JobFailed(f"model: {request.model!r} is not served here; this worker serves {self.engine.name!r}")
         if request.use_refiner and not self.engine.has_refiner:
             raise JobFailed("use_refiner: no refiner is loaded on this worker")
+        if envelope.deadline is not None and time.time() > envelope.deadline:
+            raise JobExpired()
         steps = request.steps or self.engine.default_steps
         status = await jobstore.read_status(self.status_kv, job_id)
         if status is None:  # published straight onto NATS: this worker writes the first record

@@ -49,6 +49,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address the gateway listens on (IMAGEGEN_HOST)")
     p.add_argument("--port", type=int, default=env("PORT", 4030), help="gateway port (IMAGEGEN_PORT)")
+    p.add_argument("--api-keys", default=os.environ.get("IMAGEGEN_API_KEYS_FILE"), help="JSON file of API keys (hashes); auth is on when any key is configured; IMAGEGEN_API_KEYS may hold the JSON itself (IMAGEGEN_API_KEYS_FILE)")
+    p.add_argument("--blocklist", default=env("BLOCKLIST", ""), help="comma-separated terms; prompts containing one are refused (IMAGEGEN_BLOCKLIST)")
+    p.add_argument("--redact-prompts", action="store_true", default=env("REDACT_PROMPTS", "") not in ("", "0", "false"), help="audit records carry a hash instead of the prompt (IMAGEGEN_REDACT_PROMPTS)")
+    p.add_argument("--default-timeout", type=float, default=env("DEFAULT_TIMEOUT", 0.0), help="seconds a job may wait in the queue when the request sets no timeout_s; 0: forever (IMAGEGEN_DEFAULT_TIMEOUT)")
 
 
 def add_worker(p: argparse.ArgumentParser) -> None:
@@ -84,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(gw), add_gateway(gw)
     wk = sub.add_parser("worker", help="run one worker (one per GPU) against NATS")
     add_common(wk), add_worker(wk)
+    key = sub.add_parser("key", help="make a new API key and print its entry for the keys file")
+    key.add_argument("name", help="who the key is for")
+    key.add_argument("--tiers", default="normal,low", help="tiers it may use, comma-separated")
+    key.add_argument("--rate-per-minute", type=int, default=60)
+    key.add_argument("--max-concurrent", type=int, default=8)
     gen = sub.add_parser("generate", help="generate an image through a running gateway")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", default="out.png", help="file to write; the format follows its extension")
@@ -108,7 +117,18 @@ def topology_of(args: argparse.Namespace) -> Topology:
 
 
 def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings:
-    return GatewaySettings(nats_url=nats_url, host=args.host, port=args.port, limits=limits_of(args), topology=topology_of(args))
+    return GatewaySettings(
+        nats_url=nats_url,
+        host=args.host,
+        port=args.port,
+        limits=limits_of(args),
+        topology=topology_of(args),
+        api_keys_file=args.api_keys,
+        api_keys=os.environ.get("IMAGEGEN_API_KEYS"),
+        blocklist=tuple(t.strip() for t in args.blocklist.split(",") if t.strip()),
+        redact_prompts=args.redact_prompts,
+        default_timeout_s=args.default_timeout or None,
+    )
 
 
 def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
@@ -150,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     from imagegen import runtime
 
+    if args.command == "key":
+        import json
+
+        from gateway.auth import new_key_entry
+
+        secret, entry = new_key_entry(
+            args.name, tiers=args.tiers.split(","), rate_per_minute=args.rate_per_minute, max_concurrent=args.max_concurrent
+        )
+        print(f"key (give it to {args.name}; it is not stored): {secret}", file=sys.stderr)
+        print(json.dumps(entry))
+        return 0
     if args.command == "generate":
         from imagegen.client_cli import generate_command
 

@@ -37,6 +37,7 @@ class Topology:
     ack_wait_s: float = 30.0  # a worker that stops heartbeating loses its job after this
     max_deliver: int = 5
     worker_ttl_s: float = 15.0  # a worker that stops heartbeating disappears after this
+    audit_ttl_s: float = 30 * 24 * 3600
 
 
 def job_stream_config(t: Topology) -> StreamConfig:
@@ -104,7 +105,19 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
             num_replicas=t.replicas,
         ),
     )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.AUDIT_STREAM,
+            subjects=[names.AUDIT_SUBJECT],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=t.audit_ttl_s,
+            num_replicas=t.replicas,
+        ),
+    )
     for config in (
+        KeyValueConfig(bucket=names.RATE_BUCKET, history=1, ttl=180, replicas=t.replicas),
         KeyValueConfig(bucket=names.STATUS_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas),
         KeyValueConfig(bucket=names.WORKERS_BUCKET, history=1, ttl=t.worker_ttl_s, replicas=t.replicas),
         KeyValueConfig(bucket=names.CONFIG_BUCKET, history=1, replicas=t.replicas),

@@ -33,13 +33,25 @@ class JobEnvelope(BaseModel):
     tier: Tier = Tier.NORMAL
     submitted_at: float = Field(default_factory=time.time)
     owner: str | None = Field(None, description="Name of the API key that submitted the job.")
+    deadline: float | None = Field(None, description="Epoch seconds after which a queued job is not started.")
 
     @classmethod
-    def for_request(cls, request: GenerateRequest, *, job_id: str | None = None, owner: str | None = None) -> "JobEnvelope":
+    def for_request(
+        cls,
+        request: GenerateRequest,
+        *,
+        job_id: str | None = None,
+        owner: str | None = None,
+        default_timeout_s: float | None = None,
+    ) -> "JobEnvelope":
+        submitted_at = time.time()
+        timeout_s = request.timeout_s or default_timeout_s
         return cls(
             job_id=job_id or new_job_id(),
             request=request,
             seed=request.seed if request.seed is not None else new_seed(),
             tier=request.effective_tier,
             owner=owner,
+            submitted_at=submitted_at,
+            deadline=submitted_at + timeout_s if timeout_s else None,
         )

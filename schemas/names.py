@@ -18,6 +18,7 @@ CANCEL_SUBJECT = "imagegen.control.cancel"
 STATUS_BUCKET = "imagegen-jobs"
 WORKERS_BUCKET = "imagegen-workers"
 CONFIG_BUCKET = "imagegen-config"
+RATE_BUCKET = "imagegen-ratelimits"
 IMAGES_BUCKET = "imagegen-images"
 
 MSG_ID_HEADER = "Nats-Msg-Id"

@@ -104,6 +104,9 @@ class GenerateRequest(BaseModel):
     )
     model: str | None = Field(None, description="Model to use; the service's current model when absent.")
     init_image: str | None = Field(None, description="Base64 image for image-to-image (mflux-server field).")
+    timeout_s: float | None = Field(
+        None, gt=0, le=7 * 24 * 3600, description="Give up if no worker has started the job after this many seconds."
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -44,6 +44,7 @@ class JobStatus(BaseModel):
     request: dict = Field(default_factory=dict, description="The request's fields, as submitted.")
     seed: int = 0
     owner: str | None = None
+    deadline: float | None = None
     submitted_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None

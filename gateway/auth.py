@@ -1,0 +1,126 @@
+"""API keys: who is calling, which tiers they may use, how fast and how much at once.
+
+Keys come from a JSON file (`--api-keys FILE`) or `IMAGEGEN_API_KEYS` (the same JSON), stored only as
+SHA-256 hashes. With no keys configured auth is off (the default of `imagegen up`); with any key, every
+API call needs `Authorization: Bearer KEY` or `X-API-Key: KEY`, and a key sees only its own jobs.
+
+    [{"name": "marketing", "sha256": "<hex>", "tiers": ["normal", "low"],
+      "rate_per_minute": 60, "max_concurrent": 4}]
+
+`imagegen key NAME` makes a new key and prints its entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from schemas.names import Tier
+
+PUBLIC_PATHS = ("/healthz", "/swagger", "/openapi.json", "/static/", "/metrics")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiKey:
+    name: str
+    sha256: str
+    tiers: tuple[Tier, ...] = (Tier.NORMAL, Tier.LOW)
+    rate_per_minute: int = 60
+    max_concurrent: int = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyRing:
+    keys: dict[str, ApiKey] = field(default_factory=dict)  # by hash
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def find(self, presented: str) -> ApiKey | None:
+        digest = hash_key(presented)
+        for known, key in self.keys.items():
+            if hmac.compare_digest(known, digest):
+                return key
+        return None
+
+    @classmethod
+    def from_json(cls, text: str) -> "KeyRing":
+        entries = json.loads(text)
+        if not isinstance(entries, list):
+            raise ValueError("API keys: expected a JSON list of key entries")
+        keys = {}
+        for entry in entries:
+            try:
+                key = ApiKey(
+                    name=entry["name"],
+                    sha256=entry["sha256"].lower(),
+                    tiers=tuple(Tier(t) for t in entry.get("tiers", ["normal", "low"])),
+                    rate_per_minute=int(entry.get("rate_per_minute", 60)),
+                    max_concurrent=int(entry.get("max_concurrent", 8)),
+                )
+            except (KeyError, ValueError, TypeError) as exc:
+                raise ValueError(f"API keys: bad entry {entry!r}: {exc}") from None
+            if len(key.sha256) != 64:
+                raise ValueError(f"API keys: {key.name}: sha256 must be 64 hex digits")
+            keys[key.sha256] = key
+        return cls(keys=keys)
+
+    @classmethod
+    def load(cls, *, path: str | None, inline: str | None) -> "KeyRing":
+        if path:
+            return cls.from_json(Path(path).read_text())
+        if inline:
+            return cls.from_json(inline)
+        return cls()
+
+
+def new_key_entry(name: str, *, tiers: list[str], rate_per_minute: int, max_concurrent: int) -> tuple[str, dict]:
+    key = "ig_" + secrets.token_urlsafe(24)
+    entry = {
+        "name": name,
+        "sha256": hash_key(key),
+        "tiers": tiers,
+        "rate_per_minute": rate_per_minute,
+        "max_concurrent": max_concurrent,
+    }
+    return key, entry
+
+
+def presented_key(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.headers.get("X-API-Key") or None
+
+
+def auth_middleware(ring: KeyRing):
+    @web.middleware
+    async def authenticate(request: web.Request, handler):
+        if not ring.enabled or request.method == "OPTIONS" or request.path == "/" or request.path.startswith(PUBLIC_PATHS):
+            return await handler(request)
+        presented = presented_key(request)
+        if not presented:
+            return web.json_response(
+                {"error": "an API key is required: send Authorization: Bearer KEY or X-API-Key: KEY"},
+                status=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        key = ring.find(presented)
+        if key is None:
+            return web.json_response({"error": "unknown API key"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        request["owner"] = key.name
+        request["api_key"] = key
+        return await handler(request)
+
+    return authenticate
