@@ -165,6 +165,39 @@ class CpuMeter:
         return (t.user + t.system - self.cpu0) / max(1e-9, time.monotonic() - self.wall0)
 
 
+def _tree_cpu() -> float:
+    """CPU seconds of this process and every process under it (reaped ones included)."""
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def _machine_busy() -> float:
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+class OtherLoad:
+    """Cores kept busy by processes outside this benchmark while it ran (the machine may be shared):
+    a figure taken with other work around is a floor, not the service's ceiling."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.wall0, self.busy0, self.ours0 = time.monotonic(), _machine_busy(), _tree_cpu()
+        self.cores = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = max(1e-9, time.monotonic() - self.wall0)
+        other = (_machine_busy() - self.busy0) - (_tree_cpu() - self.ours0)
+        self.cores = round(max(0.0, other / wall), 2)
+
+
 # -- the stack ------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ peak GPU memory. Setups:
 - engine: gpu_worker.sdxl.SdxlEngine with its defaults (plus refiner, plus other sizes)
 
     python bench/gpu.py --json bench.json --markdown bench.md         # on a GPU
-    python bench/gpu.py --tiny --json /tmp/bench.json                  # tiny-sdxl on a CPU, seconds
+    python bench/gpu.py --tiny --json bench-tiny.json                  # tiny-sdxl on a CPU, seconds
 
 On a CPU the tutorial setup runs without offload and compile (both need a GPU).
 """
@@ -32,7 +32,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -122,7 +123,7 @@ def build_full_sdxl(work: Path, device: str) -> tuple[Path, Path]:
             add_watermarker=False,
         )
         tmp = Path(tempfile.mkdtemp(prefix=".base.", dir=work))
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
         del pipe
         _commit(tmp, base_dir)
         log.info("built %s in %.0fs", base_dir, time.monotonic() - started)
@@ -131,7 +132,7 @@ def build_full_sdxl(work: Path, device: str) -> tuple[Path, Path]:
         ref_cfg = CONFIGS / "refiner"
         tmp = Path(tempfile.mkdtemp(prefix=".refiner.", dir=work))
         unet = _made(lambda: UNet2DConditionModel.from_config(_read(ref_cfg / "unet" / "config.json")), device, 5)
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        unet.to("cpu").save_pretrained(tmp / "unet", safe_serialization=True)
         del unet
         (tmp / "scheduler").mkdir()
         shutil.copy(ref_cfg / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
@@ -182,7 +183,7 @@ def max_memory_gib(device: str) -> float | None:
 def measure_peak(device: str) -> tuple[float, str]:
     """Dense matmul TFLOP/s: bf16 on a GPU, fp32 on a CPU (the dtype each runs fast)."""
     cuda = device.startswith("cuda")
-    n, dtype, iters = (8192, torch.bfloat16, 50) if cuda else (512, torch.float32, 10)
+    n, dtype, iters = (8192, torch.bfloat16, 100) if cuda else (512, torch.float32, 10)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -266,9 +267,6 @@ def bench_diffusers(args, base_dir: Path, refiner_dir: Path, sizes: list[int], r
 
         guarded(rows, Row("diffusers+refiner", args.size, args.size, args.steps), lambda row: fill(
             row, timed(ensemble, device=args.device, repeats=args.repeats, warm_ups=1), args.device))
-        del refiner
-    del base
-    free(args.device)
 
 
 def bench_tutorial(args, base_dir: Path, rows: list[Row]) -> None:
@@ -297,8 +295,6 @@ def bench_tutorial(args, base_dir: Path, rows: list[Row]) -> None:
     row = Row("tutorial", args.size, args.size, args.steps, note=note)
     guarded(rows, row, lambda row: fill(
         row, timed(image, device=args.device, repeats=args.repeats, warm_ups=2 if cuda else 1), args.device))
-    del pipe
-    free(args.device)
 
 
 def bench_engine(args, base_dir: Path, refiner_dir: Path, sizes: list[int], rows: list[Row], report: dict) -> None:
@@ -343,8 +339,6 @@ def bench_engine(args, base_dir: Path, refiner_dir: Path, sizes: list[int], rows
             continue
         report["flops"][f"{side}x{side}{'+refiner' if use_refiner else ''}"] = flops
     report["engine_flops_per_image"] = report["flops"].get(f"{args.size}x{args.size}", 0)
-    del engine
-    free(args.device)
 
 
 def count_flops(run: Callable[[], Any]) -> int:
@@ -455,10 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     if "diffusers" in args.setups:
         bench_diffusers(args, base_dir, refiner_dir, args.sizes, rows)
+        free(args.device)  # each setup's models are gone once its function returns
     if "tutorial" in args.setups:
         bench_tutorial(args, base_dir, rows)
+        free(args.device)
     if "engine" in args.setups:
         bench_engine(args, base_dir, refiner_dir, args.sizes, rows, report)
+        free(args.device)
     attach_flops(rows, report)
     report["results"] = [asdict(row) for row in rows]
     table = markdown(report)

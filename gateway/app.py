@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway import mflux_api, native_api, openapi
+from gateway import mflux_api, native_api, openai_api, openapi
 from gateway.auth import KeyRing, auth_middleware
 from gateway.http_errors import errors_middleware
 from gateway.jobs import JobService
@@ -64,6 +64,7 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
     app[SERVICE] = jobs or JobService(settings)
     app.add_routes(mflux_api.routes)
     app.add_routes(native_api.routes)
+    app.add_routes(openai_api.routes)
     openapi.add_routes(app)
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)

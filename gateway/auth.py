@@ -1,6 +1,7 @@
 """API keys: who is calling, which tiers they may use, how fast and how much at once.
 
-Keys come from a JSON file (`--api-keys FILE`) or `IMAGEGEN_API_KEYS` (the same JSON), stored only as
+Keys come from a file (`--api-keys FILE`: a JSON list, or one JSON entry per line) or
+`IMAGEGEN_API_KEYS` (the same text), stored only as
 SHA-256 hashes. With no keys configured auth is off (the default of `imagegen up`); with any key, every
 API call needs `Authorization: Bearer KEY` or `X-API-Key: KEY`, and a key sees only its own jobs.
 
@@ -56,9 +57,11 @@ class KeyRing:
 
     @classmethod
     def from_json(cls, text: str) -> "KeyRing":
-        entries = json.loads(text)
-        if not isinstance(entries, list):
-            raise ValueError("API keys: expected a JSON list of key entries")
+        stripped = text.strip()
+        if stripped.startswith("["):
+            entries = json.loads(stripped)
+        else:  # JSON lines: one entry per line, as `imagegen key` prints them
+            entries = [json.loads(line) for line in stripped.splitlines() if line.strip()]
         keys = {}
         for entry in entries:
             try:

@@ -13,7 +13,7 @@ import heapq
 import time
 
 from gateway.queue_view import QueueView
-from schemas.names import TIERS
+from schemas.names import TIERS, Tier
 from schemas.status import JobState, JobStatus
 from schemas.workers import SpeedModel, WorkerInfo
 
@@ -55,18 +55,7 @@ def forecast(view: QueueView, status: JobStatus, *, now: float | None = None) ->
     by_id = {w.worker_id: w for w in workers}
     if status.state is JobState.RUNNING:
         return remaining(status, by_id.get(status.worker or "", workers[0]), now)
-    free: list[tuple[float, int]] = []
-    busy = {w.job_id: w for w in workers if w.job_id}
-    for i, worker in enumerate(workers):
-        running = view.jobs.get(worker.job_id or "")
-        left = remaining(running, worker, now) if running and running.state is JobState.RUNNING else 0.0
-        free.append((left, i))
-    heapq.heapify(free)
-    for job_id in view.running - busy.keys():  # running on a worker whose record is late
-        running = view.jobs.get(job_id)
-        if running is not None:
-            t, i = heapq.heappop(free)
-            heapq.heappush(free, (t + remaining(running, workers[i], now), i))
+    free = _free_at(view, workers, now)
     for job_id in view.queued_ahead(status):
         ahead = view.jobs.get(job_id)
         if ahead is None:
@@ -81,11 +70,118 @@ def higher_tier_load(view: QueueView, status: JobStatus, workers: list[WorkerInf
     """The share of the pool that higher-tier work arriving from now on will take (from the last
     minute's arrivals): a job waits W for the work ahead of it now, plus the higher-tier work that
     arrives meanwhile and goes first, so its wait stretches to W / (1 - load)."""
+    return _tier_load(view, status.tier, workers, now)
+
+
+def _tier_load(view: QueueView, tier: Tier, workers: list[WorkerInfo], now: float) -> float:
     since = now - ARRIVAL_WINDOW_S
     work = 0.0
-    for tier in TIERS[: status.tier.rank]:
-        work += sum(job_cost(s, workers[0]) for s in view.recent_arrivals(tier, since=since))
+    for higher in TIERS[: tier.rank]:
+        work += sum(job_cost(s, workers[0]) for s in view.recent_arrivals(higher, since=since))
     return min(MAX_LOAD, work / ARRIVAL_WINDOW_S / len(workers))
+
+
+def _free_at(view: QueueView, workers: list[WorkerInfo], now: float) -> list[tuple[float, int]]:
+    """A heap of (seconds until free, worker index) once the running jobs are done."""
+    free: list[tuple[float, int]] = []
+    busy = {w.job_id: w for w in workers if w.job_id}
+    for i, worker in enumerate(workers):
+        running = view.jobs.get(worker.job_id or "")
+        left = remaining(running, worker, now) if running and running.state is JobState.RUNNING else 0.0
+        free.append((left, i))
+    heapq.heapify(free)
+    for job_id in view.running - busy.keys():  # running on a worker whose record is late
+        running = view.jobs.get(job_id)
+        if running is not None:
+            t, i = heapq.heappop(free)
+            heapq.heappush(free, (t + remaining(running, workers[i], now), i))
+    return free
+
+
+class EtaCache:
+    """The ETA of every queued job from one pass over the queue, so that a status poll costs a lookup
+    instead of a pass over the jobs ahead of it (polls and submits otherwise slow down as the queue
+    grows: 1,000 queued jobs cut status polls from 5,500/s to 1,700/s).
+
+    A pass is redone once the view has changed, but under churn (many workers, many submits) at most
+    every COST_FACTOR times what the last pass took, and at least every MAX_AGE_S; so an ETA lags the
+    view by at most that. A job queued since the last pass behind all the jobs in it (the usual new
+    submit) is added to the end of the cached schedule; any other job it lacks gets a fresh pass.
+    With `now` given, or for a job that is not queued, it is `forecast` itself.
+    """
+
+    MAX_AGE_S = 0.5
+    COST_FACTOR = 20.0
+
+    def __init__(self, view: QueueView):
+        self.view = view
+        self.version = -1
+        self.computed = float("-inf")  # monotonic clock
+        self.pass_s = 0.0
+        self.etas: dict[str, float] = {}
+        self.free: list[tuple[float, int]] = []
+        self.workers: list[WorkerInfo] = []
+        self.loads: dict[Tier, float] = {}
+        self.last_key: tuple[int, float, str] | None = None
+
+    def forecast(self, status: JobStatus, *, now: float | None = None) -> float | None:
+        if now is not None or status.state is not JobState.QUEUED:
+            return forecast(self.view, status, now=now)
+        if self._fresh():
+            eta = self.etas.get(status.job_id)
+            if eta is None and (self.last_key is None or _order_key(status) > self.last_key):
+                eta = self._append(status)
+            if eta is not None:
+                return eta
+        self._recompute()
+        eta = self.etas.get(status.job_id)
+        if eta is None:  # not in the view's queue (yet): the job is placed by its own pass
+            return forecast(self.view, status)
+        return eta
+
+    def _fresh(self) -> bool:
+        age = time.monotonic() - self.computed
+        if age >= self.MAX_AGE_S:
+            return False
+        return self.view.version == self.version or age < self.COST_FACTOR * self.pass_s
+
+    def _append(self, status: JobStatus) -> float:
+        t, i = heapq.heappop(self.free)
+        cost = job_cost(status, self.workers[i])
+        heapq.heappush(self.free, (t + cost, i))
+        eta = self.etas[status.job_id] = t / (1.0 - self.loads[status.tier]) + cost
+        self.last_key = _order_key(status)
+        return eta
+
+    def _recompute(self) -> None:
+        started = time.perf_counter()
+        view = self.view
+        self.version = view.version
+        now = time.time()
+        workers = view.live_workers() or [_last_known(view)]
+        free = _free_at(view, workers, now)
+        etas: dict[str, float] = {}
+        loads: dict[Tier, float] = {}
+        last_key = None
+        for tier in TIERS:
+            load = loads[tier] = _tier_load(view, tier, workers, now)
+            for submitted_at, job_id in view.queued[tier]:
+                job = view.jobs.get(job_id)
+                if job is None:
+                    continue
+                t, i = heapq.heappop(free)
+                cost = job_cost(job, workers[i])
+                etas[job_id] = t / (1.0 - load) + cost
+                heapq.heappush(free, (t + cost, i))
+                last_key = (tier.rank, submitted_at, job_id)
+        self.etas, self.free, self.workers, self.loads, self.last_key = etas, free, workers, loads, last_key
+        self.computed = time.monotonic()
+        self.pass_s = time.perf_counter() - started
+
+
+def _order_key(status: JobStatus) -> tuple[int, float, str]:
+    """Where a queued job stands in the order workers take them."""
+    return (status.tier.rank, status.submitted_at, status.job_id)
 
 
 def _last_known(view: QueueView) -> WorkerInfo:

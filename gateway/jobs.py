@@ -18,7 +18,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, Obj
 from gateway import ratelimit
 from gateway.ratelimit import RateLimited
 from gateway.auth import ApiKey
-from gateway.forecast import forecast, jobs_ahead
+from gateway.forecast import EtaCache, jobs_ahead
 from gateway.queue_view import QueueView
 from gateway.settings import GatewaySettings
 from schemas import jobstore, names
@@ -76,11 +76,12 @@ class JobService:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.view = QueueView(worker_ttl_s=settings.topology.worker_ttl_s)
+        self.etas = EtaCache(self.view)
         self.nc: NATS | None = None
         self.default_model: str | None = None
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, name="imagegen-gateway")
+        self.nc = await connect(self.settings.nats_url, name="imagegen-gateway", on_reconnect=self.view.rewatch)
         self.js = self.nc.jetstream(timeout=self.settings.nats_timeout_s)
         await ensure_topology(self.js, self.settings.topology)
         self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
@@ -151,8 +152,8 @@ class JobService:
             job_id = idempotent_job_id(owner, idempotency_key)
         served = self.served_models()
         if request.model is None:
-            current = await self.current_model()
-            if current is not None and len(served) > 1:
+            current = await self.current_model() if len(served) > 1 else None  # one model: no KV read
+            if current is not None:
                 request = request.model_copy(update={"model": current})
         elif served and request.model not in served:
             raise RequestInvalid(
@@ -179,12 +180,12 @@ class JobService:
             existing = await jobstore.read_status(self.status_kv, envelope.job_id)
             if existing is not None:
                 return existing
+        self.view.apply(status, revision or 0)
+        await self._event(  # before the job is published, so that it comes before the worker's `started`
+            JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=self.etas.forecast(status))
+        )
         await self.js.publish(
             envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id}
-        )
-        self.view.apply(status, revision or 0)
-        await self._event(
-            JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=forecast(self.view, status))
         )
         await self._audit(status, "submitted")
         log.info("job %s queued tier=%s %dx%d key=%s", status.job_id, status.tier.value, request.width, request.height, owner)
@@ -264,7 +265,7 @@ class JobService:
         return self.view.position(status) if status.state is JobState.QUEUED else None
 
     def eta(self, status: JobStatus) -> float | None:
-        return forecast(self.view, status)
+        return self.etas.forecast(status)
 
     def task_length(self, status: JobStatus) -> int:
         return jobs_ahead(self.view, status)
@@ -272,19 +273,7 @@ class JobService:
     async def cancel(self, job_id: str, *, owner: str | None = None) -> JobStatus:
         await self.get(job_id, owner=owner)
         self.connected()
-        cancelled_queued = False
-
-        def request_cancel(s: JobStatus) -> JobStatus | None:
-            nonlocal cancelled_queued
-            if s.state.final:
-                return None
-            s.cancel_requested = True
-            if s.state is JobState.QUEUED:
-                s.state, s.finished_at, s.error = JobState.CANCELLED, time.time(), "cancelled"
-                cancelled_queued = True
-            return s
-
-        status, revision = await jobstore.change_status_at(self.status_kv, job_id, request_cancel)
+        status, revision, cancelled_queued = await jobstore.request_cancel(self.status_kv, job_id)
         if status is None:
             raise UnknownJob(job_id)
         self.view.apply(status, revision)
@@ -296,14 +285,33 @@ class JobService:
 
     async def image(self, job_id: str, *, owner: str | None = None) -> tuple[JobStatus, bytes]:
         status = await self.get(job_id, owner=owner)
+        if not status.state.final:  # the view trails the store: a client just told "done" may ask first
+            self.connected()
+            status = await jobstore.read_status(self.status_kv, job_id) or status
         if status.state is not JobState.DONE or status.image is None:
             raise NotReady(f"job {job_id} is {status.state.value}" + (f": {status.error}" if status.error else ""))
         self.connected()
         try:
-            result = await asyncio.wait_for(self.images.get(status.image.name), timeout=self.settings.nats_timeout_s * 6)
+            data = await asyncio.wait_for(self._image_bytes(status.image.name), timeout=self.settings.nats_timeout_s * 6)
         except (ObjectNotFoundError, NotFoundError):
             raise NotReady(f"the image of job {job_id} is no longer stored") from None
-        return status, result.data
+        return status, data
+
+    async def _image_bytes(self, name: str) -> bytes:
+        """An image of a few chunks is read straight from the object store's stream, one request per
+        chunk; a bigger one through the object store's reader, which sets up a consumer per read."""
+        info = await self.images.get_info(name)
+        if info.nuid and not info.is_link() and 0 < (info.chunks or 0) <= DIRECT_READ_CHUNKS:
+            stream, subject = f"OBJ_{names.IMAGES_BUCKET}", f"$O.{names.IMAGES_BUCKET}.C.{info.nuid}"
+            parts, seq = [], 1
+            for _ in range(info.chunks):
+                msg = await self.js.get_msg(stream, seq=seq, subject=subject, next=True, direct=True)
+                parts.append(msg.data or b"")
+                seq = msg.seq + 1
+            data = b"".join(parts)
+            if len(data) == info.size and _digest_matches(data, info.digest or ""):
+                return data
+        return (await self.images.get(name)).data
 
     async def delete(self, job_id: str, *, owner: str | None = None) -> None:
         status = await self.get(job_id, owner=owner)
@@ -333,6 +341,20 @@ class JobService:
 
     async def _event(self, event: JobEvent) -> None:
         await self.nc.publish(names.events_subject(event.job_id), encode(event))
+
+
+DIRECT_READ_CHUNKS = 4  # 512 KiB at the object store's 128 KiB chunks: most JPEGs up to 1024x1024
+
+
+def _digest_matches(data: bytes, digest: str) -> bool:
+    """Checks data against the object store's digest: `SHA-256=` and the URL-safe base64 of the hash."""
+    prefix, _, encoded = digest.partition("=")
+    if prefix.upper() != "SHA-256" or not encoded:
+        return False
+    try:
+        return base64.urlsafe_b64decode(encoded) == hashlib.sha256(data).digest()
+    except ValueError:
+        return False
 
 
 def _plausible(job_id: str) -> bool:

@@ -18,6 +18,9 @@ from schemas.http import (
     MfluxStatusResponse,
     MfluxTask,
     ModelInfo,
+    OpenAIError,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
 )
 from schemas.request import GenerateRequest
 
@@ -56,6 +59,16 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
     ("delete", "/v1/jobs/{job_id}", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
     ("post", "/v1/jobs/{job_id}/cancel", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
     ("get", "/v1/jobs/{job_id}/events", "The job's events as Server-Sent Events", "jobs", None, "sse", [JOB_ID], {}),
+    (
+        "post",
+        "/v1/images/generations",
+        "Generate images, answered when all are done (OpenAI Images API)",
+        "openai",
+        OpenAIImageRequest,
+        OpenAIImagesResponse,
+        [],
+        {code: OpenAIError for code in ("400", "403", "429", "502", "503", "504")},
+    ),
     ("get", "/healthz", "Liveness and NATS connection", "ops", None, None, [], {}),
 ]
 
@@ -72,6 +85,11 @@ def _schema_ref(model: Any, components: dict[str, Any]) -> dict[str, Any]:
         components[name] = sub
     components[model.__name__] = schema
     return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _error_response(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    description = (model.__doc__ or "Error").strip().splitlines()[0]
+    return {"description": description, "content": {"application/json": {"schema": _schema_ref(model, components)}}}
 
 
 def build_spec() -> dict[str, Any]:
@@ -91,7 +109,7 @@ def build_spec() -> dict[str, Any]:
             "summary": summary,
             "tags": [tag],
             "parameters": params,
-            "responses": {"200" if method != "post" or path != "/v1/jobs" else "202": ok, "400": {"description": "Bad input", **error}, "404": {"description": "Unknown task", **error}, "503": {"description": "NATS unavailable", **error}, **extra},
+            "responses": {"200" if method != "post" or path != "/v1/jobs" else "202": ok, "400": {"description": "Bad input", **error}, "404": {"description": "Unknown task", **error}, "503": {"description": "NATS unavailable", **error}, **{code: _error_response(v, components) if isinstance(v, type) else v for code, v in extra.items()}},
         }
         if body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _schema_ref(body, components)}}}

@@ -33,8 +33,10 @@ class QueueView:
         self.running: set[str] = set()
         self.arrivals: dict[Tier, deque[tuple[float, JobStatus]]] = {tier: deque(maxlen=4096) for tier in TIERS}
         self.workers: dict[str, WorkerInfo] = {}
+        self.version = 0  # goes up on every change, so answers derived from the view can be cached
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._watches: list[tuple] = []
 
     # -- applying records ---------------------------------------------------------------------
 
@@ -43,6 +45,7 @@ class QueueView:
         gateway's own write cannot overtake a worker's newer one that the watcher brought first."""
         if revision < self.revisions.get(status.job_id, 0):
             return
+        self.version += 1
         old = self.jobs.get(status.job_id)
         if old is None and status.job_id not in self.revisions:
             self.arrivals[status.tier].append((status.submitted_at, status))
@@ -56,6 +59,7 @@ class QueueView:
             self.running.add(status.job_id)
 
     def forget(self, job_id: str) -> None:
+        self.version += 1
         self.revisions.pop(job_id, None)
         old = self.jobs.pop(job_id, None)
         if old is not None:
@@ -106,10 +110,8 @@ class QueueView:
 
     def start(self, status_kv: KeyValue, workers_kv: KeyValue) -> None:
         jobs_ready, workers_ready = asyncio.Event(), asyncio.Event()
-        self._tasks = [
-            asyncio.create_task(self._watch(status_kv, self._on_job, jobs_ready)),
-            asyncio.create_task(self._watch(workers_kv, self._on_worker, workers_ready)),
-        ]
+        self._watches = [(status_kv, self._on_job, jobs_ready), (workers_kv, self._on_worker, workers_ready)]
+        self._tasks = [asyncio.create_task(self._watch(*watch)) for watch in self._watches]
 
         async def both_ready() -> None:
             await jobs_ready.wait()
@@ -117,6 +119,13 @@ class QueueView:
             self.ready.set()
 
         self._tasks.append(asyncio.create_task(both_ready()))
+
+    def rewatch(self) -> None:
+        """Recreates the KV watchers. Called on reconnect: a watcher's ordered consumer does not fail
+        when the broker restarts, it stalls (until two heartbeats are missed) while the view goes stale."""
+        for task in self._tasks[: len(self._watches)]:
+            task.cancel()
+        self._tasks[: len(self._watches)] = [asyncio.create_task(self._watch(*watch)) for watch in self._watches]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -133,6 +142,7 @@ class QueueView:
             log.warning("job record %s unreadable: %s", key, exc)
 
     def _on_worker(self, key: str, value: bytes | None, revision: int) -> None:
+        self.version += 1
         if value is None:
             self.workers.pop(key, None)
             return

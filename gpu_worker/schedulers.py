@@ -1,4 +1,5 @@
-"""Samplers by name: each name in `schemas.request.SCHEDULERS` maps to a diffusers scheduler class and options.
+"""Samplers by name: each name in `schemas.request.SCHEDULERS` (the names a request may use) maps to a
+diffusers scheduler class and its options here.
 
 A fresh scheduler is made per job from the model's own scheduler config (so its beta schedule, timestep
 spacing and prediction type stay the model's), and `split_steps` tells how a step count divides between
@@ -9,8 +10,6 @@ the SDXL base and the refiner for a given hand-over point, with the same rule di
 from __future__ import annotations
 
 from typing import Any
-
-from schemas.request import SCHEDULERS
 
 SCHEDULER_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
@@ -39,7 +38,7 @@ def make_scheduler(name: str | None, model_config: Any) -> Any:
     try:
         class_name, options = SCHEDULER_SPECS[name]
     except KeyError:
-        raise UnknownScheduler(f"scheduler: {name!r} is not one of {', '.join(SCHEDULERS)}") from None
+        raise UnknownScheduler(f"scheduler: {name!r} is not one of {', '.join(SCHEDULER_SPECS)}") from None
     return getattr(diffusers, class_name).from_config(model_config, **options)
 
 
@@ -50,7 +49,7 @@ def split_steps(scheduler: Any, steps: int, split: float) -> tuple[int, int]:
     those below it (`denoising_start`).
     """
     scheduler.set_timesteps(steps)
-    timesteps = [int(t) for t in scheduler.timesteps]
+    timesteps = [int(t) for t in scheduler.timesteps.tolist()]
     train_steps = scheduler.config.num_train_timesteps
     cutoff = int(round(train_steps - split * train_steps))
     base = sum(1 for t in timesteps if t >= cutoff)

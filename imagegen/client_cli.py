@@ -1,4 +1,5 @@
-"""`imagegen generate "a prompt" -o out.png`: submits, shows progress with the ETA, saves the image."""
+"""`imagegen generate "a prompt" -o out.png`: submits through the client, shows progress with the ETA,
+saves the image. Ctrl-C cancels the job."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-import aiohttp
+from imagegen.client import AsyncClient, ImagegenError, JobFailed, Progress
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -18,45 +19,49 @@ def bar(step: int, total: int, eta: float | None, width: int = 30) -> str:
     return f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total}{eta_text}"
 
 
+def show(progress: Progress) -> None:
+    if progress.type == "queued":
+        eta = f", ETA {progress.eta_s:.1f}s" if progress.eta_s is not None else ""
+        where = f" at position {progress.position}" if progress.position is not None else ""
+        print(f"queued{where}{eta}", file=sys.stderr)
+    elif progress.type == "progress":
+        print(bar(progress.step, progress.total, progress.eta_s), end="", file=sys.stderr, flush=True)
+
+
 async def generate(args: argparse.Namespace) -> int:
     output = Path(args.output)
     fmt = FORMATS.get(output.suffix.lower())
     if fmt is None:
         print(f"error: output: unknown extension {output.suffix!r}; use .png, .jpg or .webp", file=sys.stderr)
         return 2
-    body = {"prompt": args.prompt, "format": fmt, "negative_prompt": args.negative_prompt}
-    for name in ("width", "height", "steps", "seed"):
-        if getattr(args, name) is not None:
-            body[name] = getattr(args, name)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    url = args.url.rstrip("/")
-    async with aiohttp.ClientSession(headers=headers) as http:
-        async with http.post(f"{url}/v1/jobs", json=body) as r:
-            job = await r.json()
-            if r.status >= 400:
-                print(f"error: {job.get('error')}", file=sys.stderr)
-                return 1
-        job_id = job["job_id"]
-        print(f"job {job_id}: position {job.get('position')}, ETA {job.get('eta_s') or 0:.1f}s", file=sys.stderr)
-        async with http.ws_connect(f"{url}/v1/jobs/{job_id}/ws") as ws:
-            async for message in ws:
-                event = message.json()
-                kind = event.get("type")
-                if kind == "progress":
-                    print(bar(event["step"], event["total"], event.get("eta_s")), end="", file=sys.stderr, flush=True)
-                elif kind == "queued":
-                    print(f"queued at position {event.get('position')}", file=sys.stderr)
-                elif kind == "done":
-                    print(file=sys.stderr)
-                    break
-                elif kind in ("failed", "cancelled", "expired", "error"):
-                    print(f"\n{kind}: {event.get('reason') or event.get('error')}", file=sys.stderr)
-                    return 1
-        async with http.get(f"{url}/v1/jobs/{job_id}/image") as r:
-            if r.status != 200:
-                print(f"error: {(await r.json()).get('error')}", file=sys.stderr)
-                return 1
-            output.write_bytes(await r.read())
+    async with AsyncClient(args.url, api_key=args.api_key) as client:
+        try:
+            job_id = await client.submit(
+                args.prompt, width=args.width, height=args.height, steps=args.steps, seed=args.seed,
+                negative_prompt=args.negative_prompt or None, format=fmt,
+            )
+        except ImagegenError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"job {job_id}", file=sys.stderr)
+        try:
+            await client.wait(job_id, on_progress=show)
+            data = await client.image_bytes(job_id)
+        except JobFailed as exc:
+            print(f"\n{exc.state}: {exc.reason}", file=sys.stderr)
+            return 1
+        except ImagegenError as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            return 1
+        except asyncio.CancelledError:
+            print(f"\ninterrupted; cancelling job {job_id}", file=sys.stderr)
+            try:
+                await asyncio.shield(client.cancel(job_id))
+            except ImagegenError:
+                pass
+            raise
+    print(file=sys.stderr)
+    output.write_bytes(data)
     print(f"saved {output}", file=sys.stderr)
     return 0
 
@@ -64,6 +69,5 @@ async def generate(args: argparse.Namespace) -> int:
 def generate_command(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(generate(args))
-    except aiohttp.ClientConnectionError as exc:
-        print(f"error: cannot reach the gateway at {args.url}: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        return 130

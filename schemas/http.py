@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorBody(BaseModel):
@@ -83,3 +83,67 @@ class JobView(BaseModel):
     image_url: str | None = None
     events_url: str
     websocket_url: str
+
+
+
+class OpenAIImageRequest(BaseModel):
+    """OpenAI's `POST /v1/images/generations` body, plus a few imagegen fields (send them with the
+    OpenAI client's `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What to draw.")
+    model: str | None = Field(
+        None, description="A served model, or an OpenAI name (dall-e-2, dall-e-3, gpt-image-1, ...) for the current one."
+    )
+    n: int = Field(1, ge=1, le=10, description="How many images, 1..10; one job each, seeds seed, seed+1, ...")
+    size: str | None = Field(None, description="WIDTHxHEIGHT, multiples of 8 (e.g. 1024x1024), or auto (1024x1024).")
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
+        None,
+        description="Scales the model's default steps: low half, standard/medium/auto the default, high/hd 1.5x.",
+    )
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (the default) or url: an absolute URL of /v1/jobs/{id}/image."
+    )
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Image encoding; png by default.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality, 0..100.")
+    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted; has no effect.")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="auto or opaque; transparent is not available."
+    )
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted; has no effect.")
+    stream: bool | None = Field(None, description="Only false: streaming is not available here.")
+    user: str | None = Field(None, description="Accepted; has no effect.")
+    safety_identifier: str | None = Field(None, description="Accepted; has no effect.")
+    seed: int | None = Field(None, ge=0, description="imagegen: seed of the first image; random when absent.")
+    negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
+    steps: int | None = Field(None, description="imagegen: denoising steps; overrides quality.")
+    guidance: float | None = Field(None, description="imagegen: classifier-free guidance scale.")
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = Field(None, description="The image, base64 (response_format b64_json).")
+    url: str | None = Field(None, description="Where to fetch the image (response_format url).")
+    revised_prompt: str | None = None
+    job_id: str | None = Field(None, description="imagegen: the job that made this image.")
+    seed: int | None = Field(None, description="imagegen: the seed it was made with.")
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int = Field(description="Unix time the images were finished.")
+    data: list[OpenAIImage]
+    size: str | None = None
+    output_format: str | None = None
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, permission_error, rate_limit_error or server_error.")
+    param: str | None = Field(None, description="The request field at fault.")
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """An error in OpenAI's shape, as OpenAI's client libraries expect it."""
+
+    error: OpenAIErrorDetail

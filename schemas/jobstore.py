@@ -3,13 +3,14 @@ overwrite each other's facts (a cancel request and a finished image can race; bo
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from schemas.codec import decode, encode
-from schemas.status import JobStatus
+from schemas.status import JobState, JobStatus
 
 Mutation = Callable[[JobStatus], "JobStatus | None"]
 
@@ -63,3 +64,28 @@ async def change_status_at(
         except KeyWrongLastSequenceError:
             continue
     raise RuntimeError(f"status of {job_id} kept changing under {tries} tries")
+
+
+def cancel_mutation(status: JobStatus) -> JobStatus | None:
+    """Marks a cancel request; a job still queued is cancelled at once. None for a finished job."""
+    if status.state.final:
+        return None
+    status.cancel_requested = True
+    if status.state is JobState.QUEUED:
+        status.state, status.finished_at, status.error = JobState.CANCELLED, time.time(), "cancelled"
+    return status
+
+
+async def request_cancel(kv: KeyValue, job_id: str) -> tuple[JobStatus | None, int, bool]:
+    """Applies `cancel_mutation`; returns the record, its revision, and whether this call ended a queued
+    job (then the caller publishes its `cancelled` event; for a running job it publishes the job id on
+    CANCEL_SUBJECT so the worker stops at the next step)."""
+    seen: list[JobState] = []
+
+    def mutate(status: JobStatus) -> JobStatus | None:
+        seen.append(status.state)
+        return cancel_mutation(status)
+
+    status, revision = await change_status_at(kv, job_id, mutate)
+    dequeued = status is not None and bool(seen) and seen[-1] is JobState.QUEUED
+    return status, revision, dequeued

@@ -39,7 +39,7 @@ async def done_ones(http: aiohttp.ClientSession, url: str, job_ids: list[str]) -
 
 
 async def test_broker_restart_mid_run_loses_no_job(broker, parts, http):
-    worker = await parts.worker(broker.url, *TOPOLOGY_FLAGS, "--sim-step-s", "0.1", name="worker")
+    worker = await parts.worker(broker.url, *TOPOLOGY_FLAGS, "--sim-step-s", "0.05", name="worker")
     port = free_port()
     gateway = await parts.gateway(broker.url, port, *TOPOLOGY_FLAGS)
     url = f"http://127.0.0.1:{port}"
@@ -122,7 +122,7 @@ async def test_cluster_node_killed_mid_run_loses_no_job(cluster, parts, http):
     urls = ",".join(node.url for node in cluster)
     await wait_jetstream_ready(urls)
     flags = (*TOPOLOGY_FLAGS, "--replicas", "3")
-    worker = await parts.worker(urls, *flags, "--sim-step-s", "0.1", name="worker")
+    worker = await parts.worker(urls, *flags, "--sim-step-s", "0.05", name="worker")
     port = free_port()
     gateway = await parts.gateway(urls, port, *flags)
     url = f"http://127.0.0.1:{port}"

@@ -7,6 +7,7 @@ wait and 3 deliveries at most, the same on every process, so redeliveries happen
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import signal
@@ -101,8 +102,9 @@ async def test_killed_worker_job_is_redelivered_and_finished_once(broker, gatewa
 
 async def test_long_job_is_not_redelivered_while_its_worker_heartbeats(broker, gateway, parts, http):
     # 30 steps of 0.2 s: three ack waits long. A second, idle worker would take the job if it came back.
-    await parts.worker(broker.url, *WORKER_FLAGS, name="first")
-    await parts.worker(broker.url, *WORKER_FLAGS, name="second")
+    await asyncio.gather(
+        parts.worker(broker.url, *WORKER_FLAGS, name="first"), parts.worker(broker.url, *WORKER_FLAGS, name="second")
+    )
     job_id = await submit(http, gateway, job_body("a long exposure of the sea", steps=30))
 
     done = await wait_state(http, gateway, job_id, {"done", "failed"}, timeout=40)

@@ -1,0 +1,327 @@
+"""OpenAI's Images API on the gateway: `POST /v1/images/generations`, answered when every image is done.
+
+Each of the `n` images is one job on the queue, with seeds seed, seed+1, ... (a random first seed when
+none is sent). The handler follows the jobs until all are done (at most WAIT_S seconds, then 504 and the
+jobs are cancelled) and answers base64 images or absolute URLs of `/v1/jobs/{id}/image`.
+
+`model` is a served model or an OpenAI name (dall-e-2, dall-e-3, gpt-image-*), which means the current
+model. `quality` scales the model's default steps: low takes half, standard/medium/auto the default,
+high/hd one and a half times (within the step limit); an explicit `steps` wins. `style`, `moderation`,
+`user` and `safety_identifier` are accepted and change nothing.
+
+Every error comes in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so OpenAI's
+client libraries raise their usual exceptions: 400 naming the param, 403/429 for the API key's limits,
+502 when a job failed on a worker, 503 while NATS is away, 504 after WAIT_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+
+from aiohttp import web
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+from pydantic import ValidationError
+
+from gateway.auth import ApiKey
+from gateway.event_feed import follow
+from gateway.http_errors import BROKER_DOWN, read_json
+from gateway.jobs import Forbidden, JobService, UnknownJob
+from gateway.mflux_api import SERVICE, caller
+from gateway.ratelimit import RateLimited
+from schemas import jobstore
+from schemas.events import JobEvent
+from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
+from schemas.job import new_seed
+from schemas.names import Tier
+from schemas.request import MAX_SEED, GenerateRequest, RequestInvalid, parse_request
+from schemas.status import JobState
+
+log = logging.getLogger("imagegen.gateway.openai")
+routes = web.RouteTableDef()
+
+WAIT_S = 600.0
+OPENAI_MODELS = ("dall-e-", "gpt-image-", "chatgpt-image-")
+DEFAULT_SIZE = (1024, 1024)
+QUALITY_SCALE = {"low": 0.5, "high": 1.5, "hd": 1.5}
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+
+
+class OpenAIFailure(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.detail = OpenAIErrorDetail(message=message, type=kind, param=param, code=code)
+
+    def response(self) -> web.Response:
+        return web.json_response(OpenAIError(error=self.detail).model_dump(), status=self.status, headers=self.headers)
+
+
+def bad(param: str | None, message: str, code: str = "invalid_value") -> OpenAIFailure:
+    return OpenAIFailure(400, f"{param}: {message}" if param else message, param=param, code=code)
+
+
+def param_of(field: str, *, steps_given: bool) -> str:
+    """The OpenAI param a GenerateRequest field came from."""
+    if field in ("width", "height"):
+        return "size"
+    if field == "format":
+        return "output_format"
+    if field == "quality":
+        return "output_compression"
+    if field == "steps" and not steps_given:
+        return "quality"
+    return field
+
+
+def described(error: dict[str, str], *, steps_given: bool) -> str:
+    """One problem, under the OpenAI param's name: `size: width must be a multiple of 8, got 63`."""
+    field, message = error["field"], error["message"]
+    if field in ("width", "height") and message.startswith("must"):
+        message = f"{field} {message}"
+    return f"{param_of(field, steps_given=steps_given)}: {message}"
+
+
+def from_invalid(exc: RequestInvalid, *, steps_given: bool) -> OpenAIFailure:
+    first = exc.errors[0] if exc.errors else {"field": "body", "message": "invalid"}
+    param = None if first["field"] == "body" else param_of(first["field"], steps_given=steps_given)
+    message = "; ".join(described(e, steps_given=steps_given) for e in exc.errors) or str(exc)
+    return OpenAIFailure(400, message, param=param, code="invalid_value")
+
+
+def parse_body(body: object) -> OpenAIImageRequest:
+    if not isinstance(body, dict):
+        raise bad(None, "the body must be a JSON object")
+    try:
+        return OpenAIImageRequest.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            raise bad(param, "unrecognized request argument", "unknown_parameter") from None
+        if err["type"] == "missing":
+            raise bad(param, "Missing required parameter", "missing_required_parameter") from None
+        raise bad(param, err["msg"]) from None
+
+
+def parse_size(size: str | None) -> tuple[int, int]:
+    if size is None or size.strip().lower() == "auto":
+        return DEFAULT_SIZE
+    match = SIZE.match(size)
+    if match is None:
+        raise bad("size", f"must be WIDTHxHEIGHT (e.g. 1024x1024) or auto, got {size!r}")
+    return int(match[1]), int(match[2])
+
+
+async def resolve_model(jobs: JobService, name: str | None) -> str | None:
+    """The model to ask for: None (the current model) for OpenAI's names and for no name."""
+    if name is None or name.startswith(OPENAI_MODELS):
+        return None
+    served = jobs.served_models()
+    if served and name not in served:
+        known = ", ".join(sorted(served))
+        raise bad("model", f"unknown model {name!r}; served: {known}, or an OpenAI name such as dall-e-3 for the current model", "model_not_found")
+    return name
+
+
+def quality_steps(jobs: JobService, model: str | None, quality: str | None) -> int | None:
+    """Steps for low/high/hd from the model's default; None (the default) otherwise."""
+    scale = QUALITY_SCALE.get(quality or "")
+    workers = jobs.served_models().get(model or "", [])
+    if scale is None or not workers:
+        return None
+    return max(1, min(jobs.settings.limits.max_steps, round(workers[0].default_steps * scale)))
+
+
+def build_request(ask: OpenAIImageRequest, *, width: int, height: int, model: str | None, steps: int | None, limits) -> GenerateRequest:
+    fields: dict = {"prompt": ask.prompt, "width": width, "height": height, "format": OUTPUT_FORMATS[ask.output_format or "png"]}
+    optional = {
+        "model": model,
+        "steps": steps,
+        "negative_prompt": ask.negative_prompt,
+        "guidance": ask.guidance,
+        "quality": max(1, ask.output_compression) if ask.output_compression is not None else None,
+    }
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    try:
+        return parse_request(fields, limits=limits)
+    except RequestInvalid as exc:
+        raise from_invalid(exc, steps_given=ask.steps is not None) from None
+
+
+def tier_for(key: ApiKey | None) -> Tier | None:
+    """The normal tier, or for an API key without it the first it may use: OpenAI's API has no tiers."""
+    if key is None or Tier.NORMAL in key.tiers:
+        return None
+    return next((t for t in (Tier.LOW, Tier.HIGH) if t in key.tiers), None)
+
+
+def public_origin(request: web.Request) -> str:
+    """This gateway as the caller reached it, through a proxy that sets X-Forwarded-* too."""
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    return f"{proto}://{host}"
+
+
+def job_failure(job_id: str, state: str, reason: str | None) -> OpenAIFailure:
+    reason = reason or state
+    field = reason.split(":", 1)[0].strip()
+    if state == JobState.FAILED.value and field in GenerateRequest.model_fields:
+        return OpenAIFailure(
+            400, f"image job {job_id} failed: {reason}", param=param_of(field, steps_given=False), code="invalid_value"
+        )
+    return OpenAIFailure(502, f"image job {job_id} {state}: {reason}", kind="server_error", code=f"job_{state}")
+
+
+async def final_event(jobs: JobService, job_id: str, owner: str | None) -> JobEvent:
+    last = None
+    async for last in follow(jobs, job_id, owner=owner):
+        pass
+    if last is None or not last.final:
+        raise OpenAIFailure(502, f"image job {job_id} vanished before it finished", kind="server_error", code="job_lost")
+    return last
+
+
+async def wait_all(jobs: JobService, job_ids: list[str], owner: str | None, wait_s: float) -> None:
+    """Returns when every job is done; raises OpenAIFailure for the first that ends otherwise, or after wait_s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    pending = {asyncio.ensure_future(final_event(jobs, job_id, owner)) for job_id in job_ids}
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise OpenAIFailure(
+                    504,
+                    f"the images were not finished within {wait_s:g} seconds; their jobs are cancelled",
+                    kind="server_error",
+                    code="timeout",
+                )
+            for task in done:
+                try:
+                    event = task.result()
+                except UnknownJob:
+                    raise OpenAIFailure(502, "an image job vanished before it finished", kind="server_error", code="job_lost") from None
+                if event.type != "done":
+                    raise job_failure(event.job_id, event.type, event.reason)
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def image_data(jobs: JobService, job_id: str) -> bytes:
+    """The stored image, found through the status record itself: the `done` event can arrive before
+    this gateway's view of the records has the update."""
+    status = await jobstore.read_status(jobs.status_kv, job_id)
+    if status is None or status.image is None:
+        raise OpenAIFailure(502, f"image job {job_id} is done but its record is gone", kind="server_error", code="image_lost")
+    try:
+        result = await asyncio.wait_for(jobs.images.get(status.image.name), timeout=jobs.settings.nats_timeout_s * 6)
+    except (ObjectNotFoundError, NotFoundError):
+        raise OpenAIFailure(502, f"the image of job {job_id} is no longer stored", kind="server_error", code="image_lost") from None
+    return result.data
+
+
+async def cancel_all(jobs: JobService, job_ids: list[str], owner: str | None) -> None:
+    for job_id in job_ids:
+        try:
+            await jobs.cancel(job_id, owner=owner)
+        except Exception as exc:  # best effort: the jobs end by themselves anyway
+            log.warning("job %s: cancel after an unanswered images request failed: %s", job_id, exc)
+
+
+async def generate(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    ask = parse_body(await read_json(request))
+    if ask.stream:
+        raise bad("stream", "streaming is not available on this server; leave stream unset or false", "unsupported_value")
+    if ask.background == "transparent":
+        raise bad("background", "transparent backgrounds are not available; use auto or opaque", "unsupported_value")
+    width, height = parse_size(ask.size)
+    model = await resolve_model(jobs, ask.model)
+    if ask.steps is not None:
+        steps = ask.steps
+    else:
+        steps = quality_steps(jobs, model or await jobs.current_model(), ask.quality)
+    base = build_request(ask, width=width, height=height, model=model, steps=steps, limits=jobs.settings.limits)
+    first_seed = ask.seed if ask.seed is not None else new_seed()
+    if first_seed + ask.n - 1 > MAX_SEED:
+        raise bad("seed", f"seed + n - 1 must not exceed {MAX_SEED}")
+
+    who = caller(request)
+    owner, idempotency_key = who.get("owner"), who.pop("idempotency_key", None)
+    tier = tier_for(who.get("key"))
+    if tier is not None:
+        base = base.model_copy(update={"tier": tier})
+    started = time.monotonic()
+    job_ids: list[str] = []
+    answered = False
+    try:
+        for i in range(ask.n):
+            status = await jobs.submit(
+                base.model_copy(update={"seed": first_seed + i}),
+                **who,
+                idempotency_key=f"{idempotency_key}#{i}" if idempotency_key else None,
+            )
+            job_ids.append(status.job_id)
+        await wait_all(jobs, job_ids, owner, WAIT_S)
+        images = []
+        for i, job_id in enumerate(job_ids):
+            item = OpenAIImage(job_id=job_id, seed=first_seed + i)
+            if ask.response_format == "url":
+                item.url = f"{public_origin(request)}/v1/jobs/{job_id}/image"
+            else:
+                item.b64_json = base64.b64encode(await image_data(jobs, job_id)).decode("ascii")
+            images.append(item)
+        answered = True
+    finally:
+        if not answered and job_ids:
+            await cancel_all(jobs, job_ids, owner)
+    log.info(
+        "images %s: %d done in %.1fs, %dx%d", ",".join(job_ids), len(job_ids), time.monotonic() - started, width, height
+    )
+    answer = OpenAIImagesResponse(
+        created=int(time.time()), data=images, size=f"{width}x{height}", output_format=ask.output_format or "png"
+    )
+    return web.json_response(answer.model_dump(exclude_none=True))
+
+
+@routes.post("/v1/images/generations")
+async def generations(request: web.Request) -> web.Response:
+    try:
+        return await generate(request)
+    except OpenAIFailure as exc:
+        return exc.response()
+    except RequestInvalid as exc:
+        return from_invalid(exc, steps_given=True).response()
+    except Forbidden as exc:
+        return OpenAIFailure(403, str(exc), param=exc.field, kind="permission_error", code="forbidden").response()
+    except RateLimited as exc:
+        return OpenAIFailure(
+            429, str(exc), kind="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)}
+        ).response()
+    except web.HTTPRequestEntityTooLarge as exc:
+        return OpenAIFailure(413, f"body too large: {exc.text}", code="body_too_large").response()
+    except BROKER_DOWN as exc:
+        log.warning("images request: broker unavailable: %s", exc)
+        return OpenAIFailure(
+            503, "the job broker (NATS) is unavailable; retry shortly", kind="server_error", code="service_unavailable",
+            headers={"Retry-After": "2"},
+        ).response()
