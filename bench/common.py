@@ -329,8 +329,9 @@ async def submit(http: aiohttp.ClientSession, url: str, body: dict) -> str:
         return (await r.json())["job_id"]
 
 
-async def wait_ws(http: aiohttp.ClientSession, url: str, job_id: str, timeout: float = 60.0) -> dict:
-    """Follows the job on /v1/jobs/{id}/ws until its final event."""
+async def wait_ws(http: aiohttp.ClientSession, url: str, job_id: str, timeout: float = 60.0, seen: dict | None = None) -> dict:
+    """Follows the job on /v1/jobs/{id}/ws until its final event; `seen` gets each event type's
+    (stamp, wall-clock time received)."""
     async with http.ws_connect(f"{url}/v1/jobs/{job_id}/ws", timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
         deadline = time.monotonic() + timeout
         while True:
@@ -338,6 +339,8 @@ async def wait_ws(http: aiohttp.ClientSession, url: str, job_id: str, timeout: f
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 raise JobError(f"job {job_id}: socket closed before the final event ({msg.type})")
             event = json.loads(msg.data)
+            if seen is not None:
+                seen.setdefault(event.get("type"), (event.get("ts", 0.0), time.time()))
             if event.get("type") in FINAL_EVENTS:
                 return event
             if event.get("type") == "error":
@@ -364,17 +367,29 @@ async def fetch_image(http: aiohttp.ClientSession, url: str, job_id: str) -> byt
 
 
 async def run_job(http: aiohttp.ClientSession, url: str, body: dict, *, wait: str = "ws") -> dict[str, float]:
-    """Submit, wait for done, fetch the image; the seconds each part took."""
+    """Submit, wait for done, fetch the image; the seconds each part took. Waiting on the WebSocket
+    also splits the wait by the events' stamps: `pickup` (queued -> started: a worker takes the job
+    and marks it running), `run` (started -> done: engine, encoding, object store, status) and
+    `notify` (done stamped by the worker -> received by the client)."""
+    seen: dict = {}
     t0 = time.perf_counter()
     job_id = await submit(http, url, body)
     t1 = time.perf_counter()
-    final = await (wait_ws if wait == "ws" else wait_poll)(http, url, job_id)
+    if wait == "ws":
+        final = await wait_ws(http, url, job_id, seen=seen)
+    else:
+        final = await wait_poll(http, url, job_id)
     if final.get("type", final.get("state")) != "done":
         raise JobError(f"job {job_id} ended {final}")
     t2 = time.perf_counter()
     await fetch_image(http, url, job_id)
     t3 = time.perf_counter()
-    return {"total": t3 - t0, "submit": t1 - t0, "wait": t2 - t1, "image": t3 - t2}
+    parts = {"total": t3 - t0, "submit": t1 - t0, "wait": t2 - t1, "image": t3 - t2}
+    if {"queued", "started", "done"} <= seen.keys():
+        parts["pickup"] = seen["started"][0] - seen["queued"][0]
+        parts["run"] = seen["done"][0] - seen["started"][0]
+        parts["notify"] = seen["done"][1] - seen["done"][0]
+    return parts
 
 
 def http_session(limit: int = 1000) -> aiohttp.ClientSession:

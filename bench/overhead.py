@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -28,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     SMALL_JOB,
+    CpuMeter,
     JobError,
+    OtherLoad,
     RssSampler,
     generate_locked,
     http_session,
@@ -75,7 +78,7 @@ async def engine_direct(n: int) -> dict:
 
 
 async def sequential(http, url: str, n: int, *, wait: str, body=job_body) -> dict:
-    parts: dict[str, list[float]] = {"total": [], "submit": [], "wait": [], "image": []}
+    parts: dict[str, list[float]] = {}
     errors = 0
     for i in range(n):
         try:
@@ -84,7 +87,7 @@ async def sequential(http, url: str, n: int, *, wait: str, body=job_body) -> dic
             errors += 1
             continue
         for k, v in t.items():
-            parts[k].append(v)
+            parts.setdefault(k, []).append(v)
     return {"latency": summary_ms(parts["total"]), "parts_p50_ms": {k: summary_ms(v)["p50_ms"] for k, v in parts.items() if k != "total"}, "errors": errors}
 
 
@@ -149,20 +152,29 @@ async def main(args: argparse.Namespace) -> int:
     async with AsyncExitStack() as es:
         stack = await open_stack(es)
         async with http_session() as http:
-            results["engine_direct"] = await engine_direct(args.jobs)
-            results["tutorial"] = await tutorial_path(stack, http, n=args.jobs, clients=args.clients, duration_s=args.duration)
+            with OtherLoad() as other:
+                results["engine_direct"] = await engine_direct(args.jobs)
+                results["tutorial"] = await tutorial_path(stack, http, n=args.jobs, clients=args.clients, duration_s=args.duration)
+            results["tutorial"]["other_load_cores"] = other.cores
             imagegen: dict = {}
             for workers in (1, 4):
                 await stack.start_workers(workers, per_process=args.per_process)
                 await asyncio.sleep(0.5)
-                with RssSampler({"gateway": stack.gateway.pid, **{w.name: w.pid for w in stack.workers}}) as rss:
+                with RssSampler({"gateway": stack.gateway.pid, **{w.name: w.pid for w in stack.workers}}) as rss, OtherLoad() as other:
                     for i in range(30):  # warm-up: connections, consumers, caches
                         await run_job(http, stack.url, job_body(i))
                     level: dict = {}
                     level["sequential_ws"] = await sequential(http, stack.url, args.jobs, wait="ws")
                     level["sequential_poll"] = await sequential(http, stack.url, args.jobs, wait="poll")
-                    level["throughput_ws"] = await throughput(http, stack.url, clients=args.clients, duration_s=args.duration)
+                    meters = {name: CpuMeter(pid) for name, pid in {**stack.pids(), "clients": os.getpid()}.items()}
+                    for meter in meters.values():
+                        meter.start()
+                    level["throughput_ws"] = tp = await throughput(http, stack.url, clients=args.clients, duration_s=args.duration)
+                    shares = {name: meter.stop() for name, meter in meters.items()}
+                    tp["cpu_cores"] = {name: round(v, 2) for name, v in shares.items()}
+                    tp["cpu_ms_per_job"] = {name: round(v * 1000 / max(tp["jobs_per_s"], 1e-9), 2) for name, v in shares.items()}
                 level["rss_peak_mib"] = {k: round(v, 1) for k, v in rss.peak.items()}
+                level["other_load_cores"] = other.cores
                 imagegen[f"workers_{workers}"] = level
                 await stack.stop_workers()
             results["imagegen"] = imagegen
@@ -190,12 +202,24 @@ async def main(args: argparse.Namespace) -> int:
         level = results["imagegen"][f"workers_{w}"]
         for mode, label in (("sequential_ws", "WebSocket"), ("sequential_poll", "polling")):
             lat = level[mode]["latency"]
-            rows.append([f"imagegen, {w} worker{'s' if w > 1 else ''}, wait by {label}", w, lat["p50_ms"], lat["p99_ms"], level[mode]["parts_p50_ms"], level["throughput_ws"]["jobs_per_s"] if mode == "sequential_ws" else "-"])
+            parts = level[mode]["parts_p50_ms"]
+            rows.append([f"imagegen, {w} worker{'s' if w > 1 else ''}, wait by {label}", w, lat["p50_ms"], lat["p99_ms"],
+                         f"{parts['submit']:.1f} / {parts['wait']:.1f} / {parts['image']:.1f}", level["throughput_ws"]["jobs_per_s"] if mode == "sequential_ws" else "-"])
     print(markdown_table(["path", "workers", "p50 ms", "p99 ms", "p50 parts ms (submit/wait/image)", f"jobs/s ({args.clients} clients)"], rows))
+    print()
+    for w in (1, 4):
+        tp = results["imagegen"][f"workers_{w}"]["throughput_ws"]
+        print(f"CPU ms per job at {tp['jobs_per_s']} jobs/s, {w} worker{'s' if w > 1 else ''}: " + ", ".join(f"{k} {v}" for k, v in tp["cpu_ms_per_job"].items()))
+    print()
+    stages = results["imagegen"]["workers_1"]["sequential_ws"]["parts_p50_ms"]
+    print("where a job's time goes, 1 worker, p50 ms: " + ", ".join(f"{k} {stages[k]:.2f}" for k in ("submit", "pickup", "run", "notify", "image") if k in stages)
+          + " (pickup, run and notify from the events' stamps)")
     print()
     print(f"added per job, 1 worker: WebSocket p50 {added['sequential_ws']['p50_ms']} ms / p99 {added['sequential_ws']['p99_ms']} ms; "
           f"polling p50 {added['sequential_poll']['p50_ms']} ms / p99 {added['sequential_poll']['p99_ms']} ms "
           f"(target <= {TARGET_P50_MS} / {TARGET_P99_MS} ms): {'met' if results['meets_target'] else 'NOT met'}")
+    loads = [results["tutorial"]["other_load_cores"]] + [results["imagegen"][k]["other_load_cores"] for k in results["imagegen"]]
+    print(f"other load on the machine while measuring: up to {max(loads)} cores")
     print(f"results: {path}")
     return 0
 

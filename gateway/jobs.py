@@ -13,6 +13,7 @@ import logging
 import time
 
 from nats.aio.client import Client as NATS
+from nats.js.api import ObjectInfo
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
 
 from gateway import ratelimit
@@ -203,7 +204,7 @@ class JobService:
             allowed = ", ".join(t.value for t in key.tiers)
             field = "priority" if request.tier is None else "tier"
             raise Forbidden(f"{field}: key {key.name!r} may not use the {tier.value} tier; allowed: {allowed}", field)
-        active = sum(1 for s in self.view.jobs.values() if s.owner == key.name and not s.state.final)
+        active = self.view.unfinished.get(key.name, 0)
         if active >= key.max_concurrent:
             raise RateLimited(f"key {key.name!r} has {active} unfinished jobs, its quota is {key.max_concurrent}", 2)
         await ratelimit.take(self.rate_kv, key.name, per_minute=key.rate_per_minute)
@@ -223,7 +224,8 @@ class JobService:
     async def expire_overdue(self) -> int:
         """Ends queued jobs whose deadline passed as `expired` and tells their followers."""
         now = time.time()
-        overdue = [s.job_id for s in self.view.jobs.values() if s.state is JobState.QUEUED and s.deadline and s.deadline < now]
+        queued = (self.view.jobs.get(job_id) for tier in self.view.queued.values() for _, job_id in tier)
+        overdue = [s.job_id for s in queued if s is not None and s.state is JobState.QUEUED and s.deadline and s.deadline < now]
         ended = 0
         for job_id in overdue:
             changed = False
@@ -257,7 +259,7 @@ class JobService:
         status = self.view.jobs.get(job_id)
         if status is None:
             status = await jobstore.read_status(self.status_kv, job_id) if _plausible(job_id) else None
-        if status is None or (owner is not None and status.owner != owner):
+        if status is None or status.deleted or (owner is not None and status.owner != owner):
             raise UnknownJob(job_id)
         return status
 
@@ -298,11 +300,16 @@ class JobService:
         return status, data
 
     async def _image_bytes(self, name: str) -> bytes:
-        """An image of a few chunks is read straight from the object store's stream, one request per
-        chunk; a bigger one through the object store's reader, which sets up a consumer per read."""
-        info = await self.images.get_info(name)
+        """An image of a few chunks is read straight from the object store's stream with Direct Gets
+        (its description, then one request per chunk); a bigger one through the object store's
+        reader, which sets up a consumer per read."""
+        bucket = names.IMAGES_BUCKET
+        stream, meta = f"OBJ_{bucket}", f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        info = ObjectInfo.from_response(json.loads((await self.js.get_msg(stream, subject=meta, direct=True)).data))
+        if info.deleted:
+            raise ObjectNotFoundError
         if info.nuid and not info.is_link() and 0 < (info.chunks or 0) <= DIRECT_READ_CHUNKS:
-            stream, subject = f"OBJ_{names.IMAGES_BUCKET}", f"$O.{names.IMAGES_BUCKET}.C.{info.nuid}"
+            subject = f"$O.{bucket}.C.{info.nuid}"
             parts, seq = [], 1
             for _ in range(info.chunks):
                 msg = await self.js.get_msg(stream, seq=seq, subject=subject, next=True, direct=True)
@@ -318,7 +325,14 @@ class JobService:
         self.connected()
         if not status.state.final:
             await self.cancel(job_id, owner=owner)
-        await self.status_kv.delete(job_id)
+
+        def tombstone(s: JobStatus) -> JobStatus:
+            # Kept, not deleted: a queued job's message may still be in the stream, and a worker that
+            # found no record would take it for a job published straight onto NATS and run it.
+            s.deleted, s.image = True, None
+            return s
+
+        await jobstore.change_status(self.status_kv, job_id, tombstone)
         if status.image is not None:
             try:
                 await self.images.delete(status.image.name)

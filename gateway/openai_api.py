@@ -23,16 +23,14 @@ import re
 import time
 
 from aiohttp import web
-from nats.js.errors import NotFoundError, ObjectNotFoundError
 from pydantic import ValidationError
 
 from gateway.auth import ApiKey
 from gateway.event_feed import follow
 from gateway.http_errors import BROKER_DOWN, read_json
-from gateway.jobs import Forbidden, JobService, UnknownJob
+from gateway.jobs import Forbidden, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller
 from gateway.ratelimit import RateLimited
-from schemas import jobstore
 from schemas.events import JobEvent
 from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
 from schemas.job import new_seed
@@ -226,17 +224,12 @@ async def wait_all(jobs: JobService, job_ids: list[str], owner: str | None, wait
             await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def image_data(jobs: JobService, job_id: str) -> bytes:
-    """The stored image, found through the status record itself: the `done` event can arrive before
-    this gateway's view of the records has the update."""
-    status = await jobstore.read_status(jobs.status_kv, job_id)
-    if status is None or status.image is None:
-        raise OpenAIFailure(502, f"image job {job_id} is done but its record is gone", kind="server_error", code="image_lost")
+async def image_data(jobs: JobService, job_id: str, owner: str | None) -> bytes:
     try:
-        result = await asyncio.wait_for(jobs.images.get(status.image.name), timeout=jobs.settings.nats_timeout_s * 6)
-    except (ObjectNotFoundError, NotFoundError):
-        raise OpenAIFailure(502, f"the image of job {job_id} is no longer stored", kind="server_error", code="image_lost") from None
-    return result.data
+        _, data = await jobs.image(job_id, owner=owner)
+    except (NotReady, UnknownJob) as exc:
+        raise OpenAIFailure(502, f"image job {job_id}: {exc}", kind="server_error", code="image_lost") from None
+    return data
 
 
 async def cancel_all(jobs: JobService, job_ids: list[str], owner: str | None) -> None:
@@ -288,7 +281,7 @@ async def generate(request: web.Request) -> web.Response:
             if ask.response_format == "url":
                 item.url = f"{public_origin(request)}/v1/jobs/{job_id}/image"
             else:
-                item.b64_json = base64.b64encode(await image_data(jobs, job_id)).decode("ascii")
+                item.b64_json = base64.b64encode(await image_data(jobs, job_id, owner)).decode("ascii")
             images.append(item)
         answered = True
     finally:

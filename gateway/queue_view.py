@@ -34,6 +34,7 @@ class QueueView:
         self.arrivals: dict[Tier, deque[tuple[float, JobStatus]]] = {tier: deque(maxlen=4096) for tier in TIERS}
         self.workers: dict[str, WorkerInfo] = {}
         self.version = 0  # goes up on every change, so answers derived from the view can be cached
+        self.unfinished: dict[str, int] = {}  # owner -> jobs not final yet, for quotas without a scan
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._watches: list[tuple] = []
@@ -53,6 +54,8 @@ class QueueView:
         if old is not None:
             self._unindex(old)
         self.jobs[status.job_id] = status
+        if status.owner is not None and not status.state.final:
+            self.unfinished[status.owner] = self.unfinished.get(status.owner, 0) + 1
         if status.state is JobState.QUEUED:
             bisect.insort(self.queued[status.tier], (status.submitted_at, status.job_id))
         elif status.state is JobState.RUNNING:
@@ -66,6 +69,12 @@ class QueueView:
             self._unindex(old)
 
     def _unindex(self, status: JobStatus) -> None:
+        if status.owner is not None and not status.state.final:
+            left = self.unfinished.get(status.owner, 0) - 1
+            if left > 0:
+                self.unfinished[status.owner] = left
+            else:
+                self.unfinished.pop(status.owner, None)
         if status.state is JobState.QUEUED:
             queue = self.queued[status.tier]
             i = bisect.bisect_left(queue, (status.submitted_at, status.job_id))
@@ -137,7 +146,12 @@ class QueueView:
             self.forget(key)
             return
         try:
-            self.apply(decode(value, JobStatus), revision)
+            status = decode(value, JobStatus)
+            if status.deleted:
+                self.forget(key)
+                self.revisions[key] = revision  # an older record arriving late must not bring it back
+            else:
+                self.apply(status, revision)
         except DecodeError as exc:
             log.warning("job record %s unreadable: %s", key, exc)
 

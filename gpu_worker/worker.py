@@ -285,6 +285,8 @@ class Worker:
             return
         elif status.state.final:
             raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(status.state, JobCancelled)()
+        if attempt > self.settings.topology.max_deliver:  # the delivery the consumer keeps for this verdict
+            raise JobFailed(f"its worker was lost during each of {attempt - 1} tries (killed, or its machine went away)")
         job = RunningJob(envelope=envelope, msg=msg, attempt=attempt, total=steps)
         self.current = job
 

@@ -60,7 +60,9 @@ def consumer_config(t: Topology, tier: names.Tier) -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=t.ack_wait_s,
-        max_deliver=t.max_deliver,
+        # One delivery more than the tries: a job whose worker died on its last try comes back once more,
+        # and the worker that gets it dead-letters it instead of leaving it `running` for ever.
+        max_deliver=t.max_deliver + 1,
         max_ack_pending=-1,
         max_waiting=4096,
         num_replicas=t.replicas,
@@ -116,11 +118,13 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
             num_replicas=t.replicas,
         ),
     )
+    # direct=True: a KV read is one Direct Get answered with the raw value (nats.go's default), half
+    # the time of the JSON API read; every compare-and-set write is still checked by the stream leader.
     for config in (
-        KeyValueConfig(bucket=names.RATE_BUCKET, history=1, ttl=180, replicas=t.replicas),
-        KeyValueConfig(bucket=names.STATUS_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas),
-        KeyValueConfig(bucket=names.WORKERS_BUCKET, history=1, ttl=t.worker_ttl_s, replicas=t.replicas),
-        KeyValueConfig(bucket=names.CONFIG_BUCKET, history=1, replicas=t.replicas),
+        KeyValueConfig(bucket=names.RATE_BUCKET, history=1, ttl=180, replicas=t.replicas, direct=True),
+        KeyValueConfig(bucket=names.STATUS_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas, direct=True),
+        KeyValueConfig(bucket=names.WORKERS_BUCKET, history=1, ttl=t.worker_ttl_s, replicas=t.replicas, direct=True),
+        KeyValueConfig(bucket=names.CONFIG_BUCKET, history=1, replicas=t.replicas, direct=True),
     ):
         try:
             await js.create_key_value(config)

@@ -57,6 +57,9 @@ class JobStatus(BaseModel):
     error: str | None = None
     image: ImageRef | None = None
     cancel_requested: bool = False
+    deleted: bool = Field(
+        False, description="Removed by its owner: hidden everywhere; the record stays until its TTL as a tombstone."
+    )
 
     @property
     def compute_time(self) -> float | None:

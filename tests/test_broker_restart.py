@@ -15,7 +15,7 @@ from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas import names
 from tests.real_processes import Parts, job_state, restart_nats, submit, wait_state
 
-TOPOLOGY_FLAGS = ("--ack-wait", "3")
+TOPOLOGY_FLAGS = ("--ack-wait", "3", "--max-deliver", "3")  # few tries: an outage must not use them up
 JOBS = 20
 OUTAGE_S = 6.0  # longer than the ack wait and the gateway's NATS timeout: work in flight outlives its requests
 

@@ -146,6 +146,31 @@ async def test_poison_job_is_retried_a_bounded_number_of_times_then_dead_lettere
     assert worker.alive
 
 
+async def test_job_whose_worker_dies_on_every_try_ends_failed_not_running(broker, gateway, parts, http):
+    # The worker running the job is SIGKILLed on each of the 3 tries, with the next worker already idle.
+    worker = await parts.worker(broker.url, *WORKER_FLAGS, name="w1")
+    job_id = await submit(http, gateway, job_body("a job that outlives its workers", steps=30))
+    for attempt in range(1, MAX_DELIVER + 1):
+        running = await wait_state(http, gateway, job_id, {"running"})
+        for _ in range(100):
+            if running["attempt"] == attempt:
+                break
+            await asyncio.sleep(0.1)
+            running = await wait_state(http, gateway, job_id, {"running"})
+        assert (running["attempt"], running["worker"]) == (attempt, f"w{attempt}")
+        successor = await parts.worker(broker.url, *WORKER_FLAGS, name=f"w{attempt + 1}")
+        await worker.kill()
+        worker = successor
+
+    failed = await wait_state(http, gateway, job_id, {"done", "failed"}, timeout=20)
+
+    assert failed["state"] == "failed" and f"lost during each of {MAX_DELIVER} tries" in failed["error"]
+    events = await stored_events(broker.url, job_id)
+    assert starts(events) == [(n, f"w{n}") for n in range(1, MAX_DELIVER + 1)]
+    assert finals(events) == ["failed"]
+    assert worker.alive
+
+
 async def test_sigterm_finishes_the_job_in_hand_and_takes_no_more(broker, gateway, parts, http):
     draining = await parts.worker(broker.url, *WORKER_FLAGS, name="draining")
     first = await submit(http, gateway, job_body("the job in hand", steps=15))
