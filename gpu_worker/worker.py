@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from PIL import Image
@@ -53,6 +55,19 @@ def steps_seconds(steps: int, started: float, first_step_at: float | None, last_
     return last_step_at - started
 
 
+BROKER_TROUBLE = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    asyncio.TimeoutError,  # a bounded JetStream call (the image upload) ran out of time
+)
+"""Failures of JetStream, not of the job: the broker restarting, or a cluster electing a leader."""
+
+
 def retry_delay(attempt: int) -> float:
     return min(30.0, 0.5 * 2 ** (attempt - 1))
 
@@ -77,6 +92,7 @@ class Worker:
         self.engine = engine
         self.worker_id = KV_KEY_UNSAFE.sub("_", settings.worker_id)
         self.stopping = asyncio.Event()
+        self.broker_trouble = False
         self.meter = SpeedMeter()
         self.current: RunningJob | None = None
         self.jobs_done = 0
@@ -105,10 +121,32 @@ class Worker:
     async def run(self) -> None:
         """Serves jobs until `stop()`; the job in hand is finished first."""
         while not self.stopping.is_set():
+            if self.broker_trouble:
+                await self._wait_for_broker()
             msg = await self.puller.next(self.stopping)
             if msg is None:
                 break
             await self.handle(msg)
+
+    async def _wait_for_broker(self, *, longest_wait_s: float = 5.0) -> None:
+        """After a job failed on JetStream, pulls nothing until the streams a job needs answer again:
+        else every queued job would be taken and fail in turn, using up its tries during an outage."""
+        wait_s = 0.25
+        while not self.stopping.is_set():
+            try:
+                for stream in (f"KV_{names.STATUS_BUCKET}", f"OBJ_{names.IMAGES_BUCKET}"):
+                    await self.js.stream_info(stream)
+            except Exception as exc:
+                log.warning("worker %s waits for the broker (%s: %s)", self.worker_id, type(exc).__name__, exc)
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), wait_s)
+                except asyncio.TimeoutError:
+                    pass
+                wait_s = min(longest_wait_s, wait_s * 2)
+                continue
+            self.broker_trouble = False
+            log.info("worker %s: the broker answers again; taking jobs", self.worker_id)
+            return
 
     def stop(self) -> None:
         self.stopping.set()
@@ -218,7 +256,7 @@ class Worker:
             job_id = envelope.job_id
             await self._run(envelope, msg, attempt)
             outcome = None
-        except (JobCancelled, JobExpired, JobFailed, RetryLater) as exc:
+        except (JobCancelled, JobExpired, JobFailed, RetryLater, *BROKER_TROUBLE) as exc:
             outcome = exc
         except Exception as exc:
             log.exception("job %s try %d crashed", job_id or "?", attempt)
@@ -286,7 +324,9 @@ class Worker:
         elif status.state.final:
             raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(status.state, JobCancelled)()
         if attempt > self.settings.topology.max_deliver:  # the delivery the consumer keeps for this verdict
-            raise JobFailed(f"its worker was lost during each of {attempt - 1} tries (killed, or its machine went away)")
+            raise JobFailed(
+                f"none of its {attempt - 1} tries finished (its worker was lost each time, or the broker was away)"
+            )
         job = RunningJob(envelope=envelope, msg=msg, attempt=attempt, total=steps)
         self.current = job
 
@@ -420,6 +460,7 @@ class Worker:
         try:
             await self._settle(msg, job_id, attempt, outcome, duration)
         except Exception as exc:
+            self.broker_trouble = True
             log.warning(
                 "job %s try %d not settled (%s: %s); it is redelivered after %.0fs",
                 job_id or "?", attempt, type(exc).__name__, exc, self.settings.topology.ack_wait_s,
@@ -445,6 +486,10 @@ class Worker:
             await self._dead_letter(msg, job_id, attempt, outcome.reason)
             await msg.term()
             log.warning("%s failed after %.2fs: %s", tag, duration, outcome.reason)
+        elif isinstance(outcome, BROKER_TROUBLE):
+            self.broker_trouble = True
+            await msg.nak(delay=retry_delay(attempt))
+            log.warning("%s interrupted by the broker, will retry in %.1fs: %s", tag, retry_delay(attempt), outcome)
         else:
             reason = f"{type(outcome).__name__}: {outcome}"
             if attempt >= self.settings.topology.max_deliver:
