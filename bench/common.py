@@ -275,18 +275,21 @@ class Stack:
     async def start_workers(
         self, count: int, *, fixed_s: float = 0.0, step_s: float = 0.0, per_process: int = 32
     ) -> list[Role]:
-        """`count` simulated workers as asyncio tasks, at most `per_process` to a process."""
-        started = []
-        left = count
-        while left > 0:
-            n = min(per_process, left)
-            left -= n
-            args = ["workers", "--nats", self.nats.url, "--count", str(n), "--fixed-s", str(fixed_s), "--step-s", str(step_s)]
-            role = await start_role(f"workers-{len(self.workers)}", args, log_path=self.workdir / f"workers-{len(self.workers)}.log")
-            self.workers.append(role)
-            self.roles.append(role)
-            started.append(role)
-        return started
+        """`count` simulated workers as asyncio tasks, at most `per_process` to a process; the
+        processes start side by side."""
+        sizes = [min(per_process, count - i) for i in range(0, count, per_process)]
+        first = len(self.workers)
+        started = await asyncio.gather(*(
+            start_role(
+                f"workers-{first + k}",
+                ["workers", "--nats", self.nats.url, "--count", str(n), "--fixed-s", str(fixed_s), "--step-s", str(step_s)],
+                log_path=self.workdir / f"workers-{first + k}.log",
+            )
+            for k, n in enumerate(sizes)
+        ))
+        self.workers += started
+        self.roles += started
+        return list(started)
 
     async def stop_workers(self, timeout: float = 30.0) -> None:
         await asyncio.gather(*(w.stop(timeout) for w in self.workers))

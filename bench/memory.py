@@ -5,8 +5,9 @@ One gateway lives through every phase, so its last idle figure also shows what t
 2. jobs: 32 clients running submit -> WebSocket -> image for 10 s (zero-time engine), against the
    one-worker process, then against the 32-worker process.
 3. status polls: wrk (or aiohttp) for 10 s over 1,000 queued jobs.
-4. 1,000 WebSocket clients following jobs (the socket run of gateway_load.py, its own gateway).
-5. idle again, 5 s after the loads.
+4. idle again, 5 s after the loads; then 5,000 more queued jobs, for the memory per job record
+   (the gateway's view keeps every record in memory for the job TTL, 24 h by default).
+5. 1,000 WebSocket clients following jobs (the socket run of gateway_load.py, its own gateway).
 
   python bench/memory.py                # about 2 minutes on 2 cores
 """
@@ -68,10 +69,19 @@ async def main(args: argparse.Namespace) -> int:
             results["status_polls"] = {"requests_per_s": polls["requests_per_s"], "peak_mib": round(rss.peak["gateway"], 1)}
             rows.append(["gateway", f"status polls, 1,000 queued, {polls['requests_per_s']:,.0f}/s", f"{rss.peak['gateway']:.0f}", f"+{rss.peak['gateway'] - idle['gateway']:.0f}"])
 
-        await asyncio.sleep(5.0)
-        after = rss_mib(gw)
-        results["gateway_idle_after_mib"] = round(after, 1)
-        rows.append(["gateway", "idle, 5 s after the loads (1,000 queued jobs held)", f"{after:.0f}", f"+{after - idle['gateway']:.0f}"])
+            await asyncio.sleep(5.0)
+            after = rss_mib(gw)
+            async with http.get(f"{stack.url}/v1/jobs") as r:
+                held = len(await r.json())
+            results["gateway_idle_after_mib"] = round(after, 1)
+            rows.append(["gateway", f"idle, 5 s after the loads ({held:,} job records held)", f"{after:.0f}", f"+{after - idle['gateway']:.0f}"])
+
+            await submit_many(http, stack.url, args.extra_jobs, SMALL_JOB)
+            await asyncio.sleep(2.0)
+            grown = rss_mib(gw)
+            per_1000 = (grown - after) / args.extra_jobs * 1000
+            results["gateway_mib_per_1000_jobs_held"] = round(per_1000, 2)
+            rows.append(["gateway", f"{args.extra_jobs:,} more jobs queued ({held + args.extra_jobs:,} held)", f"{grown:.0f}", f"+{grown - idle['gateway']:.0f}"])
 
     ws = await sockets(argparse.Namespace(sockets=args.sockets, ws_workers=32, ws_timeout=150.0))
     results["sockets"] = {"sockets": args.sockets, "gateway_mib": ws["gateway_rss_mib"], "lag_p99_ms": ws["lag"]["p99_ms"]}
@@ -82,7 +92,8 @@ async def main(args: argparse.Namespace) -> int:
     results["rows"] = rows
     path = write_results("memory", results)
     print(markdown_table(["process", "state", "RSS MiB", "vs idle"], rows))
-    print(f"\neach extra worker in a process: {results['per_extra_worker_mib']} MiB; other load on the machine: {other.cores} cores")
+    print(f"\neach extra worker in a process: {results['per_extra_worker_mib']} MiB idle; each 1,000 job records the gateway holds"
+          f" (its view keeps every record for the job TTL): {results['gateway_mib_per_1000_jobs_held']} MiB; other load on the machine: {other.cores} cores")
     print(f"results: {path}")
     return 0
 
@@ -92,4 +103,5 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load")
     parser.add_argument("--clients", type=int, default=32, help="concurrent job clients")
     parser.add_argument("--sockets", type=int, default=1000, help="WebSocket clients")
+    parser.add_argument("--extra-jobs", type=int, default=5000, help="jobs queued at the end to measure memory per job record")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -2,10 +2,10 @@
 500 ms, as a share of the ideal (workers / 0.5 s).
 
 For each level: a fresh nats-server and gateway; the queue is filled through the gateway's HTTP API
-(enough jobs to keep every worker busy past the measured window); then the workers start, as asyncio
-tasks, 32 to a process (1, 1, 1 and 2 processes), and once all are up the benchmark takes the `done`
-events (stamped by the workers) of a 10 s window: each worker's rate is (completions - 1) / (last -
-first), and the pool's rate is their sum. The queue must still hold jobs when the window
+(enough jobs to keep every worker busy past the measured window); then the workers start as asyncio
+tasks, 8 to a process (1, 1, 4 and 8 processes; `--per-process` changes it). Once all are up, the
+`done` events (stamped by the workers) of a 10 s window give each worker's rate, (completions - 1) /
+(last - first), and the pool's rate is their sum. The queue must still hold jobs when the window
 closes, or the level is marked as starved.
 
   python bench/scale.py                 # about 2 minutes on 2 cores
@@ -137,5 +137,5 @@ if __name__ == "__main__":
     parser.add_argument("--window", type=float, default=10.0, help="seconds counted per level")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds between all workers up and the window")
     parser.add_argument("--margin", type=float, default=8.0, help="seconds of extra queued work beyond the window")
-    parser.add_argument("--per-process", type=int, default=32, help="workers per worker process")
+    parser.add_argument("--per-process", type=int, default=8, help="workers per worker process")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -21,6 +21,8 @@ log = logging.getLogger("imagegen.gateway.http")
 BROKER_DOWN = (
     BrokerAway,
     nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
     nats.errors.NoServersError,
     nats.errors.TimeoutError,
     nats.errors.OutboundBufferLimitError,

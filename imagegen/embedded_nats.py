@@ -30,7 +30,10 @@ def nats_server_binary() -> str:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen there now. SO_REUSEADDR, as nats-server itself sets it: after a
+    restart the old connections linger in TIME_WAIT, and the server may take its port back all the same."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -26,7 +26,12 @@ async def connect(
 ) -> NATS:
     """`on_reconnect` runs after every reconnect (quickly: it holds up the client's reconnect)."""
 
+    client: list[NATS] = []
+
     async def disconnected() -> None:
+        if client and client[0].is_closed:  # closed or drained on purpose: nothing to reconnect
+            log.info("nats connection closed (%s)", name)
+            return
         log.warning("nats disconnected (%s); reconnecting", name)
 
     async def reconnected() -> None:
@@ -37,7 +42,7 @@ async def connect(
     async def error(exc: Exception) -> None:
         log.warning("nats error (%s): %s", name, exc)
 
-    return await nats.connect(
+    nc = await nats.connect(
         servers=server_list(url),
         name=name,
         connect_timeout=connect_timeout,
@@ -48,3 +53,5 @@ async def connect(
         reconnected_cb=reconnected,
         error_cb=error,
     )
+    client.append(nc)
+    return nc

@@ -1,12 +1,12 @@
-"""The parts as real processes for the failure tests: `python -m imagegen worker|gateway` and
-nats-server, each with its log in a file, started, killed and restarted the way an operator would."""
+"""The parts as real processes for the failure tests: `python -m imagegen worker|gateway`, each with
+its log in a file, started, signalled and killed the way an operator (or the kernel) would; and the
+HTTP and NATS reads the tests check them with."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +17,6 @@ import aiohttp
 import nats
 from nats.js.api import DeliverPolicy
 
-from imagegen.embedded_nats import EmbeddedNats, nats_server_binary
 from schemas import names
 from schemas.codec import decode
 from schemas.events import JobEvent
@@ -104,26 +103,6 @@ class Parts:
             if part.alive:
                 part.process.kill()
                 part.process.wait(timeout=10)
-
-
-def restart_nats(server: EmbeddedNats, *, timeout: float = 15) -> None:
-    """Starts nats-server again on the same port and store, as an operator restarting it would.
-
-    `EmbeddedNats.start` would move to another port while the old one still has connections in
-    TIME_WAIT; a restart must keep the address the clients know.
-    """
-    cmd = [nats_server_binary(), "-js", "-sd", str(server.store_dir), "-a", server.host, "-p", str(server.port),
-           *server.extra_args]
-    server.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"nats-server exited: {server.process.stderr.read().decode(errors='replace')[-500:]}")
-        with socket.socket() as s:
-            if s.connect_ex((server.host, server.port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nats-server did not listen on {server.url} within {timeout}s")
 
 
 async def job_state(http: aiohttp.ClientSession, url: str, job_id: str) -> dict:

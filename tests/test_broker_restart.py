@@ -15,7 +15,7 @@ import pytest
 
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas import names
-from tests.real_processes import Parts, job_state, restart_nats, submit, wait_state
+from tests.real_processes import Parts, job_state, submit, wait_state
 
 TOPOLOGY_FLAGS = ("--ack-wait", "3", "--max-deliver", "3")  # few tries: an outage must not use them up
 JOBS = 20
@@ -65,6 +65,7 @@ async def test_broker_restart_mid_run_loses_no_job(broker, parts, http):
     job_ids, done = await run_of_jobs(http, url)
     done_before = done[0]
 
+    first_url = broker.url
     broker.process.kill()
     broker.process.wait(timeout=10)
     bounded = aiohttp.ClientTimeout(total=10)
@@ -75,7 +76,8 @@ async def test_broker_restart_mid_run_loses_no_job(broker, parts, http):
     async with http.get(f"{url}/api/status", params={"task_id": done_before}, timeout=bounded) as r:
         status_while_down = r.status, await r.json()
     await asyncio.sleep(OUTAGE_S)
-    restart_nats(broker)
+    broker.start()
+    assert broker.url == first_url  # the same address: the clients reconnect to it
 
     assert refused[0] == 503 and refused[1] and "unavailable" in refused[2]["error"]
     assert image_while_down[0] == 503 and image_while_down[1]
