@@ -14,23 +14,12 @@ from aiohttp import web
 
 from gateway.jobs import BrokerAway, Forbidden, NotReady, UnknownJob
 from gateway.ratelimit import RateLimited
+from schemas.connect import BROKER_ERRORS
 from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
 
-BROKER_DOWN = (
-    BrokerAway,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.ConnectionDrainingError,
-    nats.errors.NoServersError,
-    nats.errors.TimeoutError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.NoStreamResponseError,
-    asyncio.TimeoutError,
-)
+BROKER_DOWN = (BrokerAway, *BROKER_ERRORS)
 
 
 def invalid(exc: RequestInvalid) -> web.Response:

@@ -34,7 +34,7 @@ from gpu_worker.settings import WorkerSettings
 from gpu_worker.speed import SpeedMeter
 from schemas import jobstore, names
 from schemas.codec import DecodeError, decode, encode
-from schemas.connect import connect
+from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
 from schemas.jetstream import ensure_topology
 from schemas.job import JobEnvelope
@@ -55,17 +55,7 @@ def steps_seconds(steps: int, started: float, first_step_at: float | None, last_
     return last_step_at - started
 
 
-BROKER_TROUBLE = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.NoStreamResponseError,
-    asyncio.TimeoutError,  # a bounded JetStream call (the image upload) ran out of time
-)
-"""Failures of JetStream, not of the job: the broker restarting, or a cluster electing a leader."""
+BROKER_TROUBLE = BROKER_ERRORS
 
 
 def retry_delay(attempt: int) -> float:

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Callable
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 log = logging.getLogger("imagegen.nats")
+
+BROKER_ERRORS = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    asyncio.TimeoutError,  # a bounded JetStream call ran out of time
+)
+"""Failures of the broker, not of the request or job: NATS restarting, or a cluster electing a leader."""
 
 
 def server_list(url: str) -> list[str]:
