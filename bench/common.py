@@ -325,6 +325,9 @@ class JobError(RuntimeError):
     pass
 
 
+JOB_ERRORS = (JobError, aiohttp.ClientError, asyncio.TimeoutError)  # what a client run counts and goes on from
+
+
 async def submit(http: aiohttp.ClientSession, url: str, body: dict) -> str:
     async with http.post(f"{url}/v1/jobs", json=body) as r:
         if r.status != 202:
@@ -395,8 +398,12 @@ async def run_job(http: aiohttp.ClientSession, url: str, body: dict, *, wait: st
     return parts
 
 
-def http_session(limit: int = 1000) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, force_close=False))
+def http_session(limit: int = 1000, timeout_s: float = 30.0) -> aiohttp.ClientSession:
+    """A client session whose every request gives up after `timeout_s`, so no run can hang."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+    )
 
 
 # -- HTTP load generators -------------------------------------------------------------------------

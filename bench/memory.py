@@ -41,6 +41,7 @@ async def main(args: argparse.Namespace) -> int:
         results["idle_mib"] = {k: round(v, 1) for k, v in idle.items()}
         results["per_extra_worker_mib"] = round((idle["worker process, 32 workers"] - idle["worker process, 1 worker"]) / 31, 2)
         rows += [[name, "idle", f"{v:.0f}", "-"] for name, v in idle.items()]
+        print("idle measured; jobs through 1 worker ...", flush=True)
 
         async with http_session() as http:
             await many.stop(timeout=5)
@@ -52,6 +53,7 @@ async def main(args: argparse.Namespace) -> int:
             rows += [["gateway", f"{args.clients} clients, 1 worker, {jobs1['jobs_per_s']:.0f} jobs/s", f"{rss.peak['gateway']:.0f}", f"+{rss.peak['gateway'] - idle['gateway']:.0f}"],
                      ["worker process, 1 worker", "the same", f"{rss.peak['worker']:.0f}", f"+{rss.peak['worker'] - idle['worker process, 1 worker']:.0f}"]]
 
+            print("jobs through 32 workers ...", flush=True)
             await stack.stop_workers(timeout=5)
             many = (await stack.start_workers(32))[0]
             await asyncio.sleep(1.0)
@@ -63,6 +65,7 @@ async def main(args: argparse.Namespace) -> int:
                      ["worker process, 32 workers", "the same", f"{rss.peak['workers']:.0f}", f"+{rss.peak['workers'] - many_idle:.0f}"]]
             await stack.stop_workers(timeout=5)
 
+            print("status polls ...", flush=True)
             queued = await submit_many(http, stack.url, 1000, SMALL_JOB)
             with RssSampler({"gateway": gw}) as rss:
                 polls = await http_load(stack.url, paths=[f"/api/status?task_id={i}" for i in queued], connections=64, duration_s=args.duration, workdir=stack.workdir)
@@ -76,6 +79,7 @@ async def main(args: argparse.Namespace) -> int:
             results["gateway_idle_after_mib"] = round(after, 1)
             rows.append(["gateway", f"idle, 5 s after the loads ({held:,} job records held)", f"{after:.0f}", f"+{after - idle['gateway']:.0f}"])
 
+            print(f"{args.extra_jobs:,} more jobs ...", flush=True)
             await submit_many(http, stack.url, args.extra_jobs, SMALL_JOB)
             await asyncio.sleep(2.0)
             grown = rss_mib(gw)
@@ -83,6 +87,7 @@ async def main(args: argparse.Namespace) -> int:
             results["gateway_mib_per_1000_jobs_held"] = round(per_1000, 2)
             rows.append(["gateway", f"{args.extra_jobs:,} more jobs queued ({held + args.extra_jobs:,} held)", f"{grown:.0f}", f"+{grown - idle['gateway']:.0f}"])
 
+    print(f"{args.sockets:,} WebSocket clients ...", flush=True)
     ws = await sockets(argparse.Namespace(sockets=args.sockets, ws_workers=32, ws_timeout=150.0))
     results["sockets"] = {"sockets": args.sockets, "gateway_mib": ws["gateway_rss_mib"], "lag_p99_ms": ws["lag"]["p99_ms"]}
     g = ws["gateway_rss_mib"]

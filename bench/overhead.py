@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    JOB_ERRORS,
     SMALL_JOB,
     CpuMeter,
     JobError,
@@ -83,7 +84,7 @@ async def sequential(http, url: str, n: int, *, wait: str, body=job_body) -> dic
     for i in range(n):
         try:
             t = await run_job(http, url, body(i), wait=wait)
-        except JobError:
+        except JOB_ERRORS:
             errors += 1
             continue
         for k, v in t.items():
@@ -102,8 +103,8 @@ async def throughput(http, url: str, *, clients: int, duration_s: float, wait: s
             try:
                 t = await run_job(http, url, job_body(k * 1_000_000 + i), wait=wait)
                 lat.append(t["total"])
-            except JobError as exc:
-                errors.append(str(exc))
+            except JOB_ERRORS as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
             i += 1
 
     started = time.perf_counter()
