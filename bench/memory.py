@@ -9,7 +9,7 @@ One gateway lives through every phase, so its last idle figure also shows what t
    (the gateway's view keeps every record in memory for the job TTL, 24 h by default).
 5. 1,000 WebSocket clients following jobs (the socket run of gateway_load.py, its own gateway).
 
-  python bench/memory.py                # about 2 minutes on 2 cores
+  python bench/memory.py                # about 1.5 minutes on 2 cores
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ measured with many concurrent clients each running submit -> WebSocket -> image 
 Processes: an embedded nats-server, the gateway in its own process, each worker in its own process
 (as deployed, one per GPU), the clients in this process.
 
-  python bench/overhead.py            # about 2 minutes on 2 cores
+  python bench/overhead.py            # about 1 minute on 2 cores
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ tasks, 8 to a process (1, 1, 4 and 8 processes; `--per-process` changes it). Onc
 (last - first), and the pool's rate is their sum. The queue must still hold jobs when the window
 closes, or the level is marked as starved.
 
-  python bench/scale.py                 # about 2 minutes on 2 cores
+  python bench/scale.py                 # about 1 minute on 2 cores
   python bench/scale.py --levels 1,8    # some levels only
 """
 

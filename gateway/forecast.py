@@ -100,8 +100,9 @@ def _free_at(view: QueueView, workers: list[WorkerInfo], now: float) -> list[tup
 
 class EtaCache:
     """The ETA of every queued job from one pass over the queue, so that a status poll costs a lookup
-    instead of a pass over the jobs ahead of it (polls and submits otherwise slow down as the queue
-    grows: 1,000 queued jobs cut status polls from 5,500/s to 1,700/s).
+    instead of a pass over the jobs ahead of it (without it, polls and submits slow down as the queue
+    grows: behind 1,000 queued jobs a gateway core answered 1,500 status polls/s instead of 5,300, and
+    took 200 submits/s instead of 1,500).
 
     A pass is redone once the view has changed, but under churn (many workers, many submits) at most
     every COST_FACTOR times what the last pass took, and at least every MAX_AGE_S; so an ETA lags the
