@@ -8,8 +8,6 @@ import json
 import logging
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 from aiohttp import web
 
 from gateway.jobs import BrokerAway, Forbidden, NotReady, UnknownJob

@@ -275,14 +275,10 @@ class JobService:
     async def cancel(self, job_id: str, *, owner: str | None = None) -> JobStatus:
         await self.get(job_id, owner=owner)
         self.connected()
-        status, revision, cancelled_queued = await jobstore.request_cancel(self.status_kv, job_id)
+        status, revision = await jobstore.request_cancel(self.nc, self.status_kv, job_id)
         if status is None:
             raise UnknownJob(job_id)
         self.view.apply(status, revision)
-        if cancelled_queued:
-            await self._event(JobEvent(type="cancelled", job_id=job_id, reason="cancelled"))
-        elif status.state is JobState.RUNNING:
-            await self.nc.publish(names.CANCEL_SUBJECT, job_id.encode())
         return status
 
     async def image(self, job_id: str, *, owner: str | None = None) -> tuple[JobStatus, bytes]:

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from PIL import Image

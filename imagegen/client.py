@@ -34,8 +34,9 @@ import aiohttp
 from PIL import Image
 
 from schemas import jobstore, names
-from schemas.codec import DecodeError, decode, encode
+from schemas.codec import encode
 from schemas.events import JobEvent
+from schemas.follow import follow_events
 from schemas.job import JobEnvelope
 from schemas.request import DEFAULT_LIMITS, Limits, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
@@ -276,56 +277,18 @@ class NatsTransport:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         await self._connect()
-        status, _, dequeued = await jobstore.request_cancel(self.kv, job_id)
+        status, _ = await jobstore.request_cancel(self.nc, self.kv, job_id)
         if status is None:
             raise ImagegenError(f"unknown job {job_id!r}", status=404)
-        if dequeued:
-            await self.nc.publish(names.events_subject(job_id), encode(JobEvent(type="cancelled", job_id=job_id, reason="cancelled")))
-        elif status.state is JobState.RUNNING:
-            await self.nc.publish(names.CANCEL_SUBJECT, job_id.encode())
         return status.model_dump(mode="json")
 
     async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Replays the job's stored events, then live ones, with an ordered consumer; when none comes
-        for `poll_s`, the status record says whether the job ended (its final event may have expired)."""
-        from nats.js.api import DeliverPolicy
-
+        """Replays the job's stored events, then live ones (`schemas.follow`)."""
         await self._record(job_id)
-        inbox: asyncio.Queue = asyncio.Queue()
-
-        async def deliver(msg) -> None:
-            inbox.put_nowait(msg)
-
-        sub = await self.js.subscribe(
-            names.events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=deliver
-        )
-        getter: asyncio.Future | None = None
-        try:
-            while True:
-                if getter is None:
-                    getter = asyncio.ensure_future(inbox.get())
-                await asyncio.wait((getter,), timeout=self.poll_s)
-                if not getter.done():
-                    status = await self._record(job_id)
-                    if status.state.final:
-                        yield {"type": status.state.value, "job_id": job_id, "reason": status.error}
-                        return
-                    continue
-                msg, getter = getter.result(), None
-                try:
-                    event = decode(msg.data, JobEvent)
-                except DecodeError:
-                    continue
+        events = follow_events(self.js, job_id, read_status=lambda: self._record(job_id), poll_s=self.poll_s)
+        async with aclosing(events):
+            async for event in events:
                 yield event.model_dump(mode="json", exclude_none=True, exclude={"preview"})
-                if event.final:
-                    return
-        finally:
-            if getter is not None:
-                getter.cancel()
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection may be closing; the subscription ends with it
-                pass
 
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:

@@ -9,7 +9,11 @@ from typing import Callable
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from nats.aio.client import Client as NATS
+
+from schemas import names
 from schemas.codec import decode, encode
+from schemas.events import JobEvent
 from schemas.status import JobState, JobStatus
 
 Mutation = Callable[[JobStatus], "JobStatus | None"]
@@ -76,10 +80,10 @@ def cancel_mutation(status: JobStatus) -> JobStatus | None:
     return status
 
 
-async def request_cancel(kv: KeyValue, job_id: str) -> tuple[JobStatus | None, int, bool]:
-    """Applies `cancel_mutation`; returns the record, its revision, and whether this call ended a queued
-    job (then the caller publishes its `cancelled` event; for a running job it publishes the job id on
-    CANCEL_SUBJECT so the worker stops at the next step)."""
+async def request_cancel(nc: NATS, kv: KeyValue, job_id: str) -> tuple[JobStatus | None, int]:
+    """Cancels a job and says so: a queued job ends here, with its `cancelled` event; for a running one
+    the job id goes out on CANCEL_SUBJECT so its worker stops at the next step. Returns the record and
+    its revision (None, 0 for an unknown job)."""
     seen: list[JobState] = []
 
     def mutate(status: JobStatus) -> JobStatus | None:
@@ -87,5 +91,11 @@ async def request_cancel(kv: KeyValue, job_id: str) -> tuple[JobStatus | None, i
         return cancel_mutation(status)
 
     status, revision = await change_status_at(kv, job_id, mutate)
-    dequeued = status is not None and bool(seen) and seen[-1] is JobState.QUEUED
-    return status, revision, dequeued
+    if status is None:
+        return None, 0
+    if seen and seen[-1] is JobState.QUEUED:
+        event = JobEvent(type="cancelled", job_id=job_id, reason="cancelled")
+        await nc.publish(names.events_subject(job_id), encode(event))
+    elif status.state is JobState.RUNNING:
+        await nc.publish(names.CANCEL_SUBJECT, job_id.encode())
+    return status, revision

@@ -29,6 +29,24 @@ def nats_server(tmp_path_factory) -> EmbeddedNats:
     server.stop()
 
 
+@pytest.fixture
+def broker(tmp_path) -> EmbeddedNats:
+    """A nats-server of this test's own, for tests whose jobs no other worker may take."""
+    server = EmbeddedNats(store_dir=tmp_path / "nats", port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def parts(tmp_path):
+    """Gateways and workers as real processes (`imagegen gateway|worker`), stopped after the test."""
+    from tests.real_processes import Parts
+
+    started = Parts(logs=tmp_path)
+    yield started
+    started.stop_all()
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")

@@ -15,25 +15,11 @@ import pytest
 
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas import names
-from tests.real_processes import Parts, job_state, submit, wait_state
+from tests.real_processes import job_state, submit, wait_state
 
 TOPOLOGY_FLAGS = ("--ack-wait", "3", "--max-deliver", "3")  # few tries: an outage must not use them up
 JOBS = 20
 OUTAGE_S = 6.0  # longer than the ack wait and the gateway's NATS timeout: work in flight outlives its requests
-
-
-@pytest.fixture
-def broker(tmp_path):
-    server = EmbeddedNats(store_dir=tmp_path / "nats", port=free_port()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def parts(tmp_path):
-    started = Parts(logs=tmp_path)
-    yield started
-    started.stop_all()
 
 
 async def done_ones(http: aiohttp.ClientSession, url: str, job_ids: list[str]) -> list[str]:

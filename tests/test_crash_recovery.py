@@ -21,10 +21,10 @@ from PIL import Image
 
 from gateway.settings import GatewaySettings
 from imagegen import runtime
-from imagegen.embedded_nats import EmbeddedNats, free_port
+from imagegen.embedded_nats import free_port
 from schemas import names
 from schemas.jetstream import Topology
-from tests.real_processes import Parts, stored_events, submit, wait_state
+from tests.real_processes import stored_events, submit, wait_state
 
 ACK_WAIT_S = 2.0
 MAX_DELIVER = 3
@@ -32,20 +32,6 @@ TOPOLOGY = Topology(ack_wait_s=ACK_WAIT_S, max_deliver=MAX_DELIVER)
 TOPOLOGY_FLAGS = ("--ack-wait", str(ACK_WAIT_S), "--max-deliver", str(MAX_DELIVER))
 WORKER_FLAGS = (*TOPOLOGY_FLAGS, "--sim-step-s", "0.2", "--log-level", "INFO")
 POISON = "__crash__"
-
-
-@pytest.fixture
-def broker(tmp_path):
-    server = EmbeddedNats(store_dir=tmp_path / "nats", port=free_port()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def parts(tmp_path):
-    started = Parts(logs=tmp_path)
-    yield started
-    started.stop_all()
 
 
 @pytest.fixture

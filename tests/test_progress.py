@@ -9,10 +9,8 @@ import io
 import json
 
 import aiohttp
-import pytest
 from PIL import Image
 
-from imagegen.embedded_nats import EmbeddedNats, free_port
 from tests.conftest import start_service, stop_service, wait_status
 
 
@@ -116,18 +114,11 @@ async def test_polling_sees_running_step_and_eta(service, http):
     assert final == {"status": "error", "error": "cancelled"}
 
 
-@pytest.fixture(scope="module")
-def own_nats(tmp_path_factory):
-    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats-tiers"), port=free_port()).start()
-    yield server
-    server.stop()
-
-
-async def test_positions_across_tiers_and_the_order_workers_take_them(own_nats, data_dir, http):
+async def test_positions_across_tiers_and_the_order_workers_take_them(broker, data_dir, http):
     from gateway.settings import GatewaySettings
     from imagegen import runtime
 
-    gateway = await runtime.start_gateway(GatewaySettings(nats_url=own_nats.url, port=0))
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
     url = f"http://127.0.0.1:{gateway.port}"
     try:
         low = await submit(http, url, tier="low", steps=2)
@@ -144,7 +135,7 @@ async def test_positions_across_tiers_and_the_order_workers_take_them(own_nats, 
         async with http.get(f"{url}/api/status", params={"task_id": low}) as r:
             assert (await r.json())["pos"] == 4
 
-        svc = await start_service(own_nats.url, data_dir, preview_every=0)
+        svc = await start_service(broker.url, data_dir, preview_every=0)
         try:
             for job_id in expected:
                 await wait_status(http, url, job_id)

@@ -14,7 +14,6 @@ from nats.js.api import DeliverPolicy
 from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
-from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas import names
 from schemas.codec import decode
 from schemas.events import JobEvent
@@ -107,15 +106,8 @@ async def test_blocklisted_prompt_is_refused(keyed, http):
     assert body["field"] == "prompt" and "blocked" in body["error"]
 
 
-@pytest.fixture(scope="module")
-def idle_nats(tmp_path_factory):
-    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats-idle"), port=free_port()).start()
-    yield server
-    server.stop()
-
-
-async def test_queued_job_expires_and_is_never_generated_cancelled_one_never_starts(idle_nats, data_dir, http):
-    gateway = await runtime.start_gateway(GatewaySettings(nats_url=idle_nats.url, port=0))
+async def test_queued_job_expires_and_is_never_generated_cancelled_one_never_starts(broker, data_dir, http):
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
     url = f"http://127.0.0.1:{gateway.port}"
     try:
         async with http.post(f"{url}/api/generate", json={**SMALL, "timeout_s": 1}) as r:
@@ -127,14 +119,14 @@ async def test_queued_job_expires_and_is_never_generated_cancelled_one_never_sta
         final = await wait_status(http, url, expiring, timeout=30)
         assert final["status"] == "error" and "expired" in final["error"]
 
-        svc = await start_service(idle_nats.url, data_dir)  # a worker arrives late
+        svc = await start_service(broker.url, data_dir)  # a worker arrives late
         try:
             async with http.post(f"{url}/api/generate", json=SMALL) as r:
                 later = (await r.json())["task_id"]
             assert (await wait_status(http, url, later))["status"] == "done"
         finally:
             await stop_service(svc)
-        nc = await nats.connect(idle_nats.url)
+        nc = await nats.connect(broker.url)
         js = nc.jetstream()
         for job_id, final_type in ((expiring, "expired"), (cancelled, "cancelled")):
             sub = await js.subscribe(names.events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
