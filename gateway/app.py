@@ -12,10 +12,12 @@ from gateway.auth import KeyRing, auth_middleware
 from gateway.http_errors import errors_middleware
 from gateway.jobs import JobService
 from gateway.mflux_api import SERVICE
+from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("imagegen.gateway")
 STATIC = Path(__file__).parent / "static"
+METRICS = web.AppKey("metrics", GatewayMetrics)
 
 
 def cors_middleware(origins: str):
@@ -45,30 +47,23 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if connected else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    jobs = request.app[SERVICE]
-    lines = ["# TYPE imagegen_queue_depth gauge"]
-    for tier, depth in jobs.view.queue_depth().items():
-        lines.append(f'imagegen_queue_depth{{tier="{tier}"}} {depth}')
-    lines += ["# TYPE imagegen_jobs_running gauge", f"imagegen_jobs_running {len(jobs.view.running)}"]
-    lines += ["# TYPE imagegen_workers gauge", f"imagegen_workers {len(jobs.view.live_workers())}"]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-
 def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web.Application:
     keys = KeyRing.load(path=settings.api_keys_file, inline=settings.api_keys)
+    jobs = jobs or JobService(settings)
+    metrics = GatewayMetrics(jobs)
     app = web.Application(
-        middlewares=[cors_middleware(settings.cors_origins), errors_middleware, auth_middleware(keys)],
+        middlewares=[metrics.middleware, cors_middleware(settings.cors_origins), errors_middleware, auth_middleware(keys)],
         client_max_size=settings.max_body_bytes,
     )
-    app[SERVICE] = jobs or JobService(settings)
+    app[SERVICE] = jobs
+    app[METRICS] = metrics
     app.add_routes(mflux_api.routes)
     app.add_routes(native_api.routes)
     app.add_routes(openai_api.routes)
     openapi.add_routes(app)
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics.handler)
     app.router.add_static("/static", STATIC)
 
     async def lifecycle(app: web.Application):

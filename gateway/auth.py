@@ -4,6 +4,8 @@ Keys come from a file (`--api-keys FILE`: a JSON list, or one JSON entry per lin
 `IMAGEGEN_API_KEYS` (the same text), stored only as
 SHA-256 hashes. With no keys configured auth is off (the default of `imagegen up`); with any key, every
 API call needs `Authorization: Bearer KEY` or `X-API-Key: KEY`, and a key sees only its own jobs.
+Browsers cannot set headers on a WebSocket: a socket opened without one sends `{"key": KEY}` as its
+first message instead (`socket_key`), so the key never appears in a URL or an access log.
 
     [{"name": "marketing", "sha256": "<hex>", "tiers": ["normal", "low"],
       "rate_per_minute": 60, "max_concurrent": 4}]
@@ -13,18 +15,23 @@ API call needs `Authorization: Bearer KEY` or `X-API-Key: KEY`, and a key sees o
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from schemas.names import Tier
 
 PUBLIC_PATHS = ("/healthz", "/swagger", "/openapi.json", "/static/", "/metrics")
+SOCKET_PATHS = re.compile(r"^/v1/(ws|jobs/[^/]+/ws)$")  # WebSockets that take the key as their first message
+SOCKET_KEYRING = "socket_keyring"  # set on a socket request whose key is still to come
+SOCKET_KEY_WAIT_S = 10.0
 
 
 def hash_key(key: str) -> str:
@@ -113,6 +120,9 @@ def auth_middleware(ring: KeyRing):
         if not ring.enabled or request.method == "OPTIONS" or request.path == "/" or request.path.startswith(PUBLIC_PATHS):
             return await handler(request)
         presented = presented_key(request)
+        if not presented and is_socket_upgrade(request):
+            request[SOCKET_KEYRING] = ring  # the handler reads the key from the first message
+            return await handler(request)
         if not presented:
             return web.json_response(
                 {"error": "an API key is required: send Authorization: Bearer KEY or X-API-Key: KEY"},
@@ -127,3 +137,45 @@ def auth_middleware(ring: KeyRing):
         return await handler(request)
 
     return authenticate
+
+
+def is_socket_upgrade(request: web.Request) -> bool:
+    return (
+        request.method == "GET"
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+        and SOCKET_PATHS.match(request.path) is not None
+    )
+
+
+async def socket_key(request: web.Request, ws: web.WebSocketResponse, *, wait_s: float = SOCKET_KEY_WAIT_S) -> bool:
+    """For a socket opened without a key header: reads `{"key": KEY}` as the first message and sets the
+    caller, as the middleware does for other requests. True when the caller may go on (or no key is due);
+    otherwise sends an error event, closes the socket (1008) and returns False."""
+    ring = request.get(SOCKET_KEYRING)
+    if ring is None:
+        return True
+    try:
+        message = await ws.receive(timeout=wait_s)
+    except asyncio.TimeoutError:
+        message = None
+    if message is not None and message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+        return False
+    presented = None
+    if message is not None and message.type is WSMsgType.TEXT:
+        try:
+            body = json.loads(message.data)
+        except json.JSONDecodeError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("key"), str):
+            presented = body["key"]
+    key = ring.find(presented) if presented else None
+    if key is None:
+        error = "unknown API key" if presented else (
+            'an API key is required: send {"key": KEY} as the first message, or Authorization: Bearer KEY'
+        )
+        await ws.send_json({"type": "error", "error": error})
+        await ws.close(code=1008, message=b"unauthorized")
+        return False
+    request["owner"] = key.name
+    request["api_key"] = key
+    return True

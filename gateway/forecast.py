@@ -51,7 +51,7 @@ def forecast(view: QueueView, status: JobStatus, *, now: float | None = None) ->
     if status.state.final:
         return None
     now = time.time() if now is None else now
-    workers = view.live_workers() or [_last_known(view)]
+    workers = pool(view)
     by_id = {w.worker_id: w for w in workers}
     if status.state is JobState.RUNNING:
         return remaining(status, by_id.get(status.worker or "", workers[0]), now)
@@ -159,7 +159,7 @@ class EtaCache:
         view = self.view
         self.version = view.version
         now = time.time()
-        workers = view.live_workers() or [_last_known(view)]
+        workers = pool(view)
         free = _free_at(view, workers, now)
         etas: dict[str, float] = {}
         loads: dict[Tier, float] = {}
@@ -183,6 +183,13 @@ class EtaCache:
 def _order_key(status: JobStatus) -> tuple[int, float, str]:
     """Where a queued job stands in the order workers take them."""
     return (status.tier.rank, status.submitted_at, status.job_id)
+
+
+def pool(view: QueueView) -> list[WorkerInfo]:
+    """The workers a forecast plans with: the live ones not paused for heat, else every live one, else
+    the last one seen."""
+    live = view.live_workers()
+    return [w for w in live if not w.paused_hot] or live or [_last_known(view)]
 
 
 def _last_known(view: QueueView) -> WorkerInfo:

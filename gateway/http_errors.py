@@ -20,9 +20,33 @@ log = logging.getLogger("imagegen.gateway.http")
 BROKER_DOWN = (BrokerAway, *BROKER_ERRORS)
 
 
+MAX_LISTED_ERRORS = 20  # a body of 100,000 unknown fields gets an answer of a readable size
+MAX_ERROR_CHARS = 300  # an 8 MB model name is not echoed back whole
+
+
+def clipped(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]}... ({len(text)} characters)"
+
+
 def invalid(exc: RequestInvalid) -> web.Response:
     first = exc.errors[0] if exc.errors else {"field": "body", "message": "invalid"}
-    return web.json_response({"error": str(exc), "field": first["field"], "errors": exc.errors}, status=400)
+    listed = [{**e, "field": clipped(e["field"]), "message": clipped(e["message"])} for e in exc.errors[:MAX_LISTED_ERRORS]]
+    text = str(RequestInvalid(listed))
+    if len(listed) < len(exc.errors):
+        text += f"; and {len(exc.errors) - len(listed)} more"
+    return web.json_response({"error": text, "field": clipped(first["field"]), "errors": listed}, status=400)
+
+
+def lone_surrogate(data: Any) -> str | None:
+    """The first string in decoded JSON that holds half of a UTF-16 surrogate pair (from an escape such
+    as \\ud800), which no UTF-8 text, and so no message or record downstream, can carry."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.object[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+    except RecursionError:  # as deep as json.loads allows, deeper than dumps does: nothing to say
+        pass
+    return None
 
 
 async def read_json(request: web.Request) -> Any:
@@ -31,6 +55,9 @@ async def read_json(request: web.Request) -> Any:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise
+    except web.RequestPayloadError as exc:  # a Content-Encoding that does not decode, a broken chunk
+        detail = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
+        raise RequestInvalid([{"field": "body", "message": f"unreadable body: {detail}"}]) from None
     if not raw.strip():
         raise RequestInvalid([{"field": "body", "message": "empty body; send a JSON object"}])
     try:
@@ -38,11 +65,16 @@ async def read_json(request: web.Request) -> Any:
     except UnicodeDecodeError as exc:
         raise RequestInvalid([{"field": "body", "message": f"not UTF-8 at byte {exc.start}"}]) from None
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except RecursionError:
         raise RequestInvalid([{"field": "body", "message": "JSON nested too deeply"}]) from None
     except json.JSONDecodeError as exc:
         raise RequestInvalid([{"field": "body", "message": f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"}]) from None
+    except ValueError:  # the one other refusal of json.loads: an integer of more than 4300 digits
+        raise RequestInvalid([{"field": "body", "message": "not JSON: a number with more than 4300 digits"}]) from None
+    if "\\u" in text and (half := lone_surrogate(data)) is not None:
+        raise RequestInvalid([{"field": "body", "message": f"not valid Unicode: a lone surrogate {half}"}])
+    return data
 
 
 @web.middleware

@@ -19,13 +19,15 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, Obj
 from gateway import ratelimit
 from gateway.ratelimit import RateLimited
 from gateway.auth import ApiKey
+from gateway.cache import ResultCache
 from gateway.forecast import EtaCache, jobs_ahead
 from gateway.queue_view import QueueView
 from gateway.settings import GatewaySettings
-from schemas import jobstore, names
+from schemas import jobstore, names, uploads
 from schemas.codec import encode
 from schemas.connect import connect
 from schemas.events import JobEvent
+from schemas.follow import final_event
 from schemas.jetstream import ensure_topology
 from schemas.job import JobEnvelope
 from schemas.request import GenerateRequest, RequestInvalid
@@ -78,6 +80,7 @@ class JobService:
         self.settings = settings
         self.view = QueueView(worker_ttl_s=settings.topology.worker_ttl_s)
         self.etas = EtaCache(self.view)
+        self.cache = ResultCache(ttl_s=settings.cache_ttl_s, replicas=settings.topology.replicas)
         self.nc: NATS | None = None
         self.default_model: str | None = None
 
@@ -90,14 +93,17 @@ class JobService:
         self.config_kv = await self.js.key_value(names.CONFIG_BUCKET)
         self.rate_kv = await self.js.key_value(names.RATE_BUCKET)
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
+        self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
         self.view.start(self.status_kv, self.workers_kv)
         await asyncio.wait_for(self.view.ready.wait(), timeout=30)
+        await self.cache.start(self.js, view=self.view, images=self.images)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def close(self) -> None:
         sweeper = getattr(self, "_sweeper", None)
         if sweeper is not None:
             sweeper.cancel()
+        await self.cache.close()
         await self.view.stop()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
@@ -144,7 +150,9 @@ class JobService:
         job_id: str | None = None,
         key: ApiKey | None = None,
         idempotency_key: str | None = None,
+        placement: dict | None = None,
     ) -> JobStatus:
+        """Queues one job. `placement`: its stored uploads and group (see JobEnvelope.for_request)."""
         self.connected()
         self._check_blocklist(request)
         if key is not None:
@@ -164,24 +172,41 @@ class JobService:
             w.has_refiner for ws in served.values() for w in ws if request.model in (None, w.model)
         ):
             raise RequestInvalid([{"field": "use_refiner", "message": "no running worker has a refiner loaded"}])
+        key_of_result = None
+        if self.cache.wants(request):
+            model = request.model or await self._model_for(served)
+            key_of_result = await self.cache.key(request, model=model, placement=placement, uploads=self.uploads)
+        if key_of_result is not None:
+            hit = await self.cache.answer(
+                request, key_of_result, job_id=job_id, owner=owner, status_kv=self.status_kv, images=self.images,
+                placement=placement,
+            )
+            if hit is not None:
+                status, revision = hit
+                if revision:  # a new job, not an idempotent repeat of one
+                    self.view.apply(status, revision)
+                    await self._event(final_event(status))
+                    await self._audit(status, "cached")
+                else:
+                    await self._publish_again_if_queued(status, JobEnvelope.for_request(
+                        request, job_id=status.job_id, owner=owner, default_timeout_s=self.settings.default_timeout_s,
+                        **(placement or {}),
+                    ))
+                return status
         envelope = JobEnvelope.for_request(
-            request, job_id=job_id, owner=owner, default_timeout_s=self.settings.default_timeout_s
+            request, job_id=job_id, owner=owner, default_timeout_s=self.settings.default_timeout_s, **(placement or {})
         )
-        status = JobStatus(
-            deadline=envelope.deadline,
-            job_id=envelope.job_id,
-            tier=envelope.tier,
-            request=request.model_dump(mode="json", exclude_none=True),
-            seed=envelope.seed,
-            owner=owner,
-            submitted_at=envelope.submitted_at,
-        )
+        status = envelope.queued_status()
+        status.cache_key = key_of_result
         revision = await jobstore.create_status(self.status_kv, status)
         if revision is None:
             existing = await jobstore.read_status(self.status_kv, envelope.job_id)
             if existing is not None:
+                await self._publish_again_if_queued(existing, envelope)
                 return existing
         self.view.apply(status, revision or 0)
+        if key_of_result is not None:
+            self.cache.watch(status.job_id, key_of_result)
         await self._event(  # before the job is published, so that it comes before the worker's `started`
             JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=self.etas.forecast(status))
         )
@@ -189,8 +214,27 @@ class JobService:
             envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id}
         )
         await self._audit(status, "submitted")
-        log.info("job %s queued tier=%s %dx%d key=%s", status.job_id, status.tier.value, request.width, request.height, owner)
+        log.info(
+            "job %s queued tier=%s %dx%d key=%s", status.job_id, status.tier.value, request.width, request.height, owner,
+            extra={"job_id": status.job_id},
+        )
         return status
+
+    async def _publish_again_if_queued(self, existing: JobStatus, envelope: JobEnvelope) -> None:
+        """A repeated submit (same Idempotency-Key) of a job still queued: its first try may have stopped
+        between writing the record and publishing the job (the broker or the gateway went away), so the
+        job goes out again; the stream drops it as a duplicate (Nats-Msg-Id) if that try did publish."""
+        if existing.state is not JobState.QUEUED:
+            return
+        envelope = envelope.model_copy(
+            update={"seed": existing.seed, "submitted_at": existing.submitted_at, "deadline": existing.deadline}
+        )
+        await self.js.publish(existing.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
+        log.info("job %s submitted again while queued; published again", existing.job_id, extra={"job_id": existing.job_id})
+
+    async def _model_for(self, served: dict[str, list]) -> str | None:
+        """The model a request naming none is made with: the only one served, else the current one."""
+        return next(iter(served)) if len(served) == 1 else await self.current_model()
 
     def _check_blocklist(self, request: GenerateRequest) -> None:
         text = request.prompt.lower()
@@ -219,7 +263,7 @@ class JobService:
             "request": redacted(status.request, self.settings.redact_prompts),
         }
         await self.nc.publish(names.AUDIT_SUBJECT, json.dumps(record).encode())
-        audit_log.info(json.dumps(record))
+        audit_log.info(json.dumps(record), extra={"job_id": status.job_id})
 
     async def expire_overdue(self) -> int:
         """Ends queued jobs whose deadline passed as `expired` and tells their followers."""
@@ -328,12 +372,14 @@ class JobService:
             s.deleted, s.image = True, None
             return s
 
+        await self.cache.keep(status)
         await jobstore.change_status(self.status_kv, job_id, tombstone)
         if status.image is not None:
             try:
                 await self.images.delete(status.image.name)
             except (ObjectNotFoundError, NotFoundError):
                 pass
+        await uploads.release(self.status_kv, self.uploads, status)
         self.view.forget(job_id)
 
     def list(self, *, owner: str | None = None) -> list[JobStatus]:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.http_errors import read_json
 from gateway.jobs import JobService
+from gateway.submission import submit_request
 from schemas.http import LoadRequest, MfluxGenerateResponse, MfluxPs, MfluxStatusResponse, MfluxTask, ModelInfo
 from schemas.request import RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
@@ -55,7 +56,7 @@ def bool_param(request: web.Request, name: str, default: bool) -> bool:
 
 def mflux_status(jobs: JobService, status: JobStatus) -> MfluxStatusResponse:
     if status.state is JobState.DONE:
-        return MfluxStatusResponse(status="done")
+        return MfluxStatusResponse(status="done", cached=status.cached or None, nsfw=status.nsfw or None)
     if status.state.final:
         return MfluxStatusResponse(status="error", error=status.error or status.state.value)
     return MfluxStatusResponse(
@@ -87,13 +88,17 @@ def mflux_task(status: JobStatus) -> MfluxTask:
 async def generate(request: web.Request) -> web.Response:
     jobs = _jobs(request)
     body = parse_request(await read_json(request), limits=jobs.settings.limits)
-    status = await jobs.submit(body, **caller(request))
+    queued = await submit_request(jobs, body, **caller(request))
+    status = queued[0]
     answer = MfluxGenerateResponse(
         task_id=status.job_id,
         task_length=jobs.task_length(status),
         expected_time_seconds=round(jobs.eta(status) or 0.0, 2),
+        cached=status.cached or None,
+        task_ids=[s.job_id for s in queued] if len(queued) > 1 else None,
+        group_id=status.group_id,
     )
-    return web.json_response(answer.model_dump())
+    return web.json_response(answer.model_dump(exclude_none=True))
 
 
 @routes.get("/api/status")

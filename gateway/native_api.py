@@ -5,19 +5,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import Counter
 
 from aiohttp import WSMsgType, web
 
+from gateway.auth import socket_key
 from gateway.event_feed import event_json, follow
 from gateway.http_errors import read_json
 from gateway.jobs import JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
-from schemas.http import JobView
+from gateway.submission import group_jobs, submit_request
+from schemas.http import GroupView, JobView
+from schemas.job import group_job_ids
 from schemas.request import parse_request
 from schemas.status import JobState, JobStatus
 
 log = logging.getLogger("imagegen.gateway.native")
 routes = web.RouteTableDef()
+MAX_FOLLOWED = 1000  # jobs one WebSocket may follow at once
 
 
 def job_view(jobs: JobService, status: JobStatus) -> JobView:
@@ -38,9 +43,29 @@ def job_view(jobs: JobService, status: JobStatus) -> JobView:
         worker=status.worker,
         attempt=status.attempt,
         error=status.error,
+        cached=status.cached,
+        nsfw=status.nsfw,
         image_url=f"{base}/image" if status.state is JobState.DONE else None,
         events_url=f"{base}/events",
         websocket_url=f"{base}/ws",
+        init_image=status.init_image,
+        mask_image=status.mask_image,
+        group_id=status.group_id,
+        group_index=status.group_index,
+        job_ids=group_job_ids(status.group_id, status.group_size) if status.group_id else None,
+        group_url=f"/v1/groups/{status.group_id}" if status.group_id else None,
+    )
+
+
+def group_view(jobs: JobService, group_id: str, members: list[JobStatus]) -> GroupView:
+    size = members[0].group_size
+    return GroupView(
+        group_id=group_id,
+        size=size,
+        job_ids=group_job_ids(group_id, size),
+        states=dict(Counter(s.state.value for s in members)),
+        finished=all(s.state.final for s in members),
+        jobs=[job_view(jobs, s) for s in members],
     )
 
 
@@ -48,8 +73,19 @@ def job_view(jobs: JobService, status: JobStatus) -> JobView:
 async def submit(request: web.Request) -> web.Response:
     jobs = request.app[SERVICE]
     body = parse_request(await read_json(request), limits=jobs.settings.limits)
-    status = await jobs.submit(body, **caller(request))
-    return web.json_response(job_view(jobs, status).model_dump(), status=202)
+    queued = await submit_request(jobs, body, **caller(request))
+    return web.json_response(job_view(jobs, queued[0]).model_dump(), status=202)
+
+
+@routes.get("/v1/groups/{group_id}")
+async def get_group(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    group_id = request.match_info["group_id"]
+    try:
+        members = await group_jobs(jobs, group_id, owner=owner_of(request))
+    except UnknownJob:
+        return web.json_response({"error": f"unknown group_id {group_id!r}"}, status=404)
+    return web.json_response(group_view(jobs, group_id, members).model_dump())
 
 
 @routes.get("/v1/jobs")
@@ -109,11 +145,14 @@ async def socket(request: web.Request) -> web.WebSocketResponse:
 
 async def _socket(request: web.Request, job_ids: list[str]) -> web.WebSocketResponse:
     """Sends the events of every followed job as JSON. The client may send
-    {"follow": [ids]} to follow more jobs and {"cancel": id} to cancel one."""
+    {"follow": [ids]} to follow more jobs and {"cancel": id} to cancel one. With auth on and no key
+    header, the first message must be {"key": KEY} (see gateway.auth.socket_key)."""
     jobs = request.app[SERVICE]
-    owner = owner_of(request)
     ws = web.WebSocketResponse(heartbeat=20)
     await ws.prepare(request)
+    if not await socket_key(request, ws):
+        return ws
+    owner = owner_of(request)
     followers: dict[str, asyncio.Task] = {}
     lock = asyncio.Lock()
 
@@ -140,14 +179,18 @@ async def _socket(request: web.Request, job_ids: list[str]) -> web.WebSocketResp
                 continue
             try:
                 command = json.loads(message.data)
-            except json.JSONDecodeError:
-                await ws.send_json({"type": "error", "error": "messages must be JSON objects"})
-                continue
+            except (ValueError, RecursionError):  # not JSON, a 5000-digit number, nested too deeply
+                command = None
             if not isinstance(command, dict):
                 await ws.send_json({"type": "error", "error": "messages must be JSON objects"})
                 continue
             follow_ids = command.get("follow", [])
-            for job_id in [follow_ids] if isinstance(follow_ids, str) else follow_ids:
+            follow_ids = [follow_ids] if isinstance(follow_ids, str) else follow_ids
+            if not isinstance(follow_ids, list) or len(followers) + len(follow_ids) > MAX_FOLLOWED:
+                error = f"follow: a job id or a list of job ids, at most {MAX_FOLLOWED} per socket"
+                await ws.send_json({"type": "error", "error": error})
+                continue
+            for job_id in follow_ids:
                 start(str(job_id))
             if "cancel" in command:
                 try:

@@ -1,7 +1,7 @@
 """OpenAI's Images API on the gateway: `POST /v1/images/generations`, answered when every image is done.
 
 Each of the `n` images is one job on the queue, with seeds seed, seed+1, ... (a random first seed when
-none is sent). The handler follows the jobs until all are done (at most WAIT_S seconds, then 504 and the
+none is sent), queued as one group through `gateway.submission` like a native request with `n`. The handler follows the jobs until all are done (at most WAIT_S seconds, then 504 and the
 jobs are cancelled) and answers base64 images or absolute URLs of `/v1/jobs/{id}/image`.
 
 `model` is a served model or an OpenAI name (dall-e-2, dall-e-3, gpt-image-*), which means the current
@@ -31,11 +31,12 @@ from gateway.http_errors import BROKER_DOWN, read_json
 from gateway.jobs import Forbidden, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller
 from gateway.ratelimit import RateLimited
+from gateway.submission import submit_request
 from schemas.events import JobEvent
 from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
 from schemas.job import new_seed
 from schemas.names import Tier
-from schemas.request import MAX_SEED, GenerateRequest, RequestInvalid, parse_request
+from schemas.request import GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState
 
 log = logging.getLogger("imagegen.gateway.openai")
@@ -147,13 +148,21 @@ def quality_steps(jobs: JobService, model: str | None, quality: str | None) -> i
 
 
 def build_request(ask: OpenAIImageRequest, *, width: int, height: int, model: str | None, steps: int | None, limits) -> GenerateRequest:
-    fields: dict = {"prompt": ask.prompt, "width": width, "height": height, "format": OUTPUT_FORMATS[ask.output_format or "png"]}
+    fields: dict = {
+        "prompt": ask.prompt,
+        "width": width,
+        "height": height,
+        "format": OUTPUT_FORMATS[ask.output_format or "png"],
+        "n": ask.n,
+        "seed": ask.seed if ask.seed is not None else new_seed(),
+    }
     optional = {
         "model": model,
         "steps": steps,
         "negative_prompt": ask.negative_prompt,
         "guidance": ask.guidance,
         "quality": max(1, ask.output_compression) if ask.output_compression is not None else None,
+        "cache": False if ask.seed is None else None,  # a seed picked here never repeats: not worth caching
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
     try:
@@ -254,12 +263,9 @@ async def generate(request: web.Request) -> web.Response:
     else:
         steps = quality_steps(jobs, model or await jobs.current_model(), ask.quality)
     base = build_request(ask, width=width, height=height, model=model, steps=steps, limits=jobs.settings.limits)
-    first_seed = ask.seed if ask.seed is not None else new_seed()
-    if first_seed + ask.n - 1 > MAX_SEED:
-        raise bad("seed", f"seed + n - 1 must not exceed {MAX_SEED}")
 
     who = caller(request)
-    owner, idempotency_key = who.get("owner"), who.pop("idempotency_key", None)
+    owner = who.get("owner")
     tier = tier_for(who.get("key"))
     if tier is not None:
         base = base.model_copy(update={"tier": tier})
@@ -267,17 +273,13 @@ async def generate(request: web.Request) -> web.Response:
     job_ids: list[str] = []
     answered = False
     try:
-        for i in range(ask.n):
-            status = await jobs.submit(
-                base.model_copy(update={"seed": first_seed + i}),
-                **who,
-                idempotency_key=f"{idempotency_key}#{i}" if idempotency_key else None,
-            )
-            job_ids.append(status.job_id)
+        queued = await submit_request(jobs, base, **who)
+        job_ids = [status.job_id for status in queued]
         await wait_all(jobs, job_ids, owner, WAIT_S)
         images = []
-        for i, job_id in enumerate(job_ids):
-            item = OpenAIImage(job_id=job_id, seed=first_seed + i)
+        for status in queued:
+            job_id = status.job_id
+            item = OpenAIImage(job_id=job_id, seed=status.seed)
             if ask.response_format == "url":
                 item.url = f"{public_origin(request)}/v1/jobs/{job_id}/image"
             else:

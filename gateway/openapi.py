@@ -11,6 +11,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from schemas.http import (
     ErrorBody,
+    GroupView,
     JobView,
     LoadRequest,
     MfluxGenerateResponse,
@@ -26,6 +27,7 @@ from schemas.request import GenerateRequest
 
 TASK_ID = {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+GROUP_ID = {"name": "group_id", "in": "path", "required": True, "schema": {"type": "string"}}
 BOOL = {"type": "boolean"}
 
 # (method, path, summary, tag, request body model, response model, parameters, extra responses)
@@ -52,13 +54,14 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
     ("get", "/api/ls", "Models the workers serve (mflux-server)", "mflux", None, {"additionalProperties": ModelInfo}, [], {}),
     ("get", "/api/ps", "The current model (mflux-server)", "mflux", None, MfluxPs, [], {}),
     ("post", "/api/load", "Make a served model the default (mflux-server)", "mflux", LoadRequest, None, [], {}),
-    ("post", "/v1/jobs", "Queue an image", "jobs", GenerateRequest, JobView, [], {}),
+    ("post", "/v1/jobs", "Queue an image, or n images as a group (job_ids lists them)", "jobs", GenerateRequest, JobView, [], {}),
     ("get", "/v1/jobs", "List jobs", "jobs", None, [JobView], [], {}),
     ("get", "/v1/jobs/{job_id}", "A job's status, position and ETA", "jobs", None, JobView, [JOB_ID], {}),
     ("get", "/v1/jobs/{job_id}/image", "The finished image", "jobs", None, "image", [JOB_ID], {}),
     ("delete", "/v1/jobs/{job_id}", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
     ("post", "/v1/jobs/{job_id}/cancel", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
     ("get", "/v1/jobs/{job_id}/events", "The job's events as Server-Sent Events", "jobs", None, "sse", [JOB_ID], {}),
+    ("get", "/v1/groups/{group_id}", "The jobs of a request with n images", "jobs", None, GroupView, [GROUP_ID], {}),
     (
         "post",
         "/v1/images/generations",
@@ -73,6 +76,32 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
 ]
 
 
+NULL = {"type": "null"}
+
+
+def openapi30(schema: Any) -> Any:
+    """A JSON Schema from pydantic (draft 2020-12) in OpenAPI 3.0's dialect, which Swagger UI 4 and
+    schema-driven clients read: `nullable` instead of a `null` type, boolean exclusive bounds."""
+    if not isinstance(schema, dict):
+        return [openapi30(s) for s in schema] if isinstance(schema, list) else schema
+    out = {
+        k: {name: openapi30(sub) for name, sub in v.items()} if k == "properties" else openapi30(v)
+        for k, v in schema.items()
+    }
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if type(out.get(bound)) in (int, float):
+            out[limit], out[bound] = out[bound], True
+    options = out.get("anyOf")
+    if isinstance(options, list) and NULL in options:
+        rest = [o for o in out.pop("anyOf") if o != NULL]
+        if len(rest) == 1 and "$ref" not in rest[0]:
+            out = {**rest[0], **out}
+        elif rest:
+            out["allOf" if len(rest) == 1 else "anyOf"] = rest
+        out["nullable"] = True
+    return out
+
+
 def _schema_ref(model: Any, components: dict[str, Any]) -> dict[str, Any]:
     if isinstance(model, list):
         return {"type": "array", "items": _schema_ref(model[0], components)}
@@ -82,8 +111,8 @@ def _schema_ref(model: Any, components: dict[str, Any]) -> dict[str, Any]:
         }
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     for name, sub in schema.pop("$defs", {}).items():
-        components[name] = sub
-    components[model.__name__] = schema
+        components[name] = openapi30(sub)
+    components[model.__name__] = openapi30(schema)
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 

@@ -23,3 +23,4 @@ class GatewaySettings:
     blocklist: tuple[str, ...] = ()  # prompts containing any of these (case-insensitive) are refused
     redact_prompts: bool = False  # audit records and logs carry a hash instead of the prompt
     default_timeout_s: float | None = None  # deadline for requests that set no timeout_s
+    cache_ttl_s: float = 24 * 3600  # result cache: identical requests within this long get the stored image; 0: off

@@ -1,7 +1,10 @@
 """The interface every engine follows, and the task it is given.
 
 An engine turns one `GenerationTask` into a PIL image, calling `on_step` after every denoising step
-(the callback may raise `JobCancelled` to stop at that step boundary). It runs in a worker thread,
+(the callback may raise `JobCancelled` to stop at that step boundary). A task with an `init_image` is
+image-to-image: it runs `steps_run(steps, strength)` of its steps, starting from the init image noised
+to that point; with a `mask_image` too it is inpainting, and pixels where the mask is black come back
+as they were. It runs in a worker thread,
 never on the event loop. Engines: the diffusers SDXL pipeline (`sdxl.py`, also serving `tiny-sdxl`)
 and a simulated one (`simulated.py`) for load tests.
 """
@@ -31,6 +34,39 @@ class GenerationTask:
     refiner_split: float | None = None  # None: the engine's default
     scheduler: str | None = None  # one of schemas.request.SCHEDULERS; None: the model's own
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, weight) pairs, in the request's order
+    init_image: Image.Image | None = None  # image-to-image: the picture to start from, any size and mode
+    mask_image: Image.Image | None = None  # inpainting: white is redrawn, black kept; the init image's size
+    strength: float = 1.0  # image-to-image: how far from the init image, 0 < strength <= 1
+
+    @property
+    def total_steps(self) -> int:
+        """The denoising steps the task runs (progress counts to this)."""
+        return steps_run(self.steps, self.strength) if self.init_image is not None else self.steps
+
+
+def schedule_length(steps: int, strength: float) -> int:
+    """The schedule to ask the pipeline for so that image-to-image runs `int(steps * strength)` steps
+    (diffusers' rule), stretched when that would be none: strength 0.1 with 4 steps schedules 10 and
+    runs 1."""
+    length = steps
+    while int(length * strength) < 1:
+        length += 1
+    return length
+
+
+def steps_run(steps: int, strength: float) -> int:
+    """Denoising steps image-to-image runs for `steps` at `strength`: at least one."""
+    return int(schedule_length(steps, strength) * strength)
+
+
+def fit(image: Image.Image, width: int, height: int, *, mode: str) -> Image.Image:
+    """The image in `mode`, scaled to cover width x height and centre-cropped to it."""
+    from PIL import ImageOps
+
+    image = image.convert(mode)
+    if image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
 
 
 class Engine(Protocol):

@@ -11,10 +11,15 @@ class JobExpired(Exception):
     """The job waited in the queue past its deadline and was not generated."""
 
 
+MAX_REASON_CHARS = 2000  # a message with 60,000 bad fields must still fit a status record and a dead letter
+
+
 class JobFailed(Exception):
     """The job cannot succeed however often it is tried (bad message, bad input, out of memory)."""
 
     def __init__(self, reason: str):
+        if len(reason) > MAX_REASON_CHARS:
+            reason = f"{reason[:MAX_REASON_CHARS]}... ({len(reason)} characters in all)"
         super().__init__(reason)
         self.reason = reason
 

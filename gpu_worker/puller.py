@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -95,9 +96,14 @@ class PriorityPuller:
                 return msg
         return None
 
-    async def next(self, stopping: asyncio.Event) -> Msg | None:
-        """The next job message, or None once `stopping` is set."""
+    async def next(self, stopping: asyncio.Event, *, hold: Callable[[], Awaitable[None]] | None = None) -> Msg | None:
+        """The next job message, or None once `stopping` is set. `hold`, when given, is awaited before
+        every try to take one: it returns when the worker may take a job (the temperature guard)."""
         while not stopping.is_set():
+            if hold is not None:
+                await hold()
+                if stopping.is_set():
+                    break
             self.bell.clear()
             order = list(self.tiers)
             if self.skipped_lower >= self.fairness:

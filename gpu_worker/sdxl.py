@@ -8,6 +8,11 @@ point when the refiner is used: the ensemble of experts of `denoising_end` / `de
 the latents to the refiner, then decode them (`decode.py`). Progress is reported after every step of
 both models; the step callback may raise JobCancelled, which stops the job at that step boundary. Out of
 GPU memory fails only that job, with a clear reason, after the memory is given back.
+
+Image-to-image and inpainting run the same way on pipelines built from the loaded base (and refiner)
+components on first use, so no weight is loaded twice. They start part-way down the schedule
+(`strength`), and inpainting pastes the init image back where the mask keeps it, so those pixels come
+back as sent rather than through the VAE.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from gpu_worker.engine import GenerationTask, StepCallback
+from gpu_worker.engine import GenerationTask, StepCallback, fit, schedule_length
 from gpu_worker.errors import JobFailed
 from gpu_worker.speedups import DEFAULT_BUCKETS
 
@@ -83,6 +88,7 @@ class Plan:
     split: float | None
     base_steps: int
     refiner_steps: int
+    schedule: int  # the schedule length asked of the pipelines; image-to-image runs its last part only
 
     @property
     def total(self) -> int:
@@ -103,6 +109,7 @@ class SdxlEngine:
     _loras: Any = field(default=None, repr=False)
     _decoder: Any = field(default=None, repr=False)
     _scheduler_configs: dict[str, Any] = field(default_factory=dict, repr=False)
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, settings: SdxlSettings, *, name: str | None = None) -> "SdxlEngine":
@@ -224,25 +231,29 @@ class SdxlEngine:
 
         if task.use_refiner and not self.has_refiner:
             raise JobFailed("use_refiner: this worker has no refiner loaded (start it with --refiner)")
+        from_image = task.init_image is not None
+        schedule = schedule_length(task.steps, task.strength) if from_image else task.steps
+        run = task.total_steps  # image-to-image skips the first schedule - run steps
         try:
             base_scheduler = make_scheduler(task.scheduler, self._scheduler_configs["base"])
             if not task.use_refiner:
-                return Plan(base_scheduler, None, None, task.steps, 0)
+                return Plan(base_scheduler, None, None, run, 0, schedule)
             refiner_scheduler = make_scheduler(task.scheduler, self._scheduler_configs["refiner"])
             split = task.refiner_split or self.settings.refiner_split
-            base_steps, _ = split_steps(make_scheduler(task.scheduler, self._scheduler_configs["base"]), task.steps, split)
+            base_steps, _ = split_steps(make_scheduler(task.scheduler, self._scheduler_configs["base"]), schedule, split)
             _, refiner_steps = split_steps(
-                make_scheduler(task.scheduler, self._scheduler_configs["refiner"]), task.steps, split
+                make_scheduler(task.scheduler, self._scheduler_configs["refiner"]), schedule, split
             )
         except UnknownScheduler as exc:
             raise JobFailed(str(exc)) from None
-        if base_steps == 0 or refiner_steps == 0:
+        base_steps -= schedule - run
+        if base_steps <= 0 or refiner_steps == 0:
             log.info(
-                "job %s: %d steps split at %.2f leave one model no step; the base runs them all",
-                task.job_id, task.steps, split,
+                "job %s: %d steps%s split at %.2f leave one model no step; the base runs them all",
+                task.job_id, task.steps, f" at strength {task.strength:g}" if from_image else "", split,
             )
-            return Plan(base_scheduler, None, None, task.steps, 0)
-        return Plan(base_scheduler, refiner_scheduler, split, base_steps, refiner_steps)
+            return Plan(base_scheduler, None, None, run, 0, schedule)
+        return Plan(base_scheduler, refiner_scheduler, split, base_steps, refiner_steps, schedule)
 
     def refiner_steps(self, task: GenerationTask) -> int:
         if not (task.use_refiner and self.has_refiner):
@@ -282,7 +293,11 @@ class SdxlEngine:
 
         with torch.inference_mode():
             latents = self._denoise(task, plan, on_step)
-            return self._decoder.decode(latents, job_id=task.job_id)
+            image = self._decoder.decode(latents, job_id=task.job_id)
+        if task.mask_image is None:
+            return image
+        init = fit(task.init_image, task.width, task.height, mode="RGB")
+        return Image.composite(image, init, fit(task.mask_image, task.width, task.height, mode="L"))
 
     def _denoise(self, task: GenerationTask, plan: Plan, on_step: StepCallback) -> Any:
         import torch
@@ -299,15 +314,60 @@ class SdxlEngine:
         common = dict(
             prompt=task.prompt,
             negative_prompt=task.negative_prompt or None,
-            num_inference_steps=task.steps,
+            num_inference_steps=plan.schedule,
             guidance_scale=task.guidance,
             generator=generator,
             callback_on_step_end=callback,
             output_type="latent",
         )
+        if task.init_image is not None:
+            return self._denoise_image(task, plan, common)
         self._base.scheduler = plan.base_scheduler
         if plan.split is None:
             return self._base(width=task.width, height=task.height, **common).images
         latents = self._base(width=task.width, height=task.height, denoising_end=plan.split, **common).images
         self._refiner.scheduler = plan.refiner_scheduler
         return self._refiner(image=latents, denoising_start=plan.split, **common).images
+
+    def _denoise_image(self, task: GenerationTask, plan: Plan, common: dict) -> Any:
+        """Image-to-image, or inpainting with a mask: the base from the init image noised to `strength`,
+        then (with the refiner) the refiner's own image-to-image or inpainting pipeline from the hand-over."""
+        init = fit(task.init_image, task.width, task.height, mode="RGB")
+        masked: dict[str, Any] = {}
+        if task.mask_image is not None:
+            mask = fit(task.mask_image, task.width, task.height, mode="L")
+            masked = dict(mask_image=mask, width=task.width, height=task.height)
+        base = self._derived_pipe("inpaint" if masked else "img2img")
+        base.scheduler = plan.base_scheduler
+        if plan.split is None:
+            return base(image=init, strength=task.strength, **masked, **common).images
+        latents = base(image=init, strength=task.strength, denoising_end=plan.split, **masked, **common).images
+        refiner = self._derived_pipe("refiner-inpaint") if masked else self._refiner
+        refiner.scheduler = plan.refiner_scheduler
+        return refiner(image=latents, denoising_start=plan.split, **masked, **common).images
+
+    def _derived_pipe(self, kind: str) -> Any:
+        """The base's `img2img` or `inpaint` pipeline, or the refiner's `refiner-inpaint` one, made on first
+        use around the loaded modules (shared, not copied: LoRA selection, offload hooks and compiled UNets
+        carry over)."""
+        pipe = self._derived.get(kind)
+        if pipe is not None:
+            return pipe
+        import inspect
+
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+        source = self._refiner if kind == "refiner-inpaint" else self._base
+        cls = StableDiffusionXLImg2ImgPipeline if kind == "img2img" else StableDiffusionXLInpaintPipeline
+        accepted = inspect.signature(cls.__init__).parameters
+        parts = {name: module for name, module in source.components.items() if name in accepted}
+        options = {
+            name: source.config[name]
+            for name in ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
+            if name in source.config and name in accepted
+        }
+        pipe = cls(**parts, **options, add_watermarker=False)  # the decoder applies the watermark
+        pipe.set_progress_bar_config(disable=True)
+        self._derived[kind] = pipe
+        log.info("built the %s pipeline from the loaded components", kind)
+        return pipe

@@ -40,6 +40,13 @@ class WorkerSettings:
     heartbeat_s: float = 5.0  # in_progress() and worker-registry refresh period
     progress_write_s: float = 0.5  # at most this often a running job's step goes to the status record
     preview_every: int = 5  # a preview event every N steps (0: none)
+    safety_checker: str | None = None  # NSFW check: StableDiffusionSafetyChecker folder or hub id, or module:factory
+    nsfw_action: str = "blank"  # a flagged image: blank (black image, status nsfw) or reject (the job fails)
+    max_gpu_temp: float = 85.0  # degrees C: above this no new job is taken (0: guard off)
+    resume_gpu_temp: float = 75.0  # degrees C: at or below this jobs are taken again
+    gpu_temp_poll_s: float = 2.0  # how often a paused worker reads the temperature
+    metrics_port: int = 0  # Prometheus /metrics on this port (0: not served)
+    metrics_host: str = "127.0.0.1"  # address the metrics port listens on
     fairness: int = 10
     sim_step_s: float = 0.05
     sim_step_s_per_mpx: float = 0.0

@@ -1,7 +1,9 @@
 """A simulated engine for load and scale tests: no torch, a configurable time per step.
 
 It sleeps `fixed_s` plus `step_s` (+ `step_s_per_mpx` per megapixel) per step and returns a flat image
-whose colour comes from the seed, so that different seeds give different images. With `fail_marker`
+whose colour comes from the seed, so that different seeds give different images. Image-to-image blends
+that colour over the init image by `strength` (running the steps the real engine would), and inpainting
+keeps the init image where the mask is black. With `fail_marker`
 set, a prompt containing it makes the engine raise `RuntimeError` after the first step, every time:
 a poison job, for testing retries and dead letters against real processes.
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from gpu_worker.engine import GenerationTask, StepCallback
+from gpu_worker.engine import GenerationTask, StepCallback, fit
 
 SIMULATED = "simulated"
 
@@ -32,13 +34,13 @@ class SimulatedEngine:
     fail_marker: str = ""  # a prompt containing this crashes the engine (off when empty)
 
     def refiner_steps(self, task: GenerationTask) -> int:
-        return int(round(task.steps * self.refiner_fraction)) if task.use_refiner else 0
+        return int(round(task.total_steps * self.refiner_fraction)) if task.use_refiner else 0
 
     def generate(self, task: GenerationTask, on_step: StepCallback) -> Image.Image:
         if self.fixed_s:
             time.sleep(self.fixed_s)
         per_step = self.step_s + self.step_s_per_mpx * task.width * task.height / 1e6
-        total = task.steps
+        total = task.total_steps
         for step in range(1, total + 1):
             if per_step:
                 time.sleep(per_step)
@@ -46,4 +48,11 @@ class SimulatedEngine:
             if self.fail_marker and self.fail_marker in task.prompt:
                 raise RuntimeError(f"simulated engine crash: the prompt contains {self.fail_marker!r}")
         colour = (task.seed % 251, (task.seed // 251) % 241, (task.seed // 60491) % 239)
-        return Image.new("RGB", (task.width, task.height), colour)
+        image = Image.new("RGB", (task.width, task.height), colour)
+        if task.init_image is None:
+            return image
+        init = fit(task.init_image, task.width, task.height, mode="RGB")
+        image = Image.blend(init, image, task.strength)
+        if task.mask_image is not None:
+            image = Image.composite(image, init, fit(task.mask_image, task.width, task.height, mode="L"))
+        return image

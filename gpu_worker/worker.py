@@ -15,7 +15,6 @@ import logging
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,19 +23,23 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from PIL import Image
 
-from gpu_worker.engine import Engine, GenerationTask
+from gpu_worker.engine import Engine, GenerationTask, steps_run
 from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, RetryLater
+from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
+from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.preview import latent_preview
 from gpu_worker.puller import PriorityPuller
+from gpu_worker.safety import SafetyStage, load_safety
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speed import SpeedMeter
-from schemas import jobstore, names
+from gpu_worker.thermal import TemperatureGuard, TemperatureSensor, temperature_guard
+from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode, encode
 from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
 from schemas.jetstream import ensure_topology
 from schemas.job import JobEnvelope
-from schemas.request import limit_problems
+from schemas.request import RequestInvalid, limit_problems
 from schemas.status import ImageRef, JobState, JobStatus
 from schemas.workers import WorkerInfo
 
@@ -75,16 +78,27 @@ class RunningJob:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, engine: Engine):
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Engine,
+        *,
+        safety: SafetyStage | None = None,
+        sensor: TemperatureSensor | None = None,
+    ):
         self.settings = settings
         self.engine = engine
+        self.safety = safety  # loaded from settings.safety_checker at start when not given
+        self.sensor = sensor  # the temperature sensor; NVML when not given
+        self.thermal: TemperatureGuard | None = None
         self.worker_id = KV_KEY_UNSAFE.sub("_", settings.worker_id)
         self.stopping = asyncio.Event()
         self.broker_trouble = False
         self.meter = SpeedMeter()
         self.current: RunningJob | None = None
         self.jobs_done = 0
-        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegen-gpu")
+        self.gpu = ContextThreadPool(max_workers=1, thread_name_prefix="imagegen-gpu")
+        self.metrics = WorkerMetrics(self)
         self.nc: NATS | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,17 +107,24 @@ class Worker:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.safety is None and self.settings.safety_checker:
+            device = self.engine.device
+            self.safety = await self._loop.run_in_executor(None, lambda: load_safety(self.settings, device=device))
+        self.thermal = temperature_guard(self.settings, device=self.engine.device, sensor=self.sensor)
         self.nc = await connect(self.settings.nats_url, name=f"imagegen-worker {self.worker_id}")
         self.js = self.nc.jetstream()
         await ensure_topology(self.js, self.settings.topology)
         self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
         self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
+        self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
         self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness)
         await self.puller.start()
         await self.nc.subscribe(names.CANCEL_SUBJECT, cb=self._on_cancel)
         await self._register()
         self._tasks.append(asyncio.create_task(self._registry_loop()))
+        if self.settings.metrics_port:
+            await self.metrics.serve(host=self.settings.metrics_host, port=self.settings.metrics_port)
         log.info("worker %s ready: model=%s device=%s", self.worker_id, self.engine.name, self.engine.device)
 
     async def run(self) -> None:
@@ -111,10 +132,21 @@ class Worker:
         while not self.stopping.is_set():
             if self.broker_trouble:
                 await self._wait_for_broker()
-            msg = await self.puller.next(self.stopping)
+            msg = await self.puller.next(self.stopping, hold=self._cool_enough if self.thermal else None)
             if msg is None:
                 break
             await self.handle(msg)
+
+    async def _cool_enough(self) -> None:
+        """Returns when the GPU is cool enough for a new job; the registry says when it pauses and resumes."""
+
+        async def announce() -> None:
+            try:
+                await self._register()
+            except Exception as exc:  # broker away: the next heartbeat says it
+                log.warning("worker %s registry update failed: %s", self.worker_id, exc)
+
+        await self.thermal.wait_until_cool(self.stopping, on_change=announce)
 
     async def _wait_for_broker(self, *, longest_wait_s: float = 5.0) -> None:
         """After a job failed on JetStream, pulls nothing until the streams a job needs answer again:
@@ -152,6 +184,7 @@ class Worker:
             await self.puller.stop()
             await self.nc.drain()
         self.gpu.shutdown(wait=False, cancel_futures=True)
+        await self.metrics.close()
 
     async def warm_up(self) -> None:
         """Runs small jobs at a few sizes before serving: loads kernels and gives the first ETAs a
@@ -198,11 +231,25 @@ class Worker:
             default_guidance=self.engine.default_guidance,
             has_refiner=self.engine.has_refiner,
             device=self.engine.device,
-            state="busy" if self.current else ("draining" if self.stopping.is_set() else "idle"),
+            state=self.state,
             job_id=self.current.envelope.job_id if self.current else None,
             jobs_done=self.jobs_done,
+            paused_hot=self.paused_hot,
+            gpu_temp_c=self.thermal.last_c if self.thermal else None,
             speed=self.meter.model,
         )
+
+    @property
+    def paused_hot(self) -> bool:
+        return self.thermal is not None and self.thermal.paused and self.current is None
+
+    @property
+    def state(self) -> str:
+        if self.current:
+            return "busy"
+        if self.stopping.is_set():
+            return "draining"
+        return "paused-hot" if self.paused_hot else "idle"
 
     async def _register(self) -> None:
         await self.workers_kv.put(self.worker_id, encode(self.info()))
@@ -238,10 +285,13 @@ class Worker:
     async def handle(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered
         job_id = (msg.headers or {}).get(names.MSG_ID_HEADER, "")
+        context = JobContext(job_id=job_id, attempt=attempt)
+        context_token = current_job.set(context)
+        self.metrics.try_started(attempt)
         started = time.monotonic()
         try:
             envelope = self._decode(msg)
-            job_id = envelope.job_id
+            job_id = context.job_id = envelope.job_id
             await self._run(envelope, msg, attempt)
             outcome = None
         except (JobCancelled, JobExpired, JobFailed, RetryLater, *BROKER_TROUBLE) as exc:
@@ -250,10 +300,12 @@ class Worker:
             log.exception("job %s try %d crashed", job_id or "?", attempt)
             outcome = exc
         finally:
-            self.current = None
-        duration = time.monotonic() - started
+            job, self.current = self.current, None
+        duration = context.duration_s = time.monotonic() - started
+        self.metrics.try_ended(job, outcome, attempt=attempt, duration_s=duration)
         await self.settle(msg, job_id, attempt, outcome, duration)
         await self._audit(job_id, attempt, outcome, duration)
+        current_job.reset(context_token)
 
     async def _audit(self, job_id: str, attempt: int, outcome: BaseException | None, duration: float) -> None:
         """The outcome of one try, for the audit stream IMAGEGEN_AUDIT."""
@@ -292,20 +344,11 @@ class Worker:
             raise JobFailed("use_refiner: no refiner is loaded on this worker")
         if envelope.deadline is not None and time.time() > envelope.deadline:
             raise JobExpired()
-        steps = request.steps or self.engine.default_steps
+        schedule = request.steps or self.engine.default_steps
+        steps = steps_run(schedule, request.strength) if envelope.init_image else schedule  # the steps that run
         status = await jobstore.read_status(self.status_kv, job_id)
         if status is None:  # published straight onto NATS: this worker writes the first record
-            await jobstore.create_status(
-                self.status_kv,
-                JobStatus(
-                    job_id=job_id,
-                    tier=envelope.tier,
-                    request=request.model_dump(mode="json", exclude_none=True),
-                    seed=envelope.seed,
-                    owner=envelope.owner,
-                    submitted_at=envelope.submitted_at,
-                ),
-            )
+            await jobstore.create_status(self.status_kv, envelope.queued_status())
         elif status.state is JobState.DONE:
             log.info("job %s try %d already done; acking", job_id, attempt)
             return
@@ -315,10 +358,19 @@ class Worker:
             raise JobFailed(
                 f"none of its {attempt - 1} tries finished (its worker was lost each time, or the broker was away)"
             )
+        try:
+            init_image, mask_image = await uploads.fetch_inputs(self.uploads, envelope, self.settings.limits)
+        except RequestInvalid as exc:
+            raise JobFailed(str(exc)) from None
         job = RunningJob(envelope=envelope, msg=msg, attempt=attempt, total=steps)
         self.current = job
 
-        def to_running(s: JobStatus) -> JobStatus:
+        ended: list[JobState] = []
+
+        def to_running(s: JobStatus) -> JobStatus | None:
+            if s.state.final:  # another run of this job (a redelivery that raced this one) ended it meanwhile
+                ended.append(s.state)
+                return None
             if s.cancel_requested:
                 job.cancel.set()
             s.state, s.worker, s.attempt = JobState.RUNNING, self.worker_id, attempt
@@ -326,6 +378,11 @@ class Worker:
             return s
 
         await jobstore.change_status(self.status_kv, job_id, to_running)
+        if ended == [JobState.DONE]:
+            log.info("job %s try %d already done; acking", job_id, attempt)
+            return
+        if ended:
+            raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended[0], JobCancelled)()
         if job.cancel.is_set():
             raise JobCancelled()
         await self._event(JobEvent(type="started", job_id=job_id, worker=self.worker_id, attempt=attempt, total=steps))
@@ -335,30 +392,52 @@ class Worker:
             negative_prompt=request.negative_prompt,
             width=request.width,
             height=request.height,
-            steps=steps,
+            steps=schedule,
             guidance=request.guidance if request.guidance is not None else self.engine.default_guidance,
             seed=envelope.seed,
             use_refiner=request.use_refiner,
             refiner_split=request.refiner_split,
             scheduler=request.scheduler,
             loras=tuple((request.loras or {}).items()),
+            init_image=init_image,
+            mask_image=mask_image,
+            strength=request.strength,
         )
         loop = asyncio.get_running_loop()
         gen_started = time.monotonic()
         image = await loop.run_in_executor(self.gpu, self.engine.generate, task, self._step_callback(job))
         steps_done = job.steps_done_at or time.monotonic()
+        nsfw = False
+        if self.safety is not None:  # raises JobFailed when flagged images are rejected
+            image, nsfw = await loop.run_in_executor(self.gpu, self.safety.screen, image)
+            if nsfw:
+                log.warning("job %s image flagged by the safety check: blanked", job_id)
         data = await loop.run_in_executor(self.gpu, self._encode, image, request.format, request.quality)
         encoded = time.monotonic()
+        # A broker that crashed can forget a delivery and hand the job to a second worker as a first try
+        # while the first still runs it: whichever finishes second keeps the first one's image and event.
+        if getattr(await jobstore.read_status(self.status_kv, job_id), "state", None) is JobState.DONE:
+            log.info("job %s try %d: another run finished it first; its image stands", job_id, attempt)
+            return
         await asyncio.wait_for(self.images.put(job_id, data), timeout=30)
         ref = ImageRef(
             name=job_id, content_type=request.content_type, size=len(data), width=image.width, height=image.height
         )
+        finished_first = True
 
-        def to_done(s: JobStatus) -> JobStatus:
+        def to_done(s: JobStatus) -> JobStatus | None:
+            nonlocal finished_first
+            if s.state is JobState.DONE:
+                finished_first = False
+                return None
             s.state, s.finished_at, s.image, s.step, s.error = JobState.DONE, time.time(), ref, steps, None
+            s.nsfw = nsfw
             return s
 
         await jobstore.change_status(self.status_kv, job_id, to_done)
+        if not finished_first:
+            log.info("job %s try %d: another run finished it first", job_id, attempt)
+            return
         total_s = time.monotonic() - gen_started
         timings = {"steps_s": steps_done - gen_started, "encode_s": encoded - steps_done, "total_s": total_s}
         await self._event(JobEvent(type="done", job_id=job_id, image=ref, timings=timings, worker=self.worker_id))
@@ -514,4 +593,8 @@ class Worker:
                 await jobstore.create_status(self.status_kv, JobStatus(job_id=job_id, submitted_at=time.time()))
             await self._finish(job_id, JobState.FAILED, reason)
         letter = {"job_id": job_id, "reason": reason, "subject": msg.subject, "attempt": attempt, "data": msg.data}
-        await self.js.publish(names.DLQ_SUBJECT, msgpack.packb(letter, use_bin_type=True))
+        packed = msgpack.packb(letter, use_bin_type=True)
+        if len(packed) > self.nc.max_payload - 4096:  # a job message near the size limit: keep its head
+            letter |= {"data": msg.data[: self.nc.max_payload // 2], "data_truncated_from": len(msg.data)}
+            packed = msgpack.packb(letter, use_bin_type=True)
+        await self.js.publish(names.DLQ_SUBJECT, packed)

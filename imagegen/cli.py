@@ -12,6 +12,7 @@ from pathlib import Path
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speedups import DEFAULT_BUCKETS
+from imagegen.logs import configure as configure_logging
 from imagegen.paths import default_data_dir
 from schemas.jetstream import Topology
 from schemas.request import Limits
@@ -37,10 +38,13 @@ def env_flag(name: str) -> bool:
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=os.environ.get("IMAGEGEN_NATS"), help="NATS server URL(s), comma-separated (IMAGEGEN_NATS)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (IMAGEGEN_LOG_LEVEL)")
+    p.add_argument("--log-format", default=env("LOG_FORMAT", "text"), choices=["text", "json"], help="text lines, or one JSON object per line with job_id on job lines (IMAGEGEN_LOG_FORMAT)")
     p.add_argument("--replicas", type=int, default=env("REPLICAS", 1), help="JetStream replicas of every stream, 3 on a cluster (IMAGEGEN_REPLICAS)")
     p.add_argument("--max-pixels", type=int, default=env("MAX_PIXELS", Limits().max_pixels), help="pixel budget per image (IMAGEGEN_MAX_PIXELS)")
     p.add_argument("--max-steps", type=int, default=env("MAX_STEPS", Limits().max_steps), help="most steps per image (IMAGEGEN_MAX_STEPS)")
     p.add_argument("--max-prompt-chars", type=int, default=env("MAX_PROMPT_CHARS", Limits().max_prompt_chars), help="longest prompt (IMAGEGEN_MAX_PROMPT_CHARS)")
+    p.add_argument("--max-images", type=int, default=env("MAX_IMAGES", Limits().max_images), help="most images (n) per request (IMAGEGEN_MAX_IMAGES)")
+    p.add_argument("--max-upload-bytes", type=int, default=env("MAX_UPLOAD_BYTES", Limits().max_upload_bytes), help="largest init or mask image (IMAGEGEN_MAX_UPLOAD_BYTES)")
     p.add_argument("--job-ttl", type=float, default=env("JOB_TTL", Topology().job_ttl_s), help="seconds status records and images are kept (IMAGEGEN_JOB_TTL)")
     p.add_argument("--ack-wait", type=float, default=env("ACK_WAIT", Topology().ack_wait_s), help="seconds a silent worker keeps a job before it is redelivered; the same on every process (IMAGEGEN_ACK_WAIT)")
     p.add_argument("--max-deliver", type=int, default=env("MAX_DELIVER", Topology().max_deliver), help="tries of a job before it is dead-lettered; the same on every process (IMAGEGEN_MAX_DELIVER)")
@@ -53,6 +57,7 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocklist", default=env("BLOCKLIST", ""), help="comma-separated terms; prompts containing one are refused (IMAGEGEN_BLOCKLIST)")
     p.add_argument("--redact-prompts", action="store_true", default=env("REDACT_PROMPTS", "") not in ("", "0", "false"), help="audit records carry a hash instead of the prompt (IMAGEGEN_REDACT_PROMPTS)")
     p.add_argument("--default-timeout", type=float, default=env("DEFAULT_TIMEOUT", 0.0), help="seconds a job may wait in the queue when the request sets no timeout_s; 0: forever (IMAGEGEN_DEFAULT_TIMEOUT)")
+    p.add_argument("--cache-ttl", type=float, default=env("CACHE_TTL", 24 * 3600.0), help="seconds an image answers identical requests (with a seed, or cache: true) from the result cache; 0: no cache (IMAGEGEN_CACHE_TTL)")
 
 
 def add_worker(p: argparse.ArgumentParser) -> None:
@@ -74,6 +79,12 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-qkv", default=env("FUSE_QKV", "auto"), choices=["auto", "on", "off"], help="fused QKV attention projections; auto: on with CUDA unless LoRAs are loaded (IMAGEGEN_FUSE_QKV)")
     p.add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
     p.add_argument("--preview-every", type=int, default=env("PREVIEW_EVERY", 5), help="a preview image every N steps, 0 for none (IMAGEGEN_PREVIEW_EVERY)")
+    p.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", 0), help="serve the worker's Prometheus /metrics on this port; 0: off (IMAGEGEN_METRICS_PORT)")
+    p.add_argument("--metrics-host", default=env("METRICS_HOST", "127.0.0.1"), help="address the worker's metrics port listens on (IMAGEGEN_METRICS_HOST)")
+    p.add_argument("--safety-checker", default=os.environ.get("IMAGEGEN_SAFETY_CHECKER"), metavar="PATH|HUB_ID|MODULE:FACTORY", help="NSFW check of every image: a StableDiffusionSafetyChecker folder or hub id (e.g. CompVis/stable-diffusion-safety-checker), or a plug-in factory; off when unset (IMAGEGEN_SAFETY_CHECKER)")
+    p.add_argument("--nsfw-action", default=env("NSFW_ACTION", "blank"), choices=["blank", "reject"], help="a flagged image: blank (a black image, status nsfw: true) or reject (the job fails) (IMAGEGEN_NSFW_ACTION)")
+    p.add_argument("--max-gpu-temp", type=float, default=env("MAX_GPU_TEMP", 85.0), help="degrees C at which the worker takes no new job (NVML); 0: no guard (IMAGEGEN_MAX_GPU_TEMP)")
+    p.add_argument("--resume-gpu-temp", type=float, default=env("RESUME_GPU_TEMP", 75.0), help="degrees C at or below which a paused worker takes jobs again (IMAGEGEN_RESUME_GPU_TEMP)")
     p.add_argument("--sim-step-s", type=float, default=env("SIM_STEP_S", 0.05), help="simulated engine: seconds per step (IMAGEGEN_SIM_STEP_S)")
     p.add_argument("--sim-fail-marker", default=env("SIM_FAIL_MARKER", ""), help="simulated engine: a prompt containing this text crashes it, for testing retries (IMAGEGEN_SIM_FAIL_MARKER)")
     p.add_argument("--data-dir", default=str(default_data_dir()), help="where built models (and up's server store) live (IMAGEGEN_DATA_DIR)")
@@ -102,12 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--seed", default=None)
     gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--init-image", default=None, help="image-to-image: the picture to start from (a file)")
+    gen.add_argument("--mask-image", default=None, help="inpainting: a mask file, white where to redraw")
+    gen.add_argument("--strength", type=float, default=None, help="image-to-image: how much to change it, 0..1 (0.4)")
+    gen.add_argument("-n", type=int, default=1, help="how many images: OUTPUT, then OUTPUT-2, ... (seeds seed, seed+1, ...)")
     gen.add_argument("--api-key", default=os.environ.get("IMAGEGEN_API_KEY"), help="(IMAGEGEN_API_KEY)")
     return parser
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
-    return Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars)
+    return Limits(
+        max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
+        max_images=args.max_images, max_upload_bytes=args.max_upload_bytes,
+    )
 
 
 def topology_of(args: argparse.Namespace) -> Topology:
@@ -128,6 +146,7 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         blocklist=tuple(t.strip() for t in args.blocklist.split(",") if t.strip()),
         redact_prompts=args.redact_prompts,
         default_timeout_s=args.default_timeout or None,
+        cache_ttl_s=args.cache_ttl,
     )
 
 
@@ -155,6 +174,12 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
         sim_step_s=args.sim_step_s,
         sim_fail_marker=args.sim_fail_marker,
         preview_every=args.preview_every,
+        safety_checker=args.safety_checker,
+        nsfw_action=args.nsfw_action,
+        max_gpu_temp=args.max_gpu_temp,
+        resume_gpu_temp=args.resume_gpu_temp,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         limits=limits_of(args),
         topology=topology_of(args),
         **extra,
@@ -163,11 +188,7 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(level=getattr(args, "log_level", "INFO"), log_format=getattr(args, "log_format", "text"))
     from imagegen import runtime
 
     if args.command == "key":

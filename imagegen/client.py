@@ -7,6 +7,11 @@
         job_id = client.submit("a fox", steps=20)
         client.wait(job_id, on_progress=print)
         client.image(job_id).save("fox.png")
+        foxes = client.generate("a fox in snow", init_image="fox.png", strength=0.6, n=3)  # three images
+
+`init_image` (image-to-image) and `mask_image` (inpainting: white is redrawn) take a PIL image, bytes,
+a file path or a base64 / data URL text. `n` images come as n jobs with seeds seed, seed+1, ...:
+`submit_many` returns their ids, `wait_all` waits for them, and `generate(..., n=k)` returns a list.
 
 `AsyncClient` speaks to one of the two: `url=` a gateway (sending `Authorization: Bearer KEY` when
 `api_key=` is given; progress over the WebSocket `/v1/jobs/{id}/ws`, falling back to polling), or
@@ -22,8 +27,10 @@ gateway or NATS refuses raises `ImagegenError` with its message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import io
+import os
 import threading
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -33,11 +40,11 @@ from urllib.parse import quote
 import aiohttp
 from PIL import Image
 
-from schemas import jobstore, names
+from schemas import jobstore, names, uploads
 from schemas.codec import encode
 from schemas.events import JobEvent
 from schemas.follow import follow_events
-from schemas.job import JobEnvelope
+from schemas.job import JobEnvelope, group_job_ids, new_job_id, new_seed
 from schemas.request import DEFAULT_LIMITS, Limits, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 
@@ -99,6 +106,31 @@ def invalid(exc: RequestInvalid) -> ImagegenError:
     return ImagegenError(str(exc), status=400, field=exc.errors[0]["field"] if exc.errors else None)
 
 
+INLINE_TEXT = 1024  # a str this long (or a data: URL) is the image itself, shorter ones name a file
+
+
+def upload_text(field: str, value: Any) -> str | None:
+    """An init or mask image as the request's base64 text: from a PIL image (sent as PNG), bytes, a file
+    path, or a base64 / data URL text as it is."""
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        value = buffer.getvalue()
+    elif isinstance(value, str) and (value.startswith("data:") or len(value) >= INLINE_TEXT):
+        return value
+    elif isinstance(value, (str, os.PathLike)):
+        try:
+            with open(value, "rb") as file:
+                value = file.read()
+        except OSError as exc:
+            raise ImagegenError(f"{field}: cannot read {os.fspath(value)!r}: {exc.strerror}", field=field) from None
+    if not isinstance(value, (bytes, bytearray)):
+        raise ImagegenError(f"{field}: expected a PIL image, bytes, a file path or base64 text", field=field)
+    return base64.b64encode(bytes(value)).decode("ascii")
+
+
 def open_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
@@ -149,8 +181,9 @@ class HttpTransport:
         response = await self._call(method, url, **kw)
         return await response.json(content_type=None)
 
-    async def submit(self, body: dict[str, Any]) -> str:
-        return (await self._json("POST", f"{self.url}/v1/jobs", json=body))["job_id"]
+    async def submit(self, body: dict[str, Any]) -> list[str]:
+        view = await self._json("POST", f"{self.url}/v1/jobs", json=body)
+        return view.get("job_ids") or [view["job_id"]]
 
     async def status(self, job_id: str) -> dict[str, Any]:
         return await self._json("GET", self._job_url(job_id))
@@ -228,6 +261,7 @@ class NatsTransport:
             try:
                 self.kv = await self.js.key_value(names.STATUS_BUCKET)
                 self.images = await self.js.object_store(names.IMAGES_BUCKET)
+                self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
             except Exception as exc:
                 await nc.close()
                 raise ImagegenError(f"no imagegen buckets on NATS at {self.url} (start a gateway or worker first): {exc}") from None
@@ -240,25 +274,32 @@ class NatsTransport:
             raise ImagegenError(f"unknown job {job_id!r}", status=404)
         return status
 
-    async def submit(self, body: dict[str, Any]) -> str:
+    async def submit(self, body: dict[str, Any]) -> list[str]:
+        """What the gateway does: checks the request and its images, stores the images in object store
+        `imagegen-uploads`, and publishes one job message per image, each naming the stored images."""
         try:
             request = parse_request(body, limits=self.limits)
+            prepared = await asyncio.to_thread(uploads.prepare, request, self.limits)
         except RequestInvalid as exc:
             raise invalid(exc) from None
         await self._connect()
-        envelope = JobEnvelope.for_request(request)
-        status = JobStatus(
-            job_id=envelope.job_id,
-            tier=envelope.tier,
-            request=request.model_dump(mode="json", exclude_none=True),
-            seed=envelope.seed,
-            submitted_at=envelope.submitted_at,
-            deadline=envelope.deadline,
-        )
-        await jobstore.create_status(self.kv, status)
-        await self.js.publish(envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id})
-        await self.nc.publish(names.events_subject(envelope.job_id), encode(JobEvent(type="queued", job_id=envelope.job_id)))
-        return envelope.job_id
+        request, n = prepared.request, prepared.request.n
+        group_id = new_job_id() if n > 1 else None
+        job_ids = group_job_ids(group_id, n) if group_id else [new_job_id()]
+        placement: dict[str, Any] = {"group_id": group_id, "group_size": n}
+        for upload in prepared.uploads:
+            name = uploads.object_name(group_id or job_ids[0], upload.field)
+            placement[upload.field] = await uploads.store(self.uploads, name, upload, timeout_s=self.request_timeout_s * 6)
+        first_seed = request.seed if request.seed is not None or n == 1 else new_seed()
+        for i, job_id in enumerate(job_ids):
+            seed = first_seed + i if first_seed is not None else None
+            envelope = JobEnvelope.for_request(
+                request.model_copy(update={"n": 1, "seed": seed}), job_id=job_id, group_index=i, **placement
+            )
+            await jobstore.create_status(self.kv, envelope.queued_status())
+            await self.js.publish(envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: job_id})
+            await self.nc.publish(names.events_subject(job_id), encode(JobEvent(type="queued", job_id=job_id)))
+        return job_ids
 
     async def status(self, job_id: str) -> dict[str, Any]:
         return (await self._record(job_id)).model_dump(mode="json")
@@ -344,13 +385,39 @@ class AsyncClient:
         negative_prompt: str | None = None,
         format: str | None = None,
         tier: str | None = None,
+        init_image: Any = None,
+        mask_image: Any = None,
+        strength: float | None = None,
         **fields: Any,
     ) -> str:
-        """Queues one image and returns its job id. `fields` are further request fields (guidance,
-        scheduler, loras, use_refiner, model, timeout_s, ...)."""
+        """Queues one image and returns its job id. `init_image` makes it image-to-image (changed by
+        `strength`, 0.4 unless given), `mask_image` too inpainting; both take a PIL image, bytes, a file
+        path or base64 text. `fields` are further request fields (guidance, scheduler, loras,
+        use_refiner, model, timeout_s, ...). For several images, `submit_many`."""
+        if fields.get("n") not in (None, 1):
+            raise ValueError("submit queues one image; use submit_many(prompt, n=...) for several")
+        (job_id,) = await self.submit_many(
+            prompt, n=1, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
+            format=format, tier=tier, init_image=init_image, mask_image=mask_image, strength=strength,
+            **{k: v for k, v in fields.items() if k != "n"},
+        )
+        return job_id
+
+    async def submit_many(
+        self,
+        prompt: str,
+        *,
+        n: int,
+        seed: int | str | None = None,
+        init_image: Any = None,
+        mask_image: Any = None,
+        **fields: Any,
+    ) -> list[str]:
+        """Queues n images of one request, seeds seed, seed+1, ... (a random first seed when none is
+        given), and returns their job ids in seed order. Takes submit's arguments."""
         body = request_body(
-            prompt, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
-            format=format, tier=tier, **fields,
+            prompt, n=n, seed=seed, init_image=upload_text("init_image", init_image),
+            mask_image=upload_text("mask_image", mask_image), **fields,
         )
         return await self.transport.submit(body)
 
@@ -369,6 +436,22 @@ class AsyncClient:
         if final["type"] != JobState.DONE.value:
             raise job_failed(job_id, final["type"], final.get("reason"))
         return await self.status(job_id)
+
+    async def wait_all(
+        self, job_ids: list[str], on_progress: ProgressCallback | None = None, *, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Follows every job until all have ended and returns their final statuses in order; raises
+        JobFailed for the first that ends without an image, JobTimeout after `timeout` seconds in all."""
+        waits = [asyncio.ensure_future(self.wait(job_id, on_progress)) for job_id in job_ids]
+        try:
+            async with asyncio.timeout(timeout):
+                return list(await asyncio.gather(*waits))
+        except TimeoutError:
+            raise JobTimeout(f"jobs {', '.join(job_ids)} did not all finish within {timeout:g}s") from None
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _follow(self, job_id: str, on_progress: ProgressCallback | None) -> dict[str, Any]:
         last_step = 0
@@ -414,24 +497,31 @@ class AsyncClient:
         negative_prompt: str | None = None,
         format: str | None = None,
         tier: str | None = None,
+        init_image: Any = None,
+        mask_image: Any = None,
+        strength: float | None = None,
+        n: int | None = None,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = 600.0,
         **fields: Any,
-    ) -> Image.Image:
-        """Submits, waits and returns the image. A timeout (or the caller's cancellation) cancels the job."""
-        job_id = await self.submit(
-            prompt, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
-            format=format, tier=tier, **fields,
+    ) -> Image.Image | list[Image.Image]:
+        """Submits, waits and returns the image; with `n`, a list of n images (seeds seed, seed+1, ...).
+        A timeout (or the caller's cancellation) cancels the jobs; a failed one raises JobFailed."""
+        job_ids = await self.submit_many(
+            prompt, n=n or 1, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
+            format=format, tier=tier, init_image=init_image, mask_image=mask_image, strength=strength, **fields,
         )
         try:
-            await self.wait(job_id, on_progress, timeout=timeout)
-        except (JobTimeout, asyncio.CancelledError):
-            try:
-                await asyncio.shield(self.cancel(job_id))
-            except ImagegenError:
-                pass
+            await self.wait_all(job_ids, on_progress, timeout=timeout)
+        except (JobFailed, JobTimeout, asyncio.CancelledError):
+            for job_id in job_ids:
+                try:
+                    await asyncio.shield(self.cancel(job_id))
+                except ImagegenError:
+                    pass
             raise
-        return await self.image(job_id)
+        images = [await self.image(job_id) for job_id in job_ids]
+        return images if n is not None else images[0]
 
 
 class Client:
@@ -481,20 +571,31 @@ class Client:
         negative_prompt: str | None = None,
         format: str | None = None,
         tier: str | None = None,
+        init_image: Any = None,
+        mask_image: Any = None,
+        strength: float | None = None,
         **fields: Any,
     ) -> str:
         return self._run(
             self._async.submit(
                 prompt, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
-                format=format, tier=tier, **fields,
+                format=format, tier=tier, init_image=init_image, mask_image=mask_image, strength=strength, **fields,
             )
         )
+
+    def submit_many(self, prompt: str, *, n: int, **fields: Any) -> list[str]:
+        return self._run(self._async.submit_many(prompt, n=n, **fields))
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self._run(self._async.status(job_id))
 
     def wait(self, job_id: str, on_progress: Callable[[Progress], None] | None = None, *, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._async.wait(job_id, on_progress, timeout=timeout))
+
+    def wait_all(
+        self, job_ids: list[str], on_progress: Callable[[Progress], None] | None = None, *, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        return self._run(self._async.wait_all(job_ids, on_progress, timeout=timeout))
 
     def image_bytes(self, job_id: str) -> bytes:
         return self._run(self._async.image_bytes(job_id))
@@ -516,13 +617,18 @@ class Client:
         negative_prompt: str | None = None,
         format: str | None = None,
         tier: str | None = None,
+        init_image: Any = None,
+        mask_image: Any = None,
+        strength: float | None = None,
+        n: int | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         timeout: float | None = 600.0,
         **fields: Any,
-    ) -> Image.Image:
+    ) -> Image.Image | list[Image.Image]:
         return self._run(
             self._async.generate(
                 prompt, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
-                format=format, tier=tier, on_progress=on_progress, timeout=timeout, **fields,
+                format=format, tier=tier, init_image=init_image, mask_image=mask_image, strength=strength, n=n,
+                on_progress=on_progress, timeout=timeout, **fields,
             )
         )

@@ -1,5 +1,6 @@
 """`imagegen generate "a prompt" -o out.png`: submits through the client, shows progress with the ETA,
-saves the image. Ctrl-C cancels the job."""
+saves the image. `--init-image` makes it image-to-image (`--strength`), `--mask-image` inpainting, and
+`-n 3` three images with seeds seed, seed+1, seed+2 (out.png, out-2.png, out-3.png). Ctrl-C cancels."""
 
 from __future__ import annotations
 
@@ -34,19 +35,23 @@ async def generate(args: argparse.Namespace) -> int:
     if fmt is None:
         print(f"error: output: unknown extension {output.suffix!r}; use .png, .jpg or .webp", file=sys.stderr)
         return 2
+    n = getattr(args, "n", 1) or 1
+    outputs = [output] + [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(2, n + 1)]
     async with AsyncClient(args.url, api_key=args.api_key) as client:
         try:
-            job_id = await client.submit(
-                args.prompt, width=args.width, height=args.height, steps=args.steps, seed=args.seed,
-                negative_prompt=args.negative_prompt or None, format=fmt,
+            job_ids = await client.submit_many(
+                args.prompt, n=n, width=args.width, height=args.height, steps=args.steps, seed=args.seed,
+                negative_prompt=args.negative_prompt or None, format=fmt, init_image=getattr(args, "init_image", None),
+                mask_image=getattr(args, "mask_image", None), strength=getattr(args, "strength", None),
             )
         except ImagegenError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"job {job_id}", file=sys.stderr)
+        listed = ", ".join(job_ids)
+        print(f"job {listed}", file=sys.stderr)
         try:
-            await client.wait(job_id, on_progress=show)
-            data = await client.image_bytes(job_id)
+            await client.wait_all(job_ids, on_progress=show)
+            images = [await client.image_bytes(one) for one in job_ids]
         except JobFailed as exc:
             print(f"\n{exc.state}: {exc.reason}", file=sys.stderr)
             return 1
@@ -54,15 +59,17 @@ async def generate(args: argparse.Namespace) -> int:
             print(f"\nerror: {exc}", file=sys.stderr)
             return 1
         except asyncio.CancelledError:
-            print(f"\ninterrupted; cancelling job {job_id}", file=sys.stderr)
-            try:
-                await asyncio.shield(client.cancel(job_id))
-            except ImagegenError:
-                pass
+            print(f"\ninterrupted; cancelling job {listed}", file=sys.stderr)
+            for one in job_ids:
+                try:
+                    await asyncio.shield(client.cancel(one))
+                except ImagegenError:
+                    pass
             raise
     print(file=sys.stderr)
-    output.write_bytes(data)
-    print(f"saved {output}", file=sys.stderr)
+    for path, data in zip(outputs, images):
+        path.write_bytes(data)
+        print(f"saved {path}", file=sys.stderr)
     return 0
 
 

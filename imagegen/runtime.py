@@ -18,6 +18,7 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from gpu_worker.engines import load_engine
 from gpu_worker.settings import WorkerSettings
+from gpu_worker.thermal import TemperatureSensor
 from gpu_worker.worker import Worker
 
 log = logging.getLogger("imagegen")
@@ -42,9 +43,12 @@ async def start_gateway(settings: GatewaySettings) -> RunningGateway:
     return RunningGateway(runner=runner, port=port)
 
 
-async def start_worker(settings: WorkerSettings, *, warm_up: bool = True) -> tuple[Worker, asyncio.Task]:
+async def start_worker(
+    settings: WorkerSettings, *, warm_up: bool = True, sensor: TemperatureSensor | None = None
+) -> tuple[Worker, asyncio.Task]:
+    """Loads the engine, warms it up and starts serving; `sensor` replaces NVML for the temperature guard."""
     engine = await asyncio.get_running_loop().run_in_executor(None, load_engine, settings)
-    worker = Worker(settings, engine)
+    worker = Worker(settings, engine, sensor=sensor)
     if warm_up:
         await worker.warm_up()
     await worker.start()

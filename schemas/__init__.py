@@ -8,7 +8,7 @@ from schemas.events import JobEvent
 from schemas.job import JobEnvelope, new_job_id
 from schemas.names import TIERS, Tier, events_subject
 from schemas.request import DEFAULT_LIMITS, GenerateRequest, Limits, RequestInvalid, parse_request
-from schemas.status import ImageRef, JobState, JobStatus
+from schemas.status import ImageRef, JobState, JobStatus, UploadRef
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -24,6 +24,7 @@ __all__ = [
     "Limits",
     "RequestInvalid",
     "Tier",
+    "UploadRef",
     "decode",
     "encode",
     "events_subject",

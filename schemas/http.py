@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.status import UploadRef
+
 
 class ErrorBody(BaseModel):
     error: str = Field(description="What is wrong, naming the field.")
@@ -17,6 +19,9 @@ class MfluxGenerateResponse(BaseModel):
     task_id: str
     task_length: int = Field(description="Jobs ahead of this one, running ones included, plus itself.")
     expected_time_seconds: float
+    task_ids: list[str] | None = Field(None, description="With n > 1: every task of the request, task_id first.")
+    group_id: str | None = Field(None, description="With n > 1: the group of the tasks (GET /v1/groups/{group_id}).")
+    cached: bool | None = Field(None, description="true when answered from the result cache: the image is ready now.")
 
 
 class MfluxStatusResponse(BaseModel):
@@ -24,6 +29,8 @@ class MfluxStatusResponse(BaseModel):
     pos: int | None = Field(None, description="Jobs queued ahead; 0 when running or next.")
     wait_remaining: float | None = Field(None, description="Seconds until the image is expected.")
     error: str | None = None
+    cached: bool | None = Field(None, description="true when the image came from the result cache.")
+    nsfw: bool | None = Field(None, description="true when the safety check replaced the image by a black one.")
 
 
 class MfluxTask(BaseModel):
@@ -80,9 +87,28 @@ class JobView(BaseModel):
     worker: str | None = None
     attempt: int = 0
     error: str | None = None
+    cached: bool = Field(False, description="Answered from the result cache: no GPU ran for this job.")
+    nsfw: bool = Field(False, description="The safety check flagged the image; it was replaced by a black one.")
     image_url: str | None = None
     events_url: str
     websocket_url: str
+    init_image: UploadRef | None = Field(None, description="Image-to-image: the stored init image.")
+    mask_image: UploadRef | None = Field(None, description="Inpainting: the stored mask.")
+    group_id: str | None = Field(None, description="With n > 1: the group this job belongs to.")
+    group_index: int = Field(0, description="Its place in the group; its seed is the first seed + group_index.")
+    job_ids: list[str] | None = Field(None, description="With n > 1: every job of the group, in seed order.")
+    group_url: str | None = Field(None, description="With n > 1: where the whole group is shown.")
+
+
+class GroupView(BaseModel):
+    """The jobs one request of n images made, in seed order."""
+
+    group_id: str
+    size: int = Field(description="Jobs the request made (its n).")
+    job_ids: list[str]
+    states: dict[str, int] = Field(description="How many of the jobs still there are in each state.")
+    finished: bool = Field(description="Every job still there has ended (done, failed, cancelled or expired).")
+    jobs: list[JobView]
 
 
 
@@ -96,7 +122,9 @@ class OpenAIImageRequest(BaseModel):
     model: str | None = Field(
         None, description="A served model, or an OpenAI name (dall-e-2, dall-e-3, gpt-image-1, ...) for the current one."
     )
-    n: int = Field(1, ge=1, le=10, description="How many images, 1..10; one job each, seeds seed, seed+1, ...")
+    n: int = Field(
+        1, ge=1, description="How many images, 1..the server's limit (8 unless configured); one job each, seeds seed, seed+1, ..."
+    )
     size: str | None = Field(None, description="WIDTHxHEIGHT, multiples of 8 (e.g. 1024x1024), or auto (1024x1024).")
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
         None,

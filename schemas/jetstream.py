@@ -130,7 +130,24 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
             await js.create_key_value(config)
         except BadRequestError:  # exists with other settings: the first process's settings stand
             log.warning("bucket %s exists with other settings; keeping them", config.bucket)
+    for bucket in (names.IMAGES_BUCKET, names.UPLOADS_BUCKET):  # uploads live as long as their job's record
+        try:
+            await js.create_object_store(bucket, config=ObjectStoreConfig(ttl=t.job_ttl_s, replicas=t.replicas))
+        except BadRequestError:
+            log.warning("object store %s exists with other settings; keeping them", bucket)
+
+
+async def ensure_result_cache(js: JetStreamContext, *, ttl_s: float, replicas: int = 1) -> None:
+    """Creates the result cache's object store with entries living `ttl_s`, or sets an existing one's
+    TTL to it: the gateway started last decides (give every gateway the same --cache-ttl)."""
     try:
-        await js.create_object_store(names.IMAGES_BUCKET, config=ObjectStoreConfig(ttl=t.job_ttl_s, replicas=t.replicas))
-    except BadRequestError:
-        log.warning("object store %s exists with other settings; keeping them", names.IMAGES_BUCKET)
+        await js.create_object_store(names.CACHE_BUCKET, config=ObjectStoreConfig(ttl=ttl_s, replicas=replicas))
+        return
+    except BadRequestError:  # exists with another TTL
+        pass
+    config = (await js.stream_info(f"OBJ_{names.CACHE_BUCKET}")).config
+    if abs((config.max_age or 0) - ttl_s) > 0.001:
+        log.info("result cache TTL %.0fs -> %.0fs", config.max_age or 0, ttl_s)
+        config.max_age = ttl_s
+        config.duplicate_window = min(config.duplicate_window or ttl_s, ttl_s)
+        await js.update_stream(config)

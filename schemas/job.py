@@ -5,10 +5,11 @@ from __future__ import annotations
 import secrets
 import time
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.names import Tier
 from schemas.request import GenerateRequest
+from schemas.status import JobStatus, UploadRef
 
 JOB_ID_BYTES = 16  # 128 random bits
 
@@ -20,6 +21,11 @@ def new_job_id() -> str:
 
 def new_seed() -> int:
     return secrets.randbelow(2**32)
+
+
+def group_job_ids(group_id: str, size: int) -> list[str]:
+    """The jobs of a group of `size` images: `<group_id>-0`, `<group_id>-1`, ..."""
+    return [f"{group_id}-{i}" for i in range(size)]
 
 
 class JobEnvelope(BaseModel):
@@ -34,6 +40,32 @@ class JobEnvelope(BaseModel):
     submitted_at: float = Field(default_factory=time.time)
     owner: str | None = Field(None, description="Name of the API key that submitted the job.")
     deadline: float | None = Field(None, description="Epoch seconds after which a queued job is not started.")
+    init_image: UploadRef | None = Field(
+        None, description="Image-to-image: the init image, an object in object store imagegen-uploads."
+    )
+    mask_image: UploadRef | None = Field(None, description="Inpainting: the mask, an object in imagegen-uploads.")
+    group_id: str | None = Field(
+        None, min_length=8, max_length=60, pattern=r"^[A-Za-z0-9_-]+$", description="The request of n images this job belongs to."
+    )
+    group_index: int = Field(0, ge=0)
+    group_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_image_by_reference(self) -> "JobEnvelope":
+        if self.request.init_image is not None or self.request.mask_image is not None:
+            raise ValueError(
+                "images travel through object store imagegen-uploads: store them there and set the job's "
+                "init_image / mask_image references, not the request's base64 fields"
+            )
+        if self.mask_image is not None and self.init_image is None:
+            raise ValueError("mask_image: inpainting needs an init_image reference too")
+        if self.request.n != 1:
+            raise ValueError(
+                "n: one job message makes one image; publish one per image (seeds seed, seed+1, ...) with a shared group_id"
+            )
+        if self.group_index >= self.group_size:
+            raise ValueError(f"group_index {self.group_index} is not below group_size {self.group_size}")
+        return self
 
     @classmethod
     def for_request(
@@ -43,7 +75,9 @@ class JobEnvelope(BaseModel):
         job_id: str | None = None,
         owner: str | None = None,
         default_timeout_s: float | None = None,
+        **placement: object,
     ) -> "JobEnvelope":
+        """`placement`: init_image, mask_image, group_id, group_index, group_size."""
         submitted_at = time.time()
         timeout_s = request.timeout_s or default_timeout_s
         return cls(
@@ -54,4 +88,22 @@ class JobEnvelope(BaseModel):
             owner=owner,
             submitted_at=submitted_at,
             deadline=submitted_at + timeout_s if timeout_s else None,
+            **placement,
+        )
+
+    def queued_status(self) -> JobStatus:
+        """The first status record of this job."""
+        return JobStatus(
+            job_id=self.job_id,
+            tier=self.tier,
+            request=self.request.model_dump(mode="json", exclude_none=True),
+            seed=self.seed,
+            owner=self.owner,
+            submitted_at=self.submitted_at,
+            deadline=self.deadline,
+            init_image=self.init_image,
+            mask_image=self.mask_image,
+            group_id=self.group_id,
+            group_index=self.group_index,
+            group_size=self.group_size,
         )

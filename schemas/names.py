@@ -20,6 +20,8 @@ WORKERS_BUCKET = "imagegen-workers"
 CONFIG_BUCKET = "imagegen-config"
 RATE_BUCKET = "imagegen-ratelimits"
 IMAGES_BUCKET = "imagegen-images"
+CACHE_BUCKET = "imagegen-cache"  # object store: result cache, object name = cache key
+UPLOADS_BUCKET = "imagegen-uploads"  # init and mask images a job reads, by object name
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from schemas.names import Tier
 
@@ -45,6 +45,8 @@ class Limits:
     min_side: int = 64
     max_steps: int = 100
     max_prompt_chars: int = 2000
+    max_images: int = 8  # most images (`n`) one request may ask for
+    max_upload_bytes: int = 8 * 1024 * 1024  # largest init or mask image, in bytes as decoded
 
 
 DEFAULT_LIMITS = Limits()
@@ -70,7 +72,8 @@ class RequestInvalid(ValueError):
 
 
 class GenerateRequest(BaseModel):
-    """A text-to-image request. Field names follow mflux-server, plus the SDXL fields of the FastAPI tutorial."""
+    """An image request: text-to-image, image-to-image with `init_image`, inpainting with `mask_image` too.
+    Field names follow mflux-server, plus the SDXL fields of the FastAPI tutorial."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
@@ -103,9 +106,38 @@ class GenerateRequest(BaseModel):
         description="LoRA adapters loaded on the worker, by name, with their weights, e.g. {\"pixel-art\": 0.8}.",
     )
     model: str | None = Field(None, description="Model to use; the service's current model when absent.")
-    init_image: str | None = Field(None, description="Base64 image for image-to-image (mflux-server field).")
+    init_image: str | None = Field(
+        None,
+        description="Image-to-image: the picture to start from, base64 or a data:image/...;base64, URL (mflux-server's "
+        "field). Without width and height the output takes its size (rounded down to multiples of 8); with them it is "
+        "scaled and centre-cropped to fit. Over NATS, upload it to object store imagegen-uploads and reference it from "
+        "the job message instead.",
+    )
+    mask_image: str | None = Field(
+        None,
+        description="Inpainting, with init_image: a mask of the init image's size, base64 or data URL; white areas are "
+        "redrawn, black ones kept (grey blends).",
+    )
+    strength: float = Field(
+        0.4,
+        gt=0.0,
+        le=1.0,
+        description="With init_image: how much to change it, 0 < strength <= 1 (mflux-server's default 0.4). The "
+        "denoiser runs int(steps x strength) of the steps, at least one; 1.0 redraws from noise.",
+    )
+    n: int = Field(
+        1,
+        ge=1,
+        description="How many images: one job each, with seeds seed, seed+1, ..., grouped under one group id; at most "
+        "the server's limit (8 unless configured).",
+    )
     timeout_s: float | None = Field(
         None, gt=0, le=7 * 24 * 3600, description="Give up if no worker has started the job after this many seconds."
+    )
+    cache: bool | None = Field(
+        None,
+        description="Result cache: true also caches a request without a seed, false never uses the cache; "
+        "absent: requests with a seed are answered from (and stored in) the cache.",
     )
 
     @field_validator("prompt")
@@ -177,12 +209,29 @@ class GenerateRequest(BaseModel):
                 raise ValueError(f"weight of {name!r} must be between -{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {weight!r}")
         return value
 
-    @field_validator("init_image")
+    @field_validator("init_image", "mask_image", mode="before")
     @classmethod
-    def _no_init_image_yet(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("image-to-image is not available on this server")
-        return None
+    def _upload_text(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None  # mflux-server's web UI sends an empty init_image when nothing was uploaded
+        if not isinstance(value, str):
+            raise ValueError("must be a base64 string or a data:image/...;base64, URL")
+        return value
+
+    @field_validator("mask_image")
+    @classmethod
+    def _mask_needs_init(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("init_image") is None:
+            raise ValueError("inpainting needs an init_image to paint into")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _seeds_in_range(cls, value: int, info: ValidationInfo) -> int:
+        seed = info.data.get("seed")
+        if seed is not None and seed + value - 1 > MAX_SEED:
+            raise ValueError(f"seed + n - 1 must not exceed {MAX_SEED}")
+        return value
 
     @property
     def effective_tier(self) -> Tier:
@@ -222,6 +271,8 @@ def limit_problems(request: GenerateRequest, limits: Limits) -> list[dict[str, s
         )
     if request.steps is not None and not 1 <= request.steps <= limits.max_steps:
         problems.append({"field": "steps", "message": f"must be between 1 and {limits.max_steps}, got {request.steps}"})
+    if request.n > limits.max_images:
+        problems.append({"field": "n", "message": f"must be between 1 and {limits.max_images}, got {request.n}"})
     return problems
 
 

@@ -35,6 +35,16 @@ class ImageRef(BaseModel):
     height: int
 
 
+class UploadRef(BaseModel):
+    """An uploaded image a job reads (init or mask): object `name` in object store `imagegen-uploads`.
+    The other fields describe it and may be left out by a publisher; the worker reads the object itself."""
+
+    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.=/-]+$")
+    size: int | None = Field(None, ge=0, description="Bytes.")
+    width: int | None = None
+    height: int | None = None
+
+
 class JobStatus(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -57,9 +67,17 @@ class JobStatus(BaseModel):
     error: str | None = None
     image: ImageRef | None = None
     cancel_requested: bool = False
+    cached: bool = Field(False, description="Answered from the result cache: no GPU ran for this job.")
+    cache_key: str | None = Field(None, description="The result-cache key this job's image is stored under once done.")
+    nsfw: bool = Field(False, description="The safety check flagged the image; it was replaced by a black one.")
     deleted: bool = Field(
         False, description="Removed by its owner: hidden everywhere; the record stays until its TTL as a tombstone."
     )
+    init_image: UploadRef | None = Field(None, description="Image-to-image: the uploaded init image.")
+    mask_image: UploadRef | None = Field(None, description="Inpainting: the uploaded mask.")
+    group_id: str | None = Field(None, description="The request of n images this job belongs to (n > 1).")
+    group_index: int = Field(0, description="This job's place in its group: seed = first seed + group_index.")
+    group_size: int = Field(1, description="Jobs in the group (the request's n).")
 
     @property
     def compute_time(self) -> float | None:

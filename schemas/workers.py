@@ -35,6 +35,8 @@ class WorkerInfo(BaseModel):
     state: str = "idle"
     job_id: str | None = None
     jobs_done: int = 0
+    paused_hot: bool = Field(False, description="Takes no new job until its GPU cools below the resume temperature.")
+    gpu_temp_c: float | None = Field(None, description="The GPU temperature last read, when a sensor is configured.")
     started_at: float = Field(default_factory=time.time)
     seen_at: float = Field(default_factory=time.time)
     speed: SpeedModel = Field(default_factory=SpeedModel)

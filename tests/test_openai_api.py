@@ -73,7 +73,7 @@ async def test_urls_fetch_the_images_and_openai_model_names_mean_the_current_mod
         ({"size": "63x64"}, "size", "width must be a multiple of 8"),
         ({"size": "big"}, "size", "WIDTHxHEIGHT"),
         ({"size": "4096x4096"}, "size", "pixel budget"),
-        ({"n": 11}, "n", "10"),
+        ({"n": 9}, "n", "between 1 and 8"),
         ({"model": "stable-cascade"}, "model", "tiny-sdxl"),
         ({"prompt": "  "}, "prompt", "empty"),
         ({"response_format": "gif"}, "response_format", "b64_json"),

@@ -1,0 +1,525 @@
+"""Soak: thousands of jobs through real processes while workers are SIGKILLed and the broker restarts.
+
+A nats-server with file storage, a gateway process and worker processes (`imagegen worker --model
+simulated`, a few milliseconds a step, a short ack wait so that a killed worker's job comes back
+quickly). Jobs go in over HTTP at a steady rate, each with its own Idempotency-Key (a submit that got
+503 or no answer while the broker was away is sent again with the same key, so nothing is doubled).
+Meanwhile workers that hold a job are SIGKILLed at random moments and started again, and the broker
+is SIGKILLed once and started again on the same port and store.
+
+Then every job is checked from the broker itself: its status record (KV), its image (object store),
+its events (stream IMAGEGEN_EVENTS). lost = never final; duplicates = a job with more than one
+image or more than one `done` event, or a job the client never asked for; redeliveries = tries past
+the first (the status's attempt number).
+
+  python bench/soak.py                      # 2,000 jobs, 4 workers, 8 kills, 1 broker restart
+  python bench/soak.py --jobs 300 --kills 3 # a shorter run
+
+Writes bench/results/soak.json (or --out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import aiohttp  # noqa: E402
+import msgpack  # noqa: E402
+import nats  # noqa: E402
+from nats.js.api import DeliverPolicy  # noqa: E402
+from nats.js.errors import KeyNotFoundError, NotFoundError  # noqa: E402
+
+from common import RESULTS, OtherLoad, machine, markdown_table, percentile  # noqa: E402
+from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
+from schemas import names  # noqa: E402
+from schemas.codec import decode  # noqa: E402
+from schemas.status import JobStatus  # noqa: E402
+
+RETRY_STATUSES = {502, 503, 504}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoakSettings:
+    jobs: int = 2000
+    workers: int = 4
+    rate: float = 50.0  # submissions per second, open loop: below what 4 workers and one gateway do on 2 cores
+    kills: int = 8  # SIGKILLs of busy workers, each started again at once
+    broker_outage_s: float = 2.0  # how long the broker stays down on its one restart
+    steps: int = 4
+    step_s: float = 0.01  # simulated engine: seconds per step
+    ack_wait_s: float = 2.0  # a killed worker's job is redelivered after this
+    max_deliver: int = 5
+    submit_deadline_s: float = 60.0  # per job, retries included
+    drain_timeout_s: float = 120.0  # after the last submit, for every job to become final
+    seed: int = 1
+    workdir: str | None = None  # kept when given (logs, the broker's store); else a temporary folder
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """One process of the product, its output in a log file."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def wait_for_log(self, needle: str, *, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.log():
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not log {needle!r} within {timeout}s; see {self.log_path}")
+            await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        if self.alive:
+            self.process.send_signal(signal.SIGKILL)
+        for _ in range(200):
+            if not self.alive:
+                return
+            await asyncio.sleep(0.05)
+
+
+@dataclass
+class Stack:
+    settings: SoakSettings
+    workdir: Path
+    broker: EmbeddedNats
+    gateway: Proc | None = None
+    workers: dict[int, Proc] = field(default_factory=dict)
+    started: list[Proc] = field(default_factory=list)
+
+    def topology_flags(self) -> list[str]:
+        return ["--ack-wait", str(self.settings.ack_wait_s), "--max-deliver", str(self.settings.max_deliver)]
+
+    def spawn(self, name: str, args: list[str]) -> Proc:
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "imagegen", *args],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        proc = Proc(name=name, process=process, log_path=log_path)
+        self.started.append(proc)
+        return proc
+
+    async def start_gateway(self) -> str:
+        port = free_port()
+        self.gateway = self.spawn("gateway", ["gateway", "--nats", self.broker.url, "--port", str(port), *self.topology_flags()])
+        await self.gateway.wait_for_log(f"gateway listening on http://127.0.0.1:{port}")
+        return f"http://127.0.0.1:{port}"
+
+    async def start_worker(self, slot: int, generation: int) -> Proc:
+        worker_id = f"soak-w{slot}-{generation}"
+        proc = self.spawn(
+            worker_id,
+            ["worker", "--nats", self.broker.url, "--model", "simulated", "--worker-id", worker_id,
+             "--sim-step-s", str(self.settings.step_s), "--preview-every", "0", "--data-dir", str(self.workdir / "data"),
+             *self.topology_flags()],
+        )
+        self.workers[slot] = proc
+        await proc.wait_for_log(" ready: model=simulated")
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.alive:
+                proc.process.kill()
+                proc.process.wait(timeout=10)
+        self.broker.stop()
+
+
+# -- the client side ------------------------------------------------------------------------------
+
+
+@dataclass
+class Submitted:
+    n: int
+    key: str
+    submitted_at: float  # wall clock of the first try
+    job_id: str | None = None
+    tries: int = 0
+    error: str | None = None
+
+
+async def submit_one(http: aiohttp.ClientSession, url: str, job: Submitted, body: dict, deadline_s: float) -> None:
+    """POSTs until the gateway takes the job; 5xx or no answer: the same request, the same key, again."""
+    deadline = time.monotonic() + deadline_s
+    pause = 0.1
+    while True:
+        job.tries += 1
+        try:
+            async with http.post(
+                f"{url}/v1/jobs", json=body, headers={"Idempotency-Key": job.key}, timeout=aiohttp.ClientTimeout(total=10)
+            ) as r:
+                if r.status == 202:
+                    job.job_id = (await r.json())["job_id"]
+                    return
+                text = await r.text()
+                if r.status not in RETRY_STATUSES:
+                    job.error = f"HTTP {r.status}: {text[:200]}"
+                    return
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        if time.monotonic() + pause > deadline:
+            job.error = f"not taken after {job.tries} tries in {deadline_s:.0f}s"
+            return
+        await asyncio.sleep(pause)
+        pause = min(1.0, pause * 2)
+
+
+class BusyWorkers:
+    """Which worker holds which job, from the live `started` and final events."""
+
+    def __init__(self) -> None:
+        self.holding: dict[str, str] = {}
+
+    async def on_event(self, msg) -> None:
+        try:
+            event = msgpack.unpackb(msg.data)
+        except Exception:
+            return
+        kind, worker = event.get("type"), event.get("worker")
+        if kind == "started" and worker:
+            self.holding[worker] = event.get("job_id", "")
+        elif kind in ("done", "failed", "cancelled", "expired"):
+            for name, job_id in list(self.holding.items()):
+                if job_id == event.get("job_id"):
+                    del self.holding[name]
+
+
+@dataclass
+class Chaos:
+    kills: list[dict] = field(default_factory=list)
+    broker_restarts: list[dict] = field(default_factory=list)
+
+
+async def make_chaos(stack: Stack, busy: BusyWorkers, window_s: float, rng: random.Random, chaos: Chaos, t0: float) -> None:
+    """SIGKILLs of busy workers at random moments of the submit window, and one broker restart mid-way."""
+    settings = stack.settings
+    moments = sorted(rng.uniform(0.05, 0.9) * window_s for _ in range(settings.kills))
+    plan = [(m, "kill") for m in moments] + [(0.5 * window_s, "broker")]
+    generation = settings.workers
+    for at, what in sorted(plan):
+        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+        if what == "broker":
+            url = stack.broker.url
+            stack.broker.process.kill()
+            stack.broker.process.wait(timeout=10)
+            down_at = time.monotonic()
+            await asyncio.sleep(settings.broker_outage_s)
+            await asyncio.get_running_loop().run_in_executor(None, stack.broker.start)
+            if stack.broker.url != url:
+                raise RuntimeError(f"the broker came back on {stack.broker.url}, not {url}")
+            chaos.broker_restarts.append({"at_s": round(down_at - t0, 2), "down_s": round(time.monotonic() - down_at, 2)})
+            continue
+        holding = {name: job for name, job in busy.holding.items() if any(p.name == name and p.alive for p in stack.workers.values())}
+        slots = [slot for slot, proc in stack.workers.items() if proc.name in holding] or list(stack.workers)
+        slot = rng.choice(slots)
+        victim = stack.workers[slot]
+        job_id = holding.get(victim.name)
+        await victim.kill()
+        killed_at = time.monotonic()
+        busy.holding.pop(victim.name, None)
+        generation += 1
+        await stack.start_worker(slot, generation)
+        chaos.kills.append({
+            "at_s": round(killed_at - t0, 2), "worker": victim.name, "job_in_hand": job_id,
+            "replacement_ready_s": round(time.monotonic() - killed_at, 2),
+        })
+
+
+# -- checking what the broker holds ---------------------------------------------------------------
+
+
+async def read_statuses(js, job_ids: list[str]) -> dict[str, JobStatus | None]:
+    kv = await js.key_value(names.STATUS_BUCKET)
+    found: dict[str, JobStatus | None] = {}
+    gate = asyncio.Semaphore(32)
+
+    async def one(job_id: str) -> None:
+        async with gate:
+            try:
+                entry = await kv.get(job_id)
+                found[job_id] = decode(entry.value, JobStatus) if entry.value else None
+            except KeyNotFoundError:
+                found[job_id] = None
+
+    await asyncio.gather(*(one(j) for j in job_ids))
+    return found
+
+
+async def wait_final(js, job_ids: list[str], timeout_s: float) -> dict[str, JobStatus | None]:
+    """Status records, re-read until every job is final or the time is up."""
+    statuses: dict[str, JobStatus | None] = {}
+    open_ids = list(job_ids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            statuses.update(await read_statuses(js, open_ids))
+        except Exception:  # the broker answers slowly right after its restart: read again
+            pass
+        open_ids = [j for j in open_ids if statuses.get(j) is None or not statuses[j].state.final]
+        if not open_ids or time.monotonic() > deadline:
+            return statuses
+        await asyncio.sleep(0.5)
+
+
+async def stored_objects(js) -> Counter:
+    """Live objects in the image store, counted by name."""
+    obs = await js.object_store(names.IMAGES_BUCKET)
+    try:
+        infos = await obs.list()
+    except NotFoundError:
+        return Counter()
+    return Counter(info.name for info in infos if not info.deleted)
+
+
+async def object_sizes(js, job_ids: list[str]) -> dict[str, int]:
+    obs = await js.object_store(names.IMAGES_BUCKET)
+    sizes: dict[str, int] = {}
+    gate = asyncio.Semaphore(32)
+
+    async def one(job_id: str) -> None:
+        async with gate:
+            try:
+                sizes[job_id] = (await obs.get_info(job_id)).size
+            except NotFoundError:
+                pass
+
+    await asyncio.gather(*(one(j) for j in job_ids))
+    return sizes
+
+
+async def stored_events(js, *, quiet_s: float = 2.0) -> tuple[Counter, Counter]:
+    """(`done` events, `started` events) per job, from stream IMAGEGEN_EVENTS."""
+    total = (await js.stream_info(names.EVENTS_STREAM)).state.messages
+    sub = await js.subscribe(f"{names.EVENTS_SUBJECT_PREFIX}.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    done, started = Counter(), Counter()
+    try:
+        for _ in range(total):
+            try:
+                msg = await sub.next_msg(timeout=quiet_s)
+            except nats.errors.TimeoutError:
+                break
+            event = msgpack.unpackb(msg.data)
+            if event.get("type") == "done":
+                done[event.get("job_id")] += 1
+            elif event.get("type") == "started":
+                started[event.get("job_id")] += 1
+    finally:
+        await sub.unsubscribe()
+    return done, started
+
+
+# -- one run --------------------------------------------------------------------------------------
+
+
+async def run_soak(settings: SoakSettings) -> dict[str, Any]:
+    rng = random.Random(settings.seed)
+    with tempfile.TemporaryDirectory(prefix="imagegen-soak-") as scratch:
+        workdir = Path(settings.workdir or scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        broker = EmbeddedNats(store_dir=workdir / "nats", port=free_port(), extra_args=["-l", str(workdir / "nats.log")])
+        broker.start()
+        stack = Stack(settings=settings, workdir=workdir, broker=broker)
+        try:
+            with OtherLoad() as other:
+                result = await _run(stack, rng)
+            return result | {"other_load_cores": other.cores}
+        finally:
+            stack.stop_all()
+
+
+async def _run(stack: Stack, rng: random.Random) -> dict[str, Any]:
+    settings = stack.settings
+    url = await stack.start_gateway()
+    await asyncio.gather(*(stack.start_worker(slot, slot) for slot in range(settings.workers)))
+    busy = BusyWorkers()
+    async def quiet(*_args) -> None:  # the broker's restart is planned: no tracebacks for it
+        pass
+
+    nc = await nats.connect(
+        stack.broker.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=quiet, disconnected_cb=quiet
+    )
+    try:
+        await nc.subscribe(f"{names.EVENTS_SUBJECT_PREFIX}.*", cb=busy.on_event)
+        run_tag = f"{settings.seed}-{int(time.time())}"
+        jobs = [Submitted(n=n, key=f"soak-{run_tag}-{n}", submitted_at=0.0) for n in range(settings.jobs)]
+        window_s = settings.jobs / settings.rate
+        chaos = Chaos()
+        t0 = time.monotonic()
+        chaos_task = asyncio.create_task(make_chaos(stack, busy, window_s, rng, chaos, t0))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+            pending = []
+            for job in jobs:
+                await asyncio.sleep(max(0.0, t0 + job.n / settings.rate - time.monotonic()))
+                job.submitted_at = time.time()
+                body = {"prompt": f"soak job {job.n}", "width": 64, "height": 64, "steps": settings.steps, "seed": job.n}
+                pending.append(asyncio.create_task(submit_one(http, url, job, body, settings.submit_deadline_s)))
+            await asyncio.gather(*pending)
+        submitted_s = time.monotonic() - t0
+        await chaos_task
+        js = nc.jetstream(timeout=10)
+        taken = [j.job_id for j in jobs if j.job_id]
+        statuses = await wait_final(js, taken, settings.drain_timeout_s)
+        finished_s = time.monotonic() - t0
+        objects = await stored_objects(js)
+        sizes = await object_sizes(js, taken)
+        done_events, started_events = await stored_events(js)
+        kv = await js.key_value(names.STATUS_BUCKET)
+        every_key = set(await kv.keys())
+    finally:
+        await nc.close()
+    return figures(
+        settings, jobs, statuses, objects, sizes, done_events, started_events, every_key, chaos,
+        submitted_s=submitted_s, finished_s=finished_s, stack=stack,
+    )
+
+
+def figures(
+    settings: SoakSettings, jobs: list[Submitted], statuses: dict, objects: Counter, sizes: dict, done_events: Counter,
+    started_events: Counter, every_key: set, chaos: Chaos, *, submitted_s: float, finished_s: float, stack: Stack,
+) -> dict[str, Any]:
+    taken = [j for j in jobs if j.job_id]
+    states = Counter(statuses[j.job_id].state.value if statuses.get(j.job_id) else "missing" for j in taken)
+    final = {j.job_id for j in taken if statuses.get(j.job_id) and statuses[j.job_id].state.final}
+    done = [j for j in taken if statuses.get(j.job_id) and statuses[j.job_id].state.value == "done"]
+    ids = {j.job_id for j in taken}
+    image_ok = [
+        j for j in done
+        if objects[j.job_id] == 1 and statuses[j.job_id].image is not None and sizes.get(j.job_id) == statuses[j.job_id].image.size
+    ]
+    doubled = {job_id for job_id in ids if objects[job_id] > 1 or done_events[job_id] > 1}
+    strays = sorted(every_key - ids)  # records of jobs the client never asked for (a doubled submit)
+    attempts = [statuses[j.job_id].attempt for j in done]
+    latencies = [statuses[j.job_id].finished_at - j.submitted_at for j in done if statuses[j.job_id].finished_at]
+    worker_logs = [p for p in stack.started if p is not stack.gateway]
+    return {
+        "config": asdict(settings) | {"workdir": None},
+        "processes": "nats-server (file storage), 1 gateway process, "
+        f"{settings.workers} worker processes (imagegen worker --model simulated), the client in this process",
+        "jobs": settings.jobs,
+        "submitted": len(taken),
+        "not_submitted": [j.error for j in jobs if not j.job_id][:10],
+        "submit_retries": sum(j.tries - 1 for j in jobs),
+        "states": dict(states),
+        "final": len(final),
+        "done": len(done),
+        "lost": len(ids - final) + (settings.jobs - len(taken)),
+        "done_with_one_image": len(image_ok),
+        "duplicates": len(doubled) + len(strays),
+        "duplicate_ids": sorted(doubled)[:10] + strays[:10],
+        "kills": len(chaos.kills),
+        "kills_of_a_busy_worker": sum(1 for k in chaos.kills if k["job_in_hand"]),
+        "broker_restarts": len(chaos.broker_restarts),
+        "redeliveries": sum(a - 1 for a in attempts if a > 1),
+        "jobs_redelivered": sum(1 for a in attempts if a > 1),
+        "extra_runs": sum(max(0, started_events[j.job_id] - statuses[j.job_id].attempt) for j in done),
+        "latency_s": {
+            "p50": round(percentile(latencies, 50), 3),
+            "p99": round(percentile(latencies, 99), 3),
+            "max": round(max(latencies), 3) if latencies else None,
+        },
+        "submit_window_s": round(submitted_s, 1),
+        "all_final_after_s": round(finished_s, 1),
+        "chaos": {"kills": chaos.kills, "broker_restarts": chaos.broker_restarts},
+        "processes_alive_at_end": {
+            "gateway": bool(stack.gateway and stack.gateway.alive),
+            "workers": sum(1 for p in stack.workers.values() if p.alive),
+        },
+        "errors_logged": {
+            "gateway": stack.gateway.log().count(" ERROR ") if stack.gateway else 0,
+            "workers": sum(p.log().count(" ERROR ") for p in worker_logs),
+        },
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [
+        ["jobs submitted", result["submitted"]],
+        ["done", result["done"]],
+        ["failed / other final", result["final"] - result["done"]],
+        ["lost (never final)", result["lost"]],
+        ["duplicates", result["duplicates"]],
+        ["done jobs with exactly one image", result["done_with_one_image"]],
+        ["worker SIGKILLs (holding a job)", f"{result['kills']} ({result['kills_of_a_busy_worker']})"],
+        ["broker restarts (SIGKILL)", result["broker_restarts"]],
+        ["redeliveries (tries past the first)", result["redeliveries"]],
+        ["extra runs of a delivery the restarted broker forgot", result["extra_runs"]],
+        ["submits retried after 503 / no answer", result["submit_retries"]],
+        ["latency submit -> done p50", f"{result['latency_s']['p50']:.2f} s"],
+        ["latency submit -> done p99", f"{result['latency_s']['p99']:.2f} s"],
+        ["all final after", f"{result['all_final_after_s']:.0f} s"],
+    ]
+    return markdown_table(["", "figure"], rows)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[SoakSettings, Path]:
+    defaults = SoakSettings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=defaults.jobs)
+    p.add_argument("--workers", type=int, default=defaults.workers)
+    p.add_argument("--rate", type=float, default=defaults.rate, help="submissions per second")
+    p.add_argument("--kills", type=int, default=defaults.kills, help="worker SIGKILLs during the run")
+    p.add_argument("--broker-outage", type=float, default=defaults.broker_outage_s, help="seconds the broker stays down")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--step-s", type=float, default=defaults.step_s)
+    p.add_argument("--ack-wait", type=float, default=defaults.ack_wait_s)
+    p.add_argument("--max-deliver", type=int, default=defaults.max_deliver)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--workdir", default=None, help="keep logs and the broker's store here")
+    p.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    a = p.parse_args(argv)
+    settings = SoakSettings(
+        jobs=a.jobs, workers=a.workers, rate=a.rate, kills=a.kills, broker_outage_s=a.broker_outage, steps=a.steps,
+        step_s=a.step_s, ack_wait_s=a.ack_wait, max_deliver=a.max_deliver, seed=a.seed, workdir=a.workdir,
+    )
+    return settings, a.out
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"benchmark": "soak", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **result}
+    out.write_text(json.dumps(body, indent=2, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, out = parse_args(argv)
+    result = asyncio.run(run_soak(settings))
+    write(result, out)
+    print(table(result))
+    print(f"\nwritten to {out}")
+    return 0 if result["lost"] == 0 and result["duplicates"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Images a request brings along: image-to-image's init image and inpainting's mask.
+
+They arrive as base64 or a `data:image/...;base64,` URL (as mflux-server takes `init_image`), and each
+must decode, be a picture PIL reads, hold at most `Limits.max_pixels` pixels and `Limits.max_upload_bytes`
+bytes; a mask must be as large as its init image. A problem raises `RequestInvalid` naming the field.
+
+They never ride inside a job message: the submitter stores the bytes in object store `imagegen-uploads`
+and the job message names the object (`UploadRef`). The gateway checks an upload before it stores it;
+the worker checks again what it fetches, so an upload from a NATS publisher meets the same rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from schemas import jobstore
+from schemas.job import JobEnvelope, group_job_ids
+from schemas.names import UPLOADS_BUCKET
+from schemas.request import GenerateRequest, Limits, RequestInvalid
+from schemas.status import JobStatus, UploadRef
+
+UPLOAD_FIELDS = ("init_image", "mask_image")
+OBJECT_SUFFIX = {"init_image": "init", "mask_image": "mask"}
+DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
+BASE64_SLACK = 1.05  # base64 text may carry line breaks (MIME: one per 76 characters) and a data: prefix
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One checked upload: its bytes as sent and the picture they hold."""
+
+    field: str
+    data: bytes
+    image: Image.Image
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def problem(field: str, message: str) -> RequestInvalid:
+    return RequestInvalid([{"field": field, "message": message}])
+
+
+def decode_text(field: str, text: str, limits: Limits) -> bytes:
+    """The bytes of a base64 text or base64 data URL; refuses a text too long for the upload limit
+    before decoding it."""
+    if len(text) > ((limits.max_upload_bytes + 2) // 3 * 4 + 256) * BASE64_SLACK:
+        raise problem(field, f"exceeds the upload limit of {limits.max_upload_bytes} bytes")
+    body = text.strip()
+    match = DATA_URL.match(body)
+    if match:
+        mime, params = match["mime"].strip().lower(), match["params"].lower()
+        if mime and not mime.startswith("image/"):
+            raise problem(field, f"a data URL of {mime!r}; expected data:image/...;base64,")
+        if ";base64" not in params:
+            raise problem(field, "a data URL must be base64-encoded (data:image/...;base64,...)")
+        body = body[match.end():]
+    body = re.sub(r"\s+", "", body)
+    if not body:
+        raise problem(field, "is empty")
+    try:
+        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise problem(field, "is not valid base64 (nor a data:image/...;base64, URL)") from None
+
+
+def read_image(field: str, data: bytes, limits: Limits) -> Image.Image:
+    """The picture in `data`, fully loaded, turned upright by its EXIF orientation; refuses bytes over
+    the upload limit, what PIL cannot read, and pictures over the pixel budget (before decoding them)."""
+    if len(data) > limits.max_upload_bytes:
+        raise problem(field, f"is {len(data)} bytes, over the upload limit of {limits.max_upload_bytes} bytes")
+    if not data:
+        raise problem(field, "is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise problem(
+                    field, f"is {width}x{height} = {width * height} pixels, over the pixel budget of {limits.max_pixels}"
+                )
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except RequestInvalid:
+        raise
+    except Image.DecompressionBombError:
+        raise problem(field, f"has more pixels than the pixel budget of {limits.max_pixels}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        detail = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else f"a broken image ({exc})"
+        raise problem(field, detail) from None
+
+
+def decode_upload(field: str, value: str | bytes, limits: Limits) -> Upload:
+    data = value if isinstance(value, bytes) else decode_text(field, value, limits)
+    return Upload(field=field, data=data, image=read_image(field, data, limits))
+
+
+def check_mask(init: Image.Image, mask: Image.Image) -> None:
+    if mask.size != init.size:
+        raise problem(
+            "mask_image",
+            f"is {mask.width}x{mask.height}, but the init image is {init.width}x{init.height}; they must be the same size",
+        )
+
+
+def fitted_size(request: GenerateRequest, init: Image.Image, limits: Limits) -> dict[str, int]:
+    """Width and height for a request that left them out: the init image's size (or, with one of the
+    two given, the other from its aspect ratio), in multiples of 8 within the side limits."""
+    given = request.model_fields_set & {"width", "height"}
+    if given == {"width", "height"}:
+        return {}
+    width, height = init.size
+    if given == {"width"}:
+        width, height = request.width, round(request.width * height / width)
+    elif given == {"height"}:
+        width, height = round(request.height * width / height), request.height
+
+    def side(value: int) -> int:
+        return min(limits.max_side, max(limits.min_side, value // 8 * 8))
+
+    return {"width": side(width), "height": side(height)}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request made ready for the queue: the images taken out (checked) and the size settled."""
+
+    request: GenerateRequest
+    init: Upload | None = None
+    mask: Upload | None = None
+
+    @property
+    def uploads(self) -> list[Upload]:
+        return [u for u in (self.init, self.mask) if u is not None]
+
+
+def prepare(request: GenerateRequest, limits: Limits, **images: bytes) -> Prepared:
+    """Decodes and checks the request's init and mask images (or `images` given as bytes by field name),
+    and returns the request without them, its size taken from the init image when it gave none.
+    Decoding is CPU work: call it in a thread from an event loop."""
+    sources: dict[str, Any] = {f: images.get(f) or getattr(request, f) for f in UPLOAD_FIELDS}
+    if sources["mask_image"] is not None and sources["init_image"] is None:
+        raise problem("mask_image", "inpainting needs an init_image to paint into")
+    if sources["init_image"] is None:
+        return Prepared(request=request)
+    init = decode_upload("init_image", sources["init_image"], limits)
+    mask = decode_upload("mask_image", sources["mask_image"], limits) if sources["mask_image"] is not None else None
+    if mask is not None:
+        check_mask(init.image, mask.image)
+    changes: dict[str, Any] = {"init_image": None, "mask_image": None, **fitted_size(request, init.image, limits)}
+    return Prepared(request=request.model_copy(update=changes), init=init, mask=mask)
+
+
+def object_name(prefix: str, field: str) -> str:
+    """Where an upload of job (or group) `prefix` lies: `<prefix>/init` or `<prefix>/mask`."""
+    return f"{prefix}/{OBJECT_SUFFIX[field]}"
+
+
+async def store(obs: Any, name: str, upload: Upload, *, timeout_s: float = 30.0) -> UploadRef:
+    """Puts the upload's bytes into object store `imagegen-uploads` (`obs`) under `name`."""
+    await asyncio.wait_for(obs.put(name, upload.data), timeout_s)
+    width, height = upload.size
+    return UploadRef(name=name, size=len(upload.data), width=width, height=height)
+
+
+async def fetch(obs: Any, ref: UploadRef, field: str, limits: Limits, *, timeout_s: float = 30.0) -> Image.Image:
+    """Reads an upload back and checks it as the gateway did; RequestInvalid naming `field` when it is
+    missing, too large (known before reading it) or not a picture within the limits."""
+    from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+    try:
+        info = await asyncio.wait_for(obs.get_info(ref.name), timeout_s)
+        if (info.size or 0) > limits.max_upload_bytes:
+            raise problem(field, f"upload {ref.name!r} is {info.size} bytes, over the upload limit of {limits.max_upload_bytes} bytes")
+        result = await asyncio.wait_for(obs.get(ref.name), timeout_s)
+    except (ObjectNotFoundError, NotFoundError):
+        raise problem(
+            field, f"upload {ref.name!r} is not in object store {UPLOADS_BUCKET} (never stored, deleted, or expired)"
+        ) from None
+    return read_image(field, result.data, limits)
+
+
+async def fetch_inputs(obs: Any, envelope: JobEnvelope, limits: Limits) -> tuple[Image.Image | None, Image.Image | None]:
+    """The init image and mask a job references (None, None for text-to-image), checked as on submit."""
+    if envelope.init_image is None:
+        return None, None
+    init = await fetch(obs, envelope.init_image, "init_image", limits)
+    mask = await fetch(obs, envelope.mask_image, "mask_image", limits) if envelope.mask_image is not None else None
+    if mask is not None:
+        check_mask(init, mask)
+    return init, mask
+
+
+async def delete(obs: Any, names: list[str]) -> None:
+    """Removes uploads; one already gone is no error."""
+    from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+    for name in names:
+        try:
+            await obs.delete(name)
+        except (ObjectNotFoundError, NotFoundError):
+            pass
+
+
+async def release(kv: Any, obs: Any, status: JobStatus) -> None:
+    """Removes the uploads of a job being deleted (after its tombstone is written), unless another job
+    of its group that is not deleted still reads them. Uploads of jobs never deleted expire with the
+    bucket's TTL, the same as status records."""
+    stored = [ref.name for ref in (status.init_image, status.mask_image) if ref is not None]
+    if not stored:
+        return
+    for sibling in group_job_ids(status.group_id, status.group_size) if status.group_id else []:
+        other = await jobstore.read_status(kv, sibling) if sibling != status.job_id else None
+        if other is not None and not other.deleted and other.init_image is not None and other.init_image.name in stored:
+            return
+    await delete(obs, stored)

@@ -1,0 +1,391 @@
+"""Image-to-image, inpainting and n images per request, over real NATS with the tiny-sdxl worker of the
+session: through mflux-server's API, the native API, a NATS publisher and the Python client; and every
+bad upload refused with a 400 naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import msgpack
+import nats
+import numpy as np
+import pytest
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+from PIL import Image
+
+from gateway.auth import new_key_entry
+from gateway.settings import GatewaySettings
+from imagegen import runtime
+from imagegen.client import AsyncClient, Progress
+from schemas import names
+from schemas.codec import decode, encode
+from schemas.events import JobEvent
+from schemas.job import JobEnvelope
+from schemas.request import Limits, parse_request
+from schemas.status import JobState, JobStatus, UploadRef
+from tests.conftest import wait_status
+
+RED, BLUE = (210, 40, 30), (30, 60, 220)
+
+
+def solid(colour: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def stripes(size: tuple[int, int] = (64, 64)) -> Image.Image:
+    """A picture with structure, so that a pixel kept in place can be told from one redrawn."""
+    x = np.arange(size[0])[None, :, None]
+    y = np.arange(size[1])[:, None, None]
+    pixels = np.concatenate([(x * 4) % 256 + 0 * y, (y * 4) % 256 + 0 * x, ((x + y) * 2) % 256], axis=2)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def centre_mask(size: tuple[int, int] = (64, 64)) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
+    return mask
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def b64(image: Image.Image, fmt: str = "PNG") -> str:
+    return base64.b64encode(encoded(image, fmt)).decode("ascii")
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+
+
+async def queue(http, url: str, body: dict) -> dict:
+    async with http.post(f"{url}/v1/jobs", json=body) as r:
+        assert r.status == 202, await r.text()
+        return await r.json()
+
+
+async def finished(http, url: str, job_id: str, *, timeout: float = 120) -> dict:
+    async with asyncio.timeout(timeout):
+        while True:
+            async with http.get(f"{url}/v1/jobs/{job_id}") as r:
+                job = await r.json()
+            if job["state"] not in ("queued", "running"):
+                return job
+            await asyncio.sleep(0.05)
+
+
+async def image_of(http, url: str, job_id: str) -> bytes:
+    async with http.get(f"{url}/v1/jobs/{job_id}/image") as r:
+        assert r.status == 200, await r.text()
+        return await r.read()
+
+
+async def generated(http, url: str, body: dict) -> tuple[dict, np.ndarray]:
+    job = await finished(http, url, (await queue(http, url, body))["job_id"])
+    assert job["state"] == "done", job
+    return job, pixels(await image_of(http, url, job["job_id"]))
+
+
+async def upload_exists(nats_url: str, name: str) -> bool:
+    nc = await nats.connect(nats_url)
+    try:
+        await (await nc.jetstream().object_store(names.UPLOADS_BUCKET)).get_info(name)
+        return True
+    except ObjectNotFoundError:
+        return False
+    finally:
+        await nc.close()
+
+
+# -- image-to-image ---------------------------------------------------------------------------------
+
+
+async def test_img2img_output_depends_on_the_init_image(service, http):
+    body = {"prompt": "a barn", "seed": 11, "steps": 6, "strength": 0.5, "format": "PNG"}
+    job, from_red = await generated(http, service.url, {**body, "init_image": b64(solid(RED))})
+    _, from_blue = await generated(http, service.url, {**body, "init_image": b64(solid(BLUE))})
+    _, from_red_again = await generated(http, service.url, {**body, "init_image": f"data:image/png;base64,{b64(solid(RED))}"})
+    assert np.abs(from_red - from_blue).mean() > 0.5  # same seed and prompt: only the init image differs
+    assert np.array_equal(from_red, from_red_again)  # a data URL is the same image as plain base64
+    assert job["total_steps"] == 3 and job["step"] == 3  # int(6 x 0.5) steps run
+    assert job["request"]["strength"] == 0.5 and "init_image" not in job["request"]
+    assert job["init_image"]["name"] == f"{job['job_id']}/init" and job["init_image"]["width"] == 64
+
+
+async def test_mflux_generate_with_init_image_takes_its_size_and_reports_each_step(service, http):
+    body = {"prompt": "a jetty", "seed": "5", "steps": 8, "init_image": b64(solid(RED, (96, 72)), "JPEG")}
+    async with http.post(f"{service.url}/api/generate", json=body) as r:
+        assert r.status == 200, await r.text()
+        answer = await r.json()
+    assert "task_ids" not in answer and "group_id" not in answer  # one image: mflux-server's shape
+    assert (await wait_status(http, service.url, answer["task_id"]))["status"] == "done"
+    assert await upload_exists(service.nats_url, f"{answer['task_id']}/init")
+    async with http.get(f"{service.url}/api/image", params={"task_id": answer["task_id"]}) as r:
+        assert r.status == 200 and r.content_type == "image/jpeg"
+        assert Image.open(io.BytesIO(await r.read())).size == (96, 72)
+    assert not await upload_exists(service.nats_url, f"{answer['task_id']}/init")  # deleted with its task
+
+    progress: list[Progress] = []
+    async with AsyncClient(url=service.url) as client:
+        image = await client.generate(
+            "a jetty", seed=5, steps=8, strength=0.75, init_image=solid(BLUE, (100, 50)), width=128, on_progress=progress.append
+        )
+    assert image.size == (128, 64)  # width given: the height follows the init image's aspect ratio
+    assert [p.step for p in progress if p.type == "progress"] == [1, 2, 3, 4, 5, 6]
+    assert {p.total for p in progress if p.type == "progress"} == {6}
+
+
+async def test_refiner_takes_over_image_to_image(service, http):
+    body = {"prompt": "a mill", "seed": 3, "steps": 10, "strength": 0.8, "format": "PNG", "init_image": b64(stripes())}
+    refined_job, refined = await generated(http, service.url, {**body, "use_refiner": True})
+    _, plain = await generated(http, service.url, body)
+    assert refined_job["total_steps"] == 8 and refined_job["step"] == 8
+    assert refined.shape == plain.shape == (64, 64, 3)
+    assert np.abs(refined - plain).mean() > 0.5  # the last steps ran on the refiner
+
+
+# -- inpainting -------------------------------------------------------------------------------------
+
+
+async def test_inpainting_keeps_the_pixels_outside_the_mask(service, http):
+    init, mask = stripes(), centre_mask()
+    body = {"prompt": "a window", "seed": 21, "steps": 4, "strength": 1.0, "format": "PNG"}
+    job, out = await generated(http, service.url, {**body, "init_image": b64(init), "mask_image": b64(mask)})
+    original = np.asarray(init).astype(np.int16)
+    keep = np.asarray(mask) == 0
+    assert np.abs(out[keep] - original[keep]).max() <= 2
+    assert np.abs(out[~keep] - original[~keep]).mean() > 20  # the masked square is redrawn
+    assert job["total_steps"] == 4 and job["mask_image"]["name"] == f"{job['job_id']}/mask"
+
+
+async def test_inpainting_with_the_refiner_over_the_client(service):
+    async with AsyncClient(url=service.url) as client:
+        image = await client.generate(
+            "a door", seed=8, steps=6, strength=0.9, format="PNG", init_image=encoded(stripes()),
+            mask_image=centre_mask(), use_refiner=True,
+        )
+    out, original, keep = np.asarray(image).astype(np.int16), np.asarray(stripes()).astype(np.int16), np.asarray(centre_mask()) == 0
+    assert np.abs(out[keep] - original[keep]).max() <= 2
+
+
+# -- n images per request ---------------------------------------------------------------------------
+
+
+async def test_n_three_makes_three_seeded_images_in_a_group(service, http):
+    first = await queue(http, service.url, {"prompt": "a kite", "n": 3, "seed": 700, "steps": 3, "width": 64, "height": 64, "format": "PNG"})
+    job_ids = first["job_ids"]
+    assert len(job_ids) == 3 and first["job_id"] == job_ids[0] and first["group_url"] == f"/v1/groups/{first['group_id']}"
+    async with asyncio.timeout(120):
+        while True:
+            async with http.get(f"{service.url}{first['group_url']}") as r:
+                assert r.status == 200
+                group = await r.json()
+            if group["finished"]:
+                break
+            await asyncio.sleep(0.05)
+    assert group["states"] == {"done": 3} and group["size"] == 3 and group["job_ids"] == job_ids
+    assert [job["seed"] for job in group["jobs"]] == [700, 701, 702]
+    images = [await image_of(http, service.url, job_id) for job_id in job_ids]
+    assert len(set(images)) == 3
+    _, alone = await generated(http, service.url, {"prompt": "a kite", "seed": 701, "steps": 3, "width": 64, "height": 64, "format": "PNG"})
+    assert np.array_equal(pixels(images[1]), alone)  # the second image is seed + 1's
+
+
+async def test_mflux_n_lists_every_task_and_shares_one_upload(service, http):
+    body = {"prompt": "a dune", "n": 2, "steps": 4, "strength": 0.5, "init_image": b64(solid(RED))}
+    async with http.post(f"{service.url}/api/generate", json=body) as r:
+        assert r.status == 200, await r.text()
+        answer = await r.json()
+    task_ids = answer["task_ids"]
+    assert answer["task_id"] == task_ids[0] and len(task_ids) == 2 and answer["group_id"]
+    for task_id in task_ids:
+        assert (await wait_status(http, service.url, task_id))["status"] == "done"
+    upload = f"{answer['group_id']}/init"
+    seeds = []
+    for task_id in task_ids:
+        async with http.get(f"{service.url}/v1/jobs/{task_id}") as r:
+            job = await r.json()
+        assert job["init_image"]["name"] == upload
+        seeds.append(job["seed"])
+    assert seeds[1] == seeds[0] + 1
+    async with http.get(f"{service.url}/api/image", params={"task_id": task_ids[0]}) as r:  # delete=true
+        assert r.status == 200
+    assert await upload_exists(service.nats_url, upload)  # the other task still reads it
+    async with http.get(f"{service.url}/api/image", params={"task_id": task_ids[1]}) as r:
+        assert r.status == 200
+    assert not await upload_exists(service.nats_url, upload)  # gone with the group's last job
+    async with http.get(f"{service.url}/v1/groups/{answer['group_id']}") as r:
+        assert r.status == 404
+
+
+async def stored_uploads(nats_url: str) -> set[str]:
+    nc = await nats.connect(nats_url)
+    try:
+        return {info.name for info in await (await nc.jetstream().object_store(names.UPLOADS_BUCKET)).list(ignore_deletes=True)}
+    except NotFoundError:  # an empty bucket
+        return set()
+    finally:
+        await nc.close()
+
+
+async def test_a_group_that_cannot_be_queued_whole_leaves_nothing_behind(service, http):
+    secret, entry = new_key_entry("two-a-minute", tiers=["normal"], rate_per_minute=2, max_concurrent=10)
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([entry])))
+    url, headers = f"http://127.0.0.1:{gateway.port}", {"Authorization": f"Bearer {secret}"}
+    before = await stored_uploads(service.nats_url)
+    body = {"prompt": "three", "n": 3, "steps": 2, "width": 64, "height": 64, "init_image": b64(solid(RED))}
+    try:
+        async with http.post(f"{url}/v1/jobs", json=body, headers=headers) as r:
+            assert r.status == 429, await r.text()  # the third job is over the key's rate
+        async with http.get(f"{url}/v1/jobs", headers=headers) as r:
+            assert await r.json() == []  # the two queued first are taken back
+        assert await stored_uploads(service.nats_url) == before
+    finally:
+        await gateway.stop()
+
+
+async def test_client_n_returns_a_list_over_http_and_over_nats(service):
+    async with AsyncClient(url=service.url) as client:
+        over_http = await client.generate("a reef", n=2, seed=40, steps=2, init_image=solid(BLUE), format="png")
+    async with AsyncClient(nats=service.nats_url) as client:
+        over_nats = await client.generate("a reef", n=2, seed=40, steps=2, init_image=solid(BLUE), format="png")
+        single = await client.generate("a reef", seed=41, steps=2, init_image=solid(BLUE), format="png")
+    assert [im.size for im in over_http + over_nats] == [(64, 64)] * 4
+    assert over_http[0].tobytes() != over_http[1].tobytes()
+    assert [im.tobytes() for im in over_http] == [im.tobytes() for im in over_nats]
+    assert isinstance(single, Image.Image) and single.tobytes() == over_nats[1].tobytes()
+
+
+# -- straight onto NATS -----------------------------------------------------------------------------
+
+
+async def follow_to_end(js, job_id: str, *, timeout: float = 60) -> list[JobEvent]:
+    sub = await js.subscribe(names.events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    events: list[JobEvent] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not events or not events[-1].final:
+                events.append(decode((await sub.next_msg(timeout=timeout)).data, JobEvent))
+    finally:
+        await sub.unsubscribe()
+    return events
+
+
+async def test_a_nats_publisher_uploads_the_init_image_and_references_it(service):
+    nc = await nats.connect(service.nats_url)
+    js = nc.jetstream()
+    store = await js.object_store(names.UPLOADS_BUCKET)
+    await store.put("publisher-a/harbour.png", encoded(stripes((72, 64))))
+    request = parse_request({"prompt": "a harbour", "seed": 9, "width": 72, "height": 64, "steps": 5, "strength": 0.6, "format": "PNG"})
+    envelope = JobEnvelope.for_request(request, init_image=UploadRef(name="publisher-a/harbour.png"))
+    await js.publish(names.Tier.NORMAL.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id})
+    events = await follow_to_end(js, envelope.job_id)
+    assert events[-1].type == "done", events[-1]
+    assert [e.step for e in events if e.type == "progress"] == [1, 2, 3]  # int(5 x 0.6)
+    status = decode((await (await js.key_value(names.STATUS_BUCKET)).get(envelope.job_id)).value, JobStatus)
+    assert status.state is JobState.DONE and status.total_steps == 3
+    assert status.init_image is not None and status.init_image.name == "publisher-a/harbour.png"
+    image = Image.open(io.BytesIO((await (await js.object_store(names.IMAGES_BUCKET)).get(envelope.job_id)).data))
+    assert image.size == (72, 64)
+    await nc.close()
+
+
+@pytest.mark.parametrize(
+    "stored, fragment",
+    [
+        (None, "not in object store imagegen-uploads"),
+        (b"these bytes are no picture", "not an image"),
+        (encoded(solid(RED, (2056, 2056))), "pixel budget"),
+    ],
+)
+async def test_a_bad_or_missing_upload_fails_the_job_once_with_the_reason(service, stored, fragment):
+    nc = await nats.connect(service.nats_url)
+    js = nc.jetstream()
+    dlq = await js.subscribe(names.DLQ_SUBJECT, deliver_policy=DeliverPolicy.NEW)
+    envelope = JobEnvelope.for_request(
+        parse_request({"prompt": "a cliff", "width": 64, "height": 64, "steps": 2}),
+        init_image=UploadRef(name=f"publisher-b/{fragment.split()[-1]}"),
+    )
+    if stored is not None:
+        await (await js.object_store(names.UPLOADS_BUCKET)).put(envelope.init_image.name, stored)
+    await js.publish(names.Tier.NORMAL.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id})
+    events = await follow_to_end(js, envelope.job_id)
+    assert events[-1].type == "failed" and events[-1].reason.startswith("init_image:") and fragment in events[-1].reason
+    letter = msgpack.unpackb((await dlq.next_msg(timeout=30)).data)
+    assert letter["job_id"] == envelope.job_id and letter["attempt"] == 1  # terminated on its first try
+    await nc.close()
+
+
+async def test_a_job_message_carrying_the_image_itself_is_refused(service):
+    nc = await nats.connect(service.nats_url)
+    js = nc.jetstream()
+    inline = {"v": 1, "job_id": "inline-image-0001", "seed": 1, "request": {"prompt": "a", "init_image": b64(solid(RED))}}
+    await js.publish(names.Tier.NORMAL.subject, msgpack.packb(inline), headers={names.MSG_ID_HEADER: "inline-image-0001"})
+    events = await follow_to_end(js, "inline-image-0001")
+    assert events[-1].type == "failed" and "imagegen-uploads" in events[-1].reason
+    await nc.close()
+
+
+# -- bad uploads ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def strict_gateway(service):
+    """A second gateway on the session's NATS with small upload limits."""
+    limits = Limits(max_upload_bytes=6000, max_pixels=96 * 96, max_images=4)
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, limits=limits))
+    yield f"http://127.0.0.1:{gateway.port}"
+    await gateway.stop()
+
+
+NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
+BAD_UPLOADS = [
+    ({"init_image": "this is not base64!"}, "init_image", "base64"),
+    ({"init_image": base64.b64encode(b"plain words, no picture").decode()}, "init_image", "not an image"),
+    ({"init_image": "data:text/plain;base64,aGVsbG8="}, "init_image", "text/plain"),
+    ({"init_image": "data:image/png,rawbytes"}, "init_image", "base64"),
+    ({"init_image": b64(NOISE)}, "init_image", "upload limit of 6000 bytes"),
+    ({"init_image": b64(solid(RED, (104, 104)))}, "init_image", "pixel budget"),
+    ({"init_image": 12345}, "init_image", "base64"),
+    ({"mask_image": b64(centre_mask())}, "mask_image", "init_image"),
+    ({"init_image": b64(solid(RED)), "mask_image": b64(centre_mask((32, 32)))}, "mask_image", "same size"),
+    ({"init_image": b64(solid(RED)), "mask_image": "%%%"}, "mask_image", "base64"),
+    ({"init_image": b64(solid(RED)), "strength": 0}, "strength", "greater than 0"),
+    ({"init_image": b64(solid(RED)), "strength": 1.5}, "strength", "less than or equal to 1"),
+    ({"n": 5}, "n", "between 1 and 4"),
+    ({"n": 0}, "n", "greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize("fields, field, fragment", BAD_UPLOADS)
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/jobs"])
+async def test_bad_uploads_are_400_naming_the_field(strict_gateway, http, path, fields, field, fragment):
+    body = {"prompt": "a lake", "width": 64, "height": 64, "steps": 2, **fields}
+    async with http.post(f"{strict_gateway}{path}", json=body) as r:
+        assert r.status == 400, await r.text()
+        answer = await r.json()
+    assert answer["field"] == field and fragment in answer["error"], answer
+
+
+async def test_default_limits_refuse_n_over_eight_and_too_many_pixels(service, http):
+    async with http.post(f"{service.url}/v1/jobs", json={"prompt": "a", "n": 9}) as r:
+        assert r.status == 400 and (await r.json())["field"] == "n"
+    huge = b64(solid(RED, (2056, 2056)))  # a few kilobytes of PNG, 4.2 million pixels
+    async with http.post(f"{service.url}/api/generate", json={"prompt": "a", "init_image": huge}) as r:
+        assert r.status == 400
+        answer = await r.json()
+    assert answer["field"] == "init_image" and "pixel budget" in answer["error"]
+
+
+async def test_openapi_shows_the_new_fields_and_the_group_endpoint(service, http):
+    async with http.get(f"{service.url}/openapi.json") as r:
+        spec = await r.json()
+    fields = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"init_image", "mask_image", "strength", "n"} <= set(fields) and fields["strength"]["default"] == 0.4
+    assert "/v1/groups/{group_id}" in spec["paths"]
