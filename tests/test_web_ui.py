@@ -1,0 +1,360 @@
+"""The web UI at / in a real headless browser (Debian's `chromium`, driven by Playwright), against the
+real gateway and a tiny-sdxl worker: a prompt typed (with the refiner on) becomes an image in the
+gallery that downloads; several images at once get consecutive seeds and show queue, progress, ETA
+and live previews on the way; re-run repeats an image from its seed; cancel stops a job; the API's
+4xx errors are shown by field; an uploaded (or dropped) init image gives an image of its size, a
+gallery image becomes the next init image, and a mask of another size is refused naming mask_image;
+and with keys on, the key typed in the page unlocks it. Also the WebSocket's first-message key that
+browsers use, since they cannot set headers on a WebSocket."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+
+import aiohttp
+import pytest
+from PIL import Image
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from gateway.auth import new_key_entry
+from gateway.settings import GatewaySettings
+from imagegen import runtime
+from tests.conftest import Service
+
+WAIT_MS = 90_000
+expect.set_options(timeout=30_000)  # checks of what is already on the page; a slow CI machine still passes
+SMALL = {"prompt": "a cup", "width": 64, "height": 64, "steps": 2}
+
+# Collects, on the page, what the job cards showed while jobs ran: they leave the queue once done.
+WATCH_CARDS = """() => {
+  window.seenOnCards = new Set();
+  const look = () => {
+    for (const card of document.querySelectorAll("#jobs .job")) {
+      const line = card.querySelector(".status-line").textContent;
+      if (/#\\d+ in queue/.test(line)) seenOnCards.add("queue position");
+      if (/step \\d+\\/\\d+/.test(line)) seenOnCards.add("step");
+      if (/ETA \\d/.test(line)) seenOnCards.add("eta");
+      const width = parseFloat(card.querySelector(".bar > div").style.width);
+      if (width > 0 && width < 100) seenOnCards.add("partial progress bar");
+      const preview = card.querySelector("img.preview");
+      if (!preview.hidden && preview.src.startsWith("data:image/jpeg;base64,")) seenOnCards.add("preview");
+    }
+  };
+  new MutationObserver(look).observe(document.getElementById("jobs"),
+    { subtree: true, childList: true, characterData: true, attributes: true });
+}"""
+
+IMAGE_LOADED_OR_ERROR = """(selector) => !document.getElementById("error").hidden
+  || [...document.querySelectorAll(selector)].some((img) => img.complete && img.naturalWidth > 0)"""
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail(
+            "chromium is not on PATH: the web UI tests drive Debian's chromium; install it with "
+            "`apt-get install -y chromium` (CI's .ci/run does)",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+async def browser() -> Browser:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium_path())
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture
+async def page(browser) -> Page:
+    context = await browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    script_errors: list[str] = []
+    page.on("pageerror", lambda exc: script_errors.append(str(exc)))
+    yield page
+    await context.close()
+    assert not script_errors, f"the page raised: {script_errors}"
+
+
+@pytest.fixture(scope="module")
+async def keyed(service: Service):
+    """A second gateway on the same broker (so the session's worker runs its jobs), with one key."""
+    secret, entry = new_key_entry("studio", tiers=["normal", "low"], rate_per_minute=1000, max_concurrent=50)
+    other_secret, other = new_key_entry("others", tiers=["normal"], rate_per_minute=1000, max_concurrent=50)
+    gateway = await runtime.start_gateway(
+        GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([entry, other]))
+    )
+    yield f"http://127.0.0.1:{gateway.port}", secret, other_secret
+    await gateway.stop()
+
+
+async def open_ui(page: Page, url: str, *, model: str = "tiny-sdxl") -> None:
+    await page.goto(f"{url}/")
+    await expect(page.locator("#model")).to_have_text(model, timeout=WAIT_MS)
+
+
+def png(size: tuple[int, int], colour: tuple[int, int, int] | int = (40, 120, 200), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_file(name: str, size: tuple[int, int], **kwargs) -> dict:
+    """A file for Playwright's set_input_files."""
+    return {"name": name, "mimeType": "image/png", "buffer": png(size, **kwargs)}
+
+
+DROP_FILE = """([name, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const transfer = new DataTransfer();
+  transfer.items.add(new File([bytes], name, { type: "image/png" }));
+  const prompt = document.getElementById("prompt");
+  for (const type of ["dragenter", "dragover", "drop"]) {
+    prompt.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true, cancelable: true }));
+  }
+}"""
+
+
+DROP_GALLERY_IMAGE = """(seed) => {
+  const img = document.querySelector(`#gallery figure[data-seed="${seed}"] img`);
+  const transfer = new DataTransfer();
+  transfer.setData("text/uri-list", img.src);
+  document.getElementById("form").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+}"""
+
+
+async def generate(page: Page, prompt: str, *, size: str | None = "64x64", steps: str = "2", seed: str = "", count: str = "1", image_format: str = "JPEG") -> None:
+    """Fills the form and presses Generate; size None leaves the size as the page chose it."""
+    await page.fill("#prompt", prompt)
+    if size is not None:
+        await page.select_option("#size", size)
+    await page.fill("#steps", steps)
+    await page.fill("#seed", seed)
+    await page.fill("#count", count)
+    await page.select_option("#format", image_format)
+    await page.click("#generate")
+
+
+async def gallery_image(page: Page, seed: str) -> dict:
+    """Waits for the gallery image of this seed to load; its natural size."""
+    selector = f'#gallery figure[data-seed="{seed}"] img'
+    await page.wait_for_function(IMAGE_LOADED_OR_ERROR, arg=selector, timeout=WAIT_MS)
+    assert await page.locator("#error").is_hidden(), await page.locator("#error").inner_text()
+    return await page.eval_on_selector(selector, "img => ({width: img.naturalWidth, height: img.naturalHeight})")
+
+
+async def test_a_prompt_becomes_an_image_that_downloads(service, page):
+    await open_ui(page, service.url)
+    await expect(page.locator("#model-note")).to_contain_text("draws noise")
+    await page.locator("label.toggle").click()
+    await expect(page.locator("#use_refiner")).to_be_checked()
+    await generate(page, "a red bicycle leaning on a wall", seed="1234", steps="4")
+
+    assert await gallery_image(page, "1234") == {"width": 64, "height": 64}
+    figure = page.locator('#gallery figure[data-seed="1234"]')
+    await expect(figure.locator("figcaption")).to_contain_text("a red bicycle leaning on a wall")
+    await expect(figure.locator(".params")).to_contain_text("seed 1234")
+    await expect(figure.locator(".params")).to_contain_text("64×64")
+    await expect(figure.locator(".params")).to_contain_text("refiner")
+
+    async with page.expect_download(timeout=WAIT_MS) as download_info:
+        await figure.locator("a.download").click()
+    download = await download_info.value
+    assert download.suggested_filename == "imagegen-1234-64x64.jpg"
+    with open(await download.path(), "rb") as f:
+        image = Image.open(io.BytesIO(f.read()))
+    assert image.format == "JPEG" and image.size == (64, 64)
+
+
+async def test_two_images_at_once_with_live_progress_and_a_rerun_of_one_seed(service, page):
+    await open_ui(page, service.url)
+    await page.evaluate(WATCH_CARDS)
+    await generate(page, "two lanterns", seed="777", count="2", steps="6", image_format="PNG")
+
+    await gallery_image(page, "777")
+    await gallery_image(page, "778")
+    await expect(page.locator("#gallery-count")).to_have_text("2 images")
+    await expect(page.locator("#jobs .job")).to_have_count(0)  # finished jobs leave the queue
+    seen = set(await page.evaluate("[...window.seenOnCards]"))
+    assert {"queue position", "step", "eta", "partial progress bar", "preview"} <= seen
+
+    await page.locator('#gallery figure[data-seed="777"] button.rerun').click()
+    await expect(page.locator('#gallery figure[data-seed="777"]')).to_have_count(2, timeout=WAIT_MS)
+    await page.wait_for_function(
+        """() => [...document.querySelectorAll('#gallery figure[data-seed="777"] img')]
+                 .every((img) => img.complete && img.naturalWidth > 0)""",
+        timeout=WAIT_MS,
+    )
+    same_seed, other_seed = await page.evaluate(
+        """async () => {
+          const bytes = async (img) => new Uint8Array(await (await fetch(img.src)).arrayBuffer()).join(",");
+          const [a, b] = [...document.querySelectorAll('#gallery figure[data-seed="777"] img')];
+          const c = document.querySelector('#gallery figure[data-seed="778"] img');
+          const [x, y, z] = await Promise.all([bytes(a), bytes(b), bytes(c)]);
+          return [x === y, x === z];
+        }"""
+    )
+    assert same_seed and not other_seed
+
+
+async def test_cancel_stops_a_job(service, page):
+    await open_ui(page, service.url)
+    await generate(page, "a very long job", size="512x512", steps="100", seed="31337")
+    card = page.locator("#jobs .job").first
+    await card.locator("button.cancel").click()
+    await expect(card.locator(".badge")).to_have_text("cancelled", timeout=WAIT_MS)
+    await expect(card.locator("button.dismiss")).to_be_visible()
+    assert await page.locator("#gallery figure").count() == 0
+    await card.locator("button.dismiss").click()
+    await expect(page.locator("#jobs .job")).to_have_count(0)
+
+
+async def test_api_errors_are_shown_by_field(service, page):
+    await open_ui(page, service.url)
+    await generate(page, "too many steps", steps="500")
+    await expect(page.locator("#error")).to_contain_text("steps: must be between 1 and 100, got 500")
+    await expect(page.locator("#error")).to_contain_text("The request was refused")
+    await expect(page.locator("#steps")).to_have_class("invalid")
+
+    await generate(page, "   ")
+    await expect(page.locator("#error")).to_contain_text("prompt: must not be empty")
+    await expect(page.locator("#prompt")).to_have_class("invalid")
+
+    await generate(page, "a cup", count="0")
+    await expect(page.locator("#error")).to_contain_text("count: must be a whole number from 1 to 16")
+    assert await page.locator("#jobs .job").count() == 0
+
+
+async def test_an_init_image_gives_an_image_of_its_size_and_a_result_becomes_the_next_init_image(service, page):
+    await open_ui(page, service.url)
+    await expect(page.locator("#init-options")).to_be_hidden()
+    await page.set_input_files("#init-file", png_file("start.png", (96, 64)))
+
+    await expect(page.locator("#init-thumb")).to_be_visible()
+    await expect(page.locator("#init-name")).to_have_text("start.png")
+    await expect(page.locator("#init-size")).to_contain_text("96 × 64")
+    await expect(page.locator("#size")).to_have_value("init")  # the default with an init image: no width/height sent
+    await expect(page.locator('#size option[value="init"]')).to_have_text("As init image")
+    await expect(page.locator("#size-note")).to_have_text("96 × 64")
+    await expect(page.locator("#strength")).to_be_visible()
+    await expect(page.locator("#strength")).to_have_value("0.4")
+    await expect(page.locator("#mask-note")).to_contain_text("same size as the init image")
+    await expect(page.locator("#mask-note")).to_contain_text("white areas are redrawn")
+
+    await generate(page, "a lighthouse, repainted", size=None, seed="5150", steps="4")
+    assert await gallery_image(page, "5150") == {"width": 96, "height": 64}
+    figure = page.locator('#gallery figure[data-seed="5150"]')
+    await expect(figure.locator(".params")).to_contain_text("96×64")
+    await expect(figure.locator(".params")).to_contain_text("image-to-image")
+    await expect(figure.locator(".params")).to_contain_text("strength 0.4")
+    await expect(figure.locator(".frame .mode")).to_have_text("img2img")
+
+    await page.locator("#init-remove").click()  # the form goes back to text-to-image
+    await expect(page.locator("#init-set")).to_be_hidden()
+    await expect(page.locator("#init-options")).to_be_hidden()
+    await expect(page.locator('#size option[value="init"]')).to_have_count(0)
+
+    await figure.locator("button.use-init").click()  # variations: the result is the next init image
+    await expect(page.locator("#init-thumb")).to_be_visible()
+    await expect(page.locator("#init-name")).to_have_text("imagegen-5150-96x64.jpg")
+    await expect(page.locator("#init-size")).to_contain_text("96 × 64")
+    thumb = await page.eval_on_selector(
+        "#init-thumb", "img => ({src: img.src.slice(0, 23), width: img.naturalWidth, height: img.naturalHeight})"
+    )
+    assert thumb == {"src": "data:image/jpeg;base64,", "width": 96, "height": 64}
+
+    await page.eval_on_selector("#strength", "el => { el.value = '0.8'; el.dispatchEvent(new Event('input', {bubbles: true})); }")
+    await expect(page.locator("#strength-value")).to_have_text("0.8")
+    await generate(page, "a lighthouse, a variation", size="64x64", seed="5151", steps="4")  # a preset size still applies
+    assert await gallery_image(page, "5151") == {"width": 64, "height": 64}
+    variation = page.locator('#gallery figure[data-seed="5151"] .params')
+    await expect(variation).to_contain_text("image-to-image")
+    await expect(variation).to_contain_text("strength 0.8")
+
+
+async def test_a_mask_of_another_size_is_refused_naming_mask_image(service, page):
+    await open_ui(page, service.url)
+    await page.evaluate(DROP_FILE, ["dropped.png", base64.b64encode(png((96, 64))).decode()])  # dropped onto the form
+    await expect(page.locator("#init-name")).to_have_text("dropped.png")
+    await expect(page.locator("#init-size")).to_contain_text("96 × 64")
+
+    await page.set_input_files("#mask-file", png_file("mask.png", (64, 64), colour=255, mode="L"))
+    await expect(page.locator("#mask-thumb")).to_be_visible()
+    await expect(page.locator("#mask-note")).to_contain_text("they must be the same size")
+    await generate(page, "a masked cup", size=None, seed="6060")
+    await expect(page.locator("#error")).to_contain_text("The request was refused")
+    await expect(page.locator("#error")).to_contain_text("mask_image: is 64x64, but the init image is 96x64")
+    await expect(page.locator("#mask-drop")).to_have_class("upload invalid")
+    assert await page.locator("#jobs .job").count() == 0
+
+    await page.set_input_files("#mask-file", png_file("mask.png", (96, 64), colour=255, mode="L"))
+    await expect(page.locator("#mask-drop")).not_to_have_class("upload invalid")
+    await generate(page, "a masked cup", size=None, seed="6060")
+    assert await gallery_image(page, "6060") == {"width": 96, "height": 64}
+    await expect(page.locator('#gallery figure[data-seed="6060"] .params')).to_contain_text("inpainting")
+
+    await page.set_input_files("#init-file", {"name": "notes.png", "mimeType": "image/png", "buffer": b"not a picture"})
+    await generate(page, "a broken start", size=None)
+    await expect(page.locator("#error")).to_contain_text("init_image: not an image PIL can read")
+    await expect(page.locator("#init-drop")).to_have_class("upload invalid")
+
+    await page.evaluate(DROP_GALLERY_IMAGE, "6060")  # a gallery image dragged onto the form
+    await expect(page.locator("#init-name")).to_have_text("imagegen-6060-96x64.jpg")
+    await expect(page.locator("#init-drop")).to_have_class("upload")
+
+
+async def test_with_keys_on_the_key_field_unlocks_the_page(keyed, page):
+    url, secret, _ = keyed
+    await open_ui(page, url, model="enter an API key")
+    await generate(page, "no key yet")
+    await expect(page.locator("#error")).to_contain_text("an API key is required")
+
+    await page.fill("#api-key", secret)
+    await expect(page.locator("#model")).to_have_text("tiny-sdxl", timeout=WAIT_MS)
+    await generate(page, "a key was given", seed="4242", steps="6")
+    assert await gallery_image(page, "4242") == {"width": 64, "height": 64}
+    await expect(page.locator("#live")).to_have_text("live")  # the socket took the key and stayed open
+
+    await page.reload()
+    await expect(page.locator("#api-key")).to_have_value(secret)  # kept in localStorage
+    await expect(page.locator("#model")).to_have_text("tiny-sdxl", timeout=WAIT_MS)
+
+
+async def test_a_socket_without_headers_takes_the_key_as_its_first_message(keyed):
+    url, secret, other_secret = keyed
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/jobs", json=SMALL, headers={"X-API-Key": secret}) as r:
+            assert r.status == 202, await r.text()
+            job_id = (await r.json())["job_id"]
+
+        async with http.ws_connect(f"{url}/v1/jobs/{job_id}/ws") as ws:
+            await ws.send_json({"key": secret})
+            types = []
+            for _ in range(100):
+                event = await ws.receive_json(timeout=60)
+                types.append(event["type"])
+                if event["type"] in ("done", "failed", "cancelled", "expired"):
+                    break
+        assert types[0] == "queued" and types[-1] == "done"
+
+        async with http.ws_connect(f"{url}/v1/ws") as ws:  # another key does not see this job
+            await ws.send_json({"key": other_secret})
+            await ws.send_json({"follow": [job_id]})
+            assert await ws.receive_json(timeout=30) == {"type": "error", "job_id": job_id, "error": f"unknown job {job_id!r}"}
+
+        for first, error in (({"key": "wrong"}, "unknown API key"), ({"follow": [job_id]}, "an API key is required")):
+            async with http.ws_connect(f"{url}/v1/ws") as ws:
+                await ws.send_json(first)
+                answer = await ws.receive_json(timeout=30)
+                assert answer["type"] == "error" and error in answer["error"]
+                closing = await ws.receive(timeout=30)
+                assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1008
+
+        async with http.get(f"{url}/v1/ws") as r:  # a plain request to the socket path still needs a key
+            assert r.status == 401
