@@ -14,6 +14,7 @@ import time
 
 from gateway.queue_view import QueueView
 from schemas.names import TIERS, Tier
+from schemas.request import steps_run
 from schemas.status import JobState, JobStatus
 from schemas.workers import SpeedModel, WorkerInfo
 
@@ -25,7 +26,9 @@ FALLBACK = WorkerInfo(worker_id="none", model="", default_steps=30, default_guid
 def job_cost(status: JobStatus, worker: WorkerInfo, speed: SpeedModel | None = None) -> float:
     request = status.request
     steps = request.get("steps") or worker.default_steps
-    refiner_steps = steps - int(steps * 0.8) if request.get("use_refiner") else 0
+    if status.init_image is not None:  # image-to-image runs only the strength's share of the steps
+        steps = steps_run(steps, request.get("strength") or 1.0)
+    refiner_steps = steps - int(steps * (request.get("refiner_split") or 0.8)) if request.get("use_refiner") else 0
     return (speed or worker.speed).estimate(
         width=request.get("width", 1024),
         height=request.get("height", 1024),

@@ -16,6 +16,8 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image
 
+from schemas.request import schedule_length, steps_run  # noqa: F401  (the engines' import point)
+
 StepCallback = Callable[[int, int, Any], None]
 """on_step(step, total_steps, latents_or_None): step counts from 1."""
 
@@ -42,21 +44,6 @@ class GenerationTask:
     def total_steps(self) -> int:
         """The denoising steps the task runs (progress counts to this)."""
         return steps_run(self.steps, self.strength) if self.init_image is not None else self.steps
-
-
-def schedule_length(steps: int, strength: float) -> int:
-    """The schedule to ask the pipeline for so that image-to-image runs `int(steps * strength)` steps
-    (diffusers' rule), stretched when that would be none: strength 0.1 with 4 steps schedules 10 and
-    runs 1."""
-    length = steps
-    while int(length * strength) < 1:
-        length += 1
-    return length
-
-
-def steps_run(steps: int, strength: float) -> int:
-    """Denoising steps image-to-image runs for `steps` at `strength`: at least one."""
-    return int(schedule_length(steps, strength) * strength)
 
 
 def fit(image: Image.Image, width: int, height: int, *, mode: str) -> Image.Image:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -63,18 +63,33 @@ def _stop_signal() -> asyncio.Event:
     return stop
 
 
+async def _start_parts(stack: AsyncExitStack, *, gateway: GatewaySettings | None, worker: WorkerSettings | None):
+    worker_obj = worker_task = None
+    if worker is not None:
+        worker_obj, worker_task = await start_worker(worker)
+        stack.push_async_callback(worker_obj.close)
+    running = None
+    if gateway is not None:
+        running = await start_gateway(gateway)
+        stack.push_async_callback(running.stop)
+        log.info("gateway listening on http://%s:%d", gateway.host, running.port)
+    return worker_obj, worker_task, running
+
+
 async def serve(*, gateway: GatewaySettings | None, worker: WorkerSettings | None, on_ready=None) -> None:
     stop = _stop_signal()
     async with AsyncExitStack() as stack:
-        worker_obj = worker_task = None
-        if worker is not None:
-            worker_obj, worker_task = await start_worker(worker)
-            stack.push_async_callback(worker_obj.close)
-        running = None
-        if gateway is not None:
-            running = await start_gateway(gateway)
-            stack.push_async_callback(running.stop)
-            log.info("gateway listening on http://%s:%d", gateway.host, running.port)
+        starting = asyncio.ensure_future(_start_parts(stack, gateway=gateway, worker=worker))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a signal while still connecting or loading: stop at once
+            log.info("stopping before start-up finished")
+            starting.cancel()
+            with suppress(asyncio.CancelledError):
+                await starting
+            return
+        stopping.cancel()
+        worker_obj, worker_task, running = starting.result()
         if on_ready is not None:
             on_ready(running)
         waiters = [asyncio.ensure_future(stop.wait())]

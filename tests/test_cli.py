@@ -67,3 +67,24 @@ async def test_up_serves_mflux_workflow_and_drains_on_sigterm(tmp_path):
     text = log_path.read_text()
     assert "tiny-sdxl" in text and "no CUDA" in text
     assert (tmp_path / "nats").is_dir() and (tmp_path / "models" / "tiny-sdxl" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("part", ["gateway", "worker"])
+def test_sigterm_while_nats_is_unreachable_at_start_exits_0(tmp_path, part):
+    """A part still waiting for its broker stops on SIGTERM instead of holding on until NATS appears."""
+    env = {**os.environ, "IMAGEGEN_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["--nats", f"nats://127.0.0.1:{free_port()}"] + (["--port", "0"] if part == "gateway" else ["--model", "simulated"])
+    log_path = tmp_path / "part.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "imagegen", part, *args], stdout=log, stderr=log, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while "Connect call failed" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
