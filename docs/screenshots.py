@@ -36,13 +36,29 @@ WAIT_MS = 180_000
 VIEWPORT = {"width": 1360, "height": 860}
 
 
-async def generate(page: Page, *, prompt: str, negative: str, size: str, steps: str, seed: str, count: str) -> None:
+async def generate(
+    page: Page,
+    prompt: str,
+    *,
+    negative: str | None = None,
+    size: str | None = None,
+    steps: str = "",
+    seed: str = "",
+    count: str = "1",
+    image_format: str | None = None,
+) -> None:
+    """Fills the web UI's form and presses Generate; a field given as None is left as the page has it.
+    The web UI's browser tests fill the form with this too."""
     await page.fill("#prompt", prompt)
-    await page.fill("#negative_prompt", negative)
-    await page.select_option("#size", size)
+    if negative is not None:
+        await page.fill("#negative_prompt", negative)
+    if size is not None:
+        await page.select_option("#size", size)
     await page.fill("#steps", steps)
     await page.fill("#seed", seed)
     await page.fill("#count", count)
+    if image_format is not None:
+        await page.select_option("#format", image_format)
     await page.click("#generate")
 
 
@@ -88,11 +104,11 @@ async def shoot(url: str, out: Path) -> list[Path]:
         await page.goto(f"{url}/")
         await expect(page.locator("#model")).to_have_text("tiny-sdxl", timeout=WAIT_MS)
 
-        await generate(page, prompt="a lighthouse at dawn, oil painting, warm light", negative="blurry, low quality",
+        await generate(page, "a lighthouse at dawn, oil painting, warm light", negative="blurry, low quality",
                        size="256x256", steps="12", seed="2024", count="4")
         await wait_gallery(page, 4)
 
-        await generate(page, prompt="a red fox in fresh snow, golden hour, 35mm photo", negative="blurry",
+        await generate(page, "a red fox in fresh snow, golden hour, 35mm photo", negative="blurry",
                        size="512x512", steps="40", seed="90210", count="3")
         await page.wait_for_function(
             """() => { const cards = [...document.querySelectorAll("#jobs .job")];
@@ -121,7 +137,7 @@ async def shoot(url: str, out: Path) -> list[Path]:
         await expect(page.locator("#init-name")).to_have_text("imagegen-2024-256x256.jpg")
         await page.eval_on_selector("#strength", "el => { el.value = '0.6'; el.dispatchEvent(new Event('input')); }")
         await page.set_input_files("#mask-file", {"name": "circle-mask.png", "mimeType": "image/png", "buffer": circle_mask((256, 256))})
-        await generate(page, prompt="a lighthouse at dawn, a new sky", negative="blurry", size="init", steps="12", seed="7", count="2")
+        await generate(page, "a lighthouse at dawn, a new sky", negative="blurry", size="init", steps="12", seed="7", count="2")
         await wait_gallery(page, 9)
         await page.evaluate(
             """() => { window.scrollTo(0, 0);

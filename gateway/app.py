@@ -53,7 +53,7 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
     metrics = GatewayMetrics(jobs)
     app = web.Application(
         middlewares=[metrics.middleware, cors_middleware(settings.cors_origins), errors_middleware, auth_middleware(keys)],
-        client_max_size=settings.max_body_bytes,
+        client_max_size=settings.body_limit_bytes,
     )
     app[SERVICE] = jobs
     app[METRICS] = metrics

@@ -5,7 +5,9 @@ Keys come from a file (`--api-keys FILE`: a JSON list, or one JSON entry per lin
 SHA-256 hashes. With no keys configured auth is off (the default of `imagegen up`); with any key, every
 API call needs `Authorization: Bearer KEY` or `X-API-Key: KEY`, and a key sees only its own jobs.
 Browsers cannot set headers on a WebSocket: a socket opened without one sends `{"key": KEY}` as its
-first message instead (`socket_key`), so the key never appears in a URL or an access log.
+first message instead (`socket_key`), so the key never appears in a URL or an access log. Such a
+socket has SOCKET_KEY_WAIT_S to send it, and at most MAX_PENDING_SOCKETS of them wait at once per
+gateway: more are answered 503 before the upgrade, so sockets that never authenticate cost little.
 
     [{"name": "marketing", "sha256": "<hex>", "tiers": ["normal", "low"],
       "rate_per_minute": 60, "max_concurrent": 4}]
@@ -30,8 +32,9 @@ from schemas.names import Tier
 
 PUBLIC_PATHS = ("/healthz", "/swagger", "/openapi.json", "/static/", "/metrics")
 SOCKET_PATHS = re.compile(r"^/v1/(ws|jobs/[^/]+/ws)$")  # WebSockets that take the key as their first message
-SOCKET_KEYRING = "socket_keyring"  # set on a socket request whose key is still to come
-SOCKET_KEY_WAIT_S = 10.0
+SOCKET_GATE = "socket_gate"  # set on a socket request whose key is still to come
+SOCKET_KEY_WAIT_S = 3.0
+MAX_PENDING_SOCKETS = 256  # sockets waiting for their first-message key at once (read per request: tests lower it)
 
 
 def hash_key(key: str) -> str:
@@ -114,15 +117,44 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("X-API-Key") or None
 
 
+@dataclass(kw_only=True)
+class SocketGate:
+    """The sockets of one gateway still waiting for their first-message key."""
+
+    ring: KeyRing
+    waiting: set[int] = field(default_factory=set)  # ids of their requests
+
+    def admit(self, request: web.Request) -> bool:
+        if len(self.waiting) >= MAX_PENDING_SOCKETS:
+            return False
+        self.waiting.add(id(request))
+        request[SOCKET_GATE] = self
+        return True
+
+    def release(self, request: web.Request) -> None:
+        self.waiting.discard(id(request))
+
+
 def auth_middleware(ring: KeyRing):
+    gate = SocketGate(ring=ring)
+
     @web.middleware
     async def authenticate(request: web.Request, handler):
         if not ring.enabled or request.method == "OPTIONS" or request.path == "/" or request.path.startswith(PUBLIC_PATHS):
             return await handler(request)
         presented = presented_key(request)
         if not presented and is_socket_upgrade(request):
-            request[SOCKET_KEYRING] = ring  # the handler reads the key from the first message
-            return await handler(request)
+            if not gate.admit(request):
+                return web.json_response(
+                    {"error": f"{MAX_PENDING_SOCKETS} sockets are waiting for their API key already: "
+                              "send Authorization: Bearer KEY, or try again shortly"},
+                    status=503,
+                    headers={"Retry-After": str(int(SOCKET_KEY_WAIT_S))},
+                )
+            try:  # the handler reads the key from the first message
+                return await handler(request)
+            finally:
+                gate.release(request)
         if not presented:
             return web.json_response(
                 {"error": "an API key is required: send Authorization: Bearer KEY or X-API-Key: KEY"},
@@ -151,13 +183,16 @@ async def socket_key(request: web.Request, ws: web.WebSocketResponse, *, wait_s:
     """For a socket opened without a key header: reads `{"key": KEY}` as the first message and sets the
     caller, as the middleware does for other requests. True when the caller may go on (or no key is due);
     otherwise sends an error event, closes the socket (1008) and returns False."""
-    ring = request.get(SOCKET_KEYRING)
-    if ring is None:
+    gate: SocketGate | None = request.get(SOCKET_GATE)
+    if gate is None:
         return True
     try:
         message = await ws.receive(timeout=wait_s)
     except asyncio.TimeoutError:
         message = None
+    finally:
+        gate.release(request)
+    ring = gate.ring
     if message is not None and message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
         return False
     presented = None

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from typing import Callable
 
 from nats.aio.client import Client as NATS
 from nats.js.api import ObjectInfo
@@ -29,7 +30,7 @@ from schemas.connect import connect
 from schemas.events import JobEvent
 from schemas.follow import final_event
 from schemas.jetstream import ensure_topology
-from schemas.job import JobEnvelope
+from schemas.job import JobEnvelope, Placement
 from schemas.request import GenerateRequest, RequestInvalid
 from schemas.status import JobState, JobStatus
 
@@ -80,7 +81,8 @@ class JobService:
         self.settings = settings
         self.view = QueueView(worker_ttl_s=settings.topology.worker_ttl_s)
         self.etas = EtaCache(self.view)
-        self.cache = ResultCache(ttl_s=settings.cache_ttl_s, replicas=settings.topology.replicas)
+        self.cache = ResultCache(ttl_s=settings.cache_ttl_s, scope=settings.cache_scope, replicas=settings.topology.replicas)
+        self.submit_listeners: list[Callable[[JobStatus], None]] = []  # called once per job a submit created
         self.nc: NATS | None = None
         self.default_model: str | None = None
 
@@ -150,15 +152,26 @@ class JobService:
         job_id: str | None = None,
         key: ApiKey | None = None,
         idempotency_key: str | None = None,
-        placement: dict | None = None,
+        placement: Placement | None = None,
+        created: set[str] | None = None,
     ) -> JobStatus:
-        """Queues one job. `placement`: its stored uploads and group (see JobEnvelope.for_request)."""
+        """Queues one job. `placement`: its stored uploads and group. With `idempotency_key` the job
+        (`job_id`, else the key's own id) may exist already: it is then answered as it is, before any
+        check of the caller's key, and published again if still queued. `created` gets the job's id
+        when this call wrote its record."""
         self.connected()
-        self._check_blocklist(request)
+        placement = placement or Placement()
+        if idempotency_key:
+            job_id = job_id or idempotent_job_id(owner, idempotency_key)
+            existing = await jobstore.read_status(self.status_kv, job_id)
+            if existing is not None:
+                await self._publish_again_if_queued(existing, JobEnvelope.for_request(
+                    request, job_id=job_id, owner=owner, placement=Placement.of(existing)
+                ))
+                return existing
+        self.check_allowed(request, key)
         if key is not None:
             await self._check_key(request, key)
-        if idempotency_key:
-            job_id = idempotent_job_id(owner, idempotency_key)
         served = self.served_models()
         if request.model is None:
             current = await self.current_model() if len(served) > 1 else None  # one model: no KV read
@@ -175,7 +188,9 @@ class JobService:
         key_of_result = None
         if self.cache.wants(request):
             model = request.model or await self._model_for(served)
-            key_of_result = await self.cache.key(request, model=model, placement=placement, uploads=self.uploads)
+            key_of_result = await self.cache.key(
+                request, model=model, owner=owner, placement=placement, uploads=self.uploads
+            )
         if key_of_result is not None:
             hit = await self.cache.answer(
                 request, key_of_result, job_id=job_id, owner=owner, status_kv=self.status_kv, images=self.images,
@@ -184,17 +199,20 @@ class JobService:
             if hit is not None:
                 status, revision = hit
                 if revision:  # a new job, not an idempotent repeat of one
+                    if created is not None:
+                        created.add(status.job_id)
                     self.view.apply(status, revision)
                     await self._event(final_event(status))
                     await self._audit(status, "cached")
+                    self._created(status)
                 else:
                     await self._publish_again_if_queued(status, JobEnvelope.for_request(
                         request, job_id=status.job_id, owner=owner, default_timeout_s=self.settings.default_timeout_s,
-                        **(placement or {}),
+                        placement=placement,
                     ))
                 return status
         envelope = JobEnvelope.for_request(
-            request, job_id=job_id, owner=owner, default_timeout_s=self.settings.default_timeout_s, **(placement or {})
+            request, job_id=job_id, owner=owner, default_timeout_s=self.settings.default_timeout_s, placement=placement
         )
         status = envelope.queued_status()
         status.cache_key = key_of_result
@@ -204,6 +222,8 @@ class JobService:
             if existing is not None:
                 await self._publish_again_if_queued(existing, envelope)
                 return existing
+        if created is not None and revision is not None:
+            created.add(status.job_id)
         self.view.apply(status, revision or 0)
         if key_of_result is not None:
             self.cache.watch(status.job_id, key_of_result)
@@ -214,11 +234,16 @@ class JobService:
             envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id}
         )
         await self._audit(status, "submitted")
+        self._created(status)
         log.info(
             "job %s queued tier=%s %dx%d key=%s", status.job_id, status.tier.value, request.width, request.height, owner,
             extra={"job_id": status.job_id},
         )
         return status
+
+    def _created(self, status: JobStatus) -> None:
+        for listener in self.submit_listeners:
+            listener(status)
 
     async def _publish_again_if_queued(self, existing: JobStatus, envelope: JobEnvelope) -> None:
         """A repeated submit (same Idempotency-Key) of a job still queued: its first try may have stopped
@@ -242,15 +267,29 @@ class JobService:
             if term and term.lower() in text:
                 raise RequestInvalid([{"field": "prompt", "message": f"contains the blocked term {term!r}"}])
 
-    async def _check_key(self, request: GenerateRequest, key: ApiKey) -> None:
+    def check_allowed(self, request: GenerateRequest, key: ApiKey | None) -> None:
+        """What refuses a request before any work, taking nothing from the key's budgets: a blocked
+        prompt, a tier the key may not use, more images (`n`) than the key may ever have unfinished."""
+        self._check_blocklist(request)
+        if key is None:
+            return
         tier = request.effective_tier
         if tier not in key.tiers:
             allowed = ", ".join(t.value for t in key.tiers)
             field = "priority" if request.tier is None else "tier"
             raise Forbidden(f"{field}: key {key.name!r} may not use the {tier.value} tier; allowed: {allowed}", field)
+        if request.n > key.max_concurrent:
+            raise Forbidden(f"n={request.n} exceeds key {key.name!r} max_concurrent={key.max_concurrent}", "n")
+
+    def check_quota(self, key: ApiKey, jobs: int = 1) -> None:
+        """RateLimited when `jobs` more would take the key over its quota of unfinished jobs."""
         active = self.view.unfinished.get(key.name, 0)
-        if active >= key.max_concurrent:
-            raise RateLimited(f"key {key.name!r} has {active} unfinished jobs, its quota is {key.max_concurrent}", 2)
+        if active + jobs > key.max_concurrent:
+            more = f"; {jobs} more would exceed it" if jobs > 1 else ""
+            raise RateLimited(f"key {key.name!r} has {active} unfinished jobs, its quota is {key.max_concurrent}{more}", 2)
+
+    async def _check_key(self, request: GenerateRequest, key: ApiKey) -> None:
+        self.check_quota(key)
         await ratelimit.take(self.rate_kv, key.name, per_minute=key.rate_per_minute)
 
     async def _audit(self, status: JobStatus, what: str) -> None:
@@ -262,8 +301,9 @@ class JobService:
             "ts": time.time(),
             "request": redacted(status.request, self.settings.redact_prompts),
         }
-        await self.nc.publish(names.AUDIT_SUBJECT, json.dumps(record).encode())
-        audit_log.info(json.dumps(record), extra={"job_id": status.job_id})
+        line = json.dumps(record)
+        await self.nc.publish(names.AUDIT_SUBJECT, line.encode())
+        audit_log.info(line, extra={"job_id": status.job_id})
 
     async def expire_overdue(self) -> int:
         """Ends queued jobs whose deadline passed as `expired` and tells their followers."""

@@ -2,10 +2,16 @@
 
 Each gateway keeps its own registry (not prometheus_client's global one), so several gateways in one
 process do not collide. Queue depth, running jobs, live workers and cache counts are read from the
-queue view and the job service when scraped. Outcomes and the queue-wait and generation-time
-histograms come from status changes as the queue view sees them, so they count every job of the
-cluster, whichever gateway took it: sum submits over gateways, but take one gateway's (or the max of
-their) outcome counts. Submits and HTTP requests count what this gateway answered.
+queue view and the job service when scraped.
+
+The counts add up: `imagegen_jobs_submitted` counts the jobs this gateway created, queued or answered
+from the result cache (a submit that returned an existing job, an idempotent repeat, is not counted);
+`imagegen_jobs_finished` counts every job of the cluster once, when the queue view sees it reach a
+final state, whichever gateway took it, a cache hit as `done`. So, with one gateway and no jobs
+published straight onto NATS, submitted = finished + queued + running; with several gateways, sum
+submits over gateways but take one gateway's (or the max of their) outcome counts. The queue-wait and
+generation-time histograms come from the same status changes; HTTP requests count what this gateway
+answered.
 """
 
 from __future__ import annotations
@@ -16,15 +22,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
 
+from schemas.metrics import GENERATION_BUCKETS, QUEUE_WAIT_BUCKETS, exposition
 from schemas.status import JobState, JobStatus
 
-QUEUE_WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-GENERATION_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
-
 current_api: contextvars.ContextVar[str] = contextvars.ContextVar("imagegen_api", default="other")
-"""The API the request being handled came in by, for the submit counter."""
+"""The API the request being handled came in by, set by the middleware for the submit counter: the job
+service, which creates the jobs, knows nothing of HTTP."""
 
 
 def api_of(path: str) -> str:
@@ -48,10 +52,12 @@ class GatewayMetrics:
         self.jobs = jobs
         self.registry = CollectorRegistry()
         self.submitted = Counter(
-            "imagegen_jobs_submitted", "Jobs this gateway accepted, by tier and API.", ["tier", "api"], registry=self.registry
+            "imagegen_jobs_submitted", "Jobs this gateway created (queued, or answered from the result cache), by tier and API.",
+            ["tier", "api"], registry=self.registry,
         )
         self.finished = Counter(
-            "imagegen_jobs_finished", "Jobs that reached a final state, by outcome.", ["outcome"], registry=self.registry
+            "imagegen_jobs_finished", "Jobs that reached a final state, by outcome; a result-cache hit is done.",
+            ["outcome"], registry=self.registry,
         )
         self.queue_wait = Histogram(
             "imagegen_queue_wait_seconds", "Seconds from submit to a worker starting the job.", ["tier"],
@@ -68,26 +74,20 @@ class GatewayMetrics:
         for state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED):
             self.finished.labels(outcome=state.value)
         self.registry.register(_ScrapeTimeCollector(jobs))
-        self._watch_view(jobs.view)
-        self._count_submits(jobs)
+        jobs.view.listeners.append(self.observe_change)
+        jobs.submit_listeners.append(self.count_submit)
 
     # -- what the queue view sees -----------------------------------------------------------------
 
-    def _watch_view(self, view: Any) -> None:
-        apply = view.apply
-
-        def apply_and_observe(status: JobStatus, revision: int) -> None:
-            before = view.jobs.get(status.job_id)
-            apply(status, revision)
-            if view.jobs.get(status.job_id) is status:
-                self.observe_change(before, status)
-
-        view.apply = apply_and_observe
-
     def observe_change(self, before: JobStatus | None, after: JobStatus) -> None:
-        """Counts a job's change of state once: a record seen again, or first seen already final (as
-        when the view is rebuilt at start), is not counted."""
-        if before is None or before.state.final:
+        """Counts a job's change of state once. A record first seen already final is counted only when
+        it is a result-cache hit arriving while the view is live: the records the view is rebuilt from
+        at start, and records seen again, are not counted."""
+        if before is None:
+            if after.cached and after.state is JobState.DONE and self.jobs.view.ready.is_set():
+                self.finished.labels(outcome=JobState.DONE.value).inc()
+            return
+        if before.state.final:
             return
         if before.state is JobState.QUEUED and after.state is not JobState.QUEUED and after.started_at:
             self.queue_wait.labels(tier=after.tier.value).observe(max(0.0, after.started_at - after.submitted_at))
@@ -98,15 +98,9 @@ class GatewayMetrics:
 
     # -- what this gateway answers ----------------------------------------------------------------
 
-    def _count_submits(self, jobs: Any) -> None:
-        submit = jobs.submit
-
-        async def submit_and_count(*args, **kwargs):
-            status = await submit(*args, **kwargs)
-            self.submitted.labels(tier=status.tier.value, api=current_api.get()).inc()
-            return status
-
-        jobs.submit = submit_and_count
+    def count_submit(self, status: JobStatus) -> None:
+        """Called by the job service for each job a submit created."""
+        self.submitted.labels(tier=status.tier.value, api=current_api.get()).inc()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):
@@ -123,8 +117,8 @@ class GatewayMetrics:
             self.http.labels(route=route_of(request), method=request.method, status=str(status)).inc()
 
     async def handler(self, request: web.Request) -> web.Response:
-        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encode(self.registry), headers={"Content-Type": content_type})
+        body, content_type = exposition(self.registry, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 class _ScrapeTimeCollector:

@@ -15,14 +15,14 @@ from gateway.http_errors import read_json
 from gateway.jobs import JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.submission import group_jobs, submit_request
-from schemas.http import GroupView, JobView
+from schemas.http import GroupView, JobView, LimitsView
 from schemas.job import group_job_ids
 from schemas.request import parse_request
 from schemas.status import JobState, JobStatus
 
 log = logging.getLogger("imagegen.gateway.native")
 routes = web.RouteTableDef()
-MAX_FOLLOWED = 1000  # jobs one WebSocket may follow at once
+MAX_FOLLOWED = 1000  # unfinished jobs one WebSocket may follow at once (read when a follow comes: tests lower it)
 
 
 def job_view(jobs: JobService, status: JobStatus) -> JobView:
@@ -88,6 +88,13 @@ async def get_group(request: web.Request) -> web.Response:
     return web.json_response(group_view(jobs, group_id, members).model_dump())
 
 
+@routes.get("/v1/limits")
+async def limits(request: web.Request) -> web.Response:
+    """The limits requests are checked against, so that a client (the web UI) need not guess them."""
+    settings = request.app[SERVICE].settings.limits
+    return web.json_response(LimitsView(**{name: getattr(settings, name) for name in LimitsView.model_fields}).model_dump())
+
+
 @routes.get("/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
     jobs = request.app[SERVICE]
@@ -146,7 +153,9 @@ async def socket(request: web.Request) -> web.WebSocketResponse:
 async def _socket(request: web.Request, job_ids: list[str]) -> web.WebSocketResponse:
     """Sends the events of every followed job as JSON. The client may send
     {"follow": [ids]} to follow more jobs and {"cancel": id} to cancel one. With auth on and no key
-    header, the first message must be {"key": KEY} (see gateway.auth.socket_key)."""
+    header, the first message must be {"key": KEY} (see gateway.auth.socket_key). A job is followed
+    until its final event (or its error): then it no longer counts against MAX_FOLLOWED, and following
+    it again replays its events; an id followed already, or named twice, counts once."""
     jobs = request.app[SERVICE]
     ws = web.WebSocketResponse(heartbeat=20)
     await ws.prepare(request)
@@ -168,8 +177,9 @@ async def _socket(request: web.Request, job_ids: list[str]) -> web.WebSocketResp
             pass
 
     def start(job_id: str) -> None:
-        if job_id not in followers and isinstance(job_id, str):
-            followers[job_id] = asyncio.create_task(pump(job_id))
+        if job_id not in followers:
+            task = followers[job_id] = asyncio.create_task(pump(job_id))
+            task.add_done_callback(lambda _: followers.pop(job_id, None) if followers.get(job_id) is task else None)
 
     for job_id in job_ids:
         start(job_id)
@@ -186,18 +196,19 @@ async def _socket(request: web.Request, job_ids: list[str]) -> web.WebSocketResp
                 continue
             follow_ids = command.get("follow", [])
             follow_ids = [follow_ids] if isinstance(follow_ids, str) else follow_ids
-            if not isinstance(follow_ids, list) or len(followers) + len(follow_ids) > MAX_FOLLOWED:
-                error = f"follow: a job id or a list of job ids, at most {MAX_FOLLOWED} per socket"
+            new_ids = set(map(str, follow_ids)) - followers.keys() if isinstance(follow_ids, list) else set()
+            if not isinstance(follow_ids, list) or len(followers) + len(new_ids) > MAX_FOLLOWED:
+                error = f"follow: a job id or a list of job ids, at most {MAX_FOLLOWED} unfinished jobs per socket"
                 await ws.send_json({"type": "error", "error": error})
                 continue
-            for job_id in follow_ids:
-                start(str(job_id))
+            for job_id in dict.fromkeys(map(str, follow_ids)):
+                start(job_id)
             if "cancel" in command:
                 try:
                     await jobs.cancel(str(command["cancel"]), owner=owner)
                 except (UnknownJob, NotReady):
                     await ws.send_json({"type": "error", "job_id": command["cancel"], "error": "unknown job"})
     finally:
-        for task in followers.values():
+        for task in list(followers.values()):
             task.cancel()
     return ws

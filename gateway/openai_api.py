@@ -1,8 +1,9 @@
 """OpenAI's Images API on the gateway: `POST /v1/images/generations`, answered when every image is done.
 
 Each of the `n` images is one job on the queue, with seeds seed, seed+1, ... (a random first seed when
-none is sent), queued as one group through `gateway.submission` like a native request with `n`. The handler follows the jobs until all are done (at most WAIT_S seconds, then 504 and the
-jobs are cancelled) and answers base64 images or absolute URLs of `/v1/jobs/{id}/image`.
+none is sent), queued as one group through `gateway.submission` like a native request with `n`. The
+handler follows the jobs until all are done (at most WAIT_S seconds, then 504 and the jobs are
+cancelled) and answers base64 images or absolute URLs of `/v1/jobs/{id}/image`.
 
 `model` is a served model or an OpenAI name (dall-e-2, dall-e-3, gpt-image-*), which means the current
 model. `quality` scales the model's default steps: low takes half, standard/medium/auto the default,

@@ -12,6 +12,7 @@ import bisect
 from collections import deque
 import logging
 import time
+from typing import Callable
 
 import nats.errors
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
@@ -36,6 +37,7 @@ class QueueView:
         self.version = 0  # goes up on every change, so answers derived from the view can be cached
         self.unfinished: dict[str, int] = {}  # owner -> jobs not final yet, for quotas without a scan
         self.ready = asyncio.Event()
+        self.listeners: list[Callable[[JobStatus | None, JobStatus], None]] = []  # (old, new), per record taken
         self._tasks: list[asyncio.Task] = []
         self._watches: list[tuple] = []
 
@@ -60,6 +62,8 @@ class QueueView:
             bisect.insort(self.queued[status.tier], (status.submitted_at, status.job_id))
         elif status.state is JobState.RUNNING:
             self.running.add(status.job_id)
+        for listener in self.listeners:
+            listener(old, status)
 
     def forget(self, job_id: str) -> None:
         self.version += 1
@@ -144,6 +148,8 @@ class QueueView:
     def _on_job(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
             self.forget(key)
+            return
+        if revision <= self.revisions.get(key, 0):  # held already: this gateway's own write, come back
             return
         try:
             status = decode(value, JobStatus)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from schemas.jetstream import Topology
 from schemas.request import Limits
+from schemas.uploads import max_text_chars
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,3 +25,10 @@ class GatewaySettings:
     redact_prompts: bool = False  # audit records and logs carry a hash instead of the prompt
     default_timeout_s: float | None = None  # deadline for requests that set no timeout_s
     cache_ttl_s: float = 24 * 3600  # result cache: identical requests within this long get the stored image; 0: off
+    cache_scope: str = "key"  # result cache entries: each API key's own (key), or shared by all keys (global)
+
+    @property
+    def body_limit_bytes(self) -> int:
+        """The largest request body taken: max_body_bytes, or more when an init image and a mask of
+        max_upload_bytes each, as base64, need it, with 1 MiB for the rest of the request."""
+        return max(self.max_body_bytes, 2 * max_text_chars(self.limits) + 1024 * 1024)

@@ -1,22 +1,32 @@
 """One request onto the queue, for every API of the gateway: its init and mask images checked and stored
 in object store `imagegen-uploads`, then its `n` images as n jobs with seeds seed, seed+1, ... grouped
-under one group id (job ids `<group_id>-0`, `<group_id>-1`, ...), all sharing the stored images.
+under one group id (job ids `<group_id>-0`, `<group_id>-1`, ...), all sharing the stored images
+(`schemas.group`).
 
-A group is queued whole or not at all: when job k cannot be queued (a quota, say), the jobs before it
-are deleted again and the error goes to the caller.
+What refuses a request without looking at its images comes first: a blocked prompt, a tier or an `n`
+the caller's key may not use, a quota with no room for n more jobs. A group is queued whole or not at
+all: when job k cannot be queued (a rate limit, say), the jobs this call queued before it are deleted
+again, with the images it stored, and the error goes to the caller.
+
+A repeat with the same Idempotency-Key answers the jobs the first call queued, before the key's quota
+or rate is looked at: a job still queued is published again (the first call may have stopped before
+publishing it), and a job missing from a group the first call did not finish is queued now, reading
+the images the first call stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from gateway.auth import ApiKey
 from gateway.jobs import JobService, UnknownJob, idempotent_job_id
 from schemas import jobstore, uploads
-from schemas.job import group_job_ids, new_job_id, new_seed
+from schemas.group import GroupPlan, plan_group, store_uploads
+from schemas.job import Placement, group_job_ids
 from schemas.request import GenerateRequest
-from schemas.status import JobStatus
+from schemas.status import JobStatus, UploadRef
 
 log = logging.getLogger("imagegen.gateway")
 
@@ -30,57 +40,72 @@ async def submit_request(
     idempotency_key: str | None = None,
 ) -> list[JobStatus]:
     """Queues the request's n jobs and returns their first status records, in seed order."""
-    prepared = await asyncio.to_thread(uploads.prepare, request, jobs.settings.limits)
-    request, n = prepared.request, prepared.request.n
-    first_id = idempotent_job_id(owner, idempotency_key) if idempotency_key else new_job_id()
-    group_id = first_id if n > 1 else None
-    job_ids = group_job_ids(group_id, n) if group_id else [first_id]
-    if idempotency_key and prepared.uploads:  # a repeated submit: answer what the first one queued
-        jobs.connected()
-        existing = [s for s in [await jobstore.read_status(jobs.status_kv, j) for j in job_ids] if s is not None]
-        if existing:
-            return existing
-    placement: dict = {"group_id": group_id, "group_size": n}
-    if prepared.uploads:
-        jobs.connected()
-        for upload in prepared.uploads:
-            name = uploads.object_name(group_id or first_id, upload.field)
-            placement[upload.field] = await uploads.store(jobs.uploads, name, upload, timeout_s=jobs.settings.nats_timeout_s * 6)
-    first_seed = request.seed if request.seed is not None or n == 1 else new_seed()
+    jobs.check_allowed(request, key)
+    plan = plan_group(request, first_id=idempotent_job_id(owner, idempotency_key) if idempotency_key else None)
+    earlier = await _earlier_records(jobs, plan) if idempotency_key else []
+    known = next((s for s in earlier if s is not None), None)
+    if known is not None and plan.group_id:  # jobs still to queue continue the first call's seeds
+        plan = replace(plan, first_seed=max(0, known.seed - known.group_index))
+    missing = sum(1 for status in earlier if status is None) if earlier else len(plan.job_ids)
+    if key is not None and missing:
+        jobs.check_quota(key, missing)
+    if request.init_image is None:  # nothing to decode: no thread
+        prepared = uploads.prepare(request, jobs.settings.limits)
+    else:
+        prepared = await asyncio.to_thread(uploads.prepare, request, jobs.settings.limits)
+    live = [s for s in earlier if s is not None and not s.deleted]
+    created: set[str] = set()
+    stored: dict[str, UploadRef] = {}
     queued: list[JobStatus] = []
     try:
-        for i, job_id in enumerate(job_ids):
-            seed = first_seed + i if first_seed is not None else None
+        if live:
+            shared = Placement.of(live[0]).uploads  # the images the first call stored
+        elif prepared.uploads and missing:
+            jobs.connected()
+            stored = shared = await store_uploads(
+                jobs.uploads, plan, prepared.uploads, timeout_s=jobs.settings.nats_timeout_s * 6
+            )
+        else:
+            shared = {}
+        for member in plan.members(prepared.request, shared):
             queued.append(
                 await jobs.submit(
-                    request.model_copy(update={"n": 1, "seed": seed}),
+                    member.request,
                     owner=owner,
                     key=key,
-                    job_id=job_id,
-                    idempotency_key=idempotency_key if n == 1 else None,
-                    placement={**placement, "group_index": i},
+                    job_id=member.job_id,
+                    idempotency_key=idempotency_key,
+                    placement=member.placement,
+                    created=created,
                 )
             )
     except BaseException:
-        await _undo(jobs, queued, placement, owner)
+        await _undo(jobs, plan, created, stored, owner)
         raise
-    if group_id:
-        log.info("group %s queued: %d jobs, seeds %d..%d", group_id, n, first_seed, first_seed + n - 1)
+    if plan.group_id:
+        log.info("group %s queued: %s", plan.group_id, plan.describe(), extra={"job_id": plan.job_ids[0]})
     return queued
 
 
-async def _undo(jobs: JobService, queued: list[JobStatus], placement: dict, owner: str | None) -> None:
-    """Takes back a group queued in part: deletes its jobs (which releases the uploads), or the uploads
-    alone when no job was queued."""
+async def _earlier_records(jobs: JobService, plan: GroupPlan) -> list[JobStatus | None]:
+    """The records an earlier call with the same Idempotency-Key left, one per job (None: not queued)."""
+    jobs.connected()
+    return [await jobstore.read_status(jobs.status_kv, job_id) for job_id in plan.job_ids]
+
+
+async def _undo(jobs: JobService, plan: GroupPlan, created: set[str], stored: dict[str, UploadRef], owner: str | None) -> None:
+    """Takes back what this call queued and stored, and nothing else: the jobs whose records it wrote
+    (deleting them releases their images) and the images it stored."""
     try:
-        if queued:
-            for status in queued:
-                await jobs.delete(status.job_id, owner=owner)
-        else:
-            stored = [ref.name for ref in (placement.get("init_image"), placement.get("mask_image")) if ref is not None]
-            await uploads.delete(jobs.uploads, stored)
+        for job_id in plan.job_ids:
+            if job_id in created:
+                await jobs.delete(job_id, owner=owner)
+        await uploads.delete(jobs.uploads, [ref.name for ref in stored.values()])
     except Exception as exc:  # best effort: what is left expires with the buckets' TTL
-        log.warning("group %s: taking back a partly queued request failed: %s", placement.get("group_id"), exc)
+        log.warning(
+            "request %s: taking back a partly queued request failed: %s", plan.upload_prefix, exc,
+            extra={"job_id": plan.job_ids[0]},
+        )
 
 
 async def group_jobs(jobs: JobService, group_id: str, *, owner: str | None = None) -> list[JobStatus]:

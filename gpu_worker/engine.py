@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image
 
-from schemas.request import schedule_length, steps_run  # noqa: F401  (the engines' import point)
+from schemas.request import steps_run
 
 StepCallback = Callable[[int, int, Any], None]
 """on_step(step, total_steps, latents_or_None): step counts from 1."""

@@ -16,15 +16,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
 
 from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, RetryLater
 from schemas.connect import BROKER_ERRORS
+from schemas.metrics import GENERATION_BUCKETS, QUEUE_WAIT_BUCKETS, exposition
 
 log = logging.getLogger("imagegen.worker.metrics")
 
-GENERATION_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
-QUEUE_WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 OUTCOMES = ("done", "failed", "cancelled", "expired", "deferred", "retried")
 
 
@@ -103,8 +101,8 @@ class WorkerMetrics:
     # -- serving --------------------------------------------------------------------------------
 
     async def handler(self, request: web.Request) -> web.Response:
-        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encode(self.registry), headers={"Content-Type": content_type})
+        body, content_type = exposition(self.registry, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def serve(self, *, host: str, port: int) -> None:
         app = web.Application()

@@ -4,6 +4,14 @@ Each tier has a durable pull consumer. The worker asks each in turn for one mess
 (one round trip, well under a millisecond on a LAN); when all are empty it sleeps until a job is
 published on any tier (a plain subscription to `imagegen.jobs.>` rings a bell) or a short timeout.
 
+A tier that answered "no messages", or whose message taken left none pending, is known empty until a
+job is published on it (its bell) or `idle_wait_s` passes, and is not asked meanwhile: a worker woken
+by a bell asks the tiers that rang, not every tier, and one that finishes a job asks only the tiers
+that may hold work. Jobs that come back without a publish (a retry after a delay, a redelivery after
+the ack wait) are found within `idle_wait_s`, as by the idle worker's look at every tier. A tier that
+rang is asked with a short wait (`bell_wait_s`) instead of `no_wait`: the bell can come before the
+stream has stored the job, and an empty answer then would leave the job until the next look.
+
 Starvation: after `fairness` jobs in a row taken from a higher tier while a lower one had work waiting,
 the next pull starts at the lowest non-empty tier, so low work always moves, at 1 in `fairness + 1`.
 """
@@ -12,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
@@ -22,6 +31,7 @@ from schemas import names
 from schemas.names import TIERS, Tier
 
 NO_WAIT = json.dumps({"batch": 1, "no_wait": True}).encode()
+EMPTY_STATUSES = ("404", "408")  # no messages; none came within the request's wait
 
 
 class TierPuller:
@@ -34,6 +44,7 @@ class TierPuller:
         self.inbox = nc.new_inbox()
         self.replies: asyncio.Queue[Msg] = asyncio.Queue()
         self.sub: Subscription | None = None
+        self.found_none = False  # the last ask was answered "no messages"
 
     async def start(self) -> None:
         self.sub = await self.nc.subscribe(self.inbox, cb=self.replies.put)
@@ -49,51 +60,85 @@ class TierPuller:
                 return msg
         return None
 
-    async def next(self, timeout: float = 2.0) -> Msg | None:
-        """One job message of this tier, or None when there is none right now."""
+    async def next(self, timeout: float = 2.0, *, wait_s: float = 0.0) -> Msg | None:
+        """One job message of this tier, or None when there is none right now (or, with `wait_s`,
+        none came within that long)."""
+        self.found_none = False
         late = self._ready()
         if late is not None:
             return late
-        await self.nc.publish(self.api_subject, NO_WAIT, reply=self.inbox)
+        ask = json.dumps({"batch": 1, "expires": int(wait_s * 1e9)}).encode() if wait_s > 0 else NO_WAIT
+        await self.nc.publish(self.api_subject, ask, reply=self.inbox)
         try:
-            msg = await asyncio.wait_for(self.replies.get(), timeout)
+            msg = await asyncio.wait_for(self.replies.get(), timeout + wait_s)
         except asyncio.TimeoutError:
             return None
         if msg.reply and msg.reply.startswith("$JS.ACK."):
             return msg
+        self.found_none = (msg.headers or {}).get("Status") in EMPTY_STATUSES
         return None  # a status: 404 no messages, 408 expired, 409 leadership change...
 
 
 class PriorityPuller:
-    def __init__(self, nc: NATS, *, fairness: int = 10, idle_wait_s: float = 1.0):
+    def __init__(self, nc: NATS, *, fairness: int = 10, idle_wait_s: float = 1.0, bell_wait_s: float = 0.05):
         self.nc = nc
         self.fairness = fairness
         self.idle_wait_s = idle_wait_s
+        self.bell_wait_s = bell_wait_s
         self.tiers = [TierPuller(nc, tier) for tier in TIERS]
         self.bell = asyncio.Event()
         self.bell_sub: Subscription | None = None
         self.skipped_lower = 0
+        self.rings: dict[Tier, int] = {tier: 0 for tier in TIERS}  # bells heard, per tier
+        self.empty: dict[Tier, float] = {}  # tier -> when it was found empty (monotonic), until its bell
+        self.rang: set[Tier] = set()  # tiers whose bell rang since they were last asked
+        self._fairness_check: asyncio.Task | None = None
 
     async def start(self) -> None:
         for puller in self.tiers:
             await puller.start()
+        by_subject = {tier.subject: tier for tier in TIERS}
 
-        async def ring(_msg: Msg) -> None:
+        async def ring(msg: Msg) -> None:
+            tier = by_subject.get(msg.subject)
+            if tier is None:
+                self.empty.clear()
+            else:
+                self.rings[tier] += 1
+                self.rang.add(tier)
+                self.empty.pop(tier, None)
             self.bell.set()
 
         self.bell_sub = await self.nc.subscribe(f"{names.JOBS_SUBJECT_PREFIX}.*", cb=ring)
 
     async def stop(self) -> None:
+        if self._fairness_check is not None:
+            self._fairness_check.cancel()
         for puller in self.tiers:
             await puller.stop()
         if self.bell_sub is not None:
             await self.bell_sub.unsubscribe()
 
+    def known_empty(self, tier: Tier) -> bool:
+        found_at = self.empty.get(tier)
+        return found_at is not None and time.monotonic() - found_at < self.idle_wait_s
+
     async def _take(self, order: list[TierPuller]) -> Msg | None:
         for puller in order:
-            msg = await puller.next()
+            tier = puller.tier
+            if self.known_empty(tier):
+                continue
+            rings = self.rings[tier]
+            wait_s = self.bell_wait_s if tier in self.rang else 0.0
+            self.rang.discard(tier)
+            msg = await puller.next(wait_s=wait_s)
+            quiet = self.rings[tier] == rings  # no job published on the tier while it was asked
             if msg is not None:
+                if quiet and msg.metadata.num_pending == 0:
+                    self.empty[tier] = time.monotonic()
                 return msg
+            if quiet and puller.found_none:
+                self.empty[tier] = time.monotonic()
         return None
 
     async def next(self, stopping: asyncio.Event, *, hold: Callable[[], Awaitable[None]] | None = None) -> Msg | None:
@@ -104,6 +149,9 @@ class PriorityPuller:
                 await hold()
                 if stopping.is_set():
                     break
+            if self._fairness_check is not None:
+                await self._fairness_check
+                self._fairness_check = None
             self.bell.clear()
             order = list(self.tiers)
             if self.skipped_lower >= self.fairness:
@@ -113,16 +161,23 @@ class PriorityPuller:
                 taken = Tier(msg.subject.rsplit(".", 1)[-1])
                 if taken is TIERS[-1] or order[0].tier is not TIERS[0]:
                     self.skipped_lower = 0
-                else:
-                    self.skipped_lower += 1 if await self._lower_waiting(taken) else 0
+                elif not all(self.known_empty(tier) for tier in TIERS[taken.rank + 1 :]):
+                    # counted while the job runs; the next pull waits for the count
+                    self._fairness_check = asyncio.ensure_future(self._count_skipped(taken))
                 return msg
             self.skipped_lower = 0
             bell = asyncio.ensure_future(self.bell.wait())
             stop = asyncio.ensure_future(stopping.wait())
             await asyncio.wait({bell, stop}, timeout=self.idle_wait_s, return_when=asyncio.FIRST_COMPLETED)
+            if not bell.done() and not stop.done():  # a quiet spell: every tier is asked again
+                self.empty.clear()
             bell.cancel()
             stop.cancel()
         return None
+
+    async def _count_skipped(self, taken: Tier) -> None:
+        if await self._lower_waiting(taken):
+            self.skipped_lower += 1
 
     async def _lower_waiting(self, taken: Tier) -> bool:
         js = self.nc.jetstream()

@@ -108,12 +108,11 @@ class SafetyStage:
 
 
 def load_safety(settings: Any, *, device: str) -> SafetyStage | None:
-    """The stage `settings.safety_checker` and `settings.nsfw_action` describe; None without a checker."""
+    """The stage `settings.safety_checker` and `settings.nsfw_action` describe; None without a checker.
+    Raises ValueError for a checker that cannot be loaded or an unknown action (SafetyStage checks it)."""
     source = getattr(settings, "safety_checker", None)
     if not source:
         return None
-    if settings.nsfw_action not in ACTIONS:
-        raise ValueError(f"--nsfw-action must be one of {', '.join(ACTIONS)}, got {settings.nsfw_action!r}")
     stage = SafetyStage(load_checker(source, settings=settings, device=device), settings.nsfw_action)
     log.info("safety check on: %s, flagged images are %s", source, "blanked" if stage.action == "blank" else "rejected")
     return stage

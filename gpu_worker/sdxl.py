@@ -26,9 +26,10 @@ from typing import Any
 
 from PIL import Image
 
-from gpu_worker.engine import GenerationTask, StepCallback, fit, schedule_length
+from gpu_worker.engine import GenerationTask, StepCallback, fit
 from gpu_worker.errors import JobFailed
 from gpu_worker.speedups import DEFAULT_BUCKETS
+from schemas.request import schedule_length
 
 log = logging.getLogger("imagegen.worker.sdxl")
 

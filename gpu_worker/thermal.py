@@ -52,9 +52,10 @@ def _nvml_handle(pynvml: Any, index: int) -> Any:
 
 class TemperatureGuard:
     """Hysteresis over a sensor: hot from `max_c` up, cool again at `resume_c` and below. A sensor
-    that fails to read counts as cool (logged), so a broken sensor never stops the pool."""
+    that fails to read counts as cool (logged), so a broken sensor never stops the pool. The limits
+    are checked here, once; `sensor` may be set after (temperature_guard does, once NVML opens)."""
 
-    def __init__(self, sensor: TemperatureSensor, *, max_c: float = 85.0, resume_c: float = 75.0, poll_s: float = 2.0):
+    def __init__(self, sensor: TemperatureSensor | None, *, max_c: float = 85.0, resume_c: float = 75.0, poll_s: float = 2.0):
         if resume_c >= max_c:
             raise ValueError(f"--resume-gpu-temp ({resume_c:g}) must be below --max-gpu-temp ({max_c:g})")
         self.sensor = sensor
@@ -108,22 +109,19 @@ def temperature_guard(settings: Any, *, device: str, sensor: TemperatureSensor |
     if settings.max_gpu_temp <= 0:
         log.info("GPU temperature guard off (--max-gpu-temp 0)")
         return None
-    if settings.resume_gpu_temp >= settings.max_gpu_temp:
-        raise ValueError(
-            f"--resume-gpu-temp ({settings.resume_gpu_temp:g}) must be below --max-gpu-temp ({settings.max_gpu_temp:g})"
-        )
-    limits = {"max_c": settings.max_gpu_temp, "resume_c": settings.resume_gpu_temp, "poll_s": settings.gpu_temp_poll_s}
+    guard = TemperatureGuard(  # refuses a resume temperature not below the limit, with or without a sensor
+        sensor, max_c=settings.max_gpu_temp, resume_c=settings.resume_gpu_temp, poll_s=settings.gpu_temp_poll_s
+    )
     if sensor is not None:
-        return TemperatureGuard(sensor, **limits)
+        return guard
     if not device.startswith("cuda"):
         log.info("GPU temperature guard off: no GPU (device %s)", device)
         return None
     try:
-        nvml = NvmlSensor(device)
-        guard = TemperatureGuard(nvml, **limits)
+        guard.sensor = NvmlSensor(device)
         log.info(
             "GPU temperature guard on: %s at %.0f°C, pauses at %.0f°C, resumes at %.0f°C",
-            device, nvml.read(), guard.max_c, guard.resume_c,
+            device, guard.sensor.read(), guard.max_c, guard.resume_c,
         )
         return guard
     except Exception as exc:  # no nvidia-ml-py, no driver library, or NVML refuses the device

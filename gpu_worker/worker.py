@@ -23,8 +23,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from PIL import Image
 
-from gpu_worker.engine import Engine, GenerationTask, steps_run
+from gpu_worker.engine import Engine, GenerationTask
 from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, RetryLater
+from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.preview import latent_preview
@@ -39,7 +40,7 @@ from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
 from schemas.jetstream import ensure_topology
 from schemas.job import JobEnvelope
-from schemas.request import RequestInvalid, limit_problems
+from schemas.request import RequestInvalid, limit_problems, steps_run
 from schemas.status import ImageRef, JobState, JobStatus
 from schemas.workers import WorkerInfo
 
@@ -75,6 +76,11 @@ class RunningJob:
     last_status_write: float = 0.0
     step: int = 0
     total: int = 0
+    record: tuple[JobStatus, int] | None = None  # the status record as last read or written, and its revision
+
+    def remember(self, status: JobStatus | None, revision: int) -> None:
+        if status is not None and revision > (self.record[1] if self.record else 0):
+            self.record = (status, revision)
 
 
 class Worker:
@@ -117,6 +123,7 @@ class Worker:
         self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
         self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
+        self.image_store = ImageStore(self.js, self.images, names.IMAGES_BUCKET)
         self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
         self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness)
         await self.puller.start()
@@ -331,6 +338,9 @@ class Worker:
         except DecodeError as exc:
             raise JobFailed(f"undecodable job message: {exc}") from None
         problems = limit_problems(envelope.request, self.settings.limits)
+        most = self.settings.limits.max_images
+        if envelope.group_size > most:
+            problems.append({"field": "group_size", "message": f"{envelope.group_size} is over the limit of {most} images per request"})
         if problems:
             raise JobFailed("; ".join(f"{p['field']}: {p['message']}" for p in problems))
         return envelope
@@ -346,9 +356,10 @@ class Worker:
             raise JobExpired()
         schedule = request.steps or self.engine.default_steps
         steps = steps_run(schedule, request.strength) if envelope.init_image else schedule  # the steps that run
-        status = await jobstore.read_status(self.status_kv, job_id)
+        status, revision = await jobstore.read_status_at(self.status_kv, job_id)
         if status is None:  # published straight onto NATS: this worker writes the first record
-            await jobstore.create_status(self.status_kv, envelope.queued_status())
+            status = envelope.queued_status()
+            revision = await jobstore.create_status(self.status_kv, status) or 0
         elif status.state is JobState.DONE:
             log.info("job %s try %d already done; acking", job_id, attempt)
             return
@@ -365,11 +376,12 @@ class Worker:
         job = RunningJob(envelope=envelope, msg=msg, attempt=attempt, total=steps)
         self.current = job
 
-        ended: list[JobState] = []
+        ended: JobState | None = None
 
         def to_running(s: JobStatus) -> JobStatus | None:
-            if s.state.final:  # another run of this job (a redelivery that raced this one) ended it meanwhile
-                ended.append(s.state)
+            nonlocal ended
+            ended = s.state if s.state.final else None
+            if ended is not None:  # another run of this job (a redelivery that raced this one) ended it meanwhile
                 return None
             if s.cancel_requested:
                 job.cancel.set()
@@ -377,12 +389,15 @@ class Worker:
             s.started_at, s.step, s.total_steps, s.seed = time.time(), 0, steps, envelope.seed
             return s
 
-        await jobstore.change_status(self.status_kv, job_id, to_running)
-        if ended == [JobState.DONE]:
+        # over the record just read (one write, no second read) unless it changed meanwhile
+        job.remember(*await jobstore.change_status_at(
+            self.status_kv, job_id, to_running, known=(status, revision) if revision else None
+        ))
+        if ended is JobState.DONE:
             log.info("job %s try %d already done; acking", job_id, attempt)
             return
-        if ended:
-            raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended[0], JobCancelled)()
+        if ended is not None:
+            raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended, JobCancelled)()
         if job.cancel.is_set():
             raise JobCancelled()
         await self._event(JobEvent(type="started", job_id=job_id, worker=self.worker_id, attempt=attempt, total=steps))
@@ -405,21 +420,24 @@ class Worker:
         )
         loop = asyncio.get_running_loop()
         gen_started = time.monotonic()
-        image = await loop.run_in_executor(self.gpu, self.engine.generate, task, self._step_callback(job))
-        steps_done = job.steps_done_at or time.monotonic()
-        nsfw = False
-        if self.safety is not None:  # raises JobFailed when flagged images are rejected
-            image, nsfw = await loop.run_in_executor(self.gpu, self.safety.screen, image)
-            if nsfw:
-                log.warning("job %s image flagged by the safety check: blanked", job_id)
-        data = await loop.run_in_executor(self.gpu, self._encode, image, request.format, request.quality)
-        encoded = time.monotonic()
+        image, nsfw, data, steps_done, encoded = await loop.run_in_executor(
+            self.gpu, self._make_image, job, task, request.format, request.quality
+        )
+        if nsfw:
+            log.warning("job %s image flagged by the safety check: blanked", job_id)
+
         # A broker that crashed can forget a delivery and hand the job to a second worker as a first try
         # while the first still runs it: whichever finishes second keeps the first one's image and event.
-        if getattr(await jobstore.read_status(self.status_kv, job_id), "state", None) is JobState.DONE:
+        # The record is read only when an image is stored under the job id already.
+        async def finished_elsewhere() -> bool:
+            status, revision = await jobstore.read_status_at(self.status_kv, job_id)
+            job.remember(status, revision)
+            return status is not None and status.state is JobState.DONE
+
+        stored = self.image_store.put(job_id, data, finished_elsewhere=finished_elsewhere)
+        if not await asyncio.wait_for(stored, timeout=30):
             log.info("job %s try %d: another run finished it first; its image stands", job_id, attempt)
             return
-        await asyncio.wait_for(self.images.put(job_id, data), timeout=30)
         ref = ImageRef(
             name=job_id, content_type=request.content_type, size=len(data), width=image.width, height=image.height
         )
@@ -434,7 +452,7 @@ class Worker:
             s.nsfw = nsfw
             return s
 
-        await jobstore.change_status(self.status_kv, job_id, to_done)
+        await jobstore.change_status_at(self.status_kv, job_id, to_done, known=job.record)
         if not finished_first:
             log.info("job %s try %d: another run finished it first", job_id, attempt)
             return
@@ -449,6 +467,20 @@ class Worker:
             total_s=total_s,
         )
         self.jobs_done += 1
+
+    def _make_image(
+        self, job: RunningJob, task: GenerationTask, fmt: str, quality: int
+    ) -> tuple[Image.Image, bool, bytes, float, float]:
+        """In the GPU thread, one hand-over for the whole run: the engine, the safety check (it raises
+        JobFailed when flagged images are rejected), the encoding. Returns the image, whether it was
+        flagged, its bytes, and when the steps and the encoding ended."""
+        image = self.engine.generate(task, self._step_callback(job))
+        steps_done = job.steps_done_at or time.monotonic()
+        nsfw = False
+        if self.safety is not None:
+            image, nsfw = self.safety.screen(image)
+        data = self._encode(image, fmt, quality)
+        return image, nsfw, data, steps_done, time.monotonic()
 
     def _step_callback(self, job: RunningJob):
         loop = self._loop
@@ -489,9 +521,10 @@ class Worker:
         asyncio.ensure_future(self._event(event))
         if now - job.last_status_write >= self.settings.progress_write_s and step < total:
             job.last_status_write = now
-            asyncio.ensure_future(self._write_step(job.envelope.job_id, step, step_s))
+            asyncio.ensure_future(self._write_step(job, step, step_s))
 
-    async def _write_step(self, job_id: str, step: int, step_s: float | None) -> None:
+    async def _write_step(self, job: RunningJob, step: int, step_s: float | None) -> None:
+        job_id = job.envelope.job_id
         step_at = time.time()
 
         def set_step(s: JobStatus) -> JobStatus | None:
@@ -501,7 +534,7 @@ class Worker:
             return s
 
         try:
-            await jobstore.change_status(self.status_kv, job_id, set_step)
+            job.remember(*await jobstore.change_status_at(self.status_kv, job_id, set_step, known=job.record))
         except Exception as exc:
             log.debug("job %s step write skipped: %s", job_id, exc)
 

@@ -44,7 +44,8 @@ from schemas import jobstore, names, uploads
 from schemas.codec import encode
 from schemas.events import JobEvent
 from schemas.follow import follow_events
-from schemas.job import JobEnvelope, group_job_ids, new_job_id, new_seed
+from schemas.group import plan_group, store_uploads
+from schemas.job import JobEnvelope
 from schemas.request import DEFAULT_LIMITS, Limits, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 
@@ -283,23 +284,14 @@ class NatsTransport:
         except RequestInvalid as exc:
             raise invalid(exc) from None
         await self._connect()
-        request, n = prepared.request, prepared.request.n
-        group_id = new_job_id() if n > 1 else None
-        job_ids = group_job_ids(group_id, n) if group_id else [new_job_id()]
-        placement: dict[str, Any] = {"group_id": group_id, "group_size": n}
-        for upload in prepared.uploads:
-            name = uploads.object_name(group_id or job_ids[0], upload.field)
-            placement[upload.field] = await uploads.store(self.uploads, name, upload, timeout_s=self.request_timeout_s * 6)
-        first_seed = request.seed if request.seed is not None or n == 1 else new_seed()
-        for i, job_id in enumerate(job_ids):
-            seed = first_seed + i if first_seed is not None else None
-            envelope = JobEnvelope.for_request(
-                request.model_copy(update={"n": 1, "seed": seed}), job_id=job_id, group_index=i, **placement
-            )
+        plan = plan_group(prepared.request)
+        stored = await store_uploads(self.uploads, plan, prepared.uploads, timeout_s=self.request_timeout_s * 6)
+        for member in plan.members(prepared.request, stored):
+            envelope = JobEnvelope.for_request(member.request, job_id=member.job_id, placement=member.placement)
             await jobstore.create_status(self.kv, envelope.queued_status())
-            await self.js.publish(envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: job_id})
-            await self.nc.publish(names.events_subject(job_id), encode(JobEvent(type="queued", job_id=job_id)))
-        return job_ids
+            await self.js.publish(envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: member.job_id})
+            await self.nc.publish(names.events_subject(member.job_id), encode(JobEvent(type="queued", job_id=member.job_id)))
+        return plan.job_ids
 
     async def status(self, job_id: str) -> dict[str, Any]:
         return (await self._record(job_id)).model_dump(mode="json")

@@ -43,7 +43,8 @@ async def follow_events(
     # Waits without timeouts that raise: a follower idles most of its life, and an exception per
     # idle second (with its traceback cycle) made the garbage collector stall a busy gateway.
     sub = await js.subscribe(
-        names.events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=deliver
+        names.events_subject(job_id), stream=names.EVENTS_STREAM, ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL, cb=deliver,
     )
     getter: asyncio.Future[Msg] | None = None
     try:

@@ -69,6 +69,18 @@ class LoadRequest(BaseModel):
     model: str
 
 
+class LimitsView(BaseModel):
+    """What this gateway accepts: a request past any of these gets a 400 naming the field."""
+
+    max_images: int = Field(description="Most images (`n`) one request may ask for.")
+    max_steps: int = Field(description="Most denoising steps.")
+    max_pixels: int = Field(description="Most pixels (width x height) of one image.")
+    max_side: int = Field(description="Longest side, in pixels.")
+    min_side: int = Field(description="Shortest side, in pixels.")
+    max_prompt_chars: int = Field(description="Longest prompt (and negative prompt), in characters.")
+    max_upload_bytes: int = Field(description="Largest init or mask image, in bytes as decoded.")
+
+
 class JobView(BaseModel):
     """A job as the native API shows it."""
 

@@ -8,7 +8,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.names import Tier
-from schemas.request import GenerateRequest
+from schemas.request import MAX_IMAGES, GenerateRequest
 from schemas.status import JobStatus, UploadRef
 
 JOB_ID_BYTES = 16  # 128 random bits
@@ -24,22 +24,16 @@ def new_seed() -> int:
 
 
 def group_job_ids(group_id: str, size: int) -> list[str]:
-    """The jobs of a group of `size` images: `<group_id>-0`, `<group_id>-1`, ..."""
-    return [f"{group_id}-{i}" for i in range(size)]
+    """The jobs of a group of `size` images: `<group_id>-0`, `<group_id>-1`, ...; never more than
+    MAX_IMAGES, whatever size a record read from the store claims."""
+    return [f"{group_id}-{i}" for i in range(min(size, MAX_IMAGES))]
 
 
-class JobEnvelope(BaseModel):
-    """What travels on the job stream. The request inside is validated again by the worker."""
+class Placement(BaseModel):
+    """Where a job sits besides its request: the stored uploads it reads and its place in a group."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    request: GenerateRequest
-    seed: int = Field(ge=0, description="The seed used: the request's, or one the submitter picked.")
-    tier: Tier = Tier.NORMAL
-    submitted_at: float = Field(default_factory=time.time)
-    owner: str | None = Field(None, description="Name of the API key that submitted the job.")
-    deadline: float | None = Field(None, description="Epoch seconds after which a queued job is not started.")
     init_image: UploadRef | None = Field(
         None, description="Image-to-image: the init image, an object in object store imagegen-uploads."
     )
@@ -48,7 +42,43 @@ class JobEnvelope(BaseModel):
         None, min_length=8, max_length=60, pattern=r"^[A-Za-z0-9_-]+$", description="The request of n images this job belongs to."
     )
     group_index: int = Field(0, ge=0)
-    group_size: int = Field(1, ge=1)
+    group_size: int = Field(1, ge=1, le=MAX_IMAGES)
+
+    @property
+    def uploads(self) -> dict[str, UploadRef]:
+        """The stored images, by request field."""
+        return {name: ref for name, ref in (("init_image", self.init_image), ("mask_image", self.mask_image)) if ref is not None}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Placement":
+        if self.mask_image is not None and self.init_image is None:
+            raise ValueError("mask_image: inpainting needs an init_image reference too")
+        if self.group_index >= self.group_size:
+            raise ValueError(f"group_index {self.group_index} is not below group_size {self.group_size}")
+        return self
+
+    @classmethod
+    def of(cls, status: JobStatus) -> "Placement":
+        """The placement a job's record holds."""
+        return cls(
+            init_image=status.init_image, mask_image=status.mask_image, group_id=status.group_id,
+            group_index=status.group_index, group_size=status.group_size,
+        )
+
+
+class JobEnvelope(Placement):
+    """What travels on the job stream: the request, its seed and tier, and the placement fields
+    (uploads, group) at the top level. The request inside is validated again by the worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    request: GenerateRequest
+    seed: int = Field(ge=0, description="The seed used: the request's, or one the submitter picked.")
+    tier: Tier = Tier.NORMAL
+    submitted_at: float = Field(default_factory=time.time)
+    owner: str | None = Field(None, description="Name of the API key that submitted the job.")
+    deadline: float | None = Field(None, description="Epoch seconds after which a queued job is not started.")
 
     @model_validator(mode="after")
     def _one_image_by_reference(self) -> "JobEnvelope":
@@ -57,14 +87,10 @@ class JobEnvelope(BaseModel):
                 "images travel through object store imagegen-uploads: store them there and set the job's "
                 "init_image / mask_image references, not the request's base64 fields"
             )
-        if self.mask_image is not None and self.init_image is None:
-            raise ValueError("mask_image: inpainting needs an init_image reference too")
         if self.request.n != 1:
             raise ValueError(
                 "n: one job message makes one image; publish one per image (seeds seed, seed+1, ...) with a shared group_id"
             )
-        if self.group_index >= self.group_size:
-            raise ValueError(f"group_index {self.group_index} is not below group_size {self.group_size}")
         return self
 
     @classmethod
@@ -75,9 +101,9 @@ class JobEnvelope(BaseModel):
         job_id: str | None = None,
         owner: str | None = None,
         default_timeout_s: float | None = None,
-        **placement: object,
+        placement: Placement | None = None,
     ) -> "JobEnvelope":
-        """`placement`: init_image, mask_image, group_id, group_index, group_size."""
+        """The job message for a one-image request; `placement`: the uploads it reads and its group."""
         submitted_at = time.time()
         timeout_s = request.timeout_s or default_timeout_s
         return cls(
@@ -88,7 +114,7 @@ class JobEnvelope(BaseModel):
             owner=owner,
             submitted_at=submitted_at,
             deadline=submitted_at + timeout_s if timeout_s else None,
-            **placement,
+            **dict(placement or Placement()),
         )
 
     def queued_status(self) -> JobStatus:

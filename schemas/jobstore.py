@@ -20,13 +20,19 @@ Mutation = Callable[[JobStatus], "JobStatus | None"]
 
 
 async def read_status(kv: KeyValue, job_id: str) -> JobStatus | None:
+    status, _ = await read_status_at(kv, job_id)
+    return status
+
+
+async def read_status_at(kv: KeyValue, job_id: str) -> tuple[JobStatus | None, int]:
+    """The record and its KV revision; (None, 0) for an unknown job."""
     try:
         entry = await kv.get(job_id)
     except (KeyNotFoundError, KeyDeletedError):
-        return None
+        return None, 0
     if not entry.value:
-        return None
-    return decode(entry.value, JobStatus)
+        return None, 0
+    return decode(entry.value, JobStatus), entry.revision
 
 
 async def create_status(kv: KeyValue, status: JobStatus) -> int | None:
@@ -49,9 +55,24 @@ async def change_status(kv: KeyValue, job_id: str, mutate: Mutation, *, tries: i
 
 
 async def change_status_at(
-    kv: KeyValue, job_id: str, mutate: Mutation, *, tries: int = 20
+    kv: KeyValue, job_id: str, mutate: Mutation, *, tries: int = 20, known: tuple[JobStatus, int] | None = None
 ) -> tuple[JobStatus | None, int]:
-    """`change_status`, also returning the KV revision of the record it returns (0 when unknown)."""
+    """`change_status`, also returning the KV revision of the record it returns (0 when unknown).
+
+    `known`: the record as this caller last read or wrote it, with its revision. The change is then
+    written over it by compare-and-set without a read first; when the record changed meanwhile the
+    write is refused and the change starts over from a fresh read. A mutation that leaves the known
+    record as it is returns it unread.
+    """
+    if known is not None:
+        status, revision = known
+        changed = mutate(status.model_copy(deep=True))
+        if changed is None:
+            return status, revision
+        try:
+            return changed, await kv.update(job_id, encode(changed), last=revision)
+        except KeyWrongLastSequenceError:
+            pass
     for _ in range(tries):
         try:
             entry = await kv.get(job_id)

@@ -31,6 +31,10 @@ SCHEDULERS = (
     "deis",
 )
 """Sampler names a request may pick; absent means the model's own scheduler."""
+MIN_STRENGTH = 0.01
+"""The smallest image-to-image strength: one step run of a schedule of 100."""
+MAX_IMAGES = 64
+"""The ceiling of `Limits.max_images`: no request, group or job message names more images than this."""
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 4.0
 LORA_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -47,6 +51,10 @@ class Limits:
     max_prompt_chars: int = 2000
     max_images: int = 8  # most images (`n`) one request may ask for
     max_upload_bytes: int = 8 * 1024 * 1024  # largest init or mask image, in bytes as decoded
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_images <= MAX_IMAGES:
+            raise ValueError(f"max_images must be between 1 and {MAX_IMAGES}, got {self.max_images}")
 
 
 DEFAULT_LIMITS = Limits()
@@ -120,10 +128,10 @@ class GenerateRequest(BaseModel):
     )
     strength: float = Field(
         0.4,
-        gt=0.0,
+        ge=MIN_STRENGTH,
         le=1.0,
-        description="With init_image: how much to change it, 0 < strength <= 1 (mflux-server's default 0.4). The "
-        "denoiser runs int(steps x strength) of the steps, at least one; 1.0 redraws from noise.",
+        description=f"With init_image: how much to change it, {MIN_STRENGTH} <= strength <= 1 (mflux-server's default "
+        "0.4). The denoiser runs int(steps x strength) of the steps, at least one; 1.0 redraws from noise.",
     )
     n: int = Field(
         1,
@@ -293,9 +301,11 @@ def parse_request(data: Any, *, limits: Limits = DEFAULT_LIMITS) -> GenerateRequ
 def schedule_length(steps: int, strength: float) -> int:
     """The schedule to ask the pipeline for so that image-to-image runs `int(steps * strength)` steps
     (diffusers' rule), stretched when that would be none: strength 0.1 with 4 steps schedules 10 and
-    runs 1."""
-    length = steps
-    while int(length * strength) < 1:
+    runs 1. A strength below MIN_STRENGTH (which no request carries) counts as MIN_STRENGTH."""
+    if not strength >= MIN_STRENGTH:
+        strength = MIN_STRENGTH
+    length = max(steps, math.ceil(1 / min(strength, 1.0)))
+    if int(length * strength) < 1:  # 1 / strength rounded a hair short
         length += 1
     return length
 

@@ -25,10 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from schemas import jobstore
 from schemas.job import JobEnvelope, group_job_ids
 from schemas.names import UPLOADS_BUCKET
-from schemas.request import GenerateRequest, Limits, RequestInvalid
+from schemas.request import GenerateRequest, Limits, RequestInvalid, limit_problems
 from schemas.status import JobStatus, UploadRef
 
-UPLOAD_FIELDS = ("init_image", "mask_image")
 OBJECT_SUFFIX = {"init_image": "init", "mask_image": "mask"}
 DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 BASE64_SLACK = 1.05  # base64 text may carry line breaks (MIME: one per 76 characters) and a data: prefix
@@ -43,7 +42,8 @@ class Upload:
     image: Image.Image
 
     @property
-    def size(self) -> tuple[int, int]:
+    def dimensions(self) -> tuple[int, int]:
+        """Width and height in pixels."""
         return self.image.size
 
 
@@ -51,10 +51,15 @@ def problem(field: str, message: str) -> RequestInvalid:
     return RequestInvalid([{"field": field, "message": message}])
 
 
+def max_text_chars(limits: Limits) -> int:
+    """The longest base64 text (or data URL) an upload of `max_upload_bytes` may arrive as."""
+    return int(((limits.max_upload_bytes + 2) // 3 * 4 + 256) * BASE64_SLACK)
+
+
 def decode_text(field: str, text: str, limits: Limits) -> bytes:
     """The bytes of a base64 text or base64 data URL; refuses a text too long for the upload limit
     before decoding it."""
-    if len(text) > ((limits.max_upload_bytes + 2) // 3 * 4 + 256) * BASE64_SLACK:
+    if len(text) > max_text_chars(limits):
         raise problem(field, f"exceeds the upload limit of {limits.max_upload_bytes} bytes")
     body = text.strip()
     match = DATA_URL.match(body)
@@ -145,21 +150,25 @@ class Prepared:
         return [u for u in (self.init, self.mask) if u is not None]
 
 
-def prepare(request: GenerateRequest, limits: Limits, **images: bytes) -> Prepared:
-    """Decodes and checks the request's init and mask images (or `images` given as bytes by field name),
-    and returns the request without them, its size taken from the init image when it gave none.
-    Decoding is CPU work: call it in a thread from an event loop."""
-    sources: dict[str, Any] = {f: images.get(f) or getattr(request, f) for f in UPLOAD_FIELDS}
-    if sources["mask_image"] is not None and sources["init_image"] is None:
-        raise problem("mask_image", "inpainting needs an init_image to paint into")
-    if sources["init_image"] is None:
+def prepare(request: GenerateRequest, limits: Limits) -> Prepared:
+    """Decodes and checks the request's init and mask images, and returns the request without them,
+    its size taken from the init image when it gave none; RequestInvalid naming width or height when
+    that size is over the limits. (A mask without an init image never gets here: GenerateRequest
+    refuses it.) Decoding is CPU work: call it in a thread from an event loop."""
+    if request.init_image is None:
         return Prepared(request=request)
-    init = decode_upload("init_image", sources["init_image"], limits)
-    mask = decode_upload("mask_image", sources["mask_image"], limits) if sources["mask_image"] is not None else None
+    init = decode_upload("init_image", request.init_image, limits)
+    mask = decode_upload("mask_image", request.mask_image, limits) if request.mask_image is not None else None
     if mask is not None:
         check_mask(init.image, mask.image)
-    changes: dict[str, Any] = {"init_image": None, "mask_image": None, **fitted_size(request, init.image, limits)}
-    return Prepared(request=request.model_copy(update=changes), init=init, mask=mask)
+    fitted = fitted_size(request, init.image, limits)
+    prepared = request.model_copy(update={"init_image": None, "mask_image": None, **fitted})
+    problems = limit_problems(prepared, limits)
+    if problems:
+        note = f" (the size follows the init image's {init.image.width}x{init.image.height})" if fitted else ""
+        sized = ("width", "height")
+        raise RequestInvalid([{**p, "message": p["message"] + (note if p["field"] in sized else "")} for p in problems])
+    return Prepared(request=prepared, init=init, mask=mask)
 
 
 def object_name(prefix: str, field: str) -> str:
@@ -170,7 +179,7 @@ def object_name(prefix: str, field: str) -> str:
 async def store(obs: Any, name: str, upload: Upload, *, timeout_s: float = 30.0) -> UploadRef:
     """Puts the upload's bytes into object store `imagegen-uploads` (`obs`) under `name`."""
     await asyncio.wait_for(obs.put(name, upload.data), timeout_s)
-    width, height = upload.size
+    width, height = upload.dimensions
     return UploadRef(name=name, size=len(upload.data), width=width, height=height)
 
 

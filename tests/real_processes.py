@@ -1,6 +1,6 @@
 """The parts as real processes for the failure tests: `python -m imagegen worker|gateway`, each with
-its log in a file, started, signalled and killed the way an operator (or the kernel) would; and the
-HTTP and NATS reads the tests check them with."""
+its log in a file, started, signalled and killed the way an operator (or the kernel) would; a whole
+stack of a test module's own (`own_stack`); and the HTTP and NATS reads the tests check them with."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import aiohttp
 import nats
 from nats.js.api import DeliverPolicy
 
+from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas import names
 from schemas.codec import decode
 from schemas.events import JobEvent
@@ -103,6 +105,23 @@ class Parts:
             if part.alive:
                 part.process.kill()
                 part.process.wait(timeout=10)
+
+
+@asynccontextmanager
+async def own_stack(root: Path, *, name: str, worker_flags: tuple[str, ...] = (), gateway_flags: tuple[str, ...] = ()):
+    """A nats-server, a simulated worker and a gateway, all of one test module's own, as real processes
+    (so no other test's worker takes its jobs): yields (gateway URL, NATS URL, gateway, worker), and
+    stops them all after."""
+    broker = EmbeddedNats(store_dir=root / "nats", port=free_port()).start()
+    parts = Parts(logs=root)
+    try:
+        worker = await parts.worker(broker.url, *worker_flags, name=f"{name}-worker")
+        port = free_port()
+        gateway = await parts.gateway(broker.url, port, *gateway_flags, name=f"{name}-gateway")
+        yield f"http://127.0.0.1:{port}", broker.url, gateway, worker
+    finally:
+        parts.stop_all()
+        broker.stop()
 
 
 async def job_state(http: aiohttp.ClientSession, url: str, job_id: str) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.settings import GatewaySettings
+
 LONG = "x" * 2001
 
 
@@ -63,7 +65,8 @@ async def test_unreadable_bodies(service, http, raw, fragment):
 
 
 async def test_oversized_body_is_413(service, http):
-    async with http.post(f"{service.url}/api/generate", data=b"x" * (17 * 1024 * 1024)) as r:
+    too_large = GatewaySettings().body_limit_bytes + 1  # over room for an init image and a mask at the upload limit
+    async with http.post(f"{service.url}/api/generate", data=b"x" * too_large) as r:
         assert r.status == 413
         assert "too large" in (await r.json())["error"]
 

@@ -9,19 +9,25 @@ import base64
 import io
 import json
 import re
+import time
 
 import aiohttp
 import nats
+import pytest
+from nats.js.api import ObjectInfo
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import Image
 
 from gateway.auth import new_key_entry
+from gateway.jobs import JobService
 from gateway.mflux_api import SERVICE
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from imagegen import runtime
+from imagegen.cli import build_parser, gateway_settings
 from schemas import names
 from schemas.jetstream import Topology
+from schemas.status import JobState
 from tests.conftest import wait_status
 from tests.real_processes import job_state, submit, wait_state
 
@@ -149,21 +155,38 @@ async def test_only_requests_with_a_seed_or_asking_are_cached(service, http):
     assert counters(service.gateway) == (hits + 2, misses + 3)  # opted out and unseeded count neither way
 
 
-async def test_a_cached_answer_is_the_callers_own_job(service, http):
+async def wait_done_as(http: aiohttp.ClientSession, url: str, job_id: str, headers: dict) -> dict:
+    async with asyncio.timeout(120):
+        while (job := await state_as(http, url, job_id, headers))["state"] not in ("done", "failed"):
+            await asyncio.sleep(0.05)
+    return job
+
+
+@pytest.mark.parametrize("scope", [None, "global"], ids=["default-scope", "global-scope"])
+async def test_one_key_gets_another_keys_cached_answer_only_with_the_global_scope(service, http, scope):
+    """By default (`--cache-scope key`) a key never learns from the cache what another key asked for:
+    its identical request runs, and its own repeat is answered from its own entry. With `global` the
+    keys share the cache, and a cached answer is still the caller's own job."""
     a_secret, a = new_key_entry("studio", tiers=["normal"], rate_per_minute=100, max_concurrent=20)
     b_secret, b = new_key_entry("agency", tiers=["normal"], rate_per_minute=100, max_concurrent=20)
+    chosen = {"cache_scope": scope} if scope else {}
     gateway = await runtime.start_gateway(
-        GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([a, b]))
+        GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([a, b]), **chosen)
     )
     url = f"http://127.0.0.1:{gateway.port}"
     as_a, as_b = {"Authorization": f"Bearer {a_secret}"}, {"Authorization": f"Bearer {b_secret}"}
     try:
-        request = body("cache: two keys, one harbour", seed=31)
+        request = body(f"cache: two keys, one harbour, {scope or 'default'} scope", seed=31)
         made = await post(http, url, request, as_a)
-        async with asyncio.timeout(120):
-            while (await state_as(http, url, made["job_id"], as_a))["state"] != "done":
-                await asyncio.sleep(0.05)
+        assert (await wait_done_as(http, url, made["job_id"], as_a))["state"] == "done"
+        assert (await post(http, url, request, as_a))["cached"] is True  # the key's own repeat
         answered = await post(http, url, request, as_b)
+        if scope != "global":
+            assert answered["cached"] is False
+            ran = await wait_done_as(http, url, answered["job_id"], as_b)
+            assert ran["state"] == "done" and ran["worker"] and ran["cached"] is False
+            assert (await post(http, url, request, as_b))["cached"] is True  # its own entry now
+            return
         assert answered["cached"] is True and answered["job_id"] != made["job_id"]
         assert await image(http, url, answered["job_id"], as_b) == await image(http, url, made["job_id"], as_a)
         for job_id, headers in ((answered["job_id"], as_a), (made["job_id"], as_b)):
@@ -174,6 +197,16 @@ async def test_a_cached_answer_is_the_callers_own_job(service, http):
         assert await image(http, url, made["job_id"], as_a)  # the other key's job keeps its image
     finally:
         await gateway.stop()
+
+
+def test_the_cache_scope_comes_from_the_flag_or_the_environment(monkeypatch):
+    assert gateway_settings(build_parser().parse_args(["gateway"]), "nats://127.0.0.1:4222").cache_scope == "key"
+    monkeypatch.setenv("IMAGEGEN_CACHE_SCOPE", "global")
+    assert gateway_settings(build_parser().parse_args(["gateway"]), "nats://127.0.0.1:4222").cache_scope == "global"
+    flagged = build_parser().parse_args(["gateway", "--cache-scope", "key"])
+    assert gateway_settings(flagged, "nats://127.0.0.1:4222").cache_scope == "key"
+    with pytest.raises(ValueError, match="--cache-scope must be one of key, global"):
+        JobService(GatewaySettings(cache_scope="everyone"))
 
 
 async def test_a_lost_cache_entry_is_a_miss_and_the_job_runs(service, http):
@@ -189,6 +222,88 @@ async def test_a_lost_cache_entry_is_a_miss_and_the_job_runs(service, http):
     again = await run(http, url, request)
     assert again["cached"] is False and again["worker"] and again["state"] == "done"
     assert await image(http, url, again["job_id"]) == await image(http, url, first["job_id"])
+
+
+async def entry_of(nats_url: str, job_id: str) -> ObjectInfo:
+    """The cache entry job `job_id` made, once it is stored."""
+    async with asyncio.timeout(30):
+        while True:
+            found = [e for e in await cache_entries(nats_url) if json.loads(e.description)["job_id"] == job_id]
+            if found:
+                return found[0]
+            await asyncio.sleep(0.05)
+
+
+async def test_a_delete_while_the_view_still_says_running_keeps_the_entry(service, http):
+    """mflux's `delete=true` comes the moment a job is done, when the gateway's view may not know it
+    yet: the delete reads the record from the store, and the image still goes into the cache."""
+    url, jobs = service.url, service.gateway.runner.app[SERVICE]
+    request = body("cache: fetched and deleted at once", seed=81)
+    first = await run(http, url, request)
+    nc = await nats.connect(service.nats_url)  # the entry not stored yet, as it may not be at that moment
+    await (await nc.jetstream().object_store(names.CACHE_BUCKET)).delete((await entry_of(service.nats_url, first["job_id"])).name)
+    await nc.close()
+    done = jobs.view.jobs[first["job_id"]]
+    jobs.view.jobs[first["job_id"]] = done.model_copy(update={"state": JobState.RUNNING, "image": None, "finished_at": None})
+
+    async with http.get(f"{url}/api/image", params={"task_id": first["job_id"]}) as r:  # delete=true
+        assert r.status == 200
+        original = await r.read()
+    again = await post(http, url, request)
+    assert again["cached"] is True
+    assert await image(http, url, again["job_id"]) == original
+
+
+async def test_a_gateway_that_stops_stores_the_images_it_owes_first(service, http):
+    """A gateway stopped with done jobs whose images it has not stored yet (its recorder held back
+    here, as when it is busy with earlier ones) stores them before it goes."""
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    stopped = False
+    try:
+        cache = gateway.runner.app[SERVICE].cache
+        cache._recorder.cancel()
+        job = await run(http, url, body("cache: owed at the stop", seed=91))
+        assert job["state"] == "done"
+        await gateway.stop()
+        stopped = True
+        entries = [e for e in await cache_entries(service.nats_url) if json.loads(e.description)["job_id"] == job["job_id"]]
+        assert len(entries) == 1
+    finally:
+        if not stopped:
+            await gateway.stop()
+    again = await post(http, service.url, body("cache: owed at the stop", seed=91))
+    assert again["cached"] is True
+
+
+async def test_an_entry_lives_by_the_buckets_ttl_not_by_its_gateways_own(broker, data_dir, http):
+    """The gateway started last sets the bucket's TTL: a gateway with a shorter --cache-ttl of its own
+    still answers from an entry older than that, which the bucket keeps."""
+    topology = Topology(ack_wait_s=10, worker_ttl_s=10)
+    worker, task = await runtime.start_worker(
+        WorkerSettings(
+            nats_url=broker.url, model="simulated", sim_step_s=0.01, data_dir=str(data_dir), heartbeat_s=1.0, topology=topology
+        ),
+        warm_up=False,
+    )
+    short = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0, topology=topology, cache_ttl_s=2))
+    later = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0, topology=topology))  # 24 h
+    url = f"http://127.0.0.1:{short.port}"
+    try:
+        request = body("cache: older than two seconds", seed=53)
+        first = await run(http, url, request)
+        stored_at = json.loads((await entry_of(broker.url, first["job_id"])).description)["stored_at"]
+        async with asyncio.timeout(30):
+            while time.time() < stored_at + 2.5:  # past this gateway's own TTL
+                await asyncio.sleep(0.1)
+        again = await post(http, url, request)
+        assert again["cached"] is True and again["state"] == "done"
+    finally:
+        await short.stop()
+        await later.stop()
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await worker.close()
 
 
 async def test_entries_expire_with_the_cache_ttl_and_a_zero_ttl_turns_the_cache_off(broker, data_dir, http):

@@ -1,7 +1,7 @@
 """Fuzzes the HTTP API from its own OpenAPI document with schemathesis: every operation that
 /openapi.json of a real gateway process lists gets generated requests, valid ones and ones that break
-the schema, and no answer may be a 5xx, come late, or break the documented status codes, content
-types and response schemas. Operations on one job are also fuzzed with the id of a real finished job,
+the schema, and no answer may be a 5xx, hang (CALL_TIMEOUT_S), or break the documented status codes,
+content types and response schemas. Operations on one job are also fuzzed with the id of a real finished job,
 so their success answers are checked too, not only their 404s.
 
 A nats-server, a gateway and a worker on the simulated engine (no time per step: jobs cost nothing)
@@ -19,11 +19,9 @@ from hypothesis import HealthCheck, Phase
 from schemathesis import GenerationMode
 
 from gateway.openapi import OPERATIONS
-from imagegen.embedded_nats import EmbeddedNats, free_port
-from tests.real_processes import Parts, submit, wait_state
+from tests.real_processes import own_stack, submit, wait_state
 
 LIMIT_FLAGS = ("--max-pixels", str(1024 * 1024), "--max-steps", "50")
-MAX_RESPONSE_S = 5.0  # every answer, even the OpenAI call's, which waits for its images
 CALL_TIMEOUT_S = 15.0  # a hang fails its example instead of stalling the run
 POSITIVE, NEGATIVE, KNOWN = "positive", "negative", "known-job"
 EXAMPLES = {POSITIVE: 40, NEGATIVE: 30, KNOWN: 15}
@@ -47,17 +45,10 @@ CHECKS = [
 @pytest.fixture(scope="module")
 async def fuzzed_gateway(tmp_path_factory):
     """A nats-server, a simulated worker and a gateway, of this module's own, as real processes."""
-    root = tmp_path_factory.mktemp("fuzz")
-    broker = EmbeddedNats(store_dir=root / "nats", port=free_port()).start()
-    parts = Parts(logs=root)
-    try:
-        await parts.worker(broker.url, *LIMIT_FLAGS, "--sim-step-s", "0", "--preview-every", "0", name="fuzz-worker")
-        port = free_port()
-        gateway = await parts.gateway(broker.url, port, *LIMIT_FLAGS, name="fuzz-gateway")
-        yield f"http://127.0.0.1:{port}", gateway
-    finally:
-        parts.stop_all()
-        broker.stop()
+    worker_flags = (*LIMIT_FLAGS, "--sim-step-s", "0", "--preview-every", "0")
+    async with own_stack(tmp_path_factory.mktemp("fuzz"), name="fuzz", worker_flags=worker_flags, gateway_flags=LIMIT_FLAGS) as parts:
+        url, _, gateway, _ = parts
+        yield url, gateway
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +99,6 @@ def fuzz_runs() -> list:
 def call_and_check(case, gateway) -> None:
     response = case.call(timeout=CALL_TIMEOUT_S)
     where = f"{case.method} {case.formatted_path} ({case.as_curl_command()})"
-    assert response.elapsed < MAX_RESPONSE_S, f"{where} answered after {response.elapsed:.1f}s"
     try:
         case.validate_response(response, checks=CHECKS)
     except AssertionError as failure:  # schemathesis' failures are AssertionErrors: add what the gateway logged
@@ -127,7 +117,7 @@ def strategy_for(operation, method: str, mode: str, job_id: str):
 
 
 @pytest.mark.parametrize("method, path, mode", fuzz_runs())
-def test_operation_never_answers_5xx_or_late(request, api_schema, fuzzed_gateway, method, path, mode):
+def test_operation_never_answers_5xx_or_hangs(request, api_schema, fuzzed_gateway, method, path, mode):
     _, gateway = fuzzed_gateway
     operation = api_schema[path][method.upper()]
     job_id = request.getfixturevalue("finished_job") if mode == KNOWN else ""

@@ -20,13 +20,13 @@ import nats
 import pytest
 from nats.js.api import DeliverPolicy
 
-from imagegen.embedded_nats import EmbeddedNats, free_port
+from gateway.settings import GatewaySettings
 from schemas import names
 from schemas.codec import decode, encode
 from schemas.job import JobEnvelope
 from schemas.request import parse_request
 from schemas.status import JobState, JobStatus
-from tests.real_processes import Parts, submit, wait_state
+from tests.real_processes import own_stack, submit, wait_state
 
 FLAGS = ("--ack-wait", "2", "--max-deliver", "2")
 POSTS = ["/api/generate", "/v1/jobs", "/api/load", "/v1/images/generations"]
@@ -39,17 +39,9 @@ SMALL_JOB = {"prompt": "a calm sea", "width": 64, "height": 64, "steps": 2}
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory):
     """(gateway URL, NATS URL, gateway process, worker process), all of this module's own."""
-    root = tmp_path_factory.mktemp("hostile")
-    broker = EmbeddedNats(store_dir=root / "nats", port=free_port()).start()
-    parts = Parts(logs=root)
-    try:
-        worker = await parts.worker(broker.url, *FLAGS, "--sim-step-s", "0.01", name="hostile-worker")
-        port = free_port()
-        gateway = await parts.gateway(broker.url, port, *FLAGS, name="hostile-gateway")
-        yield f"http://127.0.0.1:{port}", broker.url, gateway, worker
-    finally:
-        parts.stop_all()
-        broker.stop()
+    worker_flags = (*FLAGS, "--sim-step-s", "0.01")
+    async with own_stack(tmp_path_factory.mktemp("hostile"), name="hostile", worker_flags=worker_flags, gateway_flags=FLAGS) as parts:
+        yield parts
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +78,7 @@ def gzip_bomb() -> bytes:
 
 
 HOSTILE_BODIES = [
-    pytest.param(b"x" * (17 * 1024 * 1024), JSON, 413, "too large", id="17MiB"),
+    pytest.param(b"x" * (GatewaySettings().body_limit_bytes + 1), JSON, 413, "too large", id="over-the-body-limit"),
     pytest.param(gzip_bomb(), {**JSON, "Content-Encoding": "gzip"}, 413, "too large", id="gzip-bomb"),
     pytest.param(b"\x1f\x8b\x08 not gzip", {**JSON, "Content-Encoding": "gzip"}, 400, "unreadable body", id="broken-gzip"),
     pytest.param(deep(100_000, b"[", b"]"), JSON, 400, "nested too deeply", id="100k-nested-arrays"),
@@ -124,7 +116,7 @@ async def chunks(total: int, size: int = 1024 * 1024):
 
 @pytest.mark.parametrize("path", POSTS)
 async def test_oversized_chunked_body_without_length_is_413(url, http, path):
-    answer, error, _ = await post_raw(http, f"{url}{path}", chunks(20 * 1024 * 1024))
+    answer, error, _ = await post_raw(http, f"{url}{path}", chunks(GatewaySettings().body_limit_bytes + 2 * 1024 * 1024))
     assert answer == 413 and "too large" in error
 
 

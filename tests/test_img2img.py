@@ -8,23 +8,25 @@ import asyncio
 import base64
 import io
 import json
+import uuid
 
 import msgpack
 import nats
 import numpy as np
 import pytest
-from nats.js.api import DeliverPolicy
+from nats.js.api import DeliverPolicy, ObjectStoreConfig
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import Image
 
 from gateway.auth import new_key_entry
+from gateway.jobs import idempotent_job_id
 from gateway.settings import GatewaySettings
 from imagegen import runtime
-from imagegen.client import AsyncClient, Progress
-from schemas import names
+from imagegen.client import AsyncClient, ImagegenError, Progress
+from schemas import jobstore, names
 from schemas.codec import decode, encode
 from schemas.events import JobEvent
-from schemas.job import JobEnvelope
+from schemas.job import JobEnvelope, Placement
 from schemas.request import Limits, parse_request
 from schemas.status import JobState, JobStatus, UploadRef
 from tests.conftest import wait_status
@@ -283,7 +285,7 @@ async def test_a_nats_publisher_uploads_the_init_image_and_references_it(service
     store = await js.object_store(names.UPLOADS_BUCKET)
     await store.put("publisher-a/harbour.png", encoded(stripes((72, 64))))
     request = parse_request({"prompt": "a harbour", "seed": 9, "width": 72, "height": 64, "steps": 5, "strength": 0.6, "format": "PNG"})
-    envelope = JobEnvelope.for_request(request, init_image=UploadRef(name="publisher-a/harbour.png"))
+    envelope = JobEnvelope.for_request(request, placement=Placement(init_image=UploadRef(name="publisher-a/harbour.png")))
     await js.publish(names.Tier.NORMAL.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id})
     events = await follow_to_end(js, envelope.job_id)
     assert events[-1].type == "done", events[-1]
@@ -310,7 +312,7 @@ async def test_a_bad_or_missing_upload_fails_the_job_once_with_the_reason(servic
     dlq = await js.subscribe(names.DLQ_SUBJECT, deliver_policy=DeliverPolicy.NEW)
     envelope = JobEnvelope.for_request(
         parse_request({"prompt": "a cliff", "width": 64, "height": 64, "steps": 2}),
-        init_image=UploadRef(name=f"publisher-b/{fragment.split()[-1]}"),
+        placement=Placement(init_image=UploadRef(name=f"publisher-b/{fragment.split()[-1]}")),
     )
     if stored is not None:
         await (await js.object_store(names.UPLOADS_BUCKET)).put(envelope.init_image.name, stored)
@@ -356,7 +358,8 @@ BAD_UPLOADS = [
     ({"mask_image": b64(centre_mask())}, "mask_image", "init_image"),
     ({"init_image": b64(solid(RED)), "mask_image": b64(centre_mask((32, 32)))}, "mask_image", "same size"),
     ({"init_image": b64(solid(RED)), "mask_image": "%%%"}, "mask_image", "base64"),
-    ({"init_image": b64(solid(RED)), "strength": 0}, "strength", "greater than 0"),
+    ({"init_image": b64(solid(RED)), "strength": 0}, "strength", "greater than or equal to 0.01"),
+    ({"init_image": b64(solid(RED)), "strength": 1e-6}, "strength", "greater than or equal to 0.01"),
     ({"init_image": b64(solid(RED)), "strength": 1.5}, "strength", "less than or equal to 1"),
     ({"n": 5}, "n", "between 1 and 4"),
     ({"n": 0}, "n", "greater than or equal to 1"),
@@ -389,3 +392,148 @@ async def test_openapi_shows_the_new_fields_and_the_group_endpoint(service, http
     fields = spec["components"]["schemas"]["GenerateRequest"]["properties"]
     assert {"init_image", "mask_image", "strength", "n"} <= set(fields) and fields["strength"]["default"] == 0.4
     assert "/v1/groups/{group_id}" in spec["paths"]
+
+
+# -- sizes, bodies and group sizes ------------------------------------------------------------------
+
+
+async def test_a_size_taken_from_the_init_image_over_the_pixel_budget_is_400(service, http):
+    tall = b64(solid(RED, (64, 4096)))  # 262,144 pixels; width 2048 makes the height 4096 (clamped)
+    body = {"prompt": "a tower", "width": 2048, "steps": 2, "init_image": tall}
+    async with http.post(f"{service.url}/v1/jobs", json=body) as r:
+        assert r.status == 400, await r.text()
+        answer = await r.json()
+    assert answer["field"] == "width" and "2048x4096" in answer["error"] and "pixel budget" in answer["error"]
+    async with AsyncClient(nats=service.nats_url) as client:
+        with pytest.raises(ImagegenError) as refused:
+            await client.submit("a tower", width=2048, steps=2, init_image=solid(RED, (64, 4096)))
+    assert refused.value.field == "width" and "pixel budget" in str(refused.value)
+
+
+async def test_a_body_with_an_init_image_and_a_mask_at_the_upload_limit_is_taken(service, http):
+    limits = Limits(max_upload_bytes=40_000)
+    gateway = await runtime.start_gateway(
+        GatewaySettings(nats_url=service.nats_url, port=0, limits=limits, max_body_bytes=64 * 1024)
+    )
+    url = f"http://127.0.0.1:{gateway.port}"
+    rng = np.random.default_rng(1)
+    init, mask = (encoded(Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), "RGB")) for _ in range(2))
+    assert 30_000 < len(init) <= 40_000 and 30_000 < len(mask) <= 40_000  # together over the 64 KiB body limit
+    body = {"prompt": "a wall", "steps": 2, "strength": 0.5, "init_image": base64.b64encode(init).decode(),
+            "mask_image": base64.b64encode(mask).decode()}
+    try:
+        async with http.post(f"{url}/v1/jobs", json=body) as r:
+            assert r.status == 202, await r.text()
+            job = await r.json()
+        assert job["init_image"]["size"] == len(init) and job["mask_image"]["size"] == len(mask)
+        async with http.delete(f"{url}/v1/jobs/{job['job_id']}") as r:
+            assert r.status in (200, 204)
+    finally:
+        await gateway.stop()
+
+
+async def test_a_job_message_claiming_a_large_group_fails_and_views_stay_small(service, http):
+    nc = await nats.connect(service.nats_url)
+    js = nc.jetstream()
+    request = parse_request({"prompt": "a crowd", "width": 64, "height": 64, "steps": 2})
+    over_limit = JobEnvelope.for_request(request, placement=Placement(group_id="big-group-0001", group_size=20))
+    await js.publish(names.Tier.NORMAL.subject, encode(over_limit), headers={names.MSG_ID_HEADER: over_limit.job_id})
+    events = await follow_to_end(js, over_limit.job_id)
+    assert events[-1].type == "failed" and "group_size: 20" in events[-1].reason, events[-1]
+
+    raw = {"v": 1, "job_id": "huge-group-0001", "seed": 1, "request": {"prompt": "a"}, "group_id": "huge-group",
+           "group_size": 10**9}
+    await js.publish(names.Tier.NORMAL.subject, msgpack.packb(raw), headers={names.MSG_ID_HEADER: raw["job_id"]})
+    events = await follow_to_end(js, raw["job_id"])
+    assert events[-1].type == "failed" and "undecodable" in events[-1].reason and "group_size" in events[-1].reason
+
+    record = JobStatus(job_id="claims-a-million-0", group_id="claims-a-million", group_size=10**6, state=JobState.FAILED)
+    await jobstore.create_status(await js.key_value(names.STATUS_BUCKET), record)
+    await nc.close()
+    async with http.get(f"{service.url}/v1/jobs/claims-a-million-0") as r:
+        assert r.status == 200
+        view = await r.json()
+    assert view["job_ids"][0] == "claims-a-million-0" and len(view["job_ids"]) <= 64
+
+
+# -- idempotent repeats and the result cache --------------------------------------------------------
+
+
+async def test_an_idempotent_repeat_with_an_init_image_publishes_a_job_never_published(service, http):
+    """A first call stopped after writing job 0's record and storing the image, before publishing job 0
+    and before queuing job 1: the repeat publishes the one and queues the other, on the stored image."""
+    idempotency_key = f"quay-{uuid.uuid4()}"
+    group_id = idempotent_job_id(None, idempotency_key)
+    nc = await nats.connect(service.nats_url)
+    js = nc.jetstream()
+    data = encoded(solid(RED))
+    await (await js.object_store(names.UPLOADS_BUCKET)).put(f"{group_id}/init", data)
+    fields = {"prompt": "a quay", "seed": 30, "steps": 2, "strength": 0.5, "width": 64, "height": 64, "format": "PNG"}
+    placement = Placement(
+        init_image=UploadRef(name=f"{group_id}/init", size=len(data), width=64, height=64),
+        group_id=group_id, group_index=0, group_size=2,
+    )
+    first = JobEnvelope.for_request(parse_request(fields), job_id=f"{group_id}-0", placement=placement)
+    await jobstore.create_status(await js.key_value(names.STATUS_BUCKET), first.queued_status())
+    await nc.close()
+
+    body = {**fields, "n": 2, "init_image": b64(solid(BLUE))}  # the stored image stands, as the first call sent it
+    async with http.post(f"{service.url}/v1/jobs", json=body, headers={"Idempotency-Key": idempotency_key}) as r:
+        assert r.status == 202, await r.text()
+        answer = await r.json()
+    assert answer["job_ids"] == [f"{group_id}-0", f"{group_id}-1"]
+    jobs = [await finished(http, service.url, job_id, timeout=60) for job_id in answer["job_ids"]]
+    assert [job["state"] for job in jobs] == ["done", "done"], jobs
+    assert [job["seed"] for job in jobs] == [30, 31]
+    assert {job["init_image"]["name"] for job in jobs} == {f"{group_id}/init"}
+
+
+async def test_unseeded_groups_stay_out_of_the_result_cache(service, http):
+    body = {"prompt": "a moth at night", "n": 2, "steps": 2, "width": 64, "height": 64, "format": "PNG"}
+    group = await queue(http, service.url, body)
+    jobs = [await finished(http, service.url, job_id) for job_id in group["job_ids"]]
+    assert [job["state"] for job in jobs] == ["done", "done"]
+    again = await queue(http, service.url, {**body, "n": 1, "seed": jobs[1]["seed"]})
+    job = await finished(http, service.url, again["job_id"])
+    assert job["state"] == "done" and job["cached"] is False  # made again: the group's seed was never the caller's
+
+
+# -- taking back ------------------------------------------------------------------------------------
+
+
+async def test_uploads_stored_before_a_failed_store_are_removed(broker, http):
+    nc = await nats.connect(broker.url)
+    await nc.jetstream().create_object_store(names.UPLOADS_BUCKET, config=ObjectStoreConfig(max_bytes=20_000))
+    await nc.close()
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    rng = np.random.default_rng(2)
+    init, mask = (encoded(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")) for _ in range(2))
+    assert len(init) < 20_000 < len(init) + len(mask)  # the bucket takes the init image, not the mask as well
+    body = {"prompt": "a gate", "steps": 2, "init_image": base64.b64encode(init).decode(), "mask_image": base64.b64encode(mask).decode()}
+    try:
+        async with http.post(f"{url}/v1/jobs", json=body) as r:
+            assert r.status == 503, await r.text()
+        assert await stored_uploads(broker.url) == set()
+    finally:
+        await gateway.stop()
+
+
+async def test_an_idempotent_group_repeated_over_the_rate_limit_keeps_its_jobs(service, http):
+    secret, entry = new_key_entry(f"three-a-minute-{uuid.uuid4().hex[:8]}", tiers=["normal"], rate_per_minute=3, max_concurrent=10)
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([entry])))
+    url = f"http://127.0.0.1:{gateway.port}"
+    headers = {"Authorization": f"Bearer {secret}", "Idempotency-Key": "order-7"}
+    body = {"prompt": "twice", "n": 2, "seed": 5, "steps": 2, "width": 64, "height": 64}
+    try:
+        answers = []
+        for _ in range(3):  # the first call spends two of the three a minute; repeats spend none
+            async with http.post(f"{url}/v1/jobs", json=body, headers=headers) as r:
+                assert r.status == 202, await r.text()
+                answers.append(await r.json())
+        assert answers[0]["job_ids"] == answers[1]["job_ids"] == answers[2]["job_ids"]
+        for job_id in answers[0]["job_ids"]:
+            async with http.get(f"{url}/v1/jobs/{job_id}", headers=headers) as r:
+                assert r.status == 200, await r.text()
+    finally:
+        await gateway.stop()

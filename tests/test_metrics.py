@@ -17,6 +17,7 @@ from imagegen.embedded_nats import free_port
 from schemas.jetstream import Topology
 from schemas.request import Limits
 from tests.conftest import Service, stop_service, wait_status
+from tests.real_processes import wait_state
 
 TIERS = {"high", "normal", "low"}
 
@@ -84,6 +85,27 @@ async def test_gateway_metrics_move_when_a_job_is_done(service, http):
     assert (await wait_status(http, service.url, again))["status"] == "done"
     cached = await scrape(http, service.url)
     assert value(cached, "imagegen_cache_hits_total") == value(after, "imagegen_cache_hits_total") + 1
+    # a hit is a job submitted and finished done like any other, so the counts still add up
+    assert value(cached, submitted[0], **submitted[1]) == value(after, submitted[0], **submitted[1]) + 1
+    done = ("imagegen_jobs_finished_total", {"outcome": "done"})
+    assert value(cached, done[0], **done[1]) == value(after, done[0], **done[1]) + 1
+    assert value(cached, "imagegen_generation_seconds_count") == value(after, "imagegen_generation_seconds_count")
+
+
+async def test_a_submit_repeated_with_its_idempotency_key_is_counted_once(service, http):
+    body = {"prompt": f"counted once {secrets.token_hex(4)}", "width": 64, "height": 64, "steps": 2}
+    headers = {"Idempotency-Key": secrets.token_hex(8)}
+    before = await scrape(http, service.url)
+    job_ids = []
+    for _ in range(3):
+        async with http.post(f"{service.url}/v1/jobs", json=body, headers=headers) as r:
+            assert r.status == 202, await r.text()
+            job_ids.append((await r.json())["job_id"])
+    assert len(set(job_ids)) == 1
+    await wait_state(http, service.url, job_ids[0], {"done", "failed"}, timeout=120)
+    after = await scrape(http, service.url)
+    submitted = ("imagegen_jobs_submitted_total", {"tier": "normal", "api": "native"})
+    assert value(after, submitted[0], **submitted[1]) == value(before, submitted[0], **submitted[1]) + 1
 
 
 async def test_http_requests_are_counted_by_route_not_by_path(service, http):

@@ -2,8 +2,8 @@
 (nats-server with file storage, a gateway, 4 simulated workers) while busy workers are SIGKILLed and
 started again and the broker is SIGKILLed and started again once; then every job is checked from the
 broker's own records: final, one image per done job, no job doubled, none lost. About 45 s on two
-cores. And the case it made visible: a submit retried after its first try stopped between writing the
-job's record and publishing the job."""
+cores. And a submit retried with its Idempotency-Key after its first try stopped between writing the
+job's record and publishing the job: the retry publishes it, and the job runs once."""
 
 from __future__ import annotations
 

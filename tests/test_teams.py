@@ -180,3 +180,29 @@ async def test_audit_stream_records_request_and_outcome(service, http):
     outcome = [r for r in records if r["job_id"] == task_id and r["event"] == "outcome"]
     assert submitted[0]["request"]["prompt"] == "audited"
     assert outcome[0]["result"] == "done" and outcome[0]["duration_s"] > 0
+
+
+async def test_n_over_a_keys_max_concurrent_is_403_naming_n(service, http):
+    secret, entry = new_key_entry("two-at-once", tiers=["normal"], rate_per_minute=100, max_concurrent=2)
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([entry])))
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        async with http.post(f"{url}/v1/jobs", json={**SMALL, "n": 3}, headers=bearer(secret)) as r:
+            assert r.status == 403, await r.text()
+            body = await r.json()
+        assert body["field"] == "n" and "n=3" in body["error"] and "max_concurrent=2" in body["error"]
+        async with http.get(f"{url}/v1/jobs", headers=bearer(secret)) as r:
+            assert await r.json() == []  # nothing was queued and taken back
+    finally:
+        await gateway.stop()
+
+
+async def test_prompt_and_tier_are_refused_before_the_images_are_read(keyed, http):
+    a, b, (url, _) = keyed
+    broken = {"init_image": "this is not base64!", "mask_image": "%%%"}
+    async with http.post(f"{url}/v1/jobs", json={**SMALL, **broken, "prompt": "a forbidden thing"}, headers=bearer(b)) as r:
+        assert r.status == 400
+        assert (await r.json())["field"] == "prompt"
+    async with http.post(f"{url}/v1/jobs", json={**SMALL, **broken, "priority": True}, headers=bearer(a)) as r:
+        assert r.status == 403
+        assert (await r.json())["field"] == "priority"

@@ -105,5 +105,6 @@ def test_an_unreadable_sensor_counts_as_cool_and_bad_limits_are_refused():
 
     guard = TemperatureGuard(Broken(), max_c=85, resume_c=75)
     assert guard.hot() is False and guard.last_c is None
-    with pytest.raises(ValueError, match="resume-gpu-temp"):
-        temperature_guard(WorkerSettings(max_gpu_temp=80, resume_gpu_temp=80), device="cuda:0")
+    for device in ("cuda:0", "cpu"):  # refused whether or not there is a GPU to guard
+        with pytest.raises(ValueError, match="resume-gpu-temp"):
+            temperature_guard(WorkerSettings(max_gpu_temp=80, resume_gpu_temp=80), device=device)

@@ -1,51 +1,84 @@
 """The web UI at / in a real headless browser (Debian's `chromium`, driven by Playwright), against the
 real gateway and a tiny-sdxl worker: a prompt typed (with the refiner on) becomes an image in the
 gallery that downloads; several images at once get consecutive seeds and show queue, progress, ETA
-and live previews on the way; re-run repeats an image from its seed; cancel stops a job; the API's
-4xx errors are shown by field; an uploaded (or dropped) init image gives an image of its size, a
-gallery image becomes the next init image, and a mask of another size is refused naming mask_image;
-and with keys on, the key typed in the page unlocks it. Also the WebSocket's first-message key that
-browsers use, since they cannot set headers on a WebSocket."""
+and live previews on the way; re-run repeats an image from its seed (from the result cache, and made
+again without it); cancel stops a job; the API's 4xx errors are shown by field; the page asks for no
+more images per request, and offers no larger sizes, than the service's limits; an uploaded (or
+dropped) init image gives an image of its size, a gallery image becomes the next init image, and a
+mask of another size is refused naming mask_image; and with keys on, the key typed in the page
+unlocks it. Also the WebSocket the page follows its jobs over: the first-message key browsers use
+(since they cannot set headers on a WebSocket), a cap on sockets still waiting for their key, and a
+socket that follows more jobs over its life than it may follow at once."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import secrets
 import shutil
+import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
 from PIL import Image
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from gateway import auth, native_api
 from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
+from schemas.request import Limits
 from tests.conftest import Service
+from tests.real_processes import wait_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs"))
+from screenshots import generate as fill_form  # noqa: E402  (the README's screenshots fill the form the same way)
 
 WAIT_MS = 90_000
 expect.set_options(timeout=30_000)  # checks of what is already on the page; a slow CI machine still passes
 SMALL = {"prompt": "a cup", "width": 64, "height": 64, "steps": 2}
+FINAL = {"done", "failed", "cancelled", "expired"}
 
-# Collects, on the page, what the job cards showed while jobs ran: they leave the queue once done.
-WATCH_CARDS = """() => {
-  window.seenOnCards = new Set();
-  const look = () => {
-    for (const card of document.querySelectorAll("#jobs .job")) {
-      const line = card.querySelector(".status-line").textContent;
-      if (/#\\d+ in queue/.test(line)) seenOnCards.add("queue position");
-      if (/step \\d+\\/\\d+/.test(line)) seenOnCards.add("step");
-      if (/ETA \\d/.test(line)) seenOnCards.add("eta");
-      const width = parseFloat(card.querySelector(".bar > div").style.width);
-      if (width > 0 && width < 100) seenOnCards.add("partial progress bar");
-      const preview = card.querySelector("img.preview");
-      if (!preview.hidden && preview.src.startsWith("data:image/jpeg;base64,")) seenOnCards.add("preview");
-    }
+# Records, on the page, every value the job cards took while jobs ran (they leave the queue once done):
+# from the mutation records themselves, each text put into a card and each value a bar width or a
+# preview's src had, not from the cards as they happen to look when the observer runs.
+RECORD_CARDS = """() => {
+  window.cardRecord = new Set();
+  const text = (value) => {
+    if (/#\\d+ in queue/.test(value)) cardRecord.add("queue position");
+    if (/step \\d+\\/\\d+/.test(value)) cardRecord.add("step");
+    if (/ETA \\d/.test(value)) cardRecord.add("eta");
   };
-  new MutationObserver(look).observe(document.getElementById("jobs"),
-    { subtree: true, childList: true, characterData: true, attributes: true });
+  const width = (style) => {
+    const found = /width:\\s*([\\d.]+)%/.exec(style || "");
+    if (found && Number(found[1]) > 0 && Number(found[1]) < 100) cardRecord.add("partial progress bar");
+  };
+  const source = (src) => {
+    if ((src || "").startsWith("data:image/jpeg;base64,")) cardRecord.add("preview");
+  };
+  new MutationObserver((records) => {
+    for (const r of records) {
+      if (r.type === "childList") {
+        for (const node of r.addedNodes) if (node.nodeType === Node.TEXT_NODE) text(node.data);
+      } else if (r.type === "characterData") {
+        text(r.oldValue);
+        text(r.target.data);
+      } else if (r.target.matches(".bar > div") && r.attributeName === "style") {
+        width(r.oldValue);
+        width(r.target.getAttribute("style"));
+      } else if (r.target.matches("img.preview") && r.attributeName === "src") {
+        source(r.oldValue);
+        source(r.target.getAttribute("src"));
+      }
+    }
+  }).observe(document.getElementById("jobs"), {
+    subtree: true, childList: true, characterData: true, characterDataOldValue: true,
+    attributes: true, attributeOldValue: true,
+  });
 }"""
+JOB_READ = "**/v1/jobs/*"  # GET /v1/jobs/{id}: the page's poll of a job (not its image, not a submit)
 
 IMAGE_LOADED_OR_ERROR = """(selector) => !document.getElementById("error").hidden
   || [...document.querySelectorAll(selector)].some((img) => img.complete && img.naturalWidth > 0)"""
@@ -129,16 +162,23 @@ DROP_GALLERY_IMAGE = """(seed) => {
 }"""
 
 
-async def generate(page: Page, prompt: str, *, size: str | None = "64x64", steps: str = "2", seed: str = "", count: str = "1", image_format: str = "JPEG") -> None:
+async def generate(page: Page, prompt: str, *, size: str | None = "64x64", steps: str = "2", image_format: str = "JPEG", **fields) -> None:
     """Fills the form and presses Generate; size None leaves the size as the page chose it."""
-    await page.fill("#prompt", prompt)
-    if size is not None:
-        await page.select_option("#size", size)
-    await page.fill("#steps", steps)
-    await page.fill("#seed", seed)
-    await page.fill("#count", count)
-    await page.select_option("#format", image_format)
-    await page.click("#generate")
+    await fill_form(page, prompt, size=size, steps=steps, image_format=image_format, **fields)
+
+
+async def hold_back_polls(route) -> None:
+    """Refuses the page's polls of a job, so that only the WebSocket's events move its cards."""
+    if route.request.method == "GET":
+        await route.abort()
+    else:
+        await route.continue_()
+
+
+async def image_bytes(http: aiohttp.ClientSession, url: str, job_id: str) -> bytes:
+    async with http.get(f"{url}/v1/jobs/{job_id}/image") as r:
+        assert r.status == 200, await r.text()
+        return await r.read()
 
 
 async def gallery_image(page: Page, seed: str) -> dict:
@@ -172,19 +212,24 @@ async def test_a_prompt_becomes_an_image_that_downloads(service, page):
     assert image.format == "JPEG" and image.size == (64, 64)
 
 
-async def test_two_images_at_once_with_live_progress_and_a_rerun_of_one_seed(service, page):
+async def test_two_images_at_once_with_live_progress_and_a_rerun_of_one_seed(service, page, http):
     await open_ui(page, service.url)
-    await page.evaluate(WATCH_CARDS)
+    await page.route(JOB_READ, hold_back_polls)  # every event reaches the cards: none is skipped by a poll
+    await page.evaluate(RECORD_CARDS)
     await generate(page, "two lanterns", seed="777", count="2", steps="6", image_format="PNG")
 
     await gallery_image(page, "777")
     await gallery_image(page, "778")
     await expect(page.locator("#gallery-count")).to_have_text("2 images")
     await expect(page.locator("#jobs .job")).to_have_count(0)  # finished jobs leave the queue
-    seen = set(await page.evaluate("[...window.seenOnCards]"))
-    assert {"queue position", "step", "eta", "partial progress bar", "preview"} <= seen
+    recorded = set(await page.evaluate("[...window.cardRecord]"))
+    assert recorded == {"queue position", "step", "eta", "partial progress bar", "preview"}
+    await page.unroute(JOB_READ)
 
-    await page.locator('#gallery figure[data-seed="777"] button.rerun').click()
+    async with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as answered:
+        await page.locator('#gallery figure[data-seed="777"] button.rerun').click()
+    rerun = await answered.value
+    assert (await rerun.json())["cached"] is True  # the same seed and settings: answered from the result cache
     await expect(page.locator('#gallery figure[data-seed="777"]')).to_have_count(2, timeout=WAIT_MS)
     await page.wait_for_function(
         """() => [...document.querySelectorAll('#gallery figure[data-seed="777"] img')]
@@ -201,6 +246,15 @@ async def test_two_images_at_once_with_live_progress_and_a_rerun_of_one_seed(ser
         }"""
     )
     assert same_seed and not other_seed
+
+    made = await page.locator('#gallery figure[data-seed="777"]').last.get_attribute("data-job-id")
+    again = {**rerun.request.post_data_json, "cache": False}  # the re-run's request, made again on the worker
+    async with http.post(f"{service.url}/v1/jobs", json=again) as r:
+        assert r.status == 202, await r.text()
+        job_id = (await r.json())["job_id"]
+    job = await wait_state(http, service.url, job_id, FINAL, timeout=120)
+    assert job["state"] == "done" and job["cached"] is False and job["worker"] and job["seed"] == 777
+    assert await image_bytes(http, service.url, job_id) == await image_bytes(http, service.url, made)
 
 
 async def test_cancel_stops_a_job(service, page):
@@ -358,3 +412,88 @@ async def test_a_socket_without_headers_takes_the_key_as_its_first_message(keyed
 
         async with http.get(f"{url}/v1/ws") as r:  # a plain request to the socket path still needs a key
             assert r.status == 401
+
+
+async def test_the_page_keeps_to_the_services_limits(service, page, http):
+    """A gateway that takes at most 2 images per request and 512x512 pixels: 3 images go as 2 + 1, and
+    larger sizes cannot be picked."""
+    gateway = await runtime.start_gateway(
+        GatewaySettings(nats_url=service.nats_url, port=0, limits=Limits(max_images=2, max_pixels=512 * 512))
+    )
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        async with http.get(f"{url}/v1/limits") as r:
+            assert r.status == 200
+            limits = await r.json()
+        assert limits["max_images"] == 2 and limits["max_pixels"] == 512 * 512 and limits["max_steps"] == 100
+
+        sent: list[dict] = []
+        page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" and r.url.endswith("/v1/jobs") else None)
+        await open_ui(page, url)
+        await expect(page.locator('#size option[value="768x768"]')).to_be_disabled()
+        await expect(page.locator('#size option[value="512x512"]')).to_be_enabled()
+        await expect(page.locator("#steps")).to_have_attribute("title", "1 to 100 steps")
+        await generate(page, "three cups, two at a time", seed="900", count="3")
+        for seed in ("900", "901", "902"):
+            assert await gallery_image(page, seed) == {"width": 64, "height": 64}
+        assert [(body.get("n", 1), str(body["seed"])) for body in sent] == [(2, "900"), (1, "902")]
+    finally:
+        await gateway.stop()
+
+
+async def next_final_event(ws: aiohttp.ClientWebSocketResponse, job_id: str) -> dict:
+    """Reads the socket until the final event of `job_id`; no other job's event and no error may come."""
+    for _ in range(500):
+        event = await ws.receive_json(timeout=60)
+        assert event["type"] != "error" and event["job_id"] == job_id, event
+        if event["type"] in FINAL:
+            return event
+    raise AssertionError(f"no final event of {job_id}")
+
+
+async def test_one_socket_follows_more_jobs_in_its_life_than_it_may_follow_at_once(service, http, monkeypatch):
+    """As the page does in a long session: job after job over one socket, each followed to its end;
+    with at most 3 unfinished jobs at once, 6 finished ones and an id named 5 times still count as few."""
+    monkeypatch.setattr(native_api, "MAX_FOLLOWED", 3)
+    request = {**SMALL, "prompt": f"followed one after another {secrets.token_hex(4)}", "seed": 5}
+    async with http.post(f"{service.url}/v1/jobs", json=request) as r:
+        job_ids = [(await r.json())["job_id"]]
+    await wait_state(http, service.url, job_ids[0], FINAL, timeout=120)
+    for _ in range(5):  # answered from the result cache: done at once
+        async with http.post(f"{service.url}/v1/jobs", json=request) as r:
+            job_ids.append((await r.json())["job_id"])
+
+    async with http.ws_connect(f"{service.url}/v1/ws") as ws:
+        for job_id in job_ids:
+            await ws.send_json({"follow": [job_id]})
+            assert (await next_final_event(ws, job_id))["type"] == "done"
+        await ws.send_json({"follow": [job_ids[0]] * 5})  # one job, named 5 times: followed (and replayed) once
+        assert (await next_final_event(ws, job_ids[0]))["type"] == "done"
+        await ws.send_json({"follow": [f"nosuchjob{n}" for n in range(4)]})  # 4 at once: over the limit
+        refused = await ws.receive_json(timeout=30)
+        assert refused["type"] == "error" and "at most 3 unfinished jobs" in refused["error"]
+
+
+async def test_sockets_waiting_for_their_key_are_capped(keyed, monkeypatch):
+    url, secret, _ = keyed
+    monkeypatch.setattr(auth, "MAX_PENDING_SOCKETS", 2, raising=False)
+    async with aiohttp.ClientSession() as http:
+        first = await http.ws_connect(f"{url}/v1/ws")
+        second = await http.ws_connect(f"{url}/v1/ws")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{url}/v1/ws")
+        assert refused.value.status == 503
+        async with http.ws_connect(f"{url}/v1/ws", headers={"X-API-Key": secret}) as keyed_socket:  # a header: never waits
+            await keyed_socket.send_json({"follow": ["nosuchjob1"]})
+            assert (await keyed_socket.receive_json(timeout=30))["job_id"] == "nosuchjob1"
+
+        await first.send_json({"key": secret})  # its key came: its place is free again
+        await first.send_json({"follow": ["nosuchjob2"]})
+        assert (await first.receive_json(timeout=30))["job_id"] == "nosuchjob2"
+        third = await http.ws_connect(f"{url}/v1/ws")
+
+        answer = await second.receive_json(timeout=30)  # one that never sends its key is let go
+        assert answer["type"] == "error" and "an API key is required" in answer["error"]
+        assert (await second.receive(timeout=30)).data == 1008
+        for ws in (first, second, third):
+            await ws.close()

@@ -5,7 +5,6 @@
 
 const KEY_STORE = "imagegen.apiKey";
 const MAX_COUNT = 16;
-const MAX_GROUP = 8; // images per request (`n`): the service's default limit
 const DEFAULT_STRENGTH = "0.4";
 const POLL_MS = 1500;
 const SILENT_MS = 4000; // a job without a WebSocket event for this long is polled
@@ -30,6 +29,7 @@ let socket = null;
 let socketRetry = 0;
 let socketTimer = null;
 let modelInfo = null;
+let limits = null; // what the service accepts (GET /v1/limits): images per request, steps, pixels
 let sizeTouched = false;
 let sizeBeforeInit = null;
 const uploads = { init: null, mask: null }; // slot -> { dataUrl, name, bytes, width, height }
@@ -113,7 +113,8 @@ async function loadModel() {
   const dot = $("model-dot");
   const keyBox = $("api-key").closest(".key-box");
   try {
-    const [ps, ls] = await Promise.all([api("/api/ps"), api("/api/ls")]);
+    const [ps, ls, accepted] = await Promise.all([api("/api/ps"), api("/api/ls"), api("/v1/limits")]);
+    applyLimits(accepted);
     const served = ps.model && ls ? ls[ps.model] : null;
     modelInfo = { ...ps, refiner: Boolean(served && served.refiner) };
     keyBox.classList.remove("invalid");
@@ -431,15 +432,34 @@ function showError(err, headline) {
   }
 }
 
-/* One request per MAX_GROUP seeds: `n` images with seeds seed, seed+1, ..., which the service queues
-   as one group (the init image and mask are sent, and stored, once per group). */
+/* Images one request may ask for: the service's limit, or one at a time until it is known. */
+function perRequest() {
+  return (limits && limits.max_images) || 1;
+}
+
+/* The service's limits on the form: sizes over its pixel budget or longest side cannot be picked. */
+function applyLimits(accepted) {
+  limits = accepted;
+  $("steps").title = `1 to ${accepted.max_steps} steps`;
+  for (const option of $("size").options) {
+    const [width, height] = option.value.split("x").map(Number);
+    if (!width || !height) continue;
+    const over = width * height > accepted.max_pixels || Math.max(width, height) > accepted.max_side;
+    option.disabled = over;
+    option.title = over ? `over this service's limit of ${accepted.max_pixels} pixels` : "";
+  }
+}
+
+/* One request per perRequest() seeds: `n` images with seeds seed, seed+1, ..., which the service
+   queues as one group (the init image and mask are sent, and stored, once per group). */
 async function submitAll(request, seeds, given = { init: uploads.init, mask: uploads.mask }) {
   clearError();
   const button = $("generate");
   button.disabled = true;
   try {
-    for (let i = 0; i < seeds.length; i += MAX_GROUP) {
-      const chunk = seeds.slice(i, i + MAX_GROUP);
+    const group = perRequest();
+    for (let i = 0; i < seeds.length; i += group) {
+      const chunk = seeds.slice(i, i + group);
       const body = { ...request, seed: chunk[0] };
       if (chunk.length > 1) body.n = chunk.length;
       const view = await api("/v1/jobs", { method: "POST", body });
