@@ -6,7 +6,8 @@ under one group id (job ids `<group_id>-0`, `<group_id>-1`, ...), all sharing th
 What refuses a request without looking at its images comes first: a blocked prompt, a tier or an `n`
 the caller's key may not use, a quota with no room for n more jobs. A group is queued whole or not at
 all: when job k cannot be queued (a rate limit, say), the jobs this call queued before it are deleted
-again, with the images it stored, and the error goes to the caller.
+again, with the images it stored, and the error goes to the caller; except when the broker went away
+under a request with an Idempotency-Key: its records stay, so that the retry (after the 503) finds them.
 
 A repeat with the same Idempotency-Key answers the jobs the first call queued, before the key's quota
 or rate is looked at: a job still queued is published again (the first call may have stopped before
@@ -21,14 +22,16 @@ import logging
 from dataclasses import replace
 
 from gateway.auth import ApiKey
-from gateway.jobs import JobService, UnknownJob, idempotent_job_id
+from gateway.jobs import BrokerAway, JobService, UnknownJob, idempotent_job_id
 from schemas import jobstore, uploads
+from schemas.connect import BROKER_ERRORS
 from schemas.group import GroupPlan, plan_group, store_uploads
 from schemas.job import Placement, group_job_ids
 from schemas.request import GenerateRequest
 from schemas.status import JobStatus, UploadRef
 
 log = logging.getLogger("imagegen.gateway")
+BROKER_DOWN = (BrokerAway, *BROKER_ERRORS)
 
 
 async def submit_request(
@@ -79,7 +82,9 @@ async def submit_request(
                     created=created,
                 )
             )
-    except BaseException:
+    except BaseException as exc:
+        if idempotency_key and isinstance(exc, BROKER_DOWN):
+            raise  # kept for the retry with the same key, which publishes what is still queued
         await _undo(jobs, plan, created, stored, owner)
         raise
     if plan.group_id:

@@ -197,7 +197,7 @@ async def fetch(obs: Any, ref: UploadRef, field: str, limits: Limits, *, timeout
         raise problem(
             field, f"upload {ref.name!r} is not in object store {UPLOADS_BUCKET} (never stored, deleted, or expired)"
         ) from None
-    return read_image(field, result.data, limits)
+    return await asyncio.to_thread(read_image, field, result.data, limits)  # decoding off the event loop
 
 
 async def fetch_inputs(obs: Any, envelope: JobEnvelope, limits: Limits) -> tuple[Image.Image | None, Image.Image | None]:

@@ -139,3 +139,38 @@ async def test_cluster_node_killed_mid_run_loses_no_job(cluster, parts, http):
 
     assert await all_finished(http, url, job_ids) == ["done"] * JOBS
     assert worker.alive and gateway.alive
+
+
+async def test_a_job_whose_publish_fails_is_not_left_queued(service, http, monkeypatch):
+    """The broker takes the job's record, then fails the publish (a fake publish raising what nats-py
+    raises on a timeout): the caller gets 503, and the record is taken back instead of waiting forever as
+    `queued` and holding a place in its key's quota. With an Idempotency-Key it stays queued for the
+    retry, which publishes it, and the job is done."""
+    import nats.errors
+
+    from gateway.mflux_api import SERVICE
+
+    jobs = service.gateway.runner.app[SERVICE]
+    real_publish = jobs.js.publish
+
+    async def publish_fails(subject, *args, **kw):  # KV writes and events are publishes too: only jobs fail
+        if subject.startswith("imagegen.jobs."):
+            raise nats.errors.TimeoutError
+        return await real_publish(subject, *args, **kw)
+
+    monkeypatch.setattr(jobs.js, "publish", publish_fails)
+    body = {"prompt": "publish fails", "width": 64, "height": 64, "steps": 2, "cache": False}
+    async with http.post(f"{service.url}/v1/jobs", json=body) as r:
+        assert r.status == 503, await r.text()
+    async with http.get(f"{service.url}/api/tasks") as r:
+        left = [t for t in await r.json() if t.get("prompt") == "publish fails"]
+    assert all(t["status"] != "waiting" for t in left), left
+
+    headers = {"Idempotency-Key": "publish-fails-then-retried"}
+    async with http.post(f"{service.url}/v1/jobs", json=body, headers=headers) as r:
+        assert r.status == 503
+    monkeypatch.setattr(jobs.js, "publish", real_publish)
+    async with http.post(f"{service.url}/v1/jobs", json=body, headers=headers) as r:
+        assert r.status == 202, await r.text()
+        retried = (await r.json())["job_id"]
+    assert (await wait_state(http, service.url, retried, {"done", "failed"}, timeout=120))["state"] == "done"

@@ -19,7 +19,7 @@ from gpu_worker.settings import WorkerSettings
 from imagegen import runtime
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas.jetstream import Topology
-from tests.real_processes import job_state, submit, wait_state
+from tests.real_processes import job_state, stored_events, submit, wait_state
 
 TOPOLOGY = Topology(ack_wait_s=10, worker_ttl_s=10)
 REQUEST = {
@@ -142,6 +142,18 @@ async def test_an_unflagged_image_is_the_image_a_worker_without_a_check_makes(po
     assert checked["nsfw"] is unchecked["nsfw"] is False
     ours, theirs = await image_of(http, url, checked["job_id"]), await image_of(http, service.url, unchecked["job_id"])
     assert not black(ours) and ours.tobytes() == theirs.tobytes()
+
+
+async def test_with_a_check_no_live_preview_shows_pixels_before_it(pool, data_dir, http):
+    """Previews are decoded from the latents before the check could see them: with a checker on, none go out."""
+    nats_url, url = pool
+    request = {**REQUEST, "steps": 4, "seed": 7}
+    async with worker(nats_url, data_dir, safety_checker="tests.test_safety:flag_everything", preview_every=1):
+        job = await wait_state(http, url, await submit(http, url, request), {"done", "failed"}, timeout=120)
+    assert job["state"] == "done" and job["nsfw"] is True
+    types = [event.type for event in await stored_events(nats_url, job["job_id"])]
+    assert "progress" in types and "done" in types
+    assert "preview" not in types
 
 
 @pytest.mark.parametrize(
