@@ -80,8 +80,17 @@ class TierPuller:
 
 
 class PriorityPuller:
-    def __init__(self, nc: NATS, *, fairness: int = 10, idle_wait_s: float = 1.0, bell_wait_s: float = 0.05):
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        fairness: int = 10,
+        idle_wait_s: float = 1.0,
+        bell_wait_s: float = 0.05,
+        on_bell: Callable[[Msg], None] | None = None,
+    ):
         self.nc = nc
+        self.on_bell = on_bell  # told of each job published (the message itself), before it is pulled
         self.fairness = fairness
         self.idle_wait_s = idle_wait_s
         self.bell_wait_s = bell_wait_s
@@ -108,6 +117,8 @@ class PriorityPuller:
                 self.rang.add(tier)
                 self.empty.pop(tier, None)
             self.bell.set()
+            if self.on_bell is not None:
+                self.on_bell(msg)
 
         self.bell_sub = await self.nc.subscribe(f"{names.JOBS_SUBJECT_PREFIX}.*", cb=ring)
 

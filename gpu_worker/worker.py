@@ -108,6 +108,8 @@ class Worker:
         self.nc: NATS | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting = False  # in the puller, free for the next job
+        self._prefetch: tuple[str, asyncio.Task] | None = None  # a job's record, read on its bell
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -116,6 +118,8 @@ class Worker:
         if self.safety is None and self.settings.safety_checker:
             device = self.engine.device
             self.safety = await self._loop.run_in_executor(None, lambda: load_safety(self.settings, device=device))
+        if self.safety is not None and self.settings.preview_every:
+            log.info("safety check on: live previews off (they would show images before the check)")
         self.thermal = temperature_guard(self.settings, device=self.engine.device, sensor=self.sensor)
         self.nc = await connect(self.settings.nats_url, name=f"imagegen-worker {self.worker_id}")
         self.js = self.nc.jetstream()
@@ -125,7 +129,7 @@ class Worker:
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
         self.image_store = ImageStore(self.js, self.images, names.IMAGES_BUCKET)
         self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
-        self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness)
+        self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness, on_bell=self._on_bell)
         await self.puller.start()
         await self.nc.subscribe(names.CANCEL_SUBJECT, cb=self._on_cancel)
         await self._register()
@@ -139,7 +143,11 @@ class Worker:
         while not self.stopping.is_set():
             if self.broker_trouble:
                 await self._wait_for_broker()
-            msg = await self.puller.next(self.stopping, hold=self._cool_enough if self.thermal else None)
+            self._waiting = True
+            try:
+                msg = await self.puller.next(self.stopping, hold=self._cool_enough if self.thermal else None)
+            finally:
+                self._waiting = False
             if msg is None:
                 break
             await self.handle(msg)
@@ -282,6 +290,31 @@ class Worker:
         if status is not None and status.cancel_requested:
             job.cancel.set()
 
+    def _on_bell(self, msg: Msg) -> None:
+        """A job was published. A free worker reads its record now, alongside the pull that takes it,
+        instead of after; when another worker takes the job, the read is dropped."""
+        job_id = (msg.headers or {}).get(names.MSG_ID_HEADER)
+        if not self._waiting or not job_id or self.thermal is not None and self.thermal.paused:
+            return
+        if self._prefetch is not None:
+            self._prefetch[1].cancel()
+        read = asyncio.ensure_future(jobstore.read_status_at(self.status_kv, job_id))
+        read.add_done_callback(lambda task: task.cancelled() or task.exception())  # failures: read again
+        self._prefetch = (job_id, read)
+
+    async def _read_status(self, job_id: str) -> tuple[JobStatus | None, int]:
+        """The job's record and its revision: the one read on its bell, or read now."""
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:
+            if prefetch[0] == job_id:
+                try:
+                    return await prefetch[1]
+                except Exception as exc:  # read it again, below
+                    log.debug("job %s record read on its bell failed: %s", job_id, exc)
+            else:
+                prefetch[1].cancel()
+        return await jobstore.read_status_at(self.status_kv, job_id)
+
     async def _on_cancel(self, msg: Msg) -> None:
         job = self.current
         if job is not None and msg.data.decode(errors="replace") == job.envelope.job_id:
@@ -309,10 +342,12 @@ class Worker:
         finally:
             job, self.current = self.current, None
         duration = context.duration_s = time.monotonic() - started
-        self.metrics.try_ended(job, outcome, attempt=attempt, duration_s=duration)
-        await self.settle(msg, job_id, attempt, outcome, duration)
-        await self._audit(job_id, attempt, outcome, duration)
-        current_job.reset(context_token)
+        try:
+            self.metrics.try_ended(job, outcome, attempt=attempt, duration_s=duration)
+            await self.settle(msg, job_id, attempt, outcome, duration)
+            await self._audit(job_id, attempt, outcome, duration)
+        finally:
+            current_job.reset(context_token)
 
     async def _audit(self, job_id: str, attempt: int, outcome: BaseException | None, duration: float) -> None:
         """The outcome of one try, for the audit stream IMAGEGEN_AUDIT."""
@@ -356,7 +391,7 @@ class Worker:
             raise JobExpired()
         schedule = request.steps or self.engine.default_steps
         steps = steps_run(schedule, request.strength) if envelope.init_image else schedule  # the steps that run
-        status, revision = await jobstore.read_status_at(self.status_kv, job_id)
+        status, revision = await self._read_status(job_id)
         if status is None:  # published straight onto NATS: this worker writes the first record
             status = envelope.queued_status()
             revision = await jobstore.create_status(self.status_kv, status) or 0
@@ -427,8 +462,10 @@ class Worker:
             log.warning("job %s image flagged by the safety check: blanked", job_id)
 
         # A broker that crashed can forget a delivery and hand the job to a second worker as a first try
-        # while the first still runs it: whichever finishes second keeps the first one's image and event.
-        # The record is read only when an image is stored under the job id already.
+        # while the first still runs it: a run that finds the job done already stores nothing and keeps the
+        # first one's record and event. Two runs storing at the same moment both write the same request and
+        # seed under the job id; the record keeps the first `done`. The record is read only when an image is
+        # stored under the job id already.
         async def finished_elsewhere() -> bool:
             status, revision = await jobstore.read_status_at(self.status_kv, job_id)
             job.remember(status, revision)
@@ -484,7 +521,7 @@ class Worker:
 
     def _step_callback(self, job: RunningJob):
         loop = self._loop
-        every = self.settings.preview_every
+        every = 0 if self.safety is not None else self.settings.preview_every  # no unchecked pixels leave
 
         def on_step(step: int, total: int, latents: Any) -> None:
             if job.cancel.is_set():
