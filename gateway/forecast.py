@@ -153,7 +153,10 @@ class EtaCache:
         t, i = heapq.heappop(self.free)
         cost = job_cost(status, self.workers[i])
         heapq.heappush(self.free, (t + cost, i))
-        eta = self.etas[status.job_id] = t / (1.0 - self.loads[status.tier]) + cost
+        load = self.loads.get(status.tier)
+        if load is None:  # its tier had no queued job at the last pass
+            load = self.loads[status.tier] = _tier_load(self.view, status.tier, self.workers, time.time())
+        eta = self.etas[status.job_id] = t / (1.0 - load) + cost
         self.last_key = _order_key(status)
         return eta
 
@@ -168,6 +171,8 @@ class EtaCache:
         loads: dict[Tier, float] = {}
         last_key = None
         for tier in TIERS:
+            if not view.queued[tier]:  # no job to place: its load is worked out when one comes
+                continue
             load = loads[tier] = _tier_load(view, tier, workers, now)
             for submitted_at, job_id in view.queued[tier]:
                 job = view.jobs.get(job_id)

@@ -22,6 +22,7 @@ from gateway.ratelimit import RateLimited
 from gateway.auth import ApiKey
 from gateway.cache import ResultCache
 from gateway.forecast import EtaCache, jobs_ahead
+from gateway.fresh_images import FreshImages
 from gateway.queue_view import QueueView
 from gateway.settings import GatewaySettings
 from schemas import jobstore, names, uploads
@@ -83,6 +84,8 @@ class JobService:
         self.etas = EtaCache(self.view)
         self.cache = ResultCache(ttl_s=settings.cache_ttl_s, scope=settings.cache_scope, replicas=settings.topology.replicas)
         self.submit_listeners: list[Callable[[JobStatus], None]] = []  # called once per job a submit created
+        self.fresh = FreshImages(self._read_image)  # images of jobs queued here, read as they are done
+        self.view.listeners.append(self.fresh.on_change)
         self.nc: NATS | None = None
         self.default_model: str | None = None
 
@@ -106,6 +109,7 @@ class JobService:
         if sweeper is not None:
             sweeper.cancel()
         await self.cache.close()
+        self.fresh.close()
         await self.view.stop()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
@@ -227,6 +231,7 @@ class JobService:
         self.view.apply(status, revision or 0)
         if key_of_result is not None:
             self.cache.watch(status.job_id, key_of_result)
+        self.fresh.want(status.job_id)
         await self._event(  # before the job is published, so that it comes before the worker's `started`
             JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=self.etas.forecast(status))
         )
@@ -373,11 +378,17 @@ class JobService:
         if status.state is not JobState.DONE or status.image is None:
             raise NotReady(f"job {job_id} is {status.state.value}" + (f": {status.error}" if status.error else ""))
         self.connected()
+        data = await self.fresh.get(job_id, status.image)
+        if data is not None:
+            return status, data
         try:
-            data = await asyncio.wait_for(self._image_bytes(status.image.name), timeout=self.settings.nats_timeout_s * 6)
+            data = await self._read_image(status.image.name)
         except (ObjectNotFoundError, NotFoundError):
             raise NotReady(f"the image of job {job_id} is no longer stored") from None
         return status, data
+
+    async def _read_image(self, name: str) -> bytes:
+        return await asyncio.wait_for(self._image_bytes(name), timeout=self.settings.nats_timeout_s * 6)
 
     async def _image_bytes(self, name: str) -> bytes:
         """An image of a few chunks is read straight from the object store's stream with Direct Gets
@@ -412,6 +423,7 @@ class JobService:
             s.deleted, s.image = True, None
             return s
 
+        self.fresh.drop(job_id)
         await self.cache.keep(status)
         await jobstore.change_status(self.status_kv, job_id, tombstone)
         if status.image is not None:

@@ -177,6 +177,8 @@ class QueueView:
             try:
                 watcher = await kv.watchall()
                 while True:
+                    if asyncio.current_task().cancelling():  # a stop that the timed wait below swallowed
+                        raise asyncio.CancelledError
                     try:
                         entry = await watcher.updates(timeout=30)
                     except nats.errors.TimeoutError:  # idle
