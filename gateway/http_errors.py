@@ -10,14 +10,12 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.jobs import BrokerAway, Forbidden, NotReady, UnknownJob
+from gateway.jobs import BROKER_DOWN, Forbidden, NotReady, UnknownJob
 from gateway.ratelimit import RateLimited
-from schemas.connect import BROKER_ERRORS
 from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
 
-BROKER_DOWN = (BrokerAway, *BROKER_ERRORS)
 
 
 MAX_LISTED_ERRORS = 20  # a body of 100,000 unknown fields gets an answer of a readable size

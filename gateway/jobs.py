@@ -27,7 +27,7 @@ from gateway.queue_view import QueueView
 from gateway.settings import GatewaySettings
 from schemas import jobstore, names, uploads
 from schemas.codec import encode
-from schemas.connect import connect
+from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
 from schemas.follow import final_event
 from schemas.jetstream import ensure_topology
@@ -75,6 +75,9 @@ class NotReady(Exception):
 
 class BrokerAway(ConnectionError):
     """The gateway is not connected to NATS right now (it is reconnecting): answered at once, not after a timeout."""
+
+
+BROKER_DOWN = (BrokerAway, *BROKER_ERRORS)  # what a broker outage raises: 503 with Retry-After
 
 
 class JobService:

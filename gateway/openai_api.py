@@ -28,8 +28,8 @@ from pydantic import ValidationError
 
 from gateway.auth import ApiKey
 from gateway.event_feed import follow
-from gateway.http_errors import BROKER_DOWN, read_json
-from gateway.jobs import Forbidden, JobService, NotReady, UnknownJob
+from gateway.http_errors import read_json
+from gateway.jobs import BROKER_DOWN, Forbidden, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller
 from gateway.ratelimit import RateLimited
 from gateway.submission import submit_request

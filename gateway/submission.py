@@ -22,16 +22,14 @@ import logging
 from dataclasses import replace
 
 from gateway.auth import ApiKey
-from gateway.jobs import BrokerAway, JobService, UnknownJob, idempotent_job_id
+from gateway.jobs import BROKER_DOWN, JobService, UnknownJob, idempotent_job_id
 from schemas import jobstore, uploads
-from schemas.connect import BROKER_ERRORS
 from schemas.group import GroupPlan, plan_group, store_uploads
 from schemas.job import Placement, group_job_ids
 from schemas.request import GenerateRequest
 from schemas.status import JobStatus, UploadRef
 
 log = logging.getLogger("imagegen.gateway")
-BROKER_DOWN = (BrokerAway, *BROKER_ERRORS)
 
 
 async def submit_request(

@@ -366,33 +366,15 @@ class AsyncClient:
     async def close(self) -> None:
         await self.transport.close()
 
-    async def submit(
-        self,
-        prompt: str,
-        *,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        seed: int | str | None = None,
-        negative_prompt: str | None = None,
-        format: str | None = None,
-        tier: str | None = None,
-        init_image: Any = None,
-        mask_image: Any = None,
-        strength: float | None = None,
-        **fields: Any,
-    ) -> str:
-        """Queues one image and returns its job id. `init_image` makes it image-to-image (changed by
-        `strength`, 0.4 unless given), `mask_image` too inpainting; both take a PIL image, bytes, a file
-        path or base64 text. `fields` are further request fields (guidance, scheduler, loras,
-        use_refiner, model, timeout_s, ...). For several images, `submit_many`."""
-        if fields.get("n") not in (None, 1):
+    async def submit(self, prompt: str, **fields: Any) -> str:
+        """Queues one image and returns its job id. `fields` are the request's fields: width, height,
+        steps, seed, negative_prompt, format, tier, guidance, scheduler, loras, use_refiner, model,
+        timeout_s, ...; `init_image` makes it image-to-image (changed by `strength`, 0.4 unless given),
+        `mask_image` too inpainting, both as a PIL image, bytes, a file path or base64 text. For several
+        images, `submit_many`."""
+        if fields.pop("n", None) not in (None, 1):
             raise ValueError("submit queues one image; use submit_many(prompt, n=...) for several")
-        (job_id,) = await self.submit_many(
-            prompt, n=1, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
-            format=format, tier=tier, init_image=init_image, mask_image=mask_image, strength=strength,
-            **{k: v for k, v in fields.items() if k != "n"},
-        )
+        (job_id,) = await self.submit_many(prompt, n=1, **fields)
         return job_id
 
     async def submit_many(
@@ -482,27 +464,15 @@ class AsyncClient:
         self,
         prompt: str,
         *,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        seed: int | str | None = None,
-        negative_prompt: str | None = None,
-        format: str | None = None,
-        tier: str | None = None,
-        init_image: Any = None,
-        mask_image: Any = None,
-        strength: float | None = None,
         n: int | None = None,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = 600.0,
         **fields: Any,
     ) -> Image.Image | list[Image.Image]:
         """Submits, waits and returns the image; with `n`, a list of n images (seeds seed, seed+1, ...).
-        A timeout (or the caller's cancellation) cancels the jobs; a failed one raises JobFailed."""
-        job_ids = await self.submit_many(
-            prompt, n=n or 1, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
-            format=format, tier=tier, init_image=init_image, mask_image=mask_image, strength=strength, **fields,
-        )
+        `fields` as for `submit`. A timeout (or the caller's cancellation) cancels the jobs; a failed one
+        raises JobFailed."""
+        job_ids = await self.submit_many(prompt, n=n or 1, **fields)
         try:
             await self.wait_all(job_ids, on_progress, timeout=timeout)
         except (JobFailed, JobTimeout, asyncio.CancelledError):
@@ -552,28 +522,8 @@ class Client:
             self._thread.join(timeout=10)
             self._loop.close()
 
-    def submit(
-        self,
-        prompt: str,
-        *,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        seed: int | str | None = None,
-        negative_prompt: str | None = None,
-        format: str | None = None,
-        tier: str | None = None,
-        init_image: Any = None,
-        mask_image: Any = None,
-        strength: float | None = None,
-        **fields: Any,
-    ) -> str:
-        return self._run(
-            self._async.submit(
-                prompt, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
-                format=format, tier=tier, init_image=init_image, mask_image=mask_image, strength=strength, **fields,
-            )
-        )
+    def submit(self, prompt: str, **fields: Any) -> str:
+        return self._run(self._async.submit(prompt, **fields))
 
     def submit_many(self, prompt: str, *, n: int, **fields: Any) -> list[str]:
         return self._run(self._async.submit_many(prompt, n=n, **fields))
@@ -602,25 +552,9 @@ class Client:
         self,
         prompt: str,
         *,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        seed: int | str | None = None,
-        negative_prompt: str | None = None,
-        format: str | None = None,
-        tier: str | None = None,
-        init_image: Any = None,
-        mask_image: Any = None,
-        strength: float | None = None,
         n: int | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         timeout: float | None = 600.0,
         **fields: Any,
     ) -> Image.Image | list[Image.Image]:
-        return self._run(
-            self._async.generate(
-                prompt, width=width, height=height, steps=steps, seed=seed, negative_prompt=negative_prompt,
-                format=format, tier=tier, init_image=init_image, mask_image=mask_image, strength=strength, n=n,
-                on_progress=on_progress, timeout=timeout, **fields,
-            )
-        )
+        return self._run(self._async.generate(prompt, n=n, on_progress=on_progress, timeout=timeout, **fields))

@@ -85,39 +85,22 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
     await _ensure_stream(js, job_stream_config(t))
     for tier in names.TIERS:
         await js.add_consumer(names.JOBS_STREAM, consumer_config(t, tier))
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=names.EVENTS_STREAM,
-            subjects=[f"{names.EVENTS_SUBJECT_PREFIX}.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=t.events_ttl_s,
-            num_replicas=t.replicas,
-        ),
-    )
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=names.DLQ_STREAM,
-            subjects=[names.DLQ_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=7 * 24 * 3600,
-            num_replicas=t.replicas,
-        ),
-    )
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=names.AUDIT_STREAM,
-            subjects=[names.AUDIT_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=t.audit_ttl_s,
-            num_replicas=t.replicas,
-        ),
-    )
+    for name, subject, max_age in (  # kept for a while whatever is read: events, dead letters, audit
+        (names.EVENTS_STREAM, f"{names.EVENTS_SUBJECT_PREFIX}.>", t.events_ttl_s),
+        (names.DLQ_STREAM, names.DLQ_SUBJECT, 7 * 24 * 3600),
+        (names.AUDIT_STREAM, names.AUDIT_SUBJECT, t.audit_ttl_s),
+    ):
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=name,
+                subjects=[subject],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=max_age,
+                num_replicas=t.replicas,
+            ),
+        )
     # direct=True: a KV read is one Direct Get answered with the raw value (nats.go's default), half
     # the time of the JSON API read; every compare-and-set write is still checked by the stream leader.
     for config in (
