@@ -1,5 +1,5 @@
-"""A job's events for the gateway's WebSocket and SSE: `schemas.follow` for jobs this caller may
-see, and their JSON form (previews as base64)."""
+"""A job's events for the gateway's WebSocket and SSE: the gateway's `EventHub` for jobs this caller
+may see, and their JSON form (previews as base64)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any, AsyncIterator
 
 from gateway.jobs import JobService
 from schemas.events import JobEvent
-from schemas.follow import follow_events
 
 
 def event_json(event: JobEvent) -> dict[str, Any]:
@@ -23,6 +22,6 @@ def event_json(event: JobEvent) -> dict[str, Any]:
 
 async def follow(jobs: JobService, job_id: str, *, owner: str | None = None, poll_s: float = 1.0) -> AsyncIterator[JobEvent]:
     await jobs.get(job_id, owner=owner)
-    async with aclosing(follow_events(jobs.js, job_id, read_status=lambda: jobs.get(job_id), poll_s=poll_s)) as events:
+    async with aclosing(jobs.events.follow(job_id, read_status=lambda: jobs.get(job_id), poll_s=poll_s)) as events:
         async for event in events:
             yield event

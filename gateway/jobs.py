@@ -21,6 +21,7 @@ from gateway import ratelimit
 from gateway.ratelimit import RateLimited
 from gateway.auth import ApiKey
 from gateway.cache import ResultCache
+from gateway.event_hub import EventHub
 from gateway.forecast import EtaCache, jobs_ahead
 from gateway.fresh_images import FreshImages
 from gateway.queue_view import QueueView
@@ -105,6 +106,8 @@ class JobService:
         self.view.start(self.status_kv, self.workers_kv)
         await asyncio.wait_for(self.view.ready.wait(), timeout=30)
         await self.cache.start(self.js, view=self.view, images=self.images)
+        self.events = EventHub(self.nc, self.js, timeout_s=self.settings.nats_timeout_s)
+        await self.events.start()
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def close(self) -> None:
@@ -112,6 +115,8 @@ class JobService:
         if sweeper is not None:
             sweeper.cancel()
         await self.cache.close()
+        if getattr(self, "events", None) is not None:
+            await self.events.close()
         self.fresh.close()
         await self.view.stop()
         if self.nc is not None and not self.nc.is_closed:

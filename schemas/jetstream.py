@@ -99,6 +99,7 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
                 storage=StorageType.FILE,
                 max_age=max_age,
                 num_replicas=t.replicas,
+                allow_direct=True,  # a follower reads a job's stored events with one batched Direct Get
             ),
         )
     # direct=True: a KV read is one Direct Get answered with the raw value (nats.go's default), half
