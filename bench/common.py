@@ -335,6 +335,14 @@ async def submit(http: aiohttp.ClientSession, url: str, body: dict) -> str:
         return (await r.json())["job_id"]
 
 
+async def submit_and_wait(http: aiohttp.ClientSession, url: str, body: dict, timeout: float = 60.0) -> dict:
+    """Submits with `Prefer: wait`: answered once the job has ended (201), or as it is after `timeout`."""
+    async with http.post(f"{url}/v1/jobs", json=body, headers={"Prefer": f"wait={timeout:g}"}) as r:
+        if r.status not in (201, 202):
+            raise JobError(f"submit answered {r.status}: {await r.text()}")
+        return await r.json()
+
+
 async def wait_ws(http: aiohttp.ClientSession, url: str, job_id: str, timeout: float = 60.0, seen: dict | None = None) -> dict:
     """Follows the job on /v1/jobs/{id}/ws until its final event; `seen` gets each event type's
     (stamp, wall-clock time received)."""
@@ -373,12 +381,21 @@ async def fetch_image(http: aiohttp.ClientSession, url: str, job_id: str) -> byt
 
 
 async def run_job(http: aiohttp.ClientSession, url: str, body: dict, *, wait: str = "ws") -> dict[str, float]:
-    """Submit, wait for done, fetch the image; the seconds each part took. Waiting on the WebSocket
+    """Submit, wait for done, fetch the image; the seconds each part took. `wait`: "ws" (the job's
+    WebSocket), "poll" (GET back to back) or "prefer" (the submit itself waits). Waiting on the WebSocket
     also splits the wait by the events' stamps: `pickup` (queued -> started: a worker takes the job
     and marks it running), `run` (started -> done: engine, encoding, object store, status) and
     `notify` (done stamped by the worker -> received by the client)."""
     seen: dict = {}
     t0 = time.perf_counter()
+    if wait == "prefer":  # one request: the submit is answered when the job has ended
+        final = await submit_and_wait(http, url, body)
+        if final["state"] != "done":
+            raise JobError(f"job {final['job_id']} ended {final['state']}")
+        t1 = t2 = time.perf_counter()
+        await fetch_image(http, url, final["job_id"])
+        t3 = time.perf_counter()
+        return {"total": t3 - t0, "submit": t1 - t0, "wait": 0.0, "image": t3 - t2}
     job_id = await submit(http, url, body)
     t1 = time.perf_counter()
     if wait == "ws":

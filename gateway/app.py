@@ -76,4 +76,9 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
         await app[SERVICE].close()
 
     app.cleanup_ctx.append(lifecycle)
+
+    async def release_waiters(app: web.Application) -> None:  # before the drain waits for requests in flight
+        app[SERVICE].release_waiters()
+
+    app.on_shutdown.append(release_waiters)
     return app

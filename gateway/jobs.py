@@ -90,6 +90,8 @@ class JobService:
         self.submit_listeners: list[Callable[[JobStatus], None]] = []  # called once per job a submit created
         self.fresh = FreshImages(self._read_image)  # images of jobs queued here, read as they are done
         self.view.listeners.append(self.fresh.on_change)
+        self.final_waiters: dict[str, set[asyncio.Future[None]]] = {}  # job id -> callers waiting for its end
+        self.view.listeners.append(self._wake_final_waiters)
         self.nc: NATS | None = None
         self.default_model: str | None = None
 
@@ -359,6 +361,38 @@ class JobService:
         if status is None or status.deleted or (owner is not None and status.owner != owner):
             raise UnknownJob(job_id)
         return status
+
+    async def wait_final(self, job_id: str, *, owner: str | None = None, wait_s: float) -> JobStatus:
+        """The job's record once it is final, or as it is after `wait_s` seconds (a long poll): woken
+        by the queue view, which watches every record, so waiting costs no read."""
+        status = await self.get(job_id, owner=owner)
+        if status.state.final or wait_s <= 0:
+            return status
+        ended = asyncio.get_running_loop().create_future()
+        waiters = self.final_waiters.setdefault(job_id, set())
+        waiters.add(ended)
+        try:
+            seen = self.view.jobs.get(job_id)  # its end may have come while its record was read
+            if seen is None or not seen.state.final:
+                await asyncio.wait((ended,), timeout=wait_s)
+        finally:
+            waiters.discard(ended)
+            if not waiters and self.final_waiters.get(job_id) is waiters:
+                del self.final_waiters[job_id]
+        return await self.get(job_id, owner=owner)
+
+    def _wake_final_waiters(self, old: JobStatus | None, status: JobStatus) -> None:
+        if status.state.final:
+            for ended in self.final_waiters.get(status.job_id, ()):
+                if not ended.done():
+                    ended.set_result(None)
+
+    def release_waiters(self) -> None:
+        """Every wait answers now, with its job as it is (the gateway is stopping)."""
+        for waiters in self.final_waiters.values():
+            for ended in waiters:
+                if not ended.done():
+                    ended.set_result(None)
 
     def position(self, status: JobStatus) -> int | None:
         return self.view.position(status) if status.state is JobState.QUEUED else None

@@ -17,11 +17,12 @@ from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.submission import group_jobs, submit_request
 from schemas.http import GroupView, JobView, LimitsView
 from schemas.job import group_job_ids
-from schemas.request import parse_request
+from schemas.request import RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 
 log = logging.getLogger("imagegen.gateway.native")
 routes = web.RouteTableDef()
+MAX_WAIT_S = 60.0  # the longest a submit or a status read waits for a job's end
 MAX_FOLLOWED = 1000  # unfinished jobs one WebSocket may follow at once (read when a follow comes: tests lower it)
 
 
@@ -69,12 +70,44 @@ def group_view(jobs: JobService, group_id: str, members: list[JobStatus]) -> Gro
     )
 
 
+def wait_seconds(request: web.Request) -> float:
+    """How long the caller will wait for the job's end: `?wait=N`, or on a submit `Prefer: wait=N`
+    (RFC 7240, as Replicate's API takes it), at most MAX_WAIT_S; 0 when neither is given."""
+    given = request.query.get("wait")
+    field = "wait"
+    if given is None and request.method == "POST":
+        for preference in request.headers.get("Prefer", "").split(","):
+            name, _, value = preference.strip().partition("=")
+            if name.strip().lower() == "wait":
+                given, field = value.strip() or str(MAX_WAIT_S), "Prefer"
+    if given is None:
+        return 0.0
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= MAX_WAIT_S:  # also NaN
+        message = f"wait: seconds to wait for the job's end, 0 to {MAX_WAIT_S:g}; got {given[:40]!r}"
+        raise RequestInvalid([{"field": field, "message": message}])
+    return seconds
+
+
 @routes.post("/v1/jobs")
 async def submit(request: web.Request) -> web.Response:
+    """202 with the queued job; with a wait, 201 once the job (every job of a group) has ended within
+    it, else 202 with the job as it is then."""
     jobs = request.app[SERVICE]
+    wait_s = wait_seconds(request)
     body = parse_request(await read_json(request), limits=jobs.settings.limits)
     queued = await submit_request(jobs, body, **caller(request))
-    return web.json_response(job_view(jobs, queued[0]).model_dump(), status=202)
+    status = queued[0]
+    if wait_s > 0:
+        owner = owner_of(request)
+        waited = await asyncio.gather(*(jobs.wait_final(s.job_id, owner=owner, wait_s=wait_s) for s in queued))
+        status = waited[0]
+        if all(s.state.final for s in waited):
+            return web.json_response(job_view(jobs, status).model_dump(), status=201)
+    return web.json_response(job_view(jobs, status).model_dump(), status=202)
 
 
 @routes.get("/v1/groups/{group_id}")
@@ -104,7 +137,8 @@ async def list_jobs(request: web.Request) -> web.Response:
 @routes.get("/v1/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
     jobs = request.app[SERVICE]
-    status = await jobs.get(request.match_info["job_id"], owner=owner_of(request))
+    wait_s = wait_seconds(request)
+    status = await jobs.wait_final(request.match_info["job_id"], owner=owner_of(request), wait_s=wait_s)
     return web.json_response(job_view(jobs, status).model_dump())
 
 

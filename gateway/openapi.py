@@ -30,6 +30,14 @@ TASK_ID = {"name": "task_id", "in": "query", "required": True, "schema": {"type"
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 GROUP_ID = {"name": "group_id", "in": "path", "required": True, "schema": {"type": "string"}}
 BOOL = {"type": "boolean"}
+WAIT = {
+    "name": "wait", "in": "query", "description": "Seconds to wait for the job's end before answering (a long poll)",
+    "schema": {"type": "number", "minimum": 0, "maximum": 60},
+}
+PREFER = {
+    "name": "Prefer", "in": "header", "description": "wait=N: as the wait parameter (RFC 7240)",
+    "schema": {"type": "string", "pattern": "^wait(=([0-9]|[1-5][0-9])(\\.[0-9]+)?|=60)?$"},
+}
 
 # (method, path, summary, tag, request body model, response model, parameters, extra responses)
 OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dict], dict]] = [
@@ -55,9 +63,18 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
     ("get", "/api/ls", "Models the workers serve (mflux-server)", "mflux", None, {"additionalProperties": ModelInfo}, [], {}),
     ("get", "/api/ps", "The current model (mflux-server)", "mflux", None, MfluxPs, [], {}),
     ("post", "/api/load", "Make a served model the default (mflux-server)", "mflux", LoadRequest, None, [], {}),
-    ("post", "/v1/jobs", "Queue an image, or n images as a group (job_ids lists them)", "jobs", GenerateRequest, JobView, [], {}),
+    (
+        "post",
+        "/v1/jobs",
+        "Queue an image, or n images as a group (job_ids lists them); with a wait, 201 once they have ended",
+        "jobs",
+        GenerateRequest,
+        JobView,
+        [WAIT, PREFER],
+        {"201": {"description": "Ended within the wait", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobView"}}}}},
+    ),
     ("get", "/v1/jobs", "List jobs", "jobs", None, [JobView], [], {}),
-    ("get", "/v1/jobs/{job_id}", "A job's status, position and ETA", "jobs", None, JobView, [JOB_ID], {}),
+    ("get", "/v1/jobs/{job_id}", "A job's status, position and ETA; with wait, once it has ended", "jobs", None, JobView, [JOB_ID, WAIT], {}),
     ("get", "/v1/jobs/{job_id}/image", "The finished image", "jobs", None, "image", [JOB_ID], {}),
     ("delete", "/v1/jobs/{job_id}", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
     ("post", "/v1/jobs/{job_id}/cancel", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
