@@ -4,7 +4,7 @@ Simulated engines (a fixed cost, a cost per step and per megapixel per step) on 
 a real gateway and in-process workers; a mixed workload of sizes, steps, refiner on/off and priority
 tiers arriving at random at about 85 % of capacity, with 1 and 4 workers.
 
-    python bench/eta.py [--jobs 80] [--out bench/results/eta.json]
+    python bench/eta.py [--jobs 200] [--seed 1] [--out bench/results/eta.json]
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ async def run_level(nats_url: str, workers: int, measured: int, rng: random.Rand
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=80)
+    parser.add_argument("--jobs", type=int, default=200, help="jobs measured with 1 worker (twice as many with 4)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of unmeasured arrivals first")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eta.json"))
@@ -144,11 +144,15 @@ async def main() -> None:
         finally:
             server.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "eta", "results": results}, indent=2))
-    print("| workers | jobs | median abs error | p90 abs error | mean time to done |")
-    print("| --- | --- | --- | --- | --- |")
+    Path(args.out).write_text(json.dumps({"benchmark": "eta", "seed": args.seed, "results": results}, indent=2))
+    print("| workers | jobs | median abs error | p90 abs error | p50 / p90 high | p50 / p90 normal | p50 / p90 low | mean time to done |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['workers']} | {r['completed']}/{r['jobs']} | {r['median_abs_error']:.1%} | {r['p90_abs_error']:.1%} | {r['mean_actual_s']:.2f} s |")
+        tiers = " | ".join(
+            f"{t['median_abs_error']:.1%} / {t['p90_abs_error']:.1%}" if (t := r["by_tier"].get(tier)) else "-"
+            for tier in ("high", "normal", "low")
+        )
+        print(f"| {r['workers']} | {r['completed']}/{r['jobs']} | {r['median_abs_error']:.1%} | {r['p90_abs_error']:.1%} | {tiers} | {r['mean_actual_s']:.2f} s |")
 
 
 if __name__ == "__main__":

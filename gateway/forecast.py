@@ -5,12 +5,26 @@ first, then older ones of the same tier) go one by one to whichever worker is fr
 what that worker's speed model says for its size, steps and refiner. The job's ETA is when it would
 end in that schedule, its wait stretched by the higher-tier work expected to arrive meanwhile. Unlike
 a pixels-only average, this counts steps, size, refiner, priority tiers and workers.
+
+The stretch: a job that would start after W seconds of work ahead of it now also waits for every
+higher-tier job that arrives before it starts, and for those that arrive meanwhile, and so on; its wait
+is the time the pool takes to catch up with W plus that stream. With the stream's share of the pool
+(`load`, from the last minute's arrivals) the wait is W / (1 - load) on average, but it is skewed: most
+of the time a little arrives and the wait stays near W, now and then a burst makes it several times
+longer. Its variance is W * v / (1 - load)^3, v being the sum of the arriving jobs' squared costs per
+second (divided by the number of workers squared). The forecast takes a lognormal with that mean and
+variance and answers its median, mean / sqrt(1 + variance / mean^2), never less than W: as many jobs
+finish before their ETA as after it. The mean would overshoot most jobs to cover the few bursts, by a
+factor that grows with the higher-tier load and shrinks as W grows (over a long wait, arrivals average
+out).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import time
+from dataclasses import dataclass
 
 from gateway.queue_view import QueueView
 from schemas.names import TIERS, Tier
@@ -66,22 +80,35 @@ def forecast(view: QueueView, status: JobStatus, *, now: float | None = None) ->
         t, i = heapq.heappop(free)
         heapq.heappush(free, (t + job_cost(ahead, workers[i]), i))
     t, i = heapq.heappop(free)
-    return t / (1.0 - higher_tier_load(view, status, workers, now)) + job_cost(status, workers[i])
+    return _tier_stretch(view, status.tier, workers, now).wait(t) + job_cost(status, workers[i])
 
 
-def higher_tier_load(view: QueueView, status: JobStatus, workers: list[WorkerInfo], now: float) -> float:
-    """The share of the pool that higher-tier work arriving from now on will take (from the last
-    minute's arrivals): a job waits W for the work ahead of it now, plus the higher-tier work that
-    arrives meanwhile and goes first, so its wait stretches to W / (1 - load)."""
-    return _tier_load(view, status.tier, workers, now)
+@dataclass(frozen=True)
+class Stretch:
+    """The higher-tier work that arrives while a job waits: `load`, its share of the pool, and
+    `spread`, its squared seconds per second per worker squared (how bursty it is)."""
+
+    load: float = 0.0
+    spread: float = 0.0
+
+    def wait(self, ahead_s: float) -> float:
+        """The median wait of a job that the pool reaches after `ahead_s` of work queued now."""
+        if ahead_s <= 0.0:
+            return 0.0
+        mean = ahead_s / (1.0 - self.load)
+        return max(ahead_s, mean / math.sqrt(1.0 + self.spread / (ahead_s * (1.0 - self.load))))
 
 
-def _tier_load(view: QueueView, tier: Tier, workers: list[WorkerInfo], now: float) -> float:
+def _tier_stretch(view: QueueView, tier: Tier, workers: list[WorkerInfo], now: float) -> Stretch:
     since = now - ARRIVAL_WINDOW_S
-    work = 0.0
+    work = squares = 0.0
     for higher in TIERS[: tier.rank]:
-        work += sum(job_cost(s, workers[0]) for s in view.recent_arrivals(higher, since=since))
-    return min(MAX_LOAD, work / ARRIVAL_WINDOW_S / len(workers))
+        for arrived in view.recent_arrivals(higher, since=since):
+            cost = job_cost(arrived, workers[0])
+            work += cost
+            squares += cost * cost
+    n = len(workers)
+    return Stretch(load=min(MAX_LOAD, work / ARRIVAL_WINDOW_S / n), spread=squares / ARRIVAL_WINDOW_S / (n * n))
 
 
 def _free_at(view: QueueView, workers: list[WorkerInfo], now: float) -> list[tuple[float, int]]:
@@ -125,7 +152,7 @@ class EtaCache:
         self.etas: dict[str, float] = {}
         self.free: list[tuple[float, int]] = []
         self.workers: list[WorkerInfo] = []
-        self.loads: dict[Tier, float] = {}
+        self.stretches: dict[Tier, Stretch] = {}
         self.last_key: tuple[int, float, str] | None = None
 
     def forecast(self, status: JobStatus, *, now: float | None = None) -> float | None:
@@ -153,10 +180,10 @@ class EtaCache:
         t, i = heapq.heappop(self.free)
         cost = job_cost(status, self.workers[i])
         heapq.heappush(self.free, (t + cost, i))
-        load = self.loads.get(status.tier)
-        if load is None:  # its tier had no queued job at the last pass
-            load = self.loads[status.tier] = _tier_load(self.view, status.tier, self.workers, time.time())
-        eta = self.etas[status.job_id] = t / (1.0 - load) + cost
+        stretch = self.stretches.get(status.tier)
+        if stretch is None:  # its tier had no queued job at the last pass
+            stretch = self.stretches[status.tier] = _tier_stretch(self.view, status.tier, self.workers, time.time())
+        eta = self.etas[status.job_id] = stretch.wait(t) + cost
         self.last_key = _order_key(status)
         return eta
 
@@ -168,22 +195,22 @@ class EtaCache:
         workers = pool(view)
         free = _free_at(view, workers, now)
         etas: dict[str, float] = {}
-        loads: dict[Tier, float] = {}
+        stretches: dict[Tier, Stretch] = {}
         last_key = None
         for tier in TIERS:
-            if not view.queued[tier]:  # no job to place: its load is worked out when one comes
+            if not view.queued[tier]:  # no job to place: its stretch is worked out when one comes
                 continue
-            load = loads[tier] = _tier_load(view, tier, workers, now)
+            stretch = stretches[tier] = _tier_stretch(view, tier, workers, now)
             for submitted_at, job_id in view.queued[tier]:
                 job = view.jobs.get(job_id)
                 if job is None:
                     continue
                 t, i = heapq.heappop(free)
                 cost = job_cost(job, workers[i])
-                etas[job_id] = t / (1.0 - load) + cost
+                etas[job_id] = stretch.wait(t) + cost
                 heapq.heappush(free, (t + cost, i))
                 last_key = (tier.rank, submitted_at, job_id)
-        self.etas, self.free, self.workers, self.loads, self.last_key = etas, free, workers, loads, last_key
+        self.etas, self.free, self.workers, self.stretches, self.last_key = etas, free, workers, stretches, last_key
         self.computed = time.monotonic()
         self.pass_s = time.perf_counter() - started
 

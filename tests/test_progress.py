@@ -9,6 +9,7 @@ import io
 import json
 
 import aiohttp
+import pytest
 from PIL import Image
 
 from tests.conftest import start_service, stop_service, wait_status
@@ -145,5 +146,40 @@ async def test_positions_across_tiers_and_the_order_workers_take_them(broker, da
             assert started == [high, normal_1, normal_2, low]
         finally:
             await stop_service(svc)
+    finally:
+        await gateway.stop()
+
+
+async def eta_of(http, url, job_id) -> float:
+    async with http.get(f"{url}/v1/jobs/{job_id}") as r:
+        job = await r.json()
+    assert job["state"] == "queued", job
+    return job["eta_s"]
+
+
+async def test_a_low_tier_eta_counts_the_higher_tier_work_still_to_come(broker, http):
+    """No worker: every job stays queued, costed alike by the default speed model. A low-tier job's ETA
+    is the work queued ahead of it plus its own, its wait stretched by the normal-tier work that arrived
+    over the last minute (more of it will come and go first); the stretch is the median of that wait,
+    below its mean, since most waits see fewer arrivals than the mean counts."""
+    from gateway.forecast import ARRIVAL_WINDOW_S
+    from gateway.settings import GatewaySettings
+    from imagegen import runtime
+
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    fields = dict(width=1024, height=1024, steps=30)
+    try:
+        one = await eta_of(http, url, await submit(http, url, tier="low", **fields))
+        assert one > 0
+        assert await eta_of(http, url, await submit(http, url, tier="low", **fields)) == pytest.approx(2 * one)
+        for _ in range(4):
+            await submit(http, url, tier="normal", **fields)
+        # no high-tier arrivals: a normal job's ETA is the four normal jobs ahead plus its own
+        assert await eta_of(http, url, await submit(http, url, tier="normal", **fields)) == pytest.approx(5 * one)
+        low = await eta_of(http, url, await submit(http, url, tier="low", **fields))
+        ahead = 7 * one  # five normal and two low jobs
+        load = 5 * one / ARRIVAL_WINDOW_S  # the normal work that arrived, per second, on one worker
+        assert ahead + one < low < ahead / (1 - load) + one
     finally:
         await gateway.stop()
