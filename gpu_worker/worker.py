@@ -77,6 +77,7 @@ class RunningJob:
     step: int = 0
     total: int = 0
     record: tuple[JobStatus, int] | None = None  # the status record as last read or written, and its revision
+    marking: asyncio.Future | None = None  # the write that marks the job running, while it is under way
 
     def remember(self, status: JobStatus | None, revision: int) -> None:
         if status is not None and revision > (self.record[1] if self.record else 0):
@@ -424,17 +425,14 @@ class Worker:
             s.started_at, s.step, s.total_steps, s.seed = time.time(), 0, steps, envelope.seed
             return s
 
-        # over the record just read (one write, no second read) unless it changed meanwhile
-        job.remember(*await jobstore.change_status_at(
+        # The running mark goes out over the record just read (one write, no second read, unless it
+        # changed meanwhile), with the `started` event in the same send, and the engine starts while
+        # the broker confirms it: the mark's round trip overlaps the GPU work instead of preceding it.
+        # A mark refused because the job ended meanwhile (a cancel in that instant, a redelivery that
+        # raced this one) stops the engine at its next step; its `started` then follows the end.
+        marking = job.marking = asyncio.ensure_future(jobstore.change_status_at(
             self.status_kv, job_id, to_running, known=(status, revision) if revision else None
         ))
-        if ended is JobState.DONE:
-            log.info("job %s try %d already done; acking", job_id, attempt)
-            return
-        if ended is not None:
-            raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended, JobCancelled)()
-        if job.cancel.is_set():
-            raise JobCancelled()
         await self._event(JobEvent(type="started", job_id=job_id, worker=self.worker_id, attempt=attempt, total=steps))
         task = GenerationTask(
             job_id=job_id,
@@ -455,9 +453,21 @@ class Worker:
         )
         loop = asyncio.get_running_loop()
         gen_started = time.monotonic()
-        image, nsfw, data, steps_done, encoded = await loop.run_in_executor(
-            self.gpu, self._make_image, job, task, request.format, request.quality
-        )
+        generating = loop.run_in_executor(self.gpu, self._make_image, job, task, request.format, request.quality)
+        try:
+            job.remember(*await marking)
+        except BaseException:
+            job.cancel.set()  # the broker is away: the engine stops at its next step, the try ends
+            await asyncio.gather(generating, return_exceptions=True)
+            raise
+        if ended is not None or job.cancel.is_set():
+            job.cancel.set()
+            await asyncio.gather(generating, return_exceptions=True)
+            if ended is JobState.DONE:
+                log.info("job %s try %d already done; acking", job_id, attempt)
+                return
+            raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended, JobCancelled)()
+        image, nsfw, data, steps_done, encoded = await generating
         if nsfw:
             log.warning("job %s image flagged by the safety check: blanked", job_id)
 
@@ -563,6 +573,8 @@ class Worker:
     async def _write_step(self, job: RunningJob, step: int, step_s: float | None) -> None:
         job_id = job.envelope.job_id
         step_at = time.time()
+        if job.marking is not None:  # the step goes over the running mark, not beside it
+            await asyncio.gather(job.marking, return_exceptions=True)
 
         def set_step(s: JobStatus) -> JobStatus | None:
             if s.state is not JobState.RUNNING or s.step >= step:
