@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 from typing import AsyncIterator, Awaitable, Callable
 
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
+from gateway.direct_get import DirectReader
 from schemas import names
 from schemas.codec import DecodeError, decode
 from schemas.events import JobEvent
@@ -37,8 +36,6 @@ from schemas.status import JobStatus
 
 log = logging.getLogger("imagegen.gateway")
 
-BATCH = 256  # events per Direct Get answer; a longer history is read in several
-MAX_PAGES = 64
 REMEMBERED_JOBS = 100_000  # jobs whose last delivered sequence is kept, for the lagging-replica check
 
 
@@ -49,20 +46,15 @@ def stream_sequence(reply: str) -> int:
 
 
 class EventHub:
-    def __init__(self, nc: NATS, js: JetStreamContext, *, timeout_s: float = 5.0):
-        self.nc = nc
+    def __init__(self, js: JetStreamContext, reader: DirectReader):
         self.js = js
-        self.timeout_s = timeout_s
+        self.reader = reader
         self.prefix = names.EVENTS_SUBJECT_PREFIX + "."
         self.listeners: dict[str, set[asyncio.Queue[tuple[int, bytes]]]] = {}
         self.last_seq: dict[str, int] = {}
-        self.replies: dict[str, asyncio.Queue[Msg]] = {}
-        self.tokens = itertools.count()
-        self.inbox = nc.new_inbox()
         self.subs: list[Subscription] = []
 
     async def start(self) -> None:
-        self.subs.append(await self.nc.subscribe(self.inbox + ".*", cb=self._on_reply))
         self.subs.append(await self.js.subscribe(
             self.prefix + ">", stream=names.EVENTS_STREAM, ordered_consumer=True,
             deliver_policy=DeliverPolicy.NEW, cb=self._on_event,
@@ -89,46 +81,10 @@ class EventHub:
         for queue in self.listeners.get(job_id, ()):
             queue.put_nowait((seq, msg.data))
 
-    async def _on_reply(self, msg: Msg) -> None:
-        queue = self.replies.get(msg.subject[len(self.inbox) + 1:])
-        if queue is not None:
-            queue.put_nowait(msg)
-
     async def stored(self, job_id: str) -> list[tuple[int, bytes]] | None:
         """(sequence, data) of every event the stream holds for the job, in order; None when Direct
         Gets are not answered (a stream without them, a broker away)."""
-        subject = names.events_subject(job_id)
-        found: list[tuple[int, bytes]] = []
-        start = 0
-        for _ in range(MAX_PAGES):
-            token = str(next(self.tokens))
-            queue = self.replies[token] = asyncio.Queue()
-            request = {"seq": start, "next_by_subj": subject, "batch": BATCH}
-            try:
-                await self.nc.publish(
-                    f"$JS.API.DIRECT.GET.{names.EVENTS_STREAM}", json.dumps(request).encode(), reply=f"{self.inbox}.{token}"
-                )
-                while True:
-                    msg = await asyncio.wait_for(queue.get(), self.timeout_s)
-                    headers = msg.headers or {}
-                    status = headers.get("Status")
-                    if status is None and "Nats-Sequence" in headers:
-                        found.append((int(headers["Nats-Sequence"]), msg.data))
-                    elif status == "404":  # nothing (more) stored for the job
-                        return found
-                    elif status == "204":  # end of this batch
-                        more = int(headers.get("Nats-Num-Pending", "0") or 0)
-                        break
-                    else:
-                        return None
-            except (asyncio.TimeoutError, ValueError):
-                return None
-            finally:
-                self.replies.pop(token, None)
-            if not more or not found:
-                return found
-            start = found[-1][0] + 1
-        return found
+        return await self.reader.read(names.EVENTS_STREAM, names.events_subject(job_id))
 
     async def follow(
         self, job_id: str, *, read_status: Callable[[], Awaitable[JobStatus]], poll_s: float = 1.0

@@ -24,14 +24,14 @@ log = logging.getLogger("imagegen.gateway.images")
 class FreshImages:
     def __init__(
         self,
-        read: Callable[[str], Awaitable[bytes]],
+        read: Callable[[ImageRef], Awaitable[bytes]],
         *,
         max_images: int = 256,
         max_bytes: int = 32 * 1024 * 1024,
         keep_s: float = 30.0,
         max_waiting: int = 10_000,
     ):
-        self.read = read  # image name -> its bytes
+        self.read = read  # an image's bytes
         self.max_images = max_images
         self.max_bytes = max_bytes
         self.keep_s = keep_s
@@ -52,7 +52,7 @@ class FreshImages:
             return
         del self.waiting[status.job_id]
         if status.state is JobState.DONE and status.image is not None and self.max_images > 0:
-            read = asyncio.ensure_future(self.read(status.image.name))
+            read = asyncio.ensure_future(self.read(status.image))
             self.held[status.job_id] = (status.image, read, time.monotonic())
             read.add_done_callback(lambda done, job_id=status.job_id: self._read_done(job_id, done))
             self._trim()

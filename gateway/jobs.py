@@ -21,6 +21,7 @@ from gateway import ratelimit
 from gateway.ratelimit import RateLimited
 from gateway.auth import ApiKey
 from gateway.cache import ResultCache
+from gateway.direct_get import DirectReader
 from gateway.event_hub import EventHub
 from gateway.forecast import EtaCache, jobs_ahead
 from gateway.fresh_images import FreshImages
@@ -34,7 +35,7 @@ from schemas.follow import final_event
 from schemas.jetstream import ensure_topology
 from schemas.job import JobEnvelope, Placement
 from schemas.request import GenerateRequest, RequestInvalid
-from schemas.status import JobState, JobStatus
+from schemas.status import ImageRef, JobState, JobStatus
 
 log = logging.getLogger("imagegen.gateway")
 audit_log = logging.getLogger("imagegen.audit")
@@ -108,7 +109,9 @@ class JobService:
         self.view.start(self.status_kv, self.workers_kv)
         await asyncio.wait_for(self.view.ready.wait(), timeout=30)
         await self.cache.start(self.js, view=self.view, images=self.images)
-        self.events = EventHub(self.nc, self.js, timeout_s=self.settings.nats_timeout_s)
+        self.direct = DirectReader(self.nc, timeout_s=self.settings.nats_timeout_s)
+        await self.direct.start()
+        self.events = EventHub(self.js, self.direct)
         await self.events.start()
         self._sweeper = asyncio.create_task(self._sweep())
 
@@ -119,6 +122,7 @@ class JobService:
         await self.cache.close()
         if getattr(self, "events", None) is not None:
             await self.events.close()
+            await self.direct.close()
         self.fresh.close()
         await self.view.stop()
         if self.nc is not None and not self.nc.is_closed:
@@ -424,34 +428,37 @@ class JobService:
         if data is not None:
             return status, data
         try:
-            data = await self._read_image(status.image.name)
+            data = await self._read_image(status.image)
         except (ObjectNotFoundError, NotFoundError):
             raise NotReady(f"the image of job {job_id} is no longer stored") from None
         return status, data
 
-    async def _read_image(self, name: str) -> bytes:
-        return await asyncio.wait_for(self._image_bytes(name), timeout=self.settings.nats_timeout_s * 6)
+    async def _read_image(self, image: ImageRef) -> bytes:
+        return await asyncio.wait_for(self._image_bytes(image), timeout=self.settings.nats_timeout_s * 6)
 
-    async def _image_bytes(self, name: str) -> bytes:
-        """An image of a few chunks is read straight from the object store's stream with Direct Gets
-        (its description, then one request per chunk); a bigger one through the object store's
-        reader, which sets up a consumer per read."""
+    async def _image_bytes(self, image: ImageRef) -> bytes:
+        """Every chunk in one batched Direct Get, checked against the size and digest: named by the
+        record (as every worker writes it), else by the object's description read first. The object
+        store's reader, which sets up a consumer per read, only where Direct Gets are not answered."""
         bucket = names.IMAGES_BUCKET
-        stream, meta = f"OBJ_{bucket}", f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        stream = f"OBJ_{bucket}"
+        if image.chunks_id and image.digest:
+            data = await self._chunks(stream, image.chunks_id)
+            if data is not None and len(data) == image.size and _digest_matches(data, image.digest):
+                return data  # else the image was replaced since (a later try): its description says how
+        meta = f"$O.{bucket}.M.{base64.urlsafe_b64encode(image.name.encode()).decode()}"
         info = ObjectInfo.from_response(json.loads((await self.js.get_msg(stream, subject=meta, direct=True)).data))
         if info.deleted:
             raise ObjectNotFoundError
-        if info.nuid and not info.is_link() and 0 < (info.chunks or 0) <= DIRECT_READ_CHUNKS:
-            subject = f"$O.{bucket}.C.{info.nuid}"
-            parts, seq = [], 1
-            for _ in range(info.chunks):
-                msg = await self.js.get_msg(stream, seq=seq, subject=subject, next=True, direct=True)
-                parts.append(msg.data or b"")
-                seq = msg.seq + 1
-            data = b"".join(parts)
-            if len(data) == info.size and _digest_matches(data, info.digest or ""):
+        if info.nuid and not info.is_link():
+            data = await self._chunks(stream, info.nuid)
+            if data is not None and len(data) == info.size and _digest_matches(data, info.digest or ""):
                 return data
-        return (await self.images.get(name)).data
+        return (await self.images.get(image.name)).data
+
+    async def _chunks(self, stream: str, nuid: str) -> bytes | None:
+        chunks = await self.direct.read(stream, f"$O.{names.IMAGES_BUCKET}.C.{nuid}")
+        return None if chunks is None else b"".join(data for _, data in chunks)
 
     async def delete(self, job_id: str, *, owner: str | None = None) -> None:
         status = await self.get(job_id, owner=owner)
@@ -491,9 +498,6 @@ class JobService:
 
     async def _event(self, event: JobEvent) -> None:
         await self.nc.publish(names.events_subject(event.job_id), encode(event))
-
-
-DIRECT_READ_CHUNKS = 4  # 512 KiB at the object store's 128 KiB chunks: most JPEGs up to 1024x1024
 
 
 def _digest_matches(data: bytes, digest: str) -> bool:

@@ -49,8 +49,11 @@ class ImageStore:
         self.stream = OBJ_STREAM_TEMPLATE.format(bucket=bucket)
         self._nuid = NUID()
 
-    async def put(self, name: str, data: bytes, *, finished_elsewhere: Callable[[], Awaitable[bool]]) -> bool:
-        """Stores `data` under `name`. Returns False, leaving what is stored, when `name` has an image
+    async def put(
+        self, name: str, data: bytes, *, finished_elsewhere: Callable[[], Awaitable[bool]]
+    ) -> api.ObjectInfo | None:
+        """Stores `data` under `name` and returns the description written (its `nuid` names the chunks'
+        subject, `digest` their hash). Returns None, leaving what is stored, when `name` has an image
         already and `finished_elsewhere()` says that its job was finished by another run."""
         nuid = self._nuid.next().decode()
         chunk_subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=nuid)
@@ -78,13 +81,13 @@ class ImageStore:
                 await self._purge(meta_subject)
             raise failed
         if not isinstance(meta_result, BaseException):
-            return True
+            return info
         if not (isinstance(meta_result, APIError) and meta_result.err_code in WRONG_LAST_SEQUENCE):
             await self._purge(chunk_subject)
             raise meta_result
         if await finished_elsewhere():
             await self._purge(chunk_subject)
-            return False
+            return None
         try:
             old = await self.store.get_info(name, show_deleted=True)
         except NotFoundError:
@@ -93,7 +96,7 @@ class ImageStore:
         if old is not None and not old.deleted and old.nuid and old.nuid != nuid:
             await self.js.purge_stream(self.stream, subject=OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=old.nuid))
         log.info("image %s replaced an earlier try's", name)
-        return True
+        return info
 
     async def _purge(self, subject: str) -> None:
         """Drops what a failed put left; the bucket's TTL takes what this cannot."""

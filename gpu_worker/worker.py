@@ -481,12 +481,13 @@ class Worker:
             job.remember(status, revision)
             return status is not None and status.state is JobState.DONE
 
-        stored = self.image_store.put(job_id, data, finished_elsewhere=finished_elsewhere)
-        if not await asyncio.wait_for(stored, timeout=30):
+        stored = await asyncio.wait_for(self.image_store.put(job_id, data, finished_elsewhere=finished_elsewhere), timeout=30)
+        if stored is None:
             log.info("job %s try %d: another run finished it first; its image stands", job_id, attempt)
             return
         ref = ImageRef(
-            name=job_id, content_type=request.content_type, size=len(data), width=image.width, height=image.height
+            name=job_id, content_type=request.content_type, size=len(data), width=image.width, height=image.height,
+            digest=stored.digest, chunks_id=stored.nuid,
         )
         finished_first = True
 

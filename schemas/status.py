@@ -33,6 +33,8 @@ class ImageRef(BaseModel):
     size: int
     width: int
     height: int
+    digest: str | None = Field(None, description="The object store's digest of the bytes: SHA-256= and its URL-safe base64.")
+    chunks_id: str | None = Field(None, description="The object's chunk subject id (its NUID): the gateway reads every chunk with one request.")
 
 
 class UploadRef(BaseModel):

@@ -10,7 +10,8 @@ import uuid
 import nats
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from gateway.event_hub import BATCH, EventHub
+from gateway.direct_get import BATCH, DirectReader
+from gateway.event_hub import EventHub
 from schemas import names
 from schemas.codec import encode
 from schemas.events import JobEvent
@@ -32,6 +33,14 @@ async def publish_job_events(nc, job_id: str, *, steps: int, halfway: asyncio.Ev
     await js.publish(names.events_subject(job_id), encode(JobEvent(type="done", job_id=job_id)))
 
 
+async def started_hub(nc, *, timeout_s: float = 5.0) -> EventHub:
+    reader = DirectReader(nc, timeout_s=timeout_s)
+    await reader.start()
+    hub = EventHub(nc.jetstream(), reader)
+    await hub.start()
+    return hub
+
+
 async def collect(hub: EventHub, job_id: str) -> list[JobEvent]:
     async def read_status() -> JobStatus:
         return JobStatus(job_id=job_id)
@@ -50,8 +59,7 @@ def assert_every_event_once_in_order(events: list[JobEvent], steps: int) -> None
 
 async def test_followers_joining_before_during_and_after_get_every_event_once(service):
     nc = await nats.connect(service.nats_url)
-    hub = EventHub(nc, nc.jetstream())
-    await hub.start()
+    hub = await started_hub(nc)
     try:
         job_id = uuid.uuid4().hex
         early = asyncio.create_task(collect(hub, job_id))
@@ -67,13 +75,13 @@ async def test_followers_joining_before_during_and_after_get_every_event_once(se
         assert not hub.listeners  # every follower unregistered once done
     finally:
         await hub.close()
+        await hub.reader.close()
         await nc.close()
 
 
 async def test_a_read_behind_the_last_delivered_event_follows_through_its_own_consumer(service):
     nc = await nats.connect(service.nats_url)
-    hub = EventHub(nc, nc.jetstream())
-    await hub.start()
+    hub = await started_hub(nc)
     try:
         job_id = uuid.uuid4().hex
         await publish_job_events(nc, job_id, steps=5)
@@ -81,6 +89,7 @@ async def test_a_read_behind_the_last_delivered_event_follows_through_its_own_co
         assert_every_event_once_in_order(await collect(hub, job_id), 5)
     finally:
         await hub.close()
+        await hub.reader.close()
         await nc.close()
 
 
@@ -91,8 +100,7 @@ async def test_without_direct_gets_followers_still_get_every_event(broker):
         name=names.EVENTS_STREAM, subjects=[f"{names.EVENTS_SUBJECT_PREFIX}.>"],
         retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, allow_direct=False,
     ))
-    hub = EventHub(nc, js, timeout_s=2.0)
-    await hub.start()
+    hub = await started_hub(nc, timeout_s=2.0)
     try:
         job_id = uuid.uuid4().hex
         await publish_job_events(nc, job_id, steps=5)
@@ -100,4 +108,5 @@ async def test_without_direct_gets_followers_still_get_every_event(broker):
         assert_every_event_once_in_order(await collect(hub, job_id), 5)
     finally:
         await hub.close()
+        await hub.reader.close()
         await nc.close()
