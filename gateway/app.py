@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from gateway import mflux_api, native_api, openai_api, openapi
 from gateway.auth import KeyRing, auth_middleware
@@ -18,6 +19,17 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("imagegen.gateway")
 STATIC = Path(__file__).parent / "static"
 METRICS = web.AppKey("metrics", GatewayMetrics)
+
+
+class AccessLog(AbstractAccessLogger):
+    """One line per request: client, request line, status, bytes sent, milliseconds (about half the
+    cost of aiohttp's default format, which formats a timestamp and two headers per line)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %d %d %.1fms', request.remote, request.method, request.path_qs, response.status,
+            response.body_length, time * 1000,
+        )
 
 
 def cors_middleware(origins: str):

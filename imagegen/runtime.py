@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import AccessLog, create_app
 from gateway.settings import GatewaySettings
 from gpu_worker.engines import load_engine
 from gpu_worker.settings import WorkerSettings
@@ -35,7 +35,7 @@ class RunningGateway:
 
 async def start_gateway(settings: GatewaySettings) -> RunningGateway:
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
