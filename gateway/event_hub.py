@@ -17,8 +17,8 @@ before it came from a lagging replica, and the follower then takes the leader-co
 
 from __future__ import annotations
 
-import asyncio
 import itertools
+from collections import deque
 import logging
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -31,7 +31,7 @@ from gateway.direct_get import DirectReader
 from schemas import names
 from schemas.codec import DecodeError, decode
 from schemas.events import JobEvent
-from schemas.follow import final_event, follow_events
+from schemas.follow import PatientQueue, final_event, follow_events
 from schemas.status import JobStatus
 
 log = logging.getLogger("imagegen.gateway")
@@ -50,7 +50,7 @@ class EventHub:
         self.js = js
         self.reader = reader
         self.prefix = names.EVENTS_SUBJECT_PREFIX + "."
-        self.listeners: dict[str, set[asyncio.Queue[tuple[int, bytes]]]] = {}
+        self.listeners: dict[str, set[PatientQueue[tuple[int, bytes]]]] = {}
         self.last_seq: dict[str, int] = {}
         self.subs: list[Subscription] = []
 
@@ -78,8 +78,8 @@ class EventHub:
             for old in list(itertools.islice(self.last_seq, REMEMBERED_JOBS // 10)):
                 del self.last_seq[old]
         self.last_seq[job_id] = seq
-        for queue in self.listeners.get(job_id, ()):
-            queue.put_nowait((seq, msg.data))
+        for live in self.listeners.get(job_id, ()):
+            live.put((seq, msg.data))
 
     async def stored(self, job_id: str) -> list[tuple[int, bytes]] | None:
         """(sequence, data) of every event the stream holds for the job, in order; None when Direct
@@ -91,8 +91,8 @@ class EventHub:
     ) -> AsyncIterator[JobEvent]:
         """The job's events, stored then live, to its final event (rebuilt from the record when no
         event comes for `poll_s` and the job has ended meanwhile, its final event expired)."""
-        queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
-        self.listeners.setdefault(job_id, set()).add(queue)
+        live: PatientQueue[tuple[int, bytes]] = PatientQueue()
+        self.listeners.setdefault(job_id, set()).add(live)
         try:
             delivered = self.last_seq.get(job_id, 0)
             stored = await self.stored(job_id)
@@ -101,47 +101,30 @@ class EventHub:
                 async for event in follow_events(self.js, job_id, read_status=read_status, poll_s=poll_s):
                     yield event
                 return
+            replay = deque(stored)
             last = 0
-            for seq, data in stored:
+            while True:
+                item = replay.popleft() if replay else await live.get(poll_s)
+                if item is None:  # quiet for poll_s: the record says whether the job ended meanwhile
+                    status = await read_status()
+                    if status.state.final:
+                        yield final_event(status)
+                        return
+                    continue
+                seq, data = item
+                if seq <= last:  # stored before the read and delivered live as well
+                    continue
                 last = seq
                 event = _decoded(data)
                 if event is not None:
                     yield event
                     if event.final:
                         return
-            # Waits without timeouts that raise: a follower idles most of its life (see schemas.follow).
-            getter: asyncio.Future[tuple[int, bytes]] | None = None
-            try:
-                while True:
-                    if getter is None:
-                        if not queue.empty():
-                            seq, data = queue.get_nowait()
-                        else:
-                            getter = asyncio.ensure_future(queue.get())
-                    if getter is not None:
-                        await asyncio.wait((getter,), timeout=poll_s)
-                        if not getter.done():
-                            status = await read_status()
-                            if status.state.final:
-                                yield final_event(status)
-                                return
-                            continue
-                        (seq, data), getter = getter.result(), None
-                    if seq <= last:
-                        continue
-                    last = seq
-                    event = _decoded(data)
-                    if event is not None:
-                        yield event
-                        if event.final:
-                            return
-            finally:
-                if getter is not None:
-                    getter.cancel()
         finally:
+            live.close()
             followers = self.listeners.get(job_id)
             if followers is not None:
-                followers.discard(queue)
+                followers.discard(live)
                 if not followers:
                     del self.listeners[job_id]
 

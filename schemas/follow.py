@@ -9,7 +9,7 @@ always ends. Used by the gateway's WebSocket and SSE, and by the client over NAT
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Generic, TypeVar
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -19,6 +19,37 @@ from schemas import names
 from schemas.codec import DecodeError, decode
 from schemas.events import JobEvent
 from schemas.status import JobState, JobStatus
+
+T = TypeVar("T")
+
+
+class PatientQueue(Generic[T]):
+    """A queue read with an idle limit that raises nothing: `get` returns None when no item came
+    within the limit, and the read it started goes on for the next call. A follower idles most of its
+    life, and an exception per idle second (with its traceback cycle) made the garbage collector stall
+    a busy gateway."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[T] = asyncio.Queue()
+        self.getter: asyncio.Future[T] | None = None
+
+    def put(self, item: T) -> None:
+        self.queue.put_nowait(item)
+
+    async def get(self, idle_s: float) -> T | None:
+        if self.getter is None:
+            if not self.queue.empty():
+                return self.queue.get_nowait()
+            self.getter = asyncio.ensure_future(self.queue.get())
+        await asyncio.wait((self.getter,), timeout=idle_s)
+        if not self.getter.done():
+            return None
+        item, self.getter = self.getter.result(), None
+        return item
+
+    def close(self) -> None:
+        if self.getter is not None:
+            self.getter.cancel()
 
 
 def final_event(status: JobStatus) -> JobEvent:
@@ -35,34 +66,24 @@ async def follow_events(
     read_status: Callable[[], Awaitable[JobStatus]],
     poll_s: float = 1.0,
 ) -> AsyncIterator[JobEvent]:
-    inbox: asyncio.Queue[Msg] = asyncio.Queue()
+    inbox: PatientQueue[Msg] = PatientQueue()
 
     async def deliver(msg: Msg) -> None:
-        inbox.put_nowait(msg)
+        inbox.put(msg)
 
-    # Waits without timeouts that raise: a follower idles most of its life, and an exception per
-    # idle second (with its traceback cycle) made the garbage collector stall a busy gateway.
     sub = await js.subscribe(
         names.events_subject(job_id), stream=names.EVENTS_STREAM, ordered_consumer=True,
         deliver_policy=DeliverPolicy.ALL, cb=deliver,
     )
-    getter: asyncio.Future[Msg] | None = None
     try:
         while True:
-            if getter is None:
-                if not inbox.empty():
-                    msg = inbox.get_nowait()
-                else:
-                    getter = asyncio.ensure_future(inbox.get())
-            if getter is not None:
-                await asyncio.wait((getter,), timeout=poll_s)
-                if not getter.done():
-                    status = await read_status()
-                    if status.state.final:
-                        yield final_event(status)
-                        return
-                    continue
-                msg, getter = getter.result(), None
+            msg = await inbox.get(poll_s)
+            if msg is None:  # quiet for poll_s: the record says whether the job ended meanwhile
+                status = await read_status()
+                if status.state.final:
+                    yield final_event(status)
+                    return
+                continue
             try:
                 event = decode(msg.data, JobEvent)
             except DecodeError:
@@ -71,8 +92,7 @@ async def follow_events(
             if event.final:
                 return
     finally:
-        if getter is not None:
-            getter.cancel()
+        inbox.close()
         try:
             await sub.unsubscribe()
         except Exception:  # the connection may be closing; the subscription ends with it
