@@ -7,6 +7,8 @@ of a three-node JetStream cluster on loopback is killed (the one leading the job
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 
 import aiohttp
@@ -75,10 +77,18 @@ async def test_broker_restart_mid_run_loses_no_job(broker, parts, http):
     assert worker.alive and gateway.alive
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """`count` free loopback ports, all different: each is held while the next is picked."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def cluster_of_three(tmp_path) -> list[EmbeddedNats]:
     """Three JetStream nodes routed to each other on loopback, each with its own store and name."""
-    client_ports = [free_port() for _ in range(3)]
-    route_ports = [free_port() for _ in range(3)]
+    client_ports, route_ports = (ports := distinct_free_ports(6))[:3], ports[3:]
     routes = ",".join(f"nats://127.0.0.1:{port}" for port in route_ports)
     return [
         EmbeddedNats(
