@@ -52,21 +52,21 @@ class EventHub:
         self.prefix = names.EVENTS_SUBJECT_PREFIX + "."
         self.listeners: dict[str, set[PatientQueue[tuple[int, bytes]]]] = {}
         self.last_seq: dict[str, int] = {}
-        self.subs: list[Subscription] = []
+        self.sub: Subscription | None = None
 
     async def start(self) -> None:
-        self.subs.append(await self.js.subscribe(
+        self.sub = await self.js.subscribe(
             self.prefix + ">", stream=names.EVENTS_STREAM, ordered_consumer=True,
             deliver_policy=DeliverPolicy.NEW, cb=self._on_event,
-        ))
+        )
 
     async def close(self) -> None:
-        for sub in self.subs:
+        if self.sub is not None:
             try:
-                await sub.unsubscribe()
+                await self.sub.unsubscribe()
             except Exception:  # the connection may be closing; the subscription ends with it
                 pass
-        self.subs.clear()
+            self.sub = None
 
     async def _on_event(self, msg: Msg) -> None:
         job_id = msg.subject[len(self.prefix):]

@@ -27,13 +27,11 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from gateway.auth import ApiKey
-from gateway.event_feed import follow
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, Forbidden, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller
 from gateway.ratelimit import RateLimited
 from gateway.submission import submit_request
-from schemas.events import JobEvent
 from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
 from schemas.job import new_seed
 from schemas.names import Tier
@@ -196,37 +194,26 @@ def job_failure(job_id: str, state: str, reason: str | None) -> OpenAIFailure:
     return OpenAIFailure(502, f"image job {job_id} {state}: {reason}", kind="server_error", code=f"job_{state}")
 
 
-async def final_event(jobs: JobService, job_id: str, owner: str | None) -> JobEvent:
-    last = None
-    async for last in follow(jobs, job_id, owner=owner):
-        pass
-    if last is None or not last.final:
-        raise OpenAIFailure(502, f"image job {job_id} vanished before it finished", kind="server_error", code="job_lost")
-    return last
-
-
 async def wait_all(jobs: JobService, job_ids: list[str], owner: str | None, wait_s: float) -> None:
     """Returns when every job is done; raises OpenAIFailure for the first that ends otherwise, or after wait_s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    pending = {asyncio.ensure_future(final_event(jobs, job_id, owner)) for job_id in job_ids}
+    pending = {asyncio.ensure_future(jobs.wait_final(job_id, owner=owner, wait_s=wait_s)) for job_id in job_ids}
     try:
         while pending:
-            done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                raise OpenAIFailure(
-                    504,
-                    f"the images were not finished within {wait_s:g} seconds; their jobs are cancelled",
-                    kind="server_error",
-                    code="timeout",
-                )
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 try:
-                    event = task.result()
+                    status = task.result()
                 except UnknownJob:
                     raise OpenAIFailure(502, "an image job vanished before it finished", kind="server_error", code="job_lost") from None
-                if event.type != "done":
-                    raise job_failure(event.job_id, event.type, event.reason)
+                if not status.state.final:
+                    raise OpenAIFailure(
+                        504,
+                        f"the images were not finished within {wait_s:g} seconds; their jobs are cancelled",
+                        kind="server_error",
+                        code="timeout",
+                    )
+                if status.state is not JobState.DONE:
+                    raise job_failure(status.job_id, status.state.value, status.error)
     finally:
         for task in pending:
             task.cancel()

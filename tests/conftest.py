@@ -12,10 +12,15 @@ import aiohttp
 import pytest
 import torch
 
+from nats.js.api import DeliverPolicy
+
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from imagegen import runtime
 from imagegen.embedded_nats import EmbeddedNats, free_port
+from schemas import names
+from schemas.codec import decode
+from schemas.events import JobEvent
 from schemas.jetstream import Topology
 
 torch.set_num_threads(1)
@@ -110,3 +115,16 @@ async def wait_status(http: aiohttp.ClientSession, url: str, task_id: str, *, ti
             return body
         await asyncio.sleep(0.05)
     raise AssertionError(f"task {task_id} still waiting after {timeout}s")
+
+
+async def collect_events(js, job_id: str, *, timeout: float = 60) -> list[JobEvent]:
+    """A job's events over NATS (its own ordered consumer), from the first to the final one."""
+    sub = await js.subscribe(names.events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    events: list[JobEvent] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not events or not events[-1].final:
+                events.append(decode((await sub.next_msg(timeout=timeout)).data, JobEvent))
+    finally:
+        await sub.unsubscribe()
+    return events

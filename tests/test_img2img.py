@@ -25,11 +25,10 @@ from imagegen import runtime
 from imagegen.client import AsyncClient, ImagegenError, Progress
 from schemas import jobstore, names
 from schemas.codec import decode, encode
-from schemas.events import JobEvent
 from schemas.job import JobEnvelope, Placement
 from schemas.request import Limits, parse_request
 from schemas.status import JobState, JobStatus, UploadRef
-from tests.conftest import wait_status
+from tests.conftest import collect_events, wait_status
 
 RED, BLUE = (210, 40, 30), (30, 60, 220)
 
@@ -267,18 +266,6 @@ async def test_client_n_returns_a_list_over_http_and_over_nats(service):
 # -- straight onto NATS -----------------------------------------------------------------------------
 
 
-async def follow_to_end(js, job_id: str, *, timeout: float = 60) -> list[JobEvent]:
-    sub = await js.subscribe(names.events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    events: list[JobEvent] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while not events or not events[-1].final:
-                events.append(decode((await sub.next_msg(timeout=timeout)).data, JobEvent))
-    finally:
-        await sub.unsubscribe()
-    return events
-
-
 async def test_a_nats_publisher_uploads_the_init_image_and_references_it(service):
     nc = await nats.connect(service.nats_url)
     js = nc.jetstream()
@@ -287,7 +274,7 @@ async def test_a_nats_publisher_uploads_the_init_image_and_references_it(service
     request = parse_request({"prompt": "a harbour", "seed": 9, "width": 72, "height": 64, "steps": 5, "strength": 0.6, "format": "PNG"})
     envelope = JobEnvelope.for_request(request, placement=Placement(init_image=UploadRef(name="publisher-a/harbour.png")))
     await js.publish(names.Tier.NORMAL.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id})
-    events = await follow_to_end(js, envelope.job_id)
+    events = await collect_events(js, envelope.job_id)
     assert events[-1].type == "done", events[-1]
     assert [e.step for e in events if e.type == "progress"] == [1, 2, 3]  # int(5 x 0.6)
     status = decode((await (await js.key_value(names.STATUS_BUCKET)).get(envelope.job_id)).value, JobStatus)
@@ -317,7 +304,7 @@ async def test_a_bad_or_missing_upload_fails_the_job_once_with_the_reason(servic
     if stored is not None:
         await (await js.object_store(names.UPLOADS_BUCKET)).put(envelope.init_image.name, stored)
     await js.publish(names.Tier.NORMAL.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id})
-    events = await follow_to_end(js, envelope.job_id)
+    events = await collect_events(js, envelope.job_id)
     assert events[-1].type == "failed" and events[-1].reason.startswith("init_image:") and fragment in events[-1].reason
     letter = msgpack.unpackb((await dlq.next_msg(timeout=30)).data)
     assert letter["job_id"] == envelope.job_id and letter["attempt"] == 1  # terminated on its first try
@@ -329,7 +316,7 @@ async def test_a_job_message_carrying_the_image_itself_is_refused(service):
     js = nc.jetstream()
     inline = {"v": 1, "job_id": "inline-image-0001", "seed": 1, "request": {"prompt": "a", "init_image": b64(solid(RED))}}
     await js.publish(names.Tier.NORMAL.subject, msgpack.packb(inline), headers={names.MSG_ID_HEADER: "inline-image-0001"})
-    events = await follow_to_end(js, "inline-image-0001")
+    events = await collect_events(js, "inline-image-0001")
     assert events[-1].type == "failed" and "imagegen-uploads" in events[-1].reason
     await nc.close()
 
@@ -438,13 +425,13 @@ async def test_a_job_message_claiming_a_large_group_fails_and_views_stay_small(s
     request = parse_request({"prompt": "a crowd", "width": 64, "height": 64, "steps": 2})
     over_limit = JobEnvelope.for_request(request, placement=Placement(group_id="big-group-0001", group_size=20))
     await js.publish(names.Tier.NORMAL.subject, encode(over_limit), headers={names.MSG_ID_HEADER: over_limit.job_id})
-    events = await follow_to_end(js, over_limit.job_id)
+    events = await collect_events(js, over_limit.job_id)
     assert events[-1].type == "failed" and "group_size: 20" in events[-1].reason, events[-1]
 
     raw = {"v": 1, "job_id": "huge-group-0001", "seed": 1, "request": {"prompt": "a"}, "group_id": "huge-group",
            "group_size": 10**9}
     await js.publish(names.Tier.NORMAL.subject, msgpack.packb(raw), headers={names.MSG_ID_HEADER: raw["job_id"]})
-    events = await follow_to_end(js, raw["job_id"])
+    events = await collect_events(js, raw["job_id"])
     assert events[-1].type == "failed" and "undecodable" in events[-1].reason and "group_size" in events[-1].reason
 
     record = JobStatus(job_id="claims-a-million-0", group_id="claims-a-million", group_size=10**6, state=JobState.FAILED)

@@ -3,7 +3,6 @@ and reads the image from the object store, without touching HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 
 import msgpack
@@ -11,21 +10,9 @@ import nats
 from nats.js.api import DeliverPolicy
 from PIL import Image
 
-from schemas import JobEnvelope, JobEvent, JobState, JobStatus, decode, encode, events_subject, parse_request
+from schemas import JobEnvelope, JobState, JobStatus, decode, encode, parse_request
 from schemas import names
-
-
-async def collect_events(js, job_id: str, *, timeout: float = 60) -> list[JobEvent]:
-    sub = await js.subscribe(events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    events: list[JobEvent] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while not events or not events[-1].final:
-                msg = await sub.next_msg(timeout=timeout)
-                events.append(decode(msg.data, JobEvent))
-    finally:
-        await sub.unsubscribe()
-    return events
+from tests.conftest import collect_events
 
 
 async def test_job_published_on_nats_completes(service):
