@@ -17,6 +17,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from schemas.connect import unsubscribe_quietly
+
 BATCH = 256  # messages per answer
 MAX_PAGES = 64
 
@@ -34,12 +36,8 @@ class DirectReader:
         self.sub = await self.nc.subscribe(self.inbox + ".*", cb=self._on_reply)
 
     async def close(self) -> None:
-        if self.sub is not None:
-            try:
-                await self.sub.unsubscribe()
-            except Exception:  # the connection may be closing; the subscription ends with it
-                pass
-            self.sub = None
+        await unsubscribe_quietly(self.sub)
+        self.sub = None
 
     async def _on_reply(self, msg: Msg) -> None:
         queue = self.replies.get(msg.subject[len(self.inbox) + 1:])

@@ -30,6 +30,7 @@ from nats.js.api import DeliverPolicy
 from gateway.direct_get import DirectReader
 from schemas import names
 from schemas.codec import DecodeError, decode
+from schemas.connect import unsubscribe_quietly
 from schemas.events import JobEvent
 from schemas.follow import PatientQueue, final_event, follow_events
 from schemas.status import JobStatus
@@ -61,12 +62,8 @@ class EventHub:
         )
 
     async def close(self) -> None:
-        if self.sub is not None:
-            try:
-                await self.sub.unsubscribe()
-            except Exception:  # the connection may be closing; the subscription ends with it
-                pass
-            self.sub = None
+        await unsubscribe_quietly(self.sub)
+        self.sub = None
 
     async def _on_event(self, msg: Msg) -> None:
         job_id = msg.subject[len(self.prefix):]

@@ -10,6 +10,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
 
 log = logging.getLogger("imagegen.nats")
 
@@ -72,3 +73,13 @@ async def connect(
     )
     client.append(nc)
     return nc
+
+
+async def unsubscribe_quietly(sub: Subscription | None) -> None:
+    """Ends a subscription; one whose connection is closing ends with it, so a failure here is no news."""
+    if sub is None:
+        return
+    try:
+        await sub.unsubscribe()
+    except Exception:
+        pass

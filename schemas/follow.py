@@ -17,6 +17,7 @@ from nats.js.api import DeliverPolicy
 
 from schemas import names
 from schemas.codec import DecodeError, decode
+from schemas.connect import unsubscribe_quietly
 from schemas.events import JobEvent
 from schemas.status import JobState, JobStatus
 
@@ -93,7 +94,4 @@ async def follow_events(
                 return
     finally:
         inbox.close()
-        try:
-            await sub.unsubscribe()
-        except Exception:  # the connection may be closing; the subscription ends with it
-            pass
+        await unsubscribe_quietly(sub)
