@@ -234,24 +234,17 @@ class JobService:
         )
         status = envelope.queued_status()
         status.cache_key = key_of_result
-        revision = await jobstore.create_status(self.status_kv, status)
+        queued = JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=self.etas.forecast(status))
+        revision = await self._record_and_publish(status, envelope, queued, fresh_id=not idempotency_key, created=created)
         if revision is None:
             existing = await jobstore.read_status(self.status_kv, envelope.job_id)
             if existing is not None:
                 await self._publish_again_if_queued(existing, envelope)
                 return existing
-        if created is not None and revision is not None:
-            created.add(status.job_id)
         self.view.apply(status, revision or 0)
         if key_of_result is not None:
             self.cache.watch(status.job_id, key_of_result)
         self.fresh.want(status.job_id)
-        await self._event(  # before the job is published, so that it comes before the worker's `started`
-            JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=self.etas.forecast(status))
-        )
-        await self.js.publish(
-            envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id}
-        )
         await self._audit(status, "submitted")
         self._created(status)
         log.info(
@@ -259,6 +252,42 @@ class JobService:
             extra={"job_id": status.job_id},
         )
         return status
+
+    async def _record_and_publish(
+        self, status: JobStatus, envelope: JobEnvelope, queued: JobEvent, *, fresh_id: bool, created: set[str] | None
+    ) -> int | None:
+        """Writes the job's first record, sends its `queued` event and publishes the job; returns the
+        record's revision, None when the job id had a record already. `created` gets the job's id once
+        its record is written, also when the publish then fails (the caller takes the record back).
+
+        A job with a fresh id goes out in the same send as its record, without waiting for the record's
+        ack (one broker round trip less per submit): a broker stores what one connection publishes in
+        the order sent, so the worker that takes the job finds the record; on a cluster, where the two
+        streams have their own leaders, a worker that finds none writes it from the job itself (as for a
+        job published straight onto NATS) and the record written here is then refused as a repeat. A
+        job id that may exist already (an Idempotency-Key) is published only once its record is new.
+        The `queued` event goes out before the job, so that it comes before the worker's `started`."""
+        subject, payload, headers = envelope.tier.subject, encode(envelope), {names.MSG_ID_HEADER: envelope.job_id}
+        if not fresh_id:
+            revision = await jobstore.create_status(self.status_kv, status)
+            if revision is not None:
+                if created is not None:
+                    created.add(status.job_id)
+                await self._event(queued)
+                await self.js.publish(subject, payload, headers=headers)
+            return revision
+        await self._event(queued)
+        # Tasks start in the order made, and each queues its message before its first wait: the record
+        # is sent before the job.
+        recording = asyncio.ensure_future(jobstore.create_status(self.status_kv, status))
+        publishing = asyncio.ensure_future(self.js.publish(subject, payload, headers=headers))
+        revision, published = await asyncio.gather(recording, publishing, return_exceptions=True)
+        if isinstance(revision, int) and created is not None:
+            created.add(status.job_id)
+        for outcome in (revision, published):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return revision
 
     def _created(self, status: JobStatus) -> None:
         for listener in self.submit_listeners:

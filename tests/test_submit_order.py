@@ -1,0 +1,82 @@
+"""A submit sends the job's record and the job together, without waiting for the record's ack: the
+worker that takes the job must still find the record the gateway wrote (not write its own), and a
+record that a worker did write first is answered as the job's, without a second run."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+from nats.js.errors import NotFoundError
+
+from gateway.jobs import JobService
+from gateway.mflux_api import SERVICE
+from schemas import JobState, JobStatus, decode, jobstore, names
+from schemas.events import JobEvent
+from tests.conftest import collect_events
+
+
+async def stored_events(js, job_id: str) -> list[JobEvent]:
+    """Every event stored for the job, also any after its final one."""
+    events, seq = [], 0
+    while True:
+        try:
+            msg = await js.get_msg(names.EVENTS_STREAM, seq=seq, next=True, subject=names.events_subject(job_id))
+        except NotFoundError:
+            return events
+        events.append(decode(msg.data, JobEvent))
+        seq = msg.seq + 1
+
+
+async def test_the_worker_finds_the_record_the_gateway_wrote(service, http):
+    """Each record is the gateway's, which carries the result-cache key (a record a worker wrote from the
+    job would lack it, and the job's image would never be answered from the cache)."""
+    job_ids = []
+    for i in range(12):
+        body = {"prompt": f"order check {i}", "seed": 900 + i, "width": 64, "height": 64, "steps": 1, "format": "PNG"}
+        async with http.post(f"{service.url}/v1/jobs", json=body, headers={"Prefer": "wait=60"}) as r:
+            assert r.status == 201, await r.text()
+            job = await r.json()
+        assert job["state"] == "done" and not job["cached"]
+        job_ids.append(job["job_id"])
+    nc = await nats.connect(service.nats_url)
+    kv = await nc.jetstream().key_value(names.STATUS_BUCKET)
+    for job_id in job_ids:
+        status = decode((await kv.get(job_id)).value, JobStatus)
+        assert status.state is JobState.DONE and status.cache_key, job_id
+    await nc.close()
+
+
+async def test_a_record_a_worker_wrote_first_is_answered_without_a_second_run(service, http, monkeypatch):
+    """As on a cluster when the job's stream stores the job before the record's stream stores the record:
+    the worker finds no record and writes it from the job; the gateway's write is then refused as a
+    repeat and the job is answered as the worker recorded it, run once."""
+    jobs: JobService = service.gateway.runner.app[SERVICE]
+    create_status = jobstore.create_status
+
+    async def record_late(kv, status: JobStatus):
+        if kv is jobs.status_kv:  # the gateway's write waits until the worker has written the record
+            for _ in range(300):
+                if await jobstore.read_status(kv, status.job_id) is not None:
+                    break
+                await asyncio.sleep(0.02)
+        return await create_status(kv, status)
+
+    monkeypatch.setattr(jobstore, "create_status", record_late)
+    body = {"prompt": "record race", "width": 64, "height": 64, "steps": 1, "format": "PNG", "cache": False}
+    async with http.post(f"{service.url}/v1/jobs", json=body, headers={"Prefer": "wait=60"}) as r:
+        assert r.status == 201, await r.text()
+        job = await r.json()
+    assert job["state"] == "done"
+    monkeypatch.undo()
+
+    nc = await nats.connect(service.nats_url)
+    js = nc.jetstream()
+    kinds = [e.type for e in await collect_events(js, job["job_id"])]
+    assert kinds[0] == "queued" and kinds[-1] == "done" and kinds.count("started") == 1
+    await asyncio.sleep(1.0)  # a second publish of the job would have been taken and started by now
+    kinds = [e.type for e in await stored_events(js, job["job_id"])]
+    assert kinds.count("started") == 1 and kinds.count("queued") == 1
+    async with http.get(f"{service.url}/v1/jobs/{job['job_id']}/image") as r:
+        assert r.status == 200
+    await nc.close()
