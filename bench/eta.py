@@ -2,7 +2,7 @@
 
 Simulated engines (a fixed cost, a cost per step and per megapixel per step) on a real nats-server,
 a real gateway and in-process workers; a mixed workload of sizes, steps, refiner on/off and priority
-tiers arriving at random at about 85 % of capacity, with 1 and 4 workers.
+tiers arriving at random at 85 % of the capacity the workers measure, with 1 and 4 workers.
 
     python bench/eta.py [--jobs 200] [--seed 1] [--out bench/results/eta.json]
 """
@@ -55,11 +55,23 @@ def job_seconds(job: dict) -> float:
     return FIXED_S + job["steps"] * (STEP_S + STEP_S_PER_MPX * job["width"] * job["height"] / 1e6)
 
 
+def measured_capacity(workers: list) -> float:
+    """Jobs per second the workers can take, by the speed each measured in its warm-up (the engine's
+    nominal time plus what the worker spends around it: encoding, events, records)."""
+    sample = workload(1000, random.Random(0))
+    return sum(
+        1.0 / statistics.mean(
+            worker.info().speed.estimate(width=j["width"], height=j["height"], steps=j["steps"]) for j in sample
+        )
+        for worker in workers
+    )
+
+
 async def run_level(nats_url: str, workers: int, measured: int, rng: random.Random, *, warmup_s: float) -> dict:
-    """Jobs arrive at random at about 85 % of capacity, without a pause: the first `warmup_s` of
-    arrivals fill the gateway's arrival history, the next `measured` jobs are measured, and arrivals
-    go on until every measured job is done (a service under steady load never stops receiving work
-    just as a measured job waits)."""
+    """Jobs arrive at random at 85 % of the workers' measured capacity, without a pause: the first
+    `warmup_s` of arrivals fill the gateway's arrival history, the next `measured` jobs are measured,
+    and arrivals go on until every measured job is done (a service under steady load never stops
+    receiving work just as a measured job waits)."""
     settings = dict(
         nats_url=nats_url, model="simulated", sim_step_s=STEP_S, sim_step_s_per_mpx=STEP_S_PER_MPX,
         sim_fixed_s=FIXED_S, preview_every=0, heartbeat_s=1.0,
@@ -67,7 +79,7 @@ async def run_level(nats_url: str, workers: int, measured: int, rng: random.Rand
     started = [await runtime.start_worker(WorkerSettings(**settings)) for _ in range(workers)]
     gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0))
     url = f"http://127.0.0.1:{gateway.port}"
-    capacity = workers / statistics.mean(job_seconds(j) for j in workload(1000, random.Random(0)))
+    capacity = measured_capacity([worker for worker, _ in started])
     predicted: dict[str, float] = {}
     submitted: dict[str, float] = {}
     tiers: dict[str, str] = {}
@@ -121,6 +133,9 @@ async def run_level(nats_url: str, workers: int, measured: int, rng: random.Rand
         "median_abs_error": statistics.median(errors),
         "p90_abs_error": errors[int(0.9 * (len(errors) - 1))],
         "mean_actual_s": statistics.mean(actual.values()),
+        "arrivals_per_s": 0.85 * capacity,
+        "measured_capacity_jobs_per_s": capacity,
+        "nominal_capacity_jobs_per_s": workers / statistics.mean(job_seconds(j) for j in workload(1000, random.Random(0))),
         "by_tier": by_tier,
     }
 

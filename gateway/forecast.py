@@ -13,16 +13,17 @@ is the time the pool takes to catch up with W plus that stream. With the stream'
 of the time a little arrives and the wait stays near W, now and then a burst makes it several times
 longer. Its variance is W * v / (1 - load)^3, v being the sum of the arriving jobs' squared costs per
 second (divided by the number of workers squared). The forecast takes a lognormal with that mean and
-variance and answers its median, mean / sqrt(1 + variance / mean^2), never less than W: as many jobs
-finish before their ETA as after it. The mean would overshoot most jobs to cover the few bursts, by a
-factor that grows with the higher-tier load and shrinks as W grows (over a long wait, arrivals average
-out).
+variance, and answers mean / (1 + variance / mean^2), never less than W. That lies between the
+lognormal's median, mean / sqrt(1 + variance / mean^2) (as many jobs finish before their ETA as after
+it), and mean / (1 + variance / mean^2)^1.5, the value with the least expected error relative to the
+wait (an ETA 10 s off is worse for a 5 s wait than for a 50 s one): their geometric mean. The mean
+itself would overshoot most jobs to cover the few bursts, by a factor that grows with the higher-tier
+load and shrinks as W grows (over a long wait, arrivals average out).
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from dataclasses import dataclass
 
@@ -92,11 +93,12 @@ class Stretch:
     spread: float = 0.0
 
     def wait(self, ahead_s: float) -> float:
-        """The median wait of a job that the pool reaches after `ahead_s` of work queued now."""
+        """The expected wait of a job that the pool reaches after `ahead_s` of work queued now: the
+        lognormal's mean / (1 + squared coefficient of variation) (see the module's notes)."""
         if ahead_s <= 0.0:
             return 0.0
         mean = ahead_s / (1.0 - self.load)
-        return max(ahead_s, mean / math.sqrt(1.0 + self.spread / (ahead_s * (1.0 - self.load))))
+        return max(ahead_s, mean / (1.0 + self.spread / (ahead_s * (1.0 - self.load))))
 
 
 def _tier_stretch(view: QueueView, tier: Tier, workers: list[WorkerInfo], now: float) -> Stretch:

@@ -160,8 +160,8 @@ async def eta_of(http, url, job_id) -> float:
 async def test_a_low_tier_eta_counts_the_higher_tier_work_still_to_come(broker, http):
     """No worker: every job stays queued, costed alike by the default speed model. A low-tier job's ETA
     is the work queued ahead of it plus its own, its wait stretched by the normal-tier work that arrived
-    over the last minute (more of it will come and go first); the stretch is the median of that wait,
-    below its mean, since most waits see fewer arrivals than the mean counts."""
+    over the last minute (more of it will come and go first); stretched less than that wait's mean,
+    since most waits see fewer arrivals than the mean counts."""
     from gateway.forecast import ARRIVAL_WINDOW_S
     from gateway.settings import GatewaySettings
     from imagegen import runtime
