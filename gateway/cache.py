@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta
@@ -30,6 +30,8 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from gateway.cache_key import SCOPES, cache_key, wants_cache
+from gateway.direct_get import DirectReader
+from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
 from schemas import jobstore, names
 from schemas.jetstream import ensure_result_cache
@@ -121,7 +123,8 @@ class ResultCache:
         self.pending: dict[str, str] = {}  # job id -> key, for unfinished jobs this gateway sent to a worker
         self.store: ObjectStore | None = None
         self._js: JetStreamContext | None = None
-        self._images: ObjectStore | None = None
+        self._reader: ObjectReader | None = None
+        self._read_image: Callable[[ImageRef], Awaitable[bytes]] | None = None
         self._status_kv: KeyValue | None = None
         self._bucket_ttl_s = ttl_s
         self._bucket_ttl_read_at = float("-inf")
@@ -134,15 +137,24 @@ class ResultCache:
     def enabled(self) -> bool:
         return self.ttl_s > 0
 
-    async def start(self, js: JetStreamContext, *, view: QueueView, images: ObjectStore) -> None:
+    async def start(
+        self,
+        js: JetStreamContext,
+        *,
+        view: QueueView,
+        direct: DirectReader,
+        read_image: Callable[[ImageRef], Awaitable[bytes]],
+    ) -> None:
+        """`read_image`: a finished job's image bytes, as the gateway reads them."""
         if not self.enabled:
             log.info("result cache off")
             return
         await ensure_result_cache(js, ttl_s=self.ttl_s, replicas=self.replicas)
         self._js = js
         self.store = await js.object_store(names.CACHE_BUCKET)
+        self._reader = ObjectReader(js, direct, self.store, names.CACHE_BUCKET)
         self._status_kv = await js.key_value(names.STATUS_BUCKET)
-        self._images = images
+        self._read_image = read_image
         await self._bucket_ttl(fresh=True)
         view.listeners.append(self._on_change)
         self._recorder = asyncio.create_task(self._record_finished())
@@ -249,7 +261,7 @@ class ResultCache:
         if entry.expiring(await self._bucket_ttl()) and entry.expiring(await self._bucket_ttl(fresh=True)):
             return None
         try:
-            data = (await asyncio.wait_for(self.store.get(key), timeout=self.read_timeout_s)).data
+            data = await asyncio.wait_for(self._reader.read(info), timeout=self.read_timeout_s)
         except GONE:
             return None
         except asyncio.TimeoutError:
@@ -280,6 +292,10 @@ class ResultCache:
     def watch(self, job_id: str, key: str) -> None:
         """Stores the job's image under `key` once the job is done."""
         self.pending[job_id] = key
+
+    def unwatch(self, job_id: str) -> None:
+        """Takes back `watch`: the job was not queued."""
+        self.pending.pop(job_id, None)
 
     def _on_change(self, old: JobStatus | None, status: JobStatus) -> None:
         """Called by the queue view for every record it takes: finished pending jobs, no scan, no poll."""
@@ -322,7 +338,7 @@ class ResultCache:
         except GONE:
             pass
         try:
-            data = (await asyncio.wait_for(self._images.get(status.image.name), timeout=self.read_timeout_s)).data
+            data = await asyncio.wait_for(self._read_image(status.image), timeout=self.read_timeout_s)
         except GONE:
             log.info("job %s image deleted before the result cache could store it", status.job_id, extra={"job_id": status.job_id})
             return

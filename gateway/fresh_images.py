@@ -3,7 +3,7 @@ each job done, so that the client's fetch, which follows its `done`, is answered
 Direct Gets it would wait for otherwise.
 
 An entry holds the bytes the object store had once the job was done (read as `JobService` reads any
-image: size and digest checked), for the job's image as its record names it. Entries are bounded in
+image: size checked), for the job's image as its record names it. Entries are bounded in
 number, bytes and age, and dropped when their job is deleted; a fetch that finds no entry, or one
 whose read failed, reads the store as before.
 """

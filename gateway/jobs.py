@@ -14,7 +14,6 @@ import time
 from typing import Callable
 
 from nats.aio.client import Client as NATS
-from nats.js.api import ObjectInfo
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
 
 from gateway import ratelimit
@@ -25,6 +24,7 @@ from gateway.direct_get import DirectReader
 from gateway.event_hub import EventHub
 from gateway.forecast import EtaCache, jobs_ahead
 from gateway.fresh_images import FreshImages
+from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
 from gateway.settings import GatewaySettings
 from schemas import jobstore, names, uploads
@@ -108,9 +108,10 @@ class JobService:
         self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
         self.view.start(self.status_kv, self.workers_kv)
         await asyncio.wait_for(self.view.ready.wait(), timeout=30)
-        await self.cache.start(self.js, view=self.view, images=self.images)
         self.direct = DirectReader(self.nc, timeout_s=self.settings.nats_timeout_s)
         await self.direct.start()
+        self.image_reader = ObjectReader(self.js, self.direct, self.images, names.IMAGES_BUCKET)
+        await self.cache.start(self.js, view=self.view, direct=self.direct, read_image=self._image_bytes)
         self.events = EventHub(self.js, self.direct)
         await self.events.start()
         self._sweeper = asyncio.create_task(self._sweep())
@@ -234,17 +235,25 @@ class JobService:
         )
         status = envelope.queued_status()
         status.cache_key = key_of_result
+        # In the queue view before it is sent (its position and ETA count it; the record's revision
+        # follows with the broker's ack), and watched for its end before it can end.
+        self.view.apply(status, 0)
         queued = JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=self.etas.forecast(status))
-        revision = await self._record_and_publish(status, envelope, queued, fresh_id=not idempotency_key, created=created)
-        if revision is None:
-            existing = await jobstore.read_status(self.status_kv, envelope.job_id)
-            if existing is not None:
-                await self._publish_again_if_queued(existing, envelope)
-                return existing
-        self.view.apply(status, revision or 0)
         if key_of_result is not None:
             self.cache.watch(status.job_id, key_of_result)
         self.fresh.want(status.job_id)
+        try:
+            revision = await self._record_and_publish(status, envelope, queued, fresh_id=not idempotency_key, created=created)
+        except BaseException:
+            self._not_queued(status.job_id)
+            raise
+        if revision is None:  # the job id had a record already (or had one a moment ago)
+            existing = await jobstore.read_status(self.status_kv, envelope.job_id)
+            if existing is not None:
+                self._not_queued(status.job_id)
+                await self._publish_again_if_queued(existing, envelope)
+                return existing
+            await self._publish_again_if_queued(status, envelope)
         await self._audit(status, "submitted")
         self._created(status)
         log.info(
@@ -257,8 +266,10 @@ class JobService:
         self, status: JobStatus, envelope: JobEnvelope, queued: JobEvent, *, fresh_id: bool, created: set[str] | None
     ) -> int | None:
         """Writes the job's first record, sends its `queued` event and publishes the job; returns the
-        record's revision, None when the job id had a record already. `created` gets the job's id once
-        its record is written, also when the publish then fails (the caller takes the record back).
+        record's revision, None when the job id had a record already. The queue view takes the record
+        as soon as it is written (before the KV watch brings it back, which then costs no decoding),
+        and `created` gets the job's id, also when the publish then fails (the caller takes the record
+        back).
 
         A job with a fresh id goes out in the same send as its record, without waiting for the record's
         ack (one broker round trip less per submit): a broker stores what one connection publishes in
@@ -268,26 +279,39 @@ class JobService:
         job id that may exist already (an Idempotency-Key) is published only once its record is new.
         The `queued` event goes out before the job, so that it comes before the worker's `started`."""
         subject, payload, headers = envelope.tier.subject, encode(envelope), {names.MSG_ID_HEADER: envelope.job_id}
-        if not fresh_id:
+
+        async def record() -> int | None:
             revision = await jobstore.create_status(self.status_kv, status)
             if revision is not None:
+                self.view.apply(status, revision)
                 if created is not None:
                     created.add(status.job_id)
+            return revision
+
+        if not fresh_id:
+            revision = await record()
+            if revision is not None:
                 await self._event(queued)
                 await self.js.publish(subject, payload, headers=headers)
             return revision
         await self._event(queued)
         # Tasks start in the order made, and each queues its message before its first wait: the record
         # is sent before the job.
-        recording = asyncio.ensure_future(jobstore.create_status(self.status_kv, status))
+        recording = asyncio.ensure_future(record())
         publishing = asyncio.ensure_future(self.js.publish(subject, payload, headers=headers))
         revision, published = await asyncio.gather(recording, publishing, return_exceptions=True)
-        if isinstance(revision, int) and created is not None:
-            created.add(status.job_id)
         for outcome in (revision, published):
             if isinstance(outcome, BaseException):
                 raise outcome
         return revision
+
+    def _not_queued(self, job_id: str) -> None:
+        """Takes back what `submit` noted of a job before sending it, when it was not queued after all:
+        the view's entry unless a record of the job came in since, and the watches for its end."""
+        if not self.view.revisions.get(job_id):
+            self.view.forget(job_id)
+        self.cache.unwatch(job_id)
+        self.fresh.drop(job_id)
 
     def _created(self, status: JobStatus) -> None:
         for listener in self.submit_listeners:
@@ -466,28 +490,13 @@ class JobService:
         return await asyncio.wait_for(self._image_bytes(image), timeout=self.settings.nats_timeout_s * 6)
 
     async def _image_bytes(self, image: ImageRef) -> bytes:
-        """Every chunk in one batched Direct Get, checked against the size and digest: named by the
-        record (as every worker writes it), else by the object's description read first. The object
-        store's reader, which sets up a consumer per read, only where Direct Gets are not answered."""
-        bucket = names.IMAGES_BUCKET
-        stream = f"OBJ_{bucket}"
-        if image.chunks_id and image.digest:
-            data = await self._chunks(stream, image.chunks_id)
-            if data is not None and len(data) == image.size and _digest_matches(data, image.digest):
+        """Every chunk in one batched Direct Get, checked against the size: named by the record (as
+        every worker writes it), else by the object's description read first."""
+        if image.chunks_id:
+            data = await self.image_reader.chunks(image.chunks_id, size=image.size)
+            if data is not None:
                 return data  # else the image was replaced since (a later try): its description says how
-        meta = f"$O.{bucket}.M.{base64.urlsafe_b64encode(image.name.encode()).decode()}"
-        info = ObjectInfo.from_response(json.loads((await self.js.get_msg(stream, subject=meta, direct=True)).data))
-        if info.deleted:
-            raise ObjectNotFoundError
-        if info.nuid and not info.is_link():
-            data = await self._chunks(stream, info.nuid)
-            if data is not None and len(data) == info.size and _digest_matches(data, info.digest or ""):
-                return data
-        return (await self.images.get(image.name)).data
-
-    async def _chunks(self, stream: str, nuid: str) -> bytes | None:
-        chunks = await self.direct.read(stream, f"$O.{names.IMAGES_BUCKET}.C.{nuid}")
-        return None if chunks is None else b"".join(data for _, data in chunks)
+        return await self.image_reader.read(await self.image_reader.info(image.name))
 
     async def delete(self, job_id: str, *, owner: str | None = None) -> None:
         status = await self.get(job_id, owner=owner)
@@ -527,17 +536,6 @@ class JobService:
 
     async def _event(self, event: JobEvent) -> None:
         await self.nc.publish(names.events_subject(event.job_id), encode(event))
-
-
-def _digest_matches(data: bytes, digest: str) -> bool:
-    """Checks data against the object store's digest: `SHA-256=` and the URL-safe base64 of the hash."""
-    prefix, _, encoded = digest.partition("=")
-    if prefix.upper() != "SHA-256" or not encoded:
-        return False
-    try:
-        return base64.urlsafe_b64decode(encoded) == hashlib.sha256(data).digest()
-    except ValueError:
-        return False
 
 
 def _plausible(job_id: str) -> bool:
