@@ -266,9 +266,9 @@ class JobService:
         self, status: JobStatus, envelope: JobEnvelope, queued: JobEvent, *, fresh_id: bool, created: set[str] | None
     ) -> int | None:
         """Writes the job's first record, sends its `queued` event and publishes the job; returns the
-        record's revision, None when the job id had a record already. The queue view takes the record
-        as soon as it is written (before the KV watch brings it back, which then costs no decoding),
-        and `created` gets the job's id, also when the publish then fails (the caller takes the record
+        record's revision, None when the job id had a record already. The queue view, which holds the
+        record already, takes its revision as soon as it is written (before the KV watch brings it
+        back, which then costs no decoding), and `created` gets the job's id, also when the publish then fails (the caller takes the record
         back).
 
         A job with a fresh id goes out in the same send as its record, without waiting for the record's
@@ -283,7 +283,7 @@ class JobService:
         async def record() -> int | None:
             revision = await jobstore.create_status(self.status_kv, status)
             if revision is not None:
-                self.view.apply(status, revision)
+                self.view.confirm(status, revision)
                 if created is not None:
                     created.add(status.job_id)
             return revision

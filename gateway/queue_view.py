@@ -65,6 +65,12 @@ class QueueView:
         for listener in self.listeners:
             listener(old, status)
 
+    def confirm(self, status: JobStatus, revision: int) -> None:
+        """The KV revision of a record this gateway wrote and applied already (at revision 0): noted
+        without applying it again, unless the watcher brought that record or a newer one meanwhile."""
+        if self.jobs.get(status.job_id) is status and self.revisions.get(status.job_id, 0) < revision:
+            self.revisions[status.job_id] = revision
+
     def forget(self, job_id: str) -> None:
         self.version += 1
         self.revisions.pop(job_id, None)
