@@ -268,8 +268,8 @@ class JobService:
         """Writes the job's first record, sends its `queued` event and publishes the job; returns the
         record's revision, None when the job id had a record already. The queue view, which holds the
         record already, takes its revision as soon as it is written (before the KV watch brings it
-        back, which then costs no decoding), and `created` gets the job's id, also when the publish then fails (the caller takes the record
-        back).
+        back, which then costs no decoding), and `created` gets the job's id, also when the publish
+        then fails (the caller takes the record back).
 
         A job with a fresh id goes out in the same send as its record, without waiting for the record's
         ack (one broker round trip less per submit): a broker stores what one connection publishes in

@@ -1,6 +1,6 @@
-"""A submit sends the job's record and the job together, without waiting for the record's ack: the
-worker that takes the job must still find the record the gateway wrote (not write its own), and a
-record that a worker did write first is answered as the job's, without a second run."""
+"""A submit sends the job's record and the job together, without waiting for the record's ack: each
+job's record is still the gateway's, and a record that a worker wrote first (as on a cluster) is
+answered as the job's, without a second run."""
 
 from __future__ import annotations
 
