@@ -32,7 +32,7 @@ from schemas import names
 from schemas.codec import DecodeError, decode
 from schemas.connect import unsubscribe_quietly
 from schemas.events import JobEvent
-from schemas.follow import PatientQueue, final_event, follow_events
+from schemas.follow import PatientQueue, ended_meanwhile, follow_events
 from schemas.status import JobStatus
 
 log = logging.getLogger("imagegen.gateway")
@@ -103,9 +103,8 @@ class EventHub:
             while True:
                 item = replay.popleft() if replay else await live.get(poll_s)
                 if item is None:  # quiet for poll_s: the record says whether the job ended meanwhile
-                    status = await read_status()
-                    if status.state.final:
-                        yield final_event(status)
+                    if (ended := await ended_meanwhile(read_status)) is not None:
+                        yield ended
                         return
                     continue
                 seq, data = item

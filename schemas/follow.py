@@ -60,6 +60,13 @@ def final_event(status: JobStatus) -> JobEvent:
     return JobEvent(type=status.state.value, job_id=status.job_id, reason=status.error, ts=status.finished_at or 0.0)
 
 
+async def ended_meanwhile(read_status: Callable[[], Awaitable[JobStatus]]) -> JobEvent | None:
+    """After a quiet spell: the job's final event, rebuilt from its record, when the job ended
+    meanwhile (its final event was missed); None while it goes on."""
+    status = await read_status()
+    return final_event(status) if status.state.final else None
+
+
 async def follow_events(
     js: JetStreamContext,
     job_id: str,
@@ -80,9 +87,8 @@ async def follow_events(
         while True:
             msg = await inbox.get(poll_s)
             if msg is None:  # quiet for poll_s: the record says whether the job ended meanwhile
-                status = await read_status()
-                if status.state.final:
-                    yield final_event(status)
+                if (ended := await ended_meanwhile(read_status)) is not None:
+                    yield ended
                     return
                 continue
             try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import nats
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
@@ -33,12 +35,25 @@ async def publish_job_events(nc, job_id: str, *, steps: int, halfway: asyncio.Ev
     await js.publish(names.events_subject(job_id), encode(JobEvent(type="done", job_id=job_id)))
 
 
-async def started_hub(nc, *, timeout_s: float = 5.0) -> EventHub:
-    reader = DirectReader(nc, timeout_s=timeout_s)
-    await reader.start()
-    hub = EventHub(nc.jetstream(), reader)
-    await hub.start()
-    return hub
+@asynccontextmanager
+async def running_hub(nats_url: str, *, timeout_s: float = 5.0, setup=None) -> AsyncIterator[tuple]:
+    """(connection, hub) on a connection of its own; `setup(js)` runs before the hub starts. All is
+    closed afterwards."""
+    nc = await nats.connect(nats_url)
+    try:
+        if setup is not None:
+            await setup(nc.jetstream())
+        reader = DirectReader(nc, timeout_s=timeout_s)
+        await reader.start()
+        hub = EventHub(nc.jetstream(), reader)
+        await hub.start()
+        try:
+            yield nc, hub
+        finally:
+            await hub.close()
+            await reader.close()
+    finally:
+        await nc.close()
 
 
 async def collect(hub: EventHub, job_id: str) -> list[JobEvent]:
@@ -58,9 +73,7 @@ def assert_every_event_once_in_order(events: list[JobEvent], steps: int) -> None
 
 
 async def test_followers_joining_before_during_and_after_get_every_event_once(service):
-    nc = await nats.connect(service.nats_url)
-    hub = await started_hub(nc)
-    try:
+    async with running_hub(service.nats_url) as (nc, hub):
         job_id = uuid.uuid4().hex
         early = asyncio.create_task(collect(hub, job_id))
         await asyncio.sleep(0.1)
@@ -73,40 +86,25 @@ async def test_followers_joining_before_during_and_after_get_every_event_once(se
         for events in (await early, await middle, late):
             assert_every_event_once_in_order(events, STEPS)
         assert not hub.listeners  # every follower unregistered once done
-    finally:
-        await hub.close()
-        await hub.reader.close()
-        await nc.close()
 
 
 async def test_a_read_behind_the_last_delivered_event_follows_through_its_own_consumer(service):
-    nc = await nats.connect(service.nats_url)
-    hub = await started_hub(nc)
-    try:
+    async with running_hub(service.nats_url) as (nc, hub):
         job_id = uuid.uuid4().hex
         await publish_job_events(nc, job_id, steps=5)
         hub.last_seq[job_id] = 2**62  # as if a lagging replica answered the read: its events end too early
         assert_every_event_once_in_order(await collect(hub, job_id), 5)
-    finally:
-        await hub.close()
-        await hub.reader.close()
-        await nc.close()
 
 
 async def test_without_direct_gets_followers_still_get_every_event(broker):
-    nc = await nats.connect(broker.url)
-    js = nc.jetstream()
-    await js.add_stream(StreamConfig(
-        name=names.EVENTS_STREAM, subjects=[f"{names.EVENTS_SUBJECT_PREFIX}.>"],
-        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, allow_direct=False,
-    ))
-    hub = await started_hub(nc, timeout_s=2.0)
-    try:
+    async def events_stream_without_direct_gets(js) -> None:
+        await js.add_stream(StreamConfig(
+            name=names.EVENTS_STREAM, subjects=[f"{names.EVENTS_SUBJECT_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, allow_direct=False,
+        ))
+
+    async with running_hub(broker.url, timeout_s=2.0, setup=events_stream_without_direct_gets) as (nc, hub):
         job_id = uuid.uuid4().hex
         await publish_job_events(nc, job_id, steps=5)
         assert await hub.stored(job_id) is None
         assert_every_event_once_in_order(await collect(hub, job_id), 5)
-    finally:
-        await hub.close()
-        await hub.reader.close()
-        await nc.close()
