@@ -1,8 +1,9 @@
 """When will a job be done? A list-scheduling forecast over the live workers' measured speeds.
 
-Each live worker is free after its running job's remaining time; the queued jobs ahead (higher tiers
-first, then older ones of the same tier) go one by one to whichever worker is free first, each costing
-what that worker's speed model says for its size, steps and refiner. The job's ETA is when it would
+Each live worker is free after its running job's remaining time; the queued jobs ahead go one by one
+to whichever worker is free first, in the order workers take them (higher tiers first, older ones
+first within a tier, and a lower tier's turn after a worker's run of higher-tier takes: see
+gateway.take_order), each costing what that worker's speed model says for its size, steps and refiner. The job's ETA is when it would
 end in that schedule, its wait stretched by the higher-tier work expected to arrive meanwhile. Unlike
 a pixels-only average, this counts steps, size, refiner, priority tiers and workers.
 
@@ -23,11 +24,14 @@ load and shrinks as W grows (over a long wait, arrivals average out).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from gateway.queue_view import QueueView
+from gateway.take_order import next_take
 from schemas.names import TIERS, Tier
 from schemas.request import steps_run
 from schemas.status import JobState, JobStatus
@@ -70,18 +74,63 @@ def forecast(view: QueueView, status: JobStatus, *, now: float | None = None) ->
         return None
     now = time.time() if now is None else now
     workers = pool(view)
-    by_id = {w.worker_id: w for w in workers}
     if status.state is JobState.RUNNING:
+        by_id = {w.worker_id: w for w in workers}
         return remaining(status, by_id.get(status.worker or "", workers[0]), now)
-    free = _free_at(view, workers, now)
-    for job_id in view.queued_ahead(status):
-        ahead = view.jobs.get(job_id)
-        if ahead is None:
-            continue
-        t, i = heapq.heappop(free)
-        heapq.heappush(free, (t + job_cost(ahead, workers[i]), i))
-    t, i = heapq.heappop(free)
-    return _tier_stretch(view, status.tier, workers, now).wait(t) + job_cost(status, workers[i])
+    queued = view.queued
+    key = (status.submitted_at, status.job_id)
+    queue = queued[status.tier]
+    i = bisect.bisect_left(queue, key)
+    if i == len(queue) or queue[i] != key:  # not in the view's queue (yet): placed as if it were
+        queued = {**queued, status.tier: [*queue[:i], key, *queue[i:]]}
+    plan = Plan(view, workers, now, queued=queued, extra=status)
+    for job, start, cost in plan.takes():
+        if job.job_id == status.job_id:
+            return _tier_stretch(view, status.tier, workers, now).wait(start) + cost
+    return None
+
+
+class Plan:
+    """The queued jobs in the order the workers take them (gateway.take_order): each goes to the
+    worker free first, after the running jobs' remaining time, each costing what that worker's speed
+    model says. `takes()` yields (job, seconds until it starts, its cost); afterwards `free` holds when
+    each worker is free again, and `counts` each worker's fairness count."""
+
+    def __init__(self, view: QueueView, workers: list[WorkerInfo], now: float, *,
+                 queued: dict[Tier, list[tuple[float, str]]] | None = None, extra: JobStatus | None = None):
+        self.view = view
+        self.workers = workers
+        self.queued = view.queued if queued is None else queued
+        self.extra = extra
+        self.free = _free_at(view, workers, now)
+        self.counts = [view.takes.of(w.worker_id) for w in workers]
+
+    def takes(self) -> Iterator[tuple[JobStatus, float, float]]:
+        heads = {tier: 0 for tier in TIERS}
+        while True:
+            waiting = [tier for tier in TIERS if heads[tier] < len(self.queued[tier])]
+            if not waiting:
+                return
+            start, i = self.free[0]
+            worker = self.workers[i]
+            tier, count = next_take(waiting, self.counts[i], worker.fairness)
+            job_id = self.queued[tier][heads[tier]][1]
+            heads[tier] += 1
+            job = self.extra if self.extra is not None and job_id == self.extra.job_id else self.view.jobs.get(job_id)
+            if job is None:  # its record went meanwhile: no take
+                continue
+            self.counts[i] = count
+            cost = job_cost(job, worker)
+            heapq.heapreplace(self.free, (start + cost, i))
+            yield job, start, cost
+
+    def append(self, job: JobStatus) -> tuple[float, float]:
+        """(start, cost) of a job queued after every job taken so far, of the tier taken last (then it
+        changes no earlier take): it goes to the worker free first."""
+        start, i = self.free[0]
+        cost = job_cost(job, self.workers[i])
+        heapq.heapreplace(self.free, (start + cost, i))
+        return start, cost
 
 
 @dataclass(frozen=True)
@@ -138,8 +187,9 @@ class EtaCache:
 
     A pass is redone once the view has changed, but under churn (many workers, many submits) at most
     every COST_FACTOR times what the last pass took, and at least every MAX_AGE_S; so an ETA lags the
-    view by at most that. A job queued since the last pass behind all the jobs in it (the usual new
-    submit) is added to the end of the cached schedule; any other job it lacks gets a fresh pass.
+    view by at most that. A job queued since the last pass after all the jobs in it, in the tier taken
+    last (the usual new submit), is added to the end of the cached plan; any other job it lacks gets a
+    fresh pass.
     With `now` given, or for a job that is not queued, it is `forecast` itself.
     """
 
@@ -152,8 +202,7 @@ class EtaCache:
         self.computed = float("-inf")  # monotonic clock
         self.pass_s = 0.0
         self.etas: dict[str, float] = {}
-        self.free: list[tuple[float, int]] = []
-        self.workers: list[WorkerInfo] = []
+        self.plan: Plan | None = None
         self.stretches: dict[Tier, Stretch] = {}
         self.last_key: tuple[int, float, str] | None = None
 
@@ -162,7 +211,7 @@ class EtaCache:
             return forecast(self.view, status, now=now)
         if self._fresh():
             eta = self.etas.get(status.job_id)
-            if eta is None and (self.last_key is None or _order_key(status) > self.last_key):
+            if eta is None and self._after_all(status):
                 eta = self._append(status)
             if eta is not None:
                 return eta
@@ -178,14 +227,18 @@ class EtaCache:
             return False
         return self.view.version == self.version or age < self.COST_FACTOR * self.pass_s
 
+    def _after_all(self, status: JobStatus) -> bool:
+        """Whether the job comes after every job of the last pass, in the tier taken last (the usual
+        new submit): it is then added to the end of the cached plan."""
+        last = self.last_key
+        return last is None or (status.tier.rank == last[0] and _order_key(status) > last)
+
     def _append(self, status: JobStatus) -> float:
-        t, i = heapq.heappop(self.free)
-        cost = job_cost(status, self.workers[i])
-        heapq.heappush(self.free, (t + cost, i))
+        start, cost = self.plan.append(status)
         stretch = self.stretches.get(status.tier)
         if stretch is None:  # its tier had no queued job at the last pass
-            stretch = self.stretches[status.tier] = _tier_stretch(self.view, status.tier, self.workers, time.time())
-        eta = self.etas[status.job_id] = stretch.wait(t) + cost
+            stretch = self.stretches[status.tier] = _tier_stretch(self.view, status.tier, self.plan.workers, time.time())
+        eta = self.etas[status.job_id] = stretch.wait(start) + cost
         self.last_key = _order_key(status)
         return eta
 
@@ -194,25 +247,14 @@ class EtaCache:
         view = self.view
         self.version = view.version
         now = time.time()
-        workers = pool(view)
-        free = _free_at(view, workers, now)
+        plan = Plan(view, pool(view), now)
         etas: dict[str, float] = {}
-        stretches: dict[Tier, Stretch] = {}
+        stretches = {tier: _tier_stretch(view, tier, plan.workers, now) for tier in TIERS if view.queued[tier]}
         last_key = None
-        for tier in TIERS:
-            if not view.queued[tier]:  # no job to place: its stretch is worked out when one comes
-                continue
-            stretch = stretches[tier] = _tier_stretch(view, tier, workers, now)
-            for submitted_at, job_id in view.queued[tier]:
-                job = view.jobs.get(job_id)
-                if job is None:
-                    continue
-                t, i = heapq.heappop(free)
-                cost = job_cost(job, workers[i])
-                etas[job_id] = stretch.wait(t) + cost
-                heapq.heappush(free, (t + cost, i))
-                last_key = (tier.rank, submitted_at, job_id)
-        self.etas, self.free, self.workers, self.stretches, self.last_key = etas, free, workers, stretches, last_key
+        for job, start, cost in plan.takes():
+            etas[job.job_id] = stretches[job.tier].wait(start) + cost
+            last_key = _order_key(job)
+        self.etas, self.plan, self.stretches, self.last_key = etas, plan, stretches, last_key
         self.computed = time.monotonic()
         self.pass_s = time.perf_counter() - started
 

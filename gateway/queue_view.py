@@ -17,6 +17,7 @@ from typing import Callable
 import nats.errors
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from gateway.take_order import DEFAULT_FAIRNESS, TakeCounts
 from schemas.codec import DecodeError, decode
 from schemas.names import TIERS, Tier
 from schemas.status import JobState, JobStatus
@@ -34,6 +35,7 @@ class QueueView:
         self.running: set[str] = set()
         self.arrivals: dict[Tier, deque[tuple[float, JobStatus]]] = {tier: deque(maxlen=4096) for tier in TIERS}
         self.workers: dict[str, WorkerInfo] = {}
+        self.takes = TakeCounts()  # each worker's fairness count, from the jobs it marks running
         self.version = 0  # goes up on every change, so answers derived from the view can be cached
         self.unfinished: dict[str, int] = {}  # owner -> jobs not final yet, for quotas without a scan
         self.ready = asyncio.Event()
@@ -62,8 +64,24 @@ class QueueView:
             bisect.insort(self.queued[status.tier], (status.submitted_at, status.job_id))
         elif status.state is JobState.RUNNING:
             self.running.add(status.job_id)
+        self._count_take(old, status)
         for listener in self.listeners:
             listener(old, status)
+
+    def _count_take(self, old: JobStatus | None, new: JobStatus) -> None:
+        """Keeps each worker's fairness count (gateway.take_order) from the records: a job marked running
+        is a take; a job that ends while nothing is queued leaves its worker without work."""
+        if new.state is JobState.RUNNING and new.worker:
+            if old is None or old.state is not JobState.RUNNING or old.attempt != new.attempt:
+                worker = self.workers.get(new.worker)
+                self.takes.taken(
+                    new.worker, new.tier,
+                    lower_waiting=any(self.queued[tier] for tier in TIERS[new.tier.rank + 1 :]),
+                    fairness=worker.fairness if worker is not None else DEFAULT_FAIRNESS,
+                )
+        elif new.state.final and old is not None and old.state is JobState.RUNNING and old.worker:
+            if not any(self.queued.values()):
+                self.takes.idle(old.worker)
 
     def confirm(self, status: JobStatus, revision: int) -> None:
         """The KV revision of a record this gateway wrote and applied already (at revision 0): noted
@@ -93,18 +111,6 @@ class QueueView:
         self.running.discard(status.job_id)
 
     # -- questions ----------------------------------------------------------------------------
-
-    def queued_ahead(self, status: JobStatus) -> list[str]:
-        """Ids of the queued jobs a worker will take before this one, in order."""
-        ahead: list[str] = []
-        for tier in TIERS:
-            queue = self.queued[tier]
-            if tier is status.tier:
-                i = bisect.bisect_left(queue, (status.submitted_at, status.job_id))
-                ahead.extend(job_id for _, job_id in queue[:i])
-                break
-            ahead.extend(job_id for _, job_id in queue)
-        return ahead
 
     def position(self, status: JobStatus) -> int:
         n = 0

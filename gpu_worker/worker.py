@@ -253,6 +253,7 @@ class Worker:
             paused_hot=self.paused_hot,
             gpu_temp_c=self.thermal.last_c if self.thermal else None,
             speed=self.meter.model,
+            fairness=self.settings.fairness,
         )
 
     @property

@@ -37,6 +37,9 @@ class WorkerInfo(BaseModel):
     jobs_done: int = 0
     paused_hot: bool = Field(False, description="Takes no new job until its GPU cools below the resume temperature.")
     gpu_temp_c: float | None = Field(None, description="The GPU temperature last read, when a sensor is configured.")
+    fairness: int = Field(
+        10, description="After this many jobs in a row taken from a higher tier while a lower one had work, the next is taken from the lowest tier with work."
+    )
     started_at: float = Field(default_factory=time.time)
     seen_at: float = Field(default_factory=time.time)
     speed: SpeedModel = Field(default_factory=SpeedModel)

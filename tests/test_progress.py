@@ -150,6 +150,36 @@ async def test_positions_across_tiers_and_the_order_workers_take_them(broker, da
         await gateway.stop()
 
 
+async def test_etas_follow_the_lower_tiers_turn_and_workers_take_that_order(broker, data_dir, http):
+    """A worker takes a low-tier job after 10 normal ones taken in a row while it waited, not after every
+    normal job: the ETAs at submission rank the jobs in that order, and the real worker takes them so."""
+    from gateway.settings import GatewaySettings
+    from imagegen import runtime
+
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        low = await submit(http, url, tier="low", steps=2)
+        normals = [await submit(http, url, steps=2, seed=i) for i in range(12)]
+        expected = [*normals[:10], low, *normals[10:]]
+        etas = {job_id: await eta_of(http, url, job_id) for job_id in expected}
+        assert sorted(expected, key=etas.get) == expected, etas
+        async with http.get(f"{url}/v1/jobs/{low}") as r:
+            assert (await r.json())["position"] == 12  # positions stay in priority order
+
+        svc = await start_service(broker.url, data_dir, preview_every=0)
+        try:
+            for job_id in expected:
+                await wait_status(http, url, job_id)
+            async with http.get(f"{url}/api/tasks") as r:
+                tasks = {t["task_id"]: t for t in await r.json()}
+            assert sorted(expected, key=lambda j: tasks[j]["start_time"]) == expected
+        finally:
+            await stop_service(svc)
+    finally:
+        await gateway.stop()
+
+
 async def eta_of(http, url, job_id) -> float:
     async with http.get(f"{url}/v1/jobs/{job_id}") as r:
         job = await r.json()

@@ -1,0 +1,51 @@
+"""The order in which workers take queued jobs, for forecasts: the rule of `gpu_worker.puller`.
+
+A worker takes from the highest tier with work, except that after `fairness` jobs in a row taken from
+a higher tier while a lower one had work waiting, it takes from the lowest tier with work, and counts
+from zero again (as it does after taking a low-tier job, or finding no work at all). So a low-tier job
+does not wait for every higher-tier job queued after it: with 10 normal jobs and 1 low one queued, the
+low one can be taken before the last normal ones.
+
+Each worker keeps its own count. The gateway keeps a copy, `TakeCounts`, from the records it sees: a job
+marked running by a worker is a take; a worker that ends a job while nothing is queued finds no work
+next and starts from zero.
+"""
+
+from __future__ import annotations
+
+from schemas.names import TIERS, Tier
+
+DEFAULT_FAIRNESS = 10  # gpu_worker.settings.WorkerSettings.fairness
+
+
+def next_take(waiting: list[Tier], skipped: int, fairness: int) -> tuple[Tier, int]:
+    """The tier a worker takes its next job from, given the tiers with work (highest first) and its
+    count of jobs taken in a row from a higher tier while a lower one waited; and its count after."""
+    if skipped >= fairness:  # the lower tiers' turn
+        return waiting[-1], 0
+    tier = waiting[0]
+    if tier is TIERS[-1]:
+        return tier, 0
+    return tier, skipped + 1 if waiting[-1] is not tier else skipped
+
+
+class TakeCounts:
+    """Each worker's count, as the gateway sees it."""
+
+    def __init__(self) -> None:
+        self.skipped: dict[str, int] = {}
+
+    def of(self, worker_id: str) -> int:
+        return self.skipped.get(worker_id, 0)
+
+    def taken(self, worker_id: str, tier: Tier, *, lower_waiting: bool, fairness: int) -> None:
+        """The worker took a job of `tier`; `lower_waiting`: a lower tier had jobs queued then."""
+        skipped = self.of(worker_id)
+        if skipped >= fairness or tier is TIERS[-1]:
+            self.skipped[worker_id] = 0
+        elif lower_waiting:
+            self.skipped[worker_id] = skipped + 1
+
+    def idle(self, worker_id: str) -> None:
+        """The worker finds no work: it counts from zero."""
+        self.skipped.pop(worker_id, None)

@@ -1,0 +1,90 @@
+"""The gateway's copy of each worker's fairness count, kept from the records it sees, and the forecast
+that places queued jobs in the order the workers take them (the records go through the queue view as
+the KV watch brings them)."""
+
+from __future__ import annotations
+
+import time
+
+from gateway.forecast import EtaCache
+from gateway.queue_view import QueueView
+from gateway.take_order import next_take
+from schemas.names import Tier
+from schemas.status import JobState, JobStatus
+from schemas.workers import WorkerInfo
+
+JOB = {"width": 512, "height": 512, "steps": 20}
+
+
+class Records:
+    """Records written the way the gateway and a worker write them, applied in revision order."""
+
+    def __init__(self, view: QueueView):
+        self.view = view
+        self.revision = 0
+        self.clock = time.time() - 100
+
+    def put(self, status: JobStatus) -> JobStatus:
+        self.revision += 1
+        self.view.apply(status.model_copy(deep=True), self.revision)
+        return status
+
+    def queue(self, name: str, tier: Tier = Tier.NORMAL) -> JobStatus:
+        self.clock += 0.001
+        return self.put(JobStatus(job_id=name, tier=tier, request=dict(JOB), submitted_at=self.clock))
+
+    def run(self, job: JobStatus, worker: str = "w1") -> None:
+        job.state, job.worker, job.attempt, job.started_at = JobState.RUNNING, worker, 1, time.time()
+        self.put(job)
+        job.state, job.finished_at = JobState.DONE, time.time()
+        self.put(job)
+
+
+def view_with_worker(fairness: int = 10) -> QueueView:
+    view = QueueView(worker_ttl_s=60)
+    view.workers["w1"] = WorkerInfo(worker_id="w1", model="m", default_steps=30, default_guidance=5.0, fairness=fairness)
+    return view
+
+
+def test_the_take_rule_gives_a_lower_tier_its_turn_after_fairness_takes():
+    waiting = [Tier.HIGH, Tier.NORMAL, Tier.LOW]
+    assert next_take(waiting, 0, 3) == (Tier.HIGH, 1)
+    assert next_take(waiting, 2, 3) == (Tier.HIGH, 3)
+    assert next_take(waiting, 3, 3) == (Tier.LOW, 0)  # the turn goes to the lowest tier with work
+    assert next_take([Tier.HIGH, Tier.NORMAL], 3, 3) == (Tier.NORMAL, 0)
+    assert next_take([Tier.NORMAL], 2, 3) == (Tier.NORMAL, 2)  # nothing lower waited: not counted
+    assert next_take([Tier.LOW], 2, 3) == (Tier.LOW, 0)
+
+
+def test_the_count_follows_the_jobs_a_worker_marks_running():
+    view = view_with_worker(fairness=10)
+    records = Records(view)
+    records.queue("low", Tier.LOW)
+    normals = [records.queue(f"n{i}") for i in range(8)]
+    for job in normals:
+        records.run(job)
+    assert view.takes.of("w1") == 8  # eight normal jobs taken while the low one waited
+
+    later = [records.queue(f"m{i}") for i in range(4)]
+    etas = EtaCache(view)
+    order = sorted(["low", *(j.job_id for j in later)], key=lambda job_id: etas.forecast(view.jobs[job_id]))
+    assert order == ["m0", "m1", "low", "m2", "m3"]  # two more normal takes, then the low tier's turn
+
+    records.run(later[0])
+    records.run(later[1])
+    records.run(view.jobs["low"].model_copy())
+    assert view.takes.of("w1") == 0
+
+
+def test_a_worker_that_runs_out_of_work_counts_from_zero():
+    view = view_with_worker(fairness=10)
+    records = Records(view)
+    low = records.queue("low", Tier.LOW)
+    normals = [records.queue(f"n{i}") for i in range(4)]
+    for job in normals[:3]:
+        records.run(job)
+    assert view.takes.of("w1") == 3
+    low.state = JobState.CANCELLED
+    records.put(low)
+    records.run(normals[3])  # the last queued job ends: the worker finds no work next
+    assert view.takes.of("w1") == 0
