@@ -83,83 +83,122 @@ def forecast(view: QueueView, status: JobStatus, *, now: float | None = None) ->
     i = bisect.bisect_left(queue, key)
     if i == len(queue) or queue[i] != key:  # not in the view's queue (yet): placed as if it were
         queued = {**queued, status.tier: [*queue[:i], key, *queue[i:]]}
-    plan = Plan(view, workers, now, queued=queued, extra=status)
-    for job, start, cost in plan.takes():
+    stretch = _tier_stretch(view, status.tier, workers, now)
+    start, cost = _placed(Plan(view, workers, now), queued, status)
+    bounding = stretch.bounding_plan(view, workers, now, status.tier)
+    bound = _placed(bounding, queued, status)[0] if bounding is not None else None
+    return stretch.wait(start, bound) + cost
+
+
+def _placed(plan: Plan, queued: dict[Tier, list[tuple[float, str]]], status: JobStatus) -> tuple[float, float]:
+    """(start, cost) of `status`'s job in the plan."""
+    for job, start, cost in plan.takes(queued, extra=status):
         if job.job_id == status.job_id:
-            return _tier_stretch(view, status.tier, workers, now).wait(start) + cost
-    return None
+            return start, cost
+    raise AssertionError("a queued job is always taken")
 
 
 class Plan:
     """The queued jobs in the order the workers take them (gateway.take_order): each goes to the
     worker free first, after the running jobs' remaining time, each costing what that worker's speed
     model says. `takes()` yields (job, seconds until it starts, its cost); afterwards `free` holds when
-    each worker is free again, and `counts` each worker's fairness count."""
+    each worker is free again, `counts` each worker's fairness count, `last` the job taken last.
+
+    With `endless` set, the tiers above it never run dry: past their queued jobs come more, each costing
+    `endless_cost`. A job of tier `endless` cannot start later in that plan than its turn comes (the
+    fairness rule): a bound on its wait however much higher-tier work arrives."""
 
     def __init__(self, view: QueueView, workers: list[WorkerInfo], now: float, *,
-                 queued: dict[Tier, list[tuple[float, str]]] | None = None, extra: JobStatus | None = None):
+                 endless: Tier | None = None, endless_cost: float = 0.0):
         self.view = view
         self.workers = workers
-        self.queued = view.queued if queued is None else queued
-        self.extra = extra
+        self.endless = TIERS[: endless.rank] if endless is not None else ()
+        self.endless_cost = endless_cost
         self.free = _free_at(view, workers, now)
         self.counts = [view.takes.of(w.worker_id) for w in workers]
+        self.last: JobStatus | None = None
 
-    def takes(self) -> Iterator[tuple[JobStatus, float, float]]:
+    def takes(self, queued: dict[Tier, list[tuple[float, str]]] | None = None, *,
+              extra: JobStatus | None = None) -> Iterator[tuple[JobStatus, float, float]]:
+        """Takes the jobs `queued` (the view's queue by default; `extra` stands for a job the view lacks)."""
+        queued = self.view.queued if queued is None else queued
         heads = {tier: 0 for tier in TIERS}
         while True:
-            waiting = [tier for tier in TIERS if heads[tier] < len(self.queued[tier])]
-            if not waiting:
+            left = [tier for tier in TIERS if heads[tier] < len(queued.get(tier, ()))]
+            if not any(tier not in self.endless for tier in left):
                 return
+            waiting = [tier for tier in TIERS if tier in left or tier in self.endless]
             start, i = self.free[0]
             worker = self.workers[i]
             tier, count = next_take(waiting, self.counts[i], worker.fairness)
-            job_id = self.queued[tier][heads[tier]][1]
+            if tier not in left:  # one more of an endless tier
+                self.counts[i] = count
+                heapq.heapreplace(self.free, (start + self.endless_cost, i))
+                continue
+            job_id = queued[tier][heads[tier]][1]
             heads[tier] += 1
-            job = self.extra if self.extra is not None and job_id == self.extra.job_id else self.view.jobs.get(job_id)
+            job = extra if extra is not None and job_id == extra.job_id else self.view.jobs.get(job_id)
             if job is None:  # its record went meanwhile: no take
                 continue
             self.counts[i] = count
             cost = job_cost(job, worker)
             heapq.heapreplace(self.free, (start + cost, i))
+            self.last = job
             yield job, start, cost
 
     def append(self, job: JobStatus) -> tuple[float, float]:
         """(start, cost) of a job queued after every job taken so far, of the tier taken last (then it
-        changes no earlier take): it goes to the worker free first."""
-        start, i = self.free[0]
-        cost = job_cost(job, self.workers[i])
-        heapq.heapreplace(self.free, (start + cost, i))
-        return start, cost
+        changes no earlier take)."""
+        for _, start, cost in self.takes({job.tier: [(job.submitted_at, job.job_id)]}, extra=job):
+            return start, cost
+        raise AssertionError("a queued job is always taken")
 
 
 @dataclass(frozen=True)
 class Stretch:
-    """The higher-tier work that arrives while a job waits: `load`, its share of the pool, and
-    `spread`, its squared seconds per second per worker squared (how bursty it is)."""
+    """The higher-tier work that arrives while a job waits: `load`, its share of the pool, `spread`,
+    its squared seconds per second per worker squared (how bursty it is), and `mean_cost`, the mean
+    seconds of one of its jobs."""
 
     load: float = 0.0
     spread: float = 0.0
+    mean_cost: float = 0.0
 
-    def wait(self, ahead_s: float) -> float:
+    def wait(self, ahead_s: float, bound_s: float | None = None) -> float:
         """The expected wait of a job that the pool reaches after `ahead_s` of work queued now: the
-        lognormal's mean / (1 + squared coefficient of variation) (see the module's notes)."""
+        lognormal's mean / (1 + squared coefficient of variation) (see the module's notes), and never
+        longer than `bound_s`, when its turn comes however much higher-tier work arrives."""
         if ahead_s <= 0.0:
             return 0.0
         mean = ahead_s / (1.0 - self.load)
-        return max(ahead_s, mean / (1.0 + self.spread / (ahead_s * (1.0 - self.load))))
+        wait = mean / (1.0 + self.spread / (ahead_s * (1.0 - self.load)))
+        if bound_s is not None:
+            wait = min(wait, bound_s)
+        return max(ahead_s, wait)
+
+    def bounding_plan(self, view: QueueView, workers: list[WorkerInfo], now: float, tier: Tier) -> Plan | None:
+        """The plan whose start of a `tier` job bounds its wait, when higher-tier work arrives at all."""
+        if self.load <= 0.0:
+            return None
+        return Plan(view, workers, now, endless=tier, endless_cost=self.mean_cost)
 
 
 def _tier_stretch(view: QueueView, tier: Tier, workers: list[WorkerInfo], now: float) -> Stretch:
     since = now - ARRIVAL_WINDOW_S
     work = squares = 0.0
+    count = 0
     for higher in TIERS[: tier.rank]:
         for arrived in view.recent_arrivals(higher, since=since):
             cost = job_cost(arrived, workers[0])
             work += cost
             squares += cost * cost
+            count += 1
     n = len(workers)
-    return Stretch(load=min(MAX_LOAD, work / ARRIVAL_WINDOW_S / n), spread=squares / ARRIVAL_WINDOW_S / (n * n))
+    return Stretch(
+        load=min(MAX_LOAD, work / ARRIVAL_WINDOW_S / n),
+        spread=squares / ARRIVAL_WINDOW_S / (n * n),
+        mean_cost=work / count if count else 0.0,
+    )
 
 
 def _free_at(view: QueueView, workers: list[WorkerInfo], now: float) -> list[tuple[float, int]]:
@@ -204,6 +243,7 @@ class EtaCache:
         self.etas: dict[str, float] = {}
         self.plan: Plan | None = None
         self.stretches: dict[Tier, Stretch] = {}
+        self.bounding: dict[Tier, Plan] = {}  # per tier, the plan that bounds its jobs' waits
         self.last_key: tuple[int, float, str] | None = None
 
     def forecast(self, status: JobStatus, *, now: float | None = None) -> float | None:
@@ -235,10 +275,20 @@ class EtaCache:
 
     def _append(self, status: JobStatus) -> float:
         start, cost = self.plan.append(status)
-        stretch = self.stretches.get(status.tier)
+        tier, workers, now = status.tier, self.plan.workers, time.time()
+        bound = None
+        stretch, bounding = self.stretches.get(tier), self.bounding.get(tier)
         if stretch is None:  # its tier had no queued job at the last pass
-            stretch = self.stretches[status.tier] = _tier_stretch(self.view, status.tier, self.plan.workers, time.time())
-        eta = self.etas[status.job_id] = stretch.wait(start) + cost
+            stretch = self.stretches[tier] = _tier_stretch(self.view, tier, workers, now)
+            bounding = stretch.bounding_plan(self.view, workers, now, tier)
+            if bounding is not None:
+                self.bounding[tier] = bounding
+                for job, begin, _ in bounding.takes():  # the view's queue, this job in it
+                    if job.job_id == status.job_id:
+                        bound = begin
+        elif bounding is not None and (bounding.last is None or bounding.last.tier is tier):
+            bound = bounding.append(status)[0]
+        eta = self.etas[status.job_id] = stretch.wait(start, bound) + cost
         self.last_key = _order_key(status)
         return eta
 
@@ -248,13 +298,19 @@ class EtaCache:
         self.version = view.version
         now = time.time()
         plan = Plan(view, pool(view), now)
-        etas: dict[str, float] = {}
         stretches = {tier: _tier_stretch(view, tier, plan.workers, now) for tier in TIERS if view.queued[tier]}
+        bounding: dict[Tier, Plan] = {}
+        bounds: dict[str, float] = {}
+        for tier, stretch in stretches.items():
+            if (bounding_plan := stretch.bounding_plan(view, plan.workers, now, tier)) is not None:
+                bounding[tier] = bounding_plan
+                bounds.update((job.job_id, start) for job, start, _ in bounding_plan.takes() if job.tier is tier)
+        etas: dict[str, float] = {}
         last_key = None
         for job, start, cost in plan.takes():
-            etas[job.job_id] = stretches[job.tier].wait(start) + cost
+            etas[job.job_id] = stretches[job.tier].wait(start, bounds.get(job.job_id)) + cost
             last_key = _order_key(job)
-        self.etas, self.plan, self.stretches, self.last_key = etas, plan, stretches, last_key
+        self.etas, self.plan, self.stretches, self.bounding, self.last_key = etas, plan, stretches, bounding, last_key
         self.computed = time.monotonic()
         self.pass_s = time.perf_counter() - started
 

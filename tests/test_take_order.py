@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import time
 
-from gateway.forecast import EtaCache
+import pytest
+
+from gateway.forecast import EtaCache, forecast
 from gateway.queue_view import QueueView
 from gateway.take_order import next_take
 from schemas.names import Tier
@@ -88,3 +90,26 @@ def test_a_worker_that_runs_out_of_work_counts_from_zero():
     records.put(low)
     records.run(normals[3])  # the last queued job ends: the worker finds no work next
     assert view.takes.of("w1") == 0
+
+
+def test_a_low_tier_job_is_expected_at_its_turn_however_much_higher_tier_work_arrives():
+    """Normal-tier jobs keep coming (a minute's worth of arrivals at the pool's full speed), 30 are
+    queued: a low-tier job is expected right after the 10 normal jobs before its turn, not after all 30,
+    and not stretched by the normal jobs still to come."""
+    view = view_with_worker(fairness=10)
+    records = Records(view)
+    worker = view.workers["w1"]
+    cost = worker.speed.estimate(width=512, height=512, steps=20)
+    for i in range(int(60 / cost)):  # arrived and ran over the last minute
+        records.clock = time.time() - 60 + i * cost
+        records.run(records.queue(f"past{i}"))
+    records.clock = time.time() - 1
+    for i in range(30):
+        records.queue(f"n{i}")
+    records.queue("low", Tier.LOW)
+    etas = EtaCache(view)
+    assert etas.forecast(view.jobs["low"]) == pytest.approx(11 * cost)
+    assert forecast(view, view.jobs["low"]) == pytest.approx(11 * cost)
+    assert etas.forecast(view.jobs["n29"]) == pytest.approx(31 * cost)  # behind 29 normal jobs and the low one
+    later = records.queue("later", Tier.LOW)  # after the last pass: added to its end
+    assert etas.forecast(view.jobs["later"]) == pytest.approx(forecast(view, later))
