@@ -123,26 +123,32 @@ class Plan:
         """Takes the jobs `queued` (the view's queue by default; `extra` stands for a job the view lacks)."""
         queued = self.view.queued if queued is None else queued
         heads = {tier: 0 for tier in TIERS}
-        while True:
-            left = [tier for tier in TIERS if heads[tier] < len(queued.get(tier, ()))]
-            if not any(tier not in self.endless for tier in left):
-                return
-            waiting = [tier for tier in TIERS if tier in left or tier in self.endless]
-            start, i = self.free[0]
-            worker = self.workers[i]
-            tier, count = next_take(waiting, self.counts[i], worker.fairness)
+        left = [tier for tier in TIERS if queued.get(tier)]  # tiers with queued jobs not taken yet
+        waiting = [tier for tier in TIERS if tier in left or tier in self.endless]
+        jobs, free, counts, workers = self.view.jobs, self.free, self.counts, self.workers
+        finite = sum(tier not in self.endless for tier in left)
+        while finite:
+            start, i = free[0]
+            worker = workers[i]
+            tier, count = next_take(waiting, counts[i], worker.fairness)
             if tier not in left:  # one more of an endless tier
-                self.counts[i] = count
-                heapq.heapreplace(self.free, (start + self.endless_cost, i))
+                counts[i] = count
+                heapq.heapreplace(free, (start + self.endless_cost, i))
                 continue
-            job_id = queued[tier][heads[tier]][1]
+            queue = queued[tier]
+            job_id = queue[heads[tier]][1]
             heads[tier] += 1
-            job = extra if extra is not None and job_id == extra.job_id else self.view.jobs.get(job_id)
+            if heads[tier] == len(queue):
+                left.remove(tier)
+                if tier not in self.endless:
+                    waiting.remove(tier)
+                    finite -= 1
+            job = extra if extra is not None and job_id == extra.job_id else jobs.get(job_id)
             if job is None:  # its record went meanwhile: no take
                 continue
-            self.counts[i] = count
+            counts[i] = count
             cost = job_cost(job, worker)
-            heapq.heapreplace(self.free, (start + cost, i))
+            heapq.heapreplace(free, (start + cost, i))
             self.last = job
             yield job, start, cost
 
@@ -306,10 +312,9 @@ class EtaCache:
                 bounding[tier] = bounding_plan
                 bounds.update((job.job_id, start) for job, start, _ in bounding_plan.takes() if job.tier is tier)
         etas: dict[str, float] = {}
-        last_key = None
         for job, start, cost in plan.takes():
             etas[job.job_id] = stretches[job.tier].wait(start, bounds.get(job.job_id)) + cost
-            last_key = _order_key(job)
+        last_key = _order_key(plan.last) if plan.last is not None else None
         self.etas, self.plan, self.stretches, self.bounding, self.last_key = etas, plan, stretches, bounding, last_key
         self.computed = time.monotonic()
         self.pass_s = time.perf_counter() - started
