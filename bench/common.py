@@ -361,6 +361,26 @@ async def wait_ws(http: aiohttp.ClientSession, url: str, job_id: str, timeout: f
                 raise JobError(f"job {job_id}: {event}")
 
 
+async def wait_socket(ws: aiohttp.ClientWebSocketResponse, job_id: str, timeout: float = 60.0, seen: dict | None = None) -> dict:
+    """Follows the job on a socket the client keeps open for all its jobs (/v1/ws, as the web UI does):
+    {"follow": [id]}, then its events until the final one."""
+    await ws.send_str(json.dumps({"follow": [job_id]}))
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            raise JobError(f"job {job_id}: socket closed before the final event ({msg.type})")
+        event = json.loads(msg.data)
+        if event.get("job_id") != job_id:
+            continue
+        if seen is not None:
+            seen.setdefault(event.get("type"), (event.get("ts", 0.0), time.time()))
+        if event.get("type") in FINAL_EVENTS:
+            return event
+        if event.get("type") == "error":
+            raise JobError(f"job {job_id}: {event}")
+
+
 async def wait_poll(http: aiohttp.ClientSession, url: str, job_id: str, timeout: float = 60.0) -> dict:
     """Polls GET /v1/jobs/{id} back to back until the state is final."""
     deadline = time.monotonic() + timeout
@@ -380,10 +400,12 @@ async def fetch_image(http: aiohttp.ClientSession, url: str, job_id: str) -> byt
         return data
 
 
-async def run_job(http: aiohttp.ClientSession, url: str, body: dict, *, wait: str = "ws") -> dict[str, float]:
-    """Submit, wait for done, fetch the image; the seconds each part took. `wait`: "ws" (the job's
-    WebSocket), "poll" (GET back to back) or "prefer" (the submit itself waits). Waiting on the WebSocket
-    also splits the wait by the events' stamps: `pickup` (queued -> started: a worker takes the job
+async def run_job(
+    http: aiohttp.ClientSession, url: str, body: dict, *, wait: str = "ws", socket: aiohttp.ClientWebSocketResponse | None = None
+) -> dict[str, float]:
+    """Submit, wait for done, fetch the image; the seconds each part took. `wait`: "ws" (the job's own
+    WebSocket), "socket" (`socket`, one WebSocket kept open for every job), "poll" (GET back to back) or
+    "prefer" (the submit itself waits). Waiting on a WebSocket also splits the wait by the events' stamps: `pickup` (queued -> started: a worker takes the job
     and marks it running), `run` (started -> done: engine, encoding, object store, status) and
     `notify` (done stamped by the worker -> received by the client)."""
     seen: dict = {}
@@ -400,6 +422,8 @@ async def run_job(http: aiohttp.ClientSession, url: str, body: dict, *, wait: st
     t1 = time.perf_counter()
     if wait == "ws":
         final = await wait_ws(http, url, job_id, seen=seen)
+    elif wait == "socket":
+        final = await wait_socket(socket, job_id, seen=seen)
     else:
         final = await wait_poll(http, url, job_id)
     if final.get("type", final.get("state")) != "done":

@@ -6,7 +6,8 @@ in-process behind an asyncio.Lock, no HTTP at all, and (b) the single-process de
 tutorial: one HTTP server holding an asyncio.Lock around the engine, answering with the image.
 
 Latency is measured one job at a time (submit, wait for done, fetch the image), waiting on the job's
-WebSocket (/v1/jobs/{id}/ws), by polling GET /v1/jobs/{id} back to back, or in the submit itself
+own WebSocket (/v1/jobs/{id}/ws, opened per job), on one WebSocket kept open for every job (/v1/ws
+with {"follow": [id]}, as the web UI follows its jobs), by polling GET /v1/jobs/{id} back to back, or in the submit itself
 (`Prefer: wait`, answered once the job has ended). Throughput is measured with many concurrent
 clients each running submit -> WebSocket -> image in a loop.
 
@@ -83,14 +84,16 @@ async def engine_direct(n: int) -> dict:
 async def sequential(http, url: str, n: int, *, wait: str, body=job_body) -> dict:
     parts: dict[str, list[float]] = {}
     errors = 0
-    for i in range(n):
-        try:
-            t = await run_job(http, url, body(i), wait=wait)
-        except JOB_ERRORS:
-            errors += 1
-            continue
-        for k, v in t.items():
-            parts.setdefault(k, []).append(v)
+    async with AsyncExitStack() as es:
+        socket = await es.enter_async_context(http.ws_connect(f"{url}/v1/ws")) if wait == "socket" else None
+        for i in range(n):
+            try:
+                t = await run_job(http, url, body(i), wait=wait, socket=socket)
+            except JOB_ERRORS:
+                errors += 1
+                continue
+            for k, v in t.items():
+                parts.setdefault(k, []).append(v)
     return {"latency": summary_ms(parts["total"]), "parts_p50_ms": {k: summary_ms(v)["p50_ms"] for k, v in parts.items() if k != "total"}, "errors": errors}
 
 
@@ -168,6 +171,7 @@ async def main(args: argparse.Namespace) -> int:
                         await run_job(http, stack.url, job_body(i))
                     level: dict = {}
                     level["sequential_ws"] = await sequential(http, stack.url, args.jobs, wait="ws")
+                    level["sequential_socket"] = await sequential(http, stack.url, args.jobs, wait="socket")
                     level["sequential_poll"] = await sequential(http, stack.url, args.jobs, wait="poll")
                     level["sequential_prefer"] = await sequential(http, stack.url, args.jobs, wait="prefer")
                     meters = {name: CpuMeter(pid) for name, pid in {**stack.pids(), "clients": os.getpid()}.items()}
@@ -190,7 +194,7 @@ async def main(args: argparse.Namespace) -> int:
             "p50_ms": round(one[mode]["latency"]["p50_ms"] - floor["p50_ms"], 2),
             "p99_ms": round(one[mode]["latency"]["p99_ms"] - floor["p99_ms"], 2),
         }
-        for mode in ("sequential_ws", "sequential_poll", "sequential_prefer")
+        for mode in ("sequential_ws", "sequential_socket", "sequential_poll", "sequential_prefer")
     }
     results["added_per_job_1_worker"] = added
     results["targets"] = {"added_p50_ms": TARGET_P50_MS, "added_p99_ms": TARGET_P99_MS}
@@ -204,7 +208,8 @@ async def main(args: argparse.Namespace) -> int:
     ]
     for w in (1, 4):
         level = results["imagegen"][f"workers_{w}"]
-        for mode, label in (("sequential_ws", "WebSocket"), ("sequential_poll", "polling"), ("sequential_prefer", "Prefer: wait")):
+        for mode, label in (("sequential_ws", "its own WebSocket"), ("sequential_socket", "one WebSocket for all jobs"),
+                            ("sequential_poll", "polling"), ("sequential_prefer", "Prefer: wait")):
             lat = level[mode]["latency"]
             parts = level[mode]["parts_p50_ms"]
             rows.append([f"imagegen, {w} worker{'s' if w > 1 else ''}, wait by {label}", w, lat["p50_ms"], lat["p99_ms"],
@@ -219,7 +224,8 @@ async def main(args: argparse.Namespace) -> int:
     print("where a job's time goes, 1 worker, p50 ms: " + ", ".join(f"{k} {stages[k]:.2f}" for k in ("submit", "pickup", "run", "notify", "image") if k in stages)
           + " (pickup, run and notify from the events' stamps)")
     print()
-    print(f"added per job, 1 worker: WebSocket p50 {added['sequential_ws']['p50_ms']} ms / p99 {added['sequential_ws']['p99_ms']} ms; "
+    print(f"added per job, 1 worker: WebSocket per job p50 {added['sequential_ws']['p50_ms']} ms / p99 {added['sequential_ws']['p99_ms']} ms; "
+          f"one WebSocket for all jobs p50 {added['sequential_socket']['p50_ms']} ms / p99 {added['sequential_socket']['p99_ms']} ms; "
           f"polling p50 {added['sequential_poll']['p50_ms']} ms / p99 {added['sequential_poll']['p99_ms']} ms; "
           f"Prefer: wait p50 {added['sequential_prefer']['p50_ms']} ms / p99 {added['sequential_prefer']['p99_ms']} ms "
           f"(target <= {TARGET_P50_MS} / {TARGET_P99_MS} ms): {'met' if results['meets_target'] else 'NOT met'}")

@@ -35,6 +35,13 @@ def env_flag(name: str) -> bool:
     return os.environ.get(f"IMAGEGEN_{name}", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=os.environ.get("IMAGEGEN_NATS"), help="NATS server URL(s), comma-separated (IMAGEGEN_NATS)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (IMAGEGEN_LOG_LEVEL)")
@@ -79,6 +86,7 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", default=env("CHANNELS_LAST", "auto"), choices=["auto", "on", "off"], help="channels-last memory layout; auto: on with CUDA (IMAGEGEN_CHANNELS_LAST)")
     p.add_argument("--fuse-qkv", default=env("FUSE_QKV", "auto"), choices=["auto", "on", "off"], help="fused QKV attention projections; auto: on with CUDA unless LoRAs are loaded (IMAGEGEN_FUSE_QKV)")
     p.add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
+    p.add_argument("--fairness", type=at_least_one, default=os.environ.get("IMAGEGEN_FAIRNESS", "10"), help="after this many jobs in a row taken from higher tiers while a lower one waited, the next comes from the lowest tier with work (IMAGEGEN_FAIRNESS)")
     p.add_argument("--preview-every", type=int, default=env("PREVIEW_EVERY", 5), help="a preview image every N steps, 0 for none (IMAGEGEN_PREVIEW_EVERY)")
     p.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", 0), help="serve the worker's Prometheus /metrics on this port; 0: off (IMAGEGEN_METRICS_PORT)")
     p.add_argument("--metrics-host", default=env("METRICS_HOST", "127.0.0.1"), help="address the worker's metrics port listens on (IMAGEGEN_METRICS_HOST)")
@@ -176,6 +184,7 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
         sim_step_s=args.sim_step_s,
         sim_fail_marker=args.sim_fail_marker,
         preview_every=args.preview_every,
+        fairness=args.fairness,
         safety_checker=args.safety_checker,
         nsfw_action=args.nsfw_action,
         max_gpu_temp=args.max_gpu_temp,

@@ -29,6 +29,18 @@ def test_help(command):
         assert "--port" in result.stdout and "--nats" in result.stdout
 
 
+def test_the_fairness_of_the_tiers_is_a_whole_number_of_at_least_one():
+    from imagegen.cli import build_parser, worker_settings
+
+    assert worker_settings(build_parser().parse_args(["worker", "--fairness", "3"]), "nats://127.0.0.1:1").fairness == 3
+    for bad in ("0", "two"):
+        result = subprocess.run([sys.executable, "-m", "imagegen", "worker", "--fairness", bad], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "--fairness" in result.stderr, result.stderr
+    env = {**os.environ, "IMAGEGEN_FAIRNESS": "0"}
+    result = subprocess.run([sys.executable, "-m", "imagegen", "worker"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "--fairness" in result.stderr, result.stderr
+
+
 async def test_up_serves_mflux_workflow_and_drains_on_sigterm(tmp_path):
     port = free_port()
     env = {**os.environ, "IMAGEGEN_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
