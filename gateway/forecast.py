@@ -3,9 +3,10 @@
 Each live worker is free after its running job's remaining time; the queued jobs ahead go one by one
 to whichever worker is free first, in the order workers take them (higher tiers first, older ones
 first within a tier, and a lower tier's turn after a worker's run of higher-tier takes: see
-gateway.take_order), each costing what that worker's speed model says for its size, steps and refiner. The job's ETA is when it would
-end in that schedule, its wait stretched by the higher-tier work expected to arrive meanwhile. Unlike
-a pixels-only average, this counts steps, size, refiner, priority tiers and workers.
+gateway.take_order), each costing what that worker's speed model says for its size, steps and
+refiner. The job's ETA is when it would end in that plan, its wait stretched by the higher-tier work
+expected to arrive meanwhile, but never past its turn. Unlike a pixels-only average, this counts
+steps, size, refiner, priority tiers and workers.
 
 The stretch: a job that would start after W seconds of work ahead of it now also waits for every
 higher-tier job that arrives before it starts, and for those that arrive meanwhile, and so on; its wait
@@ -20,6 +21,11 @@ it), and mean / (1 + variance / mean^2)^1.5, the value with the least expected e
 wait (an ETA 10 s off is worse for a 5 s wait than for a 50 s one): their geometric mean. The mean
 itself would overshoot most jobs to cover the few bursts, by a factor that grows with the higher-tier
 load and shrinks as W grows (over a long wait, arrivals average out).
+
+The turn: however much higher-tier work arrives, a lower-tier job's turn comes once its worker has
+taken `fairness` higher-tier jobs in a row. A second plan, in which the higher tiers never run dry
+(past their queued jobs come more, each of their recent mean cost), gives the latest start that
+allows; the stretched wait is cut there.
 """
 
 from __future__ import annotations
