@@ -17,11 +17,11 @@ from typing import Callable
 import nats.errors
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from gateway.take_order import DEFAULT_FAIRNESS, TakeCounts
+from gateway.take_order import TakeCounts
 from schemas.codec import DecodeError, decode
 from schemas.names import TIERS, Tier
 from schemas.status import JobState, JobStatus
-from schemas.workers import WorkerInfo
+from schemas.workers import DEFAULT_FAIRNESS, WorkerInfo
 
 log = logging.getLogger("imagegen.gateway.view")
 

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 from schemas.names import TIERS, Tier
 
-DEFAULT_FAIRNESS = 10  # gpu_worker.settings.WorkerSettings.fairness
-
 
 def next_take(waiting: list[Tier], skipped: int, fairness: int) -> tuple[Tier, int]:
     """The tier a worker takes its next job from, given the tiers with work (highest first) and its
     count of jobs taken in a row from a higher tier while a lower one waited; and its count after."""
-    if skipped >= fairness:  # the lower tiers' turn
-        return waiting[-1], 0
-    tier = waiting[0]
-    if tier is TIERS[-1]:
-        return tier, 0
-    return tier, skipped + 1 if waiting[-1] is not tier else skipped
+    tier = waiting[-1] if skipped >= fairness else waiting[0]  # at `fairness`, the lower tiers' turn
+    return tier, count_after(tier, skipped, fairness, lower_waiting=waiting[-1] is not tier)
+
+
+def count_after(tier: Tier, skipped: int, fairness: int, *, lower_waiting: bool) -> int:
+    """A worker's count after it took a job of `tier`; `lower_waiting`: a lower tier had work then."""
+    if skipped >= fairness or tier is TIERS[-1]:
+        return 0
+    return skipped + 1 if lower_waiting else skipped
 
 
 class TakeCounts:
@@ -40,11 +41,7 @@ class TakeCounts:
 
     def taken(self, worker_id: str, tier: Tier, *, lower_waiting: bool, fairness: int) -> None:
         """The worker took a job of `tier`; `lower_waiting`: a lower tier had jobs queued then."""
-        skipped = self.of(worker_id)
-        if skipped >= fairness or tier is TIERS[-1]:
-            self.skipped[worker_id] = 0
-        elif lower_waiting:
-            self.skipped[worker_id] = skipped + 1
+        self.skipped[worker_id] = count_after(tier, self.of(worker_id), fairness, lower_waiting=lower_waiting)
 
     def idle(self, worker_id: str) -> None:
         """The worker finds no work: it counts from zero."""

@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 
 from schemas import names
 from schemas.names import TIERS, Tier
+from schemas.workers import DEFAULT_FAIRNESS
 
 NO_WAIT = json.dumps({"batch": 1, "no_wait": True}).encode()
 EMPTY_STATUSES = ("404", "408")  # no messages; none came within the request's wait
@@ -84,7 +85,7 @@ class PriorityPuller:
         self,
         nc: NATS,
         *,
-        fairness: int = 10,
+        fairness: int = DEFAULT_FAIRNESS,
         idle_wait_s: float = 1.0,
         bell_wait_s: float = 0.05,
         on_bell: Callable[[Msg], None] | None = None,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from gpu_worker.speedups import DEFAULT_BUCKETS
 from schemas.jetstream import Topology
 from schemas.request import Limits
+from schemas.workers import DEFAULT_FAIRNESS
 
 
 def default_worker_id() -> str:
@@ -47,7 +48,7 @@ class WorkerSettings:
     gpu_temp_poll_s: float = 2.0  # how often a paused worker reads the temperature
     metrics_port: int = 0  # Prometheus /metrics on this port (0: not served)
     metrics_host: str = "127.0.0.1"  # address the metrics port listens on
-    fairness: int = 10
+    fairness: int = DEFAULT_FAIRNESS  # jobs in a row from higher tiers while a lower one waits, before its turn
     sim_step_s: float = 0.05
     sim_step_s_per_mpx: float = 0.0
     sim_fixed_s: float = 0.0

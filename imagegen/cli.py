@@ -16,6 +16,7 @@ from imagegen.logs import configure as configure_logging
 from imagegen.paths import default_data_dir
 from schemas.jetstream import Topology
 from schemas.request import Limits
+from schemas.workers import DEFAULT_FAIRNESS
 
 log = logging.getLogger("imagegen")
 
@@ -86,7 +87,7 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", default=env("CHANNELS_LAST", "auto"), choices=["auto", "on", "off"], help="channels-last memory layout; auto: on with CUDA (IMAGEGEN_CHANNELS_LAST)")
     p.add_argument("--fuse-qkv", default=env("FUSE_QKV", "auto"), choices=["auto", "on", "off"], help="fused QKV attention projections; auto: on with CUDA unless LoRAs are loaded (IMAGEGEN_FUSE_QKV)")
     p.add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
-    p.add_argument("--fairness", type=at_least_one, default=os.environ.get("IMAGEGEN_FAIRNESS", "10"), help="after this many jobs in a row taken from higher tiers while a lower one waited, the next comes from the lowest tier with work (IMAGEGEN_FAIRNESS)")
+    p.add_argument("--fairness", type=at_least_one, default=os.environ.get("IMAGEGEN_FAIRNESS", str(DEFAULT_FAIRNESS)), help="after this many jobs in a row taken from higher tiers while a lower one waited, the next comes from the lowest tier with work (IMAGEGEN_FAIRNESS)")
     p.add_argument("--preview-every", type=int, default=env("PREVIEW_EVERY", 5), help="a preview image every N steps, 0 for none (IMAGEGEN_PREVIEW_EVERY)")
     p.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", 0), help="serve the worker's Prometheus /metrics on this port; 0: off (IMAGEGEN_METRICS_PORT)")
     p.add_argument("--metrics-host", default=env("METRICS_HOST", "127.0.0.1"), help="address the worker's metrics port listens on (IMAGEGEN_METRICS_HOST)")

@@ -12,6 +12,9 @@ import time
 from pydantic import BaseModel, Field
 
 
+DEFAULT_FAIRNESS = 10  # a worker's jobs in a row from higher tiers before a lower tier's turn
+
+
 class SpeedModel(BaseModel):
     fixed_s: float = Field(0.05, description="Seconds per job that do not depend on size or steps.")
     step_s: float = Field(0.01, description="Seconds per step that do not depend on size.")
@@ -38,7 +41,7 @@ class WorkerInfo(BaseModel):
     paused_hot: bool = Field(False, description="Takes no new job until its GPU cools below the resume temperature.")
     gpu_temp_c: float | None = Field(None, description="The GPU temperature last read, when a sensor is configured.")
     fairness: int = Field(
-        10, description="After this many jobs in a row taken from a higher tier while a lower one had work, the next is taken from the lowest tier with work."
+        DEFAULT_FAIRNESS, description="After this many jobs in a row taken from a higher tier while a lower one had work, the next is taken from the lowest tier with work."
     )
     started_at: float = Field(default_factory=time.time)
     seen_at: float = Field(default_factory=time.time)
