@@ -347,31 +347,25 @@ async def wait_ws(http: aiohttp.ClientSession, url: str, job_id: str, timeout: f
     """Follows the job on /v1/jobs/{id}/ws until its final event; `seen` gets each event type's
     (stamp, wall-clock time received)."""
     async with http.ws_connect(f"{url}/v1/jobs/{job_id}/ws", timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
-            if msg.type is not aiohttp.WSMsgType.TEXT:
-                raise JobError(f"job {job_id}: socket closed before the final event ({msg.type})")
-            event = json.loads(msg.data)
-            if seen is not None:
-                seen.setdefault(event.get("type"), (event.get("ts", 0.0), time.time()))
-            if event.get("type") in FINAL_EVENTS:
-                return event
-            if event.get("type") == "error":
-                raise JobError(f"job {job_id}: {event}")
+        return await final_event(ws, job_id, timeout=timeout, seen=seen)
 
 
 async def wait_socket(ws: aiohttp.ClientWebSocketResponse, job_id: str, timeout: float = 60.0, seen: dict | None = None) -> dict:
     """Follows the job on a socket the client keeps open for all its jobs (/v1/ws, as the web UI does):
     {"follow": [id]}, then its events until the final one."""
     await ws.send_str(json.dumps({"follow": [job_id]}))
+    return await final_event(ws, job_id, timeout=timeout, seen=seen)
+
+
+async def final_event(ws: aiohttp.ClientWebSocketResponse, job_id: str, *, timeout: float, seen: dict | None) -> dict:
+    """Reads the socket until the job's final event (other jobs' events are passed over)."""
     deadline = time.monotonic() + timeout
     while True:
         msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
         if msg.type is not aiohttp.WSMsgType.TEXT:
             raise JobError(f"job {job_id}: socket closed before the final event ({msg.type})")
         event = json.loads(msg.data)
-        if event.get("job_id") != job_id:
+        if event.get("job_id", job_id) != job_id:
             continue
         if seen is not None:
             seen.setdefault(event.get("type"), (event.get("ts", 0.0), time.time()))

@@ -115,6 +115,19 @@ async def test_polling_sees_running_step_and_eta(service, http):
     assert final == {"status": "error", "error": "cancelled"}
 
 
+async def order_taken(http, url, broker, data_dir, job_ids: list[str]) -> list[str]:
+    """Starts a worker on the queued jobs and returns them in the order it started them."""
+    svc = await start_service(broker.url, data_dir, preview_every=0)
+    try:
+        for job_id in job_ids:
+            await wait_status(http, url, job_id)
+        async with http.get(f"{url}/api/tasks") as r:
+            tasks = {t["task_id"]: t for t in await r.json()}
+        return sorted(job_ids, key=lambda j: tasks[j]["start_time"])
+    finally:
+        await stop_service(svc)
+
+
 async def test_positions_across_tiers_and_the_order_workers_take_them(broker, data_dir, http):
     from gateway.settings import GatewaySettings
     from imagegen import runtime
@@ -136,16 +149,7 @@ async def test_positions_across_tiers_and_the_order_workers_take_them(broker, da
         async with http.get(f"{url}/api/status", params={"task_id": low}) as r:
             assert (await r.json())["pos"] == 4
 
-        svc = await start_service(broker.url, data_dir, preview_every=0)
-        try:
-            for job_id in expected:
-                await wait_status(http, url, job_id)
-            async with http.get(f"{url}/api/tasks") as r:
-                tasks = {t["task_id"]: t for t in await r.json()}
-            started = sorted(expected, key=lambda j: tasks[j]["start_time"])
-            assert started == [high, normal_1, normal_2, low]
-        finally:
-            await stop_service(svc)
+        assert await order_taken(http, url, broker, data_dir, list(expected)) == [high, normal_1, normal_2, low]
     finally:
         await gateway.stop()
 
@@ -167,15 +171,7 @@ async def test_etas_follow_the_lower_tiers_turn_and_workers_take_that_order(brok
         async with http.get(f"{url}/v1/jobs/{low}") as r:
             assert (await r.json())["position"] == 12  # positions stay in priority order
 
-        svc = await start_service(broker.url, data_dir, preview_every=0)
-        try:
-            for job_id in expected:
-                await wait_status(http, url, job_id)
-            async with http.get(f"{url}/api/tasks") as r:
-                tasks = {t["task_id"]: t for t in await r.json()}
-            assert sorted(expected, key=lambda j: tasks[j]["start_time"]) == expected
-        finally:
-            await stop_service(svc)
+        assert await order_taken(http, url, broker, data_dir, expected) == expected
     finally:
         await gateway.stop()
 
