@@ -398,10 +398,11 @@ async def run_job(
     http: aiohttp.ClientSession, url: str, body: dict, *, wait: str = "ws", socket: aiohttp.ClientWebSocketResponse | None = None
 ) -> dict[str, float]:
     """Submit, wait for done, fetch the image; the seconds each part took. `wait`: "ws" (the job's own
-    WebSocket), "socket" (`socket`, one WebSocket kept open for every job), "poll" (GET back to back) or
-    "prefer" (the submit itself waits). Waiting on a WebSocket also splits the wait by the events' stamps: `pickup` (queued -> started: a worker takes the job
-    and marks it running), `run` (started -> done: engine, encoding, object store, status) and
-    `notify` (done stamped by the worker -> received by the client)."""
+    WebSocket), "socket" (`socket`, one WebSocket kept open for every job), "poll" (GET back to back)
+    or "prefer" (the submit itself waits). Waiting on a WebSocket also splits the wait by the events'
+    stamps: `pickup` (queued -> started: a worker takes the job and marks it running), `run` (started
+    -> done: engine, encoding, object store, status) and `notify` (done stamped by the worker ->
+    received by the client)."""
     seen: dict = {}
     t0 = time.perf_counter()
     if wait == "prefer":  # one request: the submit is answered when the job has ended

@@ -283,24 +283,15 @@ class EtaCache:
         """Whether the job comes after every job of the last pass, in the tier taken last (the usual
         new submit): it is then added to the end of the cached plan."""
         last = self.last_key
-        return last is None or (status.tier.rank == last[0] and _order_key(status) > last)
+        return last is not None and status.tier.rank == last[0] and _order_key(status) > last
 
     def _append(self, status: JobStatus) -> float:
         start, cost = self.plan.append(status)
-        tier, workers, now = status.tier, self.plan.workers, time.time()
+        bounding = self.bounding.get(status.tier)  # its bound, where the bounding plan also ended in its tier
         bound = None
-        stretch, bounding = self.stretches.get(tier), self.bounding.get(tier)
-        if stretch is None:  # its tier had no queued job at the last pass
-            stretch = self.stretches[tier] = _tier_stretch(self.view, tier, workers, now)
-            bounding = stretch.bounding_plan(self.view, workers, now, tier)
-            if bounding is not None:
-                self.bounding[tier] = bounding
-                for job, begin, _ in bounding.takes():  # the view's queue, this job in it
-                    if job.job_id == status.job_id:
-                        bound = begin
-        elif bounding is not None and (bounding.last is None or bounding.last.tier is tier):
+        if bounding is not None and bounding.last is not None and bounding.last.tier is status.tier:
             bound = bounding.append(status)[0]
-        eta = self.etas[status.job_id] = stretch.wait(start, bound) + cost
+        eta = self.etas[status.job_id] = self.stretches[status.tier].wait(start, bound) + cost
         self.last_key = _order_key(status)
         return eta
 

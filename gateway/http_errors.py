@@ -16,8 +16,6 @@ from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
 
-
-
 MAX_LISTED_ERRORS = 20  # a body of 100,000 unknown fields gets an answer of a readable size
 MAX_ERROR_CHARS = 300  # an 8 MB model name is not echoed back whole
 

@@ -121,9 +121,9 @@ class JobService:
         if sweeper is not None:
             sweeper.cancel()
         await self.cache.close()
-        if getattr(self, "events", None) is not None:
-            await self.events.close()
-            await self.direct.close()
+        for reader in (getattr(self, "events", None), getattr(self, "direct", None)):  # as far as start got
+            if reader is not None:
+                await reader.close()
         self.fresh.close()
         await self.view.stop()
         if self.nc is not None and not self.nc.is_closed:
@@ -440,16 +440,12 @@ class JobService:
 
     def _wake_final_waiters(self, old: JobStatus | None, status: JobStatus) -> None:
         if status.state.final:
-            for ended in self.final_waiters.get(status.job_id, ()):
-                if not ended.done():
-                    ended.set_result(None)
+            _wake(self.final_waiters.get(status.job_id, ()))
 
     def release_waiters(self) -> None:
         """Every wait answers now, with its job as it is (the gateway is stopping)."""
         for waiters in self.final_waiters.values():
-            for ended in waiters:
-                if not ended.done():
-                    ended.set_result(None)
+            _wake(waiters)
 
     def position(self, status: JobStatus) -> int | None:
         return self.view.position(status) if status.state is JobState.QUEUED else None
@@ -536,6 +532,12 @@ class JobService:
 
     async def _event(self, event: JobEvent) -> None:
         await self.nc.publish(names.events_subject(event.job_id), encode(event))
+
+
+def _wake(waiters) -> None:
+    for ended in waiters:
+        if not ended.done():
+            ended.set_result(None)
 
 
 def _plausible(job_id: str) -> bool:
