@@ -543,7 +543,7 @@ class Worker:
                 job.first_step_at = now
             if step >= total:
                 job.steps_done_at = now
-            loop.call_soon_threadsafe(self._progress, job, step, total)
+            loop.call_soon_threadsafe(self._progress, job, step, total, now, time.time())
             if every and latents is not None and step % every == 0 and step < total:
                 preview = latent_preview(latents)
                 if preview is not None:
@@ -552,9 +552,10 @@ class Worker:
 
         return on_step
 
-    def _progress(self, job: RunningJob, step: int, total: int) -> None:
+    def _progress(self, job: RunningJob, step: int, total: int, now: float, ts: float) -> None:
+        """On the loop, for a step that ended at monotonic `now` and wall-clock `ts` (stamped in the GPU
+        thread, so the event's time is the step's, before any preview built after it)."""
         job.step, job.total = step, total
-        now = time.monotonic()
         elapsed = now - job.started
         request = job.envelope.request
         decode_s = self.meter.model.decode_s_per_mpx * request.pixels / 1e6
@@ -565,7 +566,7 @@ class Worker:
             cost = self.meter.model.estimate(width=request.width, height=request.height, steps=total)
             eta = max(0.0, cost - elapsed)
         event = JobEvent(
-            type="progress", job_id=job.envelope.job_id, step=step, total=total, elapsed_s=elapsed, eta_s=eta
+            type="progress", job_id=job.envelope.job_id, ts=ts, step=step, total=total, elapsed_s=elapsed, eta_s=eta
         )
         asyncio.ensure_future(self._event(event))
         if now - job.last_status_write >= self.settings.progress_write_s and step < total:

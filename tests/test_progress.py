@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 
 import aiohttp
 import pytest
@@ -49,6 +50,21 @@ async def test_live_and_late_websocket_clients_get_every_event_in_order(service,
     assert late == live
     done = live[-1]
     assert done["image"]["width"] == 64 and done["timings"]["total_s"] > 0
+
+
+async def test_event_times_keep_step_order_while_the_workers_loop_is_busy(service, http):
+    """The GPU thread goes on while the worker's event loop is held up: each progress event still
+    carries its step's time, earlier than the preview built after that step."""
+    job_id = await submit(http, service.url, steps=20)
+    follow = asyncio.ensure_future(ws_events(http, service.url, job_id))
+    for _ in range(500):  # bounded: 500 holds of 20 ms at most
+        if follow.done():
+            break
+        time.sleep(0.02)  # holds the loop the worker shares with this test
+        await asyncio.sleep(0)
+    events = await follow
+    check_order(events, 20)
+    assert [e["step"] for e in events if e["type"] == "preview"] == [5, 10, 15]
 
 
 async def test_previews_are_small_jpegs(service, http):
