@@ -4,7 +4,11 @@ Simulated engines (a fixed cost, a cost per step and per megapixel per step) on 
 a real gateway and in-process workers; a mixed workload of sizes, steps, refiner on/off and priority
 tiers arriving at random at 85 % of the capacity the workers measure, with 1 and 4 workers.
 
-    python bench/eta.py [--jobs 200] [--seed 1] [--out bench/results/eta.json]
+    python bench/eta.py [--jobs 200] [--seed 1] [--fairness 10] [--levels 1,4] [--out bench/results/eta.json]
+
+`--fairness` is the workers' setting of that name: how many jobs in a row they take from higher tiers
+while a lower one waits. It trades the higher tiers' waits for the lower tiers' (the mean time to done
+per tier is reported with the errors).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.settings import GatewaySettings  # noqa: E402
 from gpu_worker.settings import WorkerSettings  # noqa: E402
+from schemas.workers import DEFAULT_FAIRNESS  # noqa: E402
 from imagegen import runtime  # noqa: E402
 from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
 
@@ -67,14 +72,16 @@ def measured_capacity(workers: list) -> float:
     )
 
 
-async def run_level(nats_url: str, workers: int, measured: int, rng: random.Random, *, warmup_s: float) -> dict:
+async def run_level(
+    nats_url: str, workers: int, measured: int, rng: random.Random, *, warmup_s: float, fairness: int
+) -> dict:
     """Jobs arrive at random at 85 % of the workers' measured capacity, without a pause: the first
     `warmup_s` of arrivals fill the gateway's arrival history, the next `measured` jobs are measured,
     and arrivals go on until every measured job is done (a service under steady load never stops
     receiving work just as a measured job waits)."""
     settings = dict(
         nats_url=nats_url, model="simulated", sim_step_s=STEP_S, sim_step_s_per_mpx=STEP_S_PER_MPX,
-        sim_fixed_s=FIXED_S, preview_every=0, heartbeat_s=1.0,
+        sim_fixed_s=FIXED_S, preview_every=0, heartbeat_s=1.0, fairness=fairness,
     )
     started = [await runtime.start_worker(WorkerSettings(**settings)) for _ in range(workers)]
     gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0))
@@ -125,9 +132,11 @@ async def run_level(nats_url: str, workers: int, measured: int, rng: random.Rand
                 "jobs": len(tier_errors),
                 "median_abs_error": statistics.median(tier_errors),
                 "p90_abs_error": tier_errors[int(0.9 * (len(tier_errors) - 1))],
+                "mean_actual_s": statistics.mean(actual[j] for j in actual if tiers[j] == tier),
             }
     return {
         "workers": workers,
+        "fairness": fairness,
         "jobs": measured,
         "completed": len(actual),
         "median_abs_error": statistics.median(errors),
@@ -144,6 +153,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200, help="jobs measured with 1 worker (twice as many with 4)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fairness", type=int, default=DEFAULT_FAIRNESS, help="the workers' --fairness")
+    parser.add_argument("--levels", default="1,4", help="worker counts, comma-separated")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of unmeasured arrivals first")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eta.json"))
     args = parser.parse_args()
@@ -153,21 +164,24 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as store:
         server = EmbeddedNats(store_dir=Path(store), port=free_port()).start()
         try:
-            for workers in (1, 4):
+            for workers in (int(n) for n in args.levels.split(",")):
                 measured = args.jobs * (1 if workers == 1 else 2)
-                results.append(await run_level(server.url, workers, measured, rng, warmup_s=args.warmup))
+                results.append(await run_level(
+                    server.url, workers, measured, rng, warmup_s=args.warmup, fairness=args.fairness
+                ))
         finally:
             server.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "eta", "seed": args.seed, "results": results}, indent=2))
-    print("| workers | jobs | median abs error | p90 abs error | p50 / p90 high | p50 / p90 normal | p50 / p90 low | mean time to done |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    Path(args.out).write_text(json.dumps({"benchmark": "eta", "seed": args.seed, "fairness": args.fairness, "results": results}, indent=2))
+    print("| workers | jobs | median abs error | p90 abs error | p50 / p90 high | p50 / p90 normal | p50 / p90 low | mean time to done | high / normal / low |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         tiers = " | ".join(
             f"{t['median_abs_error']:.1%} / {t['p90_abs_error']:.1%}" if (t := r["by_tier"].get(tier)) else "-"
             for tier in ("high", "normal", "low")
         )
-        print(f"| {r['workers']} | {r['completed']}/{r['jobs']} | {r['median_abs_error']:.1%} | {r['p90_abs_error']:.1%} | {tiers} | {r['mean_actual_s']:.2f} s |")
+        means = " / ".join(f"{t['mean_actual_s']:.2f}" if (t := r["by_tier"].get(tier)) else "-" for tier in ("high", "normal", "low"))
+        print(f"| {r['workers']} | {r['completed']}/{r['jobs']} | {r['median_abs_error']:.1%} | {r['p90_abs_error']:.1%} | {tiers} | {r['mean_actual_s']:.2f} s | {means} s |")
 
 
 if __name__ == "__main__":
