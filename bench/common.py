@@ -71,6 +71,17 @@ def summary_ms(seconds: list[float]) -> dict[str, float]:
     }
 
 
+def counts(text: str) -> list[int]:
+    """An argparse type: comma-separated whole numbers of at least 1 ("1,8,32")."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every count must be at least 1")
+    return values
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:

@@ -392,6 +392,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+SETUPS = {"tutorial", "diffusers", "engine"}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny-sdxl on the CPU: checks the script, measures nothing real")
@@ -411,12 +414,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     tiny = args.tiny
     args.device = args.device or ("cpu" if tiny or not torch.cuda.is_available() else "cuda:0")
-    args.steps = args.steps or (3 if tiny else 30)
-    args.repeats = args.repeats or (1 if tiny else 3)
-    args.size = args.size or (64 if tiny else 1024)
+    args.steps = args.steps if args.steps is not None else (3 if tiny else 30)
+    args.repeats = args.repeats if args.repeats is not None else (1 if tiny else 3)
+    args.size = args.size if args.size is not None else (64 if tiny else 1024)
+    for name in ("steps", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"argument --{name}: must be at least 1, got {getattr(args, name)}")
     sizes = args.sizes if args.sizes is not None else ("96,128" if tiny else "512,768,1536")
-    args.sizes = [int(s) for s in sizes.split(",") if s.strip()]
+    try:
+        args.sizes = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:  # not bench.common's `counts`: this script runs where bench.common's imports are missing
+        p.error(f"argument --sizes: {sizes!r} is not a comma-separated list of whole numbers")
+    for side in (args.size, *args.sizes):
+        if side < 8 or side % 8:
+            p.error(f"image sizes must be positive multiples of 8, got {side}")
     args.setups = {s.strip() for s in args.setups.split(",") if s.strip()}
+    if not args.setups or args.setups - SETUPS:
+        p.error(f"argument --setups: {', '.join(sorted(args.setups - SETUPS)) or 'none given'}; known: {', '.join(sorted(SETUPS))}")
     default_work = Path(tempfile.gettempdir()) / ("imagegen-bench-tiny" if tiny else "imagegen-bench")
     args.work_dir = Path(args.work_dir) if args.work_dir else default_work
     return args
@@ -425,7 +439,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     import diffusers
 
     if args.tiny:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import msgpack  # noqa: E402
 import nats  # noqa: E402
 
-from common import SMALL_JOB, OtherLoad, RssSampler, http_session, markdown_table, open_stack, write_results  # noqa: E402
+from common import SMALL_JOB, OtherLoad, counts, RssSampler, http_session, markdown_table, open_stack, write_results  # noqa: E402
 from gateway_load import submit_many  # noqa: E402
 
 JOB_S = 0.5
@@ -104,9 +104,8 @@ async def level(workers: int, args: argparse.Namespace) -> dict:
 
 
 async def main(args: argparse.Namespace) -> int:
-    levels = [int(x) for x in args.levels.split(",")]
     rows = []
-    for n in levels:
+    for n in args.levels:
         rows.append(await level(n, args))
     results = {
         "config": vars(args),
@@ -133,7 +132,7 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--levels", default="1,8,32,64", help="worker counts, comma-separated")
+    parser.add_argument("--levels", type=counts, default="1,8,32,64", help="worker counts, comma-separated")
     parser.add_argument("--window", type=float, default=10.0, help="seconds counted per level")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds between all workers up and the window")
     parser.add_argument("--margin", type=float, default=8.0, help="seconds of extra queued work beyond the window")
