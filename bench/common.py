@@ -82,6 +82,44 @@ def counts(text: str) -> list[int]:
     return values
 
 
+def whole(minimum: int):
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def number(*, above: float | None = None, least: float | None = None):
+    """An argparse type: a finite number above `above` or at least `least`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be above {above:g}, got {text}")
+        if least is not None and value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least:g}, got {text}")
+        return value
+
+    return parse
+
+
+positive = number(above=0)  # durations, rates
+non_negative = number(least=0)  # pauses that may be left out
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:

@@ -29,7 +29,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import counts  # noqa: E402
+from common import counts, non_negative, whole  # noqa: E402
 from gateway.settings import GatewaySettings  # noqa: E402
 from gpu_worker.settings import WorkerSettings  # noqa: E402
 from schemas.workers import DEFAULT_FAIRNESS  # noqa: E402
@@ -154,11 +154,11 @@ async def run_level(
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=200, help="jobs measured with 1 worker (twice as many with 4)")
+    parser.add_argument("--jobs", type=whole(1), default=200, help="jobs measured with 1 worker (twice as many with 4)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fairness", type=at_least_one, default=DEFAULT_FAIRNESS, help="the workers' --fairness")
     parser.add_argument("--levels", type=counts, default="1,4", help="worker counts, comma-separated")
-    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of unmeasured arrivals first")
+    parser.add_argument("--warmup", type=non_negative, default=30.0, help="seconds of unmeasured arrivals first")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eta.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil  # noqa: E402
 
 from common import (  # noqa: E402
+    positive,
+    whole,
     FINAL_EVENTS,
     SMALL_JOB,
     CpuMeter,
@@ -276,11 +278,11 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per HTTP load run")
-    parser.add_argument("--connections", type=int, default=64, help="concurrent HTTP connections")
-    parser.add_argument("--sockets", type=int, default=1000, help="WebSocket clients")
-    parser.add_argument("--ws-workers", type=int, default=32, help="simulated workers during the socket run")
-    parser.add_argument("--ws-timeout", type=float, default=150.0, help="seconds the socket run may take")
+    parser.add_argument("--duration", type=positive, default=10.0, help="seconds per HTTP load run")
+    parser.add_argument("--connections", type=whole(1), default=64, help="concurrent HTTP connections")
+    parser.add_argument("--sockets", type=whole(1), default=1000, help="WebSocket clients")
+    parser.add_argument("--ws-workers", type=whole(1), default=32, help="simulated workers during the socket run")
+    parser.add_argument("--ws-timeout", type=positive, default=150.0, help="seconds the socket run may take")
     parser.add_argument("--only", choices=["http", "sockets"], help="run one half only (results go to gateway_load_<half>.json)")
     parser.add_argument("--ws-client", help=argparse.SUPPRESS)
     parsed = parser.parse_args()

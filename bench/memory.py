@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SMALL_JOB, OtherLoad, RssSampler, http_load, http_session, markdown_table, open_stack, rss_mib, write_results  # noqa: E402
+from common import SMALL_JOB, positive, whole, OtherLoad, RssSampler, http_load, http_session, markdown_table, open_stack, rss_mib, write_results  # noqa: E402
 from gateway_load import sockets, submit_many  # noqa: E402
 from overhead import throughput  # noqa: E402
 
@@ -105,8 +105,8 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent job clients")
-    parser.add_argument("--sockets", type=int, default=1000, help="WebSocket clients")
-    parser.add_argument("--extra-jobs", type=int, default=5000, help="jobs queued at the end to measure memory per job record")
+    parser.add_argument("--duration", type=positive, default=10.0, help="seconds per load")
+    parser.add_argument("--clients", type=whole(1), default=32, help="concurrent job clients")
+    parser.add_argument("--sockets", type=whole(1), default=1000, help="WebSocket clients")
+    parser.add_argument("--extra-jobs", type=whole(1), default=5000, help="jobs queued at the end to measure memory per job record")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    positive,
+    whole,
     JOB_ERRORS,
     SMALL_JOB,
     CpuMeter,
@@ -237,8 +239,8 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=300, help="jobs per sequential latency run")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent clients for throughput")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run")
-    parser.add_argument("--per-process", type=int, default=1, help="workers per worker process")
+    parser.add_argument("--jobs", type=whole(1), default=300, help="jobs per sequential latency run")
+    parser.add_argument("--clients", type=whole(1), default=32, help="concurrent clients for throughput")
+    parser.add_argument("--duration", type=positive, default=10.0, help="seconds per throughput run")
+    parser.add_argument("--per-process", type=whole(1), default=1, help="workers per worker process")
     sys.exit(asyncio.run(main(parser.parse_args())))

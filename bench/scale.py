@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import msgpack  # noqa: E402
 import nats  # noqa: E402
 
-from common import SMALL_JOB, OtherLoad, counts, RssSampler, http_session, markdown_table, open_stack, write_results  # noqa: E402
+from common import SMALL_JOB, OtherLoad, counts, non_negative, positive, whole, RssSampler, http_session, markdown_table, open_stack, write_results  # noqa: E402
 from gateway_load import submit_many  # noqa: E402
 
 JOB_S = 0.5
@@ -133,8 +133,8 @@ async def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", type=counts, default="1,8,32,64", help="worker counts, comma-separated")
-    parser.add_argument("--window", type=float, default=10.0, help="seconds counted per level")
-    parser.add_argument("--settle", type=float, default=1.0, help="seconds between all workers up and the window")
-    parser.add_argument("--margin", type=float, default=8.0, help="seconds of extra queued work beyond the window")
-    parser.add_argument("--per-process", type=int, default=8, help="workers per worker process")
+    parser.add_argument("--window", type=positive, default=10.0, help="seconds counted per level")
+    parser.add_argument("--settle", type=non_negative, default=1.0, help="seconds between all workers up and the window")
+    parser.add_argument("--margin", type=non_negative, default=8.0, help="seconds of extra queued work beyond the window")
+    parser.add_argument("--per-process", type=whole(1), default=8, help="workers per worker process")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -46,7 +46,7 @@ import nats  # noqa: E402
 from nats.js.api import DeliverPolicy  # noqa: E402
 from nats.js.errors import KeyNotFoundError, NotFoundError  # noqa: E402
 
-from common import RESULTS, OtherLoad, machine, markdown_table, percentile  # noqa: E402
+from common import RESULTS, non_negative, positive, whole, OtherLoad, machine, markdown_table, percentile  # noqa: E402
 from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
 from schemas import names  # noqa: E402
 from schemas.codec import decode  # noqa: E402
@@ -486,15 +486,15 @@ def table(result: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> tuple[SoakSettings, Path]:
     defaults = SoakSettings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--jobs", type=int, default=defaults.jobs)
-    p.add_argument("--workers", type=int, default=defaults.workers)
-    p.add_argument("--rate", type=float, default=defaults.rate, help="submissions per second")
-    p.add_argument("--kills", type=int, default=defaults.kills, help="worker SIGKILLs during the run")
-    p.add_argument("--broker-outage", type=float, default=defaults.broker_outage_s, help="seconds the broker stays down")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--step-s", type=float, default=defaults.step_s)
-    p.add_argument("--ack-wait", type=float, default=defaults.ack_wait_s)
-    p.add_argument("--max-deliver", type=int, default=defaults.max_deliver)
+    p.add_argument("--jobs", type=whole(1), default=defaults.jobs)
+    p.add_argument("--workers", type=whole(1), default=defaults.workers)
+    p.add_argument("--rate", type=positive, default=defaults.rate, help="submissions per second")
+    p.add_argument("--kills", type=whole(0), default=defaults.kills, help="worker SIGKILLs during the run")
+    p.add_argument("--broker-outage", type=non_negative, default=defaults.broker_outage_s, help="seconds the broker stays down")
+    p.add_argument("--steps", type=whole(1), default=defaults.steps)
+    p.add_argument("--step-s", type=positive, default=defaults.step_s)
+    p.add_argument("--ack-wait", type=positive, default=defaults.ack_wait_s)
+    p.add_argument("--max-deliver", type=whole(1), default=defaults.max_deliver)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--workdir", default=None, help="keep logs and the broker's store here")
     p.add_argument("--out", type=Path, default=RESULTS / "soak.json")
