@@ -17,6 +17,7 @@ import asyncio
 import io
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -105,7 +106,7 @@ def number(*, above: float | None = None, least: float | None = None):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if above is not None and value <= above:
             raise argparse.ArgumentTypeError(f"must be above {above:g}, got {text}")

@@ -34,7 +34,6 @@ from gateway.settings import GatewaySettings  # noqa: E402
 from gpu_worker.settings import WorkerSettings  # noqa: E402
 from schemas.workers import DEFAULT_FAIRNESS  # noqa: E402
 from imagegen import runtime  # noqa: E402
-from imagegen.cli import at_least_one  # noqa: E402
 from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
 
 SIZES = [(512, 512), (768, 768), (1024, 1024), (1152, 896), (896, 1152)]
@@ -156,7 +155,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=whole(1), default=200, help="jobs measured with 1 worker (twice as many with 4)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--fairness", type=at_least_one, default=DEFAULT_FAIRNESS, help="the workers' --fairness")
+    parser.add_argument("--fairness", type=whole(1), default=DEFAULT_FAIRNESS, help="the workers' --fairness")
     parser.add_argument("--levels", type=counts, default="1,4", help="worker counts, comma-separated")
     parser.add_argument("--warmup", type=non_negative, default=30.0, help="seconds of unmeasured arrivals first")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eta.json"))

@@ -31,8 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil  # noqa: E402
 
 from common import (  # noqa: E402
-    positive,
-    whole,
     FINAL_EVENTS,
     SMALL_JOB,
     CpuMeter,
@@ -42,10 +40,12 @@ from common import (  # noqa: E402
     markdown_table,
     open_stack,
     percentile,
+    positive,
     submit,
     summary_ms,
-    wrk_available,
+    whole,
     write_results,
+    wrk_available,
 )
 
 TARGET_STATUS_PER_S = 3000

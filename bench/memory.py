@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SMALL_JOB, positive, whole, OtherLoad, RssSampler, http_load, http_session, markdown_table, open_stack, rss_mib, write_results  # noqa: E402
+from common import SMALL_JOB, OtherLoad, RssSampler, http_load, http_session, markdown_table, open_stack, positive, rss_mib, whole, write_results  # noqa: E402
 from gateway_load import sockets, submit_many  # noqa: E402
 from overhead import throughput  # noqa: E402
 

@@ -30,8 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    positive,
-    whole,
     JOB_ERRORS,
     SMALL_JOB,
     CpuMeter,
@@ -42,9 +40,11 @@ from common import (  # noqa: E402
     http_session,
     markdown_table,
     open_stack,
+    positive,
     run_job,
     start_role,
     summary_ms,
+    whole,
     write_results,
 )
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import msgpack  # noqa: E402
 import nats  # noqa: E402
 
-from common import SMALL_JOB, OtherLoad, counts, non_negative, positive, whole, RssSampler, http_session, markdown_table, open_stack, write_results  # noqa: E402
+from common import SMALL_JOB, OtherLoad, RssSampler, counts, http_session, markdown_table, non_negative, open_stack, positive, whole, write_results  # noqa: E402
 from gateway_load import submit_many  # noqa: E402
 
 JOB_S = 0.5

@@ -46,7 +46,7 @@ import nats  # noqa: E402
 from nats.js.api import DeliverPolicy  # noqa: E402
 from nats.js.errors import KeyNotFoundError, NotFoundError  # noqa: E402
 
-from common import RESULTS, non_negative, positive, whole, OtherLoad, machine, markdown_table, percentile  # noqa: E402
+from common import RESULTS, OtherLoad, machine, markdown_table, non_negative, percentile, positive, whole  # noqa: E402
 from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
 from schemas import names  # noqa: E402
 from schemas.codec import decode  # noqa: E402

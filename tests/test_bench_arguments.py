@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("gpu.py", ["--steps", "0"], "--steps: must be at least 1"),
         ("gpu.py", ["--setups", "engine,warp"], "--setups: warp"),
         ("eta.py", ["--levels", "1,x"], "'1,x' is not a comma-separated list"),
-        ("eta.py", ["--fairness", "0"], "--fairness: 0 is less than 1"),
+        ("eta.py", ["--fairness", "0"], "--fairness: must be at least 1, got 0"),
         ("scale.py", ["--levels", "0,8"], "every count must be at least 1"),
         ("overhead.py", ["--jobs", "0"], "--jobs: must be at least 1, got 0"),
         ("gateway_load.py", ["--duration", "inf"], "--duration: must be a finite number"),
