@@ -3,7 +3,7 @@
 Each live worker is free after its running job's remaining time; the queued jobs ahead go one by one
 to whichever worker is free first, in the order workers take them (higher tiers first, older ones
 first within a tier, and a lower tier's turn after a worker's run of higher-tier takes: see
-gateway.take_order), each costing what that worker's speed model says for its size, steps and
+schemas.take_order), each costing what that worker's speed model says for its size, steps and
 refiner. The job's ETA is when it would end in that plan, its wait stretched by the higher-tier work
 expected to arrive meanwhile, but never past its turn. Unlike a pixels-only average, this counts
 steps, size, refiner, priority tiers and workers.
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from gateway.queue_view import QueueView
-from gateway.take_order import next_take
+from schemas.take_order import next_take
 from schemas.names import TIERS, Tier
 from schemas.request import steps_run
 from schemas.status import JobState, JobStatus
@@ -105,7 +105,7 @@ def _placed(plan: Plan, queued: dict[Tier, list[tuple[float, str]]], status: Job
 
 
 class Plan:
-    """The queued jobs in the order the workers take them (gateway.take_order): each goes to the
+    """The queued jobs in the order the workers take them (schemas.take_order): each goes to the
     worker free first, after the running jobs' remaining time, each costing what that worker's speed
     model says. `takes()` yields (job, seconds until it starts, its cost); afterwards `free` holds when
     each worker is free again, `counts` each worker's fairness count, `last` the job taken last.

@@ -18,7 +18,7 @@ import json
 from nats.js import JetStreamContext
 from nats.js.api import ObjectInfo
 from nats.js.errors import ObjectNotFoundError
-from nats.js.object_store import ObjectStore
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
 
 from gateway.direct_get import DirectReader
 
@@ -29,11 +29,11 @@ class ObjectReader:
         self.direct = direct
         self.store = store
         self.bucket = bucket
-        self.stream = f"OBJ_{bucket}"
+        self.stream = OBJ_STREAM_TEMPLATE.format(bucket=bucket)
 
     async def chunks(self, nuid: str, *, size: int) -> bytes | None:
         """The object whose chunks are named `nuid`, or None when they are not all there."""
-        chunks = await self.direct.read(self.stream, f"$O.{self.bucket}.C.{nuid}")
+        chunks = await self.direct.read(self.stream, OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=nuid))
         if chunks is None:
             return None
         data = b"".join(data for _, data in chunks)
@@ -41,7 +41,7 @@ class ObjectReader:
 
     async def info(self, name: str) -> ObjectInfo:
         """The object's description, from one Direct Get; ObjectNotFoundError when it has none or was deleted."""
-        subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        subject = OBJ_META_PRE_TEMPLATE.format(bucket=self.bucket, obj=base64.urlsafe_b64encode(name.encode()).decode())
         info = ObjectInfo.from_response(json.loads((await self.js.get_msg(self.stream, subject=subject, direct=True)).data))
         if info.deleted:
             raise ObjectNotFoundError

@@ -17,7 +17,7 @@ from typing import Callable
 import nats.errors
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from gateway.take_order import TakeCounts
+from schemas.take_order import TakeCounts
 from schemas.codec import DecodeError, decode
 from schemas.names import TIERS, Tier
 from schemas.status import JobState, JobStatus
@@ -69,7 +69,7 @@ class QueueView:
             listener(old, status)
 
     def _count_take(self, old: JobStatus | None, new: JobStatus) -> None:
-        """Keeps each worker's fairness count (gateway.take_order) from the records: a job marked running
+        """Keeps each worker's fairness count (schemas.take_order) from the records: a job marked running
         is a take; a job that ends while nothing is queued leaves its worker without work."""
         if new.state is JobState.RUNNING and new.worker:
             if old is None or old.state is not JobState.RUNNING or old.attempt != new.attempt:

@@ -13,7 +13,8 @@ rang is asked with a short wait (`bell_wait_s`) instead of `no_wait`: the bell c
 stream has stored the job, and an empty answer then would leave the job until the next look.
 
 Starvation: after `fairness` jobs in a row taken from a higher tier while a lower one had work waiting,
-the next pull starts at the lowest non-empty tier, so low work always moves, at 1 in `fairness + 1`.
+the next pull starts at the lowest non-empty tier, so low work always moves, at 1 in `fairness + 1`
+(the rule in schemas.take_order, which the gateway's forecasts plan with).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from nats.aio.subscription import Subscription
 
 from schemas import names
 from schemas.names import TIERS, Tier
+from schemas.take_order import count_after, lower_tiers_turn
 from schemas.workers import DEFAULT_FAIRNESS
 
 NO_WAIT = json.dumps({"batch": 1, "no_wait": True}).encode()
@@ -166,16 +168,17 @@ class PriorityPuller:
                 self._fairness_check = None
             self.bell.clear()
             order = list(self.tiers)
-            if self.skipped_lower >= self.fairness:
+            if lower_tiers_turn(self.skipped_lower, self.fairness):
                 order.reverse()
             msg = await self._take(order)
             if msg is not None:
                 taken = Tier(msg.subject.rsplit(".", 1)[-1])
-                if taken is TIERS[-1] or order[0].tier is not TIERS[0]:
-                    self.skipped_lower = 0
-                elif not all(self.known_empty(tier) for tier in TIERS[taken.rank + 1 :]):
-                    # counted while the job runs; the next pull waits for the count
-                    self._fairness_check = asyncio.ensure_future(self._count_skipped(taken))
+                before = self.skipped_lower
+                self.skipped_lower = count_after(taken, before, self.fairness, lower_waiting=False)
+                if_waiting = count_after(taken, before, self.fairness, lower_waiting=True)
+                if if_waiting != self.skipped_lower and not all(self.known_empty(t) for t in TIERS[taken.rank + 1 :]):
+                    # whether a lower tier waits is asked while the job runs; the next pull waits for it
+                    self._fairness_check = asyncio.ensure_future(self._count_skipped(taken, if_waiting))
                 return msg
             self.skipped_lower = 0
             bell = asyncio.ensure_future(self.bell.wait())
@@ -187,9 +190,9 @@ class PriorityPuller:
             stop.cancel()
         return None
 
-    async def _count_skipped(self, taken: Tier) -> None:
+    async def _count_skipped(self, taken: Tier, if_waiting: int) -> None:
         if await self._lower_waiting(taken):
-            self.skipped_lower += 1
+            self.skipped_lower = if_waiting
 
     async def _lower_waiting(self, taken: Tier) -> bool:
         js = self.nc.jetstream()

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.forecast import EtaCache, forecast
 from gateway.queue_view import QueueView
-from gateway.take_order import next_take
+from schemas.take_order import next_take
 from schemas.names import Tier
 from schemas.status import JobState, JobStatus
 from schemas.workers import WorkerInfo

@@ -1,4 +1,5 @@
-"""The order in which workers take queued jobs, for forecasts: the rule of `gpu_worker.puller`.
+"""The order in which workers take queued jobs: the rule `gpu_worker.puller` follows, and the one the
+gateway's forecasts (gateway.forecast) plan with.
 
 A worker takes from the highest tier with work, except that after `fairness` jobs in a row taken from
 a higher tier while a lower one had work waiting, it takes from the lowest tier with work, and counts
@@ -16,16 +17,21 @@ from __future__ import annotations
 from schemas.names import TIERS, Tier
 
 
+def lower_tiers_turn(skipped: int, fairness: int) -> bool:
+    """Whether a worker with this count takes next from the lowest tier with work (else the highest)."""
+    return skipped >= fairness
+
+
 def next_take(waiting: list[Tier], skipped: int, fairness: int) -> tuple[Tier, int]:
     """The tier a worker takes its next job from, given the tiers with work (highest first) and its
     count of jobs taken in a row from a higher tier while a lower one waited; and its count after."""
-    tier = waiting[-1] if skipped >= fairness else waiting[0]  # at `fairness`, the lower tiers' turn
+    tier = waiting[-1] if lower_tiers_turn(skipped, fairness) else waiting[0]
     return tier, count_after(tier, skipped, fairness, lower_waiting=waiting[-1] is not tier)
 
 
 def count_after(tier: Tier, skipped: int, fairness: int, *, lower_waiting: bool) -> int:
     """A worker's count after it took a job of `tier`; `lower_waiting`: a lower tier had work then."""
-    if skipped >= fairness or tier is TIERS[-1]:
+    if lower_tiers_turn(skipped, fairness) or tier is TIERS[-1]:
         return 0
     return skipped + 1 if lower_waiting else skipped
 
