@@ -32,9 +32,14 @@ from schemas.names import Tier
 
 PUBLIC_PATHS = ("/healthz", "/swagger", "/openapi.json", "/static/", "/metrics")
 SOCKET_PATHS = re.compile(r"^/v1/(ws|jobs/[^/]+/ws)$")  # WebSockets that take the key as their first message
-SOCKET_GATE = "socket_gate"  # set on a socket request whose key is still to come
 SOCKET_KEY_WAIT_S = 3.0
 MAX_PENDING_SOCKETS = 256  # sockets waiting for their first-message key at once (read per request: tests lower it)
+
+
+def request_key(name: str, kind: type):
+    """A typed key for a request's storage where aiohttp has them (3.14 on), else the plain name."""
+    make = getattr(web, "RequestKey", None)
+    return make(name, kind) if make is not None else name
 
 
 def hash_key(key: str) -> str:
@@ -135,6 +140,16 @@ class SocketGate:
         self.waiting.discard(id(request))
 
 
+OWNER = request_key("owner", str)  # the caller's key name, set on every request that presented a key
+API_KEY = request_key("api_key", ApiKey)
+SOCKET_GATE = request_key("socket_gate", SocketGate)  # set on a socket request whose key is still to come
+
+
+def set_caller(request: web.Request, key: ApiKey) -> None:
+    request[OWNER] = key.name
+    request[API_KEY] = key
+
+
 def auth_middleware(ring: KeyRing):
     gate = SocketGate(ring=ring)
 
@@ -164,8 +179,7 @@ def auth_middleware(ring: KeyRing):
         key = ring.find(presented)
         if key is None:
             return web.json_response({"error": "unknown API key"}, status=401, headers={"WWW-Authenticate": "Bearer"})
-        request["owner"] = key.name
-        request["api_key"] = key
+        set_caller(request, key)
         return await handler(request)
 
     return authenticate
@@ -211,6 +225,5 @@ async def socket_key(request: web.Request, ws: web.WebSocketResponse, *, wait_s:
         await ws.send_json({"type": "error", "error": error})
         await ws.close(code=1008, message=b"unauthorized")
         return False
-    request["owner"] = key.name
-    request["api_key"] = key
+    set_caller(request, key)
     return True

@@ -7,6 +7,7 @@ import base64
 
 from aiohttp import web
 
+from gateway.auth import API_KEY, OWNER
 from gateway.http_errors import read_json
 from gateway.jobs import JobService
 from gateway.submission import submit_request
@@ -23,14 +24,14 @@ def _jobs(request: web.Request) -> JobService:
 
 
 def owner_of(request: web.Request) -> str | None:
-    return request.get("owner")
+    return request.get(OWNER)
 
 
 def caller(request: web.Request) -> dict:
     """Who submits: the key's name (owner), the key itself, and an Idempotency-Key if sent."""
     return {
-        "owner": request.get("owner"),
-        "key": request.get("api_key"),
+        "owner": request.get(OWNER),
+        "key": request.get(API_KEY),
         "idempotency_key": request.headers.get("Idempotency-Key"),
     }
 
