@@ -518,7 +518,11 @@ class JobService:
         self.view.forget(job_id)
 
     def list(self, *, owner: str | None = None) -> list[JobStatus]:
-        jobs = [s for s in self.view.jobs.values() if owner is None or s.owner == owner]
+        """The jobs whose records are stored. A job being submitted here is in the queue view before
+        (its position and ETA count it); listed then, it would be one that a cancel, which reads the
+        store, does not find yet."""
+        revisions = self.view.revisions
+        jobs = [s for s in self.view.jobs.values() if revisions.get(s.job_id) and (owner is None or s.owner == owner)]
         return sorted(jobs, key=lambda s: s.submitted_at)
 
     async def clear(self, *, owner: str | None = None) -> int:

@@ -80,3 +80,42 @@ async def test_a_record_a_worker_wrote_first_is_answered_without_a_second_run(se
     async with http.get(f"{service.url}/v1/jobs/{job['job_id']}/image") as r:
         assert r.status == 200
     await nc.close()
+
+
+async def test_a_job_is_listed_once_its_record_is_stored(service, http, monkeypatch):
+    """The gateway's queue view holds a job while it is being sent, before the store has its record:
+    the list shows it only once the record is stored, so every job listed can be cancelled (a cancel
+    reads the store: it answered 404 for a job listed a moment before)."""
+    jobs: JobService = service.gateway.runner.app[SERVICE]
+    prompt = "listed once stored"
+    release = asyncio.Event()
+    create_status = jobstore.create_status
+
+    async def record_when_released(kv, status: JobStatus):
+        if status.request.get("prompt") == prompt:  # the gateway's write, and the worker's from the job
+            await asyncio.wait_for(release.wait(), 30)
+        return await create_status(kv, status)
+
+    monkeypatch.setattr(jobstore, "create_status", record_when_released)
+    body = {"prompt": prompt, "width": 64, "height": 64, "steps": 1, "cache": False}
+    submitting = asyncio.ensure_future(http.post(f"{service.url}/v1/jobs", json=body))
+    try:
+        async with asyncio.timeout(10):
+            while not any(s.request.get("prompt") == prompt for s in jobs.view.jobs.values()):
+                await asyncio.sleep(0.01)
+        async with http.get(f"{service.url}/v1/jobs") as r:
+            assert not [j for j in await r.json() if j["request"].get("prompt") == prompt]
+        async with http.get(f"{service.url}/api/tasks") as r:
+            assert not [t for t in await r.json() if t["prompt"] == prompt]
+    finally:
+        release.set()
+        response = await submitting
+    async with response as r:
+        assert r.status == 202, await r.text()
+        job_id = (await r.json())["job_id"]
+    async with http.get(f"{service.url}/v1/jobs") as r:
+        assert job_id in [j["job_id"] for j in await r.json()]
+    async with http.post(f"{service.url}/v1/jobs/{job_id}/cancel") as r:
+        assert r.status == 200, await r.text()
+    async with http.get(f"{service.url}/v1/jobs/{job_id}?wait=60") as r:
+        assert (await r.json())["state"] in ("cancelled", "done")
