@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("gateway_load.py", ["--duration", "inf"], "--duration: must be a finite number"),
         ("soak.py", ["--rate", "0"], "--rate: must be above 0"),
         ("memory.py", ["--sockets", "many"], "--sockets: 'many' is not a whole number"),
-        ("profile.py", ["--rate", "0"], "--rate: must be at least 1, got 0"),
+        ("cpu_profile.py", ["--rate", "0"], "--rate: must be at least 1, got 0"),
     ],
 )
 def test_benchmarks_refuse_bad_arguments_by_name(script, args, named):

@@ -7,11 +7,11 @@ paused). Each sample's innermost frame names what the process was doing (samples
 in epoll or on a lock are left out); the report splits each process's measured CPU time per job by
 those samples: by package (with the kernel's socket sends and receives apart
 from the rest of asyncio), the busiest functions by their own time, and the share under each of the
-service's own functions. The collapsed stacks are kept (in bench/results/profile-stacks/, not
+service's own functions. The collapsed stacks are kept (in bench/results/cpu-profile-stacks/, not
 committed) for a flame graph tool.
 
   pip install -e '.[bench]'         # py-spy
-  python bench/profile.py           # about 30 s on 2 cores
+  python bench/cpu_profile.py       # about 30 s on 2 cores
 """
 
 from __future__ import annotations
@@ -102,10 +102,10 @@ def summarize(stacks: list[tuple[list[str], int]], *, cpu_ms_per_job: float, top
 async def main(args: argparse.Namespace) -> int:
     spy = shutil.which("py-spy")
     if spy is None:
-        print("profile.py: py-spy is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        print("cpu_profile.py: py-spy is not installed (pip install -e '.[bench]')", file=sys.stderr)
         return 2
     results: dict = {"config": vars(args), "processes": "nats-server, gateway process, one worker process, clients in the benchmark process"}
-    stacks_dir = RESULTS / "profile-stacks"
+    stacks_dir = RESULTS / "cpu-profile-stacks"
     stacks_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as es:
         stack = await open_stack(es)
@@ -133,14 +133,14 @@ async def main(args: argparse.Namespace) -> int:
             for name, proc in spies.items():
                 _, err = await asyncio.wait_for(proc.communicate(), 60)
                 if proc.returncode != 0:
-                    print(f"profile.py: py-spy on the {name} failed: {err.decode()[-500:]}", file=sys.stderr)
+                    print(f"cpu_profile.py: py-spy on the {name} failed: {err.decode()[-500:]}", file=sys.stderr)
                     return 1
     jobs = load["jobs"]
     results["profiles"] = {
         name: summarize(read_collapsed(stacks_dir / f"{name}.txt"), cpu_ms_per_job=cores[name] * 1000 / load["jobs_per_s"], top=args.top)
         for name in ("gateway", "worker")
     }
-    path = write_results("profile", results)
+    path = write_results("cpu_profile", results)
 
     print(f"{jobs} jobs at {load['jobs_per_s']} jobs/s with {args.clients} clients under py-spy ({args.rate} samples/s)\n")
     for name, prof in results["profiles"].items():
