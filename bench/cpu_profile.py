@@ -5,8 +5,9 @@ each in its own process) runs `--clients` clients, each looping submit -> WebSoc
 py-spy samples the gateway and the worker from outside (`--nonblocking`: the processes are not
 paused). Each sample's innermost frame names what the process was doing (samples of a thread waiting
 in epoll or on a lock are left out); the report splits each process's measured CPU time per job by
-those samples: by package (with the kernel's socket sends and receives apart
-from the rest of asyncio), the busiest functions by their own time, and the share under each of the
+those samples: by package (with socket sends and receives apart from the rest of asyncio; a
+send's share includes the moments the sender waits, ready to run, while the process it woke runs),
+the busiest functions by their own time, and the share under each of the
 service's own functions. The collapsed stacks are kept (in bench/results/cpu-profile-stacks/, not
 committed) for a flame graph tool.
 
@@ -50,12 +51,12 @@ def frame_parts(frame: str) -> tuple[str, str]:
 
 
 def package(frame: str) -> str:
-    """What a leaf frame's time counts as: the kernel's socket send or receive, or the frame's package."""
+    """What a leaf frame's time counts as: a socket send or receive, or the frame's package."""
     func, path = frame_parts(frame)
     if func in SOCKET_SEND:
-        return "socket send (kernel)"
+        return "socket send"
     if func in SOCKET_RECEIVE:
-        return "socket receive (kernel)"
+        return "socket receive"
     if not path:
         return "unknown"
     top = path.split("/")[0]
