@@ -308,7 +308,7 @@ class JobService:
     def _not_queued(self, job_id: str) -> None:
         """Takes back what `submit` noted of a job before sending it, when it was not queued after all:
         the view's entry unless a record of the job came in since, and the watches for its end."""
-        if not self.view.revisions.get(job_id):
+        if not self.view.stored(job_id):
             self.view.forget(job_id)
         self.cache.unwatch(job_id)
         self.fresh.drop(job_id)
@@ -521,8 +521,8 @@ class JobService:
         """The jobs whose records are stored. A job being submitted here is in the queue view before
         (its position and ETA count it); listed then, it would be one that a cancel, which reads the
         store, does not find yet."""
-        revisions = self.view.revisions
-        jobs = [s for s in self.view.jobs.values() if revisions.get(s.job_id) and (owner is None or s.owner == owner)]
+        view = self.view
+        jobs = [s for s in view.jobs.values() if view.stored(s.job_id) and (owner is None or s.owner == owner)]
         return sorted(jobs, key=lambda s: s.submitted_at)
 
     async def clear(self, *, owner: str | None = None) -> int:

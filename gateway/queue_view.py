@@ -89,6 +89,11 @@ class QueueView:
         if self.jobs.get(status.job_id) is status and self.revisions.get(status.job_id, 0) < revision:
             self.revisions[status.job_id] = revision
 
+    def stored(self, job_id: str) -> bool:
+        """Whether the view holds the job's record at a KV revision: a job this gateway noted (at
+        revision 0) while sending it is not stored until its record comes back or its write is acked."""
+        return bool(self.revisions.get(job_id))
+
     def forget(self, job_id: str) -> None:
         self.version += 1
         self.revisions.pop(job_id, None)
