@@ -241,7 +241,9 @@ class EtaCache:
     view by at most that. A job queued since the last pass after all the jobs in it, in the tier taken
     last (the usual new submit), is added to the end of the cached plan; any other job it lacks gets a
     fresh pass.
-    With `now` given, or for a job that is not queued, it is `forecast` itself.
+    With `now` given, or for a job that is not queued, it is `forecast` itself. An ETA read from a pass
+    is counted from the pass: the time since then is taken off as far as every worker was busy meanwhile
+    (the work ahead went on; an idle worker's plan starts now whenever it is read).
     """
 
     MAX_AGE_S = 0.5
@@ -251,6 +253,8 @@ class EtaCache:
         self.view = view
         self.version = -1
         self.computed = float("-inf")  # monotonic clock
+        self.planned_at = 0.0  # the wall-clock time the last pass planned from
+        self.all_busy_s = 0.0  # how long after it every worker was still busy with a running job
         self.pass_s = 0.0
         self.etas: dict[str, float] = {}
         self.plan: Plan | None = None
@@ -262,11 +266,12 @@ class EtaCache:
         if now is not None or status.state is not JobState.QUEUED:
             return forecast(self.view, status, now=now)
         if self._fresh():
+            age = min(max(0.0, time.time() - self.planned_at), self.all_busy_s)
             eta = self.etas.get(status.job_id)
             if eta is None and self._after_all(status):
-                eta = self._append(status)
+                eta = self._append(status, age)
             if eta is not None:
-                return eta
+                return max(0.0, eta - age)
         self._recompute()
         eta = self.etas.get(status.job_id)
         if eta is None:  # not in the view's queue (yet): the job is placed by its own pass
@@ -285,13 +290,15 @@ class EtaCache:
         last = self.last_key
         return last is not None and status.tier.rank == last[0] and _order_key(status) > last
 
-    def _append(self, status: JobStatus) -> float:
+    def _append(self, status: JobStatus, age: float) -> float:
+        """The job's ETA counted from the last pass, its plan `age` seconds on (its wait is stretched from now)."""
         start, cost = self.plan.append(status)
         bounding = self.bounding.get(status.tier)  # its bound, where the bounding plan also ended in its tier
         bound = None
         if bounding is not None and bounding.last is not None and bounding.last.tier is status.tier:
-            bound = bounding.append(status)[0]
-        eta = self.etas[status.job_id] = self.stretches[status.tier].wait(start, bound) + cost
+            bound = max(0.0, bounding.append(status)[0] - age)
+        wait = self.stretches[status.tier].wait(max(0.0, start - age), bound)
+        eta = self.etas[status.job_id] = age + wait + cost
         self.last_key = _order_key(status)
         return eta
 
@@ -301,6 +308,7 @@ class EtaCache:
         self.version = view.version
         now = time.time()
         plan = Plan(view, pool(view), now)
+        all_busy_s = plan.free[0][0]
         stretches = {tier: _tier_stretch(view, tier, plan.workers, now) for tier in TIERS if view.queued[tier]}
         bounding: dict[Tier, Plan] = {}
         bounds: dict[str, float] = {}
@@ -313,7 +321,7 @@ class EtaCache:
             etas[job.job_id] = stretches[job.tier].wait(start, bounds.get(job.job_id)) + cost
         last_key = _order_key(plan.last) if plan.last is not None else None
         self.etas, self.plan, self.stretches, self.bounding, self.last_key = etas, plan, stretches, bounding, last_key
-        self.computed = time.monotonic()
+        self.planned_at, self.all_busy_s, self.computed = now, all_busy_s, time.monotonic()
         self.pass_s = time.perf_counter() - started
 
 

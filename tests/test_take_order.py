@@ -42,6 +42,32 @@ class Records:
         self.put(job)
 
 
+class Clock:
+    """The forecast's clock: stands still unless moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+        self.start, self.wall = time.monotonic(), self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.start + (self.now - self.wall)
+
+    def perf_counter(self) -> float:
+        return time.perf_counter()
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    import gateway.forecast
+
+    clock = Clock()
+    monkeypatch.setattr(gateway.forecast, "time", clock)
+    return clock
+
+
 def view_with_worker(fairness: int = 10) -> QueueView:
     view = QueueView(worker_ttl_s=60)
     view.workers["w1"] = WorkerInfo(worker_id="w1", model="m", default_steps=30, default_guidance=5.0, fairness=fairness)
@@ -92,7 +118,7 @@ def test_a_worker_that_runs_out_of_work_counts_from_zero():
     assert view.takes.of("w1") == 0
 
 
-def test_a_low_tier_job_is_expected_at_its_turn_however_much_higher_tier_work_arrives():
+def test_a_low_tier_job_is_expected_at_its_turn_however_much_higher_tier_work_arrives(clock):
     """Normal-tier jobs keep coming (a minute's worth of arrivals at the pool's full speed), 30 are
     queued: a low-tier job is expected right after the 10 normal jobs before its turn, not after all 30,
     and not stretched by the normal jobs still to come."""
@@ -112,4 +138,25 @@ def test_a_low_tier_job_is_expected_at_its_turn_however_much_higher_tier_work_ar
     assert forecast(view, view.jobs["low"]) == pytest.approx(11 * cost)
     assert etas.forecast(view.jobs["n29"]) == pytest.approx(31 * cost)  # behind 29 normal jobs and the low one
     later = records.queue("later", Tier.LOW)  # after the last pass: added to its end
+    assert etas.forecast(view.jobs["later"]) == pytest.approx(forecast(view, later))
+
+
+def test_an_eta_answered_from_the_last_pass_counts_the_time_since(clock):
+    """A poll answered from the last pass (nothing changed since) gets the ETA less the time gone by, as
+    the running job went on meanwhile; so does a job submitted since and added to the end of that pass.
+    Both match a forecast made from scratch at that moment."""
+    view = view_with_worker()
+    records = Records(view)
+    running = records.queue("running")
+    running.state, running.worker, running.attempt, running.started_at = JobState.RUNNING, "w1", 1, clock.time()
+    records.put(running)
+    records.queue("queued")
+    etas = EtaCache(view)
+    etas.COST_FACTOR = 1e9  # as under churn, when passes cost enough to be reused across changes
+    first = etas.forecast(view.jobs["queued"])
+
+    clock.now += 0.3
+    assert etas.forecast(view.jobs["queued"]) == pytest.approx(first - 0.3)
+    assert etas.forecast(view.jobs["queued"]) == pytest.approx(forecast(view, view.jobs["queued"]))
+    later = records.queue("later")
     assert etas.forecast(view.jobs["later"]) == pytest.approx(forecast(view, later))
