@@ -451,10 +451,17 @@ class JobService:
         return self.view.position(status) if status.state is JobState.QUEUED else None
 
     def eta(self, status: JobStatus) -> float | None:
-        return self.etas.forecast(status)
+        return self.etas.forecast(self.newest(status))
 
     def task_length(self, status: JobStatus) -> int:
-        return jobs_ahead(self.view, status)
+        return jobs_ahead(self.view, self.newest(status))
+
+    def newest(self, status: JobStatus) -> JobStatus:
+        """The job's record as far along as this gateway knows it: a submit is answered once the broker
+        acked it, and an idle worker may have taken the job by then (its ETA is then the running job's,
+        not its cost once more behind itself)."""
+        held = self.view.jobs.get(status.job_id)
+        return held if held is not None and _stage(held) > _stage(status) else status
 
     async def cancel(self, job_id: str, *, owner: str | None = None) -> JobStatus:
         await self.get(job_id, owner=owner)
@@ -546,3 +553,8 @@ def _wake(waiters) -> None:
 
 def _plausible(job_id: str) -> bool:
     return 8 <= len(job_id) <= 64 and all(c.isalnum() or c in "-_" for c in job_id)
+
+
+def _stage(status: JobStatus) -> int:
+    """How far along a record is: queued, running, ended."""
+    return 2 if status.state.final else int(status.state is JobState.RUNNING)

@@ -119,3 +119,37 @@ async def test_a_job_is_listed_once_its_record_is_stored(service, http, monkeypa
         assert r.status == 200, await r.text()
     async with http.get(f"{service.url}/v1/jobs/{job_id}?wait=60") as r:
         assert (await r.json())["state"] in ("cancelled", "done")
+
+
+async def test_a_submit_answered_after_a_worker_took_its_job_counts_the_job_once(service, http, monkeypatch):
+    """An idle worker can take a job before its submit is answered (the answer waits for the broker's
+    acks). The answer then counts the job once, as running: one job in the queue, and its ETA what is
+    left of it, not its cost again behind itself."""
+    jobs: JobService = service.gateway.runner.app[SERVICE]
+    create_status = jobstore.create_status
+
+    async def answer_once_running(kv, status: JobStatus):
+        revision = await create_status(kv, status)
+        if kv is jobs.status_kv:  # the answer waits until the gateway sees the worker take the job
+            for _ in range(1000):
+                held = jobs.view.jobs.get(status.job_id)
+                if held is not None and held.state is not JobState.QUEUED:
+                    break
+                await asyncio.sleep(0.01)
+        return revision
+
+    monkeypatch.setattr(jobstore, "create_status", answer_once_running)
+    body = {"prompt": "answered once running", "width": 256, "height": 256, "steps": 100, "cache": False}
+    async with http.post(f"{service.url}/api/generate", json=body) as r:
+        assert r.status == 200, await r.text()
+        answer = await r.json()
+    monkeypatch.undo()
+    assert jobs.view.jobs[answer["task_id"]].state is JobState.RUNNING  # still running as it was answered
+
+    nc = await nats.connect(service.nats_url)
+    events = await collect_events(nc.jetstream(), answer["task_id"])
+    await nc.close()
+    queued = events[0]
+    assert queued.type == "queued" and queued.eta_s > 0  # its cost on an idle pool, reckoned before it was sent
+    assert answer["task_length"] == 1
+    assert 0 < answer["expected_time_seconds"] <= queued.eta_s * 1.2
