@@ -99,6 +99,19 @@ async def sequential(http, url: str, n: int, *, wait: str, body=job_body) -> dic
     return {"latency": summary_ms(parts["total"]), "parts_p50_ms": {k: summary_ms(v)["p50_ms"] for k, v in parts.items() if k != "total"}, "errors": errors}
 
 
+async def metered(pids: dict[str, int], run, jobs: int) -> dict:
+    """`run`'s result with the CPU milliseconds each process spent per job while it ran (one job at a
+    time: what the path costs each process, with nothing to share a wake-up or a send with)."""
+    meters = {name: CpuMeter(pid) for name, pid in pids.items()}
+    for meter in meters.values():
+        meter.start()
+    started = time.monotonic()
+    result = await run
+    elapsed = time.monotonic() - started
+    result["cpu_ms_per_job"] = {name: round(meter.stop() * elapsed * 1000 / jobs, 2) for name, meter in meters.items()}
+    return result
+
+
 async def throughput(http, url: str, *, clients: int, duration_s: float, wait: str = "ws") -> dict:
     lat: list[float] = []
     errors: list[str] = []
@@ -175,8 +188,9 @@ async def main(args: argparse.Namespace) -> int:
                     level["sequential_ws"] = await sequential(http, stack.url, args.jobs, wait="ws")
                     level["sequential_socket"] = await sequential(http, stack.url, args.jobs, wait="socket")
                     level["sequential_poll"] = await sequential(http, stack.url, args.jobs, wait="poll")
-                    level["sequential_prefer"] = await sequential(http, stack.url, args.jobs, wait="prefer")
-                    meters = {name: CpuMeter(pid) for name, pid in {**stack.pids(), "clients": os.getpid()}.items()}
+                    pids = {**stack.pids(), "clients": os.getpid()}
+                    level["sequential_prefer"] = await metered(pids, sequential(http, stack.url, args.jobs, wait="prefer"), args.jobs)
+                    meters = {name: CpuMeter(pid) for name, pid in pids.items()}
                     for meter in meters.values():
                         meter.start()
                     level["throughput_ws"] = tp = await throughput(http, stack.url, clients=args.clients, duration_s=args.duration)
@@ -221,6 +235,9 @@ async def main(args: argparse.Namespace) -> int:
     for w in (1, 4):
         tp = results["imagegen"][f"workers_{w}"]["throughput_ws"]
         print(f"CPU ms per job at {tp['jobs_per_s']} jobs/s, {w} worker{'s' if w > 1 else ''}: " + ", ".join(f"{k} {v}" for k, v in tp["cpu_ms_per_job"].items()))
+    one_by_one = results["imagegen"]["workers_1"]["sequential_prefer"]["cpu_ms_per_job"]
+    print("CPU ms per job, one job at a time (Prefer: wait), 1 worker: " + ", ".join(f"{k} {v}" for k, v in one_by_one.items())
+          + f" ({sum(one_by_one.values()):.1f} in all)")
     print()
     stages = results["imagegen"]["workers_1"]["sequential_ws"]["parts_p50_ms"]
     print("where a job's time goes, 1 worker, p50 ms: " + ", ".join(f"{k} {stages[k]:.2f}" for k in ("submit", "pickup", "run", "notify", "image") if k in stages)
