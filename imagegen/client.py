@@ -50,6 +50,7 @@ from schemas.request import DEFAULT_LIMITS, Limits, RequestInvalid, parse_reques
 from schemas.status import JobState, JobStatus
 
 FINAL = frozenset(state.value for state in JobState if state.final)
+FIRST_TRIES = 3  # a NATS address that does not answer three tries, half a second apart, is reported, not waited for
 T = TypeVar("T")
 
 
@@ -255,7 +256,9 @@ class NatsTransport:
             from schemas.connect import connect
 
             try:
-                nc = await connect(self.url, name="imagegen-client", connect_timeout=self.request_timeout_s)
+                nc = await connect(
+                    self.url, name="imagegen-client", connect_timeout=self.request_timeout_s, first_tries=FIRST_TRIES
+                )
             except Exception as exc:  # nats-py raises several unrelated types for "no server"
                 raise ImagegenError(f"cannot reach NATS at {self.url}: {exc}") from None
             self.js = nc.jetstream(timeout=self.request_timeout_s)

@@ -17,6 +17,7 @@ from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from imagegen.client import AsyncClient, Client, ImagegenError, JobCancelled, Progress
+from imagegen.embedded_nats import free_port
 
 
 def steps_seen(progress: list[Progress]) -> list[int]:
@@ -98,6 +99,14 @@ async def test_errors_name_the_problem(service):
         assert "unknown job" in str(caught.value)
     async with AsyncClient(url="http://127.0.0.1:9") as client:
         with pytest.raises(ImagegenError, match="cannot reach the gateway"):
+            await client.status("any-job-id-1")
+
+
+async def test_a_nats_address_that_does_not_answer_is_reported_not_waited_for():
+    """A service waits for its broker; a client whose user gave a wrong address says so after a few tries."""
+    port = free_port()
+    async with AsyncClient(nats=f"nats://127.0.0.1:{port}") as client:
+        with pytest.raises(ImagegenError, match=rf"cannot reach NATS at nats://127.0.0.1:{port}: no answer after 3 tries \(last: .*Connect call failed"):
             await client.status("any-job-id-1")
 
 

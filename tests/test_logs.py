@@ -110,3 +110,50 @@ async def test_lines_logged_while_a_worker_handles_a_job_carry_its_id(service, h
     assert done["attempt"] == 1 and done["duration_s"] > 0
     (queued,) = [line for line in about_job if line["logger"] == "imagegen.gateway" and "queued" in line["msg"]]
     assert queued["job_id"] == task_id
+
+
+async def test_a_broker_that_is_not_there_yet_is_reported_once_not_on_every_retry(tmp_path, caplog):
+    """A process started before its broker retries every half second; the log says so once, and once
+    connected, how many tries failed."""
+    from imagegen.embedded_nats import EmbeddedNats, free_port
+    from schemas.connect import connect
+
+    port = free_port()
+    caplog.set_level(logging.INFO, logger="imagegen.nats")
+    connecting = asyncio.create_task(connect(f"nats://127.0.0.1:{port}", name="late broker", connect_timeout=1.0))
+    await asyncio.sleep(2.5)  # about five tries
+    broker = EmbeddedNats(store_dir=tmp_path / "nats", port=port).start()
+    try:
+        nc = await asyncio.wait_for(connecting, 30)
+        await nc.close()
+    finally:
+        broker.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "imagegen.nats"]
+    errors = [line for line in lines if line.startswith("nats error (late broker)")]
+    assert len(errors) == 1 and "Connect call failed" in errors[0], lines
+    connected = [line for line in lines if line.startswith("nats connected (late broker) after")]
+    assert len(connected) == 1, lines
+    assert int(connected[0].split(" after ")[1].split()[0]) >= 2, connected
+
+
+def test_the_same_connection_error_is_logged_again_after_a_while_with_its_count(caplog):
+    from schemas.connect import ConnectionErrors
+
+    now = [0.0]
+    errors = ConnectionErrors("worker-1", every_s=30.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="imagegen.nats")
+    refused = ConnectionRefusedError(111, "Connect call failed")
+    for _ in range(60):  # half a minute of tries, one each half second
+        errors.failed(refused)
+        now[0] += 0.5
+    errors.failed(TimeoutError("another error"))  # a different error: logged at once
+    errors.failed(refused)  # 30 s after the first line: logged again, with the count left out meanwhile
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "nats error (worker-1): ConnectionRefusedError: [Errno 111] Connect call failed",
+        "nats error (worker-1): TimeoutError: another error",
+        "nats error (worker-1): ConnectionRefusedError: [Errno 111] Connect call failed (59 more times since its last line)",
+    ]
+    assert errors.connected() == " after 62 errors"
+    errors.failed(refused)  # a new run after a reconnect starts with a line at once
+    assert len(caplog.records) == 4
