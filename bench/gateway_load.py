@@ -181,13 +181,13 @@ async def ws_client(spec_path: str) -> None:
     gate = asyncio.Semaphore(spec["connect_concurrency"])
     lags: list[float] = []
     by_type: dict[str, list[float]] = {}
-    opened = finals = 0
+    opened = finals = queue_updates = 0
     errors: list[str] = []
     all_open = asyncio.Event()
     deadline = time.monotonic() + spec["timeout_s"]
 
     async def follow(http, job_id: str) -> None:
-        nonlocal opened, finals
+        nonlocal opened, finals, queue_updates
         try:
             async with gate:
                 ws = await http.ws_connect(f"{url}/v1/jobs/{job_id}/ws", autoping=True)
@@ -203,7 +203,9 @@ async def ws_client(spec_path: str) -> None:
                         errors.append(f"{job_id}: socket ended with {msg.type.name}")
                         return
                     event = json.loads(msg.data)
-                    if event.get("ts", 0) >= opened_at:
+                    if event.get("type") == "queued":  # where the job stands, from the gateway's view: no worker event
+                        queue_updates += 1
+                    elif event.get("ts", 0) >= opened_at:
                         lag = now - event["ts"]
                         lags.append(lag)
                         by_type.setdefault(event["type"], []).append(lag)
@@ -234,6 +236,7 @@ async def ws_client(spec_path: str) -> None:
         "lag": summary,
         "lag_p99_by_type_ms": {t: round(percentile([x * 1000 for x in v], 99), 2) for t, v in by_type.items()},
         "finished_jobs": finals,
+        "queue_updates": queue_updates,
         "run_s": round(time.monotonic() - started, 1),
         "errors": len(errors),
         "first_errors": errors[:3],
@@ -267,8 +270,8 @@ async def main(args: argparse.Namespace) -> int:
         ws = results["sockets"]
         print()
         print(markdown_table(
-            ["sockets", "jobs finished", "live events", "lag p50 ms", "lag p99 ms", "lag max ms", "gateway RSS open / peak MiB"],
-            [[ws["sockets"], ws["finished_jobs"], ws["events"], ws["lag"]["p50_ms"], ws["lag"]["p99_ms"], ws["lag"]["max_ms"], f"{ws['gateway_rss_mib']['sockets_open']:.0f} / {ws['gateway_rss_mib']['peak']:.0f}"]],
+            ["sockets", "jobs finished", "live events", "queue updates", "lag p50 ms", "lag p99 ms", "lag max ms", "gateway RSS open / peak MiB"],
+            [[ws["sockets"], ws["finished_jobs"], ws["events"], ws["queue_updates"], ws["lag"]["p50_ms"], ws["lag"]["p99_ms"], ws["lag"]["max_ms"], f"{ws['gateway_rss_mib']['sockets_open']:.0f} / {ws['gateway_rss_mib']['peak']:.0f}"]],
         ))
     print()
     print("targets: " + "; ".join(verdicts))

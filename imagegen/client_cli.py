@@ -24,7 +24,7 @@ def show(progress: Progress) -> None:
     if progress.type == "queued":
         eta = f", ETA {progress.eta_s:.1f}s" if progress.eta_s is not None else ""
         where = f" at position {progress.position}" if progress.position is not None else ""
-        print(f"queued{where}{eta}", file=sys.stderr)
+        print(f"\rqueued{where}{eta}".ljust(40), end="", file=sys.stderr, flush=True)  # the queue moves: the same line
     elif progress.type == "progress":
         print(bar(progress.step, progress.total, progress.eta_s), end="", file=sys.stderr, flush=True)
 

@@ -225,3 +225,47 @@ async def test_a_low_tier_eta_counts_the_higher_tier_work_still_to_come(broker, 
         assert ahead + one < low < ahead / (1 - load) + one
     finally:
         await gateway.stop()
+
+
+async def test_a_follower_of_a_queued_job_hears_its_place_as_the_queue_moves(broker, http):
+    """No worker: three jobs wait. A WebSocket and an SSE follower of the last one get its `queued` event,
+    then another each time a job ahead of it leaves the queue (here: cancelled), with its new position
+    and ETA, then its own end."""
+    from gateway.settings import GatewaySettings
+    from imagegen import runtime
+
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        first, second, third = [await submit(http, url, seed=i) for i in range(3)]
+        async with http.ws_connect(f"{url}/v1/jobs/{third}/ws") as ws, http.get(f"{url}/v1/jobs/{third}/events") as sse:
+            assert sse.status == 200
+
+            async def next_ws() -> dict:
+                return await asyncio.wait_for(ws.receive_json(), 30)
+
+            async def next_sse() -> dict:
+                block = b""
+                while not block.endswith(b"\n\n"):
+                    block += await asyncio.wait_for(sse.content.readline(), 30)
+                lines = dict(line.split(": ", 1) for line in block.decode().strip().splitlines())
+                return json.loads(lines["data"])
+
+            for follower in (next_ws, next_sse):
+                queued = await follower()
+                assert (queued["type"], queued["position"]) == ("queued", 2), queued
+            etas = [queued["eta_s"]]
+            for ahead, position in ((first, 1), (second, 0)):
+                async with http.post(f"{url}/v1/jobs/{ahead}/cancel") as r:
+                    assert r.status == 200
+                for follower in (next_ws, next_sse):
+                    moved = await follower()
+                    assert (moved["type"], moved["position"]) == ("queued", position), moved
+                etas.append(moved["eta_s"])
+            assert etas[0] > etas[1] > etas[2] > 0  # one job less ahead each time
+            async with http.post(f"{url}/v1/jobs/{third}/cancel") as r:
+                assert r.status == 200
+            for follower in (next_ws, next_sse):
+                assert (await follower())["type"] == "cancelled"
+    finally:
+        await gateway.stop()
