@@ -1,7 +1,7 @@
 """The web UI at / in a real headless browser (Debian's `chromium`, driven by Playwright), against the
 real gateway and a tiny-sdxl worker: a prompt typed (with the refiner on) becomes an image in the
 gallery that downloads; several images at once get consecutive seeds and show queue, progress, ETA
-and live previews on the way; re-run repeats an image from its seed (from the result cache, and made
+and live previews on the way; a waiting card's place moves with the queue; re-run repeats an image from its seed (from the result cache, and made
 again without it); cancel stops a job; the API's 4xx errors are shown by field; the page asks for no
 more images per request, and offers no larger sizes, than the service's limits; an uploaded (or
 dropped) init image gives an image of its size, a gallery image becomes the next init image, and a
@@ -255,6 +255,27 @@ async def test_two_images_at_once_with_live_progress_and_a_rerun_of_one_seed(ser
     job = await wait_state(http, service.url, job_id, FINAL, timeout=120)
     assert job["state"] == "done" and job["cached"] is False and job["worker"] and job["seed"] == 777
     assert await image_bytes(http, service.url, job_id) == await image_bytes(http, service.url, made)
+
+
+async def test_a_waiting_cards_place_moves_with_the_queue_over_the_websocket(broker, page, http):
+    """No worker: three images wait. As the jobs ahead leave the queue (cancelled over the API), the last
+    card's place moves from the WebSocket's events alone (the page's polls are refused)."""
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        await open_ui(page, url, model="no worker running")
+        await page.route(JOB_READ, hold_back_polls)
+        async with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as answered:
+            await generate(page, "three lamps", seed="40", count="3")
+        first, second, third = (await (await answered.value).json())["job_ids"]
+        place = page.locator(f'#jobs .job[data-job-id="{third}"] .where')
+        await expect(place).to_have_text("#3 in queue")
+        for ahead, shown in ((first, "#2 in queue"), (second, "#1 in queue")):
+            async with http.post(f"{url}/v1/jobs/{ahead}/cancel") as r:
+                assert r.status == 200
+            await expect(place).to_have_text(shown)
+    finally:
+        await gateway.stop()
 
 
 async def test_cancel_stops_a_job(service, page):

@@ -1,5 +1,5 @@
 /* imagegen web UI: submits jobs to /v1/jobs (text-to-image, or image-to-image and inpainting from an
-   uploaded init image and mask), follows them all over one WebSocket (/v1/ws), polls queue positions,
+   uploaded init image and mask), follows them all over one WebSocket (/v1/ws) (queue moves included),
    and keeps finished images in a gallery. No dependencies, works offline. */
 "use strict";
 
@@ -706,7 +706,7 @@ async function poll() {
   const now = performance.now();
   const open = socket && socket.readyState === WebSocket.OPEN;
   const due = [...jobs.values()].filter(
-    (j) => !j.final && !j.polling && (j.state === "queued" || !open || now - j.lastEvent > SILENT_MS),
+    (j) => !j.final && !j.polling && (!open || now - j.lastEvent > SILENT_MS), // the socket brings queue moves too
   );
   await Promise.all(due.slice(0, 8).map(async (job) => {
     job.polling = true;
