@@ -139,7 +139,7 @@ def main() -> None:
     long = errors_summary(pooled)
     results = {
         "benchmark": "eta_sim",
-        "config": vars(args),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
         "runs_of_benchmark_size": {
             "p90_abs_error": {
                 "min": per_run[0], "q10": per_run[int(0.1 * (len(per_run) - 1))], "median": statistics.median(per_run),
