@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
@@ -19,6 +20,8 @@ from typing import Any, AsyncIterator
 from gateway.jobs import JobService
 from schemas.events import JobEvent
 from schemas.status import JobState
+
+log = logging.getLogger("imagegen.gateway")
 
 CHECK_S = 1.0  # how often a follower of a queued job looks at its place
 MOVED_BY = 0.2  # an ETA this much longer or shorter than the last one's countdown (and at least MOVED_MIN_S) is news
@@ -47,7 +50,12 @@ async def follow(
                     coming = asyncio.ensure_future(anext(events, None))
                 await asyncio.wait((coming,), timeout=check_s if waiting is not None else None)
                 if not coming.done():
-                    if (moved := _moved(jobs, job_id, waiting)) is not None:
+                    try:
+                        moved = _moved(jobs, job_id, waiting)
+                    except Exception as exc:  # a place not worked out must not cost the follower its events
+                        log.warning("job %s: its place in the queue not worked out: %s", job_id, exc, extra={"job_id": job_id})
+                        moved = None
+                    if moved is not None:
                         waiting = moved
                         yield moved
                     continue

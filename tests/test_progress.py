@@ -269,3 +269,35 @@ async def test_a_follower_of_a_queued_job_hears_its_place_as_the_queue_moves(bro
                 assert (await follower())["type"] == "cancelled"
     finally:
         await gateway.stop()
+
+
+async def test_a_place_that_cannot_be_worked_out_costs_the_follower_no_event(broker, http, monkeypatch):
+    """A failure while working out a queued job's place is logged; its follower still gets the job's own
+    events."""
+    from gateway import event_feed
+    from gateway.settings import GatewaySettings
+    from imagegen import runtime
+
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        first, second = [await submit(http, url, seed=i) for i in range(2)]
+        async with http.ws_connect(f"{url}/v1/jobs/{second}/ws") as ws:
+            assert (await asyncio.wait_for(ws.receive_json(), 30))["type"] == "queued"
+
+            def broken(jobs, job_id, last):
+                raise RuntimeError("no forecast")
+
+            monkeypatch.setattr(event_feed, "_moved", broken)
+            async with http.post(f"{url}/v1/jobs/{first}/cancel") as r:
+                assert r.status == 200
+            await asyncio.sleep(1.5)  # a place check or more with the job ahead gone
+            monkeypatch.undo()
+            async with http.post(f"{url}/v1/jobs/{second}/cancel") as r:
+                assert r.status == 200
+            later = await asyncio.wait_for(ws.receive_json(), 30)
+            while later["type"] == "queued":  # a place worked out once the ETA came back
+                later = await asyncio.wait_for(ws.receive_json(), 30)
+            assert later["type"] == "cancelled"
+    finally:
+        await gateway.stop()
