@@ -78,8 +78,9 @@ def _moved(jobs: JobService, job_id: str, last: JobEvent) -> JobEvent | None:
         return None
     now = time.time()
     position, eta = jobs.position(status), jobs.eta(status)
-    moved = position is not None and last.position is not None and abs(position - last.position) >= max(1, last.position // 20)
-    if not moved and (eta is None or last.eta_s is None or _close(eta, last.eta_s - (now - last.ts))):
+    moved = position is not None and (last.position is None or abs(position - last.position) >= max(1, last.position // 20))
+    revised = eta is not None and (last.eta_s is None or not _close(eta, last.eta_s - (now - last.ts)))
+    if not (moved or revised):  # a `queued` event without them (a job published straight onto NATS) gets them now
         return None
     return JobEvent(type="queued", job_id=job_id, ts=now, position=position, eta_s=eta)
 

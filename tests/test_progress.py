@@ -301,3 +301,25 @@ async def test_a_place_that_cannot_be_worked_out_costs_the_follower_no_event(bro
             assert later["type"] == "cancelled"
     finally:
         await gateway.stop()
+
+
+async def test_a_job_queued_straight_over_nats_gets_its_place_from_the_gateway(broker, http):
+    """A service that queues over NATS sends `queued` without a place (it has no view of the queue); a
+    WebSocket follower through the gateway then gets the job's position and ETA from the gateway."""
+    from gateway.settings import GatewaySettings
+    from imagegen import runtime
+    from imagegen.client import AsyncClient
+
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        await submit(http, url, seed=1)  # one job ahead of it
+        async with AsyncClient(nats=broker.url) as service:
+            job_id = await service.submit("queued over NATS", width=64, height=64, steps=6)
+        async with http.ws_connect(f"{url}/v1/jobs/{job_id}/ws") as ws:
+            stored = await asyncio.wait_for(ws.receive_json(), 30)
+            assert stored["type"] == "queued" and "position" not in stored, stored
+            placed = await asyncio.wait_for(ws.receive_json(), 30)
+            assert placed["type"] == "queued" and placed["position"] == 1 and placed["eta_s"] > 0, placed
+    finally:
+        await gateway.stop()

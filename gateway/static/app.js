@@ -1,6 +1,6 @@
 /* imagegen web UI: submits jobs to /v1/jobs (text-to-image, or image-to-image and inpainting from an
-   uploaded init image and mask), follows them all over one WebSocket (/v1/ws) (queue moves included),
-   and keeps finished images in a gallery. No dependencies, works offline. */
+   uploaded init image and mask), follows them all over one WebSocket (/v1/ws), which also says how their
+   places in the queue move, and keeps finished images in a gallery. No dependencies, works offline. */
 "use strict";
 
 const KEY_STORE = "imagegen.apiKey";
