@@ -46,20 +46,23 @@ async def follow(
         coming: asyncio.Future | None = None
         try:
             while True:
-                if coming is None:
-                    coming = asyncio.ensure_future(anext(events, None))
-                await asyncio.wait((coming,), timeout=check_s if waiting is not None else None)
-                if not coming.done():
-                    try:
-                        moved = _moved(jobs, job_id, waiting)
-                    except Exception as exc:  # a place not worked out must not cost the follower its events
-                        log.warning("job %s: its place in the queue not worked out: %s", job_id, exc, extra={"job_id": job_id})
-                        moved = None
-                    if moved is not None:
-                        waiting = moved
-                        yield moved
-                    continue
-                event, coming = coming.result(), None
+                if waiting is None and coming is None:  # not queued: the next event, read as it comes
+                    event = await anext(events, None)
+                else:  # queued: the next event, read while the job's place is looked at every check_s
+                    if coming is None:
+                        coming = asyncio.ensure_future(anext(events, None))
+                    await asyncio.wait((coming,), timeout=check_s)
+                    if not coming.done():
+                        try:
+                            moved = _moved(jobs, job_id, waiting)
+                        except Exception as exc:  # a place not worked out must not cost the follower its events
+                            log.warning("job %s: its place in the queue not worked out: %s", job_id, exc, extra={"job_id": job_id})
+                            moved = None
+                        if moved is not None:
+                            waiting = moved
+                            yield moved
+                        continue
+                    event, coming = coming.result(), None
                 if event is None:
                     return
                 waiting = event if event.type == "queued" else None
