@@ -99,16 +99,19 @@ async def sequential(http, url: str, n: int, *, wait: str, body=job_body) -> dic
     return {"latency": summary_ms(parts["total"]), "parts_p50_ms": {k: summary_ms(v)["p50_ms"] for k, v in parts.items() if k != "total"}, "errors": errors}
 
 
-async def metered(pids: dict[str, int], run, jobs: int) -> dict:
-    """`run`'s result with the CPU milliseconds each process spent per job while it ran (one job at a
-    time: what the path costs each process, with nothing to share a wake-up or a send with)."""
+async def metered(pids: dict[str, int], run, jobs_done) -> dict:
+    """`run`'s result with the share of a core each process used while it ran (`cpu_cores`) and its CPU
+    milliseconds per job (`cpu_ms_per_job`), `jobs_done(result)` being the jobs it ran."""
     meters = {name: CpuMeter(pid) for name, pid in pids.items()}
     for meter in meters.values():
         meter.start()
     started = time.monotonic()
     result = await run
     elapsed = time.monotonic() - started
-    result["cpu_ms_per_job"] = {name: round(meter.stop() * elapsed * 1000 / jobs, 2) for name, meter in meters.items()}
+    shares = {name: meter.stop() for name, meter in meters.items()}
+    jobs = max(jobs_done(result), 1)
+    result["cpu_cores"] = {name: round(v, 2) for name, v in shares.items()}
+    result["cpu_ms_per_job"] = {name: round(v * elapsed * 1000 / jobs, 2) for name, v in shares.items()}
     return result
 
 
@@ -189,14 +192,13 @@ async def main(args: argparse.Namespace) -> int:
                     level["sequential_socket"] = await sequential(http, stack.url, args.jobs, wait="socket")
                     level["sequential_poll"] = await sequential(http, stack.url, args.jobs, wait="poll")
                     pids = {**stack.pids(), "clients": os.getpid()}
-                    level["sequential_prefer"] = await metered(pids, sequential(http, stack.url, args.jobs, wait="prefer"), args.jobs)
-                    meters = {name: CpuMeter(pid) for name, pid in pids.items()}
-                    for meter in meters.values():
-                        meter.start()
-                    level["throughput_ws"] = tp = await throughput(http, stack.url, clients=args.clients, duration_s=args.duration)
-                    shares = {name: meter.stop() for name, meter in meters.items()}
-                    tp["cpu_cores"] = {name: round(v, 2) for name, v in shares.items()}
-                    tp["cpu_ms_per_job"] = {name: round(v * 1000 / max(tp["jobs_per_s"], 1e-9), 2) for name, v in shares.items()}
+                    # one job at a time: what the path costs each process, with nothing to share a wake-up or a send with
+                    level["sequential_prefer"] = await metered(
+                        pids, sequential(http, stack.url, args.jobs, wait="prefer"), lambda r: r["latency"]["n"]
+                    )
+                    level["throughput_ws"] = await metered(
+                        pids, throughput(http, stack.url, clients=args.clients, duration_s=args.duration), lambda r: r["jobs"]
+                    )
                 level["rss_peak_mib"] = {k: round(v, 1) for k, v in rss.peak.items()}
                 level["other_load_cores"] = other.cores
                 imagegen[f"workers_{workers}"] = level
