@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import positive, whole  # noqa: E402
-from eta import FIXED_S, STEP_S, STEP_S_PER_MPX, job_seconds, workload  # noqa: E402
+from eta import FIXED_S, STEP_S, STEP_S_PER_MPX, job_seconds, p90, workload  # noqa: E402
 from gateway.forecast import forecast  # noqa: E402
 from gateway.queue_view import QueueView  # noqa: E402
 from schemas.names import TIERS, Tier  # noqa: E402
@@ -99,11 +99,6 @@ def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, 
             take(idle.pop(0), now)
         arrival = now + rng.expovariate(rate)
     raise AssertionError("the simulation ran out of arrivals")
-
-
-def p90(values: list[float]) -> float:
-    values = sorted(values)
-    return values[int(0.9 * (len(values) - 1))]
 
 
 def errors_summary(errors: list[tuple[str, float]]) -> dict:
