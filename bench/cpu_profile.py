@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, CpuMeter, http_session, markdown_table, open_stack, positive, run_job, whole, write_results  # noqa: E402
-from overhead import job_body, throughput  # noqa: E402
+from common import RESULTS, http_session, markdown_table, open_stack, positive, run_job, whole, write_results  # noqa: E402
+from overhead import job_body, metered, throughput  # noqa: E402
 
 OWN_PACKAGES = ("gateway", "gpu_worker", "schemas", "imagegen")
 SOCKET_SEND = ("_SelectorSocketTransport.write", "_SelectorSocketTransport.writelines", "socket.send")
@@ -125,12 +125,10 @@ async def main(args: argparse.Namespace) -> int:
                 for name, pid in targets.items()
             }
             await asyncio.sleep(1.0)  # py-spy attaches
-            meters = {name: CpuMeter(pid) for name, pid in targets.items()}
-            for meter in meters.values():
-                meter.start()
-            load = await throughput(http, stack.url, clients=args.clients, duration_s=args.duration)
-            cores = {name: meter.stop() for name, meter in meters.items()}
-            results["load"] = {**load, "cpu_cores": {k: round(v, 3) for k, v in cores.items()}}
+            results["load"] = load = await metered(
+                targets, throughput(http, stack.url, clients=args.clients, duration_s=args.duration), lambda r: r["jobs"]
+            )
+            cores = load["cpu_cores"]
             for name, proc in spies.items():
                 _, err = await asyncio.wait_for(proc.communicate(), 60)
                 if proc.returncode != 0:
@@ -138,7 +136,7 @@ async def main(args: argparse.Namespace) -> int:
                     return 1
     jobs = load["jobs"]
     results["profiles"] = {
-        name: summarize(read_collapsed(stacks_dir / f"{name}.txt"), cpu_ms_per_job=cores[name] * 1000 / load["jobs_per_s"], top=args.top)
+        name: summarize(read_collapsed(stacks_dir / f"{name}.txt"), cpu_ms_per_job=load["cpu_ms_per_job"][name], top=args.top)
         for name in ("gateway", "worker")
     }
     path = write_results("cpu_profile", results)
