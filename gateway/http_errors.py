@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.accept import NotAcceptable
 from gateway.jobs import BROKER_DOWN, Forbidden, NotReady, UnknownJob
 from gateway.ratelimit import RateLimited
 from schemas.request import RequestInvalid
@@ -79,6 +80,8 @@ async def errors_middleware(request: web.Request, handler):
         return await handler(request)
     except RequestInvalid as exc:
         return invalid(exc)
+    except NotAcceptable as exc:
+        return web.json_response({"error": str(exc), "field": "Accept"}, status=406)
     except UnknownJob as exc:
         return web.json_response({"error": f"unknown task_id {exc.args[0]!r}"}, status=404)
     except Forbidden as exc:

@@ -9,6 +9,7 @@ from collections import Counter
 
 from aiohttp import WSMsgType, web
 
+from gateway.accept import answers_image
 from gateway.auth import socket_key
 from gateway.event_feed import event_json, follow
 from gateway.http_errors import read_json
@@ -17,7 +18,7 @@ from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.submission import group_jobs, submit_request
 from schemas.http import GroupView, JobView, LimitsView
 from schemas.job import group_job_ids
-from schemas.request import RequestInvalid, parse_request
+from schemas.request import RequestInvalid, field_named_by, parse_request
 from schemas.status import JobState, JobStatus
 
 log = logging.getLogger("imagegen.gateway.native")
@@ -95,19 +96,35 @@ def wait_seconds(request: web.Request) -> float:
 @routes.post("/v1/jobs")
 async def submit(request: web.Request) -> web.Response:
     """202 with the queued job; with a wait, 201 once the job (every job of a group) has ended within
-    it, else 202 with the job as it is then."""
+    it, else 202 with the job as it is then. With a wait and an Accept header that ranks the image's
+    type above JSON, the 201 carries the image itself (gateway.accept)."""
     jobs = request.app[SERVICE]
     wait_s = wait_seconds(request)
     body = parse_request(await read_json(request), limits=jobs.settings.limits)
+    image_answer = answers_image(request.headers.get("Accept"), content_type=body.content_type, images=body.n, waits=wait_s > 0)
     queued = await submit_request(jobs, body, **caller(request))
     status = queued[0]
     if wait_s > 0:
         owner = owner_of(request)
         waited = await asyncio.gather(*(jobs.wait_final(s.job_id, owner=owner, wait_s=wait_s) for s in queued))
         status = waited[0]
+        if image_answer and status.state.final:
+            return await image_response(jobs, status, owner=owner)
         if all(s.state.final for s in waited):
             return web.json_response(job_view(jobs, status).model_dump(), status=201)
     return web.json_response(job_view(jobs, status).model_dump(), status=202)
+
+
+async def image_response(jobs: JobService, status: JobStatus, *, owner: str | None) -> web.Response:
+    """201 with the ended job's image; when it ended without one, its record as JSON with 400 (it failed
+    on a field of the request) or 502 (it failed otherwise, was cancelled or expired)."""
+    headers = {"Location": f"/v1/jobs/{status.job_id}", "X-Job-Id": status.job_id}
+    if status.state is JobState.DONE:
+        status, data = await jobs.image(status.job_id, owner=owner)
+        headers["X-Seed"] = str(status.seed)
+        return web.Response(body=data, status=201, content_type=status.image.content_type, headers=headers)
+    failed_on_request = status.state is JobState.FAILED and field_named_by(status.error) is not None
+    return web.json_response(job_view(jobs, status).model_dump(), status=400 if failed_on_request else 502, headers=headers)
 
 
 @routes.get("/v1/groups/{group_id}")

@@ -35,7 +35,7 @@ from gateway.submission import submit_request
 from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
 from schemas.job import new_seed
 from schemas.names import Tier
-from schemas.request import GenerateRequest, RequestInvalid, parse_request
+from schemas.request import GenerateRequest, RequestInvalid, field_named_by, parse_request
 from schemas.status import JobState
 
 log = logging.getLogger("imagegen.gateway.openai")
@@ -186,8 +186,8 @@ def public_origin(request: web.Request) -> str:
 
 def job_failure(job_id: str, state: str, reason: str | None) -> OpenAIFailure:
     reason = reason or state
-    field = reason.split(":", 1)[0].strip()
-    if state == JobState.FAILED.value and field in GenerateRequest.model_fields:
+    field = field_named_by(reason)
+    if state == JobState.FAILED.value and field is not None:
         return OpenAIFailure(
             400, f"image job {job_id} failed: {reason}", param=param_of(field, steps_given=False), code="invalid_value"
         )

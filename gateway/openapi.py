@@ -38,6 +38,11 @@ PREFER = {
     "name": "Prefer", "in": "header", "description": "wait=N: as the wait parameter (RFC 7240)",
     "schema": {"type": "string", "pattern": "^wait(=([0-9]|[1-5][0-9])(\\.[0-9]+)?|=60)?$"},
 }
+ACCEPT = {
+    "name": "Accept", "in": "header",
+    "description": "image/* (or the job's image type ranked above application/json) with a wait: the 201 is the image itself",
+    "schema": {"type": "string"},
+}
 
 # (method, path, summary, tag, request body model, response model, parameters, extra responses)
 OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dict], dict]] = [
@@ -70,8 +75,21 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         "jobs",
         GenerateRequest,
         JobView,
-        [WAIT, PREFER],
-        {"201": {"description": "Ended within the wait", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobView"}}}}},
+        [WAIT, PREFER, ACCEPT],
+        {
+            "201": {
+                "description": "Ended within the wait: the job, or with an Accept that ranks the image first, the image itself",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/JobView"}},
+                    **{t: {} for t in ("image/jpeg", "image/png", "image/webp")},
+                },
+            },
+            "406": {"description": "The Accept header takes neither JSON nor the image this request can be answered with"},
+            "502": {
+                "description": "The image was asked for and the job ended without one (failed, cancelled, expired)",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobView"}}},
+            },
+        },
     ),
     ("get", "/v1/jobs", "List jobs", "jobs", None, [JobView], [], {}),
     ("get", "/v1/jobs/{job_id}", "A job's status, position and ETA; with wait, once it has ended", "jobs", None, JobView, [JOB_ID, WAIT], {}),

@@ -256,6 +256,13 @@ class GenerateRequest(BaseModel):
         return self.width * self.height
 
 
+def field_named_by(reason: str | None) -> str | None:
+    """The request field a job's failure reason begins with ("init_image: not an image"), if any: the
+    job failed on what was asked, not on the service."""
+    field = (reason or "").split(":", 1)[0].strip()
+    return field if field in GenerateRequest.model_fields else None
+
+
 def limit_problems(request: GenerateRequest, limits: Limits) -> list[dict[str, str]]:
     """The configured limits a valid-looking request breaks, one entry per field."""
     problems: list[dict[str, str]] = []

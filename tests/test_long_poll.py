@@ -4,8 +4,10 @@ a status read. Over real NATS, with the tiny-sdxl worker, and with a gateway who
 from __future__ import annotations
 
 import asyncio
+import io
 
 import pytest
+from PIL import Image
 
 from gateway.settings import GatewaySettings
 from imagegen import runtime
@@ -38,6 +40,85 @@ async def test_a_status_read_with_a_wait_returns_when_the_job_ends(service, http
     async with http.get(f"{service.url}/v1/jobs/{job_id}", params={"wait": "60"}) as r:
         assert r.status == 200
         assert (await r.json())["state"] == "done"
+
+
+async def test_a_submit_that_accepts_an_image_is_answered_with_the_image_itself(service, http):
+    headers = {"Prefer": "wait=60", "Accept": "image/png"}
+    async with http.post(f"{service.url}/v1/jobs", json={**JOB, "format": "PNG", "width": 72}, headers=headers) as r:
+        assert r.status == 201, await r.text()
+        assert r.content_type == "image/png"
+        image = await r.read()
+        location, job_id, seed = r.headers["Location"], r.headers["X-Job-Id"], r.headers["X-Seed"]
+    assert Image.open(io.BytesIO(image)).size == (72, 64)
+    async with http.get(f"{service.url}{location}") as r:
+        job = await r.json()
+    assert job["job_id"] == job_id and job["state"] == "done" and str(job["seed"]) == seed
+    async with http.get(f"{service.url}{job['image_url']}") as r:
+        assert await r.read() == image
+
+
+@pytest.mark.parametrize("accept", ["image/*", "image/jpeg", "image/*, application/json;q=0.9", "application/json;q=0.1, */*;q=0.5"])
+async def test_an_accept_that_ranks_the_jobs_image_first_gets_the_image(service, http, accept):
+    async with http.post(f"{service.url}/v1/jobs?wait=60", json=JOB, headers={"Accept": accept}) as r:
+        assert r.status == 201, await r.text()
+        assert r.content_type == "image/jpeg"
+        assert Image.open(io.BytesIO(await r.read())).format == "JPEG"
+
+
+@pytest.mark.parametrize("accept", ["application/json", "*/*", "image/*;q=0.5, application/json", "image/png, application/json"])
+async def test_an_accept_that_ranks_json_first_gets_the_job(service, http, accept):
+    async with http.post(f"{service.url}/v1/jobs?wait=60", json=JOB, headers={"Accept": accept}) as r:
+        assert r.status == 201, await r.text()
+        assert r.content_type == "application/json" and (await r.json())["state"] == "done"
+
+
+async def test_an_image_that_could_not_be_made_is_answered_with_the_job_and_its_reason(service, http):
+    headers = {"Prefer": "wait=60", "Accept": "image/jpeg"}
+    async with http.post(f"{service.url}/v1/jobs", json={**JOB, "loras": {"no-such-style": 1.0}}, headers=headers) as r:
+        assert r.status == 400, await r.text()  # the job failed on what was asked
+        job = await r.json()
+        assert r.headers["Location"] == f"/v1/jobs/{job['job_id']}"
+    assert job["state"] == "failed" and job["error"].startswith("loras:") and "no-such-style" in job["error"]
+
+
+async def test_a_job_cancelled_while_its_image_was_awaited_is_answered_with_the_job(no_worker, http):
+    async def submit_waiting():
+        async with http.post(f"{no_worker}/v1/jobs?wait=60", json=JOB, headers={"Accept": "image/*"}) as r:
+            return r.status, await r.json()
+
+    waiting = asyncio.create_task(submit_waiting())
+    async with asyncio.timeout(30):
+        while not (jobs := await (await http.get(f"{no_worker}/v1/jobs")).json()):
+            await asyncio.sleep(0.05)
+        async with http.post(f"{no_worker}/v1/jobs/{jobs[0]['job_id']}/cancel") as r:
+            assert r.status == 200
+        status, job = await waiting
+    assert status == 502 and job["state"] == "cancelled" and job["job_id"] == jobs[0]["job_id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "query", "accept", "named"),
+    [
+        (JOB, "?wait=5", "image/png", "image/jpeg"),  # the job makes JPEG
+        ({**JOB, "format": "WEBP"}, "?wait=5", "image/jpeg, image/png", "format"),
+        ({**JOB, "n": 2}, "?wait=5", "image/*", "makes 2"),
+        (JOB, "", "image/jpeg", "Prefer: wait"),
+        (JOB, "?wait=5", "text/html", "application/json"),
+    ],
+)
+async def test_an_answer_the_accept_header_cannot_take_is_refused_before_queueing(no_worker, http, body, query, accept, named):
+    async with http.post(f"{no_worker}/v1/jobs{query}", json=body, headers={"Accept": accept}) as r:
+        assert r.status == 406
+        error = await r.json()
+    assert error["field"] == "Accept" and named in error["error"]
+    async with http.get(f"{no_worker}/v1/jobs") as r:
+        assert await r.json() == []
+
+
+async def test_a_wait_for_an_image_that_runs_out_answers_with_the_job(no_worker, http):
+    async with http.post(f"{no_worker}/v1/jobs?wait=0.3", json=JOB, headers={"Accept": "image/*"}) as r:
+        assert r.status == 202 and r.content_type == "application/json"
+        assert (await r.json())["state"] == "queued"
 
 
 @pytest.fixture
