@@ -393,6 +393,16 @@ async def submit_and_wait(http: aiohttp.ClientSession, url: str, body: dict, tim
         return await r.json()
 
 
+async def submit_for_image(http: aiohttp.ClientSession, url: str, body: dict, timeout: float = 60.0) -> bytes:
+    """Submits with `Prefer: wait` and `Accept: image/*`: the answer is the finished image itself."""
+    headers = {"Prefer": f"wait={timeout:g}", "Accept": "image/*"}
+    async with http.post(f"{url}/v1/jobs", json=body, headers=headers) as r:
+        data = await r.read()
+        if r.status != 201 or not r.content_type.startswith("image/"):
+            raise JobError(f"submit for the image answered {r.status} {r.content_type}: {data[:200]!r}")
+        return data
+
+
 async def wait_ws(http: aiohttp.ClientSession, url: str, job_id: str, timeout: float = 60.0, seen: dict | None = None) -> dict:
     """Follows the job on /v1/jobs/{id}/ws until its final event; `seen` gets each event type's
     (stamp, wall-clock time received)."""
@@ -449,12 +459,17 @@ async def run_job(
 ) -> dict[str, float]:
     """Submit, wait for done, fetch the image; the seconds each part took. `wait`: "ws" (the job's own
     WebSocket), "socket" (`socket`, one WebSocket kept open for every job), "poll" (GET back to back)
-    or "prefer" (the submit itself waits). Waiting on a WebSocket also splits the wait by the events'
+    "prefer" (the submit itself waits) or "image" (the submit waits and its answer is the image, no
+    fetch after it). Waiting on a WebSocket also splits the wait by the events'
     stamps: `pickup` (queued -> started: a worker takes the job and marks it running), `run` (started
     -> done: engine, encoding, object store, status) and `notify` (done stamped by the worker ->
     received by the client)."""
     seen: dict = {}
     t0 = time.perf_counter()
+    if wait == "image":  # one request, the image in its answer
+        await submit_for_image(http, url, body)
+        t1 = time.perf_counter()
+        return {"total": t1 - t0, "submit": t1 - t0, "wait": 0.0, "image": 0.0}
     if wait == "prefer":  # one request: the submit is answered when the job has ended
         final = await submit_and_wait(http, url, body)
         if final["state"] != "done":
