@@ -15,6 +15,7 @@ from gateway.jobs import JobService
 from gateway.mflux_api import SERVICE
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
+from gateway.webhooks import WebhookSender
 
 log = logging.getLogger("imagegen.gateway")
 STATIC = Path(__file__).parent / "static"
@@ -80,11 +81,20 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
 
     async def lifecycle(app: web.Application):
         await app[SERVICE].start()
+        webhooks = WebhookSender(
+            jobs.js,
+            render=lambda status: native_api.job_view(jobs, status).model_dump(),
+            secret=settings.webhook_secret,
+            allow_private=settings.webhook_allow_private,
+            retry_s=settings.webhook_retry_s,
+        )
+        await webhooks.start()
         log.info(
             "gateway ready on http://%s:%d (nats %s, auth %s)",
             settings.host, settings.port, settings.nats_url, f"on, {len(keys.keys)} keys" if keys.enabled else "off",
         )
         yield
+        await webhooks.close()
         await app[SERVICE].close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -21,7 +21,7 @@ import json
 from schemas.request import GenerateRequest
 
 KEY_VERSION = "imagegen-cache-v1"
-HANDLING_FIELDS = frozenset({"priority", "tier", "timeout_s", "cache"})
+HANDLING_FIELDS = frozenset({"priority", "tier", "timeout_s", "cache", "webhook", "webhook_events_filter"})
 """Request fields that change how a job is handled, never its image: not part of the key."""
 SCOPES = ("key", "global")
 

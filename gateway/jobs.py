@@ -27,6 +27,7 @@ from gateway.fresh_images import FreshImages
 from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
 from gateway.settings import GatewaySettings
+from gateway.webhooks import WebhookOutbox
 from schemas import jobstore, names, uploads
 from schemas.codec import encode
 from schemas.connect import BROKER_ERRORS, connect
@@ -93,6 +94,8 @@ class JobService:
         self.view.listeners.append(self.fresh.on_change)
         self.final_waiters: dict[str, set[asyncio.Future[None]]] = {}  # job id -> callers waiting for its end
         self.view.listeners.append(self._wake_final_waiters)
+        self.outbox = WebhookOutbox(window_s=settings.topology.duplicate_window_s)
+        self.view.listeners.append(self.outbox.on_change)
         self.nc: NATS | None = None
         self.default_model: str | None = None
 
@@ -106,6 +109,7 @@ class JobService:
         self.rate_kv = await self.js.key_value(names.RATE_BUCKET)
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
         self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
+        self.outbox.start(self.js)
         self.view.start(self.status_kv, self.workers_kv)
         await asyncio.wait_for(self.view.ready.wait(), timeout=30)
         self.direct = DirectReader(self.nc, timeout_s=self.settings.nats_timeout_s)
@@ -126,6 +130,7 @@ class JobService:
                 await reader.close()
         self.fresh.close()
         await self.view.stop()
+        await self.outbox.close()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
 

@@ -25,6 +25,9 @@ class GatewaySettings:
     redact_prompts: bool = False  # audit records and logs carry a hash instead of the prompt
     default_timeout_s: float | None = None  # deadline for requests that set no timeout_s
     cache_ttl_s: float = 24 * 3600  # result cache: identical requests within this long get the stored image; 0: off
+    webhook_secret: str | None = None  # signs webhook calls (Standard Webhooks); the same on every gateway
+    webhook_allow_private: bool = False  # webhooks may go to loopback and private addresses (a closed network)
+    webhook_retry_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # waits between a call's tries
     cache_scope: str = "key"  # result cache entries: each API key's own (key), or shared by all keys (global)
 
     @property

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from gateway.auth import ApiKey
 from gateway.jobs import BROKER_DOWN, JobService, UnknownJob, idempotent_job_id
+from gateway.webhooks import check_destination
 from schemas import jobstore, uploads
 from schemas.group import GroupPlan, plan_group, store_uploads
 from schemas.job import Placement, group_job_ids
@@ -42,6 +43,8 @@ async def submit_request(
 ) -> list[JobStatus]:
     """Queues the request's n jobs and returns their first status records, in seed order."""
     jobs.check_allowed(request, key)
+    if request.webhook is not None:
+        check_destination(request.webhook, allow_private=jobs.settings.webhook_allow_private)
     plan = plan_group(request, first_id=idempotent_job_id(owner, idempotency_key) if idempotency_key else None)
     earlier = await _earlier_records(jobs, plan) if idempotency_key else []
     known = next((s for s in earlier if s is not None), None)

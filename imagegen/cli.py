@@ -66,6 +66,8 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redact-prompts", action="store_true", default=env("REDACT_PROMPTS", "") not in ("", "0", "false"), help="audit records carry a hash instead of the prompt (IMAGEGEN_REDACT_PROMPTS)")
     p.add_argument("--default-timeout", type=float, default=env("DEFAULT_TIMEOUT", 0.0), help="seconds a job may wait in the queue when the request sets no timeout_s; 0: forever (IMAGEGEN_DEFAULT_TIMEOUT)")
     p.add_argument("--cache-ttl", type=float, default=env("CACHE_TTL", 24 * 3600.0), help="seconds an image answers identical requests (with a seed, or cache: true) from the result cache; 0: no cache (IMAGEGEN_CACHE_TTL)")
+    p.add_argument("--webhook-secret", default=os.environ.get("IMAGEGEN_WEBHOOK_SECRET"), help="signs webhook calls (Standard Webhooks: whsec_ and base64, or any text); the same on every gateway (IMAGEGEN_WEBHOOK_SECRET)")
+    p.add_argument("--webhook-allow-private", action="store_true", default=env("WEBHOOK_ALLOW_PRIVATE", "") not in ("", "0", "false"), help="webhooks may go to loopback, private and link-local addresses, for a closed network (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE)")
     p.add_argument("--cache-scope", default=env("CACHE_SCOPE", "key"), choices=["key", "global"], help="with API keys: key keeps each key's result-cache entries to itself; global shares them between keys (IMAGEGEN_CACHE_SCOPE)")
 
 
@@ -158,6 +160,8 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         default_timeout_s=args.default_timeout or None,
         cache_ttl_s=args.cache_ttl,
         cache_scope=args.cache_scope,
+        webhook_secret=args.webhook_secret or None,
+        webhook_allow_private=args.webhook_allow_private,
     )
 
 

@@ -40,6 +40,9 @@ class Topology:
     audit_ttl_s: float = 30 * 24 * 3600
 
 
+WEBHOOK_ACK_WAIT_S = 60.0  # longer than one call may take (gateway.webhooks.CALL_TIMEOUT_S)
+
+
 def job_stream_config(t: Topology) -> StreamConfig:
     return StreamConfig(
         name=names.JOBS_STREAM,
@@ -63,6 +66,33 @@ def consumer_config(t: Topology, tier: names.Tier) -> ConsumerConfig:
         # One delivery more than the tries: a job whose worker died on its last try comes back once more,
         # and the worker that gets it dead-letters it instead of leaving it `running` for ever.
         max_deliver=t.max_deliver + 1,
+        max_ack_pending=-1,
+        max_waiting=4096,
+        num_replicas=t.replicas,
+    )
+
+
+def webhooks_stream_config(t: Topology) -> StreamConfig:
+    """Webhook calls to make: every gateway that sees a job start or end publishes the call with the
+    same Nats-Msg-Id, so the stream holds it once; the shared consumer hands it to one gateway."""
+    return StreamConfig(
+        name=names.WEBHOOKS_STREAM,
+        subjects=[f"{names.WEBHOOKS_SUBJECT_PREFIX}.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=t.duplicate_window_s,
+        max_age=t.job_ttl_s,
+        num_replicas=t.replicas,
+        discard=DiscardPolicy.OLD,
+    )
+
+
+def webhook_senders_config(t: Topology) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=names.WEBHOOK_SENDERS,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=WEBHOOK_ACK_WAIT_S,  # a gateway that stopped mid-call: another one makes it after this
         max_ack_pending=-1,
         max_waiting=4096,
         num_replicas=t.replicas,
@@ -102,6 +132,8 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
                 allow_direct=True,  # a follower reads a job's stored events with one batched Direct Get
             ),
         )
+    await _ensure_stream(js, webhooks_stream_config(t))
+    await js.add_consumer(names.WEBHOOKS_STREAM, webhook_senders_config(t))
     # direct=True: a KV read is one Direct Get answered with the raw value (nats.go's default), half
     # the time of the JSON API read; every compare-and-set write is still checked by the stream leader.
     for config in (

@@ -8,12 +8,15 @@ JOBS_STREAM = "IMAGEGEN_JOBS"
 EVENTS_STREAM = "IMAGEGEN_EVENTS"
 DLQ_STREAM = "IMAGEGEN_DLQ"
 AUDIT_STREAM = "IMAGEGEN_AUDIT"
+WEBHOOKS_STREAM = "IMAGEGEN_WEBHOOKS"  # webhook calls to make, each taken by one gateway
 
 JOBS_SUBJECT_PREFIX = "imagegen.jobs"
 EVENTS_SUBJECT_PREFIX = "imagegen.events"
 DLQ_SUBJECT = "imagegen.dlq"
 AUDIT_SUBJECT = "imagegen.audit"
 CANCEL_SUBJECT = "imagegen.control.cancel"
+WEBHOOKS_SUBJECT_PREFIX = "imagegen.webhooks"  # .<job_id>.<start|completed>
+WEBHOOK_SENDERS = "imagegen-webhook-senders"  # the gateways' shared consumer of IMAGEGEN_WEBHOOKS
 
 STATUS_BUCKET = "imagegen-jobs"
 WORKERS_BUCKET = "imagegen-workers"
@@ -51,3 +54,7 @@ TIERS: tuple[Tier, ...] = (Tier.HIGH, Tier.NORMAL, Tier.LOW)
 
 def events_subject(job_id: str) -> str:
     return f"{EVENTS_SUBJECT_PREFIX}.{job_id}"
+
+
+def webhooks_subject(job_id: str, moment: str) -> str:
+    return f"{WEBHOOKS_SUBJECT_PREFIX}.{job_id}.{moment}"

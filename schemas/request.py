@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from schemas.names import Tier
 
 MAX_SEED = 2**63 - 1
+MAX_WEBHOOK_CHARS = 2048
 FORMATS = ("JPEG", "PNG", "WEBP")
 CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 SCHEDULERS = (
@@ -147,6 +149,18 @@ class GenerateRequest(BaseModel):
         description="Result cache: true also caches a request without a seed, false never uses the cache; "
         "absent: requests with a seed are answered from (and stored in) the cache.",
     )
+    webhook: str | None = Field(
+        None,
+        max_length=MAX_WEBHOOK_CHARS,
+        description="An http(s) URL the service POSTs the job to (as GET /v1/jobs/{id} shows it) when it starts and when "
+        "it ends, as `webhook_events_filter` says; retried with backoff until the receiver answers 2xx.",
+    )
+    webhook_events_filter: list[Literal["start", "completed"]] | None = Field(
+        None,
+        min_length=1,
+        description="With webhook: which moments to send, `start` (a worker began the job) and `completed` (it is done, "
+        "failed, cancelled or expired); absent: [\"completed\"].",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -217,6 +231,23 @@ class GenerateRequest(BaseModel):
                 raise ValueError(f"weight of {name!r} must be between -{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {weight!r}")
         return value
 
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        problem = webhook_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _filter_needs_webhook(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is not None and info.data.get("webhook") is None:
+            raise ValueError("names the moments a webhook is sent; set webhook too")
+        return value
+
     @field_validator("init_image", "mask_image", mode="before")
     @classmethod
     def _upload_text(cls, value: Any) -> Any:
@@ -254,6 +285,25 @@ class GenerateRequest(BaseModel):
     @property
     def pixels(self) -> int:
         return self.width * self.height
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """What makes `url` unusable as a webhook (not http or https, no host, a user name or password in
+    it, spaces); None when it is usable. Where it may point is the gateway's check (gateway.webhooks)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number or out of range
+    except ValueError as exc:
+        return f"not a URL: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return f"must be an http or https URL, got scheme {parts.scheme!r}" if parts.scheme else "must be an http or https URL"
+    if not parts.hostname:
+        return "must name a host"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry a user name or password; sign with the gateway's webhook secret instead"
+    if any(c.isspace() for c in url) or not url.isprintable():
+        return "must not contain spaces or control characters"
+    return None
 
 
 def field_named_by(reason: str | None) -> str | None:

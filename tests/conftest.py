@@ -66,7 +66,9 @@ class Service:
     worker_task: asyncio.Task
 
 
-async def start_service(nats_url: str, data_dir: Path, *, model: str = "tiny-sdxl", refiner: str | None = "tiny-sdxl-refiner", **worker_kw) -> Service:
+async def start_service(
+    nats_url: str, data_dir: Path, *, model: str = "tiny-sdxl", refiner: str | None = "tiny-sdxl-refiner", gateway_kw: dict | None = None, **worker_kw
+) -> Service:
     topology = Topology(ack_wait_s=10, worker_ttl_s=10)
     worker, task = await runtime.start_worker(
         WorkerSettings(
@@ -80,7 +82,7 @@ async def start_service(nats_url: str, data_dir: Path, *, model: str = "tiny-sdx
             **worker_kw,
         )
     )
-    gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0, topology=topology))
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0, topology=topology, **(gateway_kw or {})))
     return Service(url=f"http://127.0.0.1:{gateway.port}", nats_url=nats_url, gateway=gateway, worker=worker, worker_task=task)
 
 

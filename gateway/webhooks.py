@@ -1,0 +1,324 @@
+"""Webhooks: a job's start and end POSTed to the URL its request names (`webhook`).
+
+Which gateway calls: every gateway watches every record (gateway.queue_view). When a record with a
+webhook shows its job started or ended, the gateway publishes the call on
+`imagegen.webhooks.<job_id>.<start|completed>` with the Nats-Msg-Id `<job_id>.<moment>`, so the
+stream IMAGEGEN_WEBHOOKS keeps it once however many gateways saw it, and the gateways' shared durable
+consumer hands it to one of them. A gateway that stops mid-call leaves it to another after the
+consumer's ack wait. Jobs queued straight over NATS get their webhooks the same way. A gateway that
+starts reads every record again; moments older than the stream's duplicate window are not published
+again (the ones within it are published and dropped as duplicates).
+
+The call: POST with the job as `GET /v1/jobs/{id}` shows it, as it was at that moment, and the
+headers of Standard Webhooks (`webhook-id`, `webhook-timestamp`, and with a secret set,
+`webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`), plus `X-Imagegen-Event`. A 2xx
+answer ends it; a network error, a timeout, 408, 429 or 5xx is tried again after each of `retry_s`;
+any other answer, or the last try failing, gives up, with a log line naming the job and the answer.
+
+Where a call may go: unless the gateway runs with --webhook-allow-private, a host that is or resolves
+to a loopback, private, link-local or otherwise non-public address is refused: at submit when the host
+is an address, at the call for a name (the resolver drops such addresses, so a name that points
+elsewhere by then is caught too). Redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import time
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from schemas import names
+from schemas.codec import DecodeError, decode, encode
+from schemas.request import RequestInvalid
+from schemas.status import JobState, JobStatus
+
+log = logging.getLogger("imagegen.gateway.webhooks")
+
+RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # waits before each try after the first
+CALL_TIMEOUT_S = 10.0  # one call, connecting included (below the consumer's ack wait)
+MAX_CALLS = 64  # calls in flight per gateway
+MAX_UNPUBLISHED = 10_000  # moments waiting to be published while the broker is slow or away
+RETRIED_STATUSES = frozenset({408, 429})
+DEFAULT_MOMENTS = ("completed",)
+
+
+# -- where a call may go -------------------------------------------------------------------------
+
+
+def public_address(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def check_destination(url: str, *, allow_private: bool) -> None:
+    """RequestInvalid when `url`'s host is an address (or localhost) that is not public and private
+    destinations are not allowed; names are checked when the call resolves them."""
+    if allow_private:
+        return
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        if host == "localhost" or host.endswith(".localhost"):
+            raise RequestInvalid([{"field": "webhook", "message": f"host {host!r} is this machine; webhooks go to public addresses only"}])
+        return
+    if not public_address(host):
+        raise RequestInvalid([{"field": "webhook", "message": f"address {host} is not public (loopback, private, link-local or reserved); webhooks go to public addresses only"}])
+
+
+class NotPublic(OSError):
+    """A webhook's host name resolves only to addresses it may not go to."""
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """The system resolver, less every address that is not public: a name that resolves to none left
+    fails to connect, naming why."""
+
+    def __init__(self) -> None:
+        self.inner = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self.inner.resolve(host, port, family)
+        kept = [r for r in found if public_address(r["host"])]
+        if not kept:
+            raise NotPublic(f"{host} resolves only to addresses that are not public ({', '.join(r['host'] for r in found[:4])})")
+        return kept
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+# -- publishing the moments ----------------------------------------------------------------------
+
+
+def moments(old: JobStatus | None, new: JobStatus) -> list[tuple[str, float | None]]:
+    """The webhook moments a record change makes, with when each happened: `start` when the job became
+    running, `completed` when it ended."""
+    found = []
+    if new.state is JobState.RUNNING and (old is None or old.state is not JobState.RUNNING):
+        found.append(("start", new.started_at))
+    if new.state.final and (old is None or not old.state.final):
+        found.append(("completed", new.finished_at))
+    return found
+
+
+class WebhookOutbox:
+    """A queue view listener: publishes each webhook moment of the records it sees."""
+
+    def __init__(self, *, window_s: float):
+        self.window_s = window_s
+        self.js: JetStreamContext | None = None
+        self.pending: asyncio.Queue[tuple[str, JobStatus]] = asyncio.Queue(MAX_UNPUBLISHED)
+        self.task: asyncio.Task | None = None
+
+    def on_change(self, old: JobStatus | None, new: JobStatus) -> None:
+        if not new.request or not new.request.get("webhook") or new.deleted:
+            return
+        wanted = new.request.get("webhook_events_filter") or DEFAULT_MOMENTS
+        now = time.time()
+        for moment, at in moments(old, new):
+            if moment not in wanted or (at is not None and now - at > self.window_s):
+                continue
+            try:
+                self.pending.put_nowait((moment, new))
+            except asyncio.QueueFull:
+                log.warning("job %s: webhook %s not published: %d calls wait already", new.job_id, moment, MAX_UNPUBLISHED, extra={"job_id": new.job_id})
+
+    def start(self, js: JetStreamContext) -> None:
+        self.js = js
+        self.task = asyncio.create_task(self._publish_all())
+
+    async def close(self, *, flush_s: float = 2.0) -> None:
+        """Publishes what is waiting, for up to `flush_s`, and stops."""
+        if self.task is None:
+            return
+        try:
+            await asyncio.wait_for(self.pending.join(), flush_s)
+        except asyncio.TimeoutError:
+            log.warning("%d webhook calls left unpublished at close", self.pending.qsize())
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.task = None
+
+    async def _publish_all(self) -> None:
+        while True:
+            moment, status = await self.pending.get()
+            try:
+                await self._publish(moment, status)
+            finally:
+                self.pending.task_done()
+
+    async def _publish(self, moment: str, status: JobStatus) -> None:
+        for wait_s in (0.5, 2.0, 5.0, None):
+            try:
+                await self.js.publish(
+                    names.webhooks_subject(status.job_id, moment), encode(status),
+                    headers={names.MSG_ID_HEADER: f"{status.job_id}.{moment}"},
+                )
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker slow or away: other gateways publish it too
+                if wait_s is None:
+                    log.warning("job %s: webhook %s not published: %s", status.job_id, moment, exc, extra={"job_id": status.job_id})
+                    return
+                await asyncio.sleep(wait_s)
+
+
+# -- making the calls ----------------------------------------------------------------------------
+
+
+def signing_key(secret: str) -> bytes:
+    """A Standard Webhooks secret (`whsec_` and base64) as its key bytes; any other text as UTF-8."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret[len("whsec_"):], validate=True)
+        except ValueError:
+            pass
+    return secret.encode()
+
+
+def signature(key: bytes, call_id: str, timestamp: int, body: bytes) -> str:
+    digest = hmac.new(key, f"{call_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+class WebhookSender:
+    """Takes webhook calls from the shared consumer and makes them, MAX_CALLS at a time."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        render: Callable[[JobStatus], dict[str, Any]],
+        secret: str | None = None,
+        allow_private: bool = False,
+        retry_s: tuple[float, ...] = RETRY_S,
+    ):
+        self.js = js
+        self.render = render
+        self.key = signing_key(secret) if secret else None
+        self.allow_private = allow_private
+        self.retry_s = retry_s
+        self.slots = asyncio.Semaphore(MAX_CALLS)
+        self.calls: set[asyncio.Task] = set()
+        self.task: asyncio.Task | None = None
+        self.http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.sub = await self.js.pull_subscribe_bind(durable=names.WEBHOOK_SENDERS, stream=names.WEBHOOKS_STREAM)
+        connector = aiohttp.TCPConnector(limit=MAX_CALLS, resolver=None if self.allow_private else PublicOnlyResolver())
+        self.http = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S))
+        self.task = asyncio.create_task(self._take_calls())
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        for call in list(self.calls):  # not acked: the consumer hands them out again after its ack wait
+            call.cancel()
+        await asyncio.gather(*self.calls, return_exceptions=True)
+        if self.http is not None:
+            await self.http.close()
+        try:
+            await self.sub.unsubscribe()
+        except Exception:  # the connection is closing anyway
+            pass
+
+    async def _take_calls(self) -> None:
+        while True:
+            await self.slots.acquire()
+            try:
+                (msg,) = await self.sub.fetch(1, timeout=5)
+            except asyncio.CancelledError:
+                self.slots.release()
+                raise
+            except Exception as exc:  # nothing to do within the timeout, or the broker away
+                self.slots.release()
+                if not isinstance(exc, asyncio.TimeoutError):
+                    await asyncio.sleep(1.0)
+                continue
+            call = asyncio.create_task(self._call(msg))
+            self.calls.add(call)
+            call.add_done_callback(self._call_done)
+
+    def _call_done(self, call: asyncio.Task) -> None:
+        self.calls.discard(call)
+        self.slots.release()
+
+    async def _call(self, msg: Msg) -> None:
+        moment = msg.subject.rsplit(".", 1)[-1]
+        tries = msg.metadata.num_delivered
+        try:
+            status = decode(msg.data, JobStatus)
+        except DecodeError as exc:
+            log.warning("webhook message %s unreadable, dropped: %s", msg.subject, exc)
+            await msg.term()
+            return
+        url = status.request.get("webhook") or ""
+        started = time.monotonic()
+        outcome, retry = await self._post(url, status, moment)
+        took = time.monotonic() - started
+        extra = {"job_id": status.job_id}
+        if outcome is None:
+            log.info("job %s: webhook %s delivered, try %d, %.3fs", status.job_id, moment, tries, took, extra=extra)
+            await msg.ack()
+        elif retry and tries <= len(self.retry_s):
+            delay = self.retry_s[tries - 1]
+            log.info("job %s: webhook %s try %d failed (%s), %.3fs; again in %gs", status.job_id, moment, tries, outcome, took, delay, extra=extra)
+            await msg.nak(delay=delay)
+        else:
+            log.warning("job %s: webhook %s to %s given up after try %d: %s", status.job_id, moment, url, tries, outcome, extra=extra)
+            await msg.term()
+
+    async def _post(self, url: str, status: JobStatus, moment: str) -> tuple[str | None, bool]:
+        """(None, _) when the receiver took the call; else (what went wrong, whether to try again)."""
+        try:
+            check_destination(url, allow_private=self.allow_private)
+        except RequestInvalid as exc:
+            return str(exc), False
+        body = json.dumps(self.render(status)).encode()
+        call_id = f"{status.job_id}.{moment}"
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "imagegen-webhooks",
+            "webhook-id": call_id,
+            "webhook-timestamp": str(timestamp),
+            "X-Imagegen-Event": moment,
+        }
+        if self.key is not None:
+            headers["webhook-signature"] = signature(self.key, call_id, timestamp, body)
+        try:
+            async with self.http.post(url, data=body, headers=headers, allow_redirects=False) as answer:
+                await answer.read()
+                if 200 <= answer.status < 300:
+                    return None, False
+                retry = answer.status >= 500 or answer.status in RETRIED_STATUSES
+                return f"answered {answer.status}", retry
+        except asyncio.TimeoutError:
+            return f"no answer within {CALL_TIMEOUT_S:g}s", True
+        except aiohttp.InvalidURL as exc:
+            return f"invalid URL: {exc}", False
+        except (aiohttp.ClientError, OSError) as exc:
+            refused = isinstance(getattr(exc, "os_error", None), NotPublic)
+            return f"{getattr(exc, 'os_error', None) if refused else type(exc).__name__ + ': ' + str(exc)}", not refused

@@ -1,0 +1,236 @@
+"""Webhooks: a job's start and end POSTed to the URL its request names, signed, retried until the
+receiver takes them, made once however many gateways run. Over real NATS, the tiny-sdxl worker, and
+a receiver on loopback (which the gateways here are allowed to call)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+from collections import Counter
+
+import nats
+import pytest
+from aiohttp import web
+
+from gateway.settings import GatewaySettings
+from gateway.webhooks import NotPublic, PublicOnlyResolver
+from imagegen import runtime
+from imagegen.embedded_nats import EmbeddedNats, free_port
+from schemas import names
+from schemas.codec import encode
+from schemas.job import JobEnvelope
+from schemas.request import parse_request
+from tests.conftest import start_service, stop_service
+
+SECRET_KEY = b"a webhook secret of this test"
+SECRET = "whsec_" + base64.b64encode(SECRET_KEY).decode()
+JOB = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
+WEBHOOKS = {"webhook_secret": SECRET, "webhook_allow_private": True, "webhook_retry_s": (0.2, 0.2, 0.2)}
+
+
+class Receiver:
+    """A webhook receiver on loopback: /ok takes every call, /flaky/N refuses a call's first N tries
+    with 503, /gone answers 410."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.arrived = asyncio.Condition()
+        self.tries: Counter[str] = Counter()
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        call = {"path": request.path, "headers": dict(request.headers), "raw": body, "job": json.loads(body)}
+        async with self.arrived:
+            self.calls.append(call)
+            self.arrived.notify_all()
+        self.tries[request.headers["webhook-id"]] += 1
+        if request.path == "/gone":
+            return web.Response(status=410)
+        if request.path.startswith("/flaky/") and self.tries[request.headers["webhook-id"]] <= int(request.path.rsplit("/", 1)[1]):
+            return web.Response(status=503)
+        return web.Response(text="ok")
+
+    def of(self, job_id: str) -> list[dict]:
+        return [c for c in self.calls if c["job"]["job_id"] == job_id]
+
+    async def wait_for(self, job_id: str, count: int, *, timeout: float = 60) -> list[dict]:
+        async with asyncio.timeout(timeout), self.arrived:
+            await self.arrived.wait_for(lambda: len(self.of(job_id)) >= count)
+        return self.of(job_id)
+
+
+@pytest.fixture
+async def receiver():
+    got = Receiver()
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", got.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    got.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    yield got
+    await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def webhook_broker(tmp_path_factory) -> EmbeddedNats:
+    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("webhook-nats"), port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+async def hooked(webhook_broker, data_dir):
+    """A gateway and a tiny-sdxl worker whose gateway signs webhooks and may call loopback."""
+    svc = await start_service(webhook_broker.url, data_dir, gateway_kw=WEBHOOKS)
+    yield svc
+    await stop_service(svc)
+
+
+def signed_right(call: dict) -> bool:
+    """The Standard Webhooks check a receiver makes: HMAC-SHA256 of "id.timestamp.body" with the key."""
+    h = call["headers"]
+    expected = hmac.new(SECRET_KEY, f"{h['webhook-id']}.{h['webhook-timestamp']}.".encode() + call["raw"], hashlib.sha256).digest()
+    return h["webhook-signature"] == "v1," + base64.b64encode(expected).decode()
+
+
+async def submit(http, url: str, body: dict, path: str = "/v1/jobs") -> str:
+    async with http.post(f"{url}{path}", json=body) as r:
+        assert r.status in (200, 202), await r.text()
+        answer = await r.json()
+    return answer.get("job_id") or answer["task_id"]
+
+
+async def test_a_finished_job_is_posted_once_to_its_webhook_signed(hooked, receiver, http):
+    job_id = await submit(http, hooked.url, {**JOB, "webhook": f"{receiver.url}/ok"})
+    (call,) = await receiver.wait_for(job_id, 1)
+    job = call["job"]
+    assert job["state"] == "done" and job["image_url"] == f"/v1/jobs/{job_id}/image" and job["request"]["webhook"] == f"{receiver.url}/ok"
+    assert call["headers"]["webhook-id"] == f"{job_id}.completed" and call["headers"]["X-Imagegen-Event"] == "completed"
+    assert signed_right(call)
+    async with http.get(f"{hooked.url}{job['image_url']}") as r:
+        assert r.status == 200
+    await asyncio.sleep(1.0)  # a second call would have come by now
+    assert len(receiver.of(job_id)) == 1
+
+
+async def test_start_and_completed_are_posted_in_order_when_the_filter_asks_for_both(hooked, receiver, http):
+    body = {**JOB, "steps": 4, "webhook": f"{receiver.url}/ok", "webhook_events_filter": ["start", "completed"]}
+    job_id = await submit(http, hooked.url, body, path="/api/generate")  # mflux-server's API takes them too
+    calls = await receiver.wait_for(job_id, 2)
+    assert [c["headers"]["X-Imagegen-Event"] for c in calls] == ["start", "completed"]
+    assert calls[0]["job"]["state"] == "running" and calls[0]["job"]["worker"]
+    assert calls[1]["job"]["state"] == "done"
+    assert all(signed_right(c) for c in calls)
+
+
+async def test_a_receiver_that_fails_gets_the_call_again_until_it_takes_it(hooked, receiver, http):
+    job_id = await submit(http, hooked.url, {**JOB, "webhook": f"{receiver.url}/flaky/2"})
+    calls = await receiver.wait_for(job_id, 3)
+    assert {c["headers"]["webhook-id"] for c in calls} == {f"{job_id}.completed"}
+    assert all(c["job"]["state"] == "done" for c in calls)
+    await asyncio.sleep(1.0)  # taken on the third try: no fourth
+    assert len(receiver.of(job_id)) == 3
+
+
+async def test_a_receiver_that_refuses_the_call_is_not_called_again(hooked, receiver, http):
+    job_id = await submit(http, hooked.url, {**JOB, "webhook": f"{receiver.url}/gone"})
+    await receiver.wait_for(job_id, 1)
+    await asyncio.sleep(1.0)  # retries come 0.2 s apart here
+    assert len(receiver.of(job_id)) == 1
+
+
+async def test_a_failed_job_is_posted_with_its_reason(hooked, receiver, http):
+    job_id = await submit(http, hooked.url, {**JOB, "loras": {"no-such-style": 1.0}, "webhook": f"{receiver.url}/ok"})
+    (call,) = await receiver.wait_for(job_id, 1)
+    assert call["job"]["state"] == "failed" and "no-such-style" in call["job"]["error"]
+
+
+async def test_a_job_queued_straight_over_nats_gets_its_webhook(hooked, receiver):
+    nc = await nats.connect(hooked.nats_url)
+    js = nc.jetstream()
+    envelope = JobEnvelope.for_request(parse_request({**JOB, "webhook": f"{receiver.url}/ok"}))
+    await js.publish(names.Tier.NORMAL.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id})
+    (call,) = await receiver.wait_for(envelope.job_id, 1)
+    assert call["job"]["state"] == "done"
+    await nc.close()
+
+
+async def test_with_two_gateways_each_moment_is_posted_once(hooked, webhook_broker, receiver, http):
+    second = await runtime.start_gateway(GatewaySettings(nats_url=webhook_broker.url, port=0, **WEBHOOKS))
+    try:
+        body = {**JOB, "webhook": f"{receiver.url}/ok", "webhook_events_filter": ["start", "completed"]}
+        job_ids = [await submit(http, url, body) for url in (hooked.url, f"http://127.0.0.1:{second.port}") for _ in range(2)]
+        for job_id in job_ids:
+            await receiver.wait_for(job_id, 2)
+        await asyncio.sleep(1.0)
+        assert Counter(c["headers"]["webhook-id"] for c in receiver.calls) == Counter(
+            f"{job_id}.{moment}" for job_id in job_ids for moment in ("start", "completed")
+        )
+    finally:
+        await second.stop()
+
+
+@pytest.fixture
+async def queue_only(broker):
+    """A gateway on a broker of its own with no worker, allowed to call loopback."""
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0, **WEBHOOKS))
+    yield f"http://127.0.0.1:{gateway.port}"
+    await gateway.stop()
+
+
+async def test_a_job_cancelled_in_the_queue_is_posted_as_cancelled(queue_only, receiver, http):
+    job_id = await submit(http, queue_only, {**JOB, "webhook": f"{receiver.url}/ok"})
+    async with http.post(f"{queue_only}/v1/jobs/{job_id}/cancel") as r:
+        assert r.status == 200
+    (call,) = await receiver.wait_for(job_id, 1, timeout=30)
+    assert call["job"]["state"] == "cancelled"
+
+
+@pytest.fixture
+async def public_only(broker):
+    """A gateway with the default settings: webhooks go to public addresses only."""
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    yield f"http://127.0.0.1:{gateway.port}"
+    await gateway.stop()
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"webhook": "http://127.0.0.1:9/hook"}, "not public"),
+        ({"webhook": "http://[::1]/hook"}, "not public"),
+        ({"webhook": "http://10.1.2.3/hook"}, "not public"),
+        ({"webhook": "http://169.254.169.254/latest/meta-data"}, "not public"),
+        ({"webhook": "http://localhost:8080/hook"}, "this machine"),
+        ({"webhook": "ftp://example.com/hook"}, "http or https"),
+        ({"webhook": "https://user:pass@example.com/hook"}, "user name or password"),
+        ({"webhook": "https://example.com:99999/"}, "Port"),
+        ({"webhook": "https://"}, "host"),
+        ({"webhook_events_filter": ["completed"]}, "set webhook"),
+        ({"webhook": "https://example.com/hook", "webhook_events_filter": ["finished"]}, "webhook_events_filter"),
+        ({"webhook": "https://example.com/hook", "webhook_events_filter": []}, "webhook_events_filter"),
+        ({"webhook": "https://example.com/" + "x" * 2100}, "2048"),
+    ],
+)
+async def test_a_webhook_that_cannot_be_called_is_refused_and_queues_nothing(public_only, http, fields, named):
+    async with http.post(f"{public_only}/v1/jobs", json={**JOB, **fields}) as r:
+        assert r.status == 400
+        error = await r.json()
+    assert error["field"].startswith("webhook") and named in error["error"]
+    async with http.get(f"{public_only}/v1/jobs") as r:
+        assert await r.json() == []
+
+
+async def test_a_name_that_resolves_to_this_machine_is_not_called():
+    resolver = PublicOnlyResolver()
+    try:
+        with pytest.raises(NotPublic, match="not public"):
+            await resolver.resolve("localhost", 80)
+    finally:
+        await resolver.close()
