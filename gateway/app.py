@@ -87,6 +87,7 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
             secret=settings.webhook_secret,
             allow_private=settings.webhook_allow_private,
             retry_s=settings.webhook_retry_s,
+            on_outcome=metrics.count_webhook_call,
         )
         await webhooks.start()
         log.info(

@@ -71,11 +71,18 @@ class GatewayMetrics:
             "imagegen_http_requests", "HTTP requests answered, by route, method and status.",
             ["route", "method", "status"], registry=self.registry,
         )
+        self.webhook_calls = Counter(
+            "imagegen_webhook_calls", "Webhook calls this gateway made, by moment and outcome: delivered, retried (failed, "
+            "to be tried again) or given_up.", ["moment", "outcome"], registry=self.registry,
+        )
         for state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED):
             self.finished.labels(outcome=state.value)
         self.registry.register(_ScrapeTimeCollector(jobs))
         jobs.view.listeners.append(self.observe_change)
         jobs.submit_listeners.append(self.count_submit)
+
+    def count_webhook_call(self, moment: str, outcome: str) -> None:
+        self.webhook_calls.labels(moment=moment, outcome=outcome).inc()
 
     # -- what the queue view sees -----------------------------------------------------------------
 

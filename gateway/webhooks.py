@@ -213,12 +213,14 @@ class WebhookSender:
         secret: str | None = None,
         allow_private: bool = False,
         retry_s: tuple[float, ...] = RETRY_S,
+        on_outcome: Callable[[str, str], None] = lambda moment, outcome: None,
     ):
         self.js = js
         self.render = render
         self.key = signing_key(secret) if secret else None
         self.allow_private = allow_private
         self.retry_s = retry_s
+        self.on_outcome = on_outcome  # (moment, delivered | retried | given_up) of every call made
         self.slots = asyncio.Semaphore(MAX_CALLS)
         self.calls: set[asyncio.Task] = set()
         self.task: asyncio.Task | None = None
@@ -281,13 +283,16 @@ class WebhookSender:
         extra = {"job_id": status.job_id}
         if outcome is None:
             log.info("job %s: webhook %s delivered, try %d, %.3fs", status.job_id, moment, tries, took, extra=extra)
+            self.on_outcome(moment, "delivered")
             await msg.ack()
         elif retry and tries <= len(self.retry_s):
             delay = self.retry_s[tries - 1]
             log.info("job %s: webhook %s try %d failed (%s), %.3fs; again in %gs", status.job_id, moment, tries, outcome, took, delay, extra=extra)
+            self.on_outcome(moment, "retried")
             await msg.nak(delay=delay)
         else:
             log.warning("job %s: webhook %s to %s given up after try %d: %s", status.job_id, moment, url, tries, outcome, extra=extra)
+            self.on_outcome(moment, "given_up")
             await msg.term()
 
     async def _post(self, url: str, status: JobStatus, moment: str) -> tuple[str | None, bool]:

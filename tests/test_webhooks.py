@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from collections import Counter
 
 import nats
@@ -129,20 +130,32 @@ async def test_start_and_completed_are_posted_in_order_when_the_filter_asks_for_
     assert all(signed_right(c) for c in calls)
 
 
+async def webhook_calls(http, url: str) -> Counter[str]:
+    """The gateway's imagegen_webhook_calls_total for completed calls, by outcome."""
+    async with http.get(f"{url}/metrics") as r:
+        text = await r.text()
+    found = re.findall(r'^imagegen_webhook_calls_total\{moment="completed",outcome="(\w+)"\} ([0-9.]+)$', text, re.M)
+    return Counter({outcome: int(float(n)) for outcome, n in found})
+
+
 async def test_a_receiver_that_fails_gets_the_call_again_until_it_takes_it(hooked, receiver, http):
+    before = await webhook_calls(http, hooked.url)
     job_id = await submit(http, hooked.url, {**JOB, "webhook": f"{receiver.url}/flaky/2"})
     calls = await receiver.wait_for(job_id, 3)
     assert {c["headers"]["webhook-id"] for c in calls} == {f"{job_id}.completed"}
     assert all(c["job"]["state"] == "done" for c in calls)
     await asyncio.sleep(1.0)  # taken on the third try: no fourth
     assert len(receiver.of(job_id)) == 3
+    assert await webhook_calls(http, hooked.url) - before == Counter({"retried": 2, "delivered": 1})
 
 
 async def test_a_receiver_that_refuses_the_call_is_not_called_again(hooked, receiver, http):
+    before = await webhook_calls(http, hooked.url)
     job_id = await submit(http, hooked.url, {**JOB, "webhook": f"{receiver.url}/gone"})
     await receiver.wait_for(job_id, 1)
     await asyncio.sleep(1.0)  # retries come 0.2 s apart here
     assert len(receiver.of(job_id)) == 1
+    assert await webhook_calls(http, hooked.url) - before == Counter({"given_up": 1})
 
 
 async def test_a_failed_job_is_posted_with_its_reason(hooked, receiver, http):
