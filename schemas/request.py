@@ -244,7 +244,7 @@ class GenerateRequest(BaseModel):
     @field_validator("webhook_events_filter")
     @classmethod
     def _filter_needs_webhook(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        if value is not None and info.data.get("webhook") is None:
+        if value is not None and "webhook" in info.data and info.data["webhook"] is None:  # absent, not refused
             raise ValueError("names the moments a webhook is sent; set webhook too")
         return value
 
