@@ -10,8 +10,9 @@ import base64
 import hashlib
 import json
 import logging
+import heapq
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
@@ -81,6 +82,11 @@ class BrokerAway(ConnectionError):
 
 
 BROKER_DOWN = (BrokerAway, *BROKER_ERRORS)  # what a broker outage raises: 503 with Retry-After
+
+
+def listing_key(status: JobStatus) -> tuple[float, str]:
+    """Where a job stands in a listing: by submit time, then id (two jobs may share a time)."""
+    return (status.submitted_at, status.job_id)
 
 
 class JobService:
@@ -530,12 +536,24 @@ class JobService:
         self.view.forget(job_id)
 
     def list(self, *, owner: str | None = None) -> list[JobStatus]:
-        """The jobs whose records are stored. A job being submitted here is in the queue view before
-        (its position and ETA count it); listed then, it would be one that a cancel, which reads the
-        store, does not find yet."""
+        """The jobs whose records are stored, oldest first. A job being submitted here is in the queue
+        view before (its position and ETA count it); listed then, it would be one that a cancel, which
+        reads the store, does not find yet."""
+        return sorted(self._listed(owner), key=listing_key)
+
+    def page(self, *, owner: str | None = None, states: frozenset[JobState] | None = None,
+               before: tuple[float, str] | None = None, limit: int) -> list[JobStatus]:
+        """Up to `limit` stored jobs, newest first: in `states` when given, submitted before the
+        `before` key (a page's last job, by `listing_key`) when given."""
+        found = (
+            s for s in self._listed(owner)
+            if (states is None or s.state in states) and (before is None or listing_key(s) < before)
+        )
+        return heapq.nlargest(limit, found, key=listing_key)
+
+    def _listed(self, owner: str | None) -> Iterator[JobStatus]:
         view = self.view
-        jobs = [s for s in view.jobs.values() if view.stored(s.job_id) and (owner is None or s.owner == owner)]
-        return sorted(jobs, key=lambda s: s.submitted_at)
+        return (s for s in view.jobs.values() if view.stored(s.job_id) and (owner is None or s.owner == owner))
 
     async def clear(self, *, owner: str | None = None) -> int:
         jobs = self.list(owner=owner)

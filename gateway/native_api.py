@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections import Counter
+from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, web
 
@@ -13,7 +15,7 @@ from gateway.accept import answers_image
 from gateway.auth import socket_key
 from gateway.event_feed import event_json, follow
 from gateway.http_errors import read_json
-from gateway.jobs import JobService, NotReady, UnknownJob
+from gateway.jobs import JobService, NotReady, UnknownJob, listing_key
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.submission import group_jobs, submit_request
 from schemas.http import GroupView, JobView, LimitsView
@@ -24,6 +26,8 @@ from schemas.status import JobState, JobStatus
 log = logging.getLogger("imagegen.gateway.native")
 routes = web.RouteTableDef()
 MAX_WAIT_S = 60.0  # the longest a submit or a status read waits for a job's end
+DEFAULT_PAGE = 100  # jobs a listing answers when it sets no limit
+MAX_PAGE = 1000
 MAX_FOLLOWED = 1000  # unfinished jobs one WebSocket may follow at once (read when a follow comes: tests lower it)
 
 
@@ -147,8 +151,52 @@ async def limits(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
+    """The caller's jobs, newest first, a page at a time: `?state=queued,running`, `?limit=N` (1 to
+    MAX_PAGE, default DEFAULT_PAGE), and `?before=CURSOR` from the `Link: <...>; rel="next"` header
+    of the page before, which is there while more jobs follow."""
     jobs = request.app[SERVICE]
-    return web.json_response([job_view(jobs, s).model_dump() for s in jobs.list(owner=owner_of(request))])
+    states, limit, before = list_query(request)
+    found = jobs.page(owner=owner_of(request), states=states, before=before, limit=limit + 1)
+    headers = {}
+    if len(found) > limit:
+        found = found[:limit]
+        submitted_at, job_id = listing_key(found[-1])
+        query = {**request.query, "before": f"{submitted_at!r}_{job_id}"}
+        headers["Link"] = f'</v1/jobs?{urlencode(query)}>; rel="next"'
+    return web.json_response([job_view(jobs, s).model_dump() for s in found], headers=headers)
+
+
+def list_query(request: web.Request) -> tuple[frozenset[JobState] | None, int, tuple[float, str] | None]:
+    """The states, page size and cursor a listing asks for; RequestInvalid naming a bad one."""
+    problems = []
+    states = None
+    if "state" in request.query:
+        names = [n.strip() for n in request.query["state"].split(",") if n.strip()]
+        unknown = [n for n in names if n not in JobState._value2member_map_]
+        if unknown or not names:
+            known = ", ".join(s.value for s in JobState)
+            problems.append({"field": "state", "message": f"states to list, comma-separated, of {known}; got {request.query['state'][:80]!r}"})
+        else:
+            states = frozenset(JobState(n) for n in names)
+    limit = DEFAULT_PAGE
+    if "limit" in request.query:
+        given = request.query["limit"]
+        limit = int(given) if given.isascii() and given.isdigit() and len(given) <= 6 else 0
+        if not 1 <= limit <= MAX_PAGE:
+            problems.append({"field": "limit", "message": f"jobs per page, 1 to {MAX_PAGE}; got {given[:40]!r}"})
+    before = None
+    if "before" in request.query:
+        at, _, job_id = request.query["before"].partition("_")
+        try:
+            before = (float(at), job_id)
+        except ValueError:
+            pass
+        if before is None or not job_id or not math.isfinite(before[0]):
+            before = None
+            problems.append({"field": "before", "message": "a cursor from the Link header of the page before"})
+    if problems:
+        raise RequestInvalid(problems)
+    return states, limit, before
 
 
 @routes.get("/v1/jobs/{job_id}")
