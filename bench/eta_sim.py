@@ -39,8 +39,9 @@ from schemas.workers import DEFAULT_FAIRNESS, SpeedModel, WorkerInfo  # noqa: E4
 TARGET_MEDIAN, TARGET_P90 = 0.15, 0.35
 
 
-def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, warmup_s: float) -> list[tuple[str, float]]:
-    """(tier, absolute error relative to the time to done) of `jobs` jobs submitted after `warmup_s`."""
+def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, warmup_s: float) -> list[tuple[str, float, float]]:
+    """(tier, absolute error relative to the time to done, time to done) of `jobs` jobs submitted after
+    `warmup_s`."""
     rng = random.Random(seed)
     view = QueueView(worker_ttl_s=float("inf"))
     speed = SpeedModel(fixed_s=FIXED_S, step_s=STEP_S, step_s_per_mpx=STEP_S_PER_MPX, decode_s_per_mpx=0.0)
@@ -55,7 +56,7 @@ def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, 
     ends: list[tuple[float, str, str]] = []  # (when, worker, job id) of the running jobs
     requests: dict[str, dict] = {}
     predicted: dict[str, float] = {}
-    errors: list[tuple[str, float]] = []
+    errors: list[tuple[str, float, float]] = []
 
     def take(worker: str, now: float) -> bool:
         waiting = [tier for tier in TIERS if view.queued[tier]]
@@ -81,7 +82,7 @@ def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, 
             view.apply(done, 3)
             if job_id in predicted:
                 actual = now - view.jobs[job_id].submitted_at
-                errors.append((view.jobs[job_id].tier.value, abs(predicted.pop(job_id) - actual) / actual))
+                errors.append((view.jobs[job_id].tier.value, abs(predicted.pop(job_id) - actual) / actual, actual))
                 if len(errors) == jobs:
                     return errors
             if not take(worker, now):
@@ -101,12 +102,18 @@ def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, 
     raise AssertionError("the simulation ran out of arrivals")
 
 
-def errors_summary(errors: list[tuple[str, float]]) -> dict:
-    summary = {"jobs": len(errors), "median_abs_error": statistics.median(e for _, e in errors), "p90_abs_error": p90([e for _, e in errors])}
+def errors_summary(errors: list[tuple[str, float, float]]) -> dict:
+    summary = {"jobs": len(errors), "median_abs_error": statistics.median(e for _, e, _ in errors), "p90_abs_error": p90([e for _, e, _ in errors])}
     for tier in ("high", "normal", "low"):
-        of_tier = [e for t, e in errors if t == tier]
+        of_tier = [(e, t) for name, e, t in errors if name == tier]
         if of_tier:
-            summary[tier] = {"jobs": len(of_tier), "median_abs_error": statistics.median(of_tier), "p90_abs_error": p90(of_tier)}
+            summary[tier] = {
+                "jobs": len(of_tier),
+                "median_abs_error": statistics.median(e for e, _ in of_tier),
+                "p90_abs_error": p90([e for e, _ in of_tier]),
+                "mean_time_to_done_s": statistics.mean(t for _, t in of_tier),
+                "p90_time_to_done_s": p90([t for _, t in of_tier]),
+            }
     return summary
 
 
@@ -128,7 +135,7 @@ def main() -> None:
     settings = dict(workers=args.workers, load=args.load, fairness=args.fairness)
     runs = [errors_summary(simulate(seed, args.jobs, warmup_s=args.warmup, **settings)) for seed in range(1, args.seeds + 1)]
     per_run = sorted(run["p90_abs_error"] for run in runs)
-    pooled: list[tuple[str, float]] = []
+    pooled: list[tuple[str, float, float]] = []
     for seed in range(1, args.long_seeds + 1):
         pooled += simulate(1000 + seed, args.long_jobs, warmup_s=300.0, **settings)
     long = errors_summary(pooled)
@@ -164,6 +171,10 @@ def main() -> None:
         f"{args.long_seeds} runs of {args.long_jobs} jobs pooled: median {long['median_abs_error']:.1%}, "
         f"p90 {long['p90_abs_error']:.1%} (median / p90 by tier: {tiers})"
     )
+    waits = ", ".join(
+        f"{tier} {long[tier]['mean_time_to_done_s']:.2f} / {long[tier]['p90_time_to_done_s']:.2f} s" for tier in ("high", "normal", "low") if tier in long
+    )
+    print(f"time to done, mean / p90 by tier: {waits}")
     print(f"results: {args.out} ({results['seconds']} s)")
 
 
