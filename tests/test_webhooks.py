@@ -189,6 +189,17 @@ async def test_with_two_gateways_each_moment_is_posted_once(hooked, webhook_brok
         await second.stop()
 
 
+async def test_a_gateway_that_starts_later_does_not_call_again(hooked, webhook_broker, receiver, http):
+    job_id = await submit(http, hooked.url, {**JOB, "webhook": f"{receiver.url}/ok"})
+    await receiver.wait_for(job_id, 1)
+    later = await runtime.start_gateway(GatewaySettings(nats_url=webhook_broker.url, port=0, **WEBHOOKS))
+    try:  # it reads every record on start, this job's end among them
+        await asyncio.sleep(1.5)
+        assert len(receiver.of(job_id)) == 1
+    finally:
+        await later.stop()
+
+
 @pytest.fixture
 async def queue_only(broker):
     """A gateway on a broker of its own with no worker, allowed to call loopback."""
