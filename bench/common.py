@@ -315,12 +315,14 @@ class Stack:
         assert self.gateway is not None
         return f"http://127.0.0.1:{self.gateway.port}"
 
-    async def start_gateway(self) -> Role:
-        self.gateway = await start_role(
-            "gateway", ["gateway", "--nats", self.nats.url], log_path=self.workdir / "gateway.log"
-        )
-        self.roles.append(self.gateway)
-        return self.gateway
+    async def start_gateway(self, *, private_webhooks: bool = False, name: str = "gateway") -> Role:
+        """A gateway process; `private_webhooks`: it may call webhooks on loopback. The first one
+        started is `self.gateway`."""
+        extra = ["--webhook-allow-private"] if private_webhooks else []
+        role = await start_role(name, ["gateway", "--nats", self.nats.url, *extra], log_path=self.workdir / f"{name}.log")
+        self.gateway = self.gateway or role
+        self.roles.append(role)
+        return role
 
     async def start_workers(
         self, count: int, *, fixed_s: float = 0.0, step_s: float = 0.0, per_process: int = 32
@@ -646,7 +648,9 @@ async def serve_gateway(args: argparse.Namespace) -> None:
     from imagegen import runtime
 
     stop = _stop_event()
-    running = await runtime.start_gateway(GatewaySettings(nats_url=args.nats, port=args.port))
+    running = await runtime.start_gateway(
+        GatewaySettings(nats_url=args.nats, port=args.port, webhook_allow_private=args.webhook_allow_private)
+    )
     _ready(running.port)
     await stop.wait()
     await running.stop()
@@ -730,6 +734,7 @@ def main() -> None:
     gw = sub.add_parser("gateway")
     gw.add_argument("--nats", required=True)
     gw.add_argument("--port", type=int, default=0)
+    gw.add_argument("--webhook-allow-private", action="store_true")
     wk = sub.add_parser("workers")
     wk.add_argument("--nats", required=True)
     wk.add_argument("--count", type=int, default=1)

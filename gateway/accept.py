@@ -8,6 +8,8 @@ range that matches a type gives its quality; a missing header accepts anything; 
 
 from __future__ import annotations
 
+import math
+
 JSON = "application/json"
 
 
@@ -27,9 +29,10 @@ def media_ranges(header: str) -> list[tuple[str, float]]:
             key, _, value = param.partition("=")
             if key.strip().lower() == "q":
                 try:
-                    q = min(max(float(value), 0.0), 1.0)
+                    q = float(value)
                 except ValueError:
                     q = 0.0
+                q = min(max(q, 0.0), 1.0) if math.isfinite(q) else 0.0
         ranges.append((name.lower(), q))
     return ranges
 

@@ -51,6 +51,8 @@ log = logging.getLogger("imagegen.gateway.webhooks")
 RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # waits before each try after the first
 CALL_TIMEOUT_S = 10.0  # one call, connecting included (below the consumer's ack wait)
 MAX_CALLS = 64  # calls in flight per gateway
+MAX_ANSWER_BYTES = 64 * 1024  # of a receiver's answer, read and dropped
+MAX_PUBLISHING = 64  # publishes awaiting their ack at once
 MAX_UNPUBLISHED = 10_000  # moments waiting to be published while the broker is slow or away
 RETRIED_STATUSES = frozenset({408, 429})
 DEFAULT_MOMENTS = ("completed",)
@@ -59,22 +61,63 @@ DEFAULT_MOMENTS = ("completed",)
 # -- where a call may go -------------------------------------------------------------------------
 
 
+IPV4_IN_LAST_32_BITS = tuple(ipaddress.ip_network(n) for n in (
+    "::/96",  # IPv4-compatible
+    "::ffff:0:0/96",  # IPv4-mapped
+    "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+    "64:ff9b::/96",  # NAT64
+    "64:ff9b:1::/48",  # local-use NAT64
+))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries and may be routed to: in its last 32 bits
+    (compatible, mapped, translated, NAT64), 6to4 (2002:ab:cd::) and Teredo."""
+    found = [ip.sixtofour] if ip.sixtofour is not None else []
+    if ip.teredo is not None:
+        found += list(ip.teredo)
+    if any(ip in network for network in IPV4_IN_LAST_32_BITS):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def public_address(address: str) -> bool:
+    """Whether a call may go to this IP address: global unicast, and so is every IPv4 address it
+    carries."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else []
+    return all(a.is_global and not a.is_multicast for a in (ip, *inner))
+
+
+def legacy_ipv4(host: str) -> bool:
+    """Whether the C library reads `host` as an IPv4 address written another way than four decimal
+    numbers (127.1, 2130706433, 0177.0.0.1, 0x7f.1), which some clients connect to as such."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    try:
+        return str(ipaddress.IPv4Address(host)) != host
+    except ValueError:
+        return True
 
 
 def check_destination(url: str, *, allow_private: bool) -> None:
-    """RequestInvalid when `url`'s host is an address (or localhost) that is not public and private
-    destinations are not allowed; names are checked when the call resolves them."""
+    """RequestInvalid when `url`'s host cannot be called: not a valid host name, or, unless private
+    destinations are allowed, an address (or localhost) that is not public. Names are checked again
+    when the call resolves them."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise RequestInvalid([{"field": "webhook", "message": f"host {host[:80]!r} is not a valid host name (an empty or over-long label)"}]) from None
     if allow_private:
         return
-    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if legacy_ipv4(host):
+        raise RequestInvalid([{"field": "webhook", "message": f"host {host!r} reads as an IPv4 address; write an address as four decimal numbers"}])
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -160,12 +203,19 @@ class WebhookOutbox:
         self.task = None
 
     async def _publish_all(self) -> None:
-        while True:
-            moment, status = await self.pending.get()
-            try:
-                await self._publish(moment, status)
-            finally:
-                self.pending.task_done()
+        """Publishes the moments as they come, up to MAX_PUBLISHING at once (each waits for its ack)."""
+        publishing: set[asyncio.Task] = set()
+        room = asyncio.Semaphore(MAX_PUBLISHING)
+        try:
+            while True:
+                moment, status = await self.pending.get()
+                await room.acquire()
+                task = asyncio.create_task(self._publish(moment, status))
+                publishing.add(task)
+                task.add_done_callback(lambda done: (publishing.discard(done), room.release(), self.pending.task_done()))
+        finally:
+            for task in publishing:
+                task.cancel()
 
     async def _publish(self, moment: str, status: JobStatus) -> None:
         for wait_s in (0.5, 2.0, 5.0, None):
@@ -221,14 +271,17 @@ class WebhookSender:
         self.allow_private = allow_private
         self.retry_s = retry_s
         self.on_outcome = on_outcome  # (moment, delivered | retried | given_up) of every call made
-        self.slots = asyncio.Semaphore(MAX_CALLS)
+        self.slot_freed = asyncio.Event()  # set while fewer than MAX_CALLS calls are in flight
+        self.slot_freed.set()
         self.calls: set[asyncio.Task] = set()
         self.task: asyncio.Task | None = None
         self.http: aiohttp.ClientSession | None = None
+        self.resolver: PublicOnlyResolver | None = None
 
     async def start(self) -> None:
         self.sub = await self.js.pull_subscribe_bind(durable=names.WEBHOOK_SENDERS, stream=names.WEBHOOKS_STREAM)
-        connector = aiohttp.TCPConnector(limit=MAX_CALLS, resolver=None if self.allow_private else PublicOnlyResolver())
+        self.resolver = None if self.allow_private else PublicOnlyResolver()
+        connector = aiohttp.TCPConnector(limit=MAX_CALLS, resolver=self.resolver)
         self.http = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S))
         self.task = asyncio.create_task(self._take_calls())
 
@@ -241,33 +294,51 @@ class WebhookSender:
         await asyncio.gather(*self.calls, return_exceptions=True)
         if self.http is not None:
             await self.http.close()
+        if self.resolver is not None:
+            await self.resolver.close()
         try:
             await self.sub.unsubscribe()
         except Exception:  # the connection is closing anyway
             pass
 
     async def _take_calls(self) -> None:
+        """Takes the calls one by one while fewer than MAX_CALLS are in flight."""
         while True:
-            await self.slots.acquire()
+            await self.slot_freed.wait()
+            free = MAX_CALLS - len(self.calls)
+            if free <= 0:
+                self.slot_freed.clear()
+                continue
             try:
-                (msg,) = await self.sub.fetch(1, timeout=5)
+                msgs = await self.sub.fetch(1, timeout=5)
             except asyncio.CancelledError:
-                self.slots.release()
                 raise
             except Exception as exc:  # nothing to do within the timeout, or the broker away
-                self.slots.release()
                 if not isinstance(exc, asyncio.TimeoutError):
                     await asyncio.sleep(1.0)
                 continue
-            call = asyncio.create_task(self._call(msg))
-            self.calls.add(call)
-            call.add_done_callback(self._call_done)
+            for msg in msgs:
+                call = asyncio.create_task(self._call(msg))
+                self.calls.add(call)
+                call.add_done_callback(self._call_done)
 
     def _call_done(self, call: asyncio.Task) -> None:
         self.calls.discard(call)
-        self.slots.release()
+        self.slot_freed.set()
 
     async def _call(self, msg: Msg) -> None:
+        try:
+            await self._make_call(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug, or the broker gone between the call and its ack: logged, not lost
+            log.exception("webhook message %s: %s", msg.subject, exc)
+            try:
+                await msg.nak(delay=self.retry_s[-1] if self.retry_s else 60.0)
+            except Exception:  # the consumer hands it out again after its ack wait
+                pass
+
+    async def _make_call(self, msg: Msg) -> None:
         moment = msg.subject.rsplit(".", 1)[-1]
         tries = msg.metadata.num_delivered
         try:
@@ -315,14 +386,14 @@ class WebhookSender:
             headers["webhook-signature"] = signature(self.key, call_id, timestamp, body)
         try:
             async with self.http.post(url, data=body, headers=headers, allow_redirects=False) as answer:
-                await answer.read()
+                await answer.content.read(MAX_ANSWER_BYTES)  # what the receiver says is not kept
                 if 200 <= answer.status < 300:
                     return None, False
                 retry = answer.status >= 500 or answer.status in RETRIED_STATUSES
                 return f"answered {answer.status}", retry
         except asyncio.TimeoutError:
             return f"no answer within {CALL_TIMEOUT_S:g}s", True
-        except aiohttp.InvalidURL as exc:
+        except (aiohttp.InvalidURL, ValueError) as exc:  # ValueError: a host name IDNA refuses
             return f"invalid URL: {exc}", False
         except (aiohttp.ClientError, OSError) as exc:
             refused = isinstance(getattr(exc, "os_error", None), NotPublic)

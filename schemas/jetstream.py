@@ -41,6 +41,7 @@ class Topology:
 
 
 WEBHOOK_ACK_WAIT_S = 60.0  # longer than one call may take (gateway.webhooks.CALL_TIMEOUT_S)
+WEBHOOK_MAX_DELIVER = 20
 
 
 def job_stream_config(t: Topology) -> StreamConfig:
@@ -93,6 +94,7 @@ def webhook_senders_config(t: Topology) -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=WEBHOOK_ACK_WAIT_S,  # a gateway that stopped mid-call: another one makes it after this
+        max_deliver=WEBHOOK_MAX_DELIVER,  # a backstop: the gateways give a call up after their own tries
         max_ack_pending=-1,
         max_waiting=4096,
         num_replicas=t.replicas,

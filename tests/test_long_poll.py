@@ -65,7 +65,9 @@ async def test_an_accept_that_ranks_the_jobs_image_first_gets_the_image(service,
         assert Image.open(io.BytesIO(await r.read())).format == "JPEG"
 
 
-@pytest.mark.parametrize("accept", ["application/json", "*/*", "image/*;q=0.5, application/json", "image/png, application/json"])
+@pytest.mark.parametrize(
+    "accept", ["application/json", "*/*", "image/*;q=0.5, application/json", "image/png, application/json", "image/*;q=nan, application/json"]
+)
 async def test_an_accept_that_ranks_json_first_gets_the_job(service, http, accept):
     async with http.post(f"{service.url}/v1/jobs?wait=60", json=JOB, headers={"Accept": accept}) as r:
         assert r.status == 201, await r.text()

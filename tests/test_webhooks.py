@@ -174,6 +174,21 @@ async def test_a_job_queued_straight_over_nats_gets_its_webhook(hooked, receiver
     await nc.close()
 
 
+async def test_a_webhook_that_cannot_be_called_is_given_up_at_once(hooked, http):
+    """Over NATS nothing checks a webhook's host before the call: the call gives up, once, and counts it."""
+    before = await webhook_calls(http, hooked.url)
+    nc = await nats.connect(hooked.nats_url)
+    js = nc.jetstream()
+    envelope = JobEnvelope.for_request(parse_request({**JOB, "webhook": "http://a..example.com/hook"}))
+    await js.publish(names.Tier.NORMAL.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id})
+    await nc.close()
+    async with asyncio.timeout(60):
+        while (await webhook_calls(http, hooked.url) - before)["given_up"] < 1:
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # retries come 0.2 s apart here
+    assert await webhook_calls(http, hooked.url) - before == Counter({"given_up": 1})
+
+
 async def test_with_two_gateways_each_moment_is_posted_once(hooked, webhook_broker, receiver, http):
     second = await runtime.start_gateway(GatewaySettings(nats_url=webhook_broker.url, port=0, **WEBHOOKS))
     try:
@@ -232,6 +247,13 @@ async def public_only(broker):
         ({"webhook": "http://10.1.2.3/hook"}, "not public"),
         ({"webhook": "http://169.254.169.254/latest/meta-data"}, "not public"),
         ({"webhook": "http://localhost:8080/hook"}, "this machine"),
+        ({"webhook": "http://127.1/hook"}, "four decimal numbers"),
+        ({"webhook": "http://2130706433/hook"}, "four decimal numbers"),
+        ({"webhook": "http://[::7f00:1]/hook"}, "not public"),  # loopback in an IPv4-compatible address
+        ({"webhook": "http://[64:ff9b::a00:1]/hook"}, "not public"),  # 10.0.0.1 through NAT64
+        ({"webhook": "http://[2002:c0a8:101::]/hook"}, "not public"),  # 192.168.1.1 through 6to4
+        ({"webhook": "http://a..example.com/hook"}, "not a valid host name"),
+        ({"webhook": "http://" + "a" * 64 + ".example.com/hook"}, "not a valid host name"),
         ({"webhook": "ftp://example.com/hook"}, "http or https"),
         ({"webhook": "https://user:pass@example.com/hook"}, "user name or password"),
         ({"webhook": "https://example.com:99999/"}, "Port"),
