@@ -2,8 +2,9 @@
 
 Two gateway processes (webhooks go to one of them per call), 8 simulated workers of zero time in one
 process, and a receiver in this process on loopback. The same number of jobs is run twice, once
-without webhooks and once with a `completed` webhook each, submitted by 32 clients to the two
-gateways in turn:
+without webhooks and once with a `completed` webhook each, submitted at a steady rate (`--rate`,
+below what the two cores carry, so that the lag is the calls' own and not a backlog's) by 32 clients
+to the two gateways in turn:
 
 - lag: time the receiver got the call minus the job's `finished_at`, stamped by the worker;
 - calls per job: 1 when each moment is called once (more: duplicates), and jobs never called;
@@ -35,6 +36,7 @@ from common import (  # noqa: E402
     http_session,
     markdown_table,
     open_stack,
+    positive,
     submit,
     summary_ms,
     whole,
@@ -62,13 +64,17 @@ class Receiver:
         return web.Response(text="ok")
 
 
-async def run_jobs(http, urls: list[str], jobs: int, body: dict) -> list[str]:
-    """Submits `jobs` jobs from CLIENTS clients, to the gateways in turn; their ids."""
+async def run_jobs(http, urls: list[str], jobs: int, body: dict, *, rate: float | None = None) -> list[str]:
+    """Submits `jobs` jobs from CLIENTS clients, to the gateways in turn, `rate` a second (None: as
+    fast as they go); their ids."""
     job_ids: list[str] = []
     counter = iter(range(jobs))
+    start = time.monotonic()
 
     async def client() -> None:
         for i in counter:
+            if rate is not None:
+                await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
             job_ids.append(await submit(http, urls[i % len(urls)], {**body, "seed": i}))
 
     await asyncio.gather(*(client() for _ in range(CLIENTS)))
@@ -87,14 +93,14 @@ async def wait_done(http, url: str, job_ids: list[str], timeout_s: float) -> Non
                     break
 
 
-async def phase(stack, http, receiver: Receiver | None, urls: list[str], jobs: int, *, hook: str | None) -> dict:
+async def phase(stack, http, receiver: Receiver | None, urls: list[str], jobs: int, *, hook: str | None, rate: float) -> dict:
     pids = stack.pids()
     meters = {name: CpuMeter(pid) for name, pid in pids.items()}
     for meter in meters.values():
         meter.start()
     started = time.monotonic()
     body = {**SMALL_JOB, "cache": False} | ({"webhook": hook} if hook else {})
-    job_ids = await run_jobs(http, urls, jobs, body)
+    job_ids = await run_jobs(http, urls, jobs, body, rate=rate)
     await wait_done(http, urls[0], job_ids, timeout_s=120)
     result: dict = {"jobs": len(job_ids)}
     if receiver is not None:
@@ -135,8 +141,8 @@ async def main(args: argparse.Namespace) -> int:
             async with http_session() as http:
                 await run_jobs(http, urls, 64, SMALL_JOB)  # warm-up: connections, consumers
                 with OtherLoad() as other:
-                    results["without_webhooks"] = await phase(stack, http, None, urls, args.jobs, hook=None)
-                    results["with_webhooks"] = await phase(stack, http, receiver, urls, args.jobs, hook=hook)
+                    results["without_webhooks"] = await phase(stack, http, None, urls, args.jobs, hook=None, rate=args.rate)
+                    results["with_webhooks"] = await phase(stack, http, receiver, urls, args.jobs, hook=hook, rate=args.rate)
                 results["other_load_cores"] = other.cores
     finally:
         await runner.cleanup()
@@ -160,4 +166,5 @@ async def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=whole(1), default=1000, help="jobs per phase")
+    parser.add_argument("--rate", type=positive, default=50.0, help="jobs submitted per second")
     sys.exit(asyncio.run(main(parser.parse_args())))
