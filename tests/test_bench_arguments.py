@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ("soak.py", ["--rate", "0"], "--rate: must be above 0"),
         ("memory.py", ["--sockets", "many"], "--sockets: 'many' is not a whole number"),
         ("cpu_profile.py", ["--rate", "0"], "--rate: must be at least 1, got 0"),
+        ("webhooks.py", ["--rate", "0"], "--rate: must be above 0"),
+        ("webhooks.py", ["--jobs", "x"], "--jobs: 'x' is not a whole number"),
     ],
 )
 def test_benchmarks_refuse_bad_arguments_by_name(script, args, named):
