@@ -25,6 +25,7 @@ from gateway.direct_get import DirectReader
 from gateway.event_hub import EventHub
 from gateway.forecast import EtaCache, jobs_ahead
 from gateway.fresh_images import FreshImages
+from gateway.model_views import ModelViews
 from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
 from gateway.settings import GatewaySettings
@@ -94,6 +95,7 @@ class JobService:
         self.settings = settings
         self.view = QueueView(worker_ttl_s=settings.topology.worker_ttl_s)
         self.etas = EtaCache(self.view)
+        self.model_views = ModelViews(self.view, self.etas)  # positions and ETAs among one model's jobs
         self.cache = ResultCache(ttl_s=settings.cache_ttl_s, scope=settings.cache_scope, replicas=settings.topology.replicas)
         self.submit_listeners: list[Callable[[JobStatus], None]] = []  # called once per job a submit created
         self.fresh = FreshImages(self._read_image)  # images of jobs queued here, read as they are done
@@ -249,7 +251,7 @@ class JobService:
         # In the queue view before it is sent (its position and ETA count it; the record's revision
         # follows with the broker's ack), and watched for its end before it can end.
         self.view.apply(status, 0)
-        queued = JobEvent(type="queued", job_id=status.job_id, position=self.view.position(status), eta_s=self.etas.forecast(status))
+        queued = JobEvent(type="queued", job_id=status.job_id, position=self.position(status), eta_s=self.eta(status))
         if key_of_result is not None:
             self.cache.watch(status.job_id, key_of_result)
         self.fresh.want(status.job_id)
@@ -289,7 +291,7 @@ class JobService:
         job published straight onto NATS) and the record written here is then refused as a repeat. A
         job id that may exist already (an Idempotency-Key) is published only once its record is new.
         The `queued` event goes out before the job, so that it comes before the worker's `started`."""
-        subject, payload, headers = envelope.tier.subject, encode(envelope), {names.MSG_ID_HEADER: envelope.job_id}
+        subject, payload, headers = envelope.subject, encode(envelope), {names.MSG_ID_HEADER: envelope.job_id}
 
         async def record() -> int | None:
             revision = await jobstore.create_status(self.status_kv, status)
@@ -337,7 +339,7 @@ class JobService:
         envelope = envelope.model_copy(
             update={"seed": existing.seed, "submitted_at": existing.submitted_at, "deadline": existing.deadline}
         )
-        await self.js.publish(existing.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
+        await self.js.publish(envelope.subject, encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
         log.info("job %s submitted again while queued; published again", existing.job_id, extra={"job_id": existing.job_id})
 
     async def _model_for(self, served: dict[str, list]) -> str | None:
@@ -459,13 +461,16 @@ class JobService:
             _wake(waiters)
 
     def position(self, status: JobStatus) -> int | None:
-        return self.view.position(status) if status.state is JobState.QUEUED else None
+        """Jobs ahead in the queue: of those its workers take (its model's, when several are served)."""
+        return self.model_views.of(status)[0].position(status) if status.state is JobState.QUEUED else None
 
     def eta(self, status: JobStatus) -> float | None:
-        return self.etas.forecast(self.newest(status))
+        status = self.newest(status)
+        return self.model_views.of(status)[1].forecast(status)
 
     def task_length(self, status: JobStatus) -> int:
-        return jobs_ahead(self.view, self.newest(status))
+        status = self.newest(status)
+        return jobs_ahead(self.model_views.of(status)[0], status)
 
     def newest(self, status: JobStatus) -> JobStatus:
         """The job's record as far along as this gateway knows it: a submit is answered once the broker

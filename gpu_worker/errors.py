@@ -31,3 +31,12 @@ class RetryLater(Exception):
         super().__init__(reason)
         self.reason = reason
         self.delay_s = delay_s
+
+
+class Rerouted(Exception):
+    """The job names a model this worker does not serve, and a live worker does: it was published to
+    that model's lane (schemas.names.jobs_subject), and this message is done with."""
+
+    def __init__(self, subject: str):
+        super().__init__(subject)
+        self.reason = f"published to {subject}, the lane of the model it names"

@@ -17,13 +17,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, RetryLater
+from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, Rerouted, RetryLater
 from schemas.connect import BROKER_ERRORS
 from schemas.metrics import GENERATION_BUCKETS, QUEUE_WAIT_BUCKETS, exposition
 
 log = logging.getLogger("imagegen.worker.metrics")
 
-OUTCOMES = ("done", "failed", "cancelled", "expired", "deferred", "retried")
+OUTCOMES = ("done", "failed", "cancelled", "expired", "deferred", "retried", "rerouted")
 
 
 def outcome_label(outcome: BaseException | None, *, attempt: int, max_deliver: int) -> str:
@@ -36,6 +36,8 @@ def outcome_label(outcome: BaseException | None, *, attempt: int, max_deliver: i
         return "expired"
     if isinstance(outcome, RetryLater):
         return "deferred"
+    if isinstance(outcome, Rerouted):
+        return "rerouted"
     if isinstance(outcome, JobFailed):
         return "failed"
     if isinstance(outcome, BROKER_ERRORS):

@@ -1,15 +1,17 @@
 """Takes the next job message, highest tier first, one at a time.
 
-Each tier has a durable pull consumer. The worker asks each in turn for one message with `no_wait`
+Each tier has durable pull consumers, one per lane: the jobs naming no model, and the jobs naming
+this worker's model (`imagegen.jobs.<tier>.<lane>`, which only that model's workers read). Within a
+tier the model's lane is asked first. The worker asks each lane in turn for one message with `no_wait`
 (one round trip, well under a millisecond on a LAN); when all are empty it sleeps until a job is
 published on any tier (a plain subscription to `imagegen.jobs.>` rings a bell) or a short timeout.
 
-A tier that answered "no messages", or whose message taken left none pending, is known empty until a
+A lane that answered "no messages", or whose message taken left none pending, is known empty until a
 job is published on it (its bell) or `idle_wait_s` passes, and is not asked meanwhile: a worker woken
-by a bell asks the tiers that rang, not every tier, and one that finishes a job asks only the tiers
-that may hold work. Jobs that come back without a publish (a retry after a delay, a redelivery after
-the ack wait) are found within `idle_wait_s`, as by the idle worker's look at every tier. A tier that
-rang is asked with a short wait (`bell_wait_s`) instead of `no_wait`: the bell can come before the
+by a bell asks the lanes that rang, not every lane, and one that finishes a job asks only the lanes
+that may hold work. Bells of other models' lanes are ignored. Jobs that come back without a publish
+(a retry after a delay, a redelivery after the ack wait) are found within `idle_wait_s`, as by the
+idle worker's look at every lane. A lane that rang is asked with a short wait (`bell_wait_s`) instead of `no_wait`: the bell can come before the
 stream has stored the job, and an empty answer then would leave the job until the next look.
 
 Starvation: after `fairness` jobs in a row taken from a higher tier while a lower one had work waiting,
@@ -38,12 +40,15 @@ EMPTY_STATUSES = ("404", "408")  # no messages; none came within the request's w
 
 
 class TierPuller:
-    """One tier's pull consumer, asked for one message at a time."""
+    """One lane's pull consumer (a tier's jobs naming no model, or naming `model`), asked for one
+    message at a time."""
 
-    def __init__(self, nc: NATS, tier: Tier):
+    def __init__(self, nc: NATS, tier: Tier, model: str | None = None):
         self.nc = nc
         self.tier = tier
-        self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS_STREAM}.{tier.consumer}"
+        self.subject = names.jobs_subject(tier, model)
+        self.consumer = names.jobs_consumer(tier, model)
+        self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.JOBS_STREAM}.{self.consumer}"
         self.inbox = nc.new_inbox()
         self.replies: asyncio.Queue[Msg] = asyncio.Queue()
         self.sub: Subscription | None = None
@@ -91,68 +96,79 @@ class PriorityPuller:
         idle_wait_s: float = 1.0,
         bell_wait_s: float = 0.05,
         on_bell: Callable[[Msg], None] | None = None,
+        model: str | None = None,
     ):
         self.nc = nc
         self.on_bell = on_bell  # told of each job published (the message itself), before it is pulled
         self.fairness = fairness
         self.idle_wait_s = idle_wait_s
         self.bell_wait_s = bell_wait_s
-        self.tiers = [TierPuller(nc, tier) for tier in TIERS]
+        # per tier, highest first: the lane of jobs naming this worker's model, then the one of jobs naming none
+        self.tiers = [
+            [TierPuller(nc, tier, model), TierPuller(nc, tier)] if model is not None else [TierPuller(nc, tier)]
+            for tier in TIERS
+        ]
+        self.lanes = [puller for lanes in self.tiers for puller in lanes]
         self.bell = asyncio.Event()
         self.bell_sub: Subscription | None = None
         self.skipped_lower = 0
-        self.rings: dict[Tier, int] = {tier: 0 for tier in TIERS}  # bells heard, per tier
-        self.empty: dict[Tier, float] = {}  # tier -> when it was found empty (monotonic), until its bell
-        self.rang: set[Tier] = set()  # tiers whose bell rang since they were last asked
+        self.rings: dict[str, int] = {p.subject: 0 for p in self.lanes}  # bells heard, per lane
+        self.empty: dict[str, float] = {}  # lane -> when it was found empty (monotonic), until its bell
+        self.rang: set[str] = set()  # lanes whose bell rang since they were last asked
         self._fairness_check: asyncio.Task | None = None
 
     async def start(self) -> None:
-        for puller in self.tiers:
+        for puller in self.lanes:
             await puller.start()
-        by_subject = {tier.subject: tier for tier in TIERS}
+        mine = {p.subject for p in self.lanes}
 
         async def ring(msg: Msg) -> None:
-            tier = by_subject.get(msg.subject)
-            if tier is None:
-                self.empty.clear()
+            lane = msg.subject
+            if lane in mine:
+                self.rings[lane] += 1
+                self.rang.add(lane)
+                self.empty.pop(lane, None)
+            elif lane.count(".") > 2:  # another model's lane: not for this worker
+                return
             else:
-                self.rings[tier] += 1
-                self.rang.add(tier)
-                self.empty.pop(tier, None)
+                self.empty.clear()
             self.bell.set()
             if self.on_bell is not None:
                 self.on_bell(msg)
 
-        self.bell_sub = await self.nc.subscribe(f"{names.JOBS_SUBJECT_PREFIX}.*", cb=ring)
+        self.bell_sub = await self.nc.subscribe(f"{names.JOBS_SUBJECT_PREFIX}.>", cb=ring)
 
     async def stop(self) -> None:
         if self._fairness_check is not None:
             self._fairness_check.cancel()
-        for puller in self.tiers:
+        for puller in self.lanes:
             await puller.stop()
         if self.bell_sub is not None:
             await self.bell_sub.unsubscribe()
 
     def known_empty(self, tier: Tier) -> bool:
-        found_at = self.empty.get(tier)
+        return all(self._lane_empty(p.subject) for p in self.tiers[tier.rank])
+
+    def _lane_empty(self, lane: str) -> bool:
+        found_at = self.empty.get(lane)
         return found_at is not None and time.monotonic() - found_at < self.idle_wait_s
 
-    async def _take(self, order: list[TierPuller]) -> Msg | None:
-        for puller in order:
-            tier = puller.tier
-            if self.known_empty(tier):
+    async def _take(self, order: list[list[TierPuller]]) -> Msg | None:
+        for puller in (p for lanes in order for p in lanes):
+            lane = puller.subject
+            if self._lane_empty(lane):
                 continue
-            rings = self.rings[tier]
-            wait_s = self.bell_wait_s if tier in self.rang else 0.0
-            self.rang.discard(tier)
+            rings = self.rings[lane]
+            wait_s = self.bell_wait_s if lane in self.rang else 0.0
+            self.rang.discard(lane)
             msg = await puller.next(wait_s=wait_s)
-            quiet = self.rings[tier] == rings  # no job published on the tier while it was asked
+            quiet = self.rings[lane] == rings  # no job published on the lane while it was asked
             if msg is not None:
                 if quiet and msg.metadata.num_pending == 0:
-                    self.empty[tier] = time.monotonic()
+                    self.empty[lane] = time.monotonic()
                 return msg
             if quiet and puller.found_none:
-                self.empty[tier] = time.monotonic()
+                self.empty[lane] = time.monotonic()
         return None
 
     async def next(self, stopping: asyncio.Event, *, hold: Callable[[], Awaitable[None]] | None = None) -> Msg | None:
@@ -172,7 +188,7 @@ class PriorityPuller:
                 order.reverse()
             msg = await self._take(order)
             if msg is not None:
-                taken = Tier(msg.subject.rsplit(".", 1)[-1])
+                taken = Tier(msg.subject.split(".")[2])  # imagegen.jobs.<tier>[.<model lane>]
                 before = self.skipped_lower
                 self.skipped_lower = count_after(taken, before, self.fairness, lower_waiting=False)
                 if_waiting = count_after(taken, before, self.fairness, lower_waiting=True)
@@ -198,9 +214,10 @@ class PriorityPuller:
         js = self.nc.jetstream()
         try:
             for tier in TIERS[taken.rank + 1 :]:
-                info = await js.consumer_info(names.JOBS_STREAM, tier.consumer, timeout=1.0)
-                if info.num_pending:
-                    return True
+                for puller in self.tiers[tier.rank]:
+                    info = await js.consumer_info(names.JOBS_STREAM, puller.consumer, timeout=1.0)
+                    if info.num_pending:
+                        return True
         except Exception:  # broker away or slow: the job in hand still runs; fairness counts it next time
             return False
         return False

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from PIL import Image
 
 from gpu_worker.engine import Engine, GenerationTask
-from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, RetryLater
+from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, Rerouted, RetryLater
 from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from gpu_worker.metrics import WorkerMetrics
@@ -38,7 +38,7 @@ from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode, encode
 from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
-from schemas.jetstream import ensure_topology
+from schemas.jetstream import ensure_model_lanes, ensure_topology
 from schemas.job import JobEnvelope
 from schemas.request import RequestInvalid, limit_problems, steps_run
 from schemas.status import ImageRef, JobState, JobStatus
@@ -130,7 +130,8 @@ class Worker:
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
         self.image_store = ImageStore(self.js, self.images, names.IMAGES_BUCKET)
         self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
-        self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness, on_bell=self._on_bell)
+        await ensure_model_lanes(self.js, self.settings.topology, self.engine.name)
+        self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness, on_bell=self._on_bell, model=self.engine.name)
         await self.puller.start()
         await self.nc.subscribe(names.CANCEL_SUBJECT, cb=self._on_cancel)
         await self._register()
@@ -336,7 +337,7 @@ class Worker:
             job_id = context.job_id = envelope.job_id
             await self._run(envelope, msg, attempt)
             outcome = None
-        except (JobCancelled, JobExpired, JobFailed, RetryLater, *BROKER_TROUBLE) as exc:
+        except (JobCancelled, JobExpired, JobFailed, RetryLater, Rerouted, *BROKER_TROUBLE) as exc:
             outcome = exc
         except Exception as exc:
             log.exception("job %s try %d crashed", job_id or "?", attempt)
@@ -382,11 +383,39 @@ class Worker:
             raise JobFailed("; ".join(f"{p['field']}: {p['message']}" for p in problems))
         return envelope
 
+    async def _reroute(self, envelope: JobEnvelope, msg: Msg) -> None:
+        """A job naming a model this worker does not serve, taken from the lane of jobs naming none (a
+        service published it there): published to its model's lane when a live worker serves that
+        model (Rerouted), else failed, naming the model."""
+        model = envelope.request.model
+        lane = envelope.subject
+        if msg.subject != lane and await self._served_elsewhere(model):
+            dedup = f"{envelope.job_id}.{names.model_lane(model)}"  # a redelivered message is routed once
+            await self.js.publish(lane, msg.data, headers={names.MSG_ID_HEADER: dedup})
+            raise Rerouted(lane)
+        raise JobFailed(f"model: {model!r} is not served here, nor by any live worker; this worker serves {self.engine.name!r}")
+
+    async def _served_elsewhere(self, model: str) -> bool:
+        """Whether a live worker (by the registry) serves `model`."""
+        now = time.time()
+        try:
+            keys = await self.workers_kv.keys()
+        except Exception:  # no entries (the registry is empty), or the broker away
+            return False
+        for key in keys:
+            try:
+                info = decode((await self.workers_kv.get(key)).value, WorkerInfo)
+            except Exception:  # gone meanwhile, or unreadable
+                continue
+            if info.model == model and now - info.seen_at < self.settings.topology.worker_ttl_s:
+                return True
+        return False
+
     async def _run(self, envelope: JobEnvelope, msg: Msg, attempt: int) -> None:
         job_id = envelope.job_id
         request = envelope.request
         if request.model and request.model != self.engine.name:
-            raise JobFailed(f"model: {request.model!r} is not served here; this worker serves {self.engine.name!r}")
+            await self._reroute(envelope, msg)
         if request.use_refiner and not self.engine.has_refiner:
             raise JobFailed("use_refiner: no refiner is loaded on this worker")
         if envelope.deadline is not None and time.time() > envelope.deadline:
@@ -631,6 +660,9 @@ class Worker:
             await self._finish(job_id, JobState.EXPIRED, "expired in the queue before a worker took it")
             await msg.ack()
             log.info("%s expired", tag)
+        elif isinstance(outcome, Rerouted):
+            await msg.ack()
+            log.info("job %s %s", job_id or "?", outcome.reason)
         elif isinstance(outcome, RetryLater):
             await msg.nak(delay=outcome.delay_s)
             log.info("%s deferred %.1fs: %s", tag, outcome.delay_s, outcome.reason)

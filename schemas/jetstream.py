@@ -47,7 +47,7 @@ WEBHOOK_MAX_DELIVER = 20
 def job_stream_config(t: Topology) -> StreamConfig:
     return StreamConfig(
         name=names.JOBS_STREAM,
-        subjects=[tier.subject for tier in names.TIERS],
+        subjects=[subject for tier in names.TIERS for subject in (tier.subject, f"{tier.subject}.*")],  # .<model lane>
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         duplicate_window=t.duplicate_window_s,
@@ -57,10 +57,11 @@ def job_stream_config(t: Topology) -> StreamConfig:
     )
 
 
-def consumer_config(t: Topology, tier: names.Tier) -> ConsumerConfig:
+def consumer_config(t: Topology, tier: names.Tier, model: str | None = None) -> ConsumerConfig:
+    """The workers' consumer of a tier's jobs that name no model, or with `model`, of that model's lane."""
     return ConsumerConfig(
-        durable_name=tier.consumer,
-        filter_subject=tier.subject,
+        durable_name=names.jobs_consumer(tier, model),
+        filter_subject=names.jobs_subject(tier, model),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=t.ack_wait_s,
@@ -71,6 +72,12 @@ def consumer_config(t: Topology, tier: names.Tier) -> ConsumerConfig:
         max_waiting=4096,
         num_replicas=t.replicas,
     )
+
+
+async def ensure_model_lanes(js: JetStreamContext, t: Topology, model: str) -> None:
+    """The consumers of a model's lanes, one per tier: a worker serving the model creates them."""
+    for tier in names.TIERS:
+        await js.add_consumer(names.JOBS_STREAM, consumer_config(t, tier, model))
 
 
 def webhooks_stream_config(t: Topology) -> StreamConfig:

@@ -7,7 +7,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.names import Tier
+from schemas.names import Tier, jobs_subject
 from schemas.request import MAX_IMAGES, GenerateRequest
 from schemas.status import JobStatus, UploadRef
 
@@ -116,6 +116,11 @@ class JobEnvelope(Placement):
             deadline=submitted_at + timeout_s if timeout_s else None,
             **dict(placement or Placement()),
         )
+
+    @property
+    def subject(self) -> str:
+        """Where the job message goes: its tier's subject, in its model's lane when it names one."""
+        return jobs_subject(self.tier, self.request.model)
 
     def queued_status(self) -> JobStatus:
         """The first status record of this job."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from enum import Enum
 
 JOBS_STREAM = "IMAGEGEN_JOBS"
@@ -58,3 +60,21 @@ def events_subject(job_id: str) -> str:
 
 def webhooks_subject(job_id: str, moment: str) -> str:
     return f"{WEBHOOKS_SUBJECT_PREFIX}.{job_id}.{moment}"
+
+
+def model_lane(model: str) -> str:
+    """A model's token in job subjects and consumer names: readable, and told apart by a hash of the
+    whole name (hub ids hold '/' and '.', which subjects and consumer names cannot)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", model).strip("_")[:40]
+    return f"{slug}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+
+
+def jobs_subject(tier: Tier, model: str | None = None) -> str:
+    """Where a job of this tier is published: the tier's subject, or with a model named, that model's
+    lane of it (`imagegen.jobs.<tier>.<lane>`), which only workers serving the model read."""
+    return tier.subject if model is None else f"{tier.subject}.{model_lane(model)}"
+
+
+def jobs_consumer(tier: Tier, model: str | None = None) -> str:
+    """The durable consumer of `jobs_subject(tier, model)`."""
+    return tier.consumer if model is None else f"{tier.consumer}-{model_lane(model)}"
