@@ -2,7 +2,7 @@
 real gateway and a tiny-sdxl worker: a prompt typed (with the refiner on) becomes an image in the
 gallery that downloads; several images at once get consecutive seeds and show queue, progress, ETA
 and live previews on the way; a waiting card's place moves with the queue; re-run repeats an image from its seed (from the result cache, and made
-again without it); cancel stops a job; the API's 4xx errors are shown by field; the page asks for no
+again without it); with several models served, the page picks one per request; cancel stops a job; the API's 4xx errors are shown by field; the page asks for no
 more images per request, and offers no larger sizes, than the service's limits; an uploaded (or
 dropped) init image gives an image of its size, a gallery image becomes the next init image, and a
 mask of another size is refused naming mask_image; and with keys on, the key typed in the page
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import nats
 import pytest
 from PIL import Image
 from playwright.async_api import Browser, Page, async_playwright, expect
@@ -29,7 +30,11 @@ from gateway import auth, native_api
 from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
+from schemas import names
+from schemas.codec import encode
+from schemas.jetstream import Topology
 from schemas.request import Limits
+from schemas.workers import WorkerInfo
 from tests.conftest import Service
 from tests.real_processes import wait_state
 
@@ -275,6 +280,38 @@ async def test_a_waiting_cards_place_moves_with_the_queue_over_the_websocket(bro
                 assert r.status == 200
             await expect(place).to_have_text(shown)
     finally:
+        await gateway.stop()
+
+
+async def test_with_several_models_served_the_page_picks_one_per_request(broker, page):
+    """Two models in the registry (one with a refiner), no worker taking jobs: the page offers both,
+    shows what the chosen one has, and the request names it."""
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0, topology=Topology(worker_ttl_s=600)))
+    url = f"http://127.0.0.1:{gateway.port}"
+    nc = await nats.connect(broker.url)
+    try:
+        registry = await nc.jetstream().key_value(names.WORKERS_BUCKET)
+        for model, steps, refiner in (("alpha", 20, False), ("beta", 7, True)):
+            info = WorkerInfo(worker_id=f"{model}-1", model=model, default_steps=steps, default_guidance=5.0, has_refiner=refiner)
+            await registry.put(info.worker_id, encode(info))
+        await page.goto(f"{url}/")
+        select = page.locator("#model-select")
+        await expect(select).to_be_visible()
+        await expect(select.locator("option")).to_have_text(["alpha", "beta"])
+        await expect(page.locator("#model")).to_be_hidden()
+        await select.select_option("beta")
+        await expect(page.locator("#steps")).to_have_attribute("placeholder", "default (7)")
+        await expect(page.locator("#use_refiner")).to_be_enabled()
+        async with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as answered:
+            await generate(page, "a model of a harbour", seed="5")
+        response = await answered.value
+        assert response.request.post_data_json["model"] == "beta"
+        assert (await response.json())["request"]["model"] == "beta"
+        await select.select_option("alpha")
+        await expect(page.locator("#use_refiner")).to_be_disabled()
+        await expect(page.locator("#steps")).to_have_attribute("placeholder", "default (20)")
+    finally:
+        await nc.close()
         await gateway.stop()
 
 

@@ -29,6 +29,7 @@ let socket = null;
 let socketRetry = 0;
 let socketTimer = null;
 let modelInfo = null;
+let served = {}; // model -> {steps, guidance, refiner, workers}, from /api/ls
 let limits = null; // what the service accepts (GET /v1/limits): images per request, steps, pixels
 let sizeTouched = false;
 let sizeBeforeInit = null;
@@ -115,22 +116,19 @@ async function loadModel() {
   try {
     const [ps, ls, accepted] = await Promise.all([api("/api/ps"), api("/api/ls"), api("/v1/limits")]);
     applyLimits(accepted);
-    const served = ps.model && ls ? ls[ps.model] : null;
-    modelInfo = { ...ps, refiner: Boolean(served && served.refiner) };
+    served = ls || {};
     keyBox.classList.remove("invalid");
-    $("model").textContent = ps.model || "no worker running";
-    $("workers").textContent = ps.model ? `${ps.workers} worker${ps.workers === 1 ? "" : "s"}` : "";
+    const select = $("model-select");
+    const names = Object.keys(served);
+    if (names.length > 1) { // several models: the page picks one per request, the current one at first
+      const chosen = names.includes(select.value) ? select.value : ps.model;
+      select.replaceChildren(...names.map((name) => h("option", { value: name, text: name })));
+      select.value = names.includes(chosen) ? chosen : names[0];
+    }
+    select.hidden = names.length <= 1;
+    $("model").hidden = !select.hidden;
+    showModel(select.hidden ? ps.model : select.value, ps);
     dot.className = "dot " + (ps.model ? "ok" : "warn");
-    $("model-note").textContent = ps.model === "tiny-sdxl" ? TINY_NOTE : "";
-    $("model-note").hidden = ps.model !== "tiny-sdxl";
-    $("steps").placeholder = ps.default_steps ? `default (${ps.default_steps})` : "default";
-    const refiner = $("use_refiner");
-    refiner.disabled = Boolean(ps.model) && !modelInfo.refiner;
-    if (refiner.disabled) refiner.checked = false;
-    $("refiner-note").textContent = refiner.disabled
-      ? "no worker has a refiner loaded"
-      : "hands the last steps to the SDXL refiner";
-    if (ps.model === "tiny-sdxl" && !sizeTouched && $("size").value !== "init") $("size").value = "256x256";
   } catch (err) {
     dot.className = "dot bad";
     $("workers").textContent = "";
@@ -142,6 +140,26 @@ async function loadModel() {
     }
     $("model-box").title = err.message;
   }
+}
+
+/* What the page shows and offers for a model: its workers, its default steps, its refiner. */
+function showModel(name, ps) {
+  const info = served[name] || null;
+  modelInfo = { ...ps, model: name, refiner: Boolean(info && info.refiner) };
+  $("model").textContent = name || "no worker running";
+  const workers = info ? info.workers : 0;
+  $("workers").textContent = name ? `${workers} worker${workers === 1 ? "" : "s"}` : "";
+  $("model-note").textContent = name === "tiny-sdxl" ? TINY_NOTE : "";
+  $("model-note").hidden = name !== "tiny-sdxl";
+  const steps = info ? info.steps : ps.default_steps;
+  $("steps").placeholder = steps ? `default (${steps})` : "default";
+  const refiner = $("use_refiner");
+  refiner.disabled = Boolean(name) && !modelInfo.refiner;
+  if (refiner.disabled) refiner.checked = false;
+  $("refiner-note").textContent = refiner.disabled
+    ? "no worker has a refiner loaded"
+    : "hands the last steps to the SDXL refiner";
+  if (name === "tiny-sdxl" && !sizeTouched && $("size").value !== "init") $("size").value = "256x256";
 }
 
 /* ---- the form --------------------------------------------------------------------------------- */
@@ -179,6 +197,7 @@ function readForm() {
   const steps = $("steps").value.trim();
   if (steps !== "") request.steps = Number(steps);
   if ($("use_refiner").checked) request.use_refiner = true;
+  if (!$("model-select").hidden) request.model = $("model-select").value;
   if (uploads.init) {
     request.init_image = uploads.init.dataUrl;
     request.strength = Number($("strength").value);
@@ -207,6 +226,11 @@ function fillForm(job) {
   setStrength(request.strength ?? DEFAULT_STRENGTH);
   $("steps").value = request.steps ?? "";
   $("format").value = request.format;
+  const select = $("model-select");
+  if (!select.hidden && request.model && served[request.model]) {
+    select.value = request.model;
+    showModel(request.model, modelInfo);
+  }
   $("use_refiner").checked = Boolean(request.use_refiner) && !$("use_refiner").disabled;
   $("seed").value = job.seed;
   $("count").value = "1";
@@ -834,6 +858,7 @@ function start() {
     }, 400);
   });
   $("form").addEventListener("submit", generate);
+  $("model-select").addEventListener("change", () => showModel($("model-select").value, modelInfo));
   watchDrops();
   setStrength(DEFAULT_STRENGTH);
   updateMaskNote();
