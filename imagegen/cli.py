@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask-image", default=None, help="inpainting: a mask file, white where to redraw")
     gen.add_argument("--strength", type=float, default=None, help="image-to-image: how much to change it, 0..1 (0.4)")
     gen.add_argument("-n", type=int, default=1, help="how many images: OUTPUT, then OUTPUT-2, ... (seeds seed, seed+1, ...)")
+    gen.add_argument("--model", default=None, help="one of the models the workers serve (GET /api/ls); the current one when absent")
+    gen.add_argument("--tier", default=None, choices=["high", "normal", "low"], help="priority tier (your key must allow it)")
     gen.add_argument("--api-key", default=os.environ.get("IMAGEGEN_API_KEY"), help="(IMAGEGEN_API_KEY)")
     return parser
 

@@ -43,6 +43,7 @@ async def generate(args: argparse.Namespace) -> int:
                 args.prompt, n=n, width=args.width, height=args.height, steps=args.steps, seed=args.seed,
                 negative_prompt=args.negative_prompt or None, format=fmt, init_image=getattr(args, "init_image", None),
                 mask_image=getattr(args, "mask_image", None), strength=getattr(args, "strength", None),
+                model=getattr(args, "model", None), tier=getattr(args, "tier", None),
             )
         except ImagegenError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import sys
 
 import aiohttp
@@ -164,7 +165,7 @@ async def test_generate_command_saves_the_image_and_shows_progress(service, tmp_
     output = tmp_path / "out.png"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "imagegen", "generate", "a prompt", "-o", str(output),
-        "--url", service.url, "--width", "64", "--height", "64", "--steps", "2",
+        "--url", service.url, "--width", "64", "--height", "64", "--steps", "2", "--model", "tiny-sdxl", "--tier", "high",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -178,6 +179,21 @@ async def test_generate_command_saves_the_image_and_shows_progress(service, tmp_
     image = Image.open(io.BytesIO(output.read_bytes()))
     assert image.format == "PNG" and image.size == (64, 64)
     assert "queued" in text and "2/2" in text and "ETA" in text and f"saved {output}" in text
+    job_id = re.search(r"^job (\S+)$", text, re.M).group(1)
+    async with aiohttp.ClientSession() as http, http.get(f"{service.url}/v1/jobs/{job_id}") as r:
+        job = await r.json()
+    assert job["request"]["model"] == "tiny-sdxl" and job["tier"] == "high"
+
+
+async def test_generate_command_names_a_model_no_worker_serves(service, tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imagegen", "generate", "a prompt", "-o", str(tmp_path / "x.png"),
+        "--url", service.url, "--width", "64", "--height", "64", "--model", "no-such-model",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 1 and "model" in stderr.decode() and "no-such-model" in stderr.decode()
+    assert not (tmp_path / "x.png").exists()
 
 
 async def test_generate_command_reports_bad_input(service, tmp_path):
