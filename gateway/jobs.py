@@ -291,7 +291,7 @@ class JobService:
         job published straight onto NATS) and the record written here is then refused as a repeat. A
         job id that may exist already (an Idempotency-Key) is published only once its record is new.
         The `queued` event goes out before the job, so that it comes before the worker's `started`."""
-        subject, payload, headers = envelope.subject, encode(envelope), {names.MSG_ID_HEADER: envelope.job_id}
+        subject, payload, headers = self.subject_of(envelope), encode(envelope), {names.MSG_ID_HEADER: envelope.job_id}
 
         async def record() -> int | None:
             revision = await jobstore.create_status(self.status_kv, status)
@@ -330,6 +330,13 @@ class JobService:
         for listener in self.submit_listeners:
             listener(status)
 
+    def subject_of(self, envelope: JobEnvelope) -> str:
+        """Where a job goes: its model's lane while the live workers serve several models, else its
+        tier's own subject, which every worker reads (and the autoscaler watches); a worker of another
+        model that starts later and takes a job naming one moves it to that model's lane."""
+        several = len({w.model for w in self.view.live_workers()}) > 1
+        return envelope.subject if several else envelope.tier.subject
+
     async def _publish_again_if_queued(self, existing: JobStatus, envelope: JobEnvelope) -> None:
         """A repeated submit (same Idempotency-Key) of a job still queued: its first try may have stopped
         between writing the record and publishing the job (the broker or the gateway went away), so the
@@ -339,7 +346,7 @@ class JobService:
         envelope = envelope.model_copy(
             update={"seed": existing.seed, "submitted_at": existing.submitted_at, "deadline": existing.deadline}
         )
-        await self.js.publish(envelope.subject, encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
+        await self.js.publish(self.subject_of(envelope), encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
         log.info("job %s submitted again while queued; published again", existing.job_id, extra={"job_id": existing.job_id})
 
     async def _model_for(self, served: dict[str, list]) -> str | None:
