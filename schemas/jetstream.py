@@ -44,10 +44,11 @@ WEBHOOK_ACK_WAIT_S = 60.0  # longer than one call may take (gateway.webhooks.CAL
 WEBHOOK_MAX_DELIVER = 20
 
 
-def job_stream_config(t: Topology) -> StreamConfig:
+def work_queue_config(t: Topology, name: str, subjects: list[str]) -> StreamConfig:
+    """A stream each of whose messages one consumer takes once, deduplicated by Nats-Msg-Id."""
     return StreamConfig(
-        name=names.JOBS_STREAM,
-        subjects=[subject for tier in names.TIERS for subject in (tier.subject, f"{tier.subject}.*")],  # .<model lane>
+        name=name,
+        subjects=subjects,
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         duplicate_window=t.duplicate_window_s,
@@ -55,6 +56,11 @@ def job_stream_config(t: Topology) -> StreamConfig:
         num_replicas=t.replicas,
         discard=DiscardPolicy.OLD,
     )
+
+
+def job_stream_config(t: Topology) -> StreamConfig:
+    lanes = [subject for tier in names.TIERS for subject in (tier.subject, f"{tier.subject}.*")]  # .<model lane>
+    return work_queue_config(t, names.JOBS_STREAM, lanes)
 
 
 def consumer_config(t: Topology, tier: names.Tier, model: str | None = None) -> ConsumerConfig:
@@ -83,16 +89,7 @@ async def ensure_model_lanes(js: JetStreamContext, t: Topology, model: str) -> N
 def webhooks_stream_config(t: Topology) -> StreamConfig:
     """Webhook calls to make: every gateway that sees a job start or end publishes the call with the
     same Nats-Msg-Id, so the stream holds it once; the shared consumer hands it to one gateway."""
-    return StreamConfig(
-        name=names.WEBHOOKS_STREAM,
-        subjects=[f"{names.WEBHOOKS_SUBJECT_PREFIX}.>"],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        duplicate_window=t.duplicate_window_s,
-        max_age=t.job_ttl_s,
-        num_replicas=t.replicas,
-        discard=DiscardPolicy.OLD,
-    )
+    return work_queue_config(t, names.WEBHOOKS_STREAM, [f"{names.WEBHOOKS_SUBJECT_PREFIX}.>"])
 
 
 def webhook_senders_config(t: Topology) -> ConsumerConfig:
