@@ -3,8 +3,8 @@
 A job naming a model goes to that model's lane, which only its workers read (schemas.names.jobs_subject),
 so the jobs ahead of it are the ones naming the same model, and the workers that will run them are
 that model's. A `ModelView` answers what the forecast asks of a `QueueView` (queued jobs by tier,
-running jobs, live workers, recent arrivals, positions) for one model's jobs and workers, filtered from
-the whole view and rebuilt when it changes. Jobs naming no model, which any worker may take, are
+running jobs, live workers, recent arrivals, positions) for one model's jobs and workers, indexed from
+the whole view's changes as they come. Jobs naming no model, which any worker may take, are
 answered from the whole view.
 """
 
@@ -16,34 +16,60 @@ from typing import Callable
 from gateway.forecast import EtaCache
 from gateway.queue_view import QueueView
 from schemas.names import TIERS, Tier
-from schemas.status import JobStatus
+from schemas.status import JobState, JobStatus
 from schemas.workers import WorkerInfo
 
 MAX_MODELS = 64  # per-model views kept at once
 
 
 def model_of(status: JobStatus) -> str | None:
-    return status.request.get("model") if status.request else None
+    model = status.request.get("model") if status.request else None
+    return model if isinstance(model, str) else None
 
 
 class ModelView:
+    """Keeps its model's queued and running jobs from the view's changes as they come (built once from
+    the whole view), so a position or an ETA read costs what it does on the whole view."""
+
     def __init__(self, view: QueueView, model: str):
         self.view = view
         self.model = model
-        self.built = -1
-        self._queued: dict[Tier, list[tuple[float, str]]] = {tier: [] for tier in TIERS}
-        self._running: set[str] = set()
+        self.queued: dict[Tier, list[tuple[float, str]]] = {tier: [] for tier in TIERS}
+        self.running: set[str] = set()
+        for status in view.jobs.values():
+            self._index(status)
+        view.listeners.append(self._on_change)
+        view.forgotten.append(self._on_forget)
 
-    def _sync(self) -> None:
-        if self.built == self.view.version:
+    def close(self) -> None:
+        """Stops following the view."""
+        self.view.listeners.remove(self._on_change)
+        self.view.forgotten.remove(self._on_forget)
+
+    def _on_change(self, old: JobStatus | None, new: JobStatus) -> None:
+        if old is not None:
+            self._unindex(old)
+        self._index(new)
+
+    def _on_forget(self, old: JobStatus) -> None:
+        self._unindex(old)
+
+    def _index(self, status: JobStatus) -> None:
+        if model_of(status) != self.model:
             return
-        jobs, mine = self.view.jobs, self._mine
-        self._queued = {tier: [key for key in self.view.queued[tier] if mine(jobs.get(key[1]))] for tier in TIERS}
-        self._running = {job_id for job_id in self.view.running if mine(jobs.get(job_id))}
-        self.built = self.view.version
+        if status.state is JobState.QUEUED:
+            bisect.insort(self.queued[status.tier], (status.submitted_at, status.job_id))
+        elif status.state is JobState.RUNNING:
+            self.running.add(status.job_id)
 
-    def _mine(self, status: JobStatus | None) -> bool:
-        return status is not None and model_of(status) == self.model
+    def _unindex(self, status: JobStatus) -> None:
+        if model_of(status) != self.model:
+            return
+        queue = self.queued[status.tier]
+        i = bisect.bisect_left(queue, (status.submitted_at, status.job_id))
+        if i < len(queue) and queue[i][1] == status.job_id:
+            del queue[i]
+        self.running.discard(status.job_id)
 
     @property
     def version(self) -> int:
@@ -58,16 +84,6 @@ class ModelView:
         return self.view.takes
 
     @property
-    def queued(self) -> dict[Tier, list[tuple[float, str]]]:
-        self._sync()
-        return self._queued
-
-    @property
-    def running(self) -> set[str]:
-        self._sync()
-        return self._running
-
-    @property
     def workers(self) -> dict[str, WorkerInfo]:
         return {k: w for k, w in self.view.workers.items() if w.model == self.model}
 
@@ -78,12 +94,11 @@ class ModelView:
         return [s for s in self.view.recent_arrivals(tier, since=since) if model_of(s) == self.model]
 
     def position(self, status: JobStatus) -> int:
-        queued = self.queued
         n = 0
         for tier in TIERS:
             if tier is status.tier:
-                return n + bisect.bisect_left(queued[tier], (status.submitted_at, status.job_id))
-            n += len(queued[tier])
+                return n + bisect.bisect_left(self.queued[tier], (status.submitted_at, status.job_id))
+            n += len(self.queued[tier])
         return n
 
 
@@ -104,6 +119,8 @@ class ModelViews:
         found = self.by_model.get(model)
         if found is None:
             if len(self.by_model) >= MAX_MODELS:  # names in jobs published straight onto NATS are not checked
+                for sub, _ in self.by_model.values():
+                    sub.close()
                 self.by_model.clear()
             sub = ModelView(self.view, model)
             found = self.by_model[model] = (sub, self.cache(sub))

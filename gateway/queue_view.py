@@ -40,6 +40,7 @@ class QueueView:
         self.unfinished: dict[str, int] = {}  # owner -> jobs not final yet, for quotas without a scan
         self.ready = asyncio.Event()
         self.listeners: list[Callable[[JobStatus | None, JobStatus], None]] = []  # (old, new), per record taken
+        self.forgotten: list[Callable[[JobStatus], None]] = []  # each record dropped (deleted, purged)
         self._tasks: list[asyncio.Task] = []
         self._watches: list[tuple] = []
 
@@ -100,6 +101,8 @@ class QueueView:
         old = self.jobs.pop(job_id, None)
         if old is not None:
             self._unindex(old)
+            for listener in self.forgotten:
+                listener(old)
 
     def _unindex(self, status: JobStatus) -> None:
         if status.owner is not None and not status.state.final:

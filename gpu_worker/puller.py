@@ -2,7 +2,7 @@
 
 Each tier has durable pull consumers, one per lane: the jobs naming no model, and the jobs naming
 this worker's model (`imagegen.jobs.<tier>.<lane>`, which only that model's workers read). Within a
-tier the model's lane is asked first. The worker asks each lane in turn for one message with `no_wait`
+tier the lane not taken from last is asked first, so that neither keeps the other's jobs waiting. The worker asks each lane in turn for one message with `no_wait`
 (one round trip, well under a millisecond on a LAN); when all are empty it sleeps until a job is
 published on any tier (a plain subscription to `imagegen.jobs.>` rings a bell) or a short timeout.
 
@@ -189,6 +189,9 @@ class PriorityPuller:
             msg = await self._take(order)
             if msg is not None:
                 taken = Tier(msg.subject.split(".")[2])  # imagegen.jobs.<tier>[.<model lane>]
+                lanes = self.tiers[taken.rank]
+                if len(lanes) > 1:  # the tier's other lane is asked first next time: neither waits on the other
+                    self.tiers[taken.rank] = [p for p in lanes if p.subject != msg.subject] + [p for p in lanes if p.subject == msg.subject]
                 before = self.skipped_lower
                 self.skipped_lower = count_after(taken, before, self.fairness, lower_waiting=False)
                 if_waiting = count_after(taken, before, self.fairness, lower_waiting=True)

@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from PIL import Image
 
 from gpu_worker.engine import Engine, GenerationTask
@@ -396,16 +397,17 @@ class Worker:
         raise JobFailed(f"model: {model!r} is not served here, nor by any live worker; this worker serves {self.engine.name!r}")
 
     async def _served_elsewhere(self, model: str) -> bool:
-        """Whether a live worker (by the registry) serves `model`."""
+        """Whether a live worker (by the registry) serves `model`. A broker that does not answer raises,
+        and the job is tried again (BROKER_TROUBLE), not failed."""
         now = time.time()
         try:
             keys = await self.workers_kv.keys()
-        except Exception:  # no entries (the registry is empty), or the broker away
+        except NoKeysError:
             return False
         for key in keys:
             try:
                 info = decode((await self.workers_kv.get(key)).value, WorkerInfo)
-            except Exception:  # gone meanwhile, or unreadable
+            except (KeyNotFoundError, KeyDeletedError, DecodeError, TypeError):  # gone meanwhile, or unreadable
                 continue
             if info.model == model and now - info.seen_at < self.settings.topology.worker_ttl_s:
                 return True
@@ -414,12 +416,12 @@ class Worker:
     async def _run(self, envelope: JobEnvelope, msg: Msg, attempt: int) -> None:
         job_id = envelope.job_id
         request = envelope.request
+        if envelope.deadline is not None and time.time() > envelope.deadline:
+            raise JobExpired()
         if request.model and request.model != self.engine.name:
             await self._reroute(envelope, msg)
         if request.use_refiner and not self.engine.has_refiner:
             raise JobFailed("use_refiner: no refiner is loaded on this worker")
-        if envelope.deadline is not None and time.time() > envelope.deadline:
-            raise JobExpired()
         schedule = request.steps or self.engine.default_steps
         steps = steps_run(schedule, request.strength) if envelope.init_image else schedule  # the steps that run
         status, revision = await self._read_status(job_id)

@@ -292,7 +292,8 @@ class NatsTransport:
         for member in plan.members(prepared.request, stored):
             envelope = JobEnvelope.for_request(member.request, job_id=member.job_id, placement=member.placement)
             await jobstore.create_status(self.kv, envelope.queued_status())
-            await self.js.publish(envelope.subject, encode(envelope), headers={names.MSG_ID_HEADER: member.job_id})
+            # on the tier's own subject, which every worker reads: a worker of another model moves it to its model's lane
+            await self.js.publish(envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: member.job_id})
             await self.nc.publish(names.events_subject(member.job_id), encode(JobEvent(type="queued", job_id=member.job_id)))
         return plan.job_ids
 

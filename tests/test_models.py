@@ -1,5 +1,7 @@
-"""Several models served at once: each job goes to a worker that serves the model it names. Over real
-NATS, with a tiny-sdxl worker and a simulated one (another model) on one broker."""
+"""Several models served at once: each job goes to a worker that serves the model it names, positions
+and ETAs count the jobs of the same model, and a worker's lanes within a tier take turns. Over real
+NATS, with a tiny-sdxl worker and a simulated one (another model) on one broker, or a registry that
+lists two models whose workers take nothing."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import nats
 import pytest
 
 from gateway.settings import GatewaySettings
+from gpu_worker.puller import PriorityPuller
 from gpu_worker.settings import WorkerSettings
 from imagegen import runtime
 from schemas import names
 from schemas.codec import encode
-from schemas.jetstream import Topology
+from schemas.jetstream import Topology, ensure_model_lanes, ensure_topology
 from schemas.job import JobEnvelope
 from schemas.request import parse_request
 from schemas.workers import SpeedModel, WorkerInfo
@@ -117,3 +120,38 @@ async def test_positions_and_etas_count_only_the_jobs_of_the_same_model(two_idle
         cost = {"alpha": 1.0, "beta": 2.0}[model]
         assert job["position"] == length - 1
         assert job["eta_s"] == pytest.approx(length * cost, abs=0.05)  # the jobs ahead and itself, on its model's worker
+    first_alpha = submitted[0][1]
+    async with http.post(f"{url}/v1/jobs/{first_alpha}/cancel") as r:
+        assert r.status == 200
+    places = {}
+    for model, job_id, _ in submitted[1:]:
+        async with http.get(f"{url}/v1/jobs/{job_id}") as r:
+            places[job_id] = (await r.json())["position"]
+    assert list(places.values()) == [0, 0, 1, 1]  # beta, alpha (one ahead gone), beta, alpha
+
+
+async def test_within_a_tier_a_worker_takes_from_its_models_lane_and_the_tiers_subject_in_turn(broker):
+    """A job on the tier's own subject is not held back by a stream of jobs on the model's lane."""
+    nc = await nats.connect(broker.url)
+    js = nc.jetstream()
+    await ensure_topology(js, TOPOLOGY)
+    await ensure_model_lanes(js, TOPOLOGY, "sdxl")
+    for i in range(6):
+        await js.publish(names.jobs_subject(names.Tier.NORMAL, "sdxl"), f"lane {i}".encode(), headers={names.MSG_ID_HEADER: f"lane-{i}"})
+    await js.publish(names.Tier.NORMAL.subject, b"tier 0", headers={names.MSG_ID_HEADER: "tier-0"})
+    puller = PriorityPuller(nc, model="sdxl")
+    await puller.start()
+    taken = []
+    try:
+        stopping = asyncio.Event()
+        async with asyncio.timeout(30):
+            for _ in range(7):
+                msg = await puller.next(stopping)
+                taken.append(msg.data.decode())
+                await msg.ack()
+    finally:
+        await puller.stop()
+        await nc.close()
+    assert sorted(taken) == sorted([f"lane {i}" for i in range(6)] + ["tier 0"])
+    assert taken.index("tier 0") <= 1  # the lane's other jobs came first only once
+    assert [t for t in taken if t.startswith("lane")] == [f"lane {i}" for i in range(6)]  # in order
