@@ -2,17 +2,19 @@
 
 Each tier has durable pull consumers, one per lane: the jobs naming no model, and the jobs naming
 this worker's model (`imagegen.jobs.<tier>.<lane>`, which only that model's workers read). Within a
-tier the lane not taken from last is asked first, so that neither keeps the other's jobs waiting. The worker asks each lane in turn for one message with `no_wait`
-(one round trip, well under a millisecond on a LAN); when all are empty it sleeps until a job is
-published on any tier (a plain subscription to `imagegen.jobs.>` rings a bell) or a short timeout.
+tier the lane not taken from last is asked first, so that neither keeps the other's jobs waiting.
+The worker asks each lane in turn for one message with `no_wait` (one round trip, well under a
+millisecond on a LAN); when all are empty it sleeps until a job is published on any tier (a plain
+subscription to `imagegen.jobs.>` rings a bell) or a short timeout.
 
 A lane that answered "no messages", or whose message taken left none pending, is known empty until a
 job is published on it (its bell) or `idle_wait_s` passes, and is not asked meanwhile: a worker woken
 by a bell asks the lanes that rang, not every lane, and one that finishes a job asks only the lanes
 that may hold work. Bells of other models' lanes are ignored. Jobs that come back without a publish
 (a retry after a delay, a redelivery after the ack wait) are found within `idle_wait_s`, as by the
-idle worker's look at every lane. A lane that rang is asked with a short wait (`bell_wait_s`) instead of `no_wait`: the bell can come before the
-stream has stored the job, and an empty answer then would leave the job until the next look.
+idle worker's look at every lane. A lane that rang is asked with a short wait (`bell_wait_s`)
+instead of `no_wait`: the bell can come before the stream has stored the job, and an empty answer
+then would leave the job until the next look.
 
 Starvation: after `fairness` jobs in a row taken from a higher tier while a lower one had work waiting,
 the next pull starts at the lowest non-empty tier, so low work always moves, at 1 in `fairness + 1`
