@@ -9,7 +9,9 @@ Latency is measured one job at a time (submit, wait for done, fetch the image), 
 own WebSocket (/v1/jobs/{id}/ws, opened per job), on one WebSocket kept open for every job (/v1/ws
 with {"follow": [id]}, as the web UI follows its jobs), by polling GET /v1/jobs/{id} back to back, or in the submit itself
 (`Prefer: wait`, answered once the job has ended), or in the submit with the image as its answer
-(`Prefer: wait` and `Accept: image/*`: one request, no fetch after it). Throughput is measured with many concurrent
+(`Prefer: wait` and `Accept: image/*`: one request, no fetch after it). The ways of waiting take
+turns, a sixth of their jobs at a time (`--rounds`), so that a shared machine whose speed drifts
+during the run weighs on each alike. Throughput is measured with many concurrent
 clients each running submit -> WebSocket -> image in a loop.
 
 Processes: an embedded nats-server, the gateway in its own process, each worker in its own process
@@ -84,20 +86,43 @@ async def engine_direct(n: int) -> dict:
     return {"latency": summary_ms(lat), "jobs_per_s": round(rate, 1)}
 
 
-async def sequential(http, url: str, n: int, *, wait: str, body=job_body) -> dict:
-    parts: dict[str, list[float]] = {}
+async def timed_jobs(http, url: str, jobs: range, *, wait: str, parts: dict[str, list[float]]) -> int:
+    """Runs the jobs one at a time, adding each part's seconds to `parts`; the number that failed."""
     errors = 0
     async with AsyncExitStack() as es:
         socket = await es.enter_async_context(http.ws_connect(f"{url}/v1/ws")) if wait == "socket" else None
-        for i in range(n):
+        for i in jobs:
             try:
-                t = await run_job(http, url, body(i), wait=wait, socket=socket)
+                t = await run_job(http, url, job_body(i), wait=wait, socket=socket)
             except JOB_ERRORS:
                 errors += 1
                 continue
             for k, v in t.items():
                 parts.setdefault(k, []).append(v)
+    return errors
+
+
+def latency_result(parts: dict[str, list[float]], errors: int) -> dict:
     return {"latency": summary_ms(parts["total"]), "parts_p50_ms": {k: summary_ms(v)["p50_ms"] for k, v in parts.items() if k != "total"}, "errors": errors}
+
+
+async def sequential(http, url: str, n: int, *, wait: str) -> dict:
+    parts: dict[str, list[float]] = {}
+    errors = await timed_jobs(http, url, range(n), wait=wait, parts=parts)
+    return latency_result(parts, errors)
+
+
+async def interleaved(http, url: str, n: int, waits: list[str], *, rounds: int) -> dict[str, dict]:
+    """`n` jobs one at a time for each way of waiting, in `rounds` turns in which the ways take turns,
+    so that a machine whose speed drifts while it runs weighs on every way alike."""
+    parts: dict[str, dict[str, list[float]]] = {wait: {} for wait in waits}
+    errors = dict.fromkeys(waits, 0)
+    bounds = [n * r // rounds for r in range(rounds + 1)]
+    for r in range(rounds):
+        for k, wait in enumerate(waits):
+            first = (k * rounds + r) * n  # seeds never repeat across ways and turns
+            errors[wait] += await timed_jobs(http, url, range(first + bounds[r], first + bounds[r + 1]), wait=wait, parts=parts[wait])
+    return {wait: latency_result(parts[wait], errors[wait]) for wait in waits}
 
 
 async def metered(pids: dict[str, int], run, jobs_done) -> dict:
@@ -188,16 +213,13 @@ async def main(args: argparse.Namespace) -> int:
                 with RssSampler({"gateway": stack.gateway.pid, **{w.name: w.pid for w in stack.workers}}) as rss, OtherLoad() as other:
                     for i in range(30):  # warm-up: connections, consumers, caches
                         await run_job(http, stack.url, job_body(i))
-                    level: dict = {}
-                    level["sequential_ws"] = await sequential(http, stack.url, args.jobs, wait="ws")
-                    level["sequential_socket"] = await sequential(http, stack.url, args.jobs, wait="socket")
-                    level["sequential_poll"] = await sequential(http, stack.url, args.jobs, wait="poll")
+                    waits = ["ws", "socket", "poll", "prefer", "image"]
+                    latencies = await interleaved(http, stack.url, args.jobs, waits, rounds=args.rounds)
+                    level: dict = {f"sequential_{wait}": latencies[wait] for wait in waits}
                     pids = {**stack.pids(), "clients": os.getpid()}
                     # one job at a time: what the path costs each process, with nothing to share a wake-up or a send with
-                    level["sequential_prefer"] = await metered(
-                        pids, sequential(http, stack.url, args.jobs, wait="prefer"), lambda r: r["latency"]["n"]
-                    )
-                    level["sequential_image"] = await sequential(http, stack.url, args.jobs, wait="image")
+                    cpu = await metered(pids, sequential(http, stack.url, args.jobs, wait="prefer"), lambda r: r["latency"]["n"])
+                    level["sequential_prefer"] |= {"cpu_cores": cpu["cpu_cores"], "cpu_ms_per_job": cpu["cpu_ms_per_job"]}
                     level["throughput_ws"] = await metered(
                         pids, throughput(http, stack.url, clients=args.clients, duration_s=args.duration), lambda r: r["jobs"]
                     )
@@ -266,4 +288,5 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=whole(1), default=32, help="concurrent clients for throughput")
     parser.add_argument("--duration", type=positive, default=10.0, help="seconds per throughput run")
     parser.add_argument("--per-process", type=whole(1), default=1, help="workers per worker process")
+    parser.add_argument("--rounds", type=whole(1), default=6, help="turns in which the ways of waiting take turns")
     sys.exit(asyncio.run(main(parser.parse_args())))
