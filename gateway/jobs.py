@@ -334,8 +334,7 @@ class JobService:
         """Where a job goes: its model's lane while the live workers serve several models, else its
         tier's own subject, which every worker reads (and the autoscaler watches); a worker of another
         model that starts later and takes a job naming one moves it to that model's lane."""
-        several = len({w.model for w in self.view.live_workers()}) > 1
-        return envelope.subject if several else envelope.tier.subject
+        return envelope.subject if self.model_views.several() else envelope.tier.subject
 
     async def _publish_again_if_queued(self, existing: JobStatus, envelope: JobEnvelope) -> None:
         """A repeated submit (same Idempotency-Key) of a job still queued: its first try may have stopped

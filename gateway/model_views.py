@@ -11,6 +11,7 @@ answered from the whole view.
 from __future__ import annotations
 
 import bisect
+import time
 from typing import Callable
 
 from gateway.forecast import EtaCache
@@ -20,6 +21,7 @@ from schemas.status import JobState, JobStatus
 from schemas.workers import WorkerInfo
 
 MAX_MODELS = 64  # per-model views kept at once
+SEVERAL_MAX_AGE_S = 0.5  # a worker of a new model counts within this (a lost one leaves after the worker TTL anyway)
 
 
 def model_of(status: JobStatus) -> str | None:
@@ -111,10 +113,21 @@ class ModelViews:
         self.etas = etas
         self.cache = cache
         self.by_model: dict[str, tuple[ModelView, EtaCache]] = {}
+        self._several: tuple[float, bool] = (float("-inf"), False)  # (when read, monotonic; the answer)
+
+    def several(self) -> bool:
+        """Whether the live workers serve more than one model: read from the registry at most every
+        SEVERAL_MAX_AGE_S (a status read asks it for its position and its ETA, a page of jobs for each)."""
+        read_at, answer = self._several
+        now = time.monotonic()
+        if now - read_at >= SEVERAL_MAX_AGE_S:
+            answer = len({w.model for w in self.view.live_workers()}) > 1
+            self._several = (now, answer)
+        return answer
 
     def of(self, status: JobStatus) -> tuple[QueueView | ModelView, EtaCache]:
         model = model_of(status)
-        if model is None or len({w.model for w in self.view.live_workers()}) <= 1:
+        if model is None or not self.several():
             return self.view, self.etas
         found = self.by_model.get(model)
         if found is None:
