@@ -12,7 +12,7 @@ import time
 from pydantic import BaseModel, Field
 
 
-DEFAULT_FAIRNESS = 10  # a worker's jobs in a row from higher tiers before a lower tier's turn
+DEFAULT_FAIRNESS = 5  # a worker's jobs in a row from higher tiers before a lower tier's turn
 
 
 class SpeedModel(BaseModel):

@@ -171,21 +171,23 @@ async def test_positions_across_tiers_and_the_order_workers_take_them(broker, da
 
 
 async def test_etas_follow_the_lower_tiers_turn_and_workers_take_that_order(broker, data_dir, http):
-    """A worker takes a low-tier job after 10 normal ones taken in a row while it waited, not after every
-    normal job: the ETAs at submission rank the jobs in that order, and the real worker takes them so."""
+    """A worker takes a low-tier job after `--fairness` (default 5) normal ones taken in a row while it
+    waited, not after every normal job: the ETAs at submission rank the jobs in that order, and the real
+    worker takes them so."""
     from gateway.settings import GatewaySettings
     from imagegen import runtime
+    from schemas.workers import DEFAULT_FAIRNESS
 
     gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
     url = f"http://127.0.0.1:{gateway.port}"
     try:
         low = await submit(http, url, tier="low", steps=2)
-        normals = [await submit(http, url, steps=2, seed=i) for i in range(12)]
-        expected = [*normals[:10], low, *normals[10:]]
+        normals = [await submit(http, url, steps=2, seed=i) for i in range(DEFAULT_FAIRNESS + 2)]
+        expected = [*normals[:DEFAULT_FAIRNESS], low, *normals[DEFAULT_FAIRNESS:]]
         etas = {job_id: await eta_of(http, url, job_id) for job_id in expected}
         assert sorted(expected, key=etas.get) == expected, etas
         async with http.get(f"{url}/v1/jobs/{low}") as r:
-            assert (await r.json())["position"] == 12  # positions stay in priority order
+            assert (await r.json())["position"] == DEFAULT_FAIRNESS + 2  # positions stay in priority order
 
         assert await order_taken(http, url, broker, data_dir, expected) == expected
     finally:
