@@ -7,7 +7,8 @@ Run as a script it is one of the stack's processes:
   python bench/common.py workers --nats URL --count N   N workers as asyncio tasks in this process
   python bench/common.py tutorial                       one process, the engine behind an asyncio.Lock
   python bench/common.py load SPEC.json                 an aiohttp HTTP load generator (when wrk is missing)
-Each runs until SIGTERM.
+Each runs until SIGTERM, on the event loop IMAGEGEN_EVENT_LOOP names (auto: uvloop where installed),
+as `imagegen` does.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ if str(ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
+from imagegen import event_loop  # noqa: E402
 from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -136,6 +138,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "event_loop": event_loop.resolve(os.environ.get("IMAGEGEN_EVENT_LOOP", "auto")),  # the stack's processes'
     }
 
 
@@ -749,7 +752,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=os.environ.get("BENCH_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     role = {"gateway": serve_gateway, "workers": serve_workers, "tutorial": serve_tutorial, "load": serve_load}[args.role]
-    asyncio.run(role(args))
+    event_loop.run(role(args), loop=os.environ.get("IMAGEGEN_EVENT_LOOP", "auto"))  # the loop `imagegen` runs on
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speedups import DEFAULT_BUCKETS
+from imagegen import event_loop
 from imagegen.logs import configure as configure_logging
 from imagegen.paths import default_data_dir
 from schemas.jetstream import Topology
@@ -55,6 +55,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-bytes", type=int, default=env("MAX_UPLOAD_BYTES", Limits().max_upload_bytes), help="largest init or mask image (IMAGEGEN_MAX_UPLOAD_BYTES)")
     p.add_argument("--job-ttl", type=float, default=env("JOB_TTL", Topology().job_ttl_s), help="seconds status records and images are kept (IMAGEGEN_JOB_TTL)")
     p.add_argument("--ack-wait", type=float, default=env("ACK_WAIT", Topology().ack_wait_s), help="seconds a silent worker keeps a job before it is redelivered; the same on every process (IMAGEGEN_ACK_WAIT)")
+    p.add_argument("--event-loop", default=env("EVENT_LOOP", "auto"), choices=list(event_loop.CHOICES), help="auto: uvloop where installed, else asyncio's own (IMAGEGEN_EVENT_LOOP)")
     p.add_argument("--max-deliver", type=int, default=env("MAX_DELIVER", Topology().max_deliver), help="tries of a job before it is dead-lettered; the same on every process (IMAGEGEN_MAX_DELIVER)")
 
 
@@ -205,7 +206,13 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "event_loop"):
+        try:
+            event_loop.resolve(args.event_loop)
+        except (event_loop.EventLoopUnavailable, ValueError) as exc:
+            parser.error(f"--event-loop (IMAGEGEN_EVENT_LOOP): {exc}")
     configure_logging(level=getattr(args, "log_level", "INFO"), log_format=getattr(args, "log_format", "text"))
     from imagegen import runtime
 
@@ -225,10 +232,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return generate_command(args)
     if args.command == "gateway":
-        asyncio.run(runtime.serve(gateway=gateway_settings(args, args.nats or "nats://127.0.0.1:4222"), worker=None))
+        event_loop.run(runtime.serve(gateway=gateway_settings(args, args.nats or "nats://127.0.0.1:4222"), worker=None), loop=args.event_loop)
         return 0
     if args.command == "worker":
-        asyncio.run(runtime.serve(gateway=None, worker=worker_settings(args, args.nats or "nats://127.0.0.1:4222")))
+        event_loop.run(runtime.serve(gateway=None, worker=worker_settings(args, args.nats or "nats://127.0.0.1:4222")), loop=args.event_loop)
         return 0
     embedded = None
     nats_url = args.nats
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         embedded = EmbeddedNats(store_dir=Path(args.data_dir) / "nats").start()
         nats_url = embedded.url
     try:
-        asyncio.run(runtime.serve(gateway=gateway_settings(args, nats_url), worker=worker_settings(args, nats_url)))
+        event_loop.run(runtime.serve(gateway=gateway_settings(args, nats_url), worker=worker_settings(args, nats_url)), loop=args.event_loop)
     finally:
         if embedded is not None:
             embedded.stop()

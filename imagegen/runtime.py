@@ -20,6 +20,7 @@ from gpu_worker.engines import load_engine
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.thermal import TemperatureSensor
 from gpu_worker.worker import Worker
+from imagegen import event_loop
 
 log = logging.getLogger("imagegen")
 
@@ -78,6 +79,7 @@ async def _start_parts(stack: AsyncExitStack, *, gateway: GatewaySettings | None
 
 async def serve(*, gateway: GatewaySettings | None, worker: WorkerSettings | None, on_ready=None) -> None:
     stop = _stop_signal()
+    log.info("event loop: %s", event_loop.running())
     async with AsyncExitStack() as stack:
         starting = asyncio.ensure_future(_start_parts(stack, gateway=gateway, worker=worker))
         stopping = asyncio.ensure_future(stop.wait())

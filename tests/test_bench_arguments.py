@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("cpu_profile.py", ["--rate", "0"], "--rate: must be at least 1, got 0"),
         ("webhooks.py", ["--rate", "0"], "--rate: must be above 0"),
         ("webhooks.py", ["--jobs", "x"], "--jobs: 'x' is not a whole number"),
+        ("event_loops.py", ["--rounds", "0"], "--rounds: must be at least 1, got 0"),
     ],
 )
 def test_benchmarks_refuse_bad_arguments_by_name(script, args, named):
