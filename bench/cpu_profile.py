@@ -11,6 +11,10 @@ the busiest functions by their own time, and the share under each of the
 service's own functions. The collapsed stacks are kept (in bench/results/cpu-profile-stacks/, not
 committed) for a flame graph tool.
 
+The stack runs on asyncio's own event loop (IMAGEGEN_EVENT_LOOP=asyncio), not on uvloop as deployed:
+py-spy sees Python frames only, and inside uvloop's C loop it can tell neither a socket send from the
+rest of the loop nor a process waiting in epoll from one at work.
+
   pip install -e '.[bench]'         # py-spy
   python bench/cpu_profile.py       # about 30 s on 2 cores
 """
@@ -21,6 +25,7 @@ import argparse
 import asyncio
 import collections
 import math
+import os
 import shutil
 import sys
 from contextlib import AsyncExitStack
@@ -105,6 +110,7 @@ async def main(args: argparse.Namespace) -> int:
     if spy is None:
         print("cpu_profile.py: py-spy is not installed (pip install -e '.[bench]')", file=sys.stderr)
         return 2
+    os.environ["IMAGEGEN_EVENT_LOOP"] = "asyncio"  # the processes' loop: py-spy cannot see into uvloop's (see above)
     results: dict = {"config": vars(args), "processes": "nats-server, gateway process, one worker process, clients in the benchmark process"}
     stacks_dir = RESULTS / "cpu-profile-stacks"
     stacks_dir.mkdir(parents=True, exist_ok=True)
