@@ -47,6 +47,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=os.environ.get("IMAGEGEN_NATS"), help="NATS server URL(s), comma-separated (IMAGEGEN_NATS)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (IMAGEGEN_LOG_LEVEL)")
     p.add_argument("--log-format", default=env("LOG_FORMAT", "text"), choices=["text", "json"], help="text lines, or one JSON object per line with job_id on job lines (IMAGEGEN_LOG_FORMAT)")
+    p.add_argument("--event-loop", default=env("EVENT_LOOP", "auto"), choices=list(event_loop.CHOICES), help="auto: uvloop where installed, else asyncio's own (IMAGEGEN_EVENT_LOOP)")
     p.add_argument("--replicas", type=int, default=env("REPLICAS", 1), help="JetStream replicas of every stream, 3 on a cluster (IMAGEGEN_REPLICAS)")
     p.add_argument("--max-pixels", type=int, default=env("MAX_PIXELS", Limits().max_pixels), help="pixel budget per image (IMAGEGEN_MAX_PIXELS)")
     p.add_argument("--max-steps", type=int, default=env("MAX_STEPS", Limits().max_steps), help="most steps per image (IMAGEGEN_MAX_STEPS)")
@@ -55,7 +56,6 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-bytes", type=int, default=env("MAX_UPLOAD_BYTES", Limits().max_upload_bytes), help="largest init or mask image (IMAGEGEN_MAX_UPLOAD_BYTES)")
     p.add_argument("--job-ttl", type=float, default=env("JOB_TTL", Topology().job_ttl_s), help="seconds status records and images are kept (IMAGEGEN_JOB_TTL)")
     p.add_argument("--ack-wait", type=float, default=env("ACK_WAIT", Topology().ack_wait_s), help="seconds a silent worker keeps a job before it is redelivered; the same on every process (IMAGEGEN_ACK_WAIT)")
-    p.add_argument("--event-loop", default=env("EVENT_LOOP", "auto"), choices=list(event_loop.CHOICES), help="auto: uvloop where installed, else asyncio's own (IMAGEGEN_EVENT_LOOP)")
     p.add_argument("--max-deliver", type=int, default=env("MAX_DELIVER", Topology().max_deliver), help="tries of a job before it is dead-lettered; the same on every process (IMAGEGEN_MAX_DELIVER)")
 
 
