@@ -16,6 +16,7 @@ from gateway.mflux_api import SERVICE
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.webhooks import WebhookSender
+from imagegen import __version__
 
 log = logging.getLogger("imagegen.gateway")
 STATIC = Path(__file__).parent / "static"
@@ -56,7 +57,12 @@ async def index(request: web.Request) -> web.FileResponse:
 async def healthz(request: web.Request) -> web.Response:
     jobs = request.app[SERVICE]
     connected = jobs.nc is not None and jobs.nc.is_connected
-    body = {"ok": connected, "nats": "connected" if connected else "disconnected", "workers": len(jobs.view.live_workers())}
+    body = {
+        "ok": connected,
+        "nats": "connected" if connected else "disconnected",
+        "workers": len(jobs.view.live_workers()),
+        "version": __version__,
+    }
     return web.json_response(body, status=200 if connected else 503)
 
 

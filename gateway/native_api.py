@@ -18,7 +18,8 @@ from gateway.http_errors import read_json
 from gateway.jobs import JobService, NotReady, UnknownJob, listing_key
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.submission import group_jobs, submit_request
-from schemas.http import GroupView, JobView, LimitsView
+from imagegen import __version__
+from schemas.http import GroupView, JobView, LimitsView, WorkersView
 from schemas.job import group_job_ids
 from schemas.request import RequestInvalid, field_named_by, parse_request
 from schemas.status import JobState, JobStatus
@@ -147,6 +148,21 @@ async def limits(request: web.Request) -> web.Response:
     """The limits requests are checked against, so that a client (the web UI) need not guess them."""
     settings = request.app[SERVICE].settings.limits
     return web.json_response(LimitsView(**{name: getattr(settings, name) for name in LimitsView.model_fields}).model_dump())
+
+
+@routes.get("/v1/workers")
+async def workers(request: web.Request) -> web.Response:
+    """The live workers: model, device, state, speed, fairness, release. A running job's id is shown
+    only where the caller may see that job."""
+    jobs = request.app[SERVICE]
+    owner = owner_of(request)
+    shown = []
+    for worker in sorted(jobs.view.live_workers(), key=lambda w: w.worker_id):
+        running = jobs.view.jobs.get(worker.job_id or "")
+        if worker.job_id and owner is not None and (running is None or running.owner != owner):
+            worker = worker.model_copy(update={"job_id": None})
+        shown.append(worker)
+    return web.json_response(WorkersView(workers=shown, gateway_version=__version__).model_dump())
 
 
 @routes.get("/v1/jobs")

@@ -14,6 +14,7 @@ from schemas.http import (
     GroupView,
     JobView,
     LimitsView,
+    WorkersView,
     LoadRequest,
     MfluxGenerateResponse,
     MfluxPs,
@@ -131,7 +132,8 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         [],
         {code: OpenAIError for code in ("400", "403", "429", "502", "503", "504")},
     ),
-    ("get", "/healthz", "Liveness and NATS connection", "ops", None, None, [], {}),
+    ("get", "/v1/workers", "The live workers: model, device, state, speed, fairness, release", "ops", None, WorkersView, [], {}),
+    ("get", "/healthz", "Liveness, NATS connection, live workers and the gateway's release", "ops", None, None, [], {}),
 ]
 
 

@@ -35,6 +35,7 @@ from gpu_worker.safety import SafetyStage, load_safety
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speed import SpeedMeter
 from gpu_worker.thermal import TemperatureGuard, TemperatureSensor, temperature_guard
+from imagegen import __version__
 from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode, encode
 from schemas.connect import BROKER_ERRORS, connect
@@ -256,6 +257,7 @@ class Worker:
             gpu_temp_c=self.thermal.last_c if self.thermal else None,
             speed=self.meter.model,
             fairness=self.settings.fairness,
+            version=__version__,
         )
 
     @property

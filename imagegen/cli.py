@@ -11,7 +11,7 @@ from pathlib import Path
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speedups import DEFAULT_BUCKETS
-from imagegen import event_loop
+from imagegen import __version__, event_loop
 from imagegen.logs import configure as configure_logging
 from imagegen.paths import default_data_dir
 from schemas.jetstream import Topology
@@ -105,6 +105,7 @@ def add_worker(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagegen", description="SDXL image generation over NATS JetStream")
+    parser.add_argument("--version", action="version", version=f"imagegen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="all in one: embedded nats-server (unless --nats), a gateway and a worker")
     add_common(up), add_gateway(up), add_worker(up)

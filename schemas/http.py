@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.status import UploadRef
+from schemas.workers import WorkerInfo
 
 
 class ErrorBody(BaseModel):
@@ -79,6 +80,16 @@ class LimitsView(BaseModel):
     min_side: int = Field(description="Shortest side, in pixels.")
     max_prompt_chars: int = Field(description="Longest prompt (and negative prompt), in characters.")
     max_upload_bytes: int = Field(description="Largest init or mask image, in bytes as decoded.")
+
+
+class WorkersView(BaseModel):
+    """The live workers, as each last published itself in `imagegen-workers`."""
+
+    workers: list[WorkerInfo] = Field(
+        description="Sorted by worker_id. `job_id` names a worker's running job only where the caller may see that "
+        "job (every job without API keys; with keys, the key's own)."
+    )
+    gateway_version: str = Field(description="The imagegen release this gateway runs.")
 
 
 class JobView(BaseModel):

@@ -43,6 +43,7 @@ class WorkerInfo(BaseModel):
     fairness: int = Field(
         DEFAULT_FAIRNESS, description="After this many jobs in a row taken from a higher tier while a lower one had work, the next is taken from the lowest tier with work."
     )
+    version: str = Field("", description="The imagegen release the worker runs; empty from releases that did not publish it.")
     started_at: float = Field(default_factory=time.time)
     seen_at: float = Field(default_factory=time.time)
     speed: SpeedModel = Field(default_factory=SpeedModel)
