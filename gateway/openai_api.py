@@ -237,6 +237,25 @@ async def cancel_all(jobs: JobService, job_ids: list[str], owner: str | None) ->
             log.warning("job %s: cancel after an unanswered images request failed: %s", job_id, exc)
 
 
+async def until_done(jobs: JobService, base: GenerateRequest, who: dict, collect, *, wait_s: float | None = None):
+    """Queues `base` (one job, or a group of n) for `who`, waits until every job is done, and returns
+    (the queued records, `await collect(them)`); `wait_s`: WAIT_S unless given. When anything fails on
+    the way, or the caller leaves, the jobs are cancelled."""
+    owner = who.get("owner")
+    job_ids: list[str] = []
+    finished = False
+    try:
+        queued = await submit_request(jobs, base, **who)
+        job_ids = [status.job_id for status in queued]
+        await wait_all(jobs, job_ids, owner, WAIT_S if wait_s is None else wait_s)
+        collected = await collect(queued)
+        finished = True
+        return queued, collected
+    finally:
+        if not finished and job_ids:
+            await cancel_all(jobs, job_ids, owner)
+
+
 async def generate(request: web.Request) -> web.Response:
     jobs = request.app[SERVICE]
     ask = parse_body(await read_json(request))
@@ -258,25 +277,20 @@ async def generate(request: web.Request) -> web.Response:
     if tier is not None:
         base = base.model_copy(update={"tier": tier})
     started = time.monotonic()
-    job_ids: list[str] = []
-    answered = False
-    try:
-        queued = await submit_request(jobs, base, **who)
-        job_ids = [status.job_id for status in queued]
-        await wait_all(jobs, job_ids, owner, WAIT_S)
+
+    async def collect(queued: list) -> list[OpenAIImage]:
         images = []
         for status in queued:
-            job_id = status.job_id
-            item = OpenAIImage(job_id=job_id, seed=status.seed)
+            item = OpenAIImage(job_id=status.job_id, seed=status.seed)
             if ask.response_format == "url":
-                item.url = f"{public_origin(request)}/v1/jobs/{job_id}/image"
+                item.url = f"{public_origin(request)}/v1/jobs/{status.job_id}/image"
             else:
-                item.b64_json = base64.b64encode(await image_data(jobs, job_id, owner)).decode("ascii")
+                item.b64_json = base64.b64encode(await image_data(jobs, status.job_id, owner)).decode("ascii")
             images.append(item)
-        answered = True
-    finally:
-        if not answered and job_ids:
-            await cancel_all(jobs, job_ids, owner)
+        return images
+
+    queued, images = await until_done(jobs, base, who, collect)
+    job_ids = [status.job_id for status in queued]
     log.info(
         "images %s: %d done in %.1fs, %dx%d", ",".join(job_ids), len(job_ids), time.monotonic() - started, width, height
     )

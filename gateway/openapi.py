@@ -11,6 +11,14 @@ from swagger_ui_bundle import swagger_ui_path
 
 from schemas.http import (
     ErrorBody,
+    A1111Error,
+    A1111Images,
+    A1111Model,
+    A1111Options,
+    A1111OptionsUpdate,
+    A1111Sampler,
+    A1111Schedule,
+    A1111Txt2ImgRequest,
     GroupView,
     JobView,
     LimitsView,
@@ -132,6 +140,30 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         [],
         {code: OpenAIError for code in ("400", "403", "429", "502", "503", "504")},
     ),
+    (
+        "post",
+        "/sdapi/v1/txt2img",
+        "Text to image, answered when all images are done (AUTOMATIC1111's API)",
+        "a1111",
+        A1111Txt2ImgRequest,
+        A1111Images,
+        [],
+        {code: A1111Error for code in ("403", "413", "422", "429", "502", "503", "504")},
+    ),
+    ("get", "/sdapi/v1/sd-models", "The served models (AUTOMATIC1111's API)", "a1111", None, [A1111Model], [], {}),
+    ("get", "/sdapi/v1/samplers", "The samplers txt2img takes (AUTOMATIC1111's API)", "a1111", None, [A1111Sampler], [], {}),
+    ("get", "/sdapi/v1/schedulers", "The schedules txt2img takes (AUTOMATIC1111's API)", "a1111", None, [A1111Schedule], [], {}),
+    ("get", "/sdapi/v1/options", "The current model (AUTOMATIC1111's API; only sd_model_checkpoint)", "a1111", None, A1111Options, [], {}),
+    (
+        "post",
+        "/sdapi/v1/options",
+        "Make a served model the current one (AUTOMATIC1111's API; only sd_model_checkpoint); answers null",
+        "a1111",
+        A1111OptionsUpdate,
+        "null",
+        [],
+        {code: A1111Error for code in ("422", "503")},
+    ),
     ("get", "/v1/workers", "The live workers: model, device, state, speed, fairness, release", "ops", None, WorkersView, [], {}),
     ("get", "/healthz", "Liveness, NATS connection, live workers and the gateway's release", "ops", None, None, [], {}),
 ]
@@ -193,6 +225,8 @@ def build_spec() -> dict[str, Any]:
             ok = {"description": "Events", "content": {"text/event-stream": {}}}
         elif answer is None:
             ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+        elif answer == "null":
+            ok = {"description": "OK: null", "content": {"application/json": {"schema": {"type": "object", "nullable": True}}}}
         else:
             ok = {"description": "OK", "content": {"application/json": {"schema": _schema_ref(answer, components)}}}
         op: dict[str, Any] = {
@@ -209,7 +243,7 @@ def build_spec() -> dict[str, Any]:
         "info": {
             "title": "imagegen",
             "version": "1",
-            "description": "SDXL image generation over NATS JetStream. mflux-server's API under /api, the native API under /v1.",
+            "description": "SDXL image generation over NATS JetStream. mflux-server's API under /api, the native API under /v1, OpenAI's Images API at /v1/images/generations, AUTOMATIC1111's under /sdapi/v1.",
         },
         "paths": paths,
         "components": {"schemas": components},

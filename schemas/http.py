@@ -198,3 +198,115 @@ class OpenAIError(BaseModel):
     """An error in OpenAI's shape, as OpenAI's client libraries expect it."""
 
     error: OpenAIErrorDetail
+
+
+class A1111Txt2ImgRequest(BaseModel):
+    """AUTOMATIC1111 web UI's `POST /sdapi/v1/txt2img` body. Fields left out take the served model's
+    defaults (not A1111's 512x512, 50 steps and CFG 7). Fields of features not offered here are accepted
+    only at their "off" values; every other field is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", description="What to draw.")
+    negative_prompt: str | None = Field(None, description="What not to draw.")
+    seed: int | None = Field(None, description="Seed of the first image; -1 or absent: random.")
+    sampler_name: str | None = Field(None, description="Euler, Euler a, DPM++ 2M, DPM++ 2M SDE, DDIM, UniPC or DEIS (GET /sdapi/v1/samplers).")
+    sampler_index: str | None = Field(None, description="The older name of sampler_name; sampler_name wins.")
+    scheduler: str | None = Field(None, description="Automatic, Uniform or Karras (Karras with the DPM++ samplers only).")
+    batch_size: int = Field(1, ge=1, description="Images per batch; batch_size x n_iter images in all, one job each.")
+    n_iter: int = Field(1, ge=1, description="Batches.")
+    steps: int | None = Field(None, description="Denoising steps; the model's default when absent.")
+    cfg_scale: float | None = Field(None, description="Classifier-free guidance scale; the model's default when absent.")
+    width: int | None = Field(None, description="Multiple of 8; the model's default when absent.")
+    height: int | None = Field(None, description="Multiple of 8; the model's default when absent.")
+    refiner_checkpoint: str | None = Field(None, description="Any name: the SDXL refiner the workers loaded takes the last part.")
+    refiner_switch_at: float | None = Field(None, description="With refiner_checkpoint: the share of the schedule the base runs.")
+    override_settings: dict[str, Any] | None = Field(None, description="Only sd_model_checkpoint: a served model for this request.")
+    override_settings_restore_afterwards: bool | None = Field(None, description="Accepted; settings are per request here.")
+    send_images: bool | None = Field(None, description="false: the answer carries no images.")
+    save_images: bool | None = Field(None, description="Accepted; nothing is saved to the server's disk.")
+    do_not_save_samples: bool | None = Field(None, description="Accepted; nothing is saved to the server's disk.")
+    do_not_save_grid: bool | None = Field(None, description="Accepted; nothing is saved to the server's disk.")
+    force_task_id: str | None = Field(None, description="Accepted; the jobs' ids are in the answer's info.")
+    comments: dict[str, Any] | None = Field(None, description="Accepted; has no effect.")
+    disable_extra_networks: bool | None = Field(None, description="Accepted; prompts carry no extra networks here.")
+    subseed: int | None = Field(None, description="Accepted; variation seeds are not offered (subseed_strength 0).")
+    # Features not offered: accepted only when off.
+    subseed_strength: float | None = Field(None, description="Only 0.")
+    seed_resize_from_h: int | None = Field(None, description="Only -1 or 0.")
+    seed_resize_from_w: int | None = Field(None, description="Only -1 or 0.")
+    styles: list[str] | None = Field(None, description="Only empty.")
+    restore_faces: bool | None = Field(None, description="Only false.")
+    tiling: bool | None = Field(None, description="Only false.")
+    enable_hr: bool | None = Field(None, description="Only false: the hires fix is not offered; the hr_* fields are then ignored, as A1111 does.")
+    eta: float | None = Field(None, description="Only absent.")
+    s_min_uncond: float | None = Field(None, description="Only 0.")
+    s_churn: float | None = Field(None, description="Only 0.")
+    s_tmax: float | None = Field(None, description="Only absent or 0.")
+    s_tmin: float | None = Field(None, description="Only 0.")
+    s_noise: float | None = Field(None, description="Only 1.")
+    script_name: str | None = Field(None, description="Only absent: scripts are not offered.")
+    script_args: list[Any] | None = Field(None, description="Only empty.")
+    alwayson_scripts: dict[str, Any] | None = Field(None, description="Only empty.")
+    infotext: str | None = Field(None, description="Only absent or empty.")
+    firstpass_image: str | None = Field(None, description="Only absent.")
+    # The hires fix's settings, used by A1111 only with enable_hr: accepted and unused.
+    denoising_strength: float | None = None
+    firstphase_width: int | None = None
+    firstphase_height: int | None = None
+    hr_scale: float | None = None
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = None
+    hr_resize_x: int | None = None
+    hr_resize_y: int | None = None
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
+    hr_additional_modules: list[Any] | None = None
+
+
+class A1111Images(BaseModel):
+    images: list[str] = Field(description="The images, base64 PNG, in seed order.")
+    parameters: dict[str, Any] = Field(description="The request as sent.")
+    info: str = Field(description="JSON text: seed, all_seeds, sizes, sampler, steps, model, job_ids, infotexts.")
+
+
+class A1111Error(BaseModel):
+    """An error in FastAPI's shape, as AUTOMATIC1111's API gives them: a list of field problems (422), else a message."""
+
+    detail: str | list[dict[str, Any]]
+
+
+class A1111Model(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class A1111Sampler(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class A1111Schedule(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float
+    need_inner_model: bool
+
+
+class A1111Options(BaseModel):
+    sd_model_checkpoint: str | None = Field(description="The current model: the one requests that name none get.")
+
+
+class A1111OptionsUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sd_model_checkpoint: str = Field(description="A served model (GET /sdapi/v1/sd-models) to make the current one.")

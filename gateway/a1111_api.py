@@ -1,0 +1,371 @@
+"""AUTOMATIC1111 web UI's API on the gateway (`/sdapi/v1`), for the tools built to call it: text to
+image, the models, the samplers and the current model.
+
+`POST /sdapi/v1/txt2img` makes batch_size x n_iter jobs (seeds seed, seed+1, ...; a random first seed for
+-1), queued as one group through `gateway.submission` like a native request with `n`, and answers once
+all are done with their PNGs in base64, the request as sent (`parameters`) and `info` (JSON text with
+the seeds, size, sampler, steps, model, job ids and A1111-style infotexts). Fields left out take the
+served model's defaults. Features this service does not offer (the hires fix, face restoration,
+tiling, variation seeds, styles, scripts, sampler noise settings) are accepted only at their "off"
+values, as A1111's own clients send them; anything else is refused by name, never ignored.
+
+Errors come in FastAPI's shape, as A1111's do: 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
+for a bad field, `{"detail": message}` otherwise (403/429 for the API key's limits, 502 when a job
+failed on a worker, 503 while NATS is away, 504 after WAIT_S).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from gateway.http_errors import read_json
+from gateway.jobs import BROKER_DOWN, Forbidden, JobService
+from gateway.mflux_api import SERVICE, caller
+from gateway.openai_api import OpenAIFailure, image_data, tier_for, until_done
+from gateway.ratelimit import RateLimited
+from imagegen import __version__
+from schemas.http import A1111Txt2ImgRequest
+from schemas.job import new_seed
+from schemas.request import GenerateRequest, RequestInvalid, parse_request
+
+log = logging.getLogger("imagegen.gateway.a1111")
+routes = web.RouteTableDef()
+
+WAIT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    aliases: tuple[str, ...]
+    uniform: str  # this service's scheduler for the Uniform schedule
+    karras: str | None = None  # and for Karras, where it has one
+    automatic: str | None = ""  # for Automatic: "" the uniform one, None not available
+
+
+SAMPLERS = (
+    Sampler("Euler", ("k_euler",), "euler"),
+    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), "euler_a"),
+    # A1111 runs DPM++ 2M on the Karras schedule when the schedule is Automatic.
+    Sampler("DPM++ 2M", ("k_dpmpp_2m",), "dpmpp_2m", "dpmpp_2m_karras", automatic="dpmpp_2m_karras"),
+    # ... and DPM++ 2M SDE on the exponential one, which is not available here.
+    Sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), "dpmpp_2m_sde", "dpmpp_2m_sde_karras", automatic=None),
+    Sampler("DDIM", ("ddim",), "ddim"),
+    Sampler("UniPC", ("unipc",), "unipc"),
+    Sampler("DEIS", ("deis",), "deis"),
+)
+OLD_KARRAS_NAMES = {"dpm++ 2m karras": "DPM++ 2M", "dpm++ 2m sde karras": "DPM++ 2M SDE"}  # before A1111 1.9
+SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+
+# Fields of features not offered, and the values that leave them off.
+OFF_VALUES: dict[str, tuple] = {
+    "subseed_strength": (None, 0),
+    "seed_resize_from_h": (None, -1, 0),
+    "seed_resize_from_w": (None, -1, 0),
+    "styles": (None, []),
+    "restore_faces": (None, False),
+    "tiling": (None, False),
+    "enable_hr": (None, False),
+    "eta": (None,),
+    "s_min_uncond": (None, 0),
+    "s_churn": (None, 0),
+    "s_tmax": (None, 0),
+    "s_tmin": (None, 0),
+    "s_noise": (None, 1),
+    "script_name": (None, ""),
+    "script_args": (None, []),
+    "alwayson_scripts": (None, {}),
+    "infotext": (None, ""),
+    "firstpass_image": (None, ""),
+}
+WHY_OFF = {
+    "enable_hr": "the hires fix is not offered here; render at the size wanted",
+    "restore_faces": "face restoration is not offered here",
+    "tiling": "tiling is not offered here",
+    "subseed_strength": "variation seeds are not offered here",
+    "styles": "saved styles are not offered here; put the style in the prompt",
+    "script_name": "scripts are not offered here",
+    "script_args": "scripts are not offered here",
+    "alwayson_scripts": "scripts and extensions are not offered here",
+    "infotext": "reading settings from an infotext is not offered here; send the fields",
+}
+# This service's request fields, by the A1111 field they come from.
+A1111_FIELD = {"guidance": "cfg_scale", "n": "batch_size", "scheduler": "sampler_name", "model": "override_settings",
+               "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body"}
+
+
+class A1111Failure(Exception):
+    """An answer in FastAPI's error shape, as A1111's API gives them."""
+
+    def __init__(self, status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+    def response(self) -> web.Response:
+        if self.status == 422:
+            loc = ["body"] if self.field in (None, "body") else ["body", self.field]
+            detail: object = [{"loc": loc, "msg": self.message, "type": "value_error"}]
+        else:
+            detail = self.message
+        return web.json_response({"detail": detail}, status=self.status, headers=self.headers)
+
+
+def invalid(field: str | None, message: str) -> A1111Failure:
+    return A1111Failure(422, f"{field}: {message}" if field and field != "body" else message, field=field)
+
+
+def from_request_invalid(exc: RequestInvalid) -> A1111Failure:
+    """A request this service refused, under the A1111 names of its fields."""
+    errors = exc.errors or [{"field": "body", "message": str(exc)}]
+    named = [(A1111_FIELD.get(e["field"], e["field"]), e["message"]) for e in errors]
+    return A1111Failure(422, "; ".join(f"{field}: {message}" for field, message in named), field=named[0][0])
+
+
+def parse_body(body: object) -> A1111Txt2ImgRequest:
+    if not isinstance(body, dict):
+        raise invalid("body", "the body must be a JSON object")
+    try:
+        return A1111Txt2ImgRequest.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        if err["type"] == "extra_forbidden":
+            raise invalid(field, "not a field of txt2img here (see /openapi.json)") from None
+        raise invalid(field, err["msg"]) from None
+
+
+def refuse_unoffered(ask: A1111Txt2ImgRequest) -> None:
+    for field, off in OFF_VALUES.items():
+        value = getattr(ask, field)
+        if value not in off:
+            why = WHY_OFF.get(field, "only its default is accepted here")
+            raise invalid(field, f"{why} (got {value!r})")
+
+
+def scheduler_of(ask: A1111Txt2ImgRequest) -> tuple[str, str, str]:
+    """(this service's scheduler, the sampler's A1111 name, the schedule's label)."""
+    asked = ask.sampler_name or ask.sampler_index or "Euler"
+    field = "sampler_name" if ask.sampler_name else "sampler_index" if ask.sampler_index else "sampler_name"
+    schedule = (ask.scheduler or "automatic").strip().lower()
+    key = asked.strip().lower()
+    if key in OLD_KARRAS_NAMES:
+        key, schedule = OLD_KARRAS_NAMES[key].lower(), "karras"
+    sampler = next((s for s in SAMPLERS if key == s.name.lower() or key in s.aliases), None)
+    if sampler is None:
+        names = ", ".join(s.name for s in SAMPLERS)
+        raise invalid(field, f"{asked!r} is not available here; one of {names} (GET /sdapi/v1/samplers)")
+    if schedule not in SCHEDULES:
+        raise invalid("scheduler", f"{ask.scheduler!r} is not available here; one of {', '.join(SCHEDULES.values())}")
+    if schedule == "karras":
+        if sampler.karras is None:
+            raise invalid("scheduler", f"Karras is not available with {sampler.name} here; use Automatic or Uniform")
+        return sampler.karras, sampler.name, SCHEDULES[schedule]
+    if schedule == "automatic":
+        if sampler.automatic is None:
+            raise invalid(
+                "scheduler", f"{sampler.name}'s automatic schedule (exponential) is not available here; ask for Karras or Uniform"
+            )
+        return sampler.automatic or sampler.uniform, sampler.name, SCHEDULES[schedule]
+    return sampler.uniform, sampler.name, SCHEDULES[schedule]
+
+
+def model_of(jobs: JobService, overrides: dict | None) -> str | None:
+    if not overrides:
+        return None
+    unknown = sorted(set(overrides) - {"sd_model_checkpoint"})
+    if unknown:
+        raise invalid("override_settings", f"only sd_model_checkpoint can be set per request here, not {', '.join(unknown)}")
+    model = overrides["sd_model_checkpoint"]
+    served = jobs.served_models()
+    if not isinstance(model, str) or model not in served:
+        known = ", ".join(sorted(served)) or "none (no worker is running)"
+        raise invalid("override_settings", f"sd_model_checkpoint: unknown model {model!r}; served: {known}")
+    return model
+
+
+def build_request(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, limits) -> GenerateRequest:
+    if ask.batch_size * ask.n_iter > limits.max_images:
+        raise invalid(
+            "batch_size",
+            f"batch_size x n_iter is {ask.batch_size * ask.n_iter} images, over the limit of {limits.max_images} per request",
+        )
+    random_seed = ask.seed is None or ask.seed == -1
+    fields: dict = {
+        "prompt": ask.prompt,
+        "format": "PNG",
+        "n": ask.batch_size * ask.n_iter,
+        "seed": new_seed() if random_seed else ask.seed,
+        "scheduler": scheduler,
+    }
+    optional = {
+        "negative_prompt": ask.negative_prompt,
+        "steps": ask.steps,
+        "guidance": ask.cfg_scale,
+        "width": ask.width,
+        "height": ask.height,
+        "model": model,
+        "use_refiner": True if ask.refiner_checkpoint else None,
+        "refiner_split": ask.refiner_switch_at if ask.refiner_checkpoint else None,
+        "cache": False if random_seed else None,  # a seed picked here never repeats: not worth caching
+    }
+    if ask.refiner_switch_at is not None and not ask.refiner_checkpoint:
+        raise invalid("refiner_switch_at", "needs refiner_checkpoint")
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    try:
+        return parse_request(fields, limits=limits)
+    except RequestInvalid as exc:
+        raise from_request_invalid(exc) from None
+
+
+def infotext(
+    base: GenerateRequest, *, seed: int, steps: int | None, cfg: float | None, sampler: str, schedule: str, model: str | None
+) -> str:
+    lines = [base.prompt]
+    if base.negative_prompt:
+        lines.append(f"Negative prompt: {base.negative_prompt}")
+    settings = [f"Steps: {steps}", f"Sampler: {sampler}", f"Schedule type: {schedule}", f"CFG scale: {cfg:g}" if cfg is not None else "CFG scale: the model's", f"Seed: {seed}",
+                f"Size: {base.width}x{base.height}", f"Model: {model}", f"Version: imagegen {__version__}"]
+    if base.use_refiner:
+        settings.insert(-1, f"Refiner switch at: {base.refiner_split:g}")
+    return "\n".join([*lines, ", ".join(settings)])
+
+
+async def run_txt2img(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    body = await read_json(request)
+    ask = parse_body(body)
+    refuse_unoffered(ask)
+    scheduler, sampler, schedule = scheduler_of(ask)
+    model = model_of(jobs, ask.override_settings)
+    base = build_request(ask, scheduler, model, jobs.settings.limits)
+    who = caller(request)
+    owner = who.get("owner")
+    if (tier := tier_for(who.get("key"))) is not None:
+        base = base.model_copy(update={"tier": tier})
+    started = time.monotonic()
+
+    async def collect(queued: list) -> list[str]:
+        if ask.send_images is False:
+            return []
+        return [base64.b64encode(await image_data(jobs, status.job_id, owner)).decode("ascii") for status in queued]
+
+    queued, images = await until_done(jobs, base, who, collect, wait_s=WAIT_S)
+    job_ids = [status.job_id for status in queued]
+    used_model = model or await jobs.current_model()
+    workers = jobs.served_models().get(used_model or "", [])  # after the wait: the workers that ran the jobs
+    steps = base.steps or (workers[0].default_steps if workers else None)
+    cfg = base.guidance if base.guidance is not None else (workers[0].default_guidance if workers else None)
+    seeds = [status.seed for status in queued]
+    log.info("txt2img %s: %d done in %.1fs, %dx%d", ",".join(job_ids), len(job_ids), time.monotonic() - started, base.width, base.height)
+    n = len(job_ids)
+    info = {
+        "prompt": base.prompt,
+        "all_prompts": [base.prompt] * n,
+        "negative_prompt": base.negative_prompt,
+        "all_negative_prompts": [base.negative_prompt] * n,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * n,
+        "subseed_strength": 0,
+        "width": base.width,
+        "height": base.height,
+        "sampler_name": sampler,
+        "scheduler": schedule,
+        "cfg_scale": cfg,
+        "steps": steps,
+        "batch_size": ask.batch_size,
+        "restore_faces": False,
+        "sd_model_name": used_model,
+        "denoising_strength": None,
+        "index_of_first_image": 0,
+        "infotexts": [infotext(base, seed=s, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, model=used_model) for s in seeds],
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "version": f"imagegen {__version__}",
+        "job_ids": job_ids,
+    }
+    return web.json_response({"images": images, "parameters": body, "info": json.dumps(info)})
+
+
+async def answered(run, request: web.Request) -> web.Response:
+    """`run(request)`, with every failure in FastAPI's shape."""
+    try:
+        return await run(request)
+    except A1111Failure as exc:
+        return exc.response()
+    except OpenAIFailure as exc:  # from the shared waiting: a failed job, a timeout
+        if exc.status == 400:
+            return invalid(A1111_FIELD.get(exc.detail.param or "", exc.detail.param), str(exc)).response()
+        return A1111Failure(exc.status, str(exc)).response()
+    except RequestInvalid as exc:
+        return from_request_invalid(exc).response()
+    except Forbidden as exc:
+        return A1111Failure(403, str(exc)).response()
+    except RateLimited as exc:
+        return A1111Failure(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}).response()
+    except web.HTTPRequestEntityTooLarge as exc:
+        return A1111Failure(413, f"body too large: {exc.text}").response()
+    except BROKER_DOWN as exc:
+        log.warning("sdapi request: broker unavailable: %s", exc)
+        return A1111Failure(503, "the job broker (NATS) is unavailable; retry shortly", headers={"Retry-After": "2"}).response()
+
+
+@routes.post("/sdapi/v1/txt2img")
+async def txt2img(request: web.Request) -> web.Response:
+    return await answered(run_txt2img, request)
+
+
+@routes.get("/sdapi/v1/sd-models")
+async def sd_models(request: web.Request) -> web.Response:
+    served = request.app[SERVICE].served_models()
+    return web.json_response(
+        [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None} for name in sorted(served)]
+    )
+
+
+@routes.get("/sdapi/v1/samplers")
+async def samplers(request: web.Request) -> web.Response:
+    return web.json_response([{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS])
+
+
+@routes.get("/sdapi/v1/schedulers")
+async def schedulers(request: web.Request) -> web.Response:
+    return web.json_response(
+        [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False} for name, label in SCHEDULES.items()]
+    )
+
+
+@routes.get("/sdapi/v1/options")
+async def get_options(request: web.Request) -> web.Response:
+    return web.json_response({"sd_model_checkpoint": await request.app[SERVICE].current_model()})
+
+
+async def run_set_options(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise invalid("body", "the body must be a JSON object")
+    unknown = sorted(set(body) - {"sd_model_checkpoint"})
+    if unknown:
+        raise invalid(unknown[0], "only sd_model_checkpoint can be set here")
+    model = body.get("sd_model_checkpoint")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("sd_model_checkpoint", "a model name is required (GET /sdapi/v1/sd-models)")
+    try:
+        await request.app[SERVICE].load_model(model.strip())
+    except RequestInvalid as exc:
+        raise invalid("sd_model_checkpoint", exc.errors[0]["message"] if exc.errors else str(exc)) from None
+    return web.json_response(None)
+
+
+@routes.post("/sdapi/v1/options")
+async def set_options(request: web.Request) -> web.Response:
+    return await answered(run_set_options, request)

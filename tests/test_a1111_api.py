@@ -1,0 +1,178 @@
+"""AUTOMATIC1111's API (`/sdapi/v1`) as the tools built for it call it, on the real tiny-sdxl pipeline:
+txt2img answers base64 PNGs with A1111's `info`, seeds repeat, batches make one job per image, the
+models, samplers and current model are listed and set, and what is not offered is refused by name."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from gateway import a1111_api
+from gateway.auth import new_key_entry
+from gateway.settings import GatewaySettings
+from imagegen import runtime
+from tests.test_openai_api import jobs_with_prompt
+
+SMALL = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 2}
+
+
+async def txt2img(http, service, body: dict) -> tuple[int, dict]:
+    async with http.post(f"{service.url}/sdapi/v1/txt2img", json=body) as r:
+        return r.status, await r.json()
+
+
+def png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return image
+
+
+async def test_txt2img_answers_pngs_with_a1111s_info_and_a_seed_repeats(service, http):
+    body = {**SMALL, "seed": 1234, "cfg_scale": 6.5, "sampler_name": "Euler a", "negative_prompt": "fog",
+            "enable_hr": False, "restore_faces": False, "override_settings": {}, "send_images": True, "save_images": False}
+    status, first = await txt2img(http, service, body)
+    assert status == 200, first
+    assert first["parameters"] == body
+    [image] = first["images"]
+    assert png(image).size == (64, 64)
+    info = json.loads(first["info"])
+    assert info["seed"] == 1234 and info["all_seeds"] == [1234]
+    assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 6.5 and info["steps"] == 2
+    assert info["width"] == 64 and info["height"] == 64 and info["sd_model_name"] == "tiny-sdxl"
+    assert info["infotexts"][0].startswith("a red boat\nNegative prompt: fog\nSteps: 2, Sampler: Euler a")
+    assert "Seed: 1234" in info["infotexts"][0]
+    async with http.get(f"{service.url}/v1/jobs/{info['job_ids'][0]}") as r:
+        job = await r.json()
+    assert job["request"]["scheduler"] == "euler_a" and job["request"]["guidance"] == 6.5
+
+    status, again = await txt2img(http, service, body)
+    assert status == 200 and again["images"] == first["images"]  # the same seed, the same picture
+
+
+async def test_a_batch_makes_one_job_per_image_with_consecutive_seeds(service, http):
+    status, answer = await txt2img(http, service, {**SMALL, "seed": -1, "batch_size": 2, "n_iter": 2})
+    assert status == 200, answer
+    info = json.loads(answer["info"])
+    assert len(answer["images"]) == 4 and len(set(info["job_ids"])) == 4
+    first = info["seed"]
+    assert info["all_seeds"] == [first, first + 1, first + 2, first + 3]
+    assert all(png(b64).size == (64, 64) for b64 in answer["images"])
+
+
+async def test_karras_and_a_model_named_per_request(service, http):
+    body = {**SMALL, "seed": 5, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+            "override_settings": {"sd_model_checkpoint": "tiny-sdxl"}}
+    status, answer = await txt2img(http, service, body)
+    assert status == 200, answer
+    info = json.loads(answer["info"])
+    assert info["scheduler"] == "Karras" and "Schedule type: Karras" in info["infotexts"][0]
+    async with http.get(f"{service.url}/v1/jobs/{info['job_ids'][0]}") as r:
+        assert (await r.json())["request"]["scheduler"] == "dpmpp_2m_karras"
+
+
+async def test_a_refiner_checkpoint_runs_the_workers_refiner(service, http):
+    body = {**SMALL, "steps": 4, "refiner_checkpoint": "sd_xl_refiner_1.0.safetensors", "refiner_switch_at": 0.5}
+    status, answer = await txt2img(http, service, body)
+    assert status == 200, answer
+    info = json.loads(answer["info"])
+    assert "Refiner switch at: 0.5" in info["infotexts"][0]
+    async with http.get(f"{service.url}/v1/jobs/{info['job_ids'][0]}") as r:
+        request = (await r.json())["request"]
+    assert request["use_refiner"] is True and request["refiner_split"] == 0.5
+
+
+async def test_send_images_false_answers_without_images(service, http):
+    status, answer = await txt2img(http, service, {**SMALL, "send_images": False})
+    assert status == 200 and answer["images"] == [] and len(json.loads(answer["info"])["job_ids"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"enable_hr": True}, "enable_hr", "hires fix is not offered"),
+        ({"restore_faces": True}, "restore_faces", "face restoration"),
+        ({"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts", "not offered"),
+        ({"styles": ["cinematic"]}, "styles", "put the style in the prompt"),
+        ({"s_churn": 0.5}, "s_churn", "only its default"),
+        ({"sampler_name": "LMS"}, "sampler_name", "'LMS' is not available here"),
+        ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler", "Karras is not available with DDIM"),
+        ({"sampler_name": "DPM++ 2M SDE"}, "scheduler", "automatic schedule (exponential) is not available"),
+        ({"scheduler": "Exponential"}, "scheduler", "'Exponential' is not available"),
+        ({"override_settings": {"sd_model_checkpoint": "sd15.ckpt"}}, "override_settings", "unknown model 'sd15.ckpt'"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings", "only sd_model_checkpoint"),
+        ({"width": 100}, "width", "multiple of 8"),
+        ({"batch_size": 3, "n_iter": 3}, "batch_size", "batch_size x n_iter is 9 images, over the limit of 8"),
+        ({"cfg_scale": "strong"}, "cfg_scale", "valid number"),
+        ({"prompt": ""}, "prompt", "prompt"),
+        ({"refiner_switch_at": 0.8}, "refiner_switch_at", "needs refiner_checkpoint"),
+        ({"hr_upscaler_typo": "x"}, "hr_upscaler_typo", "not a field of txt2img"),
+    ],
+)
+async def test_what_is_not_offered_or_not_valid_is_refused_by_name(service, http, change, field, words):
+    status, answer = await txt2img(http, service, {**SMALL, **change})
+    assert status == 422, answer
+    [problem] = answer["detail"]
+    assert problem["loc"] == ["body", field], problem
+    assert words in problem["msg"], problem
+
+
+async def test_the_hires_settings_are_ignored_while_the_hires_fix_is_off_as_in_a1111(service, http):
+    status, answer = await txt2img(http, service, {**SMALL, "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.7})
+    assert status == 200, answer
+    assert png(answer["images"][0]).size == (64, 64)
+
+
+async def test_models_samplers_and_the_current_model(service, http):
+    async with http.get(f"{service.url}/sdapi/v1/sd-models") as r:
+        models = await r.json()
+    assert {"title": "tiny-sdxl", "model_name": "tiny-sdxl"}.items() <= next(m for m in models if m["title"] == "tiny-sdxl").items()
+    async with http.get(f"{service.url}/sdapi/v1/samplers") as r:
+        names = [s["name"] for s in await r.json()]
+    assert "Euler a" in names and "DPM++ 2M" in names
+    async with http.get(f"{service.url}/sdapi/v1/schedulers") as r:
+        assert [s["label"] for s in await r.json()] == ["Automatic", "Uniform", "Karras"]
+    async with http.post(f"{service.url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}) as r:
+        assert r.status == 200 and await r.json() is None
+    async with http.get(f"{service.url}/sdapi/v1/options") as r:
+        assert (await r.json())["sd_model_checkpoint"] == "tiny-sdxl"
+    for body, field in (({"sd_model_checkpoint": "nope"}, "sd_model_checkpoint"), ({"CLIP_stop_at_last_layers": 2}, "CLIP_stop_at_last_layers")):
+        async with http.post(f"{service.url}/sdapi/v1/options", json=body) as r:
+            assert r.status == 422
+            assert (await r.json())["detail"][0]["loc"] == ["body", field]
+
+
+async def test_with_api_keys_txt2img_needs_a_key_and_its_jobs_are_the_keys(service, http):
+    mine_secret, mine = new_key_entry("studio", tiers=["low"], rate_per_minute=100, max_concurrent=10)
+    other_secret, other = new_key_entry("press", tiers=["normal"], rate_per_minute=100, max_concurrent=10)
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([mine, other])))
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        async with http.post(f"{url}/sdapi/v1/txt2img", json=SMALL) as r:
+            assert r.status == 401
+        async with http.post(f"{url}/sdapi/v1/txt2img", json=SMALL, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+            assert r.status == 200, await r.text()
+            [job_id] = json.loads((await r.json())["info"])["job_ids"]
+        async with http.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+            assert (await r.json())["tier"] == "low"  # the key's only tier: A1111's API has none
+        async with http.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {other_secret}"}) as r:
+            assert r.status == 404
+    finally:
+        await gateway.stop()
+
+
+async def test_waiting_too_long_answers_504_and_cancels_the_jobs(service, http, monkeypatch):
+    monkeypatch.setattr(a1111_api, "WAIT_S", 0.5)
+    prompt = "too slow for an A1111 client"
+    status, answer = await txt2img(http, service, {"prompt": prompt, "width": 256, "height": 256, "steps": 60, "batch_size": 2})
+    assert status == 504 and "not finished within 0.5 seconds" in answer["detail"], answer
+    async with asyncio.timeout(60):
+        while True:
+            jobs = await jobs_with_prompt(http, service.url, prompt)
+            if len(jobs) == 2 and all(j["state"] == "cancelled" for j in jobs):
+                break
+            await asyncio.sleep(0.05)
