@@ -63,6 +63,9 @@ SAMPLERS = (
 )
 OLD_KARRAS_NAMES = {"dpm++ 2m karras": "DPM++ 2M", "dpm++ 2m sde karras": "DPM++ 2M SDE"}  # before A1111 1.9
 SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+# A1111 settings its clients send along with the model (in override_settings, or to /sdapi/v1/options),
+# accepted at the values that change nothing here.
+SETTINGS_AT_DEFAULT: dict[str, tuple] = {"CLIP_stop_at_last_layers": (1,), "sd_vae": ("Automatic", "None", "", None)}
 
 # Fields of features not offered, and the values that leave them off.
 OFF_VALUES: dict[str, tuple] = {
@@ -176,12 +179,27 @@ def scheduler_of(ask: A1111Txt2ImgRequest) -> tuple[str, str, str]:
     return sampler.uniform, sampler.name, SCHEDULES[schedule]
 
 
+def settings_problem(settings: dict) -> tuple[str, str] | None:
+    """(the setting, why) for the first A1111 setting other than sd_model_checkpoint that is not at its
+    default (A1111's clients send some of them along); None when there is none."""
+    for name, value in settings.items():
+        if name == "sd_model_checkpoint":
+            continue
+        if name not in SETTINGS_AT_DEFAULT:
+            return name, "only sd_model_checkpoint can be set here"
+        if value not in SETTINGS_AT_DEFAULT[name]:
+            allowed = " or ".join(repr(v) for v in SETTINGS_AT_DEFAULT[name])
+            return name, f"only its default ({allowed}) is accepted here, got {value!r}"
+    return None
+
+
 def model_of(jobs: JobService, overrides: dict | None) -> str | None:
     if not overrides:
         return None
-    unknown = sorted(set(overrides) - {"sd_model_checkpoint"})
-    if unknown:
-        raise invalid("override_settings", f"only sd_model_checkpoint can be set per request here, not {', '.join(unknown)}")
+    if (problem := settings_problem(overrides)) is not None:
+        raise invalid("override_settings", f"{problem[0]}: {problem[1]}")
+    if "sd_model_checkpoint" not in overrides:
+        return None
     model = overrides["sd_model_checkpoint"]
     served = jobs.served_models()
     if not isinstance(model, str) or model not in served:
@@ -353,10 +371,11 @@ async def run_set_options(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise invalid("body", "the body must be a JSON object")
-    unknown = sorted(set(body) - {"sd_model_checkpoint"})
-    if unknown:
-        raise invalid(unknown[0], "only sd_model_checkpoint can be set here")
-    model = body.get("sd_model_checkpoint")
+    if (problem := settings_problem(body)) is not None:
+        raise invalid(*problem)
+    if "sd_model_checkpoint" not in body:  # only settings at their defaults: nothing to change
+        return web.json_response(None)
+    model = body["sd_model_checkpoint"]
     if not isinstance(model, str) or not model.strip():
         raise invalid("sd_model_checkpoint", "a model name is required (GET /sdapi/v1/sd-models)")
     try:

@@ -221,7 +221,10 @@ class A1111Txt2ImgRequest(BaseModel):
     height: int | None = Field(None, description="Multiple of 8; the model's default when absent.")
     refiner_checkpoint: str | None = Field(None, description="Any name: the SDXL refiner the workers loaded takes the last part.")
     refiner_switch_at: float | None = Field(None, description="With refiner_checkpoint: the share of the schedule the base runs.")
-    override_settings: dict[str, Any] | None = Field(None, description="Only sd_model_checkpoint: a served model for this request.")
+    override_settings: dict[str, Any] | None = Field(
+        None, description="sd_model_checkpoint: a served model for this request; CLIP_stop_at_last_layers (1) and sd_vae "
+        "(Automatic, None) only at their defaults."
+    )
     override_settings_restore_afterwards: bool | None = Field(None, description="Accepted; settings are per request here.")
     send_images: bool | None = Field(None, description="false: the answer carries no images.")
     save_images: bool | None = Field(None, description="Accepted; nothing is saved to the server's disk.")
@@ -309,4 +312,6 @@ class A1111Options(BaseModel):
 class A1111OptionsUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sd_model_checkpoint: str = Field(description="A served model (GET /sdapi/v1/sd-models) to make the current one.")
+    sd_model_checkpoint: str | None = Field(None, description="A served model (GET /sdapi/v1/sd-models) to make the current one.")
+    CLIP_stop_at_last_layers: int | None = Field(None, description="Only 1 (the default).")
+    sd_vae: str | None = Field(None, description="Only Automatic or None (the model's own VAE).")

@@ -86,6 +86,16 @@ async def test_a_refiner_checkpoint_runs_the_workers_refiner(service, http):
     assert request["use_refiner"] is True and request["refiner_split"] == 0.5
 
 
+async def test_settings_a1111_clients_send_along_are_taken_at_their_defaults(service, http):
+    settings = {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+    status, answer = await txt2img(http, service, {**SMALL, "override_settings": settings, "override_settings_restore_afterwards": True})
+    assert status == 200, answer
+    async with http.post(f"{service.url}/sdapi/v1/options", json=settings) as r:
+        assert r.status == 200 and await r.json() is None
+    async with http.post(f"{service.url}/sdapi/v1/options", json={**settings, "sd_model_checkpoint": "tiny-sdxl"}) as r:
+        assert r.status == 200
+
+
 async def test_send_images_false_answers_without_images(service, http):
     status, answer = await txt2img(http, service, {**SMALL, "send_images": False})
     assert status == 200 and answer["images"] == [] and len(json.loads(answer["info"])["job_ids"]) == 1
@@ -104,7 +114,9 @@ async def test_send_images_false_answers_without_images(service, http):
         ({"sampler_name": "DPM++ 2M SDE"}, "scheduler", "automatic schedule (exponential) is not available"),
         ({"scheduler": "Exponential"}, "scheduler", "'Exponential' is not available"),
         ({"override_settings": {"sd_model_checkpoint": "sd15.ckpt"}}, "override_settings", "unknown model 'sd15.ckpt'"),
-        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings", "only sd_model_checkpoint"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings", "CLIP_stop_at_last_layers: only its default (1)"),
+        ({"override_settings": {"sd_vae": "sdxl_vae.safetensors"}}, "override_settings", "sd_vae: only its default"),
+        ({"override_settings": {"sd_hypernetwork": "x"}}, "override_settings", "only sd_model_checkpoint can be set"),
         ({"width": 100}, "width", "multiple of 8"),
         ({"batch_size": 3, "n_iter": 3}, "batch_size", "batch_size x n_iter is 9 images, over the limit of 8"),
         ({"cfg_scale": "strong"}, "cfg_scale", "valid number"),
@@ -140,7 +152,9 @@ async def test_models_samplers_and_the_current_model(service, http):
         assert r.status == 200 and await r.json() is None
     async with http.get(f"{service.url}/sdapi/v1/options") as r:
         assert (await r.json())["sd_model_checkpoint"] == "tiny-sdxl"
-    for body, field in (({"sd_model_checkpoint": "nope"}, "sd_model_checkpoint"), ({"CLIP_stop_at_last_layers": 2}, "CLIP_stop_at_last_layers")):
+    refused = (({"sd_model_checkpoint": "nope"}, "sd_model_checkpoint"), ({"CLIP_stop_at_last_layers": 2}, "CLIP_stop_at_last_layers"),
+               ({"samples_format": "jpg"}, "samples_format"))
+    for body, field in refused:
         async with http.post(f"{service.url}/sdapi/v1/options", json=body) as r:
             assert r.status == 422
             assert (await r.json())["detail"][0]["loc"] == ["body", field]
