@@ -3,7 +3,8 @@
 Keys come from a file (`--api-keys FILE`: a JSON list, or one JSON entry per line) or
 `IMAGEGEN_API_KEYS` (the same text), stored only as
 SHA-256 hashes. With no keys configured auth is off (the default of `imagegen up`); with any key, every
-API call needs `Authorization: Bearer KEY` or `X-API-Key: KEY`, and a key sees only its own jobs.
+API call needs `Authorization: Bearer KEY` or `X-API-Key: KEY` (or HTTP Basic with the key as the password,
+as AUTOMATIC1111's clients send credentials), and a key sees only its own jobs.
 Browsers cannot set headers on a WebSocket: a socket opened without one sends `{"key": KEY}` as its
 first message instead (`socket_key`), so the key never appears in a URL or an access log. Such a
 socket has SOCKET_KEY_WAIT_S to send it, and at most MAX_PENDING_SOCKETS of them wait at once per
@@ -16,6 +17,9 @@ gateway: more are answered 503 before the upgrade, so sockets that never authent
 """
 
 from __future__ import annotations
+
+import base64
+import binascii
 
 import asyncio
 import hashlib
@@ -116,9 +120,18 @@ def new_key_entry(name: str, *, tiers: list[str], rate_per_minute: int, max_conc
 
 
 def presented_key(request: web.Request) -> str | None:
+    """The key a request presents: `Authorization: Bearer KEY`, `X-API-Key: KEY`, or HTTP Basic credentials
+    with the key as the password (any user name; the key as the user name with no password works too),
+    as AUTOMATIC1111's clients send their `--api-auth`."""
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip()
+    if header.lower().startswith("basic "):
+        try:
+            user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return (password or user).strip() or None
     return request.headers.get("X-API-Key") or None
 
 

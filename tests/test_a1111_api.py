@@ -9,6 +9,7 @@ import base64
 import io
 import json
 
+import aiohttp
 import pytest
 from PIL import Image
 
@@ -175,6 +176,13 @@ async def test_with_api_keys_txt2img_needs_a_key_and_its_jobs_are_the_keys(servi
             assert (await r.json())["tier"] == "low"  # the key's only tier: A1111's API has none
         async with http.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {other_secret}"}) as r:
             assert r.status == 404
+        # A1111's clients send their --api-auth as HTTP Basic: the key is the password, the user any name
+        async with http.get(f"{url}/sdapi/v1/sd-models", auth=aiohttp.BasicAuth("webui", mine_secret)) as r:
+            assert r.status == 200 and any(m["title"] == "tiny-sdxl" for m in await r.json())
+        async with http.get(f"{url}/sdapi/v1/sd-models", auth=aiohttp.BasicAuth("webui", "not-a-key")) as r:
+            assert r.status == 401
+        async with http.get(f"{url}/sdapi/v1/sd-models", headers={"Authorization": "Basic %%%"}) as r:
+            assert r.status == 401
     finally:
         await gateway.stop()
 
