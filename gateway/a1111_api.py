@@ -1,5 +1,5 @@
 """AUTOMATIC1111 web UI's API on the gateway (`/sdapi/v1`), for the tools built to call it: text to
-image, the models, the samplers and the current model.
+image, image to image (no inpainting), the models, the samplers and the current model.
 
 `POST /sdapi/v1/txt2img` makes batch_size x n_iter jobs (seeds seed, seed+1, ...; a random first seed for
 -1), queued as one group through `gateway.submission` like a native request with `n`, and answers once
@@ -9,6 +9,10 @@ served model's defaults. Features this service does not offer (the hires fix, fa
 tiling, variation seeds, styles, scripts, sampler noise settings) are accepted only at their "off"
 values, as A1111's own clients send them; anything else is refused by name, never ignored.
 
+`POST /sdapi/v1/img2img` adds one init image and `denoising_strength` (A1111's 0.75 when absent). Resize
+mode 0 (A1111's default, "just resize") is done here, before queueing: the image is stretched to the
+width and height asked; mode 1 ("crop and resize") is the engine's own fitting.
+
 Errors come in FastAPI's shape, as A1111's do: 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
 for a bad field, `{"detail": message}` otherwise (403/429 for the API key's limits, 502 when a job
 failed on a worker, 503 while NATS is away, 504 after WAIT_S).
@@ -16,24 +20,28 @@ failed on a worker, 503 while NATS is away, 504 after WAIT_S).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import io
 import json
 import logging
 import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from PIL import Image
 from pydantic import ValidationError
 
 from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, Forbidden, JobService
+from gateway.jobs import BROKER_DOWN, Forbidden, JobService, UnknownJob
 from gateway.mflux_api import SERVICE, caller
 from gateway.openai_api import OpenAIFailure, image_data, tier_for, until_done
 from gateway.ratelimit import RateLimited
 from imagegen import __version__
-from schemas.http import A1111Txt2ImgRequest
+from schemas.http import A1111Img2ImgRequest, A1111Txt2ImgRequest
 from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
+from schemas.uploads import decode_upload
 
 log = logging.getLogger("imagegen.gateway.a1111")
 routes = web.RouteTableDef()
@@ -101,7 +109,9 @@ WHY_OFF = {
 }
 # This service's request fields, by the A1111 field they come from.
 A1111_FIELD = {"guidance": "cfg_scale", "n": "batch_size", "scheduler": "sampler_name", "model": "override_settings",
-               "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body"}
+               "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body",
+               "init_image": "init_images", "strength": "denoising_strength", "mask_image": "mask"}
+IMG2IMG_STRENGTH = 0.75  # A1111's denoising_strength when a request leaves it out
 
 
 class A1111Failure(Exception):
@@ -131,16 +141,17 @@ def from_request_invalid(exc: RequestInvalid) -> A1111Failure:
     return A1111Failure(422, "; ".join(f"{field}: {message}" for field, message in named), field=named[0][0])
 
 
-def parse_body(body: object) -> A1111Txt2ImgRequest:
+def parse_body(body: object, kind: type[A1111Txt2ImgRequest]) -> A1111Txt2ImgRequest:
     if not isinstance(body, dict):
         raise invalid("body", "the body must be a JSON object")
     try:
-        return A1111Txt2ImgRequest.model_validate(body)
+        return kind.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "body"
         if err["type"] == "extra_forbidden":
-            raise invalid(field, "not a field of txt2img here (see /openapi.json)") from None
+            what = "img2img" if kind is A1111Img2ImgRequest else "txt2img"
+            raise invalid(field, f"not a field of {what} here (see /openapi.json)") from None
         raise invalid(field, err["msg"]) from None
 
 
@@ -150,6 +161,46 @@ def refuse_unoffered(ask: A1111Txt2ImgRequest) -> None:
         if value not in off:
             why = WHY_OFF.get(field, "only its default is accepted here")
             raise invalid(field, f"{why} (got {value!r})")
+
+
+def refuse_unoffered_img2img(ask: A1111Img2ImgRequest) -> None:
+    if ask.mask is not None:
+        raise invalid("mask", "inpainting is not offered through /sdapi here; use /v1/jobs with init_image and mask_image")
+    if ask.include_init_images:
+        raise invalid("include_init_images", "only false: the answer carries the generated images only")
+    if ask.resize_mode not in (None, 0, 1):
+        raise invalid("resize_mode", f"only 0 (just resize) and 1 (crop and resize) are offered here, got {ask.resize_mode!r}")
+    if len(ask.init_images or []) != 1:
+        raise invalid("init_images", f"exactly one image is needed here, got {len(ask.init_images or [])}")
+
+
+def stretched(text: str, width: int, height: int, limits) -> str:
+    """The init image resized to width x height regardless of its aspect ratio (A1111's resize mode 0),
+    as base64 PNG. In a thread: decoding, resizing and encoding take tens of milliseconds."""
+    upload = decode_upload("init_images", text, limits)
+    image = upload.image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+async def with_init_image(ask: A1111Img2ImgRequest, base: GenerateRequest, limits) -> GenerateRequest:
+    """`base` with the init image and its strength. Resize mode 0 with both sides given stretches the
+    image to them here; otherwise the engine's own fitting applies (scaled and centre-cropped to both
+    sides, or the image's own size and aspect ratio)."""
+    init = ask.init_images[0]
+    if ask.resize_mode in (None, 0) and ask.width is not None and ask.height is not None:
+        loop = asyncio.get_running_loop()
+        try:
+            init = await loop.run_in_executor(None, stretched, init, base.width, base.height, limits)
+        except RequestInvalid as exc:
+            raise from_request_invalid(exc) from None
+    fields = {**base.model_dump(exclude_unset=True), "init_image": init,
+              "strength": ask.denoising_strength if ask.denoising_strength is not None else IMG2IMG_STRENGTH}
+    try:
+        return parse_request(fields, limits=limits)
+    except RequestInvalid as exc:
+        raise from_request_invalid(exc) from None
 
 
 def scheduler_of(ask: A1111Txt2ImgRequest) -> tuple[str, str, str]:
@@ -243,26 +294,42 @@ def build_request(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, l
 
 
 def infotext(
-    base: GenerateRequest, *, seed: int, steps: int | None, cfg: float | None, sampler: str, schedule: str, model: str | None
+    base: GenerateRequest, *, seed: int, size: tuple[int, int], steps: int | None, cfg: float | None, sampler: str, schedule: str,
+    model: str | None,
 ) -> str:
     lines = [base.prompt]
     if base.negative_prompt:
         lines.append(f"Negative prompt: {base.negative_prompt}")
     settings = [f"Steps: {steps}", f"Sampler: {sampler}", f"Schedule type: {schedule}", f"CFG scale: {cfg:g}" if cfg is not None else "CFG scale: the model's", f"Seed: {seed}",
-                f"Size: {base.width}x{base.height}", f"Model: {model}", f"Version: imagegen {__version__}"]
+                f"Size: {size[0]}x{size[1]}", f"Model: {model}", f"Version: imagegen {__version__}"]
+    if base.init_image:
+        settings.insert(-2, f"Denoising strength: {base.strength:g}")
     if base.use_refiner:
         settings.insert(-1, f"Refiner switch at: {base.refiner_split:g}")
     return "\n".join([*lines, ", ".join(settings)])
 
 
-async def run_txt2img(request: web.Request) -> web.Response:
+async def made_size(jobs: JobService, job_id: str, owner: str | None, base: GenerateRequest) -> tuple[int, int]:
+    """The size the images came out at (with an init image and no size asked, the image's own)."""
+    try:
+        image = (await jobs.get(job_id, owner=owner)).image
+    except UnknownJob:
+        image = None
+    return (image.width, image.height) if image is not None else (base.width, base.height)
+
+
+async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) -> web.Response:
     jobs = request.app[SERVICE]
     body = await read_json(request)
-    ask = parse_body(body)
+    ask = parse_body(body, kind)
     refuse_unoffered(ask)
+    if isinstance(ask, A1111Img2ImgRequest):
+        refuse_unoffered_img2img(ask)
     scheduler, sampler, schedule = scheduler_of(ask)
     model = model_of(jobs, ask.override_settings)
-    base = build_request(ask, scheduler, model, jobs.settings.limits)
+    base = build_request(ask, scheduler, model, jobs.settings.limits)  # every field checked before the image is touched
+    if isinstance(ask, A1111Img2ImgRequest):
+        base = await with_init_image(ask, base, jobs.settings.limits)
     who = caller(request)
     owner = who.get("owner")
     if (tier := tier_for(who.get("key"))) is not None:
@@ -281,7 +348,8 @@ async def run_txt2img(request: web.Request) -> web.Response:
     steps = base.steps or (workers[0].default_steps if workers else None)
     cfg = base.guidance if base.guidance is not None else (workers[0].default_guidance if workers else None)
     seeds = [status.seed for status in queued]
-    log.info("txt2img %s: %d done in %.1fs, %dx%d", ",".join(job_ids), len(job_ids), time.monotonic() - started, base.width, base.height)
+    width, height = await made_size(jobs, job_ids[0], owner, base)
+    log.info("%s %s: %d done in %.1fs, %dx%d", "img2img" if base.init_image else "txt2img", ",".join(job_ids), len(job_ids), time.monotonic() - started, width, height)
     n = len(job_ids)
     info = {
         "prompt": base.prompt,
@@ -293,8 +361,8 @@ async def run_txt2img(request: web.Request) -> web.Response:
         "subseed": -1,
         "all_subseeds": [-1] * n,
         "subseed_strength": 0,
-        "width": base.width,
-        "height": base.height,
+        "width": width,
+        "height": height,
         "sampler_name": sampler,
         "scheduler": schedule,
         "cfg_scale": cfg,
@@ -302,9 +370,12 @@ async def run_txt2img(request: web.Request) -> web.Response:
         "batch_size": ask.batch_size,
         "restore_faces": False,
         "sd_model_name": used_model,
-        "denoising_strength": None,
+        "denoising_strength": base.strength if base.init_image else None,
         "index_of_first_image": 0,
-        "infotexts": [infotext(base, seed=s, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, model=used_model) for s in seeds],
+        "infotexts": [
+            infotext(base, seed=s, size=(width, height), steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, model=used_model)
+            for s in seeds
+        ],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1,
@@ -339,7 +410,12 @@ async def answered(run, request: web.Request) -> web.Response:
 
 @routes.post("/sdapi/v1/txt2img")
 async def txt2img(request: web.Request) -> web.Response:
-    return await answered(run_txt2img, request)
+    return await answered(lambda r: run_generation(r, A1111Txt2ImgRequest), request)
+
+
+@routes.post("/sdapi/v1/img2img")
+async def img2img(request: web.Request) -> web.Response:
+    return await answered(lambda r: run_generation(r, A1111Img2ImgRequest), request)
 
 
 @routes.get("/sdapi/v1/sd-models")

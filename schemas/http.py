@@ -270,6 +270,32 @@ class A1111Txt2ImgRequest(BaseModel):
     hr_additional_modules: list[Any] | None = None
 
 
+class A1111Img2ImgRequest(A1111Txt2ImgRequest):
+    """AUTOMATIC1111's `POST /sdapi/v1/img2img` body: txt2img's fields and the init image. Inpainting
+    (`mask`) is not offered here; the mask settings are accepted and unused without a mask, as A1111
+    does."""
+
+    init_images: list[str] | None = Field(None, description="Exactly one image, base64 or a data:image/...;base64, URL.")
+    denoising_strength: float | None = Field(None, description="How much to change the image, 0.01..1; 0.75 (A1111's default) when absent.")
+    resize_mode: int | None = Field(
+        None, description="0 (the default): stretched to width x height; 1: scaled and centre-cropped to fit. "
+        "Without width and height the output takes the init image's size."
+    )
+    include_init_images: bool | None = Field(None, description="Only false.")
+    image_cfg_scale: float | None = Field(None, description="Accepted; used by instruct-pix2pix models only, none here.")
+    mask: str | None = Field(None, description="Only absent: inpainting is offered through /v1/jobs (mask_image).")
+    mask_blur: int | None = None
+    mask_blur_x: int | None = None
+    mask_blur_y: int | None = None
+    mask_round: bool | None = None
+    inpainting_fill: int | None = None
+    inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: int | None = None
+    inpainting_mask_invert: int | None = None
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+
+
 class A1111Images(BaseModel):
     images: list[str] = Field(description="The images, base64 PNG, in seed order.")
     parameters: dict[str, Any] = Field(description="The request as sent.")

@@ -198,3 +198,64 @@ async def test_waiting_too_long_answers_504_and_cancels_the_jobs(service, http, 
             if len(jobs) == 2 and all(j["state"] == "cancelled" for j in jobs):
                 break
             await asyncio.sleep(0.05)
+
+
+def init_png(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 60, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+async def img2img(http, service, body: dict) -> tuple[int, dict]:
+    async with http.post(f"{service.url}/sdapi/v1/img2img", json=body) as r:
+        return r.status, await r.json()
+
+
+async def job_of(http, service, answer: dict) -> dict:
+    async with http.get(f"{service.url}/v1/jobs/{json.loads(answer['info'])['job_ids'][0]}") as r:
+        return await r.json()
+
+
+async def test_img2img_without_a_size_keeps_the_init_images_size_and_a1111s_strength(service, http):
+    status, answer = await img2img(http, service, {"prompt": "the same, at night", "steps": 4, "seed": 3, "init_images": [init_png(96, 64)]})
+    assert status == 200, answer
+    assert png(answer["images"][0]).size == (96, 64)
+    info = json.loads(answer["info"])
+    assert info["width"] == 96 and info["height"] == 64 and info["denoising_strength"] == 0.75
+    assert "Denoising strength: 0.75" in info["infotexts"][0] and "Size: 96x64" in info["infotexts"][0]
+    job = await job_of(http, service, answer)
+    assert job["request"]["strength"] == 0.75 and job["init_image"]["width"] == 96
+
+
+@pytest.mark.parametrize(("resize_mode", "init_width"), [(0, 64), (1, 96)])
+async def test_img2img_resize_mode_0_stretches_the_init_image_and_1_crops_it(service, http, resize_mode, init_width):
+    body = {"prompt": "square", "steps": 2, "width": 64, "height": 64, "denoising_strength": 0.5, "resize_mode": resize_mode,
+            "init_images": [f"data:image/png;base64,{init_png(96, 64)}"], "mask_blur": 4, "inpainting_fill": 1, "inpaint_full_res": True}
+    status, answer = await img2img(http, service, body)
+    assert status == 200, answer
+    assert png(answer["images"][0]).size == (64, 64)
+    job = await job_of(http, service, answer)
+    # mode 0: the gateway stretched the image to 64x64 before queueing it; mode 1: the engine scales and crops
+    assert job["init_image"]["width"] == init_width and job["request"]["strength"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"mask": "aGVsbG8="}, "mask", "inpainting is not offered through /sdapi"),
+        ({"init_images": []}, "init_images", "exactly one image is needed here, got 0"),
+        ({"init_images": ["x", "y"]}, "init_images", "got 2"),
+        ({"init_images": ["bm90IGFuIGltYWdl"]}, "init_images", "not an image"),
+        ({"init_images": ["bm90IGFuIGltYWdl"], "width": 64, "height": 64}, "init_images", "not an image"),
+        ({"resize_mode": 2}, "resize_mode", "only 0 (just resize) and 1"),
+        ({"denoising_strength": 0}, "denoising_strength", "greater than or equal"),
+        ({"include_init_images": True}, "include_init_images", "only false"),
+        ({"width": 100, "height": 64}, "width", "multiple of 8"),
+    ],
+)
+async def test_img2img_refusals_name_the_field(service, http, change, field, words):
+    body = {"prompt": "p", "steps": 2, "init_images": [init_png(64, 64)], **change}
+    status, answer = await img2img(http, service, body)
+    assert status == 422, answer
+    [problem] = answer["detail"]
+    assert problem["loc"] == ["body", field] and words in problem["msg"], problem
