@@ -1,5 +1,5 @@
 """AUTOMATIC1111 web UI's API on the gateway (`/sdapi/v1`), for the tools built to call it: text to
-image, image to image (no inpainting), the models, the samplers and the current model.
+image, image to image (no inpainting), progress, the models, the samplers and the current model.
 
 `POST /sdapi/v1/txt2img` makes batch_size x n_iter jobs (seeds seed, seed+1, ...; a random first seed for
 -1), queued as one group through `gateway.submission` like a native request with `n`, and answers once
@@ -34,13 +34,15 @@ from pydantic import ValidationError
 
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, Forbidden, JobService, UnknownJob
-from gateway.mflux_api import SERVICE, caller
+from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import OpenAIFailure, image_data, tier_for, until_done
 from gateway.ratelimit import RateLimited
+from gateway.submission import group_jobs
 from imagegen import __version__
 from schemas.http import A1111Img2ImgRequest, A1111Txt2ImgRequest
 from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
+from schemas.status import JobState
 from schemas.uploads import decode_upload
 
 log = logging.getLogger("imagegen.gateway.a1111")
@@ -112,6 +114,7 @@ A1111_FIELD = {"guidance": "cfg_scale", "n": "batch_size", "scheduler": "sampler
                "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body",
                "init_image": "init_images", "strength": "denoising_strength", "mask_image": "mask"}
 IMG2IMG_STRENGTH = 0.75  # A1111's denoising_strength when a request leaves it out
+UNFINISHED = frozenset({JobState.QUEUED, JobState.RUNNING})
 
 
 class A1111Failure(Exception):
@@ -416,6 +419,46 @@ async def txt2img(request: web.Request) -> web.Response:
 @routes.post("/sdapi/v1/img2img")
 async def img2img(request: web.Request) -> web.Response:
     return await answered(lambda r: run_generation(r, A1111Img2ImgRequest), request)
+
+
+@routes.get("/sdapi/v1/progress")
+async def progress(request: web.Request) -> web.Response:
+    """The progress of the caller's newest unfinished request (with API keys, the key's own; without, anyone's,
+    as A1111 serves one user): its jobs' steps done over their steps, the seconds still expected, and the
+    job in hand. No live preview image (`current_image` is null); `/v1/jobs/{id}/ws` streams them."""
+    jobs = request.app[SERVICE]
+    owner = owner_of(request)
+    newest = jobs.page(owner=owner, states=UNFINISHED, limit=1)
+    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    if not newest:
+        return web.json_response({"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None})
+    try:
+        members = await group_jobs(jobs, newest[0].group_id, owner=owner) if newest[0].group_id else newest
+    except UnknownJob:  # deleted meanwhile
+        members = newest
+    done = sum(1.0 if m.state.final else (m.step / m.total_steps if m.total_steps else 0.0) for m in members)
+    current = next((m for m in members if not m.state.final), members[-1])
+    etas = [eta for m in members if (eta := jobs.eta(m)) is not None]
+    state |= {
+        "job": current.job_id,
+        "job_count": len(members),
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(newest[0].submitted_at)),
+        "job_no": members.index(current),
+        "sampling_step": current.step,
+        "sampling_steps": current.total_steps or 0,
+    }
+    if current.state is JobState.QUEUED:
+        textinfo = f"queued, {jobs.position(current)} ahead"
+    else:
+        textinfo = f"step {current.step} of {current.total_steps or '?'}"
+    return web.json_response({
+        "progress": round(done / len(members), 4),
+        "eta_relative": round(max(etas, default=0.0), 3),
+        "state": state,
+        "current_image": None,
+        "textinfo": textinfo,
+    })
 
 
 @routes.get("/sdapi/v1/sd-models")

@@ -341,3 +341,25 @@ class A1111OptionsUpdate(BaseModel):
     sd_model_checkpoint: str | None = Field(None, description="A served model (GET /sdapi/v1/sd-models) to make the current one.")
     CLIP_stop_at_last_layers: int | None = Field(None, description="Only 1 (the default).")
     sd_vae: str | None = Field(None, description="Only Automatic or None (the model's own VAE).")
+
+
+class A1111ProgressState(BaseModel):
+    skipped: bool
+    interrupted: bool
+    stopping_generation: bool
+    job: str = Field(description="The job in hand: the request's first unfinished job.")
+    job_count: int = Field(description="The request's jobs (batch_size x n_iter); 0 when the caller has none unfinished.")
+    job_timestamp: str
+    job_no: int = Field(description="The job in hand's place among them, from 0.")
+    sampling_step: int
+    sampling_steps: int
+
+
+class A1111Progress(BaseModel):
+    """AUTOMATIC1111's `GET /sdapi/v1/progress`, for the caller's newest unfinished request."""
+
+    progress: float = Field(description="Steps done over all steps of the request's jobs, 0..1.")
+    eta_relative: float = Field(description="Seconds until the request's last job is expected done.")
+    state: A1111ProgressState
+    current_image: str | None = Field(None, description="Always null: live previews stream on /v1/jobs/{id}/ws and /events.")
+    textinfo: str | None = None

@@ -17,6 +17,7 @@ from gateway import a1111_api
 from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
+from tests.conftest import start_service, stop_service
 from tests.test_openai_api import jobs_with_prompt
 
 SMALL = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 2}
@@ -259,3 +260,32 @@ async def test_img2img_refusals_name_the_field(service, http, change, field, wor
     assert status == 422, answer
     [problem] = answer["detail"]
     assert problem["loc"] == ["body", field] and words in problem["msg"], problem
+
+
+async def test_progress_follows_the_callers_newest_request(broker, data_dir, http):
+    """A worker of its own, 0.1 s a step: /progress counts the steps of the request's jobs as they run."""
+    own = await start_service(broker.url, data_dir, model="simulated", refiner=None, sim_step_s=0.1)
+    try:
+        async with http.get(f"{own.url}/sdapi/v1/progress") as r:
+            idle = await r.json()
+        assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["textinfo"] is None
+        call = asyncio.ensure_future(txt2img(http, own, {**SMALL, "steps": 20, "batch_size": 2}))
+        seen: list[dict] = []
+        async with asyncio.timeout(60):
+            while not call.done():
+                async with http.get(f"{own.url}/sdapi/v1/progress") as r:
+                    seen.append(await r.json())
+                await asyncio.sleep(0.1)
+        status, answer = await call
+        assert status == 200, answer
+        running = [p for p in seen if p["state"]["job_count"] == 2 and p["state"]["sampling_step"] > 0]
+        assert running, seen
+        assert all(p["state"]["sampling_steps"] == 20 and p["textinfo"].startswith("step ") for p in running)
+        fractions = [p["progress"] for p in running]
+        assert fractions == sorted(fractions) and 0 < fractions[0] < 1
+        assert {p["state"]["job"] for p in running} <= set(json.loads(answer["info"])["job_ids"])
+        assert any(p["eta_relative"] > 0 for p in running)
+        async with http.get(f"{own.url}/sdapi/v1/progress") as r:
+            assert (await r.json())["state"]["job_count"] == 0
+    finally:
+        await stop_service(own)
