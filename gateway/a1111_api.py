@@ -33,7 +33,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, Forbidden, JobService, UnknownJob
+from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import OpenAIFailure, image_data, tier_for, until_done
 from gateway.ratelimit import RateLimited
@@ -114,7 +114,6 @@ A1111_FIELD = {"guidance": "cfg_scale", "n": "batch_size", "scheduler": "sampler
                "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body",
                "init_image": "init_images", "strength": "denoising_strength", "mask_image": "mask"}
 IMG2IMG_STRENGTH = 0.75  # A1111's denoising_strength when a request leaves it out
-UNFINISHED = frozenset({JobState.QUEUED, JobState.RUNNING})
 
 
 class A1111Failure(Exception):
@@ -187,10 +186,10 @@ def stretched(text: str, width: int, height: int, limits) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def with_init_image(ask: A1111Img2ImgRequest, base: GenerateRequest, limits) -> GenerateRequest:
-    """`base` with the init image and its strength. Resize mode 0 with both sides given stretches the
-    image to them here; otherwise the engine's own fitting applies (scaled and centre-cropped to both
-    sides, or the image's own size and aspect ratio)."""
+async def init_fields(ask: A1111Img2ImgRequest, base: GenerateRequest, limits) -> dict:
+    """The init image and its strength, for `base` (the request checked without them). Resize mode 0
+    with both sides given stretches the image to them here; otherwise the engine's own fitting applies
+    (scaled and centre-cropped to both sides, or the image's own size and aspect ratio)."""
     init = ask.init_images[0]
     if ask.resize_mode in (None, 0) and ask.width is not None and ask.height is not None:
         loop = asyncio.get_running_loop()
@@ -198,12 +197,7 @@ async def with_init_image(ask: A1111Img2ImgRequest, base: GenerateRequest, limit
             init = await loop.run_in_executor(None, stretched, init, base.width, base.height, limits)
         except RequestInvalid as exc:
             raise from_request_invalid(exc) from None
-    fields = {**base.model_dump(exclude_unset=True), "init_image": init,
-              "strength": ask.denoising_strength if ask.denoising_strength is not None else IMG2IMG_STRENGTH}
-    try:
-        return parse_request(fields, limits=limits)
-    except RequestInvalid as exc:
-        raise from_request_invalid(exc) from None
+    return {"init_image": init, "strength": ask.denoising_strength if ask.denoising_strength is not None else IMG2IMG_STRENGTH}
 
 
 def scheduler_of(ask: A1111Txt2ImgRequest) -> tuple[str, str, str]:
@@ -262,7 +256,8 @@ def model_of(jobs: JobService, overrides: dict | None) -> str | None:
     return model
 
 
-def build_request(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, limits) -> GenerateRequest:
+def request_fields(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, limits) -> dict:
+    """This service's request fields for an A1111 request (its init image apart)."""
     if ask.batch_size * ask.n_iter > limits.max_images:
         raise invalid(
             "batch_size",
@@ -290,6 +285,10 @@ def build_request(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, l
     if ask.refiner_switch_at is not None and not ask.refiner_checkpoint:
         raise invalid("refiner_switch_at", "needs refiner_checkpoint")
     fields.update({k: v for k, v in optional.items() if v is not None})
+    return fields
+
+
+def checked(fields: dict, limits) -> GenerateRequest:
     try:
         return parse_request(fields, limits=limits)
     except RequestInvalid as exc:
@@ -330,9 +329,11 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
         refuse_unoffered_img2img(ask)
     scheduler, sampler, schedule = scheduler_of(ask)
     model = model_of(jobs, ask.override_settings)
-    base = build_request(ask, scheduler, model, jobs.settings.limits)  # every field checked before the image is touched
+    limits = jobs.settings.limits
+    fields = request_fields(ask, scheduler, model, limits)
+    base = checked(fields, limits)  # every field checked before the init image is touched
     if isinstance(ask, A1111Img2ImgRequest):
-        base = await with_init_image(ask, base, jobs.settings.limits)
+        base = checked({**fields, **await init_fields(ask, base, limits)}, limits)
     who = caller(request)
     owner = who.get("owner")
     if (tier := tier_for(who.get("key"))) is not None:

@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import heapq
+import itertools
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
@@ -60,6 +61,7 @@ def redacted(request: dict, redact: bool) -> dict:
     return out
 
 DEFAULT_MODEL_KEY = "default_model"
+UNFINISHED = frozenset({JobState.QUEUED, JobState.RUNNING})
 
 
 class UnknownJob(LookupError):
@@ -557,14 +559,21 @@ class JobService:
         """Up to `limit` stored jobs, newest first: in `states` when given, submitted before the
         `before` key (a page's last job, by `listing_key`) when given."""
         found = (
-            s for s in self._listed(owner)
+            s for s in self._listed(owner, states)
             if (states is None or s.state in states) and (before is None or listing_key(s) < before)
         )
         return heapq.nlargest(limit, found, key=listing_key)
 
-    def _listed(self, owner: str | None) -> Iterator[JobStatus]:
+    def _listed(self, owner: str | None, states: frozenset[JobState] | None = None) -> Iterator[JobStatus]:
+        """The stored records, the owner's when given; for unfinished states only, read from the view's
+        queue and running set instead of every record it holds for the job TTL."""
         view = self.view
-        return (s for s in view.jobs.values() if view.stored(s.job_id) and (owner is None or s.owner == owner))
+        if states is not None and states <= UNFINISHED:
+            ids = itertools.chain(view.running, (job_id for queue in view.queued.values() for _, job_id in queue))
+            records: Iterable[JobStatus] = (view.jobs[job_id] for job_id in ids if job_id in view.jobs)
+        else:
+            records = view.jobs.values()
+        return (s for s in records if view.stored(s.job_id) and (owner is None or s.owner == owner))
 
     async def clear(self, *, owner: str | None = None) -> int:
         jobs = self.list(owner=owner)
