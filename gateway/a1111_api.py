@@ -1,5 +1,6 @@
 """AUTOMATIC1111 web UI's API on the gateway (`/sdapi/v1`), for the tools built to call it: text to
-image, image to image (no inpainting), progress, the models, the samplers and the current model.
+image, image to image (no inpainting), progress with a live preview, interrupt and skip, the models,
+the samplers and the current model.
 
 `POST /sdapi/v1/txt2img` makes batch_size x n_iter jobs (seeds seed, seed+1, ...; a random first seed for
 -1), queued as one group through `gateway.submission` like a native request with `n`, and answers once
@@ -12,6 +13,10 @@ values, as A1111's own clients send them; anything else is refused by name, neve
 `POST /sdapi/v1/img2img` adds one init image and `denoising_strength` (A1111's 0.75 when absent). Resize
 mode 0 (A1111's default, "just resize") is done here, before queueing: the image is stretched to the
 width and height asked; mode 1 ("crop and resize") is the engine's own fitting.
+
+`POST /sdapi/v1/interrupt` cancels the caller's newest unfinished request (the job in hand stops at its
+next step, the queued ones are dropped) and `POST /sdapi/v1/skip` only its job in hand; the waiting
+txt2img or img2img call then answers with the images made, as A1111 does.
 
 Errors come in FastAPI's shape, as A1111's do: 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
 for a bad field, `{"detail": message}` otherwise (403/429 for the API key's limits, 502 when a job
@@ -32,6 +37,7 @@ from aiohttp import web
 from PIL import Image
 from pydantic import ValidationError
 
+from gateway.event_hub import decoded_event
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
@@ -42,7 +48,7 @@ from imagegen import __version__
 from schemas.http import A1111Img2ImgRequest, A1111Txt2ImgRequest
 from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
-from schemas.status import JobState
+from schemas.status import JobState, JobStatus
 from schemas.uploads import decode_upload
 
 log = logging.getLogger("imagegen.gateway.a1111")
@@ -340,27 +346,37 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
         base = base.model_copy(update={"tier": tier})
     started = time.monotonic()
 
-    async def collect(queued: list) -> list[str]:
+    async def collect(finished: list[JobStatus]) -> list[str]:
         if ask.send_images is False:
             return []
-        return [base64.b64encode(await image_data(jobs, status.job_id, owner)).decode("ascii") for status in queued]
+        return [
+            base64.b64encode(await image_data(jobs, status.job_id, owner)).decode("ascii")
+            for status in finished if status.state is JobState.DONE
+        ]
 
-    queued, images = await until_done(jobs, base, who, collect, wait_s=WAIT_S)
-    job_ids = [status.job_id for status in queued]
+    # Jobs cancelled meanwhile (/sdapi/v1/interrupt, /sdapi/v1/skip, DELETE /v1/jobs/{id}) are left out
+    # of the answer, as A1111 answers an interrupted batch with the images it made.
+    finished, images = await until_done(jobs, base, who, collect, wait_s=WAIT_S, keep_cancelled=True)
+    made = [status for status in finished if status.state is JobState.DONE]
+    cancelled = [status.job_id for status in finished if status.state is JobState.CANCELLED]
+    job_ids = [status.job_id for status in made]
     used_model = model or await jobs.current_model()
     workers = jobs.served_models().get(used_model or "", [])  # after the wait: the workers that ran the jobs
     steps = base.steps or (workers[0].default_steps if workers else None)
     cfg = base.guidance if base.guidance is not None else (workers[0].default_guidance if workers else None)
-    seeds = [status.seed for status in queued]
-    width, height = await made_size(jobs, job_ids[0], owner, base)
-    log.info("%s %s: %d done in %.1fs, %dx%d", "img2img" if base.init_image else "txt2img", ",".join(job_ids), len(job_ids), time.monotonic() - started, width, height)
+    seeds = [status.seed for status in made]
+    width, height = await made_size(jobs, job_ids[0], owner, base) if made else (base.width, base.height)
+    log.info(
+        "%s %s: %d done, %d cancelled, in %.1fs, %dx%d", "img2img" if base.init_image else "txt2img",
+        ",".join(s.job_id for s in finished), len(made), len(cancelled), time.monotonic() - started, width, height,
+    )
     n = len(job_ids)
     info = {
         "prompt": base.prompt,
         "all_prompts": [base.prompt] * n,
         "negative_prompt": base.negative_prompt,
         "all_negative_prompts": [base.negative_prompt] * n,
-        "seed": seeds[0],
+        "seed": seeds[0] if seeds else finished[0].seed,
         "all_seeds": seeds,
         "subseed": -1,
         "all_subseeds": [-1] * n,
@@ -385,6 +401,7 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
         "clip_skip": 1,
         "version": f"imagegen {__version__}",
         "job_ids": job_ids,
+        "cancelled_job_ids": cancelled,
     }
     return web.json_response({"images": images, "parameters": body, "info": json.dumps(info)})
 
@@ -422,29 +439,54 @@ async def img2img(request: web.Request) -> web.Response:
     return await answered(lambda r: run_generation(r, A1111Img2ImgRequest), request)
 
 
+async def newest_request(jobs: JobService, owner: str | None) -> list[JobStatus]:
+    """The jobs of the caller's newest request with a job still unfinished (with API keys, the key's own;
+    without, anyone's, as A1111 serves one user), in their order; empty when there is none."""
+    newest = jobs.page(owner=owner, states=UNFINISHED, limit=1)
+    if not newest:
+        return []
+    if not newest[0].group_id:
+        return newest
+    try:
+        return await group_jobs(jobs, newest[0].group_id, owner=owner)
+    except UnknownJob:  # deleted meanwhile
+        return newest
+
+
+def in_hand(members: list[JobStatus]) -> JobStatus:
+    """The request's job being made, or next to be: its first unfinished one."""
+    return next((m for m in members if not m.state.final), members[-1])
+
+
+async def latest_preview(jobs: JobService, job_id: str) -> str | None:
+    """The newest preview its worker sent for the job, as base64 JPEG; None before the first."""
+    stored = await jobs.events.stored(job_id) or []
+    for _, data in reversed(stored):
+        event = decoded_event(data)
+        if event is not None and event.type == "preview" and event.preview:
+            return base64.b64encode(event.preview).decode("ascii")
+    return None
+
+
 @routes.get("/sdapi/v1/progress")
 async def progress(request: web.Request) -> web.Response:
-    """The progress of the caller's newest unfinished request (with API keys, the key's own; without, anyone's,
-    as A1111 serves one user): its jobs' steps done over their steps, the seconds still expected, and the
-    job in hand. No live preview image (`current_image` is null); `/v1/jobs/{id}/ws` streams them."""
+    """The progress of the caller's newest unfinished request: its jobs' steps done over their steps, the
+    seconds still expected, the job in hand, and that job's newest preview as `current_image` (unless
+    `skip_current_image=true`)."""
     jobs = request.app[SERVICE]
-    owner = owner_of(request)
-    newest = jobs.page(owner=owner, states=UNFINISHED, limit=1)
+    members = await newest_request(jobs, owner_of(request))
     state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
-    if not newest:
+    if not members:
         return web.json_response({"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None})
-    try:
-        members = await group_jobs(jobs, newest[0].group_id, owner=owner) if newest[0].group_id else newest
-    except UnknownJob:  # deleted meanwhile
-        members = newest
     done = sum(1.0 if m.state.final else (m.step / m.total_steps if m.total_steps else 0.0) for m in members)
-    current = next((m for m in members if not m.state.final), members[-1])
+    current = in_hand(members)
     etas = [eta for m in members if (eta := jobs.eta(m)) is not None]
     state |= {
+        "interrupted": current.cancel_requested,
         "job": current.job_id,
         "job_count": len(members),
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(newest[0].submitted_at)),
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(members[0].submitted_at)),
         "job_no": members.index(current),
         "sampling_step": current.step,
         "sampling_steps": current.total_steps or 0,
@@ -453,13 +495,54 @@ async def progress(request: web.Request) -> web.Response:
         textinfo = f"queued, {jobs.position(current)} ahead"
     else:
         textinfo = f"step {current.step} of {current.total_steps or '?'}"
+    skip_image = request.query.get("skip_current_image", "false").lower() in ("true", "1")
+    image = None if skip_image or current.state is not JobState.RUNNING else await latest_preview(jobs, current.job_id)
     return web.json_response({
         "progress": round(done / len(members), 4),
         "eta_relative": round(max(etas, default=0.0), 3),
         "state": state,
-        "current_image": None,
+        "current_image": image,
         "textinfo": textinfo,
     })
+
+
+async def cancel_jobs(jobs: JobService, doomed: list[JobStatus], owner: str | None) -> None:
+    for status in doomed:
+        try:
+            await jobs.cancel(status.job_id, owner=owner)
+        except UnknownJob:  # deleted meanwhile
+            continue
+        log.info("job %s cancelled through /sdapi", status.job_id)
+
+
+async def run_interrupt(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    owner = owner_of(request)
+    members = await newest_request(jobs, owner)
+    await cancel_jobs(jobs, [m for m in members if not m.state.final], owner)
+    return web.json_response({})
+
+
+async def run_skip(request: web.Request) -> web.Response:
+    jobs = request.app[SERVICE]
+    owner = owner_of(request)
+    members = await newest_request(jobs, owner)
+    if members:
+        await cancel_jobs(jobs, [in_hand(members)], owner)
+    return web.json_response(None)
+
+
+@routes.post("/sdapi/v1/interrupt")
+async def interrupt(request: web.Request) -> web.Response:
+    """Stops the caller's newest unfinished request: its job in hand stops at its next step and its queued
+    jobs are dropped; its txt2img or img2img call answers with the images made before."""
+    return await answered(run_interrupt, request)
+
+
+@routes.post("/sdapi/v1/skip")
+async def skip(request: web.Request) -> web.Response:
+    """Drops the job in hand of the caller's newest unfinished request; the request goes on with the next."""
+    return await answered(run_skip, request)
 
 
 @routes.get("/sdapi/v1/sd-models")

@@ -111,7 +111,7 @@ class EventHub:
                 if seq <= last:  # stored before the read and delivered live as well
                     continue
                 last = seq
-                event = _decoded(data)
+                event = decoded_event(data)
                 if event is not None:
                     yield event
                     if event.final:
@@ -125,7 +125,7 @@ class EventHub:
                     del self.listeners[job_id]
 
 
-def _decoded(data: bytes) -> JobEvent | None:
+def decoded_event(data: bytes) -> JobEvent | None:
     try:
         return decode(data, JobEvent)
     except DecodeError:

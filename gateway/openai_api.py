@@ -36,7 +36,7 @@ from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImag
 from schemas.job import new_seed
 from schemas.names import Tier
 from schemas.request import GenerateRequest, RequestInvalid, field_named_by, parse_request
-from schemas.status import JobState
+from schemas.status import JobState, JobStatus
 
 log = logging.getLogger("imagegen.gateway.openai")
 routes = web.RouteTableDef()
@@ -194,9 +194,14 @@ def job_failure(job_id: str, state: str, reason: str | None) -> OpenAIFailure:
     return OpenAIFailure(502, f"image job {job_id} {state}: {reason}", kind="server_error", code=f"job_{state}")
 
 
-async def wait_all(jobs: JobService, job_ids: list[str], owner: str | None, wait_s: float) -> None:
-    """Returns when every job is done; raises OpenAIFailure for the first that ends otherwise, or after wait_s."""
-    pending = {asyncio.ensure_future(jobs.wait_final(job_id, owner=owner, wait_s=wait_s)) for job_id in job_ids}
+async def wait_all(
+    jobs: JobService, job_ids: list[str], owner: str | None, wait_s: float, *, keep_cancelled: bool = False
+) -> list[JobStatus]:
+    """The final records of the jobs, in their order, once every one is done (or, with `keep_cancelled`,
+    done or cancelled); raises OpenAIFailure for the first that ends otherwise, or after wait_s."""
+    tasks = [asyncio.ensure_future(jobs.wait_final(job_id, owner=owner, wait_s=wait_s)) for job_id in job_ids]
+    pending = set(tasks)
+    ending_well = (JobState.DONE, JobState.CANCELLED) if keep_cancelled else (JobState.DONE,)
     try:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -212,8 +217,9 @@ async def wait_all(jobs: JobService, job_ids: list[str], owner: str | None, wait
                         kind="server_error",
                         code="timeout",
                     )
-                if status.state is not JobState.DONE:
+                if status.state not in ending_well:
                     raise job_failure(status.job_id, status.state.value, status.error)
+        return [task.result() for task in tasks]
     finally:
         for task in pending:
             task.cancel()
@@ -237,20 +243,23 @@ async def cancel_all(jobs: JobService, job_ids: list[str], owner: str | None) ->
             log.warning("job %s: cancel after an unanswered images request failed: %s", job_id, exc)
 
 
-async def until_done(jobs: JobService, base: GenerateRequest, who: dict, collect, *, wait_s: float | None = None):
-    """Queues `base` (one job, or a group of n) for `who`, waits until every job is done, and returns
-    (the queued records, `await collect(them)`); `wait_s`: WAIT_S unless given. When anything fails on
-    the way, or the caller leaves, the jobs are cancelled."""
+async def until_done(
+    jobs: JobService, base: GenerateRequest, who: dict, collect, *, wait_s: float | None = None, keep_cancelled: bool = False
+):
+    """Queues `base` (one job, or a group of n) for `who`, waits until every job is done (or, with
+    `keep_cancelled`, done or cancelled by its owner meanwhile), and returns (the jobs' final records,
+    `await collect(them)`); `wait_s`: WAIT_S unless given. When anything fails on the way, or the
+    caller leaves, the jobs are cancelled."""
     owner = who.get("owner")
     job_ids: list[str] = []
     finished = False
     try:
         queued = await submit_request(jobs, base, **who)
         job_ids = [status.job_id for status in queued]
-        await wait_all(jobs, job_ids, owner, WAIT_S if wait_s is None else wait_s)
-        collected = await collect(queued)
+        finals = await wait_all(jobs, job_ids, owner, WAIT_S if wait_s is None else wait_s, keep_cancelled=keep_cancelled)
+        collected = await collect(finals)
         finished = True
-        return queued, collected
+        return finals, collected
     finally:
         if not finished and job_ids:
             await cancel_all(jobs, job_ids, owner)
@@ -278,9 +287,9 @@ async def generate(request: web.Request) -> web.Response:
         base = base.model_copy(update={"tier": tier})
     started = time.monotonic()
 
-    async def collect(queued: list) -> list[OpenAIImage]:
+    async def collect(finished: list[JobStatus]) -> list[OpenAIImage]:
         images = []
-        for status in queued:
+        for status in finished:
             item = OpenAIImage(job_id=status.job_id, seed=status.seed)
             if ask.response_format == "url":
                 item.url = f"{public_origin(request)}/v1/jobs/{status.job_id}/image"
@@ -289,8 +298,8 @@ async def generate(request: web.Request) -> web.Response:
             images.append(item)
         return images
 
-    queued, images = await until_done(jobs, base, who, collect)
-    job_ids = [status.job_id for status in queued]
+    finished, images = await until_done(jobs, base, who, collect)
+    job_ids = [status.job_id for status in finished]
     log.info(
         "images %s: %d done in %.1fs, %dx%d", ",".join(job_ids), len(job_ids), time.monotonic() - started, width, height
     )

@@ -361,5 +361,9 @@ class A1111Progress(BaseModel):
     progress: float = Field(description="Steps done over all steps of the request's jobs, 0..1.")
     eta_relative: float = Field(description="Seconds until the request's last job is expected done.")
     state: A1111ProgressState
-    current_image: str | None = Field(None, description="Always null: live previews stream on /v1/jobs/{id}/ws and /events.")
+    current_image: str | None = Field(
+        None,
+        description="The job in hand's newest preview (a small JPEG in base64, every few steps as the workers' --preview-every says); "
+        "null while it is queued, before its first preview, or with skip_current_image=true.",
+    )
     textinfo: str | None = None

@@ -10,6 +10,7 @@ import io
 import json
 
 import aiohttp
+import nats
 import pytest
 from PIL import Image
 
@@ -17,6 +18,9 @@ from gateway import a1111_api
 from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
+from schemas import names
+from schemas.codec import encode
+from schemas.events import JobEvent
 from tests.conftest import start_service, stop_service
 from tests.test_openai_api import jobs_with_prompt
 
@@ -288,4 +292,118 @@ async def test_progress_follows_the_callers_newest_request(broker, data_dir, htt
         async with http.get(f"{own.url}/sdapi/v1/progress") as r:
             assert (await r.json())["state"]["job_count"] == 0
     finally:
+        await stop_service(own)
+
+
+async def progress_of(http, service, query: str = "") -> dict:
+    async with http.get(f"{service.url}/sdapi/v1/progress{query}") as r:
+        assert r.status == 200
+        return await r.json()
+
+
+async def until_progress(http, service, ready) -> dict:
+    """Polls /sdapi/v1/progress until `ready(answer)`."""
+    async with asyncio.timeout(60):
+        while not ready(answer := await progress_of(http, service)):
+            await asyncio.sleep(0.02)
+    return answer
+
+
+async def test_interrupt_stops_the_request_and_its_call_answers_with_the_images_made(broker, data_dir, http):
+    """A worker of its own, 0.05 s a step: after the first of three images, /interrupt stops the one in
+    hand and drops the queued one; txt2img answers with the one image made, as A1111 does."""
+    own = await start_service(broker.url, data_dir, model="simulated", refiner=None, sim_step_s=0.05)
+    try:
+        call = asyncio.ensure_future(txt2img(http, own, {**SMALL, "steps": 20, "batch_size": 3, "seed": 40}))
+        seen = await until_progress(http, own, lambda p: p["state"]["job_no"] == 1 and p["state"]["sampling_step"] > 0)
+        async with http.post(f"{own.url}/sdapi/v1/interrupt") as r:
+            assert r.status == 200 and await r.json() == {}
+        status, answer = await asyncio.wait_for(call, 30)
+        assert status == 200, answer
+        info = json.loads(answer["info"])
+        assert len(answer["images"]) == 1 and info["all_seeds"] == [40] and len(info["infotexts"]) == 1
+        assert len(info["job_ids"]) == 1 and len(info["cancelled_job_ids"]) == 2
+        assert seen["state"]["job"] == info["cancelled_job_ids"][0]
+        for job_id in info["cancelled_job_ids"]:
+            async with http.get(f"{own.url}/v1/jobs/{job_id}") as r:
+                assert (await r.json())["state"] == "cancelled"
+        assert (await progress_of(http, own))["state"]["job_count"] == 0
+        async with http.post(f"{own.url}/sdapi/v1/interrupt") as r:  # nothing running: nothing to stop
+            assert r.status == 200 and await r.json() == {}
+    finally:
+        await stop_service(own)
+
+
+async def test_skip_drops_only_the_job_in_hand(broker, data_dir, http):
+    own = await start_service(broker.url, data_dir, model="simulated", refiner=None, sim_step_s=0.05)
+    try:
+        call = asyncio.ensure_future(txt2img(http, own, {**SMALL, "steps": 20, "batch_size": 2, "seed": 70}))
+        seen = await until_progress(http, own, lambda p: p["state"]["job_no"] == 0 and p["state"]["sampling_step"] > 0)
+        async with http.post(f"{own.url}/sdapi/v1/skip") as r:
+            assert r.status == 200 and await r.json() is None
+        status, answer = await asyncio.wait_for(call, 30)
+        assert status == 200, answer
+        info = json.loads(answer["info"])
+        assert info["cancelled_job_ids"] == [seen["state"]["job"]]
+        assert len(answer["images"]) == 1 and info["all_seeds"] == [71]  # the second image, made after the skip
+    finally:
+        await stop_service(own)
+
+
+async def test_with_api_keys_interrupt_stops_only_the_keys_own_request(broker, data_dir, http):
+    mine_secret, mine = new_key_entry("studio", tiers=["normal"], rate_per_minute=100, max_concurrent=10)
+    other_secret, other = new_key_entry("press", tiers=["normal"], rate_per_minute=100, max_concurrent=10)
+    own = await start_service(
+        broker.url, data_dir, model="simulated", refiner=None, sim_step_s=0.02, gateway_kw={"api_keys": json.dumps([mine, other])}
+    )
+    try:
+        body = {**SMALL, "steps": 20, "seed": 3}
+        call = asyncio.ensure_future(txt2img_as(http, own, body, mine_secret))
+        async with asyncio.timeout(30):
+            while True:
+                async with http.get(f"{own.url}/sdapi/v1/progress", headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+                    if (await r.json())["state"]["job_count"] == 1:
+                        break
+                await asyncio.sleep(0.02)
+        async with http.post(f"{own.url}/sdapi/v1/interrupt", headers={"Authorization": f"Bearer {other_secret}"}) as r:
+            assert r.status == 200
+        async with http.post(f"{own.url}/sdapi/v1/interrupt") as r:
+            assert r.status == 401
+        status, answer = await asyncio.wait_for(call, 30)
+        assert status == 200 and len(answer["images"]) == 1, answer  # the other key stopped nothing of this one
+        assert json.loads(answer["info"])["cancelled_job_ids"] == []
+    finally:
+        await stop_service(own)
+
+
+async def txt2img_as(http, service, body: dict, secret: str) -> tuple[int, dict]:
+    async with http.post(f"{service.url}/sdapi/v1/txt2img", json=body, headers={"Authorization": f"Bearer {secret}"}) as r:
+        return r.status, await r.json()
+
+
+async def test_progress_sends_the_job_in_hands_newest_preview(broker, data_dir, http):
+    """The simulated engine makes no latents, so this test sends the previews on the job's event subject
+    as a worker does; /progress answers the newest as current_image."""
+    own = await start_service(broker.url, data_dir, model="simulated", refiner=None, sim_step_s=0.1)
+    nc = await nats.connect(broker.url)
+    try:
+        call = asyncio.ensure_future(txt2img(http, own, {**SMALL, "steps": 30}))
+        seen = await until_progress(http, own, lambda p: p["state"]["sampling_step"] > 0)
+        assert seen["current_image"] is None  # no preview yet
+        job_id = seen["state"]["job"]
+        pictures = []
+        for step, colour in ((5, (255, 0, 0)), (10, (0, 0, 255))):
+            buffer = io.BytesIO()
+            Image.new("RGB", (16, 16), colour).save(buffer, format="JPEG")
+            pictures.append(buffer.getvalue())
+            event = JobEvent(type="preview", job_id=job_id, step=step, total=30, preview=buffer.getvalue())
+            await nc.publish(names.events_subject(job_id), encode(event))
+        await nc.flush()
+        latest = await until_progress(http, own, lambda p: p["current_image"] is not None and base64.b64decode(p["current_image"]) == pictures[-1])
+        assert Image.open(io.BytesIO(base64.b64decode(latest["current_image"]))).getpixel((8, 8))[2] > 200  # the blue one
+        assert (await progress_of(http, own, "?skip_current_image=true"))["current_image"] is None
+        status, answer = await asyncio.wait_for(call, 30)
+        assert status == 200, answer
+    finally:
+        await nc.close()
         await stop_service(own)
