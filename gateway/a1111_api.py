@@ -1,5 +1,5 @@
 """AUTOMATIC1111 web UI's API on the gateway (`/sdapi/v1`), for the tools built to call it: text to
-image, image to image (no inpainting), progress with a live preview, interrupt and skip, the models,
+image, image to image and inpainting, progress with a live preview, interrupt and skip, the models,
 the samplers and the current model.
 
 `POST /sdapi/v1/txt2img` makes batch_size x n_iter jobs (seeds seed, seed+1, ...; a random first seed for
@@ -12,7 +12,8 @@ values, as A1111's own clients send them; anything else is refused by name, neve
 
 `POST /sdapi/v1/img2img` adds one init image and `denoising_strength` (A1111's 0.75 when absent). Resize
 mode 0 (A1111's default, "just resize") is done here, before queueing: the image is stretched to the
-width and height asked; mode 1 ("crop and resize") is the engine's own fitting.
+width and height asked; mode 1 ("crop and resize") is the engine's own fitting. With a `mask` it
+inpaints, with A1111's mask settings and its "only masked" area (`gateway.a1111_inpaint`).
 
 `POST /sdapi/v1/interrupt` cancels the caller's newest unfinished request (the job in hand stops at its
 next step, the queued ones are dropped) and `POST /sdapi/v1/skip` only its job in hand; the waiting
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import json
 import logging
@@ -37,6 +39,8 @@ from aiohttp import web
 from PIL import Image
 from pydantic import ValidationError
 
+from gateway.a1111_inpaint import MaskSettings, PasteBack
+from gateway.a1111_inpaint import prepare as prepare_inpainting
 from gateway.event_hub import decoded_event
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, UnknownJob
@@ -120,6 +124,7 @@ A1111_FIELD = {"guidance": "cfg_scale", "n": "batch_size", "scheduler": "sampler
                "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body",
                "init_image": "init_images", "strength": "denoising_strength", "mask_image": "mask"}
 IMG2IMG_STRENGTH = 0.75  # A1111's denoising_strength when a request leaves it out
+MAX_MASK_BLUR, MAX_PADDING = 64, 256  # pixels, the ranges of A1111's own controls
 
 
 class A1111Failure(Exception):
@@ -172,14 +177,46 @@ def refuse_unoffered(ask: A1111Txt2ImgRequest) -> None:
 
 
 def refuse_unoffered_img2img(ask: A1111Img2ImgRequest) -> None:
-    if ask.mask is not None:
-        raise invalid("mask", "inpainting is not offered through /sdapi here; use /v1/jobs with init_image and mask_image")
     if ask.include_init_images:
         raise invalid("include_init_images", "only false: the answer carries the generated images only")
     if ask.resize_mode not in (None, 0, 1):
         raise invalid("resize_mode", f"only 0 (just resize) and 1 (crop and resize) are offered here, got {ask.resize_mode!r}")
     if len(ask.init_images or []) != 1:
         raise invalid("init_images", f"exactly one image is needed here, got {len(ask.init_images or [])}")
+    if ask.mask is None:  # the mask settings are unused without a mask, as in A1111
+        return
+    if ask.inpainting_fill not in (None, 0, 1):
+        raise invalid(
+            "inpainting_fill",
+            f"only 0 (fill) and 1 (original) are offered here, got {ask.inpainting_fill!r}; "
+            "for new content where the mask is, send one of them with denoising_strength 1",
+        )
+    if ask.inpainting_mask_invert not in (None, 0, 1):
+        raise invalid("inpainting_mask_invert", f"0 (inpaint the white part) or 1 (the black part), got {ask.inpainting_mask_invert!r}")
+    for field, most in (("mask_blur", MAX_MASK_BLUR), ("mask_blur_x", MAX_MASK_BLUR), ("mask_blur_y", MAX_MASK_BLUR),
+                        ("inpaint_full_res_padding", MAX_PADDING)):
+        value = getattr(ask, field)
+        if value is not None and not 0 <= value <= most:
+            raise invalid(field, f"pixels, 0..{most}, got {value!r}")
+    if ask.initial_noise_multiplier not in (None, 1, 1.0):
+        raise invalid("initial_noise_multiplier", f"only 1 (the noise as the sampler draws it) is offered here, got {ask.initial_noise_multiplier!r}")
+    if ask.latent_mask is not None:
+        raise invalid("latent_mask", "a second mask for the latents is not offered here; the mask serves both")
+
+
+def mask_settings(ask: A1111Img2ImgRequest) -> MaskSettings:
+    """A1111's inpainting settings, its defaults for those left out."""
+    blur_x = ask.mask_blur if ask.mask_blur is not None else ask.mask_blur_x
+    blur_y = ask.mask_blur if ask.mask_blur is not None else ask.mask_blur_y
+    return MaskSettings(
+        invert=ask.inpainting_mask_invert == 1,
+        round=ask.mask_round is not False,
+        blur_x=4 if blur_x is None else blur_x,
+        blur_y=4 if blur_y is None else blur_y,
+        fill=ask.inpainting_fill in (None, 0),
+        only_masked=ask.inpaint_full_res is not False,
+        padding=ask.inpaint_full_res_padding or 0,
+    )
 
 
 def stretched(text: str, width: int, height: int, limits) -> str:
@@ -192,18 +229,27 @@ def stretched(text: str, width: int, height: int, limits) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def init_fields(ask: A1111Img2ImgRequest, base: GenerateRequest, limits) -> dict:
-    """The init image and its strength, for `base` (the request checked without them). Resize mode 0
-    with both sides given stretches the image to them here; otherwise the engine's own fitting applies
-    (scaled and centre-cropped to both sides, or the image's own size and aspect ratio)."""
-    init = ask.init_images[0]
-    if ask.resize_mode in (None, 0) and ask.width is not None and ask.height is not None:
-        loop = asyncio.get_running_loop()
-        try:
+async def init_fields(ask: A1111Img2ImgRequest, base: GenerateRequest, limits) -> tuple[dict, PasteBack | None]:
+    """The init image, its strength and, for inpainting, the mask, for `base` (the request checked without
+    them), and how the answer's images are made from the jobs' when only the masked part is inpainted.
+    Resize mode 0 with both sides given stretches the image to them here; otherwise the engine's own
+    fitting applies (scaled and centre-cropped to both sides, or the image's own size and aspect ratio)."""
+    strength = {"strength": ask.denoising_strength if ask.denoising_strength is not None else IMG2IMG_STRENGTH}
+    stretch = ask.resize_mode in (None, 0) and ask.width is not None and ask.height is not None
+    loop = asyncio.get_running_loop()
+    try:
+        if ask.mask is not None:
+            inpainting = await loop.run_in_executor(None, functools.partial(
+                prepare_inpainting, ask.init_images[0], ask.mask, mask_settings(ask),
+                width=base.width, height=base.height, stretch=stretch, limits=limits,
+            ))
+            return {**inpainting.fields, **strength}, inpainting.paste_back
+        init = ask.init_images[0]
+        if stretch:
             init = await loop.run_in_executor(None, stretched, init, base.width, base.height, limits)
-        except RequestInvalid as exc:
-            raise from_request_invalid(exc) from None
-    return {"init_image": init, "strength": ask.denoising_strength if ask.denoising_strength is not None else IMG2IMG_STRENGTH}
+    except RequestInvalid as exc:
+        raise from_request_invalid(exc) from None
+    return {"init_image": init, **strength}, None
 
 
 def scheduler_of(ask: A1111Txt2ImgRequest) -> tuple[str, str, str]:
@@ -303,7 +349,7 @@ def checked(fields: dict, limits) -> GenerateRequest:
 
 def infotext(
     base: GenerateRequest, *, seed: int, size: tuple[int, int], steps: int | None, cfg: float | None, sampler: str, schedule: str,
-    model: str | None,
+    model: str | None, inpainting: MaskSettings | None = None,
 ) -> str:
     lines = [base.prompt]
     if base.negative_prompt:
@@ -314,6 +360,14 @@ def infotext(
         settings.insert(-2, f"Denoising strength: {base.strength:g}")
     if base.use_refiner:
         settings.insert(-1, f"Refiner switch at: {base.refiner_split:g}")
+    if inpainting is not None:  # in A1111's words
+        blur = inpainting.blur_x if inpainting.blur_x == inpainting.blur_y else f"{inpainting.blur_x}x{inpainting.blur_y}"
+        extra = [f"Mask blur: {blur}", f"Masked content: {'fill' if inpainting.fill else 'original'}"]
+        if inpainting.invert:
+            extra.append("Mask mode: Inpaint not masked")
+        if inpainting.only_masked:
+            extra += ["Inpaint area: Only masked", f"Masked area padding: {inpainting.padding}"]
+        settings[-2:-2] = extra
     return "\n".join([*lines, ", ".join(settings)])
 
 
@@ -338,8 +392,10 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
     limits = jobs.settings.limits
     fields = request_fields(ask, scheduler, model, limits)
     base = checked(fields, limits)  # every field checked before the init image is touched
+    paste_back = None
     if isinstance(ask, A1111Img2ImgRequest):
-        base = checked({**fields, **await init_fields(ask, base, limits)}, limits)
+        init, paste_back = await init_fields(ask, base, limits)
+        base = checked({**fields, **init}, limits)
     who = caller(request)
     owner = who.get("owner")
     if (tier := tier_for(who.get("key"))) is not None:
@@ -349,10 +405,14 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
     async def collect(finished: list[JobStatus]) -> list[str]:
         if ask.send_images is False:
             return []
-        return [
-            base64.b64encode(await image_data(jobs, status.job_id, owner)).decode("ascii")
-            for status in finished if status.state is JobState.DONE
-        ]
+        images = []
+        for status in finished:
+            if status.state is JobState.DONE:
+                data = await image_data(jobs, status.job_id, owner)
+                if paste_back is not None:  # only the masked part was made: put it back into the init image
+                    data = await asyncio.get_running_loop().run_in_executor(None, paste_back.apply, data)
+                images.append(base64.b64encode(data).decode("ascii"))
+        return images
 
     # Jobs cancelled meanwhile (/sdapi/v1/interrupt, /sdapi/v1/skip, DELETE /v1/jobs/{id}) are left out
     # of the answer, as A1111 answers an interrupted batch with the images it made.
@@ -365,7 +425,10 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
     steps = base.steps or (workers[0].default_steps if workers else None)
     cfg = base.guidance if base.guidance is not None else (workers[0].default_guidance if workers else None)
     seeds = [status.seed for status in made]
-    width, height = await made_size(jobs, job_ids[0], owner, base) if made else (base.width, base.height)
+    if paste_back is not None:
+        width, height = paste_back.original.size
+    else:
+        width, height = await made_size(jobs, job_ids[0], owner, base) if made else (base.width, base.height)
     log.info(
         "%s %s: %d done, %d cancelled, in %.1fs, %dx%d", "img2img" if base.init_image else "txt2img",
         ",".join(s.job_id for s in finished), len(made), len(cancelled), time.monotonic() - started, width, height,
@@ -393,7 +456,8 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
         "denoising_strength": base.strength if base.init_image else None,
         "index_of_first_image": 0,
         "infotexts": [
-            infotext(base, seed=s, size=(width, height), steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, model=used_model)
+            infotext(base, seed=s, size=(width, height), steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, model=used_model,
+                     inpainting=mask_settings(ask) if isinstance(ask, A1111Img2ImgRequest) and ask.mask is not None else None)
             for s in seeds
         ],
         "styles": [],

@@ -155,7 +155,7 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
     (
         "post",
         "/sdapi/v1/img2img",
-        "Image to image, answered when all images are done (AUTOMATIC1111's API; no inpainting)",
+        "Image to image and inpainting, answered when all images are done (AUTOMATIC1111's API)",
         "a1111",
         A1111Img2ImgRequest,
         A1111Images,

@@ -271,9 +271,8 @@ class A1111Txt2ImgRequest(BaseModel):
 
 
 class A1111Img2ImgRequest(A1111Txt2ImgRequest):
-    """AUTOMATIC1111's `POST /sdapi/v1/img2img` body: txt2img's fields and the init image. Inpainting
-    (`mask`) is not offered here; the mask settings are accepted and unused without a mask, as A1111
-    does."""
+    """AUTOMATIC1111's `POST /sdapi/v1/img2img` body: txt2img's fields, the init image and, to inpaint,
+    a mask with A1111's settings for it (unused without a mask, as in A1111)."""
 
     init_images: list[str] | None = Field(None, description="Exactly one image, base64 or a data:image/...;base64, URL.")
     denoising_strength: float | None = Field(None, description="How much to change the image, 0.01..1; 0.75 (A1111's default) when absent.")
@@ -283,17 +282,24 @@ class A1111Img2ImgRequest(A1111Txt2ImgRequest):
     )
     include_init_images: bool | None = Field(None, description="Only false.")
     image_cfg_scale: float | None = Field(None, description="Accepted; used by instruct-pix2pix models only, none here.")
-    mask: str | None = Field(None, description="Only absent: inpainting is offered through /v1/jobs (mask_image).")
-    mask_blur: int | None = None
-    mask_blur_x: int | None = None
-    mask_blur_y: int | None = None
-    mask_round: bool | None = None
-    inpainting_fill: int | None = None
-    inpaint_full_res: bool | None = None
-    inpaint_full_res_padding: int | None = None
-    inpainting_mask_invert: int | None = None
-    initial_noise_multiplier: float | None = None
-    latent_mask: str | None = None
+    mask: str | None = Field(
+        None, description="Inpainting: a picture of the init image's size, white (or, with transparency, opaque) where to paint."
+    )
+    mask_blur: int | None = Field(None, description="Pixels of Gaussian blur at the mask's edges, both ways (0..64); overrides the next two.")
+    mask_blur_x: int | None = Field(None, description="Across (0..64); 4 when absent.")
+    mask_blur_y: int | None = Field(None, description="Down (0..64); 4 when absent.")
+    mask_round: bool | None = Field(None, description="Round the mask to black and white before blurring it (the default).")
+    inpainting_fill: int | None = Field(
+        None, description="What the model starts from under the mask: 0 (the default) the surroundings' colours, 1 the image as it is."
+    )
+    inpaint_full_res: bool | None = Field(
+        None, description="true (the default): only the masked area, cut out and inpainted at width x height, then pasted back "
+        "(the answer has the init image's size); false: the whole picture at width x height."
+    )
+    inpaint_full_res_padding: int | None = Field(None, description="Pixels around the masked area taken with it (0..256); 0 when absent.")
+    inpainting_mask_invert: int | None = Field(None, description="1: paint where the mask is black instead.")
+    initial_noise_multiplier: float | None = Field(None, description="Only 1.")
+    latent_mask: str | None = Field(None, description="Only absent.")
 
 
 class A1111Images(BaseModel):

@@ -14,7 +14,7 @@ import nats
 import pytest
 from PIL import Image
 
-from gateway import a1111_api
+from gateway import a1111_api, a1111_inpaint
 from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
@@ -211,6 +211,27 @@ def init_png(width: int, height: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def square_mask(width: int, height: int, box: tuple[int, int, int, int] | None, *, inverted: bool = False) -> str:
+    """A black mask, white in `box` (or the other way round)."""
+    mask = Image.new("L", (width, height), 255 if inverted else 0)
+    if box is not None:
+        mask.paste(0 if inverted else 255, box)
+    return b64(mask)
+
+
+def halves(width: int, height: int) -> Image.Image:
+    """Red on the left, blue on the right."""
+    image = Image.new("RGB", (width, height), (200, 30, 30))
+    image.paste((30, 30, 200), (width // 2, 0, width, height))
+    return image
+
+
 async def img2img(http, service, body: dict) -> tuple[int, dict]:
     async with http.post(f"{service.url}/sdapi/v1/img2img", json=body) as r:
         return r.status, await r.json()
@@ -247,7 +268,17 @@ async def test_img2img_resize_mode_0_stretches_the_init_image_and_1_crops_it(ser
 @pytest.mark.parametrize(
     ("change", "field", "words"),
     [
-        ({"mask": "aGVsbG8="}, "mask", "inpainting is not offered through /sdapi"),
+        ({"mask": "aGVsbG8="}, "mask", "not an image"),
+        ({"mask": "MASK", "inpainting_fill": 2}, "inpainting_fill", "only 0 (fill) and 1 (original)"),
+        ({"mask": "MASK", "inpainting_mask_invert": 2}, "inpainting_mask_invert", "got 2"),
+        ({"mask": "MASK", "mask_blur": -1}, "mask_blur", "0..64"),
+        ({"mask": "MASK", "mask_blur_y": 65}, "mask_blur_y", "0..64"),
+        ({"mask": "MASK", "inpaint_full_res_padding": 300}, "inpaint_full_res_padding", "0..256"),
+        ({"mask": "MASK", "initial_noise_multiplier": 0.9}, "initial_noise_multiplier", "only 1"),
+        ({"mask": "MASK", "latent_mask": "MASK"}, "latent_mask", "not offered"),
+        ({"mask": "BLACK"}, "mask", "black all over"),
+        ({"mask": "BLACK", "inpaint_full_res": False}, "mask", "black all over"),
+        ({"mask": "SMALL"}, "mask", "must be the same size"),
         ({"init_images": []}, "init_images", "exactly one image is needed here, got 0"),
         ({"init_images": ["x", "y"]}, "init_images", "got 2"),
         ({"init_images": ["bm90IGFuIGltYWdl"]}, "init_images", "not an image"),
@@ -259,6 +290,8 @@ async def test_img2img_resize_mode_0_stretches_the_init_image_and_1_crops_it(ser
     ],
 )
 async def test_img2img_refusals_name_the_field(service, http, change, field, words):
+    masks = {"MASK": square_mask(64, 64, (8, 8, 24, 24)), "BLACK": square_mask(64, 64, None), "SMALL": square_mask(32, 32, (8, 8, 24, 24))}
+    change = {k: masks.get(v, v) if isinstance(v, str) else v for k, v in change.items()}
     body = {"prompt": "p", "steps": 2, "init_images": [init_png(64, 64)], **change}
     status, answer = await img2img(http, service, body)
     assert status == 422, answer
@@ -407,3 +440,88 @@ async def test_progress_sends_the_job_in_hands_newest_preview(broker, data_dir, 
     finally:
         await nc.close()
         await stop_service(own)
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+async def test_inpainting_only_the_masked_area_pastes_it_back_into_the_init_image(service, http, inverted):
+    """A1111's default area: the square under the mask (grown to 64x64's aspect) is made at 64x64 and put
+    back into the 96x64 image, which stays as it was everywhere else. An inverted mask with
+    inpainting_mask_invert 1 is the same mask."""
+    original = halves(96, 64)
+    body = {"prompt": "a window", "steps": 3, "seed": 11, "width": 64, "height": 64, "denoising_strength": 1.0,
+            "init_images": [b64(original)], "mask": square_mask(96, 64, (40, 16, 56, 32), inverted=inverted),
+            "inpainting_mask_invert": 1 if inverted else 0, "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res_padding": 8}
+    status, answer = await img2img(http, service, body)
+    assert status == 200, answer
+    made = png(answer["images"][0]).convert("RGB")
+    assert made.size == (96, 64)
+    inside = [made.getpixel((x, y)) for x in range(40, 56) for y in range(16, 32)]
+    assert sum(p != original.getpixel((40 + i // 16, 16 + i % 16)) for i, p in enumerate(inside)) > len(inside) // 2
+    outside = [(x, y) for x in range(96) for y in range(64) if not (40 <= x < 56 and 16 <= y < 32)]
+    assert all(made.getpixel(xy) == original.getpixel(xy) for xy in outside)
+    info = json.loads(answer["info"])
+    assert info["width"] == 96 and info["height"] == 64
+    assert "Inpaint area: Only masked, Masked area padding: 8" in info["infotexts"][0]
+    assert "Mask blur: 0, Masked content: original" in info["infotexts"][0]
+    job = await job_of(http, service, answer)  # the job made the 32x32 square around the mask, at 64x64
+    assert job["init_image"]["width"] == 64 and job["mask_image"]["width"] == 64 and job["request"]["width"] == 64
+    if inverted:
+        plain = await img2img(http, service, {**body, "mask": square_mask(96, 64, (40, 16, 56, 32)), "inpainting_mask_invert": 0})
+        assert plain[1]["images"] == answer["images"]
+
+
+async def test_inpainting_the_whole_picture_keeps_the_init_image_outside_the_mask(service, http):
+    original = halves(64, 64)
+    body = {"prompt": "a door", "steps": 3, "seed": 5, "width": 64, "height": 64, "init_images": [b64(original)],
+            "mask": square_mask(64, 64, (40, 0, 64, 64)), "inpaint_full_res": False, "mask_blur": 0}
+    status, answer = await img2img(http, service, body)
+    assert status == 200, answer
+    made = png(answer["images"][0]).convert("RGB")
+    assert made.size == (64, 64)
+    assert all(made.getpixel((x, y)) == original.getpixel((x, y)) for x in range(40) for y in range(64))
+    info = json.loads(answer["info"])
+    assert "Masked content: fill" in info["infotexts"][0] and "Inpaint area" not in info["infotexts"][0]
+    job = await job_of(http, service, answer)
+    assert job["mask_image"]["width"] == 64 and job["request"]["strength"] == 0.75
+
+
+def test_fill_paints_the_masked_part_with_the_colours_around_it():
+    original = halves(64, 32)
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (32, 0, 64, 32))  # the blue half
+    result = a1111_inpaint.filled(original, mask)
+    assert all(result.getpixel((x, y)) == original.getpixel((x, y)) for x in range(32) for y in range(32))
+    r, g, b = result.getpixel((48, 16))
+    assert r > 150 and b < 80  # red reached in from the left; no blue is left
+
+
+def test_the_mask_reads_transparency_rounds_inverts_and_blurs():
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (4, 4, 8, 8))  # opaque black square on a transparent sheet: opaque is painted
+    mask = a1111_inpaint.read_mask(rgba, a1111_inpaint.MaskSettings(blur_x=0, blur_y=0))
+    assert mask.getpixel((5, 5)) == 255 and mask.getpixel((12, 12)) == 0
+    grey = Image.new("L", (16, 16), 100)
+    assert a1111_inpaint.read_mask(grey, a1111_inpaint.MaskSettings(blur_x=0, blur_y=0)).getpixel((0, 0)) == 0
+    assert a1111_inpaint.read_mask(grey, a1111_inpaint.MaskSettings(blur_x=0, blur_y=0, round=False)).getpixel((0, 0)) == 100
+    assert a1111_inpaint.read_mask(grey, a1111_inpaint.MaskSettings(blur_x=0, blur_y=0, invert=True)).getpixel((0, 0)) == 255
+    square = Image.new("L", (32, 32), 0)
+    square.paste(255, (12, 12, 20, 20))
+    soft = a1111_inpaint.read_mask(square, a1111_inpaint.MaskSettings(blur_x=3, blur_y=0))
+    assert 0 < soft.getpixel((10, 16)) < 255 and soft.getpixel((16, 10)) == 0  # blurred across, not down
+
+
+@pytest.mark.parametrize(
+    ("box", "padding", "size", "region"),
+    [
+        ((40, 16, 56, 32), 0, (64, 64), (40, 16, 56, 32)),  # square already
+        ((40, 16, 56, 32), 8, (64, 64), (32, 8, 64, 40)),  # grown by the padding
+        ((10, 30, 50, 34), 0, (64, 64), (10, 12, 50, 52)),  # a flat box grown to a square about its centre
+        ((0, 0, 40, 4), 0, (64, 64), (0, 0, 40, 40)),  # ... moved inside the image at its edge
+        ((10, 10, 20, 20), 0, (128, 64), (5, 10, 25, 20)),  # grown to 2:1
+        ((0, 0, 96, 8), 0, (64, 64), (0, 0, 96, 64)),  # wider than the image is tall: cut at its edges
+    ],
+)
+def test_the_only_masked_region_is_the_masks_box_grown_to_the_output_aspect(box, padding, size, region):
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, box)
+    assert a1111_inpaint.crop_region(mask, padding, *size) == region
