@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 from gateway.a1111_inpaint import MaskSettings, PasteBack
 from gateway.a1111_inpaint import prepare as prepare_inpainting
+from gateway.a1111_prompt import TagProblem, loras_of, unknown_lora
 from gateway.event_hub import decoded_event
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, UnknownJob
@@ -122,7 +123,8 @@ WHY_OFF = {
 # This service's request fields, by the A1111 field they come from.
 A1111_FIELD = {"guidance": "cfg_scale", "n": "batch_size", "scheduler": "sampler_name", "model": "override_settings",
                "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body",
-               "init_image": "init_images", "strength": "denoising_strength", "mask_image": "mask"}
+               "init_image": "init_images", "strength": "denoising_strength", "mask_image": "mask",
+               "loras": "prompt"}
 IMG2IMG_STRENGTH = 0.75  # A1111's denoising_strength when a request leaves it out
 MAX_MASK_BLUR, MAX_PADDING = 64, 256  # pixels, the ranges of A1111's own controls
 
@@ -316,8 +318,12 @@ def request_fields(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, 
             f"batch_size x n_iter is {ask.batch_size * ask.n_iter} images, over the limit of {limits.max_images} per request",
         )
     random_seed = ask.seed is None or ask.seed == -1
+    try:
+        prompt, loras = loras_of(ask.prompt)
+    except TagProblem as exc:
+        raise invalid("prompt", str(exc)) from None
     fields: dict = {
-        "prompt": ask.prompt,
+        "prompt": prompt,
         "format": "PNG",
         "n": ask.batch_size * ask.n_iter,
         "seed": new_seed() if random_seed else ask.seed,
@@ -333,6 +339,7 @@ def request_fields(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, 
         "use_refiner": True if ask.refiner_checkpoint else None,
         "refiner_split": ask.refiner_switch_at if ask.refiner_checkpoint else None,
         "cache": False if random_seed else None,  # a seed picked here never repeats: not worth caching
+        "loras": loras or None,
     }
     if ask.refiner_switch_at is not None and not ask.refiner_checkpoint:
         raise invalid("refiner_switch_at", "needs refiner_checkpoint")
@@ -349,9 +356,9 @@ def checked(fields: dict, limits) -> GenerateRequest:
 
 def infotext(
     base: GenerateRequest, *, seed: int, size: tuple[int, int], steps: int | None, cfg: float | None, sampler: str, schedule: str,
-    model: str | None, inpainting: MaskSettings | None = None,
+    model: str | None, prompt: str, inpainting: MaskSettings | None = None,
 ) -> str:
-    lines = [base.prompt]
+    lines = [prompt]
     if base.negative_prompt:
         lines.append(f"Negative prompt: {base.negative_prompt}")
     settings = [f"Steps: {steps}", f"Sampler: {sampler}", f"Schedule type: {schedule}", f"CFG scale: {cfg:g}" if cfg is not None else "CFG scale: the model's", f"Seed: {seed}",
@@ -392,6 +399,8 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
     limits = jobs.settings.limits
     fields = request_fields(ask, scheduler, model, limits)
     base = checked(fields, limits)  # every field checked before the init image is touched
+    if base.loras and (why := unknown_lora(base.loras, loaded_loras(jobs, model or await jobs.current_model()), model)):
+        raise invalid("prompt", why)
     paste_back = None
     if isinstance(ask, A1111Img2ImgRequest):
         init, paste_back = await init_fields(ask, base, limits)
@@ -435,8 +444,8 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
     )
     n = len(job_ids)
     info = {
-        "prompt": base.prompt,
-        "all_prompts": [base.prompt] * n,
+        "prompt": ask.prompt,
+        "all_prompts": [ask.prompt] * n,
         "negative_prompt": base.negative_prompt,
         "all_negative_prompts": [base.negative_prompt] * n,
         "seed": seeds[0] if seeds else finished[0].seed,
@@ -457,7 +466,7 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
         "index_of_first_image": 0,
         "infotexts": [
             infotext(base, seed=s, size=(width, height), steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, model=used_model,
-                     inpainting=mask_settings(ask) if isinstance(ask, A1111Img2ImgRequest) and ask.mask is not None else None)
+                     prompt=ask.prompt, inpainting=mask_settings(ask) if isinstance(ask, A1111Img2ImgRequest) and ask.mask is not None else None)
             for s in seeds
         ],
         "styles": [],
@@ -607,6 +616,28 @@ async def interrupt(request: web.Request) -> web.Response:
 async def skip(request: web.Request) -> web.Response:
     """Drops the job in hand of the caller's newest unfinished request; the request goes on with the next."""
     return await answered(run_skip, request)
+
+
+def loaded_loras(jobs: JobService, model: str | None) -> set[str] | None:
+    """The adapters the live workers of `model` loaded; None when there are none, or one does not say."""
+    workers = jobs.served_models().get(model or "", [])
+    if not workers or any(w.loras is None for w in workers):
+        return None
+    return {name for w in workers for name in w.loras}
+
+
+@routes.get("/sdapi/v1/loras")
+async def lora_list(request: web.Request) -> web.Response:
+    """The LoRA adapters the current model's workers loaded (`--lora NAME=SOURCE`), for `<lora:NAME:WEIGHT>`."""
+    jobs = request.app[SERVICE]
+    names = loaded_loras(jobs, await jobs.current_model()) or set()
+    return web.json_response([{"name": n, "alias": n, "path": n, "metadata": {}} for n in sorted(names)])
+
+
+@routes.post("/sdapi/v1/refresh-loras")
+async def refresh_loras(request: web.Request) -> web.Response:
+    """Nothing to rescan: workers load their adapters at start, and /sdapi/v1/loras lists the live ones."""
+    return web.json_response(None)
 
 
 @routes.get("/sdapi/v1/sd-models")

@@ -62,6 +62,7 @@ class Engine(Protocol):
     default_steps: int
     default_guidance: float
     has_refiner: bool
+    lora_names: tuple[str, ...]  # the LoRA adapters loaded, by name
 
     def refiner_steps(self, task: GenerationTask) -> int:
         """How many of the task's steps run on the refiner (0 without one)."""

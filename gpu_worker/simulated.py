@@ -30,6 +30,7 @@ class SimulatedEngine:
     default_steps: int = 4
     default_guidance: float = 5.0
     has_refiner: bool = True
+    lora_names: tuple[str, ...] = ()
     refiner_fraction: float = 0.2
     fail_marker: str = ""  # a prompt containing this crashes the engine (off when empty)
 

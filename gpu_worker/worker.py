@@ -258,6 +258,7 @@ class Worker:
             speed=self.meter.model,
             fairness=self.settings.fairness,
             version=__version__,
+            loras=list(self.engine.lora_names),
         )
 
     @property

@@ -314,6 +314,15 @@ class A1111Error(BaseModel):
     detail: str | list[dict[str, Any]]
 
 
+class A1111Lora(BaseModel):
+    """A LoRA adapter the workers loaded, as AUTOMATIC1111 lists them; prompts use it as <lora:NAME:WEIGHT>."""
+
+    name: str
+    alias: str
+    path: str = Field(description="Its name: adapters are loaded by the workers at start, not read from files here.")
+    metadata: dict[str, Any]
+
+
 class A1111Model(BaseModel):
     title: str
     model_name: str

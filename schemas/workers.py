@@ -44,6 +44,7 @@ class WorkerInfo(BaseModel):
         DEFAULT_FAIRNESS, description="After this many jobs in a row taken from a higher tier while a lower one had work, the next is taken from the lowest tier with work."
     )
     version: str = Field("", description="The imagegen release the worker runs; empty from releases that did not publish it.")
+    loras: list[str] | None = Field(None, description="The LoRA adapters it loaded, by name; null from releases that did not publish them.")
     started_at: float = Field(default_factory=time.time)
     seen_at: float = Field(default_factory=time.time)
     speed: SpeedModel = Field(default_factory=SpeedModel)

@@ -14,7 +14,7 @@ import nats
 import pytest
 from PIL import Image
 
-from gateway import a1111_api, a1111_inpaint
+from gateway import a1111_api, a1111_inpaint, a1111_prompt
 from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
@@ -525,3 +525,63 @@ def test_the_only_masked_region_is_the_masks_box_grown_to_the_output_aspect(box,
     mask = Image.new("L", (96, 64), 0)
     mask.paste(255, box)
     assert a1111_inpaint.crop_region(mask, padding, *size) == region
+
+
+@pytest.mark.parametrize(
+    ("prompt", "left", "loras"),
+    [
+        ("a boat <lora:style:0.8>, at sea", "a boat , at sea", {"style": 0.8}),
+        ("<lora:style> a boat", "a boat", {"style": 1.0}),
+        ("a boat <LYCO:ink:-0.5:-0.5> <lora:style:1>", "a boat", {"ink": -0.5, "style": 1.0}),
+        ("a boat <embedding> (sharp:1.2)", "a boat <embedding> (sharp:1.2)", {}),
+    ],
+)
+def test_lora_tags_leave_the_prompt_as_loras(prompt, left, loras):
+    assert a1111_prompt.loras_of(prompt) == (left, loras)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "words"),
+    [
+        ("<hypernet:old:1>", "hypernetworks are not offered"),
+        ("<lora::1>", "names no adapter"),
+        ("<lora:style:strong>", "must be a number"),
+        ("<lora:style:0.8:0.5>", "separate text-encoder and UNet weights"),
+        ("<lora:style:te=0.8>", "named settings"),
+        ("<lora:style:1> <lora:style:0.5>", "named twice"),
+    ],
+)
+async def test_lora_tags_that_cannot_apply_are_refused_by_name(service, http, prompt, words):
+    status, answer = await txt2img(http, service, {**SMALL, "prompt": f"a boat {prompt}"})
+    assert status == 422, answer
+    [problem] = answer["detail"]
+    assert problem["loc"] == ["body", "prompt"] and words in problem["msg"], problem
+
+
+async def test_a_lora_tag_applies_the_workers_adapter_and_an_unknown_one_is_refused(broker, data_dir, http, tmp_path):
+    from gpu_worker import tiny_sdxl
+    from tests.test_engine_sdxl import build_tiny_lora
+
+    base = tiny_sdxl.build_tiny_sdxl(data_dir / "models" / tiny_sdxl.TINY_SDXL)
+    lora = build_tiny_lora(base, tmp_path / "style-lora")
+    own = await start_service(broker.url, data_dir, refiner=None, loras=(f"style={lora}",))
+    try:
+        async with http.get(f"{own.url}/sdapi/v1/loras") as r:
+            assert [entry["name"] for entry in await r.json()] == ["style"]
+        body = {**SMALL, "seed": 9, "steps": 3}
+        status, styled = await txt2img(http, own, {**body, "prompt": "a red boat <lora:style:1>"})
+        assert status == 200, styled
+        info = json.loads(styled["info"])
+        assert info["prompt"] == "a red boat <lora:style:1>" and info["infotexts"][0].startswith("a red boat <lora:style:1>\n")
+        job = await job_of(http, own, styled)
+        assert job["request"]["prompt"] == "a red boat" and job["request"]["loras"] == {"style": 1.0}
+        status, off = await txt2img(http, own, {**body, "prompt": "a red boat <lora:style:0>"})
+        status, plain = await txt2img(http, own, body)
+        assert status == 200, plain
+        assert off["images"] == plain["images"] != styled["images"]  # weight 0 is the plain model
+        status, answer = await txt2img(http, own, {**body, "prompt": "a red boat <lora:ink:0.5>"})
+        assert status == 422, answer
+        assert answer["detail"][0]["loc"] == ["body", "prompt"]
+        assert "no adapter 'ink'; they have: style" in answer["detail"][0]["msg"]
+    finally:
+        await stop_service(own)

@@ -30,6 +30,7 @@ async def test_the_workers_endpoint_lists_each_live_worker_with_its_release(serv
     [mine] = [w for w in workers if w["worker_id"] == service.worker.worker_id]
     assert mine["model"] == "tiny-sdxl" and mine["device"] == "cpu" and mine["has_refiner"] is True
     assert mine["version"] == __version__
+    assert mine["loras"] == []  # the session's worker loaded no adapter
     assert mine["fairness"] == DEFAULT_FAIRNESS
     assert mine["speed"]["step_s_per_mpx"] >= 0 and mine["seen_at"] <= time.time() + 1
     async with http.get(f"{service.url}/healthz") as r:
