@@ -1,6 +1,6 @@
 """AUTOMATIC1111 web UI's API on the gateway (`/sdapi/v1`), for the tools built to call it: text to
-image, image to image and inpainting, progress with a live preview, interrupt and skip, the models,
-the samplers and the current model.
+image, image to image and inpainting, LoRA tags in prompts (`gateway.a1111_prompt`), progress with a
+live preview, interrupt and skip, the models, LoRAs and samplers, and the current model.
 
 `POST /sdapi/v1/txt2img` makes batch_size x n_iter jobs (seeds seed, seed+1, ...; a random first seed for
 -1), queued as one group through `gateway.submission` like a native request with `n`, and answers once
