@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from gateway.a1111_inpaint import MaskSettings, PasteBack
 from gateway.a1111_inpaint import prepare as prepare_inpainting
-from gateway.a1111_prompt import TagProblem, loras_of, unknown_lora
+from gateway.a1111_prompt import TagProblem, loras_of
 from gateway.event_hub import decoded_event
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, UnknownJob
@@ -399,8 +399,6 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
     limits = jobs.settings.limits
     fields = request_fields(ask, scheduler, model, limits)
     base = checked(fields, limits)  # every field checked before the init image is touched
-    if base.loras and (why := unknown_lora(base.loras, loaded_loras(jobs, model or await jobs.current_model()), model)):
-        raise invalid("prompt", why)
     paste_back = None
     if isinstance(ask, A1111Img2ImgRequest):
         init, paste_back = await init_fields(ask, base, limits)
@@ -618,19 +616,11 @@ async def skip(request: web.Request) -> web.Response:
     return await answered(run_skip, request)
 
 
-def loaded_loras(jobs: JobService, model: str | None) -> set[str] | None:
-    """The adapters the live workers of `model` loaded; None when there are none, or one does not say."""
-    workers = jobs.served_models().get(model or "", [])
-    if not workers or any(w.loras is None for w in workers):
-        return None
-    return {name for w in workers for name in w.loras}
-
-
 @routes.get("/sdapi/v1/loras")
 async def lora_list(request: web.Request) -> web.Response:
     """The LoRA adapters the current model's workers loaded (`--lora NAME=SOURCE`), for `<lora:NAME:WEIGHT>`."""
     jobs = request.app[SERVICE]
-    names = loaded_loras(jobs, await jobs.current_model()) or set()
+    names = jobs.loaded_loras(await jobs.current_model()) or set()
     return web.json_response([{"name": n, "alias": n, "path": n, "metadata": {}} for n in sorted(names)])
 
 

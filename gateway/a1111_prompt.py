@@ -4,8 +4,8 @@ A1111 takes them out of the prompt and applies the adapters; here they become th
 ({name: weight}, weight 1 when none is given) and the prompt goes to the model without them. What
 this service cannot do is refused by name, never passed to the model as words: hypernetworks
 (`<hypernet:...>`), separate text-encoder and UNet weights (`<lora:NAME:0.8:0.5>`, `te=`, `unet=`,
-`dyn=`), an adapter named twice, and, when the workers of the model say which adapters they loaded,
-an adapter none of them has.
+`dyn=`) and an adapter named twice. An adapter no worker of the model loaded is refused where every
+request's adapters are checked (`JobService.submit`).
 """
 
 from __future__ import annotations
@@ -42,13 +42,3 @@ def loras_of(prompt: str) -> tuple[str, dict[str, float]]:
         loras[name] = values[0] if values else 1.0
     return EXTRA_NETWORK.sub("", prompt).strip(), loras
 
-
-def unknown_lora(loras: dict[str, float], loaded: set[str] | None, model: str | None) -> str | None:
-    """Why an adapter asked for is not there (None when all are, or when the workers do not say)."""
-    if loaded is None:
-        return None
-    missing = [name for name in loras if name not in loaded]
-    if not missing:
-        return None
-    have = ", ".join(sorted(loaded)) or "none"
-    return f"<lora:{missing[0]}>: the workers of {model or 'the current model'} have no adapter {missing[0]!r}; they have: {have} (GET /sdapi/v1/loras)"

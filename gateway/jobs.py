@@ -158,6 +158,14 @@ class JobService:
             models.setdefault(worker.model, []).append(worker)
         return models
 
+    def loaded_loras(self, model: str | None) -> set[str] | None:
+        """The LoRA adapters the live workers of `model` (of any model for None) loaded; None when no
+        worker runs, or one does not say (a release before workers published them)."""
+        workers = [w for ws in self.served_models().values() for w in ws if model in (None, w.model)]
+        if not workers or any(w.loras is None for w in workers):
+            return None
+        return {name for w in workers for name in w.loras}
+
     async def current_model(self) -> str | None:
         try:
             entry = await self.config_kv.get(DEFAULT_MODEL_KEY)
@@ -219,6 +227,11 @@ class JobService:
             w.has_refiner for ws in served.values() for w in ws if request.model in (None, w.model)
         ):
             raise RequestInvalid([{"field": "use_refiner", "message": "no running worker has a refiner loaded"}])
+        if request.loras and (loaded := self.loaded_loras(request.model)) is not None:
+            if missing := sorted(name for name in request.loras if name not in loaded):
+                on = f"the workers of {request.model}" if request.model else "the running workers"
+                have = ", ".join(sorted(loaded)) or "none"
+                raise RequestInvalid([{"field": "loras", "message": f"{on} have no adapter {missing[0]!r}; they have: {have}"}])
         key_of_result = None
         if self.cache.wants(request):
             model = request.model or await self._model_for(served)

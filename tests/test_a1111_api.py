@@ -583,5 +583,8 @@ async def test_a_lora_tag_applies_the_workers_adapter_and_an_unknown_one_is_refu
         assert status == 422, answer
         assert answer["detail"][0]["loc"] == ["body", "prompt"]
         assert "no adapter 'ink'; they have: style" in answer["detail"][0]["msg"]
+        async with http.post(f"{own.url}/v1/jobs", json={"prompt": "a red boat", "loras": {"ink": 0.5}}) as r:
+            assert r.status == 400  # the native API checks the same, before anything is queued
+            assert "no adapter 'ink'; they have: style" in json.dumps(await r.json())
     finally:
         await stop_service(own)

@@ -11,6 +11,8 @@ from PIL import Image
 
 from gateway.settings import GatewaySettings
 from imagegen import runtime
+from schemas.request import Limits
+from tests.conftest import start_service, stop_service
 
 JOB = {"prompt": "a long poll", "width": 64, "height": 64, "steps": 2}
 
@@ -74,13 +76,19 @@ async def test_an_accept_that_ranks_json_first_gets_the_job(service, http, accep
         assert r.content_type == "application/json" and (await r.json())["state"] == "done"
 
 
-async def test_an_image_that_could_not_be_made_is_answered_with_the_job_and_its_reason(service, http):
-    headers = {"Prefer": "wait=60", "Accept": "image/jpeg"}
-    async with http.post(f"{service.url}/v1/jobs", json={**JOB, "loras": {"no-such-style": 1.0}}, headers=headers) as r:
-        assert r.status == 400, await r.text()  # the job failed on what was asked
-        job = await r.json()
-        assert r.headers["Location"] == f"/v1/jobs/{job['job_id']}"
-    assert job["state"] == "failed" and job["error"].startswith("loras:") and "no-such-style" in job["error"]
+async def test_an_image_that_could_not_be_made_is_answered_with_the_job_and_its_reason(broker, data_dir, http):
+    """A worker with stricter limits than its gateway's fails a job that the gateway let through, on the
+    field its limit is about."""
+    strict = await start_service(broker.url, data_dir, refiner=None, limits=Limits(max_steps=3))
+    try:
+        headers = {"Prefer": "wait=60", "Accept": "image/jpeg"}
+        async with http.post(f"{strict.url}/v1/jobs", json={**JOB, "steps": 5}, headers=headers) as r:
+            assert r.status == 400, await r.text()  # the job failed on what was asked
+            job = await r.json()
+            assert r.headers["Location"] == f"/v1/jobs/{job['job_id']}"
+        assert job["state"] == "failed" and job["error"].startswith("steps:") and "between 1 and 3, got 5" in job["error"]
+    finally:
+        await stop_service(strict)
 
 
 async def test_a_job_cancelled_while_its_image_was_awaited_is_answered_with_the_job(no_worker, http):

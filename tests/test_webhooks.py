@@ -23,7 +23,7 @@ from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas import names
 from schemas.codec import encode
 from schemas.job import JobEnvelope
-from schemas.request import parse_request
+from schemas.request import Limits, parse_request
 from tests.conftest import start_service, stop_service
 
 SECRET_KEY = b"a webhook secret of this test"
@@ -87,8 +87,9 @@ def webhook_broker(tmp_path_factory) -> EmbeddedNats:
 
 @pytest.fixture(scope="module")
 async def hooked(webhook_broker, data_dir):
-    """A gateway and a tiny-sdxl worker whose gateway signs webhooks and may call loopback."""
-    svc = await start_service(webhook_broker.url, data_dir, gateway_kw=WEBHOOKS)
+    """A gateway and a tiny-sdxl worker whose gateway signs webhooks and may call loopback. The worker takes
+    at most 10 steps, its gateway 100: a job of more fails on the worker."""
+    svc = await start_service(webhook_broker.url, data_dir, gateway_kw=WEBHOOKS, limits=Limits(max_steps=10))
     yield svc
     await stop_service(svc)
 
@@ -159,9 +160,9 @@ async def test_a_receiver_that_refuses_the_call_is_not_called_again(hooked, rece
 
 
 async def test_a_failed_job_is_posted_with_its_reason(hooked, receiver, http):
-    job_id = await submit(http, hooked.url, {**JOB, "loras": {"no-such-style": 1.0}, "webhook": f"{receiver.url}/ok"})
+    job_id = await submit(http, hooked.url, {**JOB, "steps": 12, "webhook": f"{receiver.url}/ok"})
     (call,) = await receiver.wait_for(job_id, 1)
-    assert call["job"]["state"] == "failed" and "no-such-style" in call["job"]["error"]
+    assert call["job"]["state"] == "failed" and call["job"]["error"].startswith("steps:") and "between 1 and 10, got 12" in call["job"]["error"]
 
 
 async def test_a_job_queued_straight_over_nats_gets_its_webhook(hooked, receiver):
