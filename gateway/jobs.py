@@ -23,6 +23,7 @@ from gateway.ratelimit import RateLimited
 from gateway.auth import ApiKey
 from gateway.cache import ResultCache
 from gateway.direct_get import DirectReader
+from gateway.comfy_prompts import ComfyPrompts
 from gateway.event_hub import EventHub
 from gateway.forecast import EtaCache, jobs_ahead
 from gateway.fresh_images import FreshImages
@@ -128,6 +129,8 @@ class JobService:
         await self.cache.start(self.js, view=self.view, direct=self.direct, read_image=self._image_bytes)
         self.events = EventHub(self.js, self.direct)
         await self.events.start()
+        self.comfy = ComfyPrompts(ttl_s=self.settings.topology.job_ttl_s)
+        await self.comfy.start(self.js, self.view)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def close(self) -> None:

@@ -22,6 +22,9 @@ from schemas.http import (
     A1111Sampler,
     A1111Schedule,
     A1111Txt2ImgRequest,
+    ComfyError,
+    ComfyPromptQueued,
+    ComfyPromptRequest,
     GroupView,
     JobView,
     LimitsView,
@@ -209,6 +212,27 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         [],
         {code: A1111Error for code in ("422", "503")},
     ),
+    (
+        "post", "/prompt", "Queue a ComfyUI prompt: a text-to-image graph of the nodes in /object_info (ComfyUI's API; also /api/prompt)",
+        "comfyui", ComfyPromptRequest, ComfyPromptQueued, [], {code: ComfyError for code in ("400", "403", "429", "503")},
+    ),
+    ("get", "/history", "The caller's finished ComfyUI prompts, their outputs and status (ComfyUI's API)", "comfyui", None, None,
+     [{"name": "max_items", "in": "query", "description": "Only the newest this many", "schema": {"type": "integer", "minimum": 1}}],
+     {"400": ComfyError}),
+    ("get", "/history/{prompt_id}", "A finished ComfyUI prompt; {} while it runs (ComfyUI's API)", "comfyui", None, None,
+     [{"name": "prompt_id", "in": "path", "required": True, "schema": {"type": "string"}}], {}),
+    ("get", "/view", "An image /history names (ComfyUI's API)", "comfyui", None, "image",
+     [{"name": n, "in": "query", "required": n == "filename", "schema": {"type": "string"}} for n in ("filename", "subfolder", "type")],
+     {"404": ComfyError}),
+    ("get", "/queue", "The caller's running and pending ComfyUI prompts (ComfyUI's API)", "comfyui", None, None, [], {}),
+    ("post", "/queue", "Drop prompts: {\"delete\": [prompt_id]} or {\"clear\": true} (ComfyUI's API)", "comfyui", None, None, [], {"400": ComfyError}),
+    ("post", "/interrupt", "Stop the caller's running prompt, or {\"prompt_id\": ...} (ComfyUI's API)", "comfyui", None, None, [], {"400": ComfyError}),
+    ("get", "/object_info", "The nodes /prompt takes, with the served models, LoRAs and limits (ComfyUI's API)", "comfyui", None, None, [], {}),
+    ("get", "/system_stats", "This gateway and the live workers (ComfyUI's API)", "comfyui", None, None, [], {}),
+    ("get", "/embeddings", "None here (ComfyUI's API)", "comfyui", None, "names", [], {}),
+    ("get", "/models/{folder}", "checkpoints: the served models; loras: the adapters (ComfyUI's API)", "comfyui", None, "names",
+     [{"name": "folder", "in": "path", "required": True, "schema": {"type": "string", "enum": ["checkpoints", "loras"]}}],
+     {"404": ComfyError}),
     ("get", "/v1/workers", "The live workers: model, device, state, speed, fairness, release", "ops", None, WorkersView, [], {}),
     ("get", "/healthz", "Liveness, NATS connection, live workers and the gateway's release", "ops", None, None, [], {}),
 ]
@@ -270,6 +294,8 @@ def build_spec() -> dict[str, Any]:
             ok = {"description": "Events", "content": {"text/event-stream": {}}}
         elif answer is None:
             ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+        elif answer == "names":
+            ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "array", "items": {"type": "string"}}}}}
         elif answer == "null":
             ok = {"description": "OK: null", "content": {"application/json": {"schema": {"type": "object", "nullable": True}}}}
         else:
@@ -288,7 +314,7 @@ def build_spec() -> dict[str, Any]:
         "info": {
             "title": "imagegen",
             "version": "1",
-            "description": "SDXL image generation over NATS JetStream. mflux-server's API under /api, the native API under /v1, OpenAI's Images API at /v1/images/generations, AUTOMATIC1111's under /sdapi/v1.",
+            "description": "SDXL image generation over NATS JetStream. mflux-server's API under /api, the native API under /v1, OpenAI's Images API at /v1/images/generations, AUTOMATIC1111's under /sdapi/v1, ComfyUI's at /prompt, /history, /view, /queue and /ws.",
         },
         "paths": paths,
         "components": {"schemas": components},

@@ -153,6 +153,15 @@ class QueueView:
 
         self._tasks.append(asyncio.create_task(both_ready()))
 
+    def watch_also(self, kv: KeyValue, on_entry) -> asyncio.Event:
+        """Watches another bucket as these two are watched, recreated with them on reconnect:
+        `on_entry(key, value or None when deleted, revision)`. The event is set once it has caught up."""
+        ready = asyncio.Event()
+        watch = (kv, on_entry, ready)
+        self._watches.append(watch)
+        self._tasks.insert(len(self._watches) - 1, asyncio.create_task(self._watch(*watch)))
+        return ready
+
     def rewatch(self) -> None:
         """Recreates the KV watchers. Called on reconnect: a watcher's ordered consumer does not fail
         when the broker restarts, it stalls (until two heartbeats are missed) while the view goes stale."""

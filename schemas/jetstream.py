@@ -147,6 +147,7 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
         KeyValueConfig(bucket=names.STATUS_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas, direct=True),
         KeyValueConfig(bucket=names.WORKERS_BUCKET, history=1, ttl=t.worker_ttl_s, replicas=t.replicas, direct=True),
         KeyValueConfig(bucket=names.CONFIG_BUCKET, history=1, replicas=t.replicas, direct=True),
+        KeyValueConfig(bucket=names.COMFY_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas, direct=True),
     ):
         try:
             await js.create_key_value(config)

@@ -1,0 +1,546 @@
+"""ComfyUI's server API on the gateway, for the tools and scripts that queue ComfyUI prompts: `POST /prompt`
+(a text-to-image graph, read by `gateway.comfy_graph`), `GET /history`, `GET /view`, `GET /queue`,
+`POST /queue` (delete, clear), `POST /interrupt`, the WebSocket `/ws?clientId=...` with ComfyUI's
+messages (status, execution_start, executing, progress, binary previews, executed, execution_success,
+execution_error, execution_interrupted), `GET /object_info` for the nodes it runs, `/system_stats`,
+`/embeddings` and `/models`. Every route is served under `/api` too, as ComfyUI serves them.
+
+A prompt becomes `batch_size` jobs in one group (seeds seed, seed+1, ...), queued like any other
+request; its record (`schemas.comfy`) goes to a KV bucket that every gateway watches, so a client may
+queue through one gateway and follow on another's socket. An image is `<job id>.png` for `/view`.
+With API keys on, a caller sees and stops only its key's prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import struct
+import time
+import uuid
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from gateway.comfy_graph import GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
+from gateway.http_errors import read_json
+from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, NotReady, UnknownJob
+from gateway.mflux_api import SERVICE, caller, owner_of
+from gateway.openai_api import tier_for
+from gateway.ratelimit import RateLimited
+from gateway.submission import submit_request
+from imagegen import __version__
+from schemas.comfy import PROMPT_ID, ComfyPrompt
+from schemas.events import JobEvent
+from schemas.request import MAX_SEED, RequestInvalid, parse_request
+from schemas.status import JobState, JobStatus
+
+log = logging.getLogger("imagegen.gateway.comfy")
+routes = web.RouteTableDef()
+
+PREVIEW_IMAGE, JPEG = 1, 1  # ComfyUI's binary frame: event type, then image format, each a big-endian uint32
+MAX_QUEUE_LISTED = 1000
+
+
+def comfy_routes(path: str):
+    """Registers a handler at `path` and at `/api` + `path`, as ComfyUI serves each route."""
+    def register(method: str):
+        def wrap(handler):
+            routes.route(method, path)(handler)
+            routes.route(method, "/api" + path)(handler)
+            return handler
+        return wrap
+    return register
+
+
+def failure(status: int, kind: str, message: str, details: str = "") -> web.Response:
+    return web.json_response(
+        {"error": {"type": kind, "message": message, "details": details, "extra_info": {}}, "node_errors": {}}, status=status
+    )
+
+
+def image_name(job_id: str) -> str:
+    return f"{job_id}.png"
+
+
+def visible(prompt: ComfyPrompt | None, owner: str | None) -> bool:
+    return prompt is not None and (owner is None or prompt.owner == owner)
+
+
+# -- queueing ---------------------------------------------------------------------------------
+
+
+@comfy_routes("/prompt")("POST")
+async def queue_prompt(request: web.Request) -> web.Response:
+    jobs: JobService = request.app[SERVICE]
+    try:
+        body = await read_json(request)
+    except RequestInvalid as exc:
+        return failure(400, "invalid_prompt", "Cannot read the request", str(exc))
+    if not isinstance(body, dict) or "prompt" not in body:
+        return failure(400, "no_prompt", "No prompt provided", 'send {"prompt": {node_id: {"class_type": ..., "inputs": {...}}}}')
+    unknown = sorted(set(body) - {"prompt", "client_id", "prompt_id", "extra_data", "front"})
+    if unknown:
+        return failure(400, "invalid_prompt", f"{unknown[0]!r} is not taken here", "the fields are prompt, client_id, prompt_id, extra_data")
+    if body.get("front") not in (None, False):
+        return failure(400, "invalid_prompt", "front: only false here", "the queue's order is its tiers': queue with an API key of the high tier")
+    prompt_id = body.get("prompt_id") or str(uuid.uuid4())
+    client_id = body.get("client_id")
+    extra = body.get("extra_data") or {}
+    if not isinstance(prompt_id, str) or not PROMPT_ID.match(prompt_id):
+        return failure(400, "invalid_prompt", "prompt_id must be 1-64 letters, digits, '-' or '_'", repr(prompt_id))
+    if client_id is not None and not isinstance(client_id, str) or not isinstance(extra, dict):
+        return failure(400, "invalid_prompt", "client_id must be a string and extra_data an object")
+    owner = owner_of(request)
+    try:
+        read = read_graph(body["prompt"], served_models=sorted(jobs.served_models()))
+        try:
+            base = parse_request(read.fields, limits=jobs.settings.limits)
+            who = {"owner": owner, "key": caller(request)["key"]}
+            if (tier := tier_for(who["key"])) is not None:
+                base = base.model_copy(update={"tier": tier})
+            queued = await submit_request(jobs, base, idempotency_key=f"comfy:{prompt_id}", **who)
+        except RequestInvalid as exc:
+            problem = (exc.errors or [{"field": "body", "message": str(exc)}])[0]
+            raise field_problem(read, problem["field"], problem["message"]) from None
+    except GraphInvalid as exc:
+        return web.json_response(exc.body(), status=400)
+    except Forbidden as exc:
+        return failure(403, "forbidden", str(exc))
+    except RateLimited as exc:
+        response = failure(429, "rate_limited", str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+    except BROKER_DOWN as exc:
+        log.warning("comfy prompt %s: broker unavailable: %s", prompt_id, exc)
+        response = failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+        response.headers["Retry-After"] = "2"
+        return response
+    record = ComfyPrompt(
+        prompt_id=prompt_id, number=int(time.time() * 1000), client_id=client_id, owner=owner,
+        job_ids=[status.job_id for status in queued], sampler_node=read.sampler, decode_node=read.decode,
+        outputs=read.outputs, graph=body["prompt"], extra_data=extra,
+    )
+    try:
+        await jobs.comfy.add(record)
+    except BROKER_DOWN as exc:
+        log.warning("comfy prompt %s: its record not kept: %s", prompt_id, exc)
+        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly with the same prompt_id")
+    log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(record.job_ids))
+    return web.json_response({"prompt_id": prompt_id, "number": record.number, "node_errors": {}})
+
+
+# -- what became of it --------------------------------------------------------------------------
+
+
+async def job_records(jobs: JobService, prompt: ComfyPrompt, owner: str | None) -> list[JobStatus | None]:
+    """The prompt's job records, in order (None for one gone: deleted, or past its TTL)."""
+    records: list[JobStatus | None] = []
+    for job_id in prompt.job_ids:
+        try:
+            records.append(await jobs.get(job_id, owner=owner))
+        except UnknownJob:
+            records.append(None)
+    return records
+
+
+def output_images(prompt: ComfyPrompt, records: list[JobStatus | None]) -> dict[str, dict]:
+    """Each output node's images, as ComfyUI's `executed` and history give them."""
+    made = [r for r in records if r is not None and r.state is JobState.DONE]
+    return {
+        node: {"images": [{"filename": image_name(r.job_id), "subfolder": "", "type": "output" if kind == "SaveImage" else "temp"}
+                          for r in made]}
+        for node, kind in sorted(prompt.outputs.items())
+    }
+
+
+def ending(prompt: ComfyPrompt, records: list[JobStatus | None], stopped_by: JobEvent | None = None) -> tuple[str, dict]:
+    """ComfyUI's last message for a prompt that has ended (when `stopped_by`, by that job's end):
+    execution_success, execution_error or execution_interrupted."""
+    stamp = {"prompt_id": prompt.prompt_id, "timestamp": int(time.time() * 1000)}
+    if stopped_by is None and all(r is not None and r.state is JobState.DONE for r in records):
+        return "execution_success", stamp
+    where = {"node_id": prompt.sampler_node, "node_type": "KSampler", "executed": []}
+    if stopped_by is not None:
+        state, reason = stopped_by.type, stopped_by.reason or stopped_by.type
+    else:
+        stopped = next((r for r in records if r is None or r.state.final and r.state is not JobState.DONE), None)
+        state = stopped.state.value if stopped is not None else "gone"
+        reason = (stopped.error or state) if stopped is not None else "a job's record is gone (deleted, or past its TTL)"
+    if state == JobState.CANCELLED.value:
+        return "execution_interrupted", {**stamp, **where}
+    return "execution_error", {
+        **stamp, **where, "exception_message": reason, "exception_type": f"imagegen.{state}",
+        "traceback": [], "current_inputs": {}, "current_outputs": {},
+    }
+
+
+def history_entry(prompt: ComfyPrompt, records: list[JobStatus | None]) -> dict:
+    kind, data = ending(prompt, records)
+    started = {"prompt_id": prompt.prompt_id, "timestamp": int(prompt.submitted_at * 1000)}
+    return {
+        "prompt": prompt.queue_entry(),
+        "outputs": output_images(prompt, records) if kind == "execution_success" else {},
+        "status": {
+            "status_str": "success" if kind == "execution_success" else "error",
+            "completed": kind == "execution_success",
+            "messages": [["execution_start", started], ["execution_cached", {**started, "nodes": []}], [kind, data]],
+        },
+        "meta": {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node} for node in prompt.outputs},
+    }
+
+
+def finished(records: list[JobStatus | None]) -> bool:
+    return all(r is None or r.state.final for r in records)
+
+
+@comfy_routes("/history/{prompt_id}")("GET")
+async def history_of(request: web.Request) -> web.Response:
+    """The prompt once every job of it has ended; {} before, and for a prompt unknown here."""
+    jobs: JobService = request.app[SERVICE]
+    owner = owner_of(request)
+    prompt = jobs.comfy.get(request.match_info["prompt_id"])
+    if not visible(prompt, owner):
+        return web.json_response({})
+    records = await job_records(jobs, prompt, owner)
+    if not finished(records):
+        return web.json_response({})
+    return web.json_response({prompt.prompt_id: history_entry(prompt, records)})
+
+
+@comfy_routes("/history")("GET")
+async def history(request: web.Request) -> web.Response:
+    """The caller's finished prompts, oldest first; the newest `max_items` when given."""
+    jobs: JobService = request.app[SERVICE]
+    owner = owner_of(request)
+    raw = request.query.get("max_items")
+    try:
+        most = int(raw) if raw is not None else None
+        if most is not None and most < 1:
+            raise ValueError
+    except ValueError:
+        return failure(400, "invalid_query", "max_items must be a whole number of at least 1", repr(raw))
+    entries: list[tuple[str, dict]] = []
+    for prompt in reversed(list(jobs.comfy.by_id.values())):
+        if most is not None and len(entries) >= most:
+            break
+        if not visible(prompt, owner):
+            continue
+        records = await job_records(jobs, prompt, owner)
+        if finished(records):
+            entries.append((prompt.prompt_id, history_entry(prompt, records)))
+    return web.json_response(dict(reversed(entries)))
+
+
+@comfy_routes("/view")("GET")
+async def view(request: web.Request) -> web.Response:
+    """An image by the file name /history and `executed` give (`<job id>.png`)."""
+    jobs: JobService = request.app[SERVICE]
+    filename = request.query.get("filename", "")
+    if request.query.get("subfolder") or not filename.endswith(".png"):
+        return failure(404, "not_found", "no such image here: images are <job id>.png, with no subfolder", filename)
+    try:
+        status, data = await jobs.image(filename[: -len(".png")], owner=owner_of(request))
+    except (UnknownJob, NotReady) as exc:
+        return failure(404, "not_found", f"no such image here: {exc}", filename)
+    except BROKER_DOWN:
+        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    return web.Response(body=data, content_type=status.image.content_type)
+
+
+def unfinished_prompts(jobs: JobService, owner: str | None) -> tuple[list[ComfyPrompt], list[ComfyPrompt]]:
+    """(running, pending): the caller's prompts with a job running, and those with jobs queued only."""
+    running: dict[str, ComfyPrompt] = {}
+    pending: dict[str, ComfyPrompt] = {}
+    for status in jobs.page(owner=owner, states=UNFINISHED, limit=MAX_QUEUE_LISTED):
+        prompt = jobs.comfy.of_job(status.job_id)
+        if prompt is None:
+            continue
+        if status.state is JobState.RUNNING:
+            running[prompt.prompt_id] = prompt
+            pending.pop(prompt.prompt_id, None)
+        elif prompt.prompt_id not in running:
+            pending[prompt.prompt_id] = prompt
+    return sorted(running.values(), key=lambda p: p.number), sorted(pending.values(), key=lambda p: p.number)
+
+
+@comfy_routes("/queue")("GET")
+async def queue(request: web.Request) -> web.Response:
+    running, pending = unfinished_prompts(request.app[SERVICE], owner_of(request))
+    return web.json_response({"queue_running": [p.queue_entry() for p in running], "queue_pending": [p.queue_entry() for p in pending]})
+
+
+async def cancel_prompt(jobs: JobService, prompt: ComfyPrompt, owner: str | None) -> None:
+    for job_id in prompt.job_ids:
+        try:
+            await jobs.cancel(job_id, owner=owner)
+        except UnknownJob:
+            continue
+
+
+@comfy_routes("/queue")("POST")
+async def change_queue(request: web.Request) -> web.Response:
+    """`{"delete": [prompt ids]}` drops those prompts (a running one stops at its next step); `{"clear": true}`
+    drops every pending prompt of the caller."""
+    jobs: JobService = request.app[SERVICE]
+    owner = owner_of(request)
+    try:
+        body = await read_json(request)
+    except RequestInvalid as exc:
+        return failure(400, "invalid_request", "Cannot read the request", str(exc))
+    if not isinstance(body, dict) or not isinstance(body.get("delete", []), list) or not isinstance(body.get("clear", False), bool):
+        return failure(400, "invalid_request", 'send {"delete": [prompt_id, ...]} or {"clear": true}')
+    doomed = [p for prompt_id in body.get("delete", []) if visible(p := jobs.comfy.get(str(prompt_id)), owner)]
+    if body.get("clear"):
+        doomed += unfinished_prompts(jobs, owner)[1]
+    try:
+        for prompt in doomed:
+            await cancel_prompt(jobs, prompt, owner)
+    except BROKER_DOWN:
+        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    return web.json_response({})
+
+
+@comfy_routes("/interrupt")("POST")
+async def interrupt(request: web.Request) -> web.Response:
+    """Stops the caller's running prompt (or the one named by `{"prompt_id": ...}`): its jobs end cancelled."""
+    jobs: JobService = request.app[SERVICE]
+    owner = owner_of(request)
+    body: object = {}
+    if request.can_read_body:
+        try:
+            body = await read_json(request)
+        except RequestInvalid as exc:
+            return failure(400, "invalid_request", "Cannot read the request", str(exc))
+    named = body.get("prompt_id") if isinstance(body, dict) else None
+    targets = [p] if named and visible(p := jobs.comfy.get(str(named)), owner) else [] if named else unfinished_prompts(jobs, owner)[0]
+    try:
+        for prompt in targets:
+            await cancel_prompt(jobs, prompt, owner)
+    except BROKER_DOWN:
+        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    return web.json_response({})
+
+
+# -- the socket -------------------------------------------------------------------------------
+
+
+class Socket:
+    """One `/ws` client: its messages go out one at a time."""
+
+    def __init__(self, ws: web.WebSocketResponse, jobs: JobService, owner: str | None):
+        self.ws, self.jobs, self.owner = ws, jobs, owner
+        self.lock = asyncio.Lock()
+
+    async def send(self, kind: str, data: dict) -> None:
+        async with self.lock:
+            await self.ws.send_json({"type": kind, "data": data})
+
+    async def send_preview(self, jpeg: bytes) -> None:
+        async with self.lock:
+            await self.ws.send_bytes(struct.pack(">II", PREVIEW_IMAGE, JPEG) + jpeg)
+
+    async def status(self, sid: str | None = None) -> None:
+        remaining = sum(len(queue) for queue in self.jobs.view.queued.values()) + len(self.jobs.view.running)
+        data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": remaining}}}
+        if sid is not None:
+            data["sid"] = sid
+        await self.send("status", data)
+
+    async def follow(self, prompt: ComfyPrompt) -> None:
+        """The prompt's run in ComfyUI's messages, from its jobs' events, to its end."""
+        pid, sampler = prompt.prompt_id, prompt.sampler_node
+        stamp = lambda: {"prompt_id": pid, "timestamp": int(time.time() * 1000)}  # noqa: E731
+        await self.send("execution_start", stamp())
+        await self.send("execution_cached", {**stamp(), "nodes": []})
+        await self.send("executing", {"node": sampler, "display_node": sampler, "prompt_id": pid})
+        events: asyncio.Queue[JobEvent | None] = asyncio.Queue()
+
+        async def read(job_id: str) -> None:
+            async with aclosing(self.jobs.events.follow(job_id, read_status=lambda: self.jobs.get(job_id))) as stream:
+                async for event in stream:
+                    events.put_nowait(event)
+            events.put_nowait(None)
+
+        readers = [asyncio.ensure_future(read(job_id)) for job_id in prompt.job_ids]
+        steps: dict[str, int] = {}
+        totals: dict[str, int] = {}
+        stopped_by: JobEvent | None = None
+        try:
+            ended = 0
+            while ended < len(readers):
+                event = await events.get()
+                if event is None:
+                    ended += 1
+                    continue
+                if event.type == "progress" and event.step is not None and event.total:
+                    steps[event.job_id], totals[event.job_id] = event.step, event.total
+                    total = max(totals.values()) * len(prompt.job_ids)
+                    await self.send("progress", {"value": sum(steps.values()), "max": total, "prompt_id": pid, "node": sampler})
+                elif event.type == "preview" and event.preview:
+                    await self.send_preview(event.preview)
+                elif event.type in ("failed", "expired", "cancelled"):
+                    stopped_by = event  # the prompt has failed or was stopped: its end is told below
+                    break
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        records = await job_records(self.jobs, prompt, self.owner)
+        kind, data = ending(prompt, records, stopped_by)
+        if kind == "execution_success":
+            await self.send("executing", {"node": prompt.decode_node, "display_node": prompt.decode_node, "prompt_id": pid})
+            for node, output in output_images(prompt, records).items():
+                await self.send("executing", {"node": node, "display_node": node, "prompt_id": pid})
+                await self.send("executed", {"node": node, "display_node": node, "output": output, "prompt_id": pid})
+        await self.send(kind, data)
+        await self.send("executing", {"node": None, "prompt_id": pid})
+        await self.status()
+
+
+@comfy_routes("/ws")("GET")
+async def socket(request: web.Request) -> web.WebSocketResponse:
+    """ComfyUI's socket: a `status` with the client's `sid` at once, then the run of each prompt the
+    client queues with this `client_id` (and of those it had queued and not finished before it connected)."""
+    jobs: JobService = request.app[SERVICE]
+    owner = owner_of(request)
+    client_id = request.query.get("clientId") or uuid.uuid4().hex
+    ws = web.WebSocketResponse(heartbeat=20)
+    await ws.prepare(request)
+    sock = Socket(ws, jobs, owner)
+    arrivals = jobs.comfy.follow(client_id)
+    following: set[asyncio.Task] = set()
+    started: set[str] = set()  # a prompt queued as the socket opened comes both ways
+
+    def start(prompt: ComfyPrompt) -> None:
+        if visible(prompt, owner) and prompt.prompt_id not in started:
+            started.add(prompt.prompt_id)
+            task = asyncio.ensure_future(sock.follow(prompt))
+            following.add(task)
+            task.add_done_callback(following.discard)
+
+    try:
+        await sock.status(sid=client_id)
+        running, pending = unfinished_prompts(jobs, owner)
+        for prompt in running + pending:
+            if prompt.client_id == client_id:
+                start(prompt)
+        closing = asyncio.ensure_future(drain(ws))
+        while not closing.done():
+            arrival = asyncio.ensure_future(arrivals.get())
+            await asyncio.wait({arrival, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if arrival.done():
+                start(arrival.result())
+            else:
+                arrival.cancel()
+    except (ConnectionResetError, BROKER_DOWN) as exc:
+        log.info("comfy socket %s closed: %s", client_id, exc)
+    finally:
+        jobs.comfy.unfollow(client_id, arrivals)
+        for task in list(following):
+            task.cancel()
+        await asyncio.gather(*following, return_exceptions=True)
+        await ws.close()
+    return ws
+
+
+async def drain(ws: web.WebSocketResponse) -> None:
+    """Reads what the client sends (ComfyUI's clients send nothing the server acts on) until it closes."""
+    async for message in ws:
+        if message.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
+            return
+
+
+# -- what it runs -------------------------------------------------------------------------------
+
+
+def node_info(jobs: JobService, models: list[str], loras: list[str]) -> dict[str, dict]:
+    """ComfyUI's /object_info for the nodes /prompt takes, with this gateway's models, adapters and limits."""
+    limits = jobs.settings.limits
+    side = {"default": 1024, "min": limits.min_side, "max": limits.max_side, "step": 8}
+
+    def node(name: str, display: str, category: str, required: dict, outputs: list[str], *, output_node: bool = False) -> dict:
+        return {
+            "input": {"required": required}, "input_order": {"required": list(required)}, "output": outputs,
+            "output_is_list": [False] * len(outputs), "output_name": outputs, "name": name, "display_name": display,
+            "description": "", "python_module": "nodes", "category": category, "output_node": output_node,
+        }
+
+    return {
+        "CheckpointLoaderSimple": node("CheckpointLoaderSimple", "Load Checkpoint", "loaders", {"ckpt_name": [models]}, ["MODEL", "CLIP", "VAE"]),
+        "LoraLoader": node("LoraLoader", "Load LoRA", "loaders", {
+            "model": ["MODEL"], "clip": ["CLIP"], "lora_name": [loras],
+            "strength_model": ["FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.01}],
+            "strength_clip": ["FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.01}],
+        }, ["MODEL", "CLIP"]),
+        "CLIPTextEncode": node("CLIPTextEncode", "CLIP Text Encode (Prompt)", "conditioning",
+                               {"text": ["STRING", {"multiline": True}], "clip": ["CLIP"]}, ["CONDITIONING"]),
+        "EmptyLatentImage": node("EmptyLatentImage", "Empty Latent Image", "latent", {
+            "width": ["INT", side], "height": ["INT", side],
+            "batch_size": ["INT", {"default": 1, "min": 1, "max": limits.max_images}],
+        }, ["LATENT"]),
+        "KSampler": node("KSampler", "KSampler", "sampling", {
+            "model": ["MODEL"], "seed": ["INT", {"default": 0, "min": 0, "max": MAX_SEED}],
+            "steps": ["INT", {"default": 20, "min": 1, "max": limits.max_steps}],
+            "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
+            "sampler_name": [SAMPLERS], "scheduler": [SCHEDULERS], "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+            "latent_image": ["LATENT"], "denoise": ["FLOAT", {"default": 1.0, "min": 1.0, "max": 1.0, "step": 0.01}],
+        }, ["LATENT"]),
+        "VAEDecode": node("VAEDecode", "VAE Decode", "latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
+        "SaveImage": node("SaveImage", "Save Image", "image", {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]},
+                          [], output_node=True),
+        "PreviewImage": node("PreviewImage", "Preview Image", "image", {"images": ["IMAGE"]}, [], output_node=True),
+    }
+
+
+async def served(jobs: JobService) -> tuple[list[str], list[str]]:
+    models = sorted(jobs.served_models())
+    loras = sorted(jobs.loaded_loras(await jobs.current_model()) or ())
+    return models, loras
+
+
+@comfy_routes("/object_info")("GET")
+async def object_info(request: web.Request) -> web.Response:
+    jobs: JobService = request.app[SERVICE]
+    return web.json_response(node_info(jobs, *await served(jobs)))
+
+
+@comfy_routes("/object_info/{node_class}")("GET")
+async def object_info_of(request: web.Request) -> web.Response:
+    jobs: JobService = request.app[SERVICE]
+    info = node_info(jobs, *await served(jobs))
+    name = request.match_info["node_class"]
+    return web.json_response({name: info[name]} if name in info else {})
+
+
+@comfy_routes("/models")("GET")
+async def model_folders(request: web.Request) -> web.Response:
+    return web.json_response(["checkpoints", "loras"])
+
+
+@comfy_routes("/models/{folder}")("GET")
+async def models_in(request: web.Request) -> web.Response:
+    models, loras = await served(request.app[SERVICE])
+    folder = request.match_info["folder"]
+    if folder not in ("checkpoints", "loras"):
+        return failure(404, "not_found", f"no model folder {folder!r} here: checkpoints or loras")
+    return web.json_response(models if folder == "checkpoints" else loras)
+
+
+@comfy_routes("/embeddings")("GET")
+async def embeddings(request: web.Request) -> web.Response:
+    return web.json_response([])
+
+
+@comfy_routes("/system_stats")("GET")
+async def system_stats(request: web.Request) -> web.Response:
+    """This gateway, and the live workers as ComfyUI's devices (no memory figures: the workers do not publish them)."""
+    workers = [w for ws in request.app[SERVICE].served_models().values() for w in ws]
+    return web.json_response({
+        "system": {"os": platform.system().lower(), "python_version": platform.python_version(), "embedded_python": False,
+                   "comfyui_version": f"imagegen {__version__}", "argv": []},
+        "devices": [{"name": f"{w.worker_id} ({w.model})", "type": w.device.split(":")[0], "index": i, "vram_total": 0, "vram_free": 0,
+                     "torch_vram_total": 0, "torch_vram_free": 0} for i, w in enumerate(workers)],
+    })

@@ -1,0 +1,309 @@
+"""A ComfyUI prompt (its node graph, in the API format) read as one of this service's requests.
+
+The graph a text-to-image workflow makes is taken: a checkpoint (`CheckpointLoaderSimple`), LoRAs on it
+(`LoraLoader`, the same strength for the model and the text encoder), two `CLIPTextEncode` texts, an
+`EmptyLatentImage`, one `KSampler` with `denoise` 1, a `VAEDecode` of the checkpoint's VAE, and the
+`SaveImage` / `PreviewImage` nodes that show it. It becomes a request of `batch_size` images: the
+checkpoint is the model, the texts the prompt and negative prompt, the sampler and scheduler one of this
+service's schedulers, the LoRAs its `loras`.
+
+Any other node, or a link these nodes do not make, is refused in ComfyUI's own error shape (`error` and
+`node_errors` naming the node and its input), as ComfyUI refuses a prompt that fails validation; nothing
+is left out quietly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# (ComfyUI sampler, scheduler) -> this service's scheduler
+SCHEDULES: dict[tuple[str, str], str] = {
+    ("euler", "normal"): "euler",
+    ("euler_ancestral", "normal"): "euler_a",
+    ("dpmpp_2m", "normal"): "dpmpp_2m",
+    ("dpmpp_2m", "karras"): "dpmpp_2m_karras",
+    ("dpmpp_2m_sde", "normal"): "dpmpp_2m_sde",
+    ("dpmpp_2m_sde", "karras"): "dpmpp_2m_sde_karras",
+    ("ddim", "normal"): "ddim",
+    ("ddim", "ddim_uniform"): "ddim",
+    ("uni_pc", "normal"): "unipc",
+    ("deis", "normal"): "deis",
+}
+SAMPLERS = sorted({sampler for sampler, _ in SCHEDULES})
+SCHEDULERS = sorted({scheduler for _, scheduler in SCHEDULES})
+NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
+         "PreviewImage")
+OUTPUTS = ("SaveImage", "PreviewImage")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+class GraphInvalid(Exception):
+    """A prompt ComfyUI's way of answering refuses: `error` ({type, message, details, extra_info}) and
+    `node_errors` ({node id: {errors, dependent_outputs, class_type}})."""
+
+    def __init__(self, kind: str, message: str, details: str = "", node_errors: dict | None = None):
+        super().__init__(f"{message}: {details}" if details else message)
+        self.kind, self.message, self.details, self.node_errors = kind, message, details, node_errors or {}
+
+    def body(self) -> dict:
+        return {"error": {"type": self.kind, "message": self.message, "details": self.details, "extra_info": {}},
+                "node_errors": self.node_errors}
+
+
+@dataclass(frozen=True)
+class Problem:
+    node: str
+    kind: str  # ComfyUI's error type: required_input_missing, value_not_in_list, invalid_input_type, ...
+    message: str
+    input_name: str | None = None
+
+
+@dataclass
+class ReadGraph:
+    """What the graph asks for: this service's request fields, and which node played each part."""
+
+    fields: dict[str, Any]
+    sampler: str  # node ids
+    decode: str
+    latent: str
+    positive: str
+    negative: str
+    checkpoint: str
+    outputs: dict[str, str]  # output node id -> its class
+    classes: dict[str, str]  # every node's class
+    loras: dict[str, str] = field(default_factory=dict)  # adapter -> its LoraLoader node
+
+    def node_of(self, request_field: str) -> tuple[str, str]:
+        """(node, input) a request field came from, for the errors the request's own checks raise."""
+        by_field = {
+            "prompt": (self.positive, "text"), "negative_prompt": (self.negative, "text"), "width": (self.latent, "width"),
+            "height": (self.latent, "height"), "n": (self.latent, "batch_size"), "seed": (self.sampler, "seed"),
+            "steps": (self.sampler, "steps"), "guidance": (self.sampler, "cfg"), "scheduler": (self.sampler, "sampler_name"),
+            "model": (self.checkpoint, "ckpt_name"),
+        }
+        if request_field == "loras" and self.loras:
+            return next(iter(self.loras.values())), "lora_name"
+        return by_field.get(request_field, (self.sampler, request_field))
+
+
+def weights_name(value: str) -> str:
+    """A model or adapter name as ComfyUI's clients send it (a file name, maybe in a folder) without the folder and suffix."""
+    name = value.replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in WEIGHT_FILE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class GraphReader:
+    def __init__(self, graph: object, *, served_models: list[str]):
+        self.graph = graph
+        self.served = served_models
+        self.problems: list[Problem] = []
+
+    def read(self) -> ReadGraph:
+        graph = self.graph
+        if not isinstance(graph, dict) or not graph:
+            raise GraphInvalid("invalid_prompt", "Cannot execute because the prompt is not a graph of nodes",
+                               "send {\"prompt\": {node_id: {\"class_type\": ..., \"inputs\": {...}}}} in ComfyUI's API format")
+        for node_id, node in graph.items():
+            if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+                raise GraphInvalid("invalid_prompt", "Cannot execute because a node is missing the class_type property.", f"Node ID '#{node_id}'")
+            if not isinstance(node.get("inputs", {}), dict):
+                raise GraphInvalid("invalid_prompt", f"Cannot execute because node {node_id}'s inputs are not an object.", f"Node ID '#{node_id}'")
+            if node["class_type"] not in NODES:
+                raise GraphInvalid(
+                    "invalid_prompt", f"Cannot execute because node {node['class_type']} does not exist.",
+                    f"Node ID '#{node_id}': this server runs the nodes {', '.join(NODES)}",
+                )
+        outputs = {node_id: node["class_type"] for node_id, node in graph.items() if node["class_type"] in OUTPUTS}
+        if not outputs:
+            raise GraphInvalid("prompt_no_outputs", "Prompt has no outputs", "add a SaveImage or PreviewImage node")
+        decodes = {output: self.link(output, "images", "VAEDecode") for output in outputs}
+        found = {d for d in decodes.values() if d is not None}
+        if len(found) > 1:
+            for output in outputs:
+                self.fail(output, "invalid_input_type", "every output here shows the same VAEDecode: one image path per prompt", "images")
+        read = self.read_from(sorted(found)[0], outputs) if len(found) == 1 else None
+        if self.problems or read is None:
+            raise self.invalid(outputs)
+        return read
+
+    def read_from(self, decode: str, outputs: dict[str, str]) -> ReadGraph | None:
+        sampler = self.link(decode, "samples", "KSampler")
+        vae_source = self.link(decode, "vae", "CheckpointLoaderSimple", output=2)
+        if sampler is None:
+            return None
+        inputs = self.inputs(sampler)
+        model_chain = self.chain(sampler, "model", output=0)
+        positive = self.link(sampler, "positive", "CLIPTextEncode")
+        negative = self.link(sampler, "negative", "CLIPTextEncode")
+        latent = self.link(sampler, "latent_image", "EmptyLatentImage")
+        texts = {}
+        for role, node in (("positive", positive), ("negative", negative)):
+            if node is None:
+                continue
+            texts[role] = self.value(node, "text", str)
+            clip_chain = self.chain(node, "clip", output=1)
+            if model_chain is not None and clip_chain is not None and clip_chain != model_chain:
+                self.fail(node, "invalid_input_type",
+                          "its clip must come through the same checkpoint and LoraLoader nodes as the KSampler's model", "clip")
+        checkpoint = model_chain[0] if model_chain else None
+        if checkpoint is not None and vae_source is not None and vae_source != checkpoint:
+            self.fail(decode, "invalid_input_type", "its vae must be the KSampler's checkpoint's", "vae")
+        model = self.checkpoint_model(checkpoint) if checkpoint else None
+        loras: dict[str, str] = {}
+        weights: dict[str, float] = {}
+        for loader in (model_chain or [])[1:]:
+            name, weight = self.lora(loader)
+            if name is None:
+                continue
+            if name in loras:
+                self.fail(loader, "invalid_input_type", f"the LoRA {name!r} is loaded twice", "lora_name")
+            loras[name], weights[name] = loader, weight
+        scheduler = self.scheduler(sampler, inputs)
+        if inputs.get("denoise", 1.0) != 1:
+            self.fail(sampler, "value_not_in_list",
+                      "denoise below 1 starts from an image, which /prompt does not take here: use /sdapi/v1/img2img or /v1/jobs", "denoise")
+        size = {name: self.value(latent, name, int) for name in ("width", "height", "batch_size")} if latent else {}
+        numbers = {name: self.value(sampler, name, kind) for name, kind in (("seed", int), ("steps", int), ("cfg", float))}
+        if self.problems or None in (positive, negative, latent, checkpoint, vae_source):
+            return None
+        fields: dict[str, Any] = {
+            "prompt": texts.get("positive"),
+            "negative_prompt": texts.get("negative") or None,
+            "width": size["width"],
+            "height": size["height"],
+            "n": size["batch_size"],
+            "seed": numbers["seed"],
+            "steps": numbers["steps"],
+            "guidance": numbers["cfg"],
+            "scheduler": scheduler,
+            "model": model,
+            "format": "PNG",
+        }
+        if weights:
+            fields["loras"] = weights
+        return ReadGraph(fields={k: v for k, v in fields.items() if v is not None}, sampler=sampler, decode=decode, latent=latent,
+                         positive=positive, negative=negative, checkpoint=checkpoint, outputs=outputs, loras=loras,
+                         classes={n: node["class_type"] for n, node in self.graph.items()})
+
+    # -- one node at a time ----------------------------------------------------------------------
+
+    def inputs(self, node: str) -> dict[str, Any]:
+        return self.graph[node].get("inputs", {})
+
+    def fail(self, node: str, kind: str, message: str, input_name: str | None = None) -> None:
+        self.problems.append(Problem(node, kind, message, input_name))
+
+    def link(self, node: str, name: str, want: str, *, output: int = 0) -> str | None:
+        """The node that input `name` of `node` links to, when it is a `want` (its output `output`)."""
+        value = self.inputs(node).get(name)
+        if value is None:
+            self.fail(node, "required_input_missing", "Required input is missing", name)
+            return None
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)):
+            self.fail(node, "invalid_input_type", f"must link to a {want} node's output, as [node_id, output_index]", name)
+            return None
+        source = str(value[0])
+        if source not in self.graph:
+            self.fail(node, "invalid_input_type", f"links to node {source}, which the prompt does not have", name)
+            return None
+        kind = self.graph[source]["class_type"]
+        if kind != want or value[1] != output:
+            self.fail(node, "invalid_input_type", f"must link to output {output} of a {want} node here, not output {value[1]} of {kind} {source}", name)
+            return None
+        return source
+
+    def chain(self, node: str, name: str, *, output: int) -> list[str] | None:
+        """[checkpoint, LoraLoader, ...]: where input `name` (a MODEL at output 0, a CLIP at 1) comes from."""
+        loaders: list[str] = []
+        at, at_name = node, name
+        for _ in range(len(self.graph) + 1):
+            value = self.inputs(at).get(at_name)
+            source = str(value[0]) if isinstance(value, list) and len(value) == 2 else None
+            kind = self.graph.get(source, {}).get("class_type") if source is not None else None
+            if kind == "LoraLoader" and value[1] == output:
+                loaders.append(source)
+                at, at_name = source, "model" if output == 0 else "clip"
+                continue
+            checkpoint = self.link(at, at_name, "CheckpointLoaderSimple", output=output)
+            return [checkpoint, *reversed(loaders)] if checkpoint is not None else None
+        self.fail(node, "invalid_input_type", "its LoraLoader nodes link in a circle", name)
+        return None
+
+    def value(self, node: str, name: str, kind: type) -> Any:
+        value = self.inputs(node).get(name)
+        if value is None:
+            self.fail(node, "required_input_missing", "Required input is missing", name)
+            return None
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            what = {int: "an integer", float: "a number", str: "a string"}[kind]
+            self.fail(node, "invalid_input_type", f"must be {what} here, got {value!r}", name)
+            return None
+        return value
+
+    def checkpoint_model(self, node: str) -> str | None:
+        asked = self.value(node, "ckpt_name", str)
+        if asked is None:
+            return None
+        for name in (asked, weights_name(asked)):
+            if name in self.served:
+                return name
+        if not self.served:  # no worker yet: the name stands, and the jobs wait for a worker of it
+            return weights_name(asked)
+        self.fail(node, "value_not_in_list", f"Value not in list: ckpt_name: {asked!r} not in {self.served}", "ckpt_name")
+        return None
+
+    def lora(self, node: str) -> tuple[str | None, float]:
+        name = self.value(node, "lora_name", str)
+        model_weight = self.value(node, "strength_model", float)
+        clip_weight = self.value(node, "strength_clip", float)
+        if model_weight is not None and clip_weight is not None and model_weight != clip_weight:
+            self.fail(node, "invalid_input_type", "one strength for the model and the text encoder here: strength_model must equal strength_clip",
+                      "strength_clip")
+        return (weights_name(name) if name else None), (model_weight if model_weight is not None else 1.0)
+
+    def scheduler(self, node: str, inputs: dict[str, Any]) -> str | None:
+        sampler, schedule = self.value(node, "sampler_name", str), self.value(node, "scheduler", str)
+        if sampler is None or schedule is None:
+            return None
+        if sampler not in SAMPLERS:
+            self.fail(node, "value_not_in_list", f"Value not in list: sampler_name: {sampler!r} not in {SAMPLERS}", "sampler_name")
+            return None
+        mine = SCHEDULES.get((sampler, schedule))
+        if mine is None:
+            offered = sorted(s for (sm, s) in SCHEDULES if sm == sampler)
+            self.fail(node, "value_not_in_list", f"Value not in list: scheduler: {schedule!r} with {sampler} not in {offered}", "scheduler")
+        return mine
+
+    def invalid(self, outputs: dict[str, str]) -> GraphInvalid:
+        return failed_validation(self.problems, {n: node["class_type"] for n, node in self.graph.items()}, outputs)
+
+
+def failed_validation(problems: list[Problem], classes: dict[str, str], outputs: dict[str, str]) -> GraphInvalid:
+    """ComfyUI's answer to a prompt whose nodes fail its checks: each problem under its node."""
+    errors: dict[str, dict] = {}
+    for problem in problems:
+        entry = errors.setdefault(problem.node, {"errors": [], "dependent_outputs": sorted(outputs), "class_type": classes[problem.node]})
+        entry["errors"].append({
+            "type": problem.kind, "message": problem.message,
+            "details": f"{problem.input_name}: {problem.message}" if problem.input_name else problem.message,
+            "extra_info": {"input_name": problem.input_name} if problem.input_name else {},
+        })
+    return GraphInvalid("prompt_outputs_failed_validation", "Prompt outputs failed validation", "", errors)
+
+
+def read_graph(graph: object, *, served_models: list[str]) -> ReadGraph:
+    """The request a ComfyUI prompt asks for; raises GraphInvalid."""
+    return GraphReader(graph, served_models=served_models).read()
+
+
+def field_problem(read: ReadGraph, request_field: str, message: str) -> GraphInvalid:
+    """A refusal by this service's own request checks, on the node and input the field came from."""
+    node, input_name = read.node_of(request_field)
+    kind = "value_not_in_list" if request_field in ("model", "loras", "scheduler") else "invalid_input_type"
+    return failed_validation([Problem(node, kind, message, input_name)], read.classes, read.outputs)

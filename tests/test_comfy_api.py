@@ -1,0 +1,310 @@
+"""ComfyUI's server API as its scripts and tools call it: a text-to-image prompt graph queued on the real
+tiny-sdxl pipeline, /history and /view for its images, /queue, /interrupt, the /ws messages of its run
+(on another gateway than the one it was queued through), what the server runs, and refusals in
+ComfyUI's own shape."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import json
+
+import aiohttp
+import nats
+import pytest
+from PIL import Image
+
+from gateway.auth import new_key_entry
+from gateway.settings import GatewaySettings
+from imagegen import runtime
+from schemas import names
+from schemas.codec import encode
+from schemas.events import JobEvent
+from tests.conftest import start_service, stop_service
+
+WORKFLOW = {
+    "3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 2, "cfg": 8, "sampler_name": "euler", "scheduler": "normal",
+                                               "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                               "latent_image": ["5", 0]}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sdxl.safetensors"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["4", 1]}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+}
+
+
+def workflow(**inputs: dict) -> dict:
+    """The default workflow with some nodes' inputs changed: workflow(**{"3": {"steps": 4}})."""
+    graph = copy.deepcopy(WORKFLOW)
+    for node, changes in inputs.items():
+        graph[node]["inputs"].update(changes)
+    return graph
+
+
+async def queue_prompt(http, url: str, graph: dict, **extra) -> tuple[int, dict]:
+    async with http.post(f"{url}/prompt", json={"prompt": graph, **extra}) as r:
+        return r.status, await r.json()
+
+
+async def history_when_done(http, url: str, prompt_id: str, *, path: str = "/history") -> dict:
+    async with asyncio.timeout(60):
+        while True:
+            async with http.get(f"{url}{path}/{prompt_id}") as r:
+                assert r.status == 200
+                found = await r.json()
+            if found:
+                return found[prompt_id]
+            await asyncio.sleep(0.05)
+
+
+async def test_the_default_workflow_runs_and_history_and_view_give_its_images(service, http):
+    status, queued = await queue_prompt(http, service.url, workflow(**{"5": {"batch_size": 2}}), client_id="script")
+    assert status == 200, queued
+    assert queued["node_errors"] == {} and isinstance(queued["number"], int)
+    entry = await history_when_done(http, service.url, queued["prompt_id"], path="/api/history")  # /api/... as well
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+    assert entry["status"]["messages"][-1][0] == "execution_success"
+    assert entry["prompt"][1] == queued["prompt_id"] and entry["prompt"][2]["9"]["class_type"] == "SaveImage"
+    images = entry["outputs"]["9"]["images"]
+    assert len(images) == 2 and all(i["type"] == "output" and i["subfolder"] == "" for i in images)
+    for image in images:
+        async with http.get(f"{service.url}/view", params={"filename": image["filename"], "subfolder": "", "type": "output"}) as r:
+            assert r.status == 200 and r.content_type == "image/png"
+            assert Image.open(io.BytesIO(await r.read())).size == (64, 64)
+    job_id = images[1]["filename"].removesuffix(".png")
+    async with http.get(f"{service.url}/v1/jobs/{job_id}") as r:
+        job = await r.json()
+    asked = job["request"]
+    assert asked["prompt"] == "a lighthouse at dusk" and asked["negative_prompt"] == "text, watermark"
+    assert asked["scheduler"] == "euler" and asked["guidance"] == 8.0 and asked["steps"] == 2 and job["seed"] == 6
+    assert asked["model"] == "tiny-sdxl"
+    async with http.get(f"{service.url}/history", params={"max_items": "1"}) as r:
+        assert list(await r.json()) == [queued["prompt_id"]]
+
+
+async def test_the_same_prompt_id_queues_once(service, http):
+    graph = workflow(**{"3": {"seed": 77}})
+    first = await queue_prompt(http, service.url, graph, prompt_id="my-own-id-1")
+    again = await queue_prompt(http, service.url, graph, prompt_id="my-own-id-1")
+    assert first[0] == again[0] == 200 and first[1]["prompt_id"] == again[1]["prompt_id"] == "my-own-id-1"
+    entry = await history_when_done(http, service.url, "my-own-id-1")
+    assert len(entry["outputs"]["9"]["images"]) == 1
+
+
+def without(node: str) -> dict:
+    graph = copy.deepcopy(WORKFLOW)
+    del graph[node]
+    return graph
+
+
+def with_lora(strength_clip: float = 0.5, *, clip_through_lora: bool = True, name: str = "style") -> dict:
+    graph = workflow(**{"3": {"model": ["10", 0]}})
+    graph["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": f"{name}.safetensors",
+                                                            "strength_model": 0.5, "strength_clip": strength_clip}}
+    if clip_through_lora:
+        graph["6"]["inputs"]["clip"] = graph["7"]["inputs"]["clip"] = ["10", 1]
+    return graph
+
+
+@pytest.mark.parametrize(
+    ("graph", "kind", "node", "input_name", "words"),
+    [
+        ({**WORKFLOW, "10": {"class_type": "UpscaleModelLoader", "inputs": {}}}, "invalid_prompt", None, None, "UpscaleModelLoader does not exist"),
+        ({"1": {"inputs": {}}}, "invalid_prompt", None, None, "missing the class_type"),
+        (without("9"), "prompt_no_outputs", None, None, "Prompt has no outputs"),
+        ([1, 2], "invalid_prompt", None, None, "not a graph of nodes"),
+        (workflow(**{"3": {"sampler_name": "lcm"}}), "prompt_outputs_failed_validation", "3", "sampler_name", "'lcm' not in"),
+        (workflow(**{"3": {"scheduler": "exponential"}}), "prompt_outputs_failed_validation", "3", "scheduler", "with euler not in ['normal']"),
+        (workflow(**{"3": {"denoise": 0.6}}), "prompt_outputs_failed_validation", "3", "denoise", "starts from an image"),
+        (workflow(**{"3": {"steps": "many"}}), "prompt_outputs_failed_validation", "3", "steps", "must be an integer"),
+        (workflow(**{"3": {"steps": 500}}), "prompt_outputs_failed_validation", "3", "steps", "between 1 and"),
+        (workflow(**{"3": {"latent_image": ["6", 0]}}), "prompt_outputs_failed_validation", "3", "latent_image", "EmptyLatentImage"),
+        (workflow(**{"4": {"ckpt_name": "sd_xl_turbo.safetensors"}}), "prompt_outputs_failed_validation", "4", "ckpt_name", "not in ['tiny-sdxl']"),
+        (workflow(**{"5": {"width": 100}}), "prompt_outputs_failed_validation", "5", "width", "multiple of 8"),
+        (workflow(**{"5": {"batch_size": 99}}), "prompt_outputs_failed_validation", "5", "batch_size", "between 1 and 8, got 99"),
+        (workflow(**{"6": {"text": None}}), "prompt_outputs_failed_validation", "6", "text", "Required input is missing"),
+        (workflow(**{"8": {"vae": ["4", 1]}}), "prompt_outputs_failed_validation", "8", "vae", "output 2 of a CheckpointLoaderSimple"),
+        (with_lora(strength_clip=0.8), "prompt_outputs_failed_validation", "10", "strength_clip", "strength_model must equal strength_clip"),
+        (with_lora(clip_through_lora=False), "prompt_outputs_failed_validation", "6", "clip", "same checkpoint and LoraLoader"),
+        (with_lora(0.5), "prompt_outputs_failed_validation", "10", "lora_name", "no adapter 'style'"),
+    ],
+)
+async def test_prompts_it_cannot_run_are_refused_in_comfyuis_shape(service, http, graph, kind, node, input_name, words):
+    status, answer = await queue_prompt(http, service.url, graph)
+    assert status == 400, answer
+    assert answer["error"]["type"] == kind
+    if node is None:
+        assert words in answer["error"]["message"] + answer["error"]["details"] and answer["node_errors"] == {}
+        return
+    problem = answer["node_errors"][node]
+    assert problem["class_type"] == graph[node]["class_type"] and problem["dependent_outputs"] == ["9"]
+    [error] = problem["errors"]
+    assert error["extra_info"]["input_name"] == input_name and words in error["message"], error
+
+
+async def test_a_body_without_a_prompt_is_refused(service, http):
+    async with http.post(f"{service.url}/prompt", json={"client_id": "x"}) as r:
+        assert r.status == 400 and (await r.json())["error"]["type"] == "no_prompt"
+    async with http.post(f"{service.url}/prompt", data=b"{not json", headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 400 and "not JSON" in (await r.json())["error"]["details"]
+    async with http.post(f"{service.url}/prompt", json={"prompt": WORKFLOW, "prompt_id": "no spaces please"}) as r:
+        assert r.status == 400 and "prompt_id" in (await r.json())["error"]["message"]
+
+
+async def test_what_it_runs(service, http):
+    async with http.get(f"{service.url}/object_info") as r:
+        info = await r.json()
+    assert set(info) >= {"CheckpointLoaderSimple", "KSampler", "SaveImage", "LoraLoader"}
+    assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"] == [["tiny-sdxl"]]
+    assert "euler" in info["KSampler"]["input"]["required"]["sampler_name"][0]
+    async with http.get(f"{service.url}/object_info/KSampler") as r:
+        assert list(await r.json()) == ["KSampler"]
+    async with http.get(f"{service.url}/models/checkpoints") as r:
+        assert await r.json() == ["tiny-sdxl"]
+    async with http.get(f"{service.url}/models/loras") as r:
+        assert await r.json() == []
+    async with http.get(f"{service.url}/embeddings") as r:
+        assert await r.json() == []
+    async with http.get(f"{service.url}/system_stats") as r:
+        stats = await r.json()
+    assert stats["system"]["comfyui_version"].startswith("imagegen") and stats["devices"][0]["type"] == "cpu"
+
+
+async def messages_until_idle(ws, prompt_id: str) -> tuple[list[dict], list[bytes]]:
+    """The socket's JSON messages and binary frames until the prompt's `executing` with node null."""
+    texts: list[dict] = []
+    frames: list[bytes] = []
+    async with asyncio.timeout(60):
+        async for message in ws:
+            if message.type is aiohttp.WSMsgType.BINARY:
+                frames.append(message.data)
+                continue
+            body = json.loads(message.data)
+            texts.append(body)
+            if body["type"] == "executing" and body["data"]["node"] is None and body["data"]["prompt_id"] == prompt_id:
+                break
+    return texts, frames
+
+
+async def test_the_socket_tells_a_prompts_run_on_another_gateway(broker, data_dir, http):
+    """Queued through one gateway, followed on another's /ws: ComfyUI's messages in ComfyUI's order, the
+    progress of both images of the batch, the preview a worker sends as a binary frame."""
+    own = await start_service(broker.url, data_dir, model="simulated", refiner=None, sim_step_s=0.03)
+    other = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    nc = await nats.connect(broker.url)
+    try:
+        async with http.ws_connect(f"http://127.0.0.1:{other.port}/ws?clientId=tool-1") as ws:
+            hello = await ws.receive_json(timeout=10)
+            assert hello["type"] == "status" and hello["data"]["sid"] == "tool-1"
+            graph = workflow(**{"4": {"ckpt_name": "simulated"}, "3": {"steps": 10}, "5": {"batch_size": 2}})
+            status, queued = await queue_prompt(http, own.url, graph, client_id="tool-1")
+            assert status == 200, queued
+            prompt_id = queued["prompt_id"]
+            first_progress = asyncio.Event()
+
+            async def send_preview() -> None:  # as a worker does every few steps (the simulated engine makes no latents)
+                await first_progress.wait()
+                async with http.get(f"{own.url}/history") as r:
+                    assert prompt_id not in await r.json()  # still running: not in the history yet
+                buffer = io.BytesIO()
+                Image.new("RGB", (8, 8), (0, 0, 255)).save(buffer, format="JPEG")
+                async with http.get(f"{own.url}/queue") as r:
+                    running = (await r.json())["queue_running"]
+                assert running and running[0][1] == prompt_id
+                async with http.get(f"{own.url}/v1/jobs", params={"state": "running"}) as r:
+                    job_id = (await r.json())[0]["job_id"]
+                event = JobEvent(type="preview", job_id=job_id, step=3, total=10, preview=buffer.getvalue())
+                await nc.publish(names.events_subject(job_id), encode(event))
+                return buffer.getvalue()
+
+            preview = asyncio.ensure_future(send_preview())
+            texts: list[dict] = []
+            frames: list[bytes] = []
+            async with asyncio.timeout(60):
+                async for message in ws:
+                    if message.type is aiohttp.WSMsgType.BINARY:
+                        frames.append(message.data)
+                        continue
+                    body = json.loads(message.data)
+                    texts.append(body)
+                    if body["type"] == "progress":
+                        first_progress.set()
+                    if body["type"] == "executing" and body["data"]["node"] is None:
+                        break
+            jpeg = await preview
+        kinds = [m["type"] for m in texts]
+        assert kinds[:3] == ["execution_start", "execution_cached", "executing"] and texts[2]["data"]["node"] == "3"
+        progress = [m["data"] for m in texts if m["type"] == "progress"]
+        assert progress and all(p["max"] == 20 and p["node"] == "3" and p["prompt_id"] == prompt_id for p in progress)
+        assert [p["value"] for p in progress] == sorted(p["value"] for p in progress) and progress[-1]["value"] == 20
+        executed = next(m["data"] for m in texts if m["type"] == "executed")
+        assert executed["node"] == "9" and len(executed["output"]["images"]) == 2
+        assert kinds[-3:] == ["executed", "execution_success", "executing"]
+        assert frames and frames[0][:8] == b"\x00\x00\x00\x01\x00\x00\x00\x01" and frames[0][8:] == jpeg
+    finally:
+        await nc.close()
+        await other.stop()
+        await stop_service(own)
+
+
+async def test_queue_delete_and_interrupt_stop_prompts(broker, data_dir, http):
+    own = await start_service(broker.url, data_dir, model="simulated", refiner=None, sim_step_s=0.05)
+    try:
+        async with http.ws_connect(f"{own.url}/ws?clientId=tool-2") as ws:
+            await ws.receive_json(timeout=10)
+            graph = workflow(**{"4": {"ckpt_name": "simulated"}, "3": {"steps": 40}})
+            _, running = await queue_prompt(http, own.url, graph, client_id="tool-2")
+            _, pending = await queue_prompt(http, own.url, workflow(**{"4": {"ckpt_name": "simulated"}, "3": {"steps": 40, "seed": 6}}))
+            async with asyncio.timeout(30):
+                while True:
+                    async with http.get(f"{own.url}/queue") as r:
+                        queue = await r.json()
+                    if [e[1] for e in queue["queue_running"]] == [running["prompt_id"]]:
+                        break
+                    await asyncio.sleep(0.05)
+            assert [e[1] for e in queue["queue_pending"]] == [pending["prompt_id"]]
+            async with http.post(f"{own.url}/queue", json={"delete": [pending["prompt_id"]]}) as r:
+                assert r.status == 200
+            async with http.post(f"{own.url}/interrupt") as r:
+                assert r.status == 200
+            texts, _ = await messages_until_idle(ws, running["prompt_id"])
+        assert "execution_interrupted" in [m["type"] for m in texts]
+        for prompt_id in (running["prompt_id"], pending["prompt_id"]):
+            entry = await history_when_done(http, own.url, prompt_id)
+            assert entry["status"]["status_str"] == "error" and entry["status"]["messages"][-1][0] == "execution_interrupted"
+            assert entry["outputs"] == {}
+        async with http.get(f"{own.url}/queue") as r:
+            assert await r.json() == {"queue_running": [], "queue_pending": []}
+    finally:
+        await stop_service(own)
+
+
+async def test_with_api_keys_a_prompt_is_its_keys(service, http):
+    mine_secret, mine = new_key_entry("studio", tiers=["normal"], rate_per_minute=100, max_concurrent=10)
+    other_secret, other = new_key_entry("press", tiers=["normal"], rate_per_minute=100, max_concurrent=10)
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([mine, other])))
+    url = f"http://127.0.0.1:{gateway.port}"
+    try:
+        async with http.post(f"{url}/prompt", json={"prompt": WORKFLOW}) as r:
+            assert r.status == 401
+        async with http.post(f"{url}/prompt", json={"prompt": workflow(**{"3": {"seed": 91}})}, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+            assert r.status == 200
+            prompt_id = (await r.json())["prompt_id"]
+        async with asyncio.timeout(60):
+            while True:
+                async with http.get(f"{url}/history/{prompt_id}", headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+                    if found := await r.json():
+                        break
+                await asyncio.sleep(0.05)
+        filename = found[prompt_id]["outputs"]["9"]["images"][0]["filename"]
+        async with http.get(f"{url}/history/{prompt_id}", headers={"Authorization": f"Bearer {other_secret}"}) as r:
+            assert await r.json() == {}
+        async with http.get(f"{url}/view", params={"filename": filename}, headers={"Authorization": f"Bearer {other_secret}"}) as r:
+            assert r.status == 404
+        async with http.get(f"{url}/view", params={"filename": filename}, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+            assert r.status == 200
+    finally:
+        await gateway.stop()
