@@ -42,6 +42,7 @@ routes = web.RouteTableDef()
 
 PREVIEW_IMAGE, JPEG = 1, 1  # ComfyUI's binary frame: event type, then image format, each a big-endian uint32
 MAX_QUEUE_LISTED = 1000
+MAX_HISTORY = 10_000  # entries /history gives without max_items, as ComfyUI keeps at most
 
 
 def comfy_routes(path: str):
@@ -223,8 +224,9 @@ async def history(request: web.Request) -> web.Response:
     except ValueError:
         return failure(400, "invalid_query", "max_items must be a whole number of at least 1", repr(raw))
     entries: list[tuple[str, dict]] = []
+    most = min(most or MAX_HISTORY, MAX_HISTORY)
     for prompt in reversed(list(jobs.comfy.by_id.values())):
-        if most is not None and len(entries) >= most:
+        if len(entries) >= most:
             break
         if not visible(prompt, owner):
             continue
@@ -414,10 +416,18 @@ async def socket(request: web.Request) -> web.WebSocketResponse:
     following: set[asyncio.Task] = set()
     started: set[str] = set()  # a prompt queued as the socket opened comes both ways
 
+    async def follow(prompt: ComfyPrompt) -> None:
+        try:
+            await sock.follow(prompt)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # the broker away, say: the socket stays, and /history tells the end later
+            log.warning("comfy socket %s: prompt %s no longer followed: %s", client_id, prompt.prompt_id, exc)
+
     def start(prompt: ComfyPrompt) -> None:
         if visible(prompt, owner) and prompt.prompt_id not in started:
             started.add(prompt.prompt_id)
-            task = asyncio.ensure_future(sock.follow(prompt))
+            task = asyncio.ensure_future(follow(prompt))
             following.add(task)
             task.add_done_callback(following.discard)
 

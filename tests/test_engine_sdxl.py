@@ -372,10 +372,14 @@ async def test_lora_and_sampler_chosen_per_request_over_http(lora_service, http)
     assert not np.array_equal(pixels[0], pixels[3])
 
 
-async def test_unknown_lora_fails_the_job_and_unknown_sampler_is_a_400(lora_service, http):
-    status, _ = await generate_png(http, lora_service.url, loras={"sepia": 1.0})
-    assert status["status"] == "error"
-    assert "'sepia' not loaded" in status["error"] and "style" in status["error"]
+async def test_unknown_lora_and_unknown_sampler_are_a_400(lora_service, http):
+    """The gateway knows the adapters the workers loaded (they publish them): an unknown one is refused
+    before anything is queued. (A worker that lacks one anyway fails the job: see above.)"""
+    body = {"prompt": "a lighthouse", "width": 64, "height": 64, "loras": {"sepia": 1.0}}
+    async with http.post(f"{lora_service.url}/api/generate", json=body) as r:
+        assert r.status == 400
+        answer = await r.json()
+    assert answer["field"] == "loras" and "no adapter 'sepia'; they have: style" in answer["error"]
     body = {"prompt": "x", "scheduler": "warp-drive", "width": 64, "height": 64}
     async with http.post(f"{lora_service.url}/api/generate", json=body) as r:
         assert r.status == 400
