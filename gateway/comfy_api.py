@@ -274,12 +274,18 @@ async def queue(request: web.Request) -> web.Response:
     return web.json_response({"queue_running": [p.queue_entry() for p in running], "queue_pending": [p.queue_entry() for p in pending]})
 
 
-async def cancel_prompt(jobs: JobService, prompt: ComfyPrompt, owner: str | None) -> None:
-    for job_id in prompt.job_ids:
-        try:
-            await jobs.cancel(job_id, owner=owner)
-        except UnknownJob:
-            continue
+async def cancelled(jobs: JobService, prompts: list[ComfyPrompt], owner: str | None) -> web.Response:
+    """Cancels the prompts' jobs (a running one stops at its next step) and answers for it."""
+    try:
+        for prompt in prompts:
+            for job_id in prompt.job_ids:
+                try:
+                    await jobs.cancel(job_id, owner=owner)
+                except UnknownJob:
+                    continue
+    except BROKER_DOWN:
+        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    return web.json_response({})
 
 
 @comfy_routes("/queue")("POST")
@@ -297,12 +303,7 @@ async def change_queue(request: web.Request) -> web.Response:
     doomed = [p for prompt_id in body.get("delete", []) if visible(p := jobs.comfy.get(str(prompt_id)), owner)]
     if body.get("clear"):
         doomed += unfinished_prompts(jobs, owner)[1]
-    try:
-        for prompt in doomed:
-            await cancel_prompt(jobs, prompt, owner)
-    except BROKER_DOWN:
-        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
-    return web.json_response({})
+    return await cancelled(jobs, doomed, owner)
 
 
 @comfy_routes("/interrupt")("POST")
@@ -317,13 +318,10 @@ async def interrupt(request: web.Request) -> web.Response:
         except RequestInvalid as exc:
             return failure(400, "invalid_request", "Cannot read the request", str(exc))
     named = body.get("prompt_id") if isinstance(body, dict) else None
-    targets = [p] if named and visible(p := jobs.comfy.get(str(named)), owner) else [] if named else unfinished_prompts(jobs, owner)[0]
-    try:
-        for prompt in targets:
-            await cancel_prompt(jobs, prompt, owner)
-    except BROKER_DOWN:
-        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
-    return web.json_response({})
+    if named:
+        prompt = jobs.comfy.get(str(named))
+        return await cancelled(jobs, [prompt] if visible(prompt, owner) else [], owner)
+    return await cancelled(jobs, unfinished_prompts(jobs, owner)[0], owner)
 
 
 # -- the socket -------------------------------------------------------------------------------

@@ -173,8 +173,9 @@ async def test_what_it_runs(service, http):
     assert stats["system"]["comfyui_version"].startswith("imagegen") and stats["devices"][0]["type"] == "cpu"
 
 
-async def messages_until_idle(ws, prompt_id: str) -> tuple[list[dict], list[bytes]]:
-    """The socket's JSON messages and binary frames until the prompt's `executing` with node null."""
+async def messages_until_idle(ws, prompt_id: str, on_message=None) -> tuple[list[dict], list[bytes]]:
+    """The socket's JSON messages and binary frames until the prompt's `executing` with node null;
+    `on_message(body)` sees each JSON message as it comes."""
     texts: list[dict] = []
     frames: list[bytes] = []
     async with asyncio.timeout(60):
@@ -184,6 +185,8 @@ async def messages_until_idle(ws, prompt_id: str) -> tuple[list[dict], list[byte
                 continue
             body = json.loads(message.data)
             texts.append(body)
+            if on_message is not None:
+                on_message(body)
             if body["type"] == "executing" and body["data"]["node"] is None and body["data"]["prompt_id"] == prompt_id:
                 break
     return texts, frames
@@ -221,19 +224,7 @@ async def test_the_socket_tells_a_prompts_run_on_another_gateway(broker, data_di
                 return buffer.getvalue()
 
             preview = asyncio.ensure_future(send_preview())
-            texts: list[dict] = []
-            frames: list[bytes] = []
-            async with asyncio.timeout(60):
-                async for message in ws:
-                    if message.type is aiohttp.WSMsgType.BINARY:
-                        frames.append(message.data)
-                        continue
-                    body = json.loads(message.data)
-                    texts.append(body)
-                    if body["type"] == "progress":
-                        first_progress.set()
-                    if body["type"] == "executing" and body["data"]["node"] is None:
-                        break
+            texts, frames = await messages_until_idle(ws, prompt_id, lambda body: body["type"] == "progress" and first_progress.set())
             jpeg = await preview
         kinds = [m["type"] for m in texts]
         assert kinds[:3] == ["execution_start", "execution_cached", "executing"] and texts[2]["data"]["node"] == "3"
