@@ -92,9 +92,11 @@ async def queue_prompt(request: web.Request) -> web.Response:
     extra = body.get("extra_data") or {}
     if not isinstance(prompt_id, str) or not PROMPT_ID.match(prompt_id):
         return failure(400, "invalid_prompt", "prompt_id must be 1-64 letters, digits, '-' or '_'", repr(prompt_id))
-    if client_id is not None and not isinstance(client_id, str) or not isinstance(extra, dict):
+    if (client_id is not None and not isinstance(client_id, str)) or not isinstance(extra, dict):
         return failure(400, "invalid_prompt", "client_id must be a string and extra_data an object")
     owner = owner_of(request)
+    if (kept := jobs.comfy.get(prompt_id)) is not None and kept.owner != owner:
+        return failure(400, "invalid_prompt", "prompt_id is taken: send another, or none", prompt_id)
     try:
         read = read_graph(body["prompt"], served_models=sorted(jobs.served_models()))
         try:
@@ -125,12 +127,14 @@ async def queue_prompt(request: web.Request) -> web.Response:
         outputs=read.outputs, graph=body["prompt"], extra_data=extra,
     )
     try:
-        await jobs.comfy.add(record)
+        kept = await jobs.comfy.add(record)
     except BROKER_DOWN as exc:
         log.warning("comfy prompt %s: its record not kept: %s", prompt_id, exc)
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly with the same prompt_id")
-    log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(record.job_ids))
-    return web.json_response({"prompt_id": prompt_id, "number": record.number, "node_errors": {}})
+    if kept.owner != owner:  # taken meanwhile through another gateway
+        return failure(400, "invalid_prompt", "prompt_id is taken: send another, or none", prompt_id)
+    log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(kept.job_ids))
+    return web.json_response({"prompt_id": prompt_id, "number": kept.number, "node_errors": {}})
 
 
 # -- what became of it --------------------------------------------------------------------------

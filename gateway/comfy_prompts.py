@@ -13,6 +13,7 @@ import logging
 import time
 
 from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from gateway.queue_view import QueueView
@@ -36,10 +37,19 @@ class ComfyPrompts:
         ready = view.watch_also(self.kv, self._on_entry)
         await asyncio.wait_for(ready.wait(), timeout_s)
 
-    async def add(self, prompt: ComfyPrompt) -> None:
-        """Keeps the prompt for every gateway (and here at once, before the watch brings it back)."""
-        revision = await self.kv.put(prompt.prompt_id, encode(prompt))
+    async def add(self, prompt: ComfyPrompt) -> ComfyPrompt:
+        """Keeps the prompt for every gateway (and here at once, before the watch brings it back), and
+        returns it; when its id is kept already (the same prompt sent again), returns the one kept,
+        which may be another caller's."""
+        try:
+            revision = await self.kv.create(prompt.prompt_id, encode(prompt))
+        except KeyWrongLastSequenceError:
+            entry = await self.kv.get(prompt.prompt_id)
+            kept = decode(entry.value, ComfyPrompt)
+            self._keep(kept, entry.revision)
+            return kept
         self._keep(prompt, revision)
+        return prompt
 
     def get(self, prompt_id: str) -> ComfyPrompt | None:
         return self.by_id.get(prompt_id)

@@ -90,6 +90,7 @@ async def test_the_same_prompt_id_queues_once(service, http):
     first = await queue_prompt(http, service.url, graph, prompt_id="my-own-id-1")
     again = await queue_prompt(http, service.url, graph, prompt_id="my-own-id-1")
     assert first[0] == again[0] == 200 and first[1]["prompt_id"] == again[1]["prompt_id"] == "my-own-id-1"
+    assert first[1]["number"] == again[1]["number"]
     entry = await history_when_done(http, service.url, "my-own-id-1")
     assert len(entry["outputs"]["9"]["images"]) == 1
 
@@ -297,5 +298,8 @@ async def test_with_api_keys_a_prompt_is_its_keys(service, http):
             assert r.status == 404
         async with http.get(f"{url}/view", params={"filename": filename}, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
             assert r.status == 200
+        body = {"prompt": WORKFLOW, "prompt_id": prompt_id}  # another key's prompt id is not to be had
+        async with http.post(f"{url}/prompt", json=body, headers={"Authorization": f"Bearer {other_secret}"}) as r:
+            assert r.status == 400 and "prompt_id is taken" in (await r.json())["error"]["message"]
     finally:
         await gateway.stop()
