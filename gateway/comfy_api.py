@@ -1,5 +1,6 @@
 """ComfyUI's server API on the gateway, for the tools and scripts that queue ComfyUI prompts: `POST /prompt`
-(a text-to-image graph, read by `gateway.comfy_graph`), `GET /history`, `GET /view`, `GET /queue`,
+(a text-to-image or image-to-image graph, read by `gateway.comfy_graph`), `POST /upload/image` (the
+images LoadImage names), `GET /history`, `GET /view`, `GET /queue`,
 `POST /queue` (delete, clear), `POST /interrupt`, the WebSocket `/ws?clientId=...` with ComfyUI's
 messages (status, execution_start, executing, progress, binary previews, executed, execution_success,
 execution_error, execution_interrupted), `GET /object_info` for the nodes it runs, `/system_stats`,
@@ -14,8 +15,10 @@ With API keys on, a caller sees and stops only its key's prompts.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import platform
+import re
 import struct
 import time
 import uuid
@@ -23,6 +26,7 @@ from contextlib import aclosing
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from gateway.comfy_graph import GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
 from gateway.http_errors import read_json
@@ -36,6 +40,7 @@ from schemas.comfy import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
 from schemas.request import MAX_SEED, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
+from schemas.uploads import read_image
 
 log = logging.getLogger("imagegen.gateway.comfy")
 routes = web.RouteTableDef()
@@ -43,6 +48,9 @@ routes = web.RouteTableDef()
 PREVIEW_IMAGE, JPEG = 1, 1  # ComfyUI's binary frame: event type, then image format, each a big-endian uint32
 MAX_QUEUE_LISTED = 1000
 MAX_HISTORY = 10_000  # entries /history gives without max_items, as ComfyUI keeps at most
+UPLOAD_PREFIX = "comfy-input"
+UPLOAD_NAME = re.compile(r"^[A-Za-z0-9 ._()-]{1,128}$")
+MAX_NAME_TRIES = 100  # "name (1).png", "name (2).png", ... for an upload whose name is kept already
 
 
 def comfy_routes(path: str):
@@ -100,7 +108,10 @@ async def queue_prompt(request: web.Request) -> web.Response:
     try:
         read = read_graph(body["prompt"], served_models=sorted(jobs.served_models()))
         try:
-            base = parse_request(read.fields, limits=jobs.settings.limits)
+            fields = read.fields
+            if read.image_name is not None:
+                fields = {**fields, "init_image": base64.b64encode(await uploaded(jobs, owner, read.image_name)).decode("ascii")}
+            base = parse_request(fields, limits=jobs.settings.limits)
             who = {"owner": owner, "key": caller(request)["key"]}
             if (tier := tier_for(who["key"])) is not None:
                 base = base.model_copy(update={"tier": tier})
@@ -135,6 +146,70 @@ async def queue_prompt(request: web.Request) -> web.Response:
         return failure(400, "invalid_prompt", "prompt_id is taken: send another, or none", prompt_id)
     log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(kept.job_ids))
     return web.json_response({"prompt_id": prompt_id, "number": kept.number, "node_errors": {}})
+
+
+# -- input images -------------------------------------------------------------------------------
+
+
+def upload_object(owner: str | None, name: str) -> str:
+    """Where an uploaded image lies in `imagegen-uploads`: under the caller's key, so names never clash."""
+    return f"{UPLOAD_PREFIX}/{owner or '-'}/{name}"
+
+
+async def uploaded(jobs: JobService, owner: str | None, name: str) -> bytes:
+    """The bytes of an image the caller uploaded; RequestInvalid on `init_image` when there is none."""
+    if not UPLOAD_NAME.match(name):
+        raise RequestInvalid([{"field": "init_image", "message": f"{name!r} is not an uploaded image's name (POST /upload/image answers it)"}])
+    try:
+        return (await jobs.uploads.get(upload_object(owner, name))).data
+    except (ObjectNotFoundError, NotFoundError):
+        raise RequestInvalid([{"field": "init_image", "message": f"no image {name!r} was uploaded (POST /upload/image), or it has expired"}]) from None
+
+
+@comfy_routes("/upload/image")("POST")
+async def upload_image(request: web.Request) -> web.Response:
+    """ComfyUI's upload for LoadImage: a multipart form with `image` (the file), `type` (input) and
+    `overwrite`; answers the name to load it by. Kept as long as job records."""
+    jobs: JobService = request.app[SERVICE]
+    owner = owner_of(request)
+    try:
+        form = await request.post()
+    except ValueError as exc:
+        return failure(400, "invalid_request", "send a multipart form with the file as `image`", str(exc))
+    upload = form.get("image")
+    if not isinstance(upload, web.FileField):
+        return failure(400, "invalid_request", "send a multipart form with the file as `image`")
+    if form.get("subfolder") or form.get("type", "input") != "input":
+        return failure(400, "invalid_request", "only input images, with no subfolder, are kept here")
+    name = upload.filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if not UPLOAD_NAME.match(name):
+        return failure(400, "invalid_request", "the file name must be 1-128 letters, digits, spaces, '.', '-', '_', '(' or ')'", name)
+    data = upload.file.read()
+    try:
+        read_image("image", data, jobs.settings.limits)  # a picture within the limits, or a refusal now
+    except RequestInvalid as exc:
+        return failure(400, "invalid_request", "not an image this server takes", str(exc))
+    overwrite = str(form.get("overwrite", "false")).lower() in ("true", "1")
+    try:
+        stem, dot, suffix = name.rpartition(".")
+        for n in range(1, MAX_NAME_TRIES + 1):
+            if overwrite or not await exists(jobs, upload_object(owner, name)):
+                break
+            name = f"{stem} ({n}){dot}{suffix}" if dot else f"{suffix} ({n})"
+        else:
+            return failure(409, "conflict", f"{MAX_NAME_TRIES} images of that name are kept; send another name, or overwrite")
+        await jobs.uploads.put(upload_object(owner, name), data)
+    except BROKER_DOWN:
+        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    return web.json_response({"name": name, "subfolder": "", "type": "input"})
+
+
+async def exists(jobs: JobService, name: str) -> bool:
+    try:
+        await jobs.uploads.get_info(name)
+    except (ObjectNotFoundError, NotFoundError):
+        return False
+    return True
 
 
 # -- what became of it --------------------------------------------------------------------------
@@ -498,8 +573,10 @@ def node_info(jobs: JobService, models: list[str], loras: list[str]) -> dict[str
             "steps": ["INT", {"default": 20, "min": 1, "max": limits.max_steps}],
             "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
             "sampler_name": [SAMPLERS], "scheduler": [SCHEDULERS], "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
-            "latent_image": ["LATENT"], "denoise": ["FLOAT", {"default": 1.0, "min": 1.0, "max": 1.0, "step": 0.01}],
+            "latent_image": ["LATENT"], "denoise": ["FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01}],
         }, ["LATENT"]),
+        "LoadImage": node("LoadImage", "Load Image", "image", {"image": [[], {"image_upload": True}]}, ["IMAGE", "MASK"]),
+        "VAEEncode": node("VAEEncode", "VAE Encode", "latent", {"pixels": ["IMAGE"], "vae": ["VAE"]}, ["LATENT"]),
         "VAEDecode": node("VAEDecode", "VAE Decode", "latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
         "SaveImage": node("SaveImage", "Save Image", "image", {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]},
                           [], output_node=True),

@@ -3,7 +3,9 @@
 The graph a text-to-image workflow makes is taken: a checkpoint (`CheckpointLoaderSimple`), LoRAs on it
 (`LoraLoader`, the same strength for the model and the text encoder), two `CLIPTextEncode` texts, an
 `EmptyLatentImage`, one `KSampler` with `denoise` 1, a `VAEDecode` of the checkpoint's VAE, and the
-`SaveImage` / `PreviewImage` nodes that show it. It becomes a request of `batch_size` images: the
+`SaveImage` / `PreviewImage` nodes that show it; or, for image to image, a `VAEEncode` of a `LoadImage`
+(an image uploaded with `/upload/image`) instead of the `EmptyLatentImage`, with `denoise` as its
+strength. It becomes a request of `batch_size` images (one from an image): the
 checkpoint is the model, the texts the prompt and negative prompt, the sampler and scheduler one of this
 service's schedulers, the LoRAs its `loras`.
 
@@ -32,8 +34,8 @@ SCHEDULES: dict[tuple[str, str], str] = {
 }
 SAMPLERS = sorted({sampler for sampler, _ in SCHEDULES})
 SCHEDULERS = sorted({scheduler for _, scheduler in SCHEDULES})
-NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
-         "PreviewImage")
+NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode", "KSampler",
+         "VAEDecode", "SaveImage", "PreviewImage")
 OUTPUTS = ("SaveImage", "PreviewImage")
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -73,6 +75,8 @@ class ReadGraph:
     outputs: dict[str, str]  # output node id -> its class
     classes: dict[str, str]  # every node's class
     loras: dict[str, str] = field(default_factory=dict)  # adapter -> its LoraLoader node
+    image: str | None = None  # the LoadImage node, for image to image
+    image_name: str | None = None  # the uploaded image it loads
 
     def node_of(self, request_field: str) -> tuple[str, str]:
         """(node, input) a request field came from, for the errors the request's own checks raise."""
@@ -84,6 +88,10 @@ class ReadGraph:
         }
         if request_field == "loras" and self.loras:
             return next(iter(self.loras.values())), "lora_name"
+        if request_field in ("init_image", "width", "height") and self.image is not None:
+            return self.image, "image"
+        if request_field == "strength":
+            return self.sampler, "denoise"
         return by_field.get(request_field, (self.sampler, request_field))
 
 
@@ -139,7 +147,13 @@ class GraphReader:
         model_chain = self.chain(sampler, "model", output=0)
         positive = self.link(sampler, "positive", "CLIPTextEncode")
         negative = self.link(sampler, "negative", "CLIPTextEncode")
-        latent = self.link(sampler, "latent_image", "EmptyLatentImage")
+        latent_kind = self.source_class(sampler, "latent_image")
+        latent = self.link(sampler, "latent_image", "VAEEncode" if latent_kind == "VAEEncode" else "EmptyLatentImage")
+        image = None
+        if latent is not None and latent_kind == "VAEEncode":  # image to image
+            image = self.link(latent, "pixels", "LoadImage")
+            if self.link(latent, "vae", "CheckpointLoaderSimple", output=2) not in (None, vae_source):
+                self.fail(latent, "invalid_input_type", "its vae must be the KSampler's checkpoint's", "vae")
         texts = {}
         for role, node in (("positive", positive), ("negative", negative)):
             if node is None:
@@ -163,19 +177,24 @@ class GraphReader:
                 self.fail(loader, "invalid_input_type", f"the LoRA {name!r} is loaded twice", "lora_name")
             loras[name], weights[name] = loader, weight
         scheduler = self.scheduler(sampler, inputs)
-        if inputs.get("denoise", 1.0) != 1:
-            self.fail(sampler, "value_not_in_list",
-                      "denoise below 1 starts from an image, which /prompt does not take here: use /sdapi/v1/img2img or /v1/jobs", "denoise")
-        size = {name: self.value(latent, name, int) for name in ("width", "height", "batch_size")} if latent else {}
+        denoise = inputs.get("denoise", 1.0)
+        if image is None and denoise != 1:
+            self.fail(sampler, "value_not_in_list", "denoise below 1 needs an image to start from: a VAEEncode of a LoadImage as latent_image",
+                      "denoise")
+        elif image is not None and not (isinstance(denoise, (int, float)) and not isinstance(denoise, bool) and 0.01 <= denoise <= 1):
+            self.fail(sampler, "value_smaller_than_min", f"denoise must be between 0.01 and 1 here, got {denoise!r}", "denoise")
+        size = {name: self.value(latent, name, int) for name in ("width", "height", "batch_size")} if latent and image is None else {}
         numbers = {name: self.value(sampler, name, kind) for name, kind in (("seed", int), ("steps", int), ("cfg", float))}
+        picture = self.value(image, "image", str) if image is not None else None
         if self.problems or None in (positive, negative, latent, checkpoint, vae_source):
             return None
         fields: dict[str, Any] = {
             "prompt": texts.get("positive"),
             "negative_prompt": texts.get("negative") or None,
-            "width": size["width"],
-            "height": size["height"],
-            "n": size["batch_size"],
+            "width": size.get("width"),  # from an image: its own size
+            "height": size.get("height"),
+            "n": size.get("batch_size"),
+            "strength": float(denoise) if image is not None else None,
             "seed": numbers["seed"],
             "steps": numbers["steps"],
             "guidance": numbers["cfg"],
@@ -187,12 +206,19 @@ class GraphReader:
             fields["loras"] = weights
         return ReadGraph(fields={k: v for k, v in fields.items() if v is not None}, sampler=sampler, decode=decode, latent=latent,
                          positive=positive, negative=negative, checkpoint=checkpoint, outputs=outputs, loras=loras,
-                         classes={n: node["class_type"] for n, node in self.graph.items()})
+                         classes={n: node["class_type"] for n, node in self.graph.items()}, image=image, image_name=picture)
 
     # -- one node at a time ----------------------------------------------------------------------
 
     def inputs(self, node: str) -> dict[str, Any]:
         return self.graph[node].get("inputs", {})
+
+    def source_class(self, node: str, name: str) -> str | None:
+        """The class of the node that input `name` links to, if it links to one the prompt has."""
+        value = self.inputs(node).get(name)
+        if isinstance(value, list) and len(value) == 2 and str(value[0]) in self.graph:
+            return self.graph[str(value[0])]["class_type"]
+        return None
 
     def fail(self, node: str, kind: str, message: str, input_name: str | None = None) -> None:
         self.problems.append(Problem(node, kind, message, input_name))

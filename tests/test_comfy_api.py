@@ -119,7 +119,7 @@ def with_lora(strength_clip: float = 0.5, *, clip_through_lora: bool = True, nam
         ([1, 2], "invalid_prompt", None, None, "not a graph of nodes"),
         (workflow(**{"3": {"sampler_name": "lcm"}}), "prompt_outputs_failed_validation", "3", "sampler_name", "'lcm' not in"),
         (workflow(**{"3": {"scheduler": "exponential"}}), "prompt_outputs_failed_validation", "3", "scheduler", "with euler not in ['normal']"),
-        (workflow(**{"3": {"denoise": 0.6}}), "prompt_outputs_failed_validation", "3", "denoise", "starts from an image"),
+        (workflow(**{"3": {"denoise": 0.6}}), "prompt_outputs_failed_validation", "3", "denoise", "needs an image to start from"),
         (workflow(**{"3": {"steps": "many"}}), "prompt_outputs_failed_validation", "3", "steps", "must be an integer"),
         (workflow(**{"3": {"steps": 500}}), "prompt_outputs_failed_validation", "3", "steps", "between 1 and"),
         (workflow(**{"3": {"latent_image": ["6", 0]}}), "prompt_outputs_failed_validation", "3", "latent_image", "EmptyLatentImage"),
@@ -144,6 +144,71 @@ async def test_prompts_it_cannot_run_are_refused_in_comfyuis_shape(service, http
     assert problem["class_type"] == graph[node]["class_type"] and problem["dependent_outputs"] == ["9"]
     [error] = problem["errors"]
     assert error["extra_info"]["input_name"] == input_name and words in error["message"], error
+
+
+def picture(width: int, height: int, colour=(200, 60, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def upload(http, url: str, data: bytes, name: str, **fields) -> tuple[int, dict]:
+    form = aiohttp.FormData()
+    form.add_field("image", data, filename=name, content_type="image/png")
+    for key, value in fields.items():
+        form.add_field(key, value)
+    async with http.post(f"{url}/upload/image", data=form) as r:
+        return r.status, await r.json()
+
+
+def image_to_image(name: str, denoise: float = 0.5) -> dict:
+    graph = workflow(**{"3": {"latent_image": ["11", 0], "denoise": denoise}})
+    del graph["5"]
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    return graph
+
+
+async def test_an_uploaded_image_is_loaded_for_image_to_image(service, http):
+    status, first = await upload(http, service.url, picture(96, 64), "garden.png")
+    assert status == 200 and first == {"name": "garden.png", "subfolder": "", "type": "input"}
+    status, second = await upload(http, service.url, picture(96, 64, (0, 90, 0)), "garden.png")
+    assert status == 200 and second["name"] == "garden (1).png"  # the name was kept already
+    status, again = await upload(http, service.url, picture(96, 64), "garden.png", overwrite="true")
+    assert status == 200 and again["name"] == "garden.png"
+    status, queued = await queue_prompt(http, service.url, image_to_image("garden (1).png", denoise=0.5))
+    assert status == 200, queued
+    entry = await history_when_done(http, service.url, queued["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    [image] = entry["outputs"]["9"]["images"]
+    async with http.get(f"{service.url}/view", params={"filename": image["filename"]}) as r:
+        assert Image.open(io.BytesIO(await r.read())).size == (96, 64)  # the image's own size
+    async with http.get(f"{service.url}/v1/jobs/{image['filename'].removesuffix('.png')}") as r:
+        job = await r.json()
+    assert job["request"]["strength"] == 0.5 and job["init_image"]["width"] == 96
+
+
+@pytest.mark.parametrize(
+    ("graph", "node", "input_name", "words"),
+    [
+        (image_to_image("never-sent.png"), "10", "image", "no image 'never-sent.png' was uploaded"),
+        (image_to_image("../etc/passwd"), "10", "image", "not an uploaded image's name"),
+        (image_to_image("garden.png", denoise=0), "3", "denoise", "between 0.01 and 1"),
+    ],
+)
+async def test_image_to_image_refusals(service, http, graph, node, input_name, words):
+    await upload(http, service.url, picture(64, 64), "garden.png", overwrite="true")
+    status, answer = await queue_prompt(http, service.url, graph)
+    assert status == 400, answer
+    [error] = answer["node_errors"][node]["errors"]
+    assert error["extra_info"]["input_name"] == input_name and words in error["message"], error
+
+
+async def test_an_upload_that_is_no_image_is_refused(service, http):
+    status, answer = await upload(http, service.url, b"not a picture", "notes.png")
+    assert status == 400 and "not an image" in answer["error"]["message"] + answer["error"]["details"]
+    status, answer = await upload(http, service.url, picture(8, 8), "a/b/../x?.png")
+    assert status == 400 and "file name" in answer["error"]["message"]
 
 
 async def test_a_body_without_a_prompt_is_refused(service, http):
