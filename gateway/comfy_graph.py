@@ -5,7 +5,8 @@ The graph a text-to-image workflow makes is taken: a checkpoint (`CheckpointLoad
 `EmptyLatentImage`, one `KSampler` with `denoise` 1, a `VAEDecode` of the checkpoint's VAE, and the
 `SaveImage` / `PreviewImage` nodes that show it; or, for image to image, a `VAEEncode` of a `LoadImage`
 (an image uploaded with `/upload/image`) instead of the `EmptyLatentImage`, with `denoise` as its
-strength. It becomes a request of `batch_size` images (one from an image): the
+strength, and for inpainting a `SetLatentNoiseMask` of that with a `LoadImage`'s mask (the transparent
+part of its image, as ComfyUI reads it). It becomes a request of `batch_size` images (one from an image): the
 checkpoint is the model, the texts the prompt and negative prompt, the sampler and scheduler one of this
 service's schedulers, the LoRAs its `loras`.
 
@@ -34,9 +35,10 @@ SCHEDULES: dict[tuple[str, str], str] = {
 }
 SAMPLERS = sorted({sampler for sampler, _ in SCHEDULES})
 SCHEDULERS = sorted({scheduler for _, scheduler in SCHEDULES})
-NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode", "KSampler",
-         "VAEDecode", "SaveImage", "PreviewImage")
+NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode",
+         "SetLatentNoiseMask", "KSampler", "VAEDecode", "SaveImage", "PreviewImage")
 OUTPUTS = ("SaveImage", "PreviewImage")
+LATENTS = ("EmptyLatentImage", "VAEEncode", "SetLatentNoiseMask")  # what a KSampler's latent_image may be
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
@@ -77,6 +79,8 @@ class ReadGraph:
     loras: dict[str, str] = field(default_factory=dict)  # adapter -> its LoraLoader node
     image: str | None = None  # the LoadImage node, for image to image
     image_name: str | None = None  # the uploaded image it loads
+    mask: str | None = None  # the SetLatentNoiseMask node, for inpainting
+    mask_name: str | None = None  # the uploaded image whose transparent part is the mask
 
     def node_of(self, request_field: str) -> tuple[str, str]:
         """(node, input) a request field came from, for the errors the request's own checks raise."""
@@ -90,6 +94,8 @@ class ReadGraph:
             return next(iter(self.loras.values())), "lora_name"
         if request_field in ("init_image", "width", "height") and self.image is not None:
             return self.image, "image"
+        if request_field == "mask_image" and self.mask is not None:
+            return self.mask, "mask"
         if request_field == "strength":
             return self.sampler, "denoise"
         return by_field.get(request_field, (self.sampler, request_field))
@@ -148,12 +154,17 @@ class GraphReader:
         positive = self.link(sampler, "positive", "CLIPTextEncode")
         negative = self.link(sampler, "negative", "CLIPTextEncode")
         latent_kind = self.source_class(sampler, "latent_image")
-        latent = self.link(sampler, "latent_image", "VAEEncode" if latent_kind == "VAEEncode" else "EmptyLatentImage")
-        image = None
-        if latent is not None and latent_kind == "VAEEncode":  # image to image
-            image = self.link(latent, "pixels", "LoadImage")
-            if self.link(latent, "vae", "CheckpointLoaderSimple", output=2) not in (None, vae_source):
-                self.fail(latent, "invalid_input_type", "its vae must be the KSampler's checkpoint's", "vae")
+        latent = self.link(sampler, "latent_image", latent_kind if latent_kind in LATENTS else "EmptyLatentImage")
+        image = masked = encoded = mask_source = None
+        if latent is not None and latent_kind == "SetLatentNoiseMask":  # inpainting: the mask of a LoadImage
+            masked, encoded = latent, self.link(latent, "samples", "VAEEncode")
+            mask_source = self.link(latent, "mask", "LoadImage", output=1)
+        elif latent is not None and latent_kind == "VAEEncode":
+            encoded = latent
+        if encoded is not None:  # image to image
+            image = self.link(encoded, "pixels", "LoadImage")
+            if self.link(encoded, "vae", "CheckpointLoaderSimple", output=2) not in (None, vae_source):
+                self.fail(encoded, "invalid_input_type", "its vae must be the KSampler's checkpoint's", "vae")
         texts = {}
         for role, node in (("positive", positive), ("negative", negative)):
             if node is None:
@@ -186,6 +197,7 @@ class GraphReader:
         size = {name: self.value(latent, name, int) for name in ("width", "height", "batch_size")} if latent and image is None else {}
         numbers = {name: self.value(sampler, name, kind) for name, kind in (("seed", int), ("steps", int), ("cfg", float))}
         picture = self.value(image, "image", str) if image is not None else None
+        mask_picture = self.value(mask_source, "image", str) if masked is not None and mask_source is not None else None
         if self.problems or None in (positive, negative, latent, checkpoint, vae_source):
             return None
         fields: dict[str, Any] = {
@@ -206,7 +218,8 @@ class GraphReader:
             fields["loras"] = weights
         return ReadGraph(fields={k: v for k, v in fields.items() if v is not None}, sampler=sampler, decode=decode, latent=latent,
                          positive=positive, negative=negative, checkpoint=checkpoint, outputs=outputs, loras=loras,
-                         classes={n: node["class_type"] for n, node in self.graph.items()}, image=image, image_name=picture)
+                         classes={n: node["class_type"] for n, node in self.graph.items()}, image=image, image_name=picture,
+                         mask=masked, mask_name=mask_picture)
 
     # -- one node at a time ----------------------------------------------------------------------
 

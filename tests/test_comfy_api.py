@@ -188,9 +188,46 @@ async def test_an_uploaded_image_is_loaded_for_image_to_image(service, http):
     assert job["request"]["strength"] == 0.5 and job["init_image"]["width"] == 96
 
 
+def inpainting(name: str) -> dict:
+    """LoadImage -> VAEEncode -> SetLatentNoiseMask with the LoadImage's mask (its transparent part)."""
+    graph = image_to_image(name, denoise=1.0)
+    graph["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["10", 1]}}
+    graph["3"]["inputs"]["latent_image"] = ["12", 0]
+    return graph
+
+
+def with_hole(width: int, height: int, box: tuple[int, int, int, int]) -> bytes:
+    """Opaque red, transparent in `box`: ComfyUI's LoadImage reads the transparent part as the mask."""
+    image = Image.new("RGBA", (width, height), (200, 60, 30, 255))
+    image.paste((0, 0, 0, 0), box)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_the_transparent_part_of_a_loaded_image_is_inpainted(service, http):
+    status, sent = await upload(http, service.url, with_hole(64, 64, (16, 16, 48, 48)), "holes.png", overwrite="true")
+    assert status == 200, sent
+    status, queued = await queue_prompt(http, service.url, inpainting(sent["name"]))
+    assert status == 200, queued
+    entry = await history_when_done(http, service.url, queued["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    [image] = entry["outputs"]["9"]["images"]
+    async with http.get(f"{service.url}/view", params={"filename": image["filename"]}) as r:
+        made = Image.open(io.BytesIO(await r.read())).convert("RGB")
+    outside = [(x, y) for x in range(64) for y in range(64) if not (16 <= x < 48 and 16 <= y < 48)]
+    assert all(made.getpixel(xy) == (200, 60, 30) for xy in outside)  # kept where the image was opaque
+    inside = [made.getpixel((x, y)) for x in range(16, 48) for y in range(16, 48)]
+    assert sum(p != (0, 0, 0) for p in inside) > len(inside) // 2  # painted where it was transparent
+    async with http.get(f"{service.url}/v1/jobs/{image['filename'].removesuffix('.png')}") as r:
+        job = await r.json()
+    assert job["mask_image"]["width"] == 64 and job["request"]["strength"] == 1.0
+
+
 @pytest.mark.parametrize(
     ("graph", "node", "input_name", "words"),
     [
+        (inpainting("garden.png"), "12", "mask", "the image has no transparency"),
         (image_to_image("never-sent.png"), "10", "image", "no image 'never-sent.png' was uploaded"),
         (image_to_image("../etc/passwd"), "10", "image", "not an uploaded image's name"),
         (image_to_image("garden.png", denoise=0), "3", "denoise", "between 0.01 and 1"),
