@@ -205,7 +205,7 @@ async def upload_image(request: web.Request) -> web.Response:
         return failure(400, "invalid_request", "the file name must be 1-128 letters, digits, spaces, '.', '-', '_', '(' or ')'", name)
     data = upload.file.read()
     try:
-        read_image("image", data, jobs.settings.limits)  # a picture within the limits, or a refusal now
+        await asyncio.to_thread(read_image, "image", data, jobs.settings.limits)  # a picture within the limits, or a refusal now
     except RequestInvalid as exc:
         return failure(400, "invalid_request", "not an image this server takes", str(exc))
     overwrite = str(form.get("overwrite", "false")).lower() in ("true", "1")

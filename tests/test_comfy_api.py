@@ -246,6 +246,8 @@ async def test_an_upload_that_is_no_image_is_refused(service, http):
     assert status == 400 and "not an image" in answer["error"]["message"] + answer["error"]["details"]
     status, answer = await upload(http, service.url, picture(8, 8), "a/b/../x?.png")
     assert status == 400 and "file name" in answer["error"]["message"]
+    async with http.post(f"{service.url}/upload/image", data=b"garbage", headers={"Content-Type": "multipart/form-data; boundary=zz"}) as r:
+        assert r.status == 400 and "multipart form" in (await r.json())["error"]["message"]
 
 
 async def test_a_body_without_a_prompt_is_refused(service, http):
