@@ -231,6 +231,16 @@ async def exists(jobs: JobService, name: str) -> bool:
     return True
 
 
+def queue_remaining(jobs: JobService) -> int:
+    """ComfyUI's `queue_remaining`: the jobs queued or running on the pool, every caller's."""
+    return sum(len(queue) for queue in jobs.view.queued.values()) + len(jobs.view.running)
+
+
+@comfy_routes("/prompt")("GET")
+async def queue_size(request: web.Request) -> web.Response:
+    return web.json_response({"exec_info": {"queue_remaining": queue_remaining(request.app[SERVICE])}})
+
+
 # -- what became of it --------------------------------------------------------------------------
 
 
@@ -441,8 +451,7 @@ class Socket:
             await self.ws.send_bytes(struct.pack(">II", PREVIEW_IMAGE, JPEG) + jpeg)
 
     async def status(self, sid: str | None = None) -> None:
-        remaining = sum(len(queue) for queue in self.jobs.view.queued.values()) + len(self.jobs.view.running)
-        data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": remaining}}}
+        data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": queue_remaining(self.jobs)}}}
         if sid is not None:
             data["sid"] = sid
         await self.send("status", data)

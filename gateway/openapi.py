@@ -216,6 +216,8 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         "post", "/prompt", "Queue a ComfyUI prompt: a text-to-image graph of the nodes in /object_info (ComfyUI's API; also /api/prompt)",
         "comfyui", ComfyPromptRequest, ComfyPromptQueued, [], {code: ComfyError for code in ("400", "403", "429", "503")},
     ),
+    ("get", "/prompt", "How many jobs are queued or running on the pool: {exec_info: {queue_remaining}} (ComfyUI's API)", "comfyui", None,
+     None, [], {}),
     ("get", "/history", "The caller's finished ComfyUI prompts, their outputs and status (ComfyUI's API)", "comfyui", None, None,
      [{"name": "max_items", "in": "query", "description": "Only the newest this many", "schema": {"type": "integer", "minimum": 1}}],
      {"400": ComfyError}),

@@ -362,6 +362,8 @@ async def test_queue_delete_and_interrupt_stop_prompts(broker, data_dir, http):
                         break
                     await asyncio.sleep(0.05)
             assert [e[1] for e in queue["queue_pending"]] == [pending["prompt_id"]]
+            async with http.get(f"{own.url}/prompt") as r:
+                assert await r.json() == {"exec_info": {"queue_remaining": 2}}
             async with http.post(f"{own.url}/queue", json={"delete": [pending["prompt_id"]]}) as r:
                 assert r.status == 200
             async with http.post(f"{own.url}/interrupt") as r:
