@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import io
 import json
 import logging
 import time
@@ -39,7 +38,7 @@ from aiohttp import web
 from PIL import Image
 from pydantic import ValidationError
 
-from gateway.a1111_inpaint import MaskSettings, PasteBack
+from gateway.a1111_inpaint import MaskSettings, PasteBack, b64png
 from gateway.a1111_inpaint import prepare as prepare_inpainting
 from gateway.a1111_prompt import TagProblem, loras_of
 from gateway.event_hub import decoded_event
@@ -225,10 +224,7 @@ def stretched(text: str, width: int, height: int, limits) -> str:
     """The init image resized to width x height regardless of its aspect ratio (A1111's resize mode 0),
     as base64 PNG. In a thread: decoding, resizing and encoding take tens of milliseconds."""
     upload = decode_upload("init_images", text, limits)
-    image = upload.image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return b64png(upload.image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS))
 
 
 async def init_fields(ask: A1111Img2ImgRequest, base: GenerateRequest, limits) -> tuple[dict, PasteBack | None]:
@@ -577,20 +573,11 @@ async def progress(request: web.Request) -> web.Response:
     })
 
 
-async def cancel_jobs(jobs: JobService, doomed: list[JobStatus], owner: str | None) -> None:
-    for status in doomed:
-        try:
-            await jobs.cancel(status.job_id, owner=owner)
-        except UnknownJob:  # deleted meanwhile
-            continue
-        log.info("job %s cancelled through /sdapi", status.job_id)
-
-
 async def run_interrupt(request: web.Request) -> web.Response:
     jobs = request.app[SERVICE]
     owner = owner_of(request)
     members = await newest_request(jobs, owner)
-    await cancel_jobs(jobs, [m for m in members if not m.state.final], owner)
+    await jobs.cancel_each([m.job_id for m in members if not m.state.final], owner=owner)
     return web.json_response({})
 
 
@@ -599,7 +586,7 @@ async def run_skip(request: web.Request) -> web.Response:
     owner = owner_of(request)
     members = await newest_request(jobs, owner)
     if members:
-        await cancel_jobs(jobs, [in_hand(members)], owner)
+        await jobs.cancel_each([in_hand(members).job_id], owner=owner)
     return web.json_response(None)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageFilter, ImageOps
 
 from schemas.request import Limits
-from schemas.uploads import check_mask, decode_upload, problem
+from schemas.uploads import check_mask, decode_upload, problem, transparency
 
 FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # (blur radius, times laid on)
 
@@ -80,11 +80,8 @@ def b64png(image: Image.Image) -> str:
 
 def read_mask(image: Image.Image, settings: MaskSettings) -> Image.Image:
     """The mask as A1111 reads it: white where to paint, blurred at the edges."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        mask = rgba.getchannel("A") if rgba.getextrema()[3][0] < 255 else image.convert("L")
-    else:
-        mask = image.convert("L")
+    alpha = transparency(image)
+    mask = alpha if alpha is not None else image.convert("L")
     if settings.round:
         mask = mask.point(lambda v: 255 if v > 128 else 0)
     if settings.invert:

@@ -42,7 +42,7 @@ from schemas.comfy import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
 from schemas.request import MAX_SEED, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
-from schemas.uploads import read_image
+from schemas.uploads import read_image, transparency
 
 log = logging.getLogger("imagegen.gateway.comfy")
 routes = web.RouteTableDef()
@@ -166,7 +166,8 @@ async def uploaded(jobs: JobService, owner: str | None, name: str, *, field: str
     if not UPLOAD_NAME.match(name):
         raise RequestInvalid([{"field": field, "message": f"{name!r} is not an uploaded image's name (POST /upload/image answers it)"}])
     try:
-        return (await jobs.uploads.get(upload_object(owner, name))).data
+        reader = jobs.upload_reader
+        return await reader.read(await reader.info(upload_object(owner, name)))
     except (ObjectNotFoundError, NotFoundError):
         raise RequestInvalid([{"field": field, "message": f"no image {name!r} was uploaded (POST /upload/image), or it has expired"}]) from None
 
@@ -174,12 +175,10 @@ async def uploaded(jobs: JobService, owner: str | None, name: str, *, field: str
 def transparency_mask(data: bytes, limits) -> str:
     """ComfyUI's LoadImage mask as this service's mask_image: white where the picture is transparent
     (base64 PNG). In a thread: decoding and encoding take milliseconds to tens of them."""
-    image = read_image("mask_image", data, limits)
-    if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
-        raise RequestInvalid([{"field": "mask_image", "message": "the image has no transparency: LoadImage's mask is its transparent part"}])
-    alpha = image.convert("RGBA").getchannel("A")
-    if alpha.getextrema()[0] == 255:
-        raise RequestInvalid([{"field": "mask_image", "message": "the image is opaque all over: its mask is empty, there is nothing to inpaint"}])
+    alpha = transparency(read_image("mask_image", data, limits))
+    if alpha is None:
+        raise RequestInvalid([{"field": "mask_image", "message": "the image has no transparency (it is opaque all over): "
+                                                                 "LoadImage's mask is its transparent part, so there is nothing to inpaint"}])
     buffer = io.BytesIO()
     ImageOps.invert(alpha).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -225,7 +224,7 @@ async def upload_image(request: web.Request) -> web.Response:
 
 async def exists(jobs: JobService, name: str) -> bool:
     try:
-        await jobs.uploads.get_info(name)
+        await jobs.upload_reader.info(name)
     except (ObjectNotFoundError, NotFoundError):
         return False
     return True
@@ -385,12 +384,7 @@ async def queue(request: web.Request) -> web.Response:
 async def cancelled(jobs: JobService, prompts: list[ComfyPrompt], owner: str | None) -> web.Response:
     """Cancels the prompts' jobs (a running one stops at its next step) and answers for it."""
     try:
-        for prompt in prompts:
-            for job_id in prompt.job_ids:
-                try:
-                    await jobs.cancel(job_id, owner=owner)
-                except UnknownJob:
-                    continue
+        await jobs.cancel_each([job_id for prompt in prompts for job_id in prompt.job_ids], owner=owner)
     except BROKER_DOWN:
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
     return web.json_response({})

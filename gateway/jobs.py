@@ -126,6 +126,7 @@ class JobService:
         self.direct = DirectReader(self.nc, timeout_s=self.settings.nats_timeout_s)
         await self.direct.start()
         self.image_reader = ObjectReader(self.js, self.direct, self.images, names.IMAGES_BUCKET)
+        self.upload_reader = ObjectReader(self.js, self.direct, self.uploads, names.UPLOADS_BUCKET)
         await self.cache.start(self.js, view=self.view, direct=self.direct, read_image=self._image_bytes)
         self.events = EventHub(self.js, self.direct)
         await self.events.start()
@@ -161,10 +162,12 @@ class JobService:
             models.setdefault(worker.model, []).append(worker)
         return models
 
-    def loaded_loras(self, model: str | None) -> set[str] | None:
+    def loaded_loras(self, model: str | None, served: dict[str, list] | None = None) -> set[str] | None:
         """The LoRA adapters the live workers of `model` (of any model for None) loaded; None when no
-        worker runs, or one does not say (a release before workers published them)."""
-        workers = [w for ws in self.served_models().values() for w in ws if model in (None, w.model)]
+        worker runs, or one does not say (a release before workers published them). `served`: the
+        served models when the caller has them already."""
+        served = self.served_models() if served is None else served
+        workers = [w for ws in served.values() for w in ws if model in (None, w.model)]
         if not workers or any(w.loras is None for w in workers):
             return None
         return {name for w in workers for name in w.loras}
@@ -230,7 +233,7 @@ class JobService:
             w.has_refiner for ws in served.values() for w in ws if request.model in (None, w.model)
         ):
             raise RequestInvalid([{"field": "use_refiner", "message": "no running worker has a refiner loaded"}])
-        if request.loras and (loaded := self.loaded_loras(request.model)) is not None:
+        if request.loras and (loaded := self.loaded_loras(request.model, served)) is not None:
             if missing := sorted(name for name in request.loras if name not in loaded):
                 on = f"the workers of {request.model}" if request.model else "the running workers"
                 have = ", ".join(sorted(loaded)) or "none"
@@ -511,6 +514,14 @@ class JobService:
             raise UnknownJob(job_id)
         self.view.apply(status, revision)
         return status
+
+    async def cancel_each(self, job_ids: list[str], *, owner: str | None = None) -> None:
+        """Cancels each of the jobs (those already gone are passed over)."""
+        for job_id in job_ids:
+            try:
+                await self.cancel(job_id, owner=owner)
+            except UnknownJob:
+                continue
 
     async def image(self, job_id: str, *, owner: str | None = None) -> tuple[JobStatus, bytes]:
         status = await self.get(job_id, owner=owner)

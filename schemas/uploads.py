@@ -111,6 +111,14 @@ def decode_upload(field: str, value: str | bytes, limits: Limits) -> Upload:
     return Upload(field=field, data=data, image=read_image(field, data, limits))
 
 
+def transparency(image: Image.Image) -> Image.Image | None:
+    """The alpha channel of a picture with transparency (a pixel not fully opaque), else None."""
+    if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    return alpha if alpha.getextrema()[0] < 255 else None
+
+
 def check_mask(init: Image.Image, mask: Image.Image) -> None:
     if mask.size != init.size:
         raise problem(

@@ -4,7 +4,9 @@ tiny-sdxl pipeline built once, and the gateway and a worker started in the test 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 
 from nats.js.api import DeliverPolicy
 
+from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from imagegen import runtime
@@ -91,6 +94,19 @@ async def stop_service(service: Service) -> None:
     await asyncio.wait_for(service.worker_task, 30)
     await service.worker.close()
     await service.gateway.stop()
+
+
+@asynccontextmanager
+async def gateway_with_keys(nats_url: str, **tiers: list[str]):
+    """A gateway of its own with API keys on, one key per name given with those tiers:
+    yields (its URL, {name: secret})."""
+    entries = {name: new_key_entry(name, tiers=t, rate_per_minute=100, max_concurrent=10) for name, t in tiers.items()}
+    keys = json.dumps([entry for _, entry in entries.values()])
+    gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0, api_keys=keys))
+    try:
+        yield f"http://127.0.0.1:{gateway.port}", {name: secret for name, (secret, _) in entries.items()}
+    finally:
+        await gateway.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,10 @@ from PIL import Image
 
 from gateway import a1111_api, a1111_inpaint, a1111_prompt
 from gateway.auth import new_key_entry
-from gateway.settings import GatewaySettings
-from imagegen import runtime
 from schemas import names
 from schemas.codec import encode
 from schemas.events import JobEvent
-from tests.conftest import start_service, stop_service
+from tests.conftest import gateway_with_keys, start_service, stop_service
 from tests.test_openai_api import jobs_with_prompt
 
 SMALL = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 2}
@@ -167,11 +165,8 @@ async def test_models_samplers_and_the_current_model(service, http):
 
 
 async def test_with_api_keys_txt2img_needs_a_key_and_its_jobs_are_the_keys(service, http):
-    mine_secret, mine = new_key_entry("studio", tiers=["low"], rate_per_minute=100, max_concurrent=10)
-    other_secret, other = new_key_entry("press", tiers=["normal"], rate_per_minute=100, max_concurrent=10)
-    gateway = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([mine, other])))
-    url = f"http://127.0.0.1:{gateway.port}"
-    try:
+    async with gateway_with_keys(service.nats_url, studio=["low"], press=["normal"]) as (url, secrets):
+        mine_secret, other_secret = secrets["studio"], secrets["press"]
         async with http.post(f"{url}/sdapi/v1/txt2img", json=SMALL) as r:
             assert r.status == 401
         async with http.post(f"{url}/sdapi/v1/txt2img", json=SMALL, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
@@ -188,8 +183,6 @@ async def test_with_api_keys_txt2img_needs_a_key_and_its_jobs_are_the_keys(servi
             assert r.status == 401
         async with http.get(f"{url}/sdapi/v1/sd-models", headers={"Authorization": "Basic %%%"}) as r:
             assert r.status == 401
-    finally:
-        await gateway.stop()
 
 
 async def test_waiting_too_long_answers_504_and_cancels_the_jobs(service, http, monkeypatch):

@@ -15,13 +15,12 @@ import nats
 import pytest
 from PIL import Image
 
-from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from schemas import names
 from schemas.codec import encode
 from schemas.events import JobEvent
-from tests.conftest import start_service, stop_service
+from tests.conftest import gateway_with_keys, start_service, stop_service
 
 WORKFLOW = {
     "3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 2, "cfg": 8, "sampler_name": "euler", "scheduler": "normal",
@@ -381,11 +380,8 @@ async def test_queue_delete_and_interrupt_stop_prompts(broker, data_dir, http):
 
 
 async def test_with_api_keys_a_prompt_is_its_keys(service, http):
-    mine_secret, mine = new_key_entry("studio", tiers=["normal"], rate_per_minute=100, max_concurrent=10)
-    other_secret, other = new_key_entry("press", tiers=["normal"], rate_per_minute=100, max_concurrent=10)
-    gateway = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, api_keys=json.dumps([mine, other])))
-    url = f"http://127.0.0.1:{gateway.port}"
-    try:
+    async with gateway_with_keys(service.nats_url, studio=["normal"], press=["normal"]) as (url, secrets):
+        mine_secret, other_secret = secrets["studio"], secrets["press"]
         async with http.post(f"{url}/prompt", json={"prompt": WORKFLOW}) as r:
             assert r.status == 401
         async with http.post(f"{url}/prompt", json={"prompt": workflow(**{"3": {"seed": 91}})}, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
@@ -407,5 +403,3 @@ async def test_with_api_keys_a_prompt_is_its_keys(service, http):
         body = {"prompt": WORKFLOW, "prompt_id": prompt_id}  # another key's prompt id is not to be had
         async with http.post(f"{url}/prompt", json=body, headers={"Authorization": f"Bearer {other_secret}"}) as r:
             assert r.status == 400 and "prompt_id is taken" in (await r.json())["error"]["message"]
-    finally:
-        await gateway.stop()
