@@ -4,7 +4,12 @@ Simulated engines (a fixed cost, a cost per step and per megapixel per step) on 
 a real gateway and in-process workers; a mixed workload of sizes, steps, refiner on/off and priority
 tiers arriving at random at 85 % of the capacity the workers measure, with 1 and 4 workers.
 
-    python bench/eta.py [--jobs 200] [--seed 1] [--fairness 10] [--levels 1,4] [--out bench/results/eta.json]
+    python bench/eta.py [--jobs 200] [--seed 1] [--runs 3] [--fairness 5] [--levels 1,4] [--out bench/results/eta.json]
+
+Each level runs `--runs` times, with seeds `--seed`, `--seed` + 1, ..., each with a fresh gateway and
+workers, and its errors are reported per run and pooled. One run's 90th percentile moves with the draw
+of its arrivals (a burst of higher-tier jobs misleads the ETAs of every lower-tier job waiting then,
+together), so a figure for the forecast wants more than one run.
 
 `--fairness` is the workers' setting of that name: how many jobs in a row they take from higher tiers
 while a lower one waits. It trades the higher tiers' waits for the lower tiers' (the mean time to done
@@ -18,6 +23,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -98,6 +104,7 @@ async def run_level(
     predicted: dict[str, float] = {}
     submitted: dict[str, float] = {}
     tiers: dict[str, str] = {}
+    arrivals: dict[str, int] = {}  # the job's place among all arrivals, warm-up included
     actual: dict[str, float] = {}
     try:
         async with aiohttp.ClientSession() as http:
@@ -115,6 +122,7 @@ async def run_level(
                     submitted[body["task_id"]] = time.time()
                     predicted[body["task_id"]] = body["expected_time_seconds"]
                     tiers[body["task_id"]] = job["tier"]
+                    arrivals[body["task_id"]] = i
                 if len(predicted) == measured and time.monotonic() - checked > 0.5:
                     checked = time.monotonic()
                     async with http.get(f"{url}/api/tasks") as r:
@@ -154,42 +162,93 @@ async def run_level(
         "measured_capacity_jobs_per_s": capacity,
         "nominal_capacity_jobs_per_s": workers / statistics.mean(job_seconds(j) for j in workload(1000, random.Random(0))),
         "by_tier": by_tier,
+        "errors": [
+            {"arrival": arrivals[j], "tier": tiers[j], "eta_s": predicted[j], "actual_s": actual[j], "abs_error": abs(predicted[j] - actual[j]) / actual[j]}
+            for j in actual
+        ],
     }
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One level's runs as one sample of jobs."""
+    jobs = [job for run in runs for job in run["errors"]]
+    by_tier = {}
+    for tier in ("high", "normal", "low"):
+        of_tier = [job for job in jobs if job["tier"] == tier]
+        if of_tier:
+            by_tier[tier] = {
+                "jobs": len(of_tier),
+                "median_abs_error": statistics.median(job["abs_error"] for job in of_tier),
+                "p90_abs_error": p90([job["abs_error"] for job in of_tier]),
+                "mean_actual_s": statistics.mean(job["actual_s"] for job in of_tier),
+            }
+    return {
+        "workers": runs[0]["workers"],
+        "fairness": runs[0]["fairness"],
+        "runs": len(runs),
+        "jobs": sum(run["jobs"] for run in runs),
+        "completed": len(jobs),
+        "median_abs_error": statistics.median(job["abs_error"] for job in jobs),
+        "p90_abs_error": p90([job["abs_error"] for job in jobs]),
+        "mean_actual_s": statistics.mean(job["actual_s"] for job in jobs),
+        "by_tier": by_tier,
+    }
+
+
+def results_json(results: dict) -> str:
+    """Indented JSON with each job's errors on one line."""
+    text = json.dumps(results, indent=2)
+    return re.sub(r"\{\n\s+(\"arrival\"|\"tier\")[^{}]*?\}", lambda m: " ".join(m.group(0).split()), text)
+
+
+def row(label: str, r: dict) -> str:
+    tiers = " | ".join(
+        f"{t['median_abs_error']:.1%} / {t['p90_abs_error']:.1%}" if (t := r["by_tier"].get(tier)) else "-"
+        for tier in ("high", "normal", "low")
+    )
+    means = " / ".join(f"{t['mean_actual_s']:.2f}" if (t := r["by_tier"].get(tier)) else "-" for tier in ("high", "normal", "low"))
+    return (
+        f"| {r['workers']} | {label} | {r['completed']}/{r['jobs']} | {r['median_abs_error']:.1%} | {r['p90_abs_error']:.1%} "
+        f"| {tiers} | {r['mean_actual_s']:.2f} s | {means} s |"
+    )
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=whole(1), default=200, help="jobs measured with 1 worker (twice as many with 4)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="the first run's seed")
+    parser.add_argument("--runs", type=whole(1), default=3, help="runs per level, pooled")
     parser.add_argument("--fairness", type=whole(1), default=DEFAULT_FAIRNESS, help="the workers' --fairness")
     parser.add_argument("--levels", type=counts, default="1,4", help="worker counts, comma-separated")
     parser.add_argument("--warmup", type=non_negative, default=30.0, help="seconds of unmeasured arrivals first")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eta.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rng = random.Random(args.seed)
-    results = []
+    seeds = [args.seed + k for k in range(args.runs)]
+    levels = []
     with tempfile.TemporaryDirectory() as store:
         server = EmbeddedNats(store_dir=Path(store), port=free_port()).start()
         try:
             for workers in args.levels:
                 measured = args.jobs * (1 if workers == 1 else 2)
-                results.append(await run_level(
-                    server.url, workers, measured, rng, warmup_s=args.warmup, fairness=args.fairness
-                ))
+                runs = []
+                for seed in seeds:
+                    run = await run_level(
+                        server.url, workers, measured, random.Random(seed), warmup_s=args.warmup, fairness=args.fairness
+                    )
+                    runs.append({"seed": seed, **run})
+                levels.append({"pooled": pooled(runs), "runs": runs})
         finally:
             server.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "eta", "seed": args.seed, "fairness": args.fairness, "results": results}, indent=2))
-    print("| workers | jobs | median abs error | p90 abs error | p50 / p90 high | p50 / p90 normal | p50 / p90 low | mean time to done | high / normal / low |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in results:
-        tiers = " | ".join(
-            f"{t['median_abs_error']:.1%} / {t['p90_abs_error']:.1%}" if (t := r["by_tier"].get(tier)) else "-"
-            for tier in ("high", "normal", "low")
-        )
-        means = " / ".join(f"{t['mean_actual_s']:.2f}" if (t := r["by_tier"].get(tier)) else "-" for tier in ("high", "normal", "low"))
-        print(f"| {r['workers']} | {r['completed']}/{r['jobs']} | {r['median_abs_error']:.1%} | {r['p90_abs_error']:.1%} | {tiers} | {r['mean_actual_s']:.2f} s | {means} s |")
+    Path(args.out).write_text(results_json({"benchmark": "eta", "seeds": seeds, "fairness": args.fairness, "levels": levels}))
+    print("| workers | seed | jobs | median abs error | p90 abs error | p50 / p90 high | p50 / p90 normal | p50 / p90 low | mean time to done | high / normal / low |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for level in levels:
+        for run in level["runs"]:
+            print(row(str(run["seed"]), run))
+        if len(level["runs"]) > 1:
+            print(row("pooled", level["pooled"]))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,19 @@ capacity, each worker takes them in the order `schemas.take_order` gives and run
 time its speed model says, with no overhead between jobs. Each job's ETA is taken as it is submitted
 and compared with its time to done.
 
-It answers two questions bench/eta.py cannot in its five minutes: how far the 90th percentile of one
-run of the benchmark's size moves from seed to seed with the same code (the workload alone), and what
-the forecast's errors are over many thousands of jobs.
+It answers three questions bench/eta.py cannot in its minutes: how far the 90th percentile of one
+run of the benchmark's size moves from seed to seed with the same code (the workload alone), what
+the forecast's errors are over many thousands of jobs, and how far any forecast could do better.
+
+For the last, an oracle: at each measured job's submission it knows the exact queue, each worker's
+time until free and fairness count, and the true arrival process, and plays `--futures` futures of
+arrivals from that state to the job's end under the same take order. It answers the futures' median
+(as many jobs done before their ETA as after), or the value with the least expected error relative
+to the time to done (their median weighted by 1 / time). Both are compared with the gateway's
+forecast on the same jobs.
 
     python bench/eta_sim.py [--seeds 40] [--jobs 200] [--long-jobs 5000] [--long-seeds 8] [--workers 1]
+                            [--oracle-seeds 10] [--oracle-jobs 300] [--futures 100]
 """
 
 from __future__ import annotations
@@ -39,9 +47,11 @@ from schemas.workers import DEFAULT_FAIRNESS, SpeedModel, WorkerInfo  # noqa: E4
 TARGET_MEDIAN, TARGET_P90 = 0.15, 0.35
 
 
-def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, warmup_s: float) -> list[tuple[str, float, float]]:
+def simulate(
+    seed: int, jobs: int, *, workers: int, load: float, fairness: int, warmup_s: float, futures: int = 0
+) -> list[tuple[str, float, float]]:
     """(tier, absolute error relative to the time to done, time to done) of `jobs` jobs submitted after
-    `warmup_s`."""
+    `warmup_s`. With `futures`, each tuple also holds the oracle's two answers' errors (see `Oracle`)."""
     rng = random.Random(seed)
     view = QueueView(worker_ttl_s=float("inf"))
     speed = SpeedModel(fixed_s=FIXED_S, step_s=STEP_S, step_s_per_mpx=STEP_S_PER_MPX, decode_s_per_mpx=0.0)
@@ -57,6 +67,8 @@ def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, 
     requests: dict[str, dict] = {}
     predicted: dict[str, float] = {}
     errors: list[tuple[str, float, float]] = []
+    oracle = Oracle(rate, fairness, random.Random(seed + 1_000_000), futures) if futures else None
+    answers: dict[str, tuple[float, float]] = {}
 
     def take(worker: str, now: float) -> bool:
         waiting = [tier for tier in TIERS if view.queued[tier]]
@@ -72,7 +84,7 @@ def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, 
         heapq.heappush(ends, (now + job_seconds(requests[job_id]), worker, job_id))
         return True
 
-    arrival = rng.expovariate(rate)
+    arrival = 0.0  # the first job at once, then random gaps: bench/eta.py's draws, in its order
     for i in range(10_000_000):
         if ends and ends[0][0] <= arrival:
             now, worker, job_id = heapq.heappop(ends)
@@ -82,7 +94,10 @@ def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, 
             view.apply(done, 3)
             if job_id in predicted:
                 actual = now - view.jobs[job_id].submitted_at
-                errors.append((view.jobs[job_id].tier.value, abs(predicted.pop(job_id) - actual) / actual, actual))
+                error = (view.jobs[job_id].tier.value, abs(predicted.pop(job_id) - actual) / actual, actual)
+                if oracle is not None:
+                    error += tuple(abs(answer - actual) / actual for answer in answers.pop(job_id))
+                errors.append(error)
                 if len(errors) == jobs:
                     return errors
             if not take(worker, now):
@@ -96,10 +111,60 @@ def simulate(seed: int, jobs: int, *, workers: int, load: float, fairness: int, 
         view.apply(status, 1)
         if now >= warmup_s and len(predicted) + len(errors) < jobs:
             predicted[job_id] = forecast(view, status, now=now)
+            if oracle is not None:
+                queues = [[(queued_id, job_seconds(requests[queued_id])) for _, queued_id in view.queued[tier]] for tier in TIERS]
+                free = [max(now, end) for end, _, _ in ends] + [now] * len(idle)
+                skipped = [counts[name] for _, name, _ in ends] + [counts[name] for name in idle]
+                answers[job_id] = oracle.answers(queues, free, skipped, now, job_id)
         if idle:
             take(idle.pop(0), now)
         arrival = now + rng.expovariate(rate)
     raise AssertionError("the simulation ran out of arrivals")
+
+
+class Oracle:
+    """Plays futures of the queue from a submission: the jobs queued now (their exact costs), each
+    worker's time until free and fairness count, and arrivals of the workload's mix at the true rate."""
+
+    def __init__(self, rate: float, fairness: int, rng: random.Random, futures: int):
+        self.rate, self.fairness, self.rng, self.futures = rate, fairness, rng, futures
+
+    def answers(self, queues: list[list[tuple[str, float]]], free: list[float], skipped: list[int], now: float, job_id: str) -> tuple[float, float]:
+        """The futures' median time to done of `job_id`, and their median weighted by 1 / time."""
+        times = sorted(self.play(queues, free, skipped, now, job_id) for _ in range(self.futures))
+        weights = [1.0 / t for t in times]
+        half, total = sum(weights) / 2, 0.0
+        for t, weight in zip(times, weights):
+            total += weight
+            if total >= half:
+                return times[len(times) // 2], t
+        return times[len(times) // 2], times[-1]
+
+    def play(self, queues: list[list[tuple[str, float]]], free: list[float], skipped: list[int], now: float, job_id: str) -> float:
+        queues = [list(queue) for queue in queues]
+        heads = [0] * len(queues)
+        skipped = list(skipped)
+        workers = [(t, i) for i, t in enumerate(free)]
+        heapq.heapify(workers)
+        arrival = now + self.rng.expovariate(self.rate)
+        while True:
+            at, i = heapq.heappop(workers)
+            while arrival <= at:
+                [request] = workload(1, self.rng)
+                queues[TIERS.index(Tier(request["tier"]))].append(("", job_seconds(request)))
+                arrival += self.rng.expovariate(self.rate)
+            waiting = [tier for k, tier in enumerate(TIERS) if heads[k] < len(queues[k])]
+            if not waiting:  # nothing queued: it counts from zero and takes the next arrival
+                skipped[i] = 0
+                heapq.heappush(workers, (arrival, i))
+                continue
+            tier, skipped[i] = next_take(waiting, skipped[i], self.fairness)
+            k = TIERS.index(tier)
+            taken, cost = queues[k][heads[k]]
+            heads[k] += 1
+            if taken == job_id:
+                return at + cost - now
+            heapq.heappush(workers, (at + cost, i))
 
 
 def errors_summary(errors: list[tuple[str, float, float]]) -> dict:
@@ -127,6 +192,9 @@ def main() -> None:
     parser.add_argument("--workers", type=whole(1), default=1)
     parser.add_argument("--load", type=positive, default=0.85, help="arrivals as a share of the workers' capacity")
     parser.add_argument("--fairness", type=whole(1), default=DEFAULT_FAIRNESS, help="the workers' --fairness")
+    parser.add_argument("--oracle-seeds", type=whole(0), default=10, help="runs compared with the oracle (0: none)")
+    parser.add_argument("--oracle-jobs", type=whole(1), default=300, help="jobs measured per oracle run")
+    parser.add_argument("--futures", type=whole(1), default=100, help="futures the oracle plays per job")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eta_sim.json"))
     args = parser.parse_args()
     if args.load >= 1.0:
@@ -139,6 +207,9 @@ def main() -> None:
     for seed in range(1, args.long_seeds + 1):
         pooled += simulate(1000 + seed, args.long_jobs, warmup_s=300.0, **settings)
     long = errors_summary(pooled)
+    against: list[tuple] = []
+    for seed in range(1, args.oracle_seeds + 1):
+        against += simulate(2000 + seed, args.oracle_jobs, warmup_s=300.0, futures=args.futures, **settings)
     results = {
         "benchmark": "eta_sim",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
@@ -152,6 +223,12 @@ def main() -> None:
             "median_abs_error_max": max(run["median_abs_error"] for run in runs),
         },
         "long_runs_pooled": long,
+        "against_oracle": {
+            "jobs": len(against),
+            "forecast": {"median_abs_error": statistics.median(e[1] for e in against), "p90_abs_error": p90([e[1] for e in against])},
+            "oracle_median": {"median_abs_error": statistics.median(e[3] for e in against), "p90_abs_error": p90([e[3] for e in against])},
+            "oracle_least_relative_error": {"median_abs_error": statistics.median(e[4] for e in against), "p90_abs_error": p90([e[4] for e in against])},
+        } if against else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +252,13 @@ def main() -> None:
         f"{tier} {long[tier]['mean_time_to_done_s']:.2f} / {long[tier]['p90_time_to_done_s']:.2f} s" for tier in ("high", "normal", "low") if tier in long
     )
     print(f"time to done, mean / p90 by tier: {waits}")
+    if against:
+        o = results["against_oracle"]
+        print(
+            f"the same {o['jobs']} jobs, p90 abs error: this forecast {o['forecast']['p90_abs_error']:.1%}, "
+            f"oracle ({args.futures} futures per job) answering their median {o['oracle_median']['p90_abs_error']:.1%}, "
+            f"their least relative error {o['oracle_least_relative_error']['p90_abs_error']:.1%}"
+        )
     print(f"results: {args.out} ({results['seconds']} s)")
 
 

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ("gpu.py", ["--setups", "engine,warp"], "--setups: warp"),
         ("eta.py", ["--levels", "1,x"], "'1,x' is not a comma-separated list"),
         ("eta.py", ["--fairness", "0"], "--fairness: must be at least 1, got 0"),
+        ("eta.py", ["--runs", "0"], "--runs: must be at least 1, got 0"),
+        ("eta_sim.py", ["--futures", "0"], "--futures: must be at least 1, got 0"),
         ("eta_sim.py", ["--load", "1.2"], "--load: must be below 1"),
         ("eta_sim.py", ["--seeds", "0"], "--seeds: must be at least 1, got 0"),
         ("scale.py", ["--levels", "0,8"], "every count must be at least 1"),
