@@ -1,6 +1,7 @@
 """ETA accuracy at submission: how far `expected_time_seconds` is from the real time to done.
 
-Simulated engines (a fixed cost, a cost per step and per megapixel per step) on a real nats-server,
+Simulated engines (a fixed cost, a cost per step and per megapixel per step, the refiner's steps 1.5
+times a base step's after a 40 ms hand-over) on a real nats-server,
 a real gateway and in-process workers; a mixed workload of sizes, steps, refiner on/off and priority
 tiers arriving at random at 85 % of the capacity the workers measure, with 1 and 4 workers.
 
@@ -44,6 +45,7 @@ from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
 
 SIZES = [(512, 512), (768, 768), (1024, 1024), (1152, 896), (896, 1152)]
 STEP_S, STEP_S_PER_MPX, FIXED_S = 0.004, 0.02, 0.03
+REFINER_STEP_FACTOR, REFINER_FIXED_S, REFINER_SPLIT = 1.5, 0.04, 0.8  # the refiner's steps take longer, after a hand-over
 
 
 def workload(n: int, rng: random.Random) -> list[dict]:
@@ -70,8 +72,18 @@ def p90(values: list[float]) -> float:
     return values[int(0.9 * (len(values) - 1))]
 
 
+def refiner_steps(job: dict) -> int:
+    """The steps the engine runs on the refiner (the last ones, past the split)."""
+    refiner = job["steps"] - int(job["steps"] * REFINER_SPLIT) if job["use_refiner"] else 0
+    return refiner if 0 < refiner < job["steps"] else 0
+
+
 def job_seconds(job: dict) -> float:
-    return FIXED_S + job["steps"] * (STEP_S + STEP_S_PER_MPX * job["width"] * job["height"] / 1e6)
+    """What the simulated engine takes for `job`."""
+    per_step = STEP_S + STEP_S_PER_MPX * job["width"] * job["height"] / 1e6
+    refiner = refiner_steps(job)
+    on_refiner = REFINER_FIXED_S + refiner * per_step * REFINER_STEP_FACTOR if refiner else 0.0
+    return FIXED_S + (job["steps"] - refiner) * per_step + on_refiner
 
 
 def measured_capacity(workers: list) -> float:
@@ -80,7 +92,10 @@ def measured_capacity(workers: list) -> float:
     sample = workload(1000, random.Random(0))
     return sum(
         1.0 / statistics.mean(
-            worker.info().speed.estimate(width=j["width"], height=j["height"], steps=j["steps"]) for j in sample
+            worker.info().speed.estimate(
+                width=j["width"], height=j["height"], steps=j["steps"] - refiner_steps(j), refiner_steps=refiner_steps(j)
+            )
+            for j in sample
         )
         for worker in workers
     )
@@ -95,7 +110,7 @@ async def run_level(
     receiving work just as a measured job waits)."""
     settings = dict(
         nats_url=nats_url, model="simulated", sim_step_s=STEP_S, sim_step_s_per_mpx=STEP_S_PER_MPX,
-        sim_fixed_s=FIXED_S, preview_every=0, heartbeat_s=1.0, fairness=fairness,
+        sim_fixed_s=FIXED_S, sim_refiner_step_factor=REFINER_STEP_FACTOR, sim_refiner_fixed_s=REFINER_FIXED_S, preview_every=0, heartbeat_s=1.0, fairness=fairness,
     )
     started = [await runtime.start_worker(WorkerSettings(**settings)) for _ in range(workers)]
     gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0))

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import positive, whole  # noqa: E402
-from eta import FIXED_S, STEP_S, STEP_S_PER_MPX, job_seconds, p90, workload  # noqa: E402
+from eta import FIXED_S, REFINER_FIXED_S, REFINER_STEP_FACTOR, STEP_S, STEP_S_PER_MPX, job_seconds, p90, workload  # noqa: E402
 from gateway.forecast import forecast  # noqa: E402
 from gateway.queue_view import QueueView  # noqa: E402
 from schemas.names import TIERS, Tier  # noqa: E402
@@ -54,7 +54,10 @@ def simulate(
     `warmup_s`. With `futures`, each tuple also holds the oracle's two answers' errors (see `Oracle`)."""
     rng = random.Random(seed)
     view = QueueView(worker_ttl_s=float("inf"))
-    speed = SpeedModel(fixed_s=FIXED_S, step_s=STEP_S, step_s_per_mpx=STEP_S_PER_MPX, decode_s_per_mpx=0.0)
+    speed = SpeedModel(
+        fixed_s=FIXED_S, step_s=STEP_S, step_s_per_mpx=STEP_S_PER_MPX, decode_s_per_mpx=0.0,
+        refiner_step_ratio=REFINER_STEP_FACTOR, refiner_fixed_s=REFINER_FIXED_S,
+    )
     names = [f"worker-{i}" for i in range(workers)]
     for name in names:
         view.workers[name] = WorkerInfo(

@@ -48,28 +48,38 @@ MAX_LOAD = 0.8
 FALLBACK = WorkerInfo(worker_id="none", model="", default_steps=30, default_guidance=5.0)
 
 
-def job_cost(status: JobStatus, worker: WorkerInfo, speed: SpeedModel | None = None) -> float:
+def steps_planned(status: JobStatus, worker: WorkerInfo) -> tuple[int, int]:
+    """(base steps, refiner steps) the job runs: the refiner takes the steps past the split, as the
+    engines hand them over (none when the split leaves either model no step)."""
     request = status.request
     steps = request.get("steps") or worker.default_steps
     if status.init_image is not None:  # image-to-image runs only the strength's share of the steps
         steps = steps_run(steps, request.get("strength") or 1.0)
-    refiner_steps = steps - int(steps * (request.get("refiner_split") or 0.8)) if request.get("use_refiner") else 0
+    refiner = steps - int(steps * (request.get("refiner_split") or 0.8)) if request.get("use_refiner") else 0
+    if not 0 < refiner < steps:
+        refiner = 0
+    return steps - refiner, refiner
+
+
+def job_cost(status: JobStatus, worker: WorkerInfo, speed: SpeedModel | None = None) -> float:
+    request = status.request
+    base, refiner = steps_planned(status, worker)
     return (speed or worker.speed).estimate(
-        width=request.get("width", 1024),
-        height=request.get("height", 1024),
-        steps=steps - refiner_steps,
-        refiner_steps=refiner_steps,
+        width=request.get("width", 1024), height=request.get("height", 1024), steps=base, refiner_steps=refiner
     )
 
 
 def remaining(status: JobStatus, worker: WorkerInfo, now: float) -> float:
-    """Seconds left for a running job: from its measured step rate once the worker reported one,
-    else from the worker's speed model."""
+    """Seconds left for a running job: from its measured base step rate once the worker reported one
+    (the refiner's steps, still to come or under way, at the worker's measured ratio to it), else from
+    the worker's speed model."""
     if status.step_s is not None and status.step_at is not None and status.total_steps:
         request = status.request
         mpx = request.get("width", 1024) * request.get("height", 1024) / 1e6
-        left = (status.total_steps - status.step) * status.step_s - (now - status.step_at)
-        return max(0.0, left) + worker.speed.decode_s_per_mpx * mpx
+        _, refiner = steps_planned(status, worker)
+        refiner = refiner if refiner < status.total_steps else 0
+        left = worker.speed.left_s(step=status.step, total=status.total_steps, refiner_steps=refiner, step_s=status.step_s, mpx=mpx)
+        return max(0.0, left - (now - status.step_at))
     elapsed = max(0.0, now - status.started_at) if status.started_at is not None else 0.0
     return max(0.0, job_cost(status, worker) - elapsed)
 

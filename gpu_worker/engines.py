@@ -47,6 +47,8 @@ def load_engine(settings: WorkerSettings) -> Engine:
             step_s=settings.sim_step_s,
             step_s_per_mpx=settings.sim_step_s_per_mpx,
             fixed_s=settings.sim_fixed_s,
+            refiner_step_factor=settings.sim_refiner_step_factor,
+            refiner_fixed_s=settings.sim_refiner_fixed_s,
             fail_marker=settings.sim_fail_marker,
         )
     from gpu_worker.sdxl import SdxlEngine, SdxlSettings

@@ -52,6 +52,8 @@ class WorkerSettings:
     sim_step_s: float = 0.05
     sim_step_s_per_mpx: float = 0.0
     sim_fixed_s: float = 0.0
+    sim_refiner_step_factor: float = 1.0  # simulated engine: a refiner step's time over a base step's
+    sim_refiner_fixed_s: float = 0.0  # simulated engine: the hand-over to the refiner
     sim_fail_marker: str = ""  # simulated engine: prompts containing this crash it (tests of retries)
     limits: Limits = field(default_factory=Limits)
     topology: Topology = field(default_factory=Topology)

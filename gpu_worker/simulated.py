@@ -1,6 +1,7 @@
 """A simulated engine for load and scale tests: no torch, a configurable time per step.
 
-It sleeps `fixed_s` plus `step_s` (+ `step_s_per_mpx` per megapixel) per step and returns a flat image
+It sleeps `fixed_s` plus `step_s` (+ `step_s_per_mpx` per megapixel) per step, with the refiner its
+steps past the split `refiner_step_factor` times as long after a hand-over of `refiner_fixed_s`, and returns a flat image
 whose colour comes from the seed, so that different seeds give different images. Image-to-image blends
 that colour over the init image by `strength` (running the steps the real engine would), and inpainting
 keeps the init image where the mask is black. With `fail_marker`
@@ -31,20 +32,32 @@ class SimulatedEngine:
     default_guidance: float = 5.0
     has_refiner: bool = True
     lora_names: tuple[str, ...] = ()
-    refiner_fraction: float = 0.2
+    refiner_split: float = 0.8  # the share of the steps the base runs when the request names none
+    refiner_step_factor: float = 1.0  # a refiner step's time over a base step's
+    refiner_fixed_s: float = 0.0  # the hand-over to the refiner, before its first step
     fail_marker: str = ""  # a prompt containing this crashes the engine (off when empty)
 
     def refiner_steps(self, task: GenerationTask) -> int:
-        return int(round(task.total_steps * self.refiner_fraction)) if task.use_refiner else 0
+        """The last steps past the split, as the SDXL engine hands them to its refiner; none when the
+        split leaves either model no step."""
+        if not (task.use_refiner and self.has_refiner):
+            return 0
+        total = task.total_steps
+        refiner = total - int(total * (task.refiner_split or self.refiner_split))
+        return refiner if 0 < refiner < total else 0
 
     def generate(self, task: GenerationTask, on_step: StepCallback) -> Image.Image:
         if self.fixed_s:
             time.sleep(self.fixed_s)
         per_step = self.step_s + self.step_s_per_mpx * task.width * task.height / 1e6
         total = task.total_steps
+        refiner = self.refiner_steps(task)
         for step in range(1, total + 1):
+            on_refiner = step > total - refiner
+            if on_refiner and step == total - refiner + 1 and self.refiner_fixed_s:
+                time.sleep(self.refiner_fixed_s)
             if per_step:
-                time.sleep(per_step)
+                time.sleep(per_step * (self.refiner_step_factor if on_refiner else 1.0))
             on_step(step, total, None)
             if self.fail_marker and self.fail_marker in task.prompt:
                 raise RuntimeError(f"simulated engine crash: the prompt contains {self.fail_marker!r}")

@@ -1,7 +1,8 @@
 """Measures this worker's speed from the jobs it runs and fits the ETA model of `schemas.workers`.
 
-Per job it records the seconds per step (against megapixels, least squares over a sliding window),
-the decode-and-encode time per megapixel, and the fixed rest.
+Per job it records the seconds per base step (against megapixels, least squares over a sliding window),
+the decode-and-encode time per megapixel, and the fixed rest; with the refiner, a refiner step's time
+over a base step's of the same job, and the hand-over (medians over the window).
 """
 
 from __future__ import annotations
@@ -32,20 +33,37 @@ class SpeedMeter:
     per_step: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
     decode: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
     fixed: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    refiner_ratio: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    refiner_fixed: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     model: SpeedModel = field(default_factory=SpeedModel)
 
-    def record(self, *, mpx: float, steps: int, steps_s: float, decode_s: float, total_s: float) -> SpeedModel:
+    def record(
+        self, *, mpx: float, steps: int, steps_s: float, decode_s: float, total_s: float,
+        refiner_steps: int = 0, refiner_s: float = 0.0, refiner_step_s: float | None = None,
+    ) -> SpeedModel:
+        """One job: its `steps` base steps took `steps_s`; with the refiner, its part (the hand-over and
+        `refiner_steps` steps) took `refiner_s`, one of its steps `refiner_step_s` (None when it ran one
+        step only, which does not tell the step from the hand-over)."""
         if steps > 0:
             self.per_step.append((mpx, steps_s / steps))
+            if refiner_steps and refiner_step_s is not None and steps_s > 0:
+                self.refiner_ratio.append(refiner_step_s / (steps_s / steps))
+                self.refiner_fixed.append(max(0.0, refiner_s - refiner_step_s * refiner_steps))
         self.decode.append((mpx, decode_s))
-        self.fixed.append(max(0.0, total_s - steps_s - decode_s))
+        self.fixed.append(max(0.0, total_s - steps_s - refiner_s - decode_s))
         step_s, step_s_per_mpx = _fit_line(self.per_step) if self.per_step else (0.0, 0.0)
         _, decode_s_per_mpx = _fit_line(self.decode)
         self.model = SpeedModel(
-            fixed_s=sorted(self.fixed)[len(self.fixed) // 2],
+            fixed_s=_median(self.fixed),
             step_s=step_s,
             step_s_per_mpx=step_s_per_mpx,
             decode_s_per_mpx=decode_s_per_mpx,
+            refiner_step_ratio=_median(self.refiner_ratio) if self.refiner_ratio else 1.0,
+            refiner_fixed_s=_median(self.refiner_fixed) if self.refiner_fixed else 0.0,
             samples=self.model.samples + 1,
         )
         return self.model
+
+
+def _median(values: deque[float]) -> float:
+    return sorted(values)[len(values) // 2]

@@ -59,6 +59,29 @@ def steps_seconds(steps: int, started: float, first_step_at: float | None, last_
     return last_step_at - started
 
 
+def measured_steps(job: RunningJob, started: float, steps_done: float) -> dict:
+    """The step timings of a finished job for `SpeedMeter.record` (see `step_timings`)."""
+    return step_timings(job.total, job.refiner_steps, started, job.first_step_at, job.base_done_at, job.refiner_first_at, steps_done)
+
+
+def step_timings(
+    total: int, refiner: int, started: float, first_step_at: float | None,
+    base_done_at: float | None, refiner_first_at: float | None, steps_done: float,
+) -> dict:
+    """Step timings for `SpeedMeter.record`: the base steps, and with the refiner its part (from the
+    base's last step to the refiner's last) and one refiner step."""
+    if not (refiner and base_done_at is not None and refiner_first_at is not None):
+        return dict(steps=total, steps_s=steps_seconds(total, started, first_step_at, steps_done))
+    base = total - refiner
+    return dict(
+        steps=base,
+        steps_s=steps_seconds(base, started, first_step_at, base_done_at),
+        refiner_steps=refiner,
+        refiner_s=steps_done - base_done_at,
+        refiner_step_s=(steps_done - refiner_first_at) / (refiner - 1) if refiner > 1 else None,
+    )
+
+
 BROKER_TROUBLE = BROKER_ERRORS
 
 
@@ -75,6 +98,10 @@ class RunningJob:
     started: float = field(default_factory=time.monotonic)
     first_step_at: float | None = None
     steps_done_at: float | None = None
+    refiner_steps: int = 0  # the last steps of `total`, run on the refiner
+    base_done_at: float | None = None  # with the refiner: when the base's last step ended
+    refiner_first_at: float | None = None  # and when the refiner's first step ended
+    base_step_s: float | None = None  # a base step's seconds, as measured on this job
     last_status_write: float = 0.0
     step: int = 0
     total: int = 0
@@ -207,32 +234,36 @@ class Worker:
 
     async def warm_up(self) -> None:
         """Runs small jobs at a few sizes before serving: loads kernels and gives the first ETAs a
-        measurement of the fixed, per-step and per-pixel costs."""
+        measurement of the fixed, per-step and per-pixel costs (and, with a refiner, of its hand-over
+        and steps)."""
         loop = asyncio.get_running_loop()
-        for side, measured in ((64, False), (256, True), (512, True)):  # the first run pays one-off costs
+        runs = [(64, False, False), (256, True, False), (512, True, False)]  # the first run pays one-off costs
+        if self.engine.has_refiner:
+            runs += [(64, False, True), (256, True, True)]
+        for side, measured, use_refiner in runs:
             task = GenerationTask(
                 job_id="warm-up",
                 prompt="warm-up",
                 negative_prompt="",
                 width=side,
                 height=side,
-                steps=3,
+                steps=6 if use_refiner else 3,
                 guidance=self.engine.default_guidance,
                 seed=0,
+                use_refiner=use_refiner,
+                refiner_split=0.5,
             )
+            refiner = self.engine.refiner_steps(task)
             stamps: list[float] = []
             started = time.monotonic()
             image = await loop.run_in_executor(self.gpu, self.engine.generate, task, lambda *_: stamps.append(time.monotonic()))
             steps_done = stamps[-1] if stamps else time.monotonic()
             decode_s = (time.monotonic() - steps_done) + await loop.run_in_executor(self.gpu, self._time_encode, image)
             if measured:
-                self.meter.record(
-                    mpx=side * side / 1e6,
-                    steps=task.steps,
-                    steps_s=steps_seconds(task.steps, started, stamps[0] if stamps else None, steps_done),
-                    decode_s=decode_s,
-                    total_s=time.monotonic() - started,
-                )
+                base = len(stamps) - refiner
+                base_done_at, refiner_first_at = (stamps[base - 1], stamps[base]) if refiner and 0 < base < len(stamps) else (None, None)
+                timings = step_timings(len(stamps), refiner, started, stamps[0] if stamps else None, base_done_at, refiner_first_at, steps_done)
+                self.meter.record(mpx=side * side / 1e6, decode_s=decode_s, total_s=time.monotonic() - started, **timings)
 
     @staticmethod
     def _time_encode(image: Image.Image) -> float:
@@ -486,6 +517,7 @@ class Worker:
             mask_image=mask_image,
             strength=request.strength,
         )
+        job.refiner_steps = self.engine.refiner_steps(task)
         loop = asyncio.get_running_loop()
         gen_started = time.monotonic()
         generating = loop.run_in_executor(self.gpu, self._make_image, job, task, request.format, request.quality)
@@ -542,13 +574,7 @@ class Worker:
         total_s = time.monotonic() - gen_started
         timings = {"steps_s": steps_done - gen_started, "encode_s": encoded - steps_done, "total_s": total_s}
         await self._event(JobEvent(type="done", job_id=job_id, image=ref, timings=timings, worker=self.worker_id))
-        self.meter.record(
-            mpx=request.pixels / 1e6,
-            steps=steps,
-            steps_s=steps_seconds(steps, gen_started, job.first_step_at, steps_done),
-            decode_s=timings["encode_s"],
-            total_s=total_s,
-        )
+        self.meter.record(mpx=request.pixels / 1e6, decode_s=timings["encode_s"], total_s=total_s, **measured_steps(job, gen_started, steps_done))
         self.jobs_done += 1
 
     def _make_image(
@@ -575,6 +601,10 @@ class Worker:
             now = time.monotonic()
             if job.first_step_at is None:
                 job.first_step_at = now
+            if job.refiner_steps and step == total - job.refiner_steps:
+                job.base_done_at = now
+            elif job.refiner_steps and step == total - job.refiner_steps + 1:
+                job.refiner_first_at = now
             if step >= total:
                 job.steps_done_at = now
             loop.call_soon_threadsafe(self._progress, job, step, total, now, time.time())
@@ -592,12 +622,14 @@ class Worker:
         job.step, job.total = step, total
         elapsed = now - job.started
         request = job.envelope.request
-        decode_s = self.meter.model.decode_s_per_mpx * request.pixels / 1e6
-        step_s = (now - job.first_step_at) / (step - 1) if step > 1 and job.first_step_at else None
+        speed, refiner = self.meter.model, job.refiner_steps
+        if 1 < step <= total - refiner and job.first_step_at:  # the base's steps so far tell its step time
+            job.base_step_s = (now - job.first_step_at) / (step - 1)
+        step_s = job.base_step_s
         if step_s is not None:
-            eta = (total - step) * step_s + decode_s
+            eta = speed.left_s(step=step, total=total, refiner_steps=refiner, step_s=step_s, mpx=request.pixels / 1e6)
         else:
-            cost = self.meter.model.estimate(width=request.width, height=request.height, steps=total)
+            cost = speed.estimate(width=request.width, height=request.height, steps=total - refiner, refiner_steps=refiner)
             eta = max(0.0, cost - elapsed)
         event = JobEvent(
             type="progress", job_id=job.envelope.job_id, ts=ts, step=step, total=total, elapsed_s=elapsed, eta_s=eta

@@ -1,8 +1,9 @@
 """What a live worker publishes in KV `imagegen-workers`: its model and its measured speed.
 
 The speed model is what ETAs are computed from: a fixed cost per job plus a cost per denoising step
-that grows with the pixel count, plus a cost per megapixel for the VAE decode and image encoding, and
-the refiner's steps counted like base steps. Workers measure it on every job; gateways read it.
+that grows with the pixel count, plus a cost per megapixel for the VAE decode and image encoding; with
+the refiner, a hand-over cost and its steps at their own measured ratio to a base step of the same size.
+Workers measure it on every job; gateways read it.
 """
 
 from __future__ import annotations
@@ -20,12 +21,31 @@ class SpeedModel(BaseModel):
     step_s: float = Field(0.01, description="Seconds per step that do not depend on size.")
     step_s_per_mpx: float = Field(0.1, description="Seconds per step per megapixel.")
     decode_s_per_mpx: float = Field(0.05, description="Seconds per megapixel for decode and encoding.")
+    refiner_step_ratio: float = Field(1.0, description="A refiner step's seconds over a base step's at the same size.")
+    refiner_fixed_s: float = Field(
+        0.0, description="Seconds a job with the refiner spends handing over to it (its prompt encoding, its set-up), besides its steps."
+    )
     samples: int = 0
 
     def estimate(self, *, width: int, height: int, steps: int, refiner_steps: int = 0) -> float:
+        """Seconds for a job of `steps` base steps and `refiner_steps` refiner steps."""
         mpx = width * height / 1e6
         per_step = self.step_s + self.step_s_per_mpx * mpx
-        return self.fixed_s + per_step * (steps + refiner_steps) + self.decode_s_per_mpx * mpx
+        return self.fixed_s + per_step * steps + self.refiner_s(per_step, refiner_steps) + self.decode_s_per_mpx * mpx
+
+    def left_s(self, *, step: int, total: int, refiner_steps: int, step_s: float, mpx: float) -> float:
+        """Seconds left of a running job after `step` of its `total` steps (the last `refiner_steps` of
+        them the refiner's), its base steps taking `step_s` each (as measured on this job)."""
+        base = total - refiner_steps
+        if step > base:  # in the refiner's steps
+            left = (total - step) * step_s * self.refiner_step_ratio
+        else:
+            left = (base - step) * step_s + self.refiner_s(step_s, refiner_steps)
+        return left + self.decode_s_per_mpx * mpx
+
+    def refiner_s(self, base_step_s: float, refiner_steps: int) -> float:
+        """Seconds of the refiner's part: its hand-over and its steps."""
+        return self.refiner_fixed_s + base_step_s * self.refiner_step_ratio * refiner_steps if refiner_steps else 0.0
 
 
 class WorkerInfo(BaseModel):
