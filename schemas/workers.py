@@ -31,7 +31,7 @@ class SpeedModel(BaseModel):
         """Seconds for a job of `steps` base steps and `refiner_steps` refiner steps."""
         mpx = width * height / 1e6
         per_step = self.step_s + self.step_s_per_mpx * mpx
-        return self.fixed_s + per_step * steps + self.refiner_s(per_step, refiner_steps) + self.decode_s_per_mpx * mpx
+        return self.fixed_s + per_step * steps + self.refiner_part_s(per_step, refiner_steps) + self.decode_s_per_mpx * mpx
 
     def left_s(self, *, step: int, total: int, refiner_steps: int, step_s: float, mpx: float) -> float:
         """Seconds left of a running job after `step` of its `total` steps (the last `refiner_steps` of
@@ -40,10 +40,10 @@ class SpeedModel(BaseModel):
         if step > base:  # in the refiner's steps
             left = (total - step) * step_s * self.refiner_step_ratio
         else:
-            left = (base - step) * step_s + self.refiner_s(step_s, refiner_steps)
+            left = (base - step) * step_s + self.refiner_part_s(step_s, refiner_steps)
         return left + self.decode_s_per_mpx * mpx
 
-    def refiner_s(self, base_step_s: float, refiner_steps: int) -> float:
+    def refiner_part_s(self, base_step_s: float, refiner_steps: int) -> float:
         """Seconds of the refiner's part: its hand-over and its steps."""
         return self.refiner_fixed_s + base_step_s * self.refiner_step_ratio * refiner_steps if refiner_steps else 0.0
 
