@@ -49,7 +49,7 @@ TARGET_MEDIAN, TARGET_P90 = 0.15, 0.35
 
 def simulate(
     seed: int, jobs: int, *, workers: int, load: float, fairness: int, warmup_s: float, futures: int = 0
-) -> list[tuple[str, float, float]]:
+) -> list[tuple[str, float, float]] | list[tuple[str, float, float, float, float]]:
     """(tier, absolute error relative to the time to done, time to done) of `jobs` jobs submitted after
     `warmup_s`. With `futures`, each tuple also holds the oracle's two answers' errors (see `Oracle`)."""
     rng = random.Random(seed)
