@@ -39,13 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import counts, non_negative, whole  # noqa: E402
 from gateway.settings import GatewaySettings  # noqa: E402
 from gpu_worker.settings import WorkerSettings  # noqa: E402
+from schemas.request import refiner_steps  # noqa: E402
 from schemas.workers import DEFAULT_FAIRNESS  # noqa: E402
 from imagegen import runtime  # noqa: E402
 from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
 
 SIZES = [(512, 512), (768, 768), (1024, 1024), (1152, 896), (896, 1152)]
 STEP_S, STEP_S_PER_MPX, FIXED_S = 0.004, 0.02, 0.03
-REFINER_STEP_FACTOR, REFINER_FIXED_S, REFINER_SPLIT = 1.5, 0.04, 0.8  # the refiner's steps take longer, after a hand-over
+REFINER_STEP_FACTOR, REFINER_FIXED_S = 1.5, 0.04  # the refiner's steps take longer, after a hand-over
 
 
 def workload(n: int, rng: random.Random) -> list[dict]:
@@ -72,18 +73,17 @@ def p90(values: list[float]) -> float:
     return values[int(0.9 * (len(values) - 1))]
 
 
-def refiner_steps(job: dict) -> int:
-    """The steps the engine runs on the refiner (the last ones, past the split)."""
-    refiner = job["steps"] - int(job["steps"] * REFINER_SPLIT) if job["use_refiner"] else 0
-    return refiner if 0 < refiner < job["steps"] else 0
+def on_refiner(job: dict) -> int:
+    """The steps the engine runs on the refiner (the last ones, past the default split)."""
+    return refiner_steps(job["steps"], None) if job["use_refiner"] else 0
 
 
 def job_seconds(job: dict) -> float:
     """What the simulated engine takes for `job`."""
     per_step = STEP_S + STEP_S_PER_MPX * job["width"] * job["height"] / 1e6
-    refiner = refiner_steps(job)
-    on_refiner = REFINER_FIXED_S + refiner * per_step * REFINER_STEP_FACTOR if refiner else 0.0
-    return FIXED_S + (job["steps"] - refiner) * per_step + on_refiner
+    refiner = on_refiner(job)
+    refiner_s = REFINER_FIXED_S + refiner * per_step * REFINER_STEP_FACTOR if refiner else 0.0
+    return FIXED_S + (job["steps"] - refiner) * per_step + refiner_s
 
 
 def measured_capacity(workers: list) -> float:
@@ -93,7 +93,7 @@ def measured_capacity(workers: list) -> float:
     return sum(
         1.0 / statistics.mean(
             worker.info().speed.estimate(
-                width=j["width"], height=j["height"], steps=j["steps"] - refiner_steps(j), refiner_steps=refiner_steps(j)
+                width=j["width"], height=j["height"], steps=j["steps"] - on_refiner(j), refiner_steps=on_refiner(j)
             )
             for j in sample
         )
@@ -154,39 +154,24 @@ async def run_level(
             worker.stop()
             await task
             await worker.close()
-    errors = sorted(abs(predicted[j] - actual[j]) / actual[j] for j in actual)
-    by_tier = {}
-    for tier in ("high", "normal", "low"):
-        tier_errors = sorted(abs(predicted[j] - actual[j]) / actual[j] for j in actual if tiers[j] == tier)
-        if tier_errors:
-            by_tier[tier] = {
-                "jobs": len(tier_errors),
-                "median_abs_error": statistics.median(tier_errors),
-                "p90_abs_error": p90(tier_errors),
-                "mean_actual_s": statistics.mean(actual[j] for j in actual if tiers[j] == tier),
-            }
+    jobs = [
+        {"arrival": arrivals[j], "tier": tiers[j], "eta_s": predicted[j], "actual_s": actual[j], "abs_error": abs(predicted[j] - actual[j]) / actual[j]}
+        for j in actual
+    ]
     return {
         "workers": workers,
         "fairness": fairness,
         "jobs": measured,
-        "completed": len(actual),
-        "median_abs_error": statistics.median(errors),
-        "p90_abs_error": p90(errors),
-        "mean_actual_s": statistics.mean(actual.values()),
+        **summary(jobs),
         "arrivals_per_s": 0.85 * capacity,
         "measured_capacity_jobs_per_s": capacity,
         "nominal_capacity_jobs_per_s": workers / statistics.mean(job_seconds(j) for j in workload(1000, random.Random(0))),
-        "by_tier": by_tier,
-        "errors": [
-            {"arrival": arrivals[j], "tier": tiers[j], "eta_s": predicted[j], "actual_s": actual[j], "abs_error": abs(predicted[j] - actual[j]) / actual[j]}
-            for j in actual
-        ],
+        "errors": jobs,
     }
 
 
-def pooled(runs: list[dict]) -> dict:
-    """One level's runs as one sample of jobs."""
-    jobs = [job for run in runs for job in run["errors"]]
+def summary(jobs: list[dict]) -> dict:
+    """The errors of `jobs` (each with its tier, abs_error and actual_s), all together and by tier."""
     by_tier = {}
     for tier in ("high", "normal", "low"):
         of_tier = [job for job in jobs if job["tier"] == tier]
@@ -198,15 +183,22 @@ def pooled(runs: list[dict]) -> dict:
                 "mean_actual_s": statistics.mean(job["actual_s"] for job in of_tier),
             }
     return {
-        "workers": runs[0]["workers"],
-        "fairness": runs[0]["fairness"],
-        "runs": len(runs),
-        "jobs": sum(run["jobs"] for run in runs),
         "completed": len(jobs),
         "median_abs_error": statistics.median(job["abs_error"] for job in jobs),
         "p90_abs_error": p90([job["abs_error"] for job in jobs]),
         "mean_actual_s": statistics.mean(job["actual_s"] for job in jobs),
         "by_tier": by_tier,
+    }
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One level's runs as one sample of jobs."""
+    return {
+        "workers": runs[0]["workers"],
+        "fairness": runs[0]["fairness"],
+        "runs": len(runs),
+        "jobs": sum(run["jobs"] for run in runs),
+        **summary([job for run in runs for job in run["errors"]]),
     }
 
 

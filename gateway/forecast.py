@@ -39,7 +39,7 @@ from typing import Iterator
 from gateway.queue_view import QueueView
 from schemas.take_order import next_take
 from schemas.names import TIERS, Tier
-from schemas.request import steps_run
+from schemas.request import refiner_steps, steps_run
 from schemas.status import JobState, JobStatus
 from schemas.workers import SpeedModel, WorkerInfo
 
@@ -55,9 +55,7 @@ def steps_planned(status: JobStatus, worker: WorkerInfo) -> tuple[int, int]:
     steps = request.get("steps") or worker.default_steps
     if status.init_image is not None:  # image-to-image runs only the strength's share of the steps
         steps = steps_run(steps, request.get("strength") or 1.0)
-    refiner = steps - int(steps * (request.get("refiner_split") or 0.8)) if request.get("use_refiner") else 0
-    if not 0 < refiner < steps:
-        refiner = 0
+    refiner = refiner_steps(steps, request.get("refiner_split")) if request.get("use_refiner") else 0
     return steps - refiner, refiner
 
 

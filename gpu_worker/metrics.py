@@ -47,7 +47,7 @@ def outcome_label(outcome: BaseException | None, *, attempt: int, max_deliver: i
 
 def steps_per_second(job: Any) -> float | None:
     """Denoising speed of a finished run, from the spacing of its step callbacks."""
-    steps, first, last = job.total, job.first_step_at, job.steps_done_at
+    steps, first, last = job.total, job.stamps.first, job.stamps.last
     if not steps or last is None:
         return None
     if steps > 1 and first is not None and last > first:

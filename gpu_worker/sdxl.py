@@ -29,7 +29,7 @@ from PIL import Image
 from gpu_worker.engine import GenerationTask, StepCallback, fit
 from gpu_worker.errors import JobFailed
 from gpu_worker.speedups import DEFAULT_BUCKETS
-from schemas.request import schedule_length
+from schemas.request import DEFAULT_REFINER_SPLIT, schedule_length
 
 log = logging.getLogger("imagegen.worker.sdxl")
 
@@ -44,7 +44,7 @@ class SdxlSettings:
     refiner: str | None = None
     device: str = "cpu"
     dtype: str = "auto"  # auto: fp16 on CUDA (the VAE then decodes in bf16), fp32 on CPU
-    refiner_split: float = 0.8  # fraction of the noise schedule the base denoises when the refiner is used
+    refiner_split: float = DEFAULT_REFINER_SPLIT  # fraction of the noise schedule the base denoises when the refiner is used
     default_steps: int = 30
     default_guidance: float = 5.0
     threads: int = 1  # torch CPU threads

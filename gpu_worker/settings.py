@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from gpu_worker.speedups import DEFAULT_BUCKETS
 from schemas.jetstream import Topology
-from schemas.request import Limits
+from schemas.request import DEFAULT_REFINER_SPLIT, Limits
 from schemas.workers import DEFAULT_FAIRNESS
 
 
@@ -26,7 +26,7 @@ class WorkerSettings:
     device: str = "auto"  # auto: cuda:0 when available, else cpu
     dtype: str = "auto"
     threads: int = 1
-    refiner_split: float = 0.8  # with the refiner: the fraction of the noise schedule the base denoises
+    refiner_split: float = DEFAULT_REFINER_SPLIT  # with the refiner: the fraction of the noise schedule the base denoises
     vae: str | None = None  # another VAE (hub id or folder), e.g. an fp16-fixed one
     vae_dtype: str = "auto"  # auto: bf16 for a float16 model (fp32 without bf16), fp32 on CPU
     vae_tiling: str = "auto"  # auto: tiled decode above 1536x1536 pixels; on; off

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from gpu_worker.engine import GenerationTask, StepCallback, fit
+from schemas.request import DEFAULT_REFINER_SPLIT, refiner_steps
 
 SIMULATED = "simulated"
 
@@ -32,7 +33,7 @@ class SimulatedEngine:
     default_guidance: float = 5.0
     has_refiner: bool = True
     lora_names: tuple[str, ...] = ()
-    refiner_split: float = 0.8  # the share of the steps the base runs when the request names none
+    refiner_split: float = DEFAULT_REFINER_SPLIT  # when the request names none
     refiner_step_factor: float = 1.0  # a refiner step's time over a base step's
     refiner_fixed_s: float = 0.0  # the hand-over to the refiner, before its first step
     fail_marker: str = ""  # a prompt containing this crashes the engine (off when empty)
@@ -42,9 +43,7 @@ class SimulatedEngine:
         split leaves either model no step."""
         if not (task.use_refiner and self.has_refiner):
             return 0
-        total = task.total_steps
-        refiner = total - int(total * (task.refiner_split or self.refiner_split))
-        return refiner if 0 < refiner < total else 0
+        return refiner_steps(task.total_steps, task.refiner_split or self.refiner_split)
 
     def generate(self, task: GenerationTask, on_step: StepCallback) -> Image.Image:
         if self.fixed_s:

@@ -27,6 +27,53 @@ def _fit_line(points: deque[tuple[float, float]]) -> tuple[float, float]:
     return max(0.0, mean_y - slope * mean_x), slope
 
 
+def steps_seconds(steps: int, started: float, first_step_at: float | None, last_step_at: float) -> float:
+    """Time the denoising steps took: from the spacing of step callbacks, so that the set-up before
+    the first step (text encoding, latents) counts as fixed cost, not as step cost."""
+    if steps > 1 and first_step_at is not None and last_step_at > first_step_at:
+        return (last_step_at - first_step_at) * steps / (steps - 1)
+    return last_step_at - started
+
+
+@dataclass
+class StepStamps:
+    """When one run's steps ended (monotonic): its first, with the refiner the base's last and the
+    refiner's first, and its last. `refiner_steps`: the last steps of the run, on the refiner."""
+
+    refiner_steps: int = 0
+    first: float | None = None
+    base_done: float | None = None
+    refiner_first: float | None = None
+    last: float | None = None
+
+    def stamp(self, step: int, total: int, now: float) -> None:
+        """Step `step` of `total` ended at `now`."""
+        if self.first is None:
+            self.first = now
+        base = total - self.refiner_steps
+        if self.refiner_steps and step == base:
+            self.base_done = now
+        elif self.refiner_steps and step == base + 1:
+            self.refiner_first = now
+        if step >= total:
+            self.last = now
+
+    def timings(self, total: int, started: float, steps_done: float) -> dict:
+        """The run's step timings for `SpeedMeter.record`: its base steps, and with the refiner its part
+        (from the base's last step to the refiner's last) and one refiner step."""
+        refiner = self.refiner_steps
+        if not (refiner and self.base_done is not None and self.refiner_first is not None):
+            return dict(steps=total, steps_s=steps_seconds(total, started, self.first, steps_done))
+        base = total - refiner
+        return dict(
+            steps=base,
+            steps_s=steps_seconds(base, started, self.first, self.base_done),
+            refiner_steps=refiner,
+            refiner_s=steps_done - self.base_done,
+            refiner_step_s=(steps_done - self.refiner_first) / (refiner - 1) if refiner > 1 else None,
+        )
+
+
 @dataclass
 class SpeedMeter:
     window: int = 64

@@ -33,7 +33,7 @@ from gpu_worker.preview import latent_preview
 from gpu_worker.puller import PriorityPuller
 from gpu_worker.safety import SafetyStage, load_safety
 from gpu_worker.settings import WorkerSettings
-from gpu_worker.speed import SpeedMeter
+from gpu_worker.speed import SpeedMeter, StepStamps
 from gpu_worker.thermal import TemperatureGuard, TemperatureSensor, temperature_guard
 from imagegen import __version__
 from schemas import jobstore, names, uploads
@@ -51,37 +51,6 @@ log = logging.getLogger("imagegen.worker")
 KV_KEY_UNSAFE = re.compile(r"[^-_=.a-zA-Z0-9]")
 
 
-def steps_seconds(steps: int, started: float, first_step_at: float | None, last_step_at: float) -> float:
-    """Time the denoising steps took: from the spacing of step callbacks, so that the set-up before
-    the first step (text encoding, latents) counts as fixed cost, not as step cost."""
-    if steps > 1 and first_step_at is not None and last_step_at > first_step_at:
-        return (last_step_at - first_step_at) * steps / (steps - 1)
-    return last_step_at - started
-
-
-def measured_steps(job: RunningJob, started: float, steps_done: float) -> dict:
-    """The step timings of a finished job for `SpeedMeter.record` (see `step_timings`)."""
-    return step_timings(job.total, job.refiner_steps, started, job.first_step_at, job.base_done_at, job.refiner_first_at, steps_done)
-
-
-def step_timings(
-    total: int, refiner: int, started: float, first_step_at: float | None,
-    base_done_at: float | None, refiner_first_at: float | None, steps_done: float,
-) -> dict:
-    """Step timings for `SpeedMeter.record`: the base steps, and with the refiner its part (from the
-    base's last step to the refiner's last) and one refiner step."""
-    if not (refiner and base_done_at is not None and refiner_first_at is not None):
-        return dict(steps=total, steps_s=steps_seconds(total, started, first_step_at, steps_done))
-    base = total - refiner
-    return dict(
-        steps=base,
-        steps_s=steps_seconds(base, started, first_step_at, base_done_at),
-        refiner_steps=refiner,
-        refiner_s=steps_done - base_done_at,
-        refiner_step_s=(steps_done - refiner_first_at) / (refiner - 1) if refiner > 1 else None,
-    )
-
-
 BROKER_TROUBLE = BROKER_ERRORS
 
 
@@ -96,11 +65,7 @@ class RunningJob:
     attempt: int
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
-    first_step_at: float | None = None
-    steps_done_at: float | None = None
-    refiner_steps: int = 0  # the last steps of `total`, run on the refiner
-    base_done_at: float | None = None  # with the refiner: when the base's last step ended
-    refiner_first_at: float | None = None  # and when the refiner's first step ended
+    stamps: StepStamps = field(default_factory=StepStamps)
     base_step_s: float | None = None  # a base step's seconds, as measured on this job
     last_status_write: float = 0.0
     step: int = 0
@@ -253,16 +218,15 @@ class Worker:
                 use_refiner=use_refiner,
                 refiner_split=0.5,
             )
-            refiner = self.engine.refiner_steps(task)
-            stamps: list[float] = []
+            stamps = StepStamps(refiner_steps=self.engine.refiner_steps(task))
             started = time.monotonic()
-            image = await loop.run_in_executor(self.gpu, self.engine.generate, task, lambda *_: stamps.append(time.monotonic()))
-            steps_done = stamps[-1] if stamps else time.monotonic()
+            image = await loop.run_in_executor(
+                self.gpu, self.engine.generate, task, lambda step, total, _: stamps.stamp(step, total, time.monotonic())
+            )
+            steps_done = stamps.last or time.monotonic()
             decode_s = (time.monotonic() - steps_done) + await loop.run_in_executor(self.gpu, self._time_encode, image)
             if measured:
-                base = len(stamps) - refiner
-                base_done_at, refiner_first_at = (stamps[base - 1], stamps[base]) if refiner and 0 < base < len(stamps) else (None, None)
-                timings = step_timings(len(stamps), refiner, started, stamps[0] if stamps else None, base_done_at, refiner_first_at, steps_done)
+                timings = stamps.timings(task.total_steps, started, steps_done)
                 self.meter.record(mpx=side * side / 1e6, decode_s=decode_s, total_s=time.monotonic() - started, **timings)
 
     @staticmethod
@@ -517,7 +481,7 @@ class Worker:
             mask_image=mask_image,
             strength=request.strength,
         )
-        job.refiner_steps = self.engine.refiner_steps(task)
+        job.stamps.refiner_steps = self.engine.refiner_steps(task)
         loop = asyncio.get_running_loop()
         gen_started = time.monotonic()
         generating = loop.run_in_executor(self.gpu, self._make_image, job, task, request.format, request.quality)
@@ -574,7 +538,7 @@ class Worker:
         total_s = time.monotonic() - gen_started
         timings = {"steps_s": steps_done - gen_started, "encode_s": encoded - steps_done, "total_s": total_s}
         await self._event(JobEvent(type="done", job_id=job_id, image=ref, timings=timings, worker=self.worker_id))
-        self.meter.record(mpx=request.pixels / 1e6, decode_s=timings["encode_s"], total_s=total_s, **measured_steps(job, gen_started, steps_done))
+        self.meter.record(mpx=request.pixels / 1e6, decode_s=timings["encode_s"], total_s=total_s, **job.stamps.timings(job.total, gen_started, steps_done))
         self.jobs_done += 1
 
     def _make_image(
@@ -584,7 +548,7 @@ class Worker:
         JobFailed when flagged images are rejected), the encoding. Returns the image, whether it was
         flagged, its bytes, and when the steps and the encoding ended."""
         image = self.engine.generate(task, self._step_callback(job))
-        steps_done = job.steps_done_at or time.monotonic()
+        steps_done = job.stamps.last or time.monotonic()
         nsfw = False
         if self.safety is not None:
             image, nsfw = self.safety.screen(image)
@@ -599,14 +563,7 @@ class Worker:
             if job.cancel.is_set():
                 raise JobCancelled()
             now = time.monotonic()
-            if job.first_step_at is None:
-                job.first_step_at = now
-            if job.refiner_steps and step == total - job.refiner_steps:
-                job.base_done_at = now
-            elif job.refiner_steps and step == total - job.refiner_steps + 1:
-                job.refiner_first_at = now
-            if step >= total:
-                job.steps_done_at = now
+            job.stamps.stamp(step, total, now)
             loop.call_soon_threadsafe(self._progress, job, step, total, now, time.time())
             if every and latents is not None and step % every == 0 and step < total:
                 preview = latent_preview(latents)
@@ -622,9 +579,9 @@ class Worker:
         job.step, job.total = step, total
         elapsed = now - job.started
         request = job.envelope.request
-        speed, refiner = self.meter.model, job.refiner_steps
-        if 1 < step <= total - refiner and job.first_step_at:  # the base's steps so far tell its step time
-            job.base_step_s = (now - job.first_step_at) / (step - 1)
+        speed, refiner, first = self.meter.model, job.stamps.refiner_steps, job.stamps.first
+        if 1 < step <= total - refiner and first:  # the base's steps so far tell its step time
+            job.base_step_s = (now - first) / (step - 1)
         step_s = job.base_step_s
         if step_s is not None:
             eta = speed.left_s(step=step, total=total, refiner_steps=refiner, step_s=step_s, mpx=request.pixels / 1e6)

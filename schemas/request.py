@@ -367,6 +367,17 @@ def schedule_length(steps: int, strength: float) -> int:
     return length
 
 
+DEFAULT_REFINER_SPLIT = 0.8  # the share of the noise schedule the base denoises when a request names none
+
+
+def refiner_steps(steps: int, split: float | None) -> int:
+    """How many of `steps` run on the refiner when the base hands over at `split`: those past it, none
+    when the split leaves either model no step. (The SDXL engine splits by its scheduler's timesteps,
+    which may differ by a step.)"""
+    refiner = steps - int(steps * (split or DEFAULT_REFINER_SPLIT))
+    return refiner if 0 < refiner < steps else 0
+
+
 def steps_run(steps: int, strength: float) -> int:
     """Denoising steps image-to-image runs for `steps` at `strength`: at least one."""
     return int(schedule_length(steps, strength) * strength)
