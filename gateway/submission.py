@@ -43,8 +43,9 @@ async def submit_request(
 ) -> list[JobStatus]:
     """Queues the request's n jobs and returns their first status records, in seed order."""
     jobs.check_allowed(request, key)
-    if request.webhook is not None:
-        check_destination(request.webhook, allow_private=jobs.settings.webhook_allow_private)
+    if request.webhook is not None:  # kept as checked: the call goes to the host as an HTTP client reads it
+        webhook = check_destination(request.webhook, allow_private=jobs.settings.webhook_allow_private)
+        request = request.model_copy(update={"webhook": webhook})
     plan = plan_group(request, first_id=idempotent_job_id(owner, idempotency_key) if idempotency_key else None)
     earlier = await _earlier_records(jobs, plan) if idempotency_key else []
     known = next((s for s in earlier if s is not None), None)
