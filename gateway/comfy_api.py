@@ -31,6 +31,7 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
 from gateway.comfy_graph import GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
+from gateway.forms import read_form
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
@@ -191,8 +192,8 @@ async def upload_image(request: web.Request) -> web.Response:
     jobs: JobService = request.app[SERVICE]
     owner = owner_of(request)
     try:
-        form = await request.post()
-    except ValueError as exc:
+        form = await read_form(request)
+    except RequestInvalid as exc:
         return failure(400, "invalid_request", "send a multipart form with the file as `image`", str(exc))
     upload = form.get("image")
     if not isinstance(upload, web.FileField):

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.accept import NotAcceptable
 from gateway.jobs import BROKER_DOWN, Forbidden, NotReady, UnknownJob
@@ -98,6 +99,8 @@ async def errors_middleware(request: web.Request, handler):
         return web.json_response({"error": exc.reason}, status=exc.status, headers={
             k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")
         })
+    except HttpProcessingError as exc:  # a body part's headers aiohttp refused, read by a handler
+        return web.json_response({"error": f"malformed request: {clipped(' '.join(str(exc.message).split()))}", "field": "body"}, status=400)
     except BROKER_DOWN as exc:
         log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
         return web.json_response(

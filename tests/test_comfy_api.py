@@ -249,6 +249,34 @@ async def test_an_upload_that_is_no_image_is_refused(service, http):
         assert r.status == 400 and "multipart form" in (await r.json())["error"]["message"]
 
 
+def form_part(headers: bytes, data: bytes) -> bytes:
+    return b"--B\r\n" + headers + b"\r\n\r\n" + data + b"\r\n--B--\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        form_part(b'Content-Disposition: form-data; name="image"; filename="x.png\0.txt"\r\nContent-Type: image/png', b"png"),
+        form_part(b'Content-Disposition: form-data; name="ima\0ge"; filename="x.png"', b"png"),
+        form_part(b'Content-Disposition: form-data; name="image"; filename="x.png"\r\nX-Odd: a\x01b', b"png"),
+        form_part(b'Content-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Transfer-Encoding: rot13', b"png"),
+        form_part(b'Content-Disposition: form-data; name="type"\r\nContent-Type: text/plain; charset=no-such-charset', b"input"),
+        form_part(b'Content-Disposition: form-data; name="type"\r\nContent-Type: text/plain; charset=utf-8', b"\xff\xfe"),
+        form_part(b"Content-Disposition: form-data; name=\"image\"; filename*=UTF-8''x.png%00.txt", b"png"),
+        b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\nno end",
+    ],
+    ids=["nul-in-filename", "nul-in-name", "control-byte-header", "unknown-transfer-encoding", "unknown-charset", "not-utf8-field", "nul-in-rfc5987-filename", "truncated"],
+)
+async def test_a_malformed_multipart_upload_is_a_400_not_a_crash(service, http, caplog, body):
+    async with http.post(f"{service.url}/upload/image", data=body, headers={"Content-Type": "multipart/form-data; boundary=B"}) as r:
+        assert r.status == 400, await r.text()
+        error = (await r.json())["error"]
+    assert error["type"] == "invalid_request" and error["message"], error
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    status, _ = await upload(http, service.url, picture(8, 8), "after.png", overwrite="true")
+    assert status == 200
+
+
 async def test_a_body_without_a_prompt_is_refused(service, http):
     async with http.post(f"{service.url}/prompt", json={"client_id": "x"}) as r:
         assert r.status == 400 and (await r.json())["error"]["type"] == "no_prompt"
