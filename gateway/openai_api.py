@@ -30,6 +30,7 @@ from gateway.auth import ApiKey
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, Forbidden, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller
+from gateway.proxies import public_origin
 from gateway.ratelimit import RateLimited
 from gateway.submission import submit_request
 from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
@@ -177,13 +178,6 @@ def tier_for(key: ApiKey | None) -> Tier | None:
     return next((t for t in (Tier.LOW, Tier.HIGH) if t in key.tiers), None)
 
 
-def public_origin(request: web.Request) -> str:
-    """This gateway as the caller reached it, through a proxy that sets X-Forwarded-* too."""
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
-    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
-    return f"{proto}://{host}"
-
-
 def job_failure(job_id: str, state: str, reason: str | None) -> OpenAIFailure:
     reason = reason or state
     field = field_named_by(reason)
@@ -292,7 +286,7 @@ async def generate(request: web.Request) -> web.Response:
         for status in finished:
             item = OpenAIImage(job_id=status.job_id, seed=status.seed)
             if ask.response_format == "url":
-                item.url = f"{public_origin(request)}/v1/jobs/{status.job_id}/image"
+                item.url = f"{public_origin(request, jobs.settings.trust_proxy)}/v1/jobs/{status.job_id}/image"
             else:
                 item.b64_json = base64.b64encode(await image_data(jobs, status.job_id, owner)).decode("ascii")
             images.append(item)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.proxies import parse_trusted
 from schemas.jetstream import Topology
 from schemas.request import Limits
 from schemas.uploads import max_text_chars
@@ -28,7 +29,11 @@ class GatewaySettings:
     webhook_secret: str | None = None  # signs webhook calls (Standard Webhooks); the same on every gateway
     webhook_allow_private: bool = False  # webhooks may go to loopback and private addresses (a closed network)
     webhook_retry_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # waits between a call's tries
+    trust_proxy: tuple[str, ...] = ()  # proxies (addresses, networks, or "*") whose X-Forwarded-Proto/-Host are believed
     cache_scope: str = "key"  # result cache entries: each API key's own (key), or shared by all keys (global)
+
+    def __post_init__(self) -> None:
+        parse_trusted(self.trust_proxy)  # a ValueError naming an entry that is no address or network
 
     @property
     def body_limit_bytes(self) -> int:

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from gateway.proxies import parse_trusted
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speedups import DEFAULT_BUCKETS
@@ -43,6 +44,15 @@ def at_least_one(text: str) -> int:
     return value
 
 
+def proxy_list(text: str) -> tuple[str, ...]:
+    entries = tuple(t.strip() for t in text.split(",") if t.strip())
+    try:
+        parse_trusted(entries)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--trust-proxy: ")) from None
+    return entries
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=os.environ.get("IMAGEGEN_NATS"), help="NATS server URL(s), comma-separated (IMAGEGEN_NATS)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (IMAGEGEN_LOG_LEVEL)")
@@ -69,6 +79,7 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-ttl", type=float, default=env("CACHE_TTL", 24 * 3600.0), help="seconds an image answers identical requests (with a seed, or cache: true) from the result cache; 0: no cache (IMAGEGEN_CACHE_TTL)")
     p.add_argument("--webhook-secret", default=os.environ.get("IMAGEGEN_WEBHOOK_SECRET"), help="signs webhook calls (Standard Webhooks: whsec_ and base64, or any text); the same on every gateway (IMAGEGEN_WEBHOOK_SECRET)")
     p.add_argument("--webhook-allow-private", action="store_true", default=env("WEBHOOK_ALLOW_PRIVATE", "") not in ("", "0", "false"), help="webhooks may go to loopback, private and link-local addresses, for a closed network (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE)")
+    p.add_argument("--trust-proxy", type=proxy_list, default=env("TRUST_PROXY", ""), metavar="ADDR[,ADDR]", help="addresses or networks (10.0.0.0/8) of the reverse proxies in front; only from them are X-Forwarded-Proto and X-Forwarded-Host believed (the scheme and host of image URLs); * for any peer; default none (IMAGEGEN_TRUST_PROXY)")
     p.add_argument("--cache-scope", default=env("CACHE_SCOPE", "key"), choices=["key", "global"], help="with API keys: key keeps each key's result-cache entries to itself; global shares them between keys (IMAGEGEN_CACHE_SCOPE)")
 
 
@@ -166,6 +177,7 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         cache_scope=args.cache_scope,
         webhook_secret=args.webhook_secret or None,
         webhook_allow_private=args.webhook_allow_private,
+        trust_proxy=args.trust_proxy,
     )
 
 

@@ -67,6 +67,43 @@ async def test_urls_fetch_the_images_and_openai_model_names_mean_the_current_mod
     assert job["total_steps"] == 2  # quality=low: half of tiny-sdxl's 4 default steps
 
 
+FORWARDED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "images.example.com"}
+
+
+async def image_url(http, url: str, headers: dict[str, str]) -> str:
+    body = {"prompt": "a pier", "size": "64x64", "response_format": "url"}
+    async with http.post(f"{url}/v1/images/generations", json=body, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["data"][0]["url"]
+
+
+async def test_forwarded_headers_are_ignored_unless_the_peer_is_a_trusted_proxy(service, http):
+    port = service.url.rsplit(":", 1)[1]
+    steered = await image_url(http, service.url, {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "evil.example"})
+    assert steered.startswith(f"http://127.0.0.1:{port}/v1/jobs/")
+    assert (await image_url(http, service.url, FORWARDED)).startswith(f"http://127.0.0.1:{port}/v1/jobs/")
+    for trusted in (("127.0.0.1",), ("10.0.0.0/8", "127.0.0.0/8"), ("*",)):
+        behind = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, trust_proxy=trusted))
+        try:
+            url = await image_url(http, f"http://127.0.0.1:{behind.port}", FORWARDED)
+            assert url.startswith("https://images.example.com/v1/jobs/"), (trusted, url)
+            url = await image_url(http, f"http://127.0.0.1:{behind.port}", {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "a/b@evil"})
+            assert url.startswith(f"http://127.0.0.1:{behind.port}/v1/jobs/"), url  # not a scheme or host: ignored
+        finally:
+            await behind.stop()
+    elsewhere = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, trust_proxy=("10.0.0.0/8",)))
+    try:  # the proxy named is not the peer
+        url = await image_url(http, f"http://127.0.0.1:{elsewhere.port}", FORWARDED)
+        assert url.startswith(f"http://127.0.0.1:{elsewhere.port}/v1/jobs/"), url
+    finally:
+        await elsewhere.stop()
+
+
+def test_a_trusted_proxy_that_is_no_address_stops_the_gateway_at_start():
+    with pytest.raises(ValueError, match="'proxy.local' is not an address"):
+        GatewaySettings(trust_proxy=("proxy.local",))
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "words"),
     [
