@@ -43,7 +43,7 @@ from gateway.a1111_inpaint import prepare as prepare_inpainting
 from gateway.a1111_prompt import TagProblem, loras_of
 from gateway.event_hub import decoded_event
 from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, UnknownJob
+from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import OpenAIFailure, image_data, tier_for, until_done
 from gateway.ratelimit import RateLimited
@@ -487,6 +487,8 @@ async def answered(run, request: web.Request) -> web.Response:
         return from_request_invalid(exc).response()
     except Forbidden as exc:
         return A1111Failure(403, str(exc)).response()
+    except IdempotencyKeyReused as exc:
+        return A1111Failure(422, str(exc)).response()
     except RateLimited as exc:
         return A1111Failure(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}).response()
     except web.HTTPRequestEntityTooLarge as exc:

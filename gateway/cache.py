@@ -221,6 +221,7 @@ class ResultCache:
         status_kv,
         images: ObjectStore,
         placement: Any = None,
+        request_digest: str | None = None,
     ) -> tuple[JobStatus, int] | None:
         """On a hit, a new job of this caller, done, with its own copy of the image, and its record's
         revision; the existing job (revision 0) when `job_id` names one already; None on a miss.
@@ -237,7 +238,7 @@ class ResultCache:
         entry, data = found
         status = entry.job_status(job_id or new_job_id(), request=request, owner=owner, size=len(data))
         placed = {k: v for k, v in placement_fields(placement).items() if k in JobStatus.model_fields}
-        status = status.model_copy(update=placed)
+        status = status.model_copy(update={**placed, "request_digest": request_digest})
         await asyncio.wait_for(images.put(status.job_id, data), timeout=self.read_timeout_s)
         revision = await jobstore.create_status(status_kv, status)
         if revision is None:  # the same idempotent request, made meanwhile

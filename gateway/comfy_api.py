@@ -33,7 +33,7 @@ from PIL import ImageOps
 from gateway.comfy_graph import GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
 from gateway.forms import read_form
 from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, NotReady, UnknownJob
+from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import tier_for
 from gateway.ratelimit import RateLimited
@@ -129,6 +129,8 @@ async def queue_prompt(request: web.Request) -> web.Response:
         return web.json_response(exc.body(), status=400)
     except Forbidden as exc:
         return failure(403, "forbidden", str(exc))
+    except IdempotencyKeyReused:
+        return failure(400, "invalid_prompt", "prompt_id was sent before with another prompt: send another, or none", prompt_id)
     except RateLimited as exc:
         response = failure(429, "rate_limited", str(exc))
         response.headers["Retry-After"] = str(exc.retry_after_s)

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.accept import NotAcceptable
-from gateway.jobs import BROKER_DOWN, Forbidden, NotReady, UnknownJob
+from gateway.jobs import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
 from gateway.ratelimit import RateLimited
 from schemas.request import RequestInvalid
 
@@ -87,6 +87,8 @@ async def errors_middleware(request: web.Request, handler):
         return web.json_response({"error": f"unknown task_id {exc.args[0]!r}"}, status=404)
     except Forbidden as exc:
         return web.json_response({"error": str(exc), "field": exc.field}, status=403)
+    except IdempotencyKeyReused as exc:
+        return web.json_response({"error": str(exc), "field": "Idempotency-Key"}, status=422)
     except RateLimited as exc:
         return web.json_response({"error": str(exc)}, status=429, headers={"Retry-After": str(exc.retry_after_s)})
     except NotReady as exc:

@@ -52,6 +52,34 @@ def idempotent_job_id(owner: str | None, idempotency_key: str) -> str:
     return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
 
 
+def request_digest(request: GenerateRequest) -> str:
+    """A fingerprint of a request as validated (defaults filled in, so two bodies that ask the same
+    match): the record of a job queued under an Idempotency-Key keeps it, and a repeat of the key with
+    another request is refused (IdempotencyKeyReused)."""
+    fields = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(fields.encode()).hexdigest()
+
+
+class IdempotencyKeyReused(Exception):
+    """An Idempotency-Key sent again with another request than the one it first came with: 422, as
+    the IETF Idempotency-Key draft says."""
+
+    def __init__(self, idempotency_key: str):
+        shown = idempotency_key if len(idempotency_key) <= 80 else idempotency_key[:80] + "..."
+        super().__init__(
+            f"Idempotency-Key {shown!r} was first sent with another request; a retry must send the same body, "
+            "a new request a new key"
+        )
+        self.idempotency_key = idempotency_key
+
+
+def check_same_request(existing: JobStatus, digest: str | None, idempotency_key: str | None) -> None:
+    """IdempotencyKeyReused when `existing` was queued under the key for another request than `digest`
+    (a record without a fingerprint, written before they were kept, passes)."""
+    if idempotency_key and digest and existing.request_digest and existing.request_digest != digest:
+        raise IdempotencyKeyReused(idempotency_key)
+
+
 def redacted(request: dict, redact: bool) -> dict:
     if not redact:
         return request
@@ -200,19 +228,22 @@ class JobService:
         job_id: str | None = None,
         key: ApiKey | None = None,
         idempotency_key: str | None = None,
+        digest: str | None = None,
         placement: Placement | None = None,
         created: set[str] | None = None,
     ) -> JobStatus:
         """Queues one job. `placement`: its stored uploads and group. With `idempotency_key` the job
         (`job_id`, else the key's own id) may exist already: it is then answered as it is, before any
         check of the caller's key, and published again if still queued. `created` gets the job's id
-        when this call wrote its record."""
+        when this call wrote its record. `digest`: the request's fingerprint (request_digest) kept in the
+        record with an Idempotency-Key; a repeat of the key with another is IdempotencyKeyReused."""
         self.connected()
         placement = placement or Placement()
         if idempotency_key:
             job_id = job_id or idempotent_job_id(owner, idempotency_key)
             existing = await jobstore.read_status(self.status_kv, job_id)
             if existing is not None:
+                check_same_request(existing, digest, idempotency_key)
                 await self._publish_again_if_queued(existing, JobEnvelope.for_request(
                     request, job_id=job_id, owner=owner, placement=Placement.of(existing)
                 ))
@@ -247,7 +278,7 @@ class JobService:
         if key_of_result is not None:
             hit = await self.cache.answer(
                 request, key_of_result, job_id=job_id, owner=owner, status_kv=self.status_kv, images=self.images,
-                placement=placement,
+                placement=placement, request_digest=digest if idempotency_key else None,
             )
             if hit is not None:
                 status, revision = hit
@@ -259,6 +290,7 @@ class JobService:
                     await self._audit(status, "cached")
                     self._created(status)
                 else:
+                    check_same_request(status, digest, idempotency_key)
                     await self._publish_again_if_queued(status, JobEnvelope.for_request(
                         request, job_id=status.job_id, owner=owner, default_timeout_s=self.settings.default_timeout_s,
                         placement=placement,
@@ -269,6 +301,7 @@ class JobService:
         )
         status = envelope.queued_status()
         status.cache_key = key_of_result
+        status.request_digest = digest if idempotency_key else None
         # In the queue view before it is sent (its position and ETA count it; the record's revision
         # follows with the broker's ack), and watched for its end before it can end.
         self.view.apply(status, 0)
@@ -285,6 +318,7 @@ class JobService:
             existing = await jobstore.read_status(self.status_kv, envelope.job_id)
             if existing is not None:
                 self._not_queued(status.job_id)
+                check_same_request(existing, digest, idempotency_key)
                 await self._publish_again_if_queued(existing, envelope)
                 return existing
             await self._publish_again_if_queued(status, envelope)

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from gateway.auth import ApiKey
 from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, Forbidden, JobService, NotReady, UnknownJob
+from gateway.jobs import BROKER_DOWN, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller
 from gateway.proxies import public_origin
 from gateway.ratelimit import RateLimited
@@ -313,6 +313,8 @@ async def generations(request: web.Request) -> web.Response:
         return from_invalid(exc, steps_given=True).response()
     except Forbidden as exc:
         return OpenAIFailure(403, str(exc), param=exc.field, kind="permission_error", code="forbidden").response()
+    except IdempotencyKeyReused as exc:
+        return OpenAIFailure(422, str(exc), code="idempotency_key_reused").response()
     except RateLimited as exc:
         return OpenAIFailure(
             429, str(exc), kind="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)}

@@ -9,10 +9,11 @@ all: when job k cannot be queued (a rate limit, say), the jobs this call queued 
 again, with the images it stored, and the error goes to the caller; except when the broker went away
 under a request with an Idempotency-Key: its records stay, so that the retry (after the 503) finds them.
 
-A repeat with the same Idempotency-Key answers the jobs the first call queued, before the key's quota
+A repeat with the same Idempotency-Key and the same request (its fingerprint, kept in each job's record)
+answers the jobs the first call queued, before the key's quota
 or rate is looked at: a job still queued is published again (the first call may have stopped before
 publishing it), and a job missing from a group the first call did not finish is queued now, reading
-the images the first call stored.
+the images the first call stored. A repeat with another request is IdempotencyKeyReused (422).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 from dataclasses import replace
 
 from gateway.auth import ApiKey
-from gateway.jobs import BROKER_DOWN, JobService, UnknownJob, idempotent_job_id
+from gateway.jobs import BROKER_DOWN, JobService, UnknownJob, check_same_request, idempotent_job_id, request_digest
 from gateway.webhooks import check_destination
 from schemas import jobstore, uploads
 from schemas.group import GroupPlan, plan_group, store_uploads
@@ -47,7 +48,11 @@ async def submit_request(
         webhook = check_destination(request.webhook, allow_private=jobs.settings.webhook_allow_private)
         request = request.model_copy(update={"webhook": webhook})
     plan = plan_group(request, first_id=idempotent_job_id(owner, idempotency_key) if idempotency_key else None)
+    digest = request_digest(request) if idempotency_key else None
     earlier = await _earlier_records(jobs, plan) if idempotency_key else []
+    for status in earlier + (await _other_shape(jobs, plan) if idempotency_key else []):
+        if status is not None:
+            check_same_request(status, digest, idempotency_key)
     known = next((s for s in earlier if s is not None), None)
     if known is not None and plan.group_id:  # jobs still to queue continue the first call's seeds
         plan = replace(plan, first_seed=max(0, known.seed - known.group_index))
@@ -80,6 +85,7 @@ async def submit_request(
                     key=key,
                     job_id=member.job_id,
                     idempotency_key=idempotency_key,
+                    digest=digest,
                     placement=member.placement,
                     created=created,
                 )
@@ -98,6 +104,14 @@ async def _earlier_records(jobs: JobService, plan: GroupPlan) -> list[JobStatus 
     """The records an earlier call with the same Idempotency-Key left, one per job (None: not queued)."""
     jobs.connected()
     return [await jobstore.read_status(jobs.status_kv, job_id) for job_id in plan.job_ids]
+
+
+async def _other_shape(jobs: JobService, plan: GroupPlan) -> list[JobStatus | None]:
+    """The record the same Idempotency-Key left for a request of the other shape (one image where this
+    one is a group, or the group's first job where this is one image), whose ids differ from this plan's."""
+    first_id = plan.group_id or plan.job_ids[0]
+    other = plan.group_id if plan.group_id else group_job_ids(first_id, 1)[0]
+    return [await jobstore.read_status(jobs.status_kv, other)]
 
 
 async def _undo(jobs: JobService, plan: GroupPlan, created: set[str], stored: dict[str, UploadRef], owner: str | None) -> None:

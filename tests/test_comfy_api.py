@@ -92,6 +92,8 @@ async def test_the_same_prompt_id_queues_once(service, http):
     assert first[1]["number"] == again[1]["number"]
     entry = await history_when_done(http, service.url, "my-own-id-1")
     assert len(entry["outputs"]["9"]["images"]) == 1
+    status, refused = await queue_prompt(http, service.url, workflow(**{"3": {"seed": 78}}), prompt_id="my-own-id-1")
+    assert status == 400 and "prompt_id was sent before with another prompt" in refused["error"]["message"]
 
 
 def without(node: str) -> dict:
