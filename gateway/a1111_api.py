@@ -166,7 +166,7 @@ def parse_body(body: object, kind: type[A1111Txt2ImgRequest]) -> A1111Txt2ImgReq
         if err["type"] == "extra_forbidden":
             what = "img2img" if kind is A1111Img2ImgRequest else "txt2img"
             raise invalid(field, f"not a field of {what} here (see /openapi.json)") from None
-        raise invalid(field, err["msg"]) from None
+        raise invalid(field, err["msg"].removeprefix("Value error, ")) from None
 
 
 def refuse_unoffered(ask: A1111Txt2ImgRequest) -> None:

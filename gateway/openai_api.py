@@ -115,7 +115,7 @@ def parse_body(body: object) -> OpenAIImageRequest:
             raise bad(param, "unrecognized request argument", "unknown_parameter") from None
         if err["type"] == "missing":
             raise bad(param, "Missing required parameter", "missing_required_parameter") from None
-        raise bad(param, err["msg"]) from None
+        raise bad(param, err["msg"].removeprefix("Value error, ")) from None
 
 
 def parse_size(size: str | None) -> tuple[int, int]:
