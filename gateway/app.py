@@ -10,7 +10,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from gateway import a1111_api, comfy_api, mflux_api, native_api, openai_api, openapi
 from gateway.auth import KeyRing, auth_middleware
-from gateway.http_errors import errors_middleware
+from gateway.http_errors import RETRY_AFTER_S, errors_middleware
 from gateway.jobs import JobService
 from gateway.mflux_api import SERVICE
 from gateway.metrics import GatewayMetrics
@@ -63,7 +63,9 @@ async def healthz(request: web.Request) -> web.Response:
         "workers": len(jobs.view.live_workers()),
         "version": __version__,
     }
-    return web.json_response(body, status=200 if connected else 503)
+    if connected:
+        return web.json_response(body)
+    return web.json_response(body, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web.Application:

@@ -1,5 +1,7 @@
 """One middleware turns every failure into a JSON answer: 4xx naming the problem, 503 with
-Retry-After while NATS is unreachable, and a logged 500 only for a real bug."""
+Retry-After while NATS is unreachable, and a logged 500 only for a real bug. A request too malformed to
+reach a handler (a bad request line or header) is answered 400 by aiohttp and logged as one WARNING
+line by ServerLog, not as an ERROR with a traceback."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
 
+RETRY_AFTER_S = 2  # what a 503 asks a client to wait while the broker is away
 MAX_LISTED_ERRORS = 20  # a body of 100,000 unknown fields gets an answer of a readable size
 MAX_ERROR_CHARS = 300  # an 8 MB model name is not echoed back whole
 
@@ -106,10 +109,31 @@ async def errors_middleware(request: web.Request, handler):
     except BROKER_DOWN as exc:
         log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
         return web.json_response(
-            {"error": "the job broker (NATS) is unavailable; retry shortly"}, status=503, headers={"Retry-After": "2"}
+            {"error": "the job broker (NATS) is unavailable; retry shortly"}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}
         )
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response({"error": "internal error"}, status=500)
+
+
+def one_line(exc: HttpProcessingError) -> str:
+    """aiohttp's parser message (the reason, the offending line, a caret under it) on one line."""
+    lines = (line.strip() for line in str(exc.message).splitlines())
+    return clipped(" ".join(line for line in lines if line and set(line) != {"^"}))
+
+
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger, less the traceback of a malformed request: aiohttp answers it 400 and
+    logs it with logger.exception; this makes that one WARNING line naming the client and the problem.
+    Any other exception is logged as aiohttp logs it."""
+
+    def __init__(self, logger: logging.Logger | None = None):
+        super().__init__(logger or logging.getLogger("aiohttp.server"), {})
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self.logger.warning("malformed request from %s: %s", args[0] if args else "?", one_line(exc_info))
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)

@@ -122,7 +122,7 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
     ),
     ("get", "/v1/jobs/{job_id}", "A job's status, position and ETA; with wait, once it has ended", "jobs", None, JobView, [JOB_ID, WAIT], {}),
     ("get", "/v1/jobs/{job_id}/image", "The finished image", "jobs", None, "image", [JOB_ID], {}),
-    ("delete", "/v1/jobs/{job_id}", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
+    ("delete", "/v1/jobs/{job_id}", "Cancel an unfinished job; remove a finished one and its image (deleted: true, then 404)", "jobs", None, JobView, [JOB_ID], {}),
     ("post", "/v1/jobs/{job_id}/cancel", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
     ("get", "/v1/jobs/{job_id}/events", "The job's events as Server-Sent Events", "jobs", None, "sse", [JOB_ID], {}),
     ("get", "/v1/groups/{group_id}", "The jobs of a request with n images", "jobs", None, GroupView, [GROUP_ID], {}),

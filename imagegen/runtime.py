@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.app import AccessLog, create_app
+from gateway.http_errors import ServerLog
 from gateway.settings import GatewaySettings
 from gpu_worker.engines import load_engine
 from gpu_worker.settings import WorkerSettings
@@ -36,7 +37,7 @@ class RunningGateway:
 
 async def start_gateway(settings: GatewaySettings) -> RunningGateway:
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog, logger=ServerLog())
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

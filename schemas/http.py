@@ -122,6 +122,8 @@ class JobView(BaseModel):
     group_index: int = Field(0, description="Its place in the group; its seed is the first seed + group_index.")
     job_ids: list[str] | None = Field(None, description="With n > 1: every job of the group, in seed order.")
     group_url: str | None = Field(None, description="With n > 1: where the whole group is shown.")
+    deleted: bool = Field(False, description="In the answer to DELETE of a finished job: it and its image are removed; "
+                          "reading it answers 404 from now on.")
 
 
 class GroupView(BaseModel):
