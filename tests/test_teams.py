@@ -19,6 +19,7 @@ from schemas import names
 from schemas.codec import decode
 from schemas.events import JobEvent
 from tests.conftest import start_service, stop_service, wait_status
+from tests.real_processes import wait_state
 
 SMALL = {"prompt": "a cup", "width": 64, "height": 64, "steps": 2}
 
@@ -121,6 +122,22 @@ async def test_an_idempotency_key_sent_again_with_another_body_is_a_422_and_queu
     async with http.get(f"{service.url}/v1/jobs") as r:
         mine = [j for j in await r.json() if j.get("group_id") == first["group_id"] or j["request"]["prompt"] in ("a saucer", "a mug", "a jug")]
     assert sorted(j["job_id"] for j in mine) == sorted(first["job_ids"])
+
+
+async def test_an_idempotency_key_answered_from_the_result_cache_is_held_to_its_request(service, http):
+    seeded = {**SMALL, "seed": secrets.randbelow(2**31)}
+    async with http.post(f"{service.url}/v1/jobs?wait=60", json=seeded) as r:  # made once: in the cache from now on
+        assert r.status == 201, await r.text()
+        made = await r.json()
+    await wait_state(http, service.url, made["job_id"], {"done"})
+    key = {"Idempotency-Key": f"cached-{secrets.token_hex(6)}"}
+    async with http.post(f"{service.url}/v1/jobs", json=seeded, headers=key) as r:
+        answer = await r.json()
+    assert answer["cached"] is True and answer["state"] == "done", answer
+    async with http.post(f"{service.url}/v1/jobs", json=seeded, headers=key) as r:
+        assert (await r.json())["job_id"] == answer["job_id"]
+    async with http.post(f"{service.url}/v1/jobs", json={**seeded, "seed": seeded["seed"] + 1}, headers=key) as r:
+        assert r.status == 422, await r.text()
 
 
 async def test_blocklisted_prompt_is_refused(keyed, http):
