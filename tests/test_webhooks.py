@@ -20,7 +20,7 @@ from gateway.settings import GatewaySettings
 from gateway.webhooks import NotPublic, PublicOnlyResolver
 from imagegen import runtime
 from imagegen.embedded_nats import EmbeddedNats, free_port
-from schemas import names
+from schemas import jobstore, names
 from schemas.codec import encode
 from schemas.job import JobEnvelope
 from schemas.request import Limits, parse_request
@@ -308,6 +308,29 @@ async def test_a_public_address_in_another_spelling_is_accepted_as_its_ascii_for
     job_id = await submit(http, public_only, {**JOB, "webhook": "https://８．８．８．８/hook?a=%41"})
     async with http.get(f"{public_only}/v1/jobs/{job_id}") as r:
         assert (await r.json())["request"]["webhook"] == "https://8.8.8.8/hook?a=%41"
+
+
+async def test_a_job_queued_over_nats_with_a_wide_loopback_webhook_is_not_called(broker, public_only, receiver, http):
+    """Nothing checks a job written straight onto NATS at submit: the call reads the host as the HTTP
+    client would (127.0.0.1 here) and gives up instead of calling it. (Its record is written as a
+    publisher's own gateway would, and cancelled in the queue, to end it with no worker.)"""
+    before = await webhook_calls(http, public_only)
+    wide = receiver.url.replace("127.0.0.1", "１２７。０。０。１")
+    envelope = JobEnvelope.for_request(parse_request({**JOB, "webhook": f"{wide}/ok"}))
+    nc = await nats.connect(broker.url)
+    try:
+        await jobstore.create_status(await nc.jetstream().key_value(names.STATUS_BUCKET), envelope.queued_status())
+    finally:
+        await nc.close()
+    async with asyncio.timeout(30):
+        while True:  # once this gateway's view has the record
+            async with http.post(f"{public_only}/v1/jobs/{envelope.job_id}/cancel") as r:
+                if r.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        while (await webhook_calls(http, public_only) - before)["given_up"] < 1:
+            await asyncio.sleep(0.1)
+    assert receiver.calls == []
 
 
 async def test_a_name_that_resolves_to_this_machine_is_not_called():
