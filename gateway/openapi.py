@@ -58,10 +58,19 @@ ACCEPT = {
     "description": "image/* (or the job's image type ranked above application/json) with a wait: the 201 is the image itself",
     "schema": {"type": "string"},
 }
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header",
+    "description": "Names this request: sent again with the same body it answers the jobs queued the first time; with another body, 422",
+    "schema": {"type": "string", "maxLength": 255},
+}
+KEY_REUSED = {
+    "description": "The Idempotency-Key came before with another request",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+}
 
 # (method, path, summary, tag, request body model, response model, parameters, extra responses)
 OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dict], dict]] = [
-    ("post", "/api/generate", "Queue an image (mflux-server)", "mflux", GenerateRequest, MfluxGenerateResponse, [], {}),
+    ("post", "/api/generate", "Queue an image (mflux-server)", "mflux", GenerateRequest, MfluxGenerateResponse, [IDEMPOTENCY_KEY], {"422": KEY_REUSED}),
     ("get", "/api/status", "Status of a task (mflux-server)", "mflux", None, MfluxStatusResponse, [TASK_ID], {}),
     (
         "get",
@@ -90,8 +99,9 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         "jobs",
         GenerateRequest,
         JobView,
-        [WAIT, PREFER, ACCEPT],
+        [WAIT, PREFER, ACCEPT, IDEMPOTENCY_KEY],
         {
+            "422": KEY_REUSED,
             "201": {
                 "description": "Ended within the wait: the job, or with an Accept that ranks the image first, the image itself",
                 "content": {
@@ -143,8 +153,8 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         "openai",
         OpenAIImageRequest,
         OpenAIImagesResponse,
-        [],
-        {code: OpenAIError for code in ("400", "403", "429", "502", "503", "504")},
+        [IDEMPOTENCY_KEY],
+        {code: OpenAIError for code in ("400", "403", "422", "429", "502", "503", "504")},
     ),
     (
         "post",
