@@ -2,7 +2,8 @@
 reached this gateway (the scheme and host of the image URLs it answers) only when the connection comes
 from a proxy the operator named (`--trust-proxy`); from anyone else they are ignored, so a caller
 cannot point the URLs in its answers at another scheme or host. Even from a trusted proxy, a scheme
-other than http or https, or a host that is not a plain host[:port], is ignored."""
+other than http or https, or a host that is not a plain host[:port], is ignored (as is such a Host
+header: the URL then names the address the connection reached)."""
 
 from __future__ import annotations
 
@@ -57,10 +58,21 @@ def first(value: str) -> str:
     return value.split(",", 1)[0].strip()
 
 
+def local_address(request: web.Request) -> str:
+    """The address and port the connection reached, as host[:port]."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not sockname or not isinstance(sockname, tuple):
+        return "localhost"
+    address, port = sockname[0], sockname[1]
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def public_origin(request: web.Request, trust_proxy: tuple[str, ...]) -> str:
     """This gateway as the caller reached it: the connection's scheme and Host, or behind a trusted
     proxy what its X-Forwarded-Proto and X-Forwarded-Host say."""
     proto, host = request.scheme, request.host
+    if not HOST_AND_PORT.match(host):  # a Host header that is no host[:port]: the address the caller reached
+        host = local_address(request)
     if trusted_peer(request, trust_proxy):
         forwarded_proto = first(request.headers.get("X-Forwarded-Proto", "")).lower()
         forwarded_host = first(request.headers.get("X-Forwarded-Host", ""))

@@ -82,6 +82,8 @@ async def test_forwarded_headers_are_ignored_unless_the_peer_is_a_trusted_proxy(
     steered = await image_url(http, service.url, {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "evil.example"})
     assert steered.startswith(f"http://127.0.0.1:{port}/v1/jobs/")
     assert (await image_url(http, service.url, FORWARDED)).startswith(f"http://127.0.0.1:{port}/v1/jobs/")
+    odd_host = await image_url(http, service.url, {"Host": "evil.example/@x"})  # no host[:port]: the address reached
+    assert odd_host.startswith(f"http://127.0.0.1:{port}/v1/jobs/"), odd_host
     for trusted in (("127.0.0.1",), ("10.0.0.0/8", "127.0.0.0/8"), ("*",)):
         behind = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, trust_proxy=trusted))
         try:
