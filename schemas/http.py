@@ -242,7 +242,10 @@ class A1111Txt2ImgRequest(BaseModel):
     restore_faces: bool | None = Field(None, description="Only false.")
     tiling: bool | None = Field(None, description="Only false.")
     enable_hr: bool | None = Field(None, description="Only false: the hires fix is not offered; the hr_* fields are then ignored, as A1111 does.")
-    eta: float | None = Field(None, description="Only absent.")
+    eta: float | None = Field(
+        None, description="DDIM: the noise each step adds, 0..1 (0 when absent). Euler a and DPM++ 2M SDE: only 1, "
+        "their fixed noise here (A1111's default). Ignored by the other samplers, as A1111 does."
+    )
     s_min_uncond: float | None = Field(None, description="Only 0.")
     s_churn: float | None = Field(None, description="Only 0.")
     s_tmax: float | None = Field(None, description="Only absent or 0.")
