@@ -10,6 +10,8 @@ from pydantic import BaseModel
 from swagger_ui_bundle import swagger_ui_path
 
 from schemas.http import (
+    OpenAIModel,
+    OpenAIModelList,
     ErrorBody,
     A1111Error,
     A1111Images,
@@ -145,6 +147,37 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         OpenAIImagesResponse,
         [],
         {code: OpenAIError for code in ("400", "403", "429", "502", "503", "504")},
+    ),
+    (
+        "post",
+        "/v1/images/edits",
+        "Edit an image (OpenAI Images API; multipart: image or image[], mask whose transparent area is redrawn, prompt, n, size, response_format)",
+        "openai",
+        None,
+        OpenAIImagesResponse,
+        [],
+        {code: OpenAIError for code in ("400", "403", "429", "502", "503", "504")},
+    ),
+    (
+        "post",
+        "/v1/images/variations",
+        "Variations of an image, as image-to-image (OpenAI Images API; multipart: image, n, size, response_format)",
+        "openai",
+        None,
+        OpenAIImagesResponse,
+        [],
+        {code: OpenAIError for code in ("400", "403", "429", "502", "503", "504")},
+    ),
+    ("get", "/v1/models", "The served models in OpenAI's list shape", "openai", None, OpenAIModelList, [], {}),
+    (
+        "get",
+        "/v1/models/{model_id}",
+        "One served model, or an OpenAI model name (the current model), in OpenAI's shape",
+        "openai",
+        None,
+        OpenAIModel,
+        [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        {"404": OpenAIError},
     ),
     (
         "post",
