@@ -24,7 +24,7 @@ routes = web.RouteTableDef()
 SHORT_HASH_CHARS = 10  # A1111's short hash: the first 10 hex digits of the sha256
 EMPTY_LISTS = ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers", "prompt-styles",
                "script-info", "extensions", "realesrgan-models")
-NOTHING_TO_RESCAN = ("refresh-checkpoints", "refresh-vae", "refresh-embeddings", "reload-checkpoint", "unload-checkpoint")
+NOTHING_TO_RESCAN = ("refresh-checkpoints", "refresh-vae", "refresh-embeddings")
 
 
 def model_hashes(workers: list) -> tuple[str | None, str | None]:

@@ -414,10 +414,27 @@ class A1111Lora(BaseModel):
 class A1111Model(BaseModel):
     title: str
     model_name: str
-    hash: str | None = None
-    sha256: str | None = None
+    hash: str | None = Field(None, description="A1111's short hash: the first 10 hex digits of sha256.")
+    sha256: str | None = Field(None, description="The sha256 of the model's UNet weights, as its workers publish it; null when not on their disk.")
     filename: str
     config: str | None = None
+
+
+class A1111Memory(BaseModel):
+    """AUTOMATIC1111's memory figures: the gateway's RAM ({free, used, total} bytes) and CUDA's ({"error": "unavailable"} here)."""
+
+    ram: dict[str, Any]
+    cuda: dict[str, Any]
+
+
+class A1111Scripts(BaseModel):
+    txt2img: list[str] = Field(description="None here: scripts are not offered.")
+    img2img: list[str]
+
+
+class A1111Embeddings(BaseModel):
+    loaded: dict[str, Any] = Field(description="None here: textual-inversion embeddings are not offered.")
+    skipped: dict[str, Any]
 
 
 class A1111Sampler(BaseModel):
