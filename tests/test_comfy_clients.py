@@ -73,6 +73,8 @@ async def test_uploads_keep_their_subfolder_and_load_image_finds_either_spelling
     assert status == 200 and sent == {"name": "field.png", "subfolder": "shots/day one", "type": "input"}, sent
     status, plain = await upload(http, service.url, picture(64, 64, (0, 0, 200)), "field.png", overwrite="true")
     assert status == 200 and plain["subfolder"] == ""
+    async with http.get(f"{service.url}/view", params={"filename": "field.png", "subfolder": "shots/day one", "type": "input"}) as r:
+        assert r.status == 200 and await r.read() == picture(96, 64)  # ComfyUI's page shows an upload so
     for name, size in (("shots/day one/field.png", (96, 64)), ("field.png [input]", (64, 64))):
         status, queued = await queue_prompt(http, service.url, image_to_image(name))
         assert status == 200, queued

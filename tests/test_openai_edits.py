@@ -69,6 +69,18 @@ async def test_an_edit_redraws_the_masks_transparent_area_and_keeps_the_rest(cli
     assert request["strength"] == 1.0 and request["prompt"] == "a white sail"
 
 
+async def test_without_a_mask_the_images_own_transparent_area_is_redrawn(client, service, http):
+    original = halves(64, 64).convert("RGBA")
+    original.paste((0, 0, 0, 0), (0, 0, 32, 32))
+    result = await asyncio.to_thread(
+        client.images.edit, model="gpt-image-1", image=("holed.png", png_bytes(original), "image/png"), prompt="a sun", extra_body=STEPS,
+    )
+    edited = decoded(result.data[0].b64_json)  # gpt-image-1's default: base64
+    assert edited.getpixel((60, 60)) == original.convert("RGB").getpixel((60, 60))  # kept where opaque
+    async with http.get(f"{service.url}/v1/jobs/{result.data[0].job_id}") as r:
+        assert (await r.json())["mask_image"]["width"] == 64  # inpainted, with the alpha as the mask
+
+
 async def test_an_edit_of_an_opaque_image_without_a_mask_is_image_to_image_and_answers_urls_for_dall_e(client, service, http):
     result = await asyncio.to_thread(
         client.images.edit, model="dall-e-2", image=[("boat.png", png_bytes(halves(96, 64)), "image/png")],
