@@ -32,6 +32,7 @@ from contextlib import aclosing
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
@@ -234,7 +235,7 @@ async def upload_image(request: web.Request) -> web.Response:
     owner = owner_of(request)
     try:
         form = await request.post()
-    except ValueError as exc:
+    except (ValueError, HttpProcessingError) as exc:  # a form that does not parse: a broken part's headers, say
         return failure(400, "invalid_request", "send a multipart form with the file as `image`", str(exc))
     upload = form.get("image")
     if not isinstance(upload, web.FileField):

@@ -24,6 +24,7 @@ import base64
 import io
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
 from PIL import ImageOps
 from pydantic import BaseModel, ValidationError
@@ -46,13 +47,13 @@ IMAGE_FIELDS = ("image", "image[]")
 
 async def read_form(request: web.Request, files: tuple[str, ...]) -> tuple[dict[str, str], dict[str, list[bytes]]]:
     """(text fields, {file field: [contents]}) of a multipart form, within the gateway's body limit."""
-    if not request.content_type.startswith("multipart/"):
+    if not request.content_type.startswith("multipart/") and request.content_type != "application/x-www-form-urlencoded":
         raise bad(None, "send a multipart/form-data body, with the image as a file")
     try:
         form = await request.post()
     except web.HTTPRequestEntityTooLarge:
         raise
-    except (ValueError, AssertionError, UnicodeDecodeError, web.HTTPException) as exc:
+    except (ValueError, AssertionError, UnicodeDecodeError, web.HTTPException, HttpProcessingError) as exc:
         raise bad(None, f"unreadable multipart body: {exc}") from None
     texts: dict[str, str] = {}
     found: dict[str, list[bytes]] = {}

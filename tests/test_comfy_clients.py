@@ -84,6 +84,12 @@ async def test_uploads_keep_their_subfolder_and_load_image_finds_either_spelling
             assert Image.open(io.BytesIO(await r.read())).size == size  # the image named, not the other
 
 
+async def test_a_form_that_does_not_parse_is_refused(service, http):
+    headers = {"Content-Type": "multipart/form-data; boundary=zz"}
+    async with http.post(f"{service.url}/upload/image", data=b"--zz\r\ngarbage", headers=headers) as r:
+        assert r.status == 400 and "multipart form" in (await r.json())["error"]["message"]
+
+
 @pytest.mark.parametrize("subfolder", ["../up", "a/../../b", "/etc", "a\\b", "a\x00b", "./a"])
 async def test_a_subfolder_that_would_leave_the_uploads_is_refused(service, http, subfolder):
     status, answer = await upload(http, service.url, picture(8, 8), "x.png", subfolder=subfolder)

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 
+import aiohttp
 import openai
 import pytest
 from PIL import Image
@@ -134,3 +135,38 @@ async def test_edits_that_cannot_be_made_are_refused_naming_the_param(client, fi
     with pytest.raises(openai.BadRequestError) as refused:
         await asyncio.to_thread(client.images.edit, **body)
     assert refused.value.param == param and words in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param", "words"),
+    [
+        ("edits", {"prompt": "x"}, "image", "Missing required parameter"),
+        ("edits", {"image": "text, not a file", "prompt": "x"}, "image", "send it as a file"),
+        ("edits", {"file:image": b"", "prompt": "x", "n": "two"}, "n", "valid integer"),
+        ("edits", {"file:image": b"", "prompt": "x", "n": "0"}, "n", "greater than or equal to 1"),
+        ("edits", {"file:image": b"", "prompt": "x", "size": "big"}, "size", "WIDTHxHEIGHT"),
+        ("edits", {"file:image": b"", "prompt": "x", "stream": "true"}, "stream", "streaming is not available"),
+        ("edits", {"file:image": b"", "prompt": "x", "file:markup": b"x"}, "markup", "unrecognized file field"),
+        ("edits", {"file:image": b"", "prompt": "x", "svg": "1"}, "svg", "unrecognized request argument"),
+        ("variations", {"file:image": b"", "n": "100"}, "n", "between 1 and 8"),
+        ("variations", {"file:image": b"not an image"}, "image", "not an image"),
+    ],
+)
+async def test_bad_forms_are_refused_naming_the_param(service, http, path, fields, param, words):
+    form = aiohttp.FormData()
+    for name, value in fields.items():
+        if name.startswith("file:"):
+            form.add_field(name[5:], value or png_bytes(halves(64, 64)), filename="a.png", content_type="image/png")
+        else:
+            form.add_field(name, value)
+    async with http.post(f"{service.url}/v1/images/{path}", data=form) as r:
+        answer = await r.json()
+    assert r.status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
+
+
+async def test_a_body_that_is_no_form_is_refused(service, http):
+    async with http.post(f"{service.url}/v1/images/edits", json={"prompt": "x"}) as r:
+        assert r.status == 400 and "multipart/form-data" in (await r.json())["error"]["message"]
+    headers = {"Content-Type": "multipart/form-data; boundary=zz"}
+    async with http.post(f"{service.url}/v1/images/variations", data=b"--zz\r\ngarbage", headers=headers) as r:
+        assert r.status == 400, await r.text()
