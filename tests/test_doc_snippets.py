@@ -150,7 +150,10 @@ def test_example_runs_as_written(block: Block, stack: Stack, tmp_path: Path):
     assert done.returncode == 0, f"{block.name} exited {done.returncode}:\n{block.code}\n{output}"
     images = [path for path in work.iterdir() if IMAGE_NAME.search(path.name)]
     for path in images:  # an error answer saved under an image's name is the classic broken example
-        with Image.open(path) as image:
-            image.verify()
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as exc:
+            pytest.fail(f"{block.name} left {path.name}, not an image ({exc}): {path.read_bytes()[:300]!r}\n{output}")
     if re.search(r"(-o \S+\.(png|jpe?g))|\.save\(|\"wb\"", block.code):
         assert images, f"{block.name} wrote no image:\n{output}"
