@@ -24,11 +24,13 @@ async def read_form(request: web.Request) -> MultiDictProxy:
     form. A body over the size limit still raises web.HTTPRequestEntityTooLarge (413)."""
     try:
         return await request.post()
-    except web.HTTPException:
+    except web.HTTPRequestEntityTooLarge:
         raise
+    except web.HTTPException as exc:  # aiohttp's own refusals of a form, too many fields say
+        raise unreadable(Exception(exc.text or exc.reason)) from None
     except web.RequestPayloadError as exc:  # a Content-Encoding that does not decode, a broken chunk
         raise unreadable(exc.__cause__ or exc) from None
-    except (HttpProcessingError, ValueError, LookupError, RuntimeError, TypeError) as exc:
+    except (HttpProcessingError, ValueError, LookupError, RuntimeError, TypeError, AssertionError) as exc:
         # HttpProcessingError: a part's headers (a NUL in filename="x.png\0.txt", too many headers);
         # ValueError / UnicodeDecodeError: the boundary, a field's charset; LookupError: an unknown
         # codec; RuntimeError: an unknown Content-Transfer-Encoding; TypeError: a part aiohttp cannot decode

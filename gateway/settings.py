@@ -30,6 +30,7 @@ class GatewaySettings:
     webhook_allow_private: bool = False  # webhooks may go to loopback and private addresses (a closed network)
     webhook_retry_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # waits between a call's tries
     trust_proxy: tuple[str, ...] = ()  # proxies (addresses, networks, or "*") whose X-Forwarded-Proto/-Host are believed
+    comfy_previews: bool = False  # ComfyUI's /ws sends live previews to every prompt, as ComfyUI with a preview method on
     cache_scope: str = "key"  # result cache entries: each API key's own (key), or shared by all keys (global)
 
     def __post_init__(self) -> None:

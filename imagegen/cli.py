@@ -80,6 +80,7 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--webhook-secret", default=os.environ.get("IMAGEGEN_WEBHOOK_SECRET"), help="signs webhook calls (Standard Webhooks: whsec_ and base64, or any text); the same on every gateway (IMAGEGEN_WEBHOOK_SECRET)")
     p.add_argument("--webhook-allow-private", action="store_true", default=env("WEBHOOK_ALLOW_PRIVATE", "") not in ("", "0", "false"), help="webhooks may go to loopback, private and link-local addresses, for a closed network (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE)")
     p.add_argument("--trust-proxy", type=proxy_list, default=env("TRUST_PROXY", ""), metavar="ADDR[,ADDR]", help="addresses or networks (10.0.0.0/8) of the reverse proxies in front; only from them are X-Forwarded-Proto and X-Forwarded-Host believed (the scheme and host of image URLs); * for any peer; default none (IMAGEGEN_TRUST_PROXY)")
+    p.add_argument("--comfy-previews", action="store_true", default=env("COMFY_PREVIEWS", "") not in ("", "0", "false"), help="ComfyUI's /ws sends live previews as binary frames for every prompt, as ComfyUI does with a preview method on; without it only for prompts whose extra_data asks (preview_method auto, latent2rgb or taesd), as ComfyUI's default (none) does (IMAGEGEN_COMFY_PREVIEWS)")
     p.add_argument("--cache-scope", default=env("CACHE_SCOPE", "key"), choices=["key", "global"], help="with API keys: key keeps each key's result-cache entries to itself; global shares them between keys (IMAGEGEN_CACHE_SCOPE)")
 
 
@@ -178,6 +179,7 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         webhook_secret=args.webhook_secret or None,
         webhook_allow_private=args.webhook_allow_private,
         trust_proxy=args.trust_proxy,
+        comfy_previews=args.comfy_previews,
     )
 
 
