@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 
 import aiohttp
 import openai
 import pytest
 from PIL import Image
+
+from tests.test_comfy_api import MALFORMED_FORMS
 
 STEPS = {"steps": 2}
 
@@ -170,3 +173,16 @@ async def test_a_body_that_is_no_form_is_refused(service, http):
     headers = {"Content-Type": "multipart/form-data; boundary=zz"}
     async with http.post(f"{service.url}/v1/images/variations", data=b"--zz\r\ngarbage", headers=headers) as r:
         assert r.status == 400, await r.text()
+
+
+@pytest.mark.parametrize("body", MALFORMED_FORMS.values(), ids=MALFORMED_FORMS.keys())
+@pytest.mark.parametrize("path", ["edits", "variations"])
+async def test_a_malformed_multipart_form_is_a_400_in_openais_shape(service, http, caplog, path, body):
+    """A NUL in a part's file name, an unknown charset or transfer encoding, a truncated body: the one
+    form reader refuses it; nothing is logged as an error."""
+    headers = {"Content-Type": "multipart/form-data; boundary=B"}
+    async with http.post(f"{service.url}/v1/images/{path}", data=body, headers=headers) as r:
+        assert r.status == 400, await r.text()
+        error = (await r.json())["error"]
+    assert error["type"] == "invalid_request_error" and error["message"], error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
