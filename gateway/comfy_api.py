@@ -30,6 +30,7 @@ from aiohttp import WSMsgType, web
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
+from gateway.body import takes_images
 from gateway.comfy_graph import GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, NotReady, UnknownJob
@@ -185,6 +186,7 @@ def transparency_mask(data: bytes, limits) -> str:
 
 
 @comfy_routes("/upload/image")("POST")
+@takes_images
 async def upload_image(request: web.Request) -> web.Response:
     """ComfyUI's upload for LoadImage: a multipart form with `image` (the file), `type` (input) and
     `overwrite`; answers the name to load it by. Kept as long as job records."""

@@ -69,6 +69,10 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-ttl", type=float, default=env("CACHE_TTL", 24 * 3600.0), help="seconds an image answers identical requests (with a seed, or cache: true) from the result cache; 0: no cache (IMAGEGEN_CACHE_TTL)")
     p.add_argument("--webhook-secret", default=os.environ.get("IMAGEGEN_WEBHOOK_SECRET"), help="signs webhook calls (Standard Webhooks: whsec_ and base64, or any text); the same on every gateway (IMAGEGEN_WEBHOOK_SECRET)")
     p.add_argument("--webhook-allow-private", action="store_true", default=env("WEBHOOK_ALLOW_PRIVATE", "") not in ("", "0", "false"), help="webhooks may go to loopback, private and link-local addresses, for a closed network (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE)")
+    p.add_argument("--max-body-bytes", type=at_least_one, default=env("MAX_BODY_BYTES", GatewaySettings().max_body_bytes), help="largest body of a route that takes images inline (/v1/jobs, /api/generate, img2img, uploads); at least what two uploads of --max-upload-bytes need as base64 (IMAGEGEN_MAX_BODY_BYTES)")
+    p.add_argument("--max-json-bytes", type=at_least_one, default=env("MAX_JSON_BYTES", GatewaySettings().max_json_bytes), help="largest body of every other route (IMAGEGEN_MAX_JSON_BYTES)")
+    p.add_argument("--max-json-items", type=at_least_one, default=env("MAX_JSON_ITEMS", GatewaySettings().max_json_items), help="most keys and items in a JSON body, counted as its ',' and ':' while it arrives (IMAGEGEN_MAX_JSON_ITEMS)")
+    p.add_argument("--body-timeout", type=float, default=env("BODY_TIMEOUT", GatewaySettings().body_timeout_s), help="seconds a request body may take to arrive; 408 after (IMAGEGEN_BODY_TIMEOUT)")
     p.add_argument("--cache-scope", default=env("CACHE_SCOPE", "key"), choices=["key", "global"], help="with API keys: key keeps each key's result-cache entries to itself; global shares them between keys (IMAGEGEN_CACHE_SCOPE)")
 
 
@@ -166,6 +170,10 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         cache_scope=args.cache_scope,
         webhook_secret=args.webhook_secret or None,
         webhook_allow_private=args.webhook_allow_private,
+        max_body_bytes=args.max_body_bytes,
+        max_json_bytes=args.max_json_bytes,
+        max_json_items=args.max_json_items,
+        body_timeout_s=args.body_timeout,
     )
 
 

@@ -23,6 +23,7 @@ from gpu_worker.worker import Worker
 from imagegen import event_loop
 
 log = logging.getLogger("imagegen")
+LINGER_S = 2.0  # after answering a body refused unread (413, 408), how long its rest is read and dropped
 
 
 @dataclass
@@ -36,7 +37,11 @@ class RunningGateway:
 
 async def start_gateway(settings: GatewaySettings) -> RunningGateway:
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog)
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog,
+        auto_decompress=False,  # the body middleware inflates, in bounded steps up to the route's cap
+        lingering_time=LINGER_S,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
