@@ -10,7 +10,8 @@ Classes:
 - huge-keys: an 18 MB JSON object of 1.5 million unknown keys, to POST /v1/jobs.
 - gzip-bomb: about 300 KB of gzip that inflates to 300 MB of spaces, to POST /v1/jobs.
 - ico-bomb: an init image that is an ICO holding a 13000x13000 PNG, to POST /v1/jobs.
-- slow-body: connections that send their headers, then one body byte a second (`--slow-connections`).
+- slow-body: 600 connections that send their headers, then one body byte a second (`--slow-connections`),
+  more than the gateway's default cap of 512 open connections.
 
   python bench/hostile.py                  # about 1 minute
   python bench/hostile.py --only gzip-bomb --duration 5
@@ -217,7 +218,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=positive, default=10.0, help="seconds each class is sent")
     parser.add_argument("--clients", type=whole(1), default=3, help="attacking clients per class, each on a fresh connection per request")
-    parser.add_argument("--slow-connections", type=whole(1), default=200, help="connections of the slow-body class")
+    parser.add_argument("--slow-connections", type=whole(1), default=600, help="connections of the slow-body class (more than the gateway's --max-connections, 512)")
     parser.add_argument("--only", choices=CLASSES, help="one class only")
     parser.add_argument("--attack", choices=CLASSES, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)

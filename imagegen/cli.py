@@ -73,6 +73,8 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-json-bytes", type=at_least_one, default=env("MAX_JSON_BYTES", GatewaySettings().max_json_bytes), help="largest body of every other route (IMAGEGEN_MAX_JSON_BYTES)")
     p.add_argument("--max-json-items", type=at_least_one, default=env("MAX_JSON_ITEMS", GatewaySettings().max_json_items), help="most keys and items in a JSON body, counted as its ',' and ':' while it arrives (IMAGEGEN_MAX_JSON_ITEMS)")
     p.add_argument("--body-timeout", type=float, default=env("BODY_TIMEOUT", GatewaySettings().body_timeout_s), help="seconds a request body may take to arrive; 408 after (IMAGEGEN_BODY_TIMEOUT)")
+    p.add_argument("--header-timeout", type=float, default=env("HEADER_TIMEOUT", GatewaySettings().header_timeout_s), help="seconds a request's headers may take to arrive (from the connection's start, or the last answer on it; also how long an idle keep-alive connection stays); the connection is closed after (IMAGEGEN_HEADER_TIMEOUT)")
+    p.add_argument("--max-connections", type=at_least_one, default=env("MAX_CONNECTIONS", GatewaySettings().max_connections), help="open connections per gateway (HTTP, WebSocket); one more is answered 503 with Retry-After (IMAGEGEN_MAX_CONNECTIONS)")
     p.add_argument("--cache-scope", default=env("CACHE_SCOPE", "key"), choices=["key", "global"], help="with API keys: key keeps each key's result-cache entries to itself; global shares them between keys (IMAGEGEN_CACHE_SCOPE)")
 
 
@@ -174,6 +176,8 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         max_json_bytes=args.max_json_bytes,
         max_json_items=args.max_json_items,
         body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections,
     )
 
 

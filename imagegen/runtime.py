@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.app import AccessLog, create_app
+from gateway.connections import CappedSite
 from gateway.settings import GatewaySettings
 from gpu_worker.engines import load_engine
 from gpu_worker.settings import WorkerSettings
@@ -41,11 +42,12 @@ async def start_gateway(settings: GatewaySettings) -> RunningGateway:
         app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog,
         auto_decompress=False,  # the body middleware inflates, in bounded steps up to the route's cap
         lingering_time=LINGER_S,
+        keepalive_timeout=settings.header_timeout_s,  # from the connection's start and after each answer
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = CappedSite(runner, settings.host, settings.port, max_connections=settings.max_connections)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else settings.port
+    port = site.port
     return RunningGateway(runner=runner, port=port)
 
 
