@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="all in one: embedded nats-server (unless --nats), a gateway and a worker")
     add_common(up), add_gateway(up), add_worker(up)
+    up.add_argument("--nats-port", type=int, default=int(os.environ["IMAGEGEN_NATS_PORT"]) if os.environ.get("IMAGEGEN_NATS_PORT") else None, help="port of the embedded nats-server; unset: 4222, or a free port when 4222 is busy (IMAGEGEN_NATS_PORT)")
     gw = sub.add_parser("gateway", help="run a gateway (HTTP and WebSocket) against NATS")
     add_common(gw), add_gateway(gw)
     wk = sub.add_parser("worker", help="run one worker (one per GPU) against NATS")
@@ -253,9 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     embedded = None
     nats_url = args.nats
     if not nats_url:
-        from imagegen.embedded_nats import EmbeddedNats
+        from imagegen.embedded_nats import EmbeddedNats, PortBusy, StoreInUse
 
-        embedded = EmbeddedNats(store_dir=Path(args.data_dir) / "nats").start()
+        port = {"port": args.nats_port, "other_port_if_busy": False} if args.nats_port is not None else {}
+        try:
+            embedded = EmbeddedNats(store_dir=Path(args.data_dir) / "nats", **port).start()
+        except StoreInUse as exc:
+            print(f"imagegen up: the data dir {args.data_dir} is in use: {exc}; stop that imagegen up, or give another --data-dir", file=sys.stderr)
+            return 2
+        except PortBusy:
+            print(f"imagegen up: --nats-port {args.nats_port} is in use; give another, or leave it unset for 4222 or a free port", file=sys.stderr)
+            return 2
         nats_url = embedded.url
     try:
         event_loop.run(runtime.serve(gateway=gateway_settings(args, nats_url), worker=worker_settings(args, nats_url)), loop=args.event_loop)
