@@ -23,6 +23,7 @@ from schemas.request import RequestInvalid
 
 INFLATE_STEP_BYTES = 256 * 1024  # the most one call of the inflater makes before the loop runs again
 OFF_LOOP_BYTES = 64 * 1024  # JSON bodies larger than this are parsed in a thread
+COUNT_STEP_BYTES = 64 * 1024  # ',' and ':' are counted this many bytes at a time
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -87,9 +88,11 @@ class Body:
         if self.size > self.cap:
             raise BodyTooLarge(too_large)
         if self.max_items is not None:
-            self.items += chunk.count(b",") + chunk.count(b":")
-            if self.items > self.max_items:
-                raise too_many_items(self.max_items)
+            for start in range(0, len(chunk), COUNT_STEP_BYTES):  # a chunk may be megabytes: stop at the first slice over
+                end = start + COUNT_STEP_BYTES
+                self.items += chunk.count(b",", start, end) + chunk.count(b":", start, end)
+                if self.items > self.max_items:
+                    raise too_many_items(self.max_items)
 
     def data(self) -> bytes:
         return b"".join(self.chunks)
