@@ -6,8 +6,9 @@ Content-Length over the route's cap before reading a byte, inflates gzip or defl
 deadline. A route whose body may carry images inline (marked with `takes_images`) may take
 `GatewaySettings.body_limit_bytes`; every other route `max_json_bytes`. It counts a JSON body's keys and
 items (its ',' and ':') chunk by chunk as they arrive and stops at `max_json_items`, so a body of a
-million keys is refused before it is parsed (seconds) or validated (more seconds). The JSON reader
-parses a body over `OFF_LOOP_BYTES` in a thread.
+million keys is refused before it is parsed (seconds) or validated (more seconds). After refusing a
+bomb, a body of keys or a body too slow it closes the connection instead of reading the rest. The JSON
+reader parses a body over `OFF_LOOP_BYTES` in a thread.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ class BodyLimits:
     max_image_bytes: int  # a route marked with takes_images
     max_json_items: int
     timeout_s: float
-
 
 
 class BodyTooLarge(Exception):
