@@ -10,8 +10,8 @@ Classes:
 - huge-keys: an 18 MB JSON object of 1.5 million unknown keys, to POST /v1/jobs.
 - gzip-bomb: about 300 KB of gzip that inflates to 300 MB of spaces, to POST /v1/jobs.
 - ico-bomb: an init image that is an ICO holding a 13000x13000 PNG, to POST /v1/jobs.
-- slow-body: 600 connections that send their headers, then one body byte a second (`--slow-connections`),
-  more than the gateway's default cap of 512 open connections.
+- slow-body: 2,100 connections that send their headers, then one body byte a second (`--slow-connections`),
+  more than the gateway's default cap of 2,048 open connections.
 
   python bench/hostile.py                  # about 1 minute
   python bench/hostile.py --only gzip-bomb --duration 5
@@ -133,6 +133,10 @@ async def slow_body(host: str, port: int, hold_s: float) -> str:
 
 
 async def attack(args: argparse.Namespace) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # room for the slow connections
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
     host, port = args.url.removeprefix("http://").split(":")
     answers: Counter[str] = Counter()
     deadline = time.monotonic() + args.duration
@@ -218,7 +222,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=positive, default=10.0, help="seconds each class is sent")
     parser.add_argument("--clients", type=whole(1), default=3, help="attacking clients per class, each on a fresh connection per request")
-    parser.add_argument("--slow-connections", type=whole(1), default=600, help="connections of the slow-body class (more than the gateway's --max-connections, 512)")
+    parser.add_argument("--slow-connections", type=whole(1), default=2100, help="connections of the slow-body class (more than the gateway's --max-connections, 2048)")
     parser.add_argument("--only", choices=CLASSES, help="one class only")
     parser.add_argument("--attack", choices=CLASSES, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)

@@ -10,11 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import resource
 
 from aiohttp import web
 
+log = logging.getLogger("imagegen.gateway")
+
 RETRY_AFTER_S = 1
 REFUSAL_LINGER_S = 2.0  # how long a refused connection may stay to read its 503
+SPARE_FILES = 256  # files beyond the connections: NATS, logs, the process's own
+
+
+def make_room(max_connections: int) -> None:
+    """Raises this process's soft limit of open files (often 1,024) to fit `max_connections`, as far as
+    the hard limit allows; past the soft limit accept() would fail before the cap could answer 503."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + SPARE_FILES
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        log.warning("open-file limit %d (hard) is below --max-connections %d + %d: raise it (ulimit -n)", hard, max_connections, SPARE_FILES)
 
 
 def refusal_bytes(max_connections: int) -> bytes:

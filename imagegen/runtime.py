@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.app import AccessLog, create_app
-from gateway.connections import CappedSite
+from gateway.connections import CappedSite, make_room
 from gateway.settings import GatewaySettings
 from gpu_worker.engines import load_engine
 from gpu_worker.settings import WorkerSettings
@@ -24,6 +24,7 @@ from gpu_worker.worker import Worker
 from imagegen import event_loop
 
 log = logging.getLogger("imagegen")
+BACKLOG = 1024  # connections the kernel queues before accept(): a burst past it is reset, not answered 503
 LINGER_S = 2.0  # after answering a body refused unread (413, 408), how long its rest is read and dropped
 
 
@@ -45,7 +46,8 @@ async def start_gateway(settings: GatewaySettings) -> RunningGateway:
         keepalive_timeout=settings.header_timeout_s,  # from the connection's start and after each answer
     )
     await runner.setup()
-    site = CappedSite(runner, settings.host, settings.port, max_connections=settings.max_connections)
+    make_room(settings.max_connections)
+    site = CappedSite(runner, settings.host, settings.port, max_connections=settings.max_connections, backlog=BACKLOG)
     await site.start()
     port = site.port
     return RunningGateway(runner=runner, port=port)
