@@ -113,15 +113,16 @@ class EmbeddedNats:
         """Starts the server and waits until it listens. On Linux the server dies with the thread that
         calls this: call it from a thread that lives as long as the server should (the main thread, an
         event loop's). StoreInUse when another server has the store; PortBusy as said above."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.lock_fd is None:  # kept across a restart of the same server
+            self.lock_fd = lock_store(self.store_dir)
         if not port_free(self.host, self.port):
             if not self.other_port_if_busy:
+                self.stop()  # lets go of the lock
                 raise PortBusy(f"port {self.port} on {self.host} is in use")
             busy = self.port
             self.port = free_port(self.host)
             log.info("port %d is busy; embedded nats-server takes %d", busy, self.port)
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        if self.lock_fd is None:  # kept across a restart of the same server
-            self.lock_fd = lock_store(self.store_dir)
         cmd = [nats_server_binary(), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port), *self.extra_args]
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(self.lock_fd,),  # the server holds the lock too
