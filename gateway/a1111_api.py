@@ -43,6 +43,7 @@ from gateway.a1111_inpaint import MaskSettings, PasteBack, b64png
 from gateway.a1111_inpaint import prepare as prepare_inpainting
 from gateway.a1111_prompt import TagProblem, loras_of
 from gateway.event_hub import decoded_event
+from gateway.body import takes_images
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
@@ -521,6 +522,7 @@ async def txt2img(request: web.Request) -> web.Response:
 
 
 @routes.post("/sdapi/v1/img2img")
+@takes_images
 async def img2img(request: web.Request) -> web.Response:
     return await answered(lambda r: run_generation(r, A1111Img2ImgRequest), request)
 

@@ -35,6 +35,7 @@ from aiohttp import WSMsgType, web
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
+from gateway.body import takes_images
 from gateway.comfy_graph import SOCKET_OUTPUT, GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
 from gateway.forms import read_form
 from gateway.http_errors import read_json
@@ -229,6 +230,7 @@ def transparency_mask(data: bytes, limits) -> str:
 
 
 @comfy_routes("/upload/image")("POST")
+@takes_images
 async def upload_image(request: web.Request) -> web.Response:
     """ComfyUI's upload for LoadImage: a multipart form with `image` (the file), `subfolder` (kept, as
     ComfyUI keeps it), `type` (input) and `overwrite`; answers the name and subfolder to load it by.

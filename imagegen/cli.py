@@ -81,6 +81,12 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--webhook-allow-private", action="store_true", default=env("WEBHOOK_ALLOW_PRIVATE", "") not in ("", "0", "false"), help="webhooks may go to loopback, private and link-local addresses, for a closed network (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE)")
     p.add_argument("--trust-proxy", type=proxy_list, default=env("TRUST_PROXY", ""), metavar="ADDR[,ADDR]", help="addresses or networks (10.0.0.0/8) of the reverse proxies in front; only from them are X-Forwarded-Proto and X-Forwarded-Host believed (the scheme and host of image URLs); * for any peer; default none (IMAGEGEN_TRUST_PROXY)")
     p.add_argument("--comfy-previews", action="store_true", default=env("COMFY_PREVIEWS", "") not in ("", "0", "false"), help="ComfyUI's /ws sends live previews as binary frames for every prompt, as ComfyUI does with a preview method on; without it only for prompts whose extra_data asks (preview_method auto, latent2rgb or taesd), as ComfyUI's default (none) does (IMAGEGEN_COMFY_PREVIEWS)")
+    p.add_argument("--max-body-bytes", type=at_least_one, default=env("MAX_BODY_BYTES", GatewaySettings().max_body_bytes), help="largest body of a route that takes images inline (/v1/jobs, /api/generate, img2img, uploads); at least what two uploads of --max-upload-bytes need as base64 (IMAGEGEN_MAX_BODY_BYTES)")
+    p.add_argument("--max-json-bytes", type=at_least_one, default=env("MAX_JSON_BYTES", GatewaySettings().max_json_bytes), help="largest body of every other route (IMAGEGEN_MAX_JSON_BYTES)")
+    p.add_argument("--max-json-items", type=at_least_one, default=env("MAX_JSON_ITEMS", GatewaySettings().max_json_items), help="most keys and items in a JSON body, counted as its ',' and ':' while it arrives (IMAGEGEN_MAX_JSON_ITEMS)")
+    p.add_argument("--body-timeout", type=float, default=env("BODY_TIMEOUT", GatewaySettings().body_timeout_s), help="seconds a request body may take to arrive; 408 after (IMAGEGEN_BODY_TIMEOUT)")
+    p.add_argument("--header-timeout", type=float, default=env("HEADER_TIMEOUT", GatewaySettings().header_timeout_s), help="seconds a request's headers may take to arrive (from the connection's start, or the last answer on it; also how long an idle keep-alive connection stays); the connection is closed after (IMAGEGEN_HEADER_TIMEOUT)")
+    p.add_argument("--max-connections", type=at_least_one, default=env("MAX_CONNECTIONS", GatewaySettings().max_connections), help="open connections per gateway (HTTP, WebSocket); one more is answered 503 with Retry-After (IMAGEGEN_MAX_CONNECTIONS)")
     p.add_argument("--cache-scope", default=env("CACHE_SCOPE", "key"), choices=["key", "global"], help="with API keys: key keeps each key's result-cache entries to itself; global shares them between keys (IMAGEGEN_CACHE_SCOPE)")
 
 
@@ -121,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="all in one: embedded nats-server (unless --nats), a gateway and a worker")
     add_common(up), add_gateway(up), add_worker(up)
+    up.add_argument("--nats-port", type=int, default=int(os.environ["IMAGEGEN_NATS_PORT"]) if os.environ.get("IMAGEGEN_NATS_PORT") else None, help="port of the embedded nats-server; unset: 4222, or a free port when 4222 is busy (IMAGEGEN_NATS_PORT)")
     gw = sub.add_parser("gateway", help="run a gateway (HTTP and WebSocket) against NATS")
     add_common(gw), add_gateway(gw)
     wk = sub.add_parser("worker", help="run one worker (one per GPU) against NATS")
@@ -180,6 +187,12 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         webhook_allow_private=args.webhook_allow_private,
         trust_proxy=args.trust_proxy,
         comfy_previews=args.comfy_previews,
+        max_body_bytes=args.max_body_bytes,
+        max_json_bytes=args.max_json_bytes,
+        max_json_items=args.max_json_items,
+        body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections,
     )
 
 
@@ -255,9 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     embedded = None
     nats_url = args.nats
     if not nats_url:
-        from imagegen.embedded_nats import EmbeddedNats
+        from imagegen.embedded_nats import EmbeddedNats, PortBusy, StoreInUse
 
-        embedded = EmbeddedNats(store_dir=Path(args.data_dir) / "nats").start()
+        port = {"port": args.nats_port, "other_port_if_busy": False} if args.nats_port is not None else {}
+        try:
+            embedded = EmbeddedNats(store_dir=Path(args.data_dir) / "nats", **port).start()
+        except StoreInUse as exc:
+            print(f"imagegen up: the data dir {args.data_dir} is in use: {exc}; stop that imagegen up, or give another --data-dir", file=sys.stderr)
+            return 2
+        except PortBusy:
+            print(f"imagegen up: --nats-port {args.nats_port} is in use; give another, or leave it unset for 4222 or a free port", file=sys.stderr)
+            return 2
         nats_url = embedded.url
     try:
         event_loop.run(runtime.serve(gateway=gateway_settings(args, nats_url), worker=worker_settings(args, nats_url)), loop=args.event_loop)
