@@ -50,8 +50,8 @@ from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import OpenAIFailure, image_data, tier_for, until_done
 from gateway.ratelimit import RateLimited
 from gateway.submission import group_jobs
-from imagegen import __version__
-from schemas.http import A1111Img2ImgRequest, A1111Txt2ImgRequest
+from schemas.version import __version__
+from gateway.http_views import A1111Img2ImgRequest, A1111Txt2ImgRequest
 from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus

@@ -17,7 +17,7 @@ from gateway.mflux_api import SERVICE
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.webhooks import WebhookSender
-from imagegen import __version__
+from schemas.version import __version__
 
 log = logging.getLogger("imagegen.gateway")
 STATIC = Path(__file__).parent / "static"

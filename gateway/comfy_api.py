@@ -7,7 +7,7 @@ execution_error, execution_interrupted), `GET /object_info` for the nodes it run
 `/embeddings` and `/models`. Every route is served under `/api` too, as ComfyUI serves them.
 
 A prompt becomes `batch_size` jobs in one group (seeds seed, seed+1, ...), queued like any other
-request; its record (`schemas.comfy`) goes to a KV bucket that every gateway watches, so a client may
+request; its record (`gateway.comfy_record`) goes to a KV bucket that every gateway watches, so a client may
 queue through one gateway and follow on another's socket. An image is `<job id>.png` for `/view`.
 A `SaveImageWebsocket` node (ComfyUI's own, from its custom_nodes) sends its images to the prompt's
 `client_id` socket as binary PNG frames in ComfyUI's framing while it executes, and lists none in
@@ -44,8 +44,8 @@ from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import tier_for
 from gateway.ratelimit import RateLimited
 from gateway.submission import submit_request
-from imagegen import __version__
-from schemas.comfy import PROMPT_ID, ComfyPrompt
+from schemas.version import __version__
+from gateway.comfy_record import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
 from schemas.request import MAX_SEED, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus

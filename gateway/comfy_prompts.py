@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 from gateway.queue_view import QueueView
 from schemas import names
 from schemas.codec import DecodeError, decode, encode
-from schemas.comfy import ComfyPrompt
+from gateway.comfy_record import ComfyPrompt
 
 log = logging.getLogger("imagegen.gateway.comfy")
 

@@ -12,7 +12,7 @@ from gateway.body import takes_images
 from gateway.http_errors import read_json
 from gateway.jobs import JobService
 from gateway.submission import submit_request
-from schemas.http import LoadRequest, MfluxGenerateResponse, MfluxPs, MfluxStatusResponse, MfluxTask, ModelInfo
+from gateway.http_views import LoadRequest, MfluxGenerateResponse, MfluxPs, MfluxStatusResponse, MfluxTask, ModelInfo
 from schemas.request import RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 

@@ -19,8 +19,8 @@ from gateway.http_errors import read_json
 from gateway.jobs import JobService, NotReady, UnknownJob, listing_key
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.submission import group_jobs, submit_request
-from imagegen import __version__
-from schemas.http import GroupView, JobView, LimitsView, WorkersView
+from schemas.version import __version__
+from gateway.http_views import GroupView, JobView, LimitsView, WorkersView
 from schemas.job import group_job_ids
 from schemas.request import RequestInvalid, field_named_by, parse_request
 from schemas.status import JobState, JobStatus

@@ -36,7 +36,7 @@ from gateway.mflux_api import SERVICE, caller
 from gateway.proxies import public_origin
 from gateway.ratelimit import RateLimited
 from gateway.submission import submit_request
-from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
+from gateway.http_views import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
 from schemas.job import new_seed
 from schemas.names import Tier
 from schemas.request import GenerateRequest, RequestInvalid, field_named_by, parse_request

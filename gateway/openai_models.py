@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.mflux_api import SERVICE
 from gateway.openai_api import OPENAI_MODELS, OpenAIFailure
-from schemas.http import OpenAIModel, OpenAIModelList
+from gateway.http_views import OpenAIModel, OpenAIModelList
 
 routes = web.RouteTableDef()
 

@@ -9,7 +9,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from swagger_ui_bundle import swagger_ui_path
 
-from schemas.http import (
+from gateway.http_views import (
     OpenAIModel,
     OpenAIModelList,
     ErrorBody,

@@ -35,7 +35,7 @@ from gpu_worker.safety import SafetyStage, load_safety
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speed import SpeedMeter, StepStamps
 from gpu_worker.thermal import TemperatureGuard, TemperatureSensor, temperature_guard
-from imagegen import __version__
+from schemas.version import __version__
 from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode, encode
 from schemas.connect import BROKER_ERRORS, connect

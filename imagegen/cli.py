@@ -7,9 +7,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gateway.proxies import parse_trusted
-from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speedups import DEFAULT_BUCKETS
 from imagegen import __version__, event_loop
@@ -18,6 +17,9 @@ from imagegen.paths import default_data_dir
 from schemas.jetstream import Topology
 from schemas.request import Limits
 from schemas.workers import DEFAULT_FAIRNESS
+
+if TYPE_CHECKING:  # the gateway's modules load only for the commands that run one (not for `imagegen worker`)
+    from gateway.settings import GatewaySettings
 
 log = logging.getLogger("imagegen")
 
@@ -45,6 +47,8 @@ def at_least_one(text: str) -> int:
 
 
 def proxy_list(text: str) -> tuple[str, ...]:
+    from gateway.proxies import parse_trusted
+
     entries = tuple(t.strip() for t in text.split(",") if t.strip())
     try:
         parse_trusted(entries)
@@ -70,6 +74,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_gateway(p: argparse.ArgumentParser) -> None:
+    from gateway.settings import GatewaySettings
+
     p.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address the gateway listens on (IMAGEGEN_HOST)")
     p.add_argument("--port", type=int, default=env("PORT", 4030), help="gateway port (IMAGEGEN_PORT)")
     p.add_argument("--api-keys", default=os.environ.get("IMAGEGEN_API_KEYS_FILE"), help="JSON file of API keys (hashes); auth is on when any key is configured; IMAGEGEN_API_KEYS may hold the JSON itself (IMAGEGEN_API_KEYS_FILE)")
@@ -121,15 +127,23 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=str(default_data_dir()), help="where built models (and up's server store) live (IMAGEGEN_DATA_DIR)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand argv names (the top level takes no option with a value), None when it names none."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand with its flags; with `command`, only that one's flags (the others stay bare)."""
     parser = argparse.ArgumentParser(prog="imagegen", description="SDXL image generation over NATS JetStream")
     parser.add_argument("--version", action="version", version=f"imagegen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="all in one: embedded nats-server (unless --nats), a gateway and a worker")
-    add_common(up), add_gateway(up), add_worker(up)
+    if command in (None, "up"):
+        add_common(up), add_gateway(up), add_worker(up)
     up.add_argument("--nats-port", type=int, default=int(os.environ["IMAGEGEN_NATS_PORT"]) if os.environ.get("IMAGEGEN_NATS_PORT") else None, help="port of the embedded nats-server; unset: 4222, or a free port when 4222 is busy (IMAGEGEN_NATS_PORT)")
     gw = sub.add_parser("gateway", help="run a gateway (HTTP and WebSocket) against NATS")
-    add_common(gw), add_gateway(gw)
+    if command in (None, "gateway"):
+        add_common(gw), add_gateway(gw)
     wk = sub.add_parser("worker", help="run one worker (one per GPU) against NATS")
     add_common(wk), add_worker(wk)
     key = sub.add_parser("key", help="make a new API key and print its entry for the keys file")
@@ -170,6 +184,8 @@ def topology_of(args: argparse.Namespace) -> Topology:
 
 
 def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings:
+    from gateway.settings import GatewaySettings
+
     return GatewaySettings(
         nats_url=nats_url,
         host=args.host,
@@ -234,7 +250,8 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     if hasattr(args, "event_loop"):
         try:

@@ -27,7 +27,7 @@ RATE_BUCKET = "imagegen-ratelimits"
 IMAGES_BUCKET = "imagegen-images"
 CACHE_BUCKET = "imagegen-cache"  # object store: result cache, object name = cache key
 UPLOADS_BUCKET = "imagegen-uploads"  # init and mask images a job reads, by object name
-COMFY_BUCKET = "imagegen-comfy-prompts"  # ComfyUI prompts, by prompt id: their jobs and nodes (schemas.comfy)
+COMFY_BUCKET = "imagegen-comfy-prompts"  # ComfyUI prompts, by prompt id: their jobs and nodes (gateway/comfy_record.py)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 

@@ -304,6 +304,19 @@ def test_dockerfile_installs_the_project_and_runs_its_command():
     assert not unknown, f"the Dockerfile sets variables the CLI does not read: {unknown}"
 
 
+def test_dockerfile_builds_a_slim_gateway_beside_the_gpu_worker():
+    text = DOCKERFILE.read_text()
+    stages = {m.group(2): m.group(1) for m in re.finditer(r"^FROM\s+(\S+)\s+AS\s+(\w+)\s*$", text, re.M)}
+    assert set(stages) == {"gateway", "worker"}, f"the Dockerfile's stages: {stages}"
+    bodies = dict(zip(re.findall(r"^FROM\s+\S+\s+AS\s+(\w+)", text, re.M), re.split(r"^FROM\s.*$", text, flags=re.M)[1:]))
+    slim = re.search(r"^ARG GATEWAY_BASE_IMAGE=(\S+)$", text, re.M)
+    assert stages["gateway"] == "${GATEWAY_BASE_IMAGE}" and slim and re.fullmatch(r"python:3\.\d+-slim", slim.group(1))
+    assert re.findall(r"pip install\b[^\n]*", bodies["gateway"]) == ["pip install . \\"], "the gateway installs more than the project"
+    assert re.search(r"pip install\b.*'\.\[worker\]'", bodies["worker"]), "the worker image lacks the [worker] extra"
+    targets = {name: svc["build"].get("target") for name, svc in compose_imagegen_services().items()}
+    assert targets["gateway"] == "gateway" and targets["worker"] == "worker"
+
+
 # ---- commands, flags and variables -------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""Shapes of the HTTP responses, so the OpenAPI document and the handlers share one definition."""
+"""Shapes of the HTTP responses and requests of the gateway's APIs, so the OpenAPI document and the handlers
+share one definition. Gateway-only: a service on NATS never sees them (its wire types are in `schemas`)."""
 
 from __future__ import annotations
 
