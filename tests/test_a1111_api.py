@@ -19,8 +19,8 @@ from gateway.auth import new_key_entry
 from schemas import names
 from schemas.codec import encode
 from schemas.events import JobEvent
-from tests.conftest import gateway_with_keys, start_service, stop_service
-from tests.test_openai_api import jobs_with_prompt
+from tests.helpers.native_reads import jobs_with_prompt
+from tests.helpers.service import gateway_with_keys, start_service, stop_service
 
 SMALL = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 2}
 
@@ -553,7 +553,7 @@ async def test_lora_tags_that_cannot_apply_are_refused_by_name(service, http, pr
 
 async def test_a_lora_tag_applies_the_workers_adapter_and_an_unknown_one_is_refused(broker, data_dir, http, tmp_path):
     from gpu_worker import tiny_sdxl
-    from tests.test_engine_sdxl import build_tiny_lora
+    from tests.helpers.loras import build_tiny_lora
 
     base = tiny_sdxl.build_tiny_sdxl(data_dir / "models" / tiny_sdxl.TINY_SDXL)
     lora = build_tiny_lora(base, tmp_path / "style-lora")

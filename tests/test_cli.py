@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from imagegen.embedded_nats import free_port
-from tests.conftest import wait_status
+from tests.helpers.service import wait_status
 
 
 @pytest.mark.parametrize("command", [[], ["up"], ["gateway"], ["worker"], ["generate"]])

@@ -24,7 +24,7 @@ from imagegen import runtime
 from imagegen.embedded_nats import free_port
 from schemas import names
 from schemas.jetstream import Topology
-from tests.real_processes import job_state, stored_events, submit, wait_state
+from tests.helpers.real_processes import job_state, stored_events, submit, wait_state
 
 ACK_WAIT_S = 2.0
 MAX_DELIVER = 3

@@ -26,29 +26,13 @@ from gpu_worker.speedups import flag_on, parse_buckets
 from gpu_worker.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas.request import SCHEDULERS, RequestInvalid, parse_request
-from tests.conftest import start_service, stop_service, wait_status
+from tests.helpers.loras import build_tiny_lora
+from tests.helpers.service import start_service, stop_service, wait_status
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = GenerationTask(
     job_id="test-job", prompt="a lighthouse", negative_prompt="", width=64, height=64, steps=6, guidance=5.0, seed=7
 )
-
-
-def build_tiny_lora(base_dir: Path, folder: Path) -> Path:
-    """A LoRA for the tiny UNet's attention projections, with random (non-zero) up and down weights."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
-        unet.add_adapter(config)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture(scope="module")

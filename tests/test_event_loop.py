@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from imagegen import event_loop
-from tests.real_processes import own_stack
+from tests.helpers.real_processes import own_stack
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])

@@ -30,7 +30,7 @@ from schemas.codec import decode, encode
 from schemas.job import JobEnvelope, Placement
 from schemas.request import Limits, parse_request
 from schemas.status import JobState, JobStatus, UploadRef
-from tests.conftest import collect_events, wait_status
+from tests.helpers.service import collect_events, wait_status
 
 RED, BLUE = (210, 40, 30), (30, 60, 220)
 

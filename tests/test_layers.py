@@ -106,6 +106,17 @@ def test_the_checker_sees_a_step_the_wrong_way(tmp_path, monkeypatch):
     assert {i.module for i in imports_of(fake_root / "gateway" / "rel.py")} >= {"gateway.jobs", "gateway.settings"}
 
 
+def test_tests_share_through_helpers_only():
+    """A test module imports what it shares from tests/helpers, never from another test module or conftest."""
+    wrong = sorted(
+        f"{imp.file.relative_to(ROOT)}:{imp.line} imports {imp.module}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for imp in imports_of(path)
+        if top(imp.module) == "tests" and not imp.module.startswith("tests.helpers")
+    )
+    assert not wrong, "imports of test modules (move what is shared to tests/helpers):\n" + "\n".join(wrong)
+
+
 def loaded_after(code: str) -> set[str]:
     done = subprocess.run(
         [sys.executable, "-c", code + "\nimport sys\nprint('\\n'.join(sys.modules))"],

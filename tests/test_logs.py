@@ -13,7 +13,7 @@ import pytest
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from imagegen import logs
 from imagegen.cli import build_parser
-from tests.conftest import wait_status
+from tests.helpers.service import wait_status
 
 
 def json_lines(stream: io.StringIO) -> list[dict]:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from imagegen.embedded_nats import EmbeddedNats, free_port
-from tests.real_processes import Parts
+from tests.helpers.real_processes import Parts
 
 CAP = 4
 

@@ -19,7 +19,7 @@ from imagegen.embedded_nats import free_port
 from schemas import jobstore, names
 from schemas.request import parse_request
 from schemas.status import JobStatus
-from tests.real_processes import stored_events, wait_state
+from tests.helpers.real_processes import stored_events, wait_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from soak import SoakSettings, run_soak, table  # noqa: E402

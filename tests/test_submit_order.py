@@ -13,7 +13,7 @@ from gateway.jobs import JobService
 from gateway.mflux_api import SERVICE
 from schemas import JobState, JobStatus, decode, jobstore, names
 from schemas.events import JobEvent
-from tests.conftest import collect_events
+from tests.helpers.service import collect_events
 
 
 async def stored_events(js, job_id: str) -> list[JobEvent]:

@@ -18,8 +18,8 @@ from imagegen import runtime
 from schemas import names
 from schemas.codec import decode
 from schemas.events import JobEvent
-from tests.conftest import start_service, stop_service, wait_status
-from tests.real_processes import wait_state
+from tests.helpers.real_processes import wait_state
+from tests.helpers.service import start_service, stop_service, wait_status
 
 SMALL = {"prompt": "a cup", "width": 64, "height": 64, "steps": 2}
 

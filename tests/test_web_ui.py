@@ -35,8 +35,8 @@ from schemas.codec import encode
 from schemas.jetstream import Topology
 from schemas.request import Limits
 from schemas.workers import WorkerInfo
-from tests.conftest import Service
-from tests.real_processes import wait_state
+from tests.helpers.real_processes import wait_state
+from tests.helpers.service import Service
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs"))
 from screenshots import generate as fill_form  # noqa: E402  (the README's screenshots fill the form the same way)

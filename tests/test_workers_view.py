@@ -13,7 +13,7 @@ from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import __version__, runtime
 from schemas.workers import DEFAULT_FAIRNESS
-from tests.conftest import start_service, stop_service
+from tests.helpers.service import start_service, stop_service
 
 
 async def workers_of(http, url: str, headers: dict | None = None) -> list[dict]:
