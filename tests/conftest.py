@@ -16,6 +16,20 @@ from tests.helpers.service import Service, start_service, stop_service
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Fixtures that start servers beyond the session's nats-server (a nats-server of a test's or a module's own,
+# a cluster, imagegen processes): every test that uses one, even through another fixture, is `processes`.
+PROCESS_FIXTURES = {"parts", "broker", "own_nats", "webhook_broker", "pool", "local_cluster", "cluster_of_three"}
+BROWSER_FIXTURES = {"browser", "page"}  # tests/test_web_ui.py: Debian's chromium through Playwright
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.processes)
+        if used & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory) -> EmbeddedNats:

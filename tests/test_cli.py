@@ -17,6 +17,8 @@ from PIL import Image
 from imagegen.embedded_nats import free_port
 from tests.helpers.service import wait_status
 
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
+
 
 @pytest.mark.parametrize("command", [[], ["up"], ["gateway"], ["worker"], ["generate"]])
 def test_help(command):

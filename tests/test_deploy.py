@@ -308,6 +308,7 @@ def test_k8s_nats_config_routes_to_all_three_pods():
     assert {NATS_CLUSTER_PORT, NATS_MONITOR_PORT} <= {p["port"] for p in service["spec"]["ports"]}
 
 
+@pytest.mark.processes  # runs nats-server on the config
 def test_k8s_nats_config_is_valid_for_nats_server(tmp_path):
     conf = tmp_path / "nats.conf"
     conf.write_text(nats_conf())

@@ -22,6 +22,8 @@ from PIL import Image
 
 from imagegen.embedded_nats import EmbeddedNats, free_port
 
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
+
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 SHELL = {"sh", "bash", "shell"}

@@ -376,6 +376,7 @@ async def test_unknown_lora_and_unknown_sampler_are_a_400(lora_service, http):
 # -- the benchmark's CPU mode ---------------------------------------------------------------------------
 
 
+@pytest.mark.processes  # runs the benchmark script
 def test_benchmark_tiny_mode_writes_json_and_a_table(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

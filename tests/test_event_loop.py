@@ -15,6 +15,8 @@ from PIL import Image
 from imagegen import event_loop
 from tests.helpers.real_processes import own_stack
 
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
+
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 async def test_a_job_runs_end_to_end_on_either_event_loop(tmp_path, loop):

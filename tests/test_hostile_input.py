@@ -28,6 +28,8 @@ from schemas.request import parse_request
 from schemas.status import JobState, JobStatus
 from tests.helpers.real_processes import own_stack, submit, wait_state
 
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
+
 FLAGS = ("--ack-wait", "2", "--max-deliver", "2")
 POSTS = ["/api/generate", "/v1/jobs", "/api/load", "/v1/images/generations"]
 JOB_POSTS = ["/api/generate", "/v1/jobs"]

@@ -24,6 +24,8 @@ from tests.helpers.real_processes import stored_events, wait_state
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from soak import SoakSettings, run_soak, table  # noqa: E402
 
+pytestmark = pytest.mark.processes  # each test starts imagegen and nats-server processes of its own
+
 JOBS = 2000
 KILLS = 6
 
