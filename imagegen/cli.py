@@ -249,6 +249,19 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
     )
 
 
+def missing_worker_packages() -> list[str]:
+    """What of the [worker] extra the engines need is not installed (a gateway's install has none of it)."""
+    import importlib.util
+
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # a package blocked or half-installed
+            return True
+
+    return [name for name in ("torch", "diffusers", "transformers") if absent(name)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(command_of(argv))
@@ -258,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             event_loop.resolve(args.event_loop)
         except (event_loop.EventLoopUnavailable, ValueError) as exc:
             parser.error(f"--event-loop (IMAGEGEN_EVENT_LOOP): {exc}")
+    if args.command in ("worker", "up") and args.model != "simulated":
+        missing = missing_worker_packages()
+        if missing:
+            parser.error(f"{args.command} runs SDXL, which needs {', '.join(missing)}: pip install 'imagegen[worker]'")
     configure_logging(level=getattr(args, "log_level", "INFO"), log_format=getattr(args, "log_format", "text"))
     from imagegen import runtime
 

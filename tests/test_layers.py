@@ -147,6 +147,20 @@ def test_the_worker_command_loads_no_gateway_module():
     assert not gateway, f"imagegen worker loads {gateway}"
 
 
+def test_a_worker_without_the_worker_extra_says_what_to_install():
+    """As on a gateway's install: torch, diffusers and transformers cannot be imported."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'diffusers', 'transformers'):\n"
+        "    sys.modules[name] = None\n"
+        "from imagegen import cli\n"
+        "cli.main(['worker', '--model', 'tiny-sdxl', '--nats', 'nats://127.0.0.1:1'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "needs torch, diffusers, transformers: pip install 'imagegen[worker]'" in done.stderr
+
+
 # ---- sizes: the limits the re-housing works towards (reported, not yet enforced) ------------------------
 
 
