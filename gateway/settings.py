@@ -16,6 +16,7 @@ class GatewaySettings:
     port: int = 4030
     max_body_bytes: int = 16 * 1024 * 1024
     nats_timeout_s: float = 5.0  # a JetStream call slower than this answers 503
+    submit_timeout_s: float = 0.6  # a submit's record and job unacknowledged this long: 503 (a cluster electing a leader)
     cors_origins: str = "*"
     limits: Limits = field(default_factory=Limits)
     topology: Topology = field(default_factory=Topology)
