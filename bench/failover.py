@@ -357,9 +357,9 @@ def figures(run: Run, ids: dict, statuses: dict, events: dict, descriptions: dic
         })
     latencies = sorted(statuses[j].finished_at - statuses[j].submitted_at for j in done if statuses[j].finished_at)
     in_killed_hands = {k["job_in_hand"] for k in run.worker_kills}
-    waited_ack = sorted(  # back only after the ack wait, though no worker holding them was killed: a nak lost
-        j for j in done if statuses[j].finished_at and j not in in_killed_hands
-        and statuses[j].finished_at - statuses[j].submitted_at > settings.ack_wait_s * 0.9
+    waited_ack = sorted(  # tried again only after the ack wait, though no worker holding them was killed: a nak lost
+        j for j in done if statuses[j].finished_at and j not in in_killed_hands and statuses[j].attempt > 1
+        and statuses[j].finished_at - statuses[j].submitted_at >= settings.ack_wait_s
     )
     return {
         "config": asdict(settings),
