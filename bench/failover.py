@@ -261,7 +261,12 @@ async def execute(settings: FailoverSettings, workdir: Path) -> dict[str, Any]:
 
 async def _flow(run: Run, urls: list[str]) -> dict[str, Any]:
     settings = run.settings
-    nc = await nats.connect(run.cluster.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    async def quiet(*_args) -> None:  # the kills are planned: no tracebacks for them
+        pass
+
+    nc = await nats.connect(
+        run.cluster.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.1, error_cb=quiet, disconnected_cb=quiet
+    )
     busy = BusyWorkers()
     await nc.subscribe(f"{names.EVENTS_SUBJECT_PREFIX}.*", cb=busy.on_event)
     js = nc.jetstream(timeout=0.5)
