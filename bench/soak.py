@@ -372,6 +372,17 @@ class Observed:
     chunk_sets: set[str] = field(default_factory=set)  # every chunk set's nuid in the image stream
 
 
+async def observe(js, statuses: dict[str, JobStatus | None], logs: list[str]) -> Observed:
+    """Reads what the checks look at: the jobs' images and events, every record's key, the image
+    stream's chunk sets, and the runs in the workers' logs."""
+    done_events, started_events = await stored_events(js)
+    kv = await js.key_value(names.STATUS_BUCKET)
+    return Observed(
+        statuses=statuses, descriptions=await image_descriptions(js, list(statuses)), done_events=done_events,
+        started_events=started_events, runs=runs_logged(logs), every_key=set(await kv.keys()), chunk_sets=await chunk_sets(js),
+    )
+
+
 # -- one run --------------------------------------------------------------------------------------
 
 
@@ -424,18 +435,10 @@ async def _run(stack: Stack, rng: random.Random) -> dict[str, Any]:
         taken = [j.job_id for j in jobs if j.job_id]
         statuses = await wait_final(js, taken, settings.drain_timeout_s)
         finished_s = time.monotonic() - t0
-        descriptions = await image_descriptions(js, taken)
-        done_events, started_events = await stored_events(js)
-        kv = await js.key_value(names.STATUS_BUCKET)
-        every_key = set(await kv.keys())
-        chunks = await chunk_sets(js)
+        worker_logs = [p for p in stack.started if p is not stack.gateway]
+        seen = await observe(js, statuses, [p.log() for p in worker_logs])
     finally:
         await nc.close()
-    worker_logs = [p for p in stack.started if p is not stack.gateway]
-    seen = Observed(
-        statuses=statuses, descriptions=descriptions, done_events=done_events, started_events=started_events,
-        runs=runs_logged([p.log() for p in worker_logs]), every_key=every_key, chunk_sets=chunks,
-    )
     return figures(settings, jobs, seen, chaos, submitted_s=submitted_s, finished_s=finished_s) | {
         "processes_alive_at_end": {
             "gateway": bool(stack.gateway and stack.gateway.alive),

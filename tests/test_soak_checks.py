@@ -1,5 +1,6 @@
 """The soak's checks can fail: each fault a soak must catch is planted in what the broker and the
-workers' logs hold after a run, and the soak's verdict names it. A clean run passes."""
+workers' logs hold after a run, and the soak's verdict names it. A clean run passes. And the checks
+read a real broker's records: an image written over a done job's fails the run."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import nats
 import pytest
 
+from imagegen.embedded_nats import free_port
+from schemas import names
 from schemas.status import ImageRef, JobState, JobStatus
+from tests.real_processes import submit, wait_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from soak import Chaos, Observed, SoakSettings, Submitted, figures, problems, runs_logged  # noqa: E402
+from soak import Chaos, Observed, SoakSettings, Submitted, figures, observe, problems, read_statuses, runs_logged  # noqa: E402
 
 IDS = ["job-aaaaaaaa", "job-bbbbbbbb", "job-cccccccc"]
 
@@ -115,3 +120,32 @@ def test_runs_are_counted_from_the_workers_logs_when_their_started_events_were_l
     result, found = verdict(jobs, seen)
     assert result["runs"] == 4 and result["extra_runs"] == 1 and result["started_events_missing"] == 1
     assert found == []  # a job may run twice; it is counted, not failed
+
+
+async def test_an_image_written_over_a_done_jobs_image_on_a_real_broker_fails_the_run(broker, parts, http):
+    """The same checks on what a real broker and worker hold: two jobs done, then a second image put
+    under one's name (as a second run that ignored the first's `done` would): the run fails naming it."""
+    await parts.worker(broker.url, "--sim-step-s", "0.01", name="painter")
+    port = free_port()
+    await parts.gateway(broker.url, port)
+    url = f"http://127.0.0.1:{port}"
+    jobs = []
+    for n in range(2):
+        job_id = await submit(http, url, {"prompt": f"checked {n}", "width": 64, "height": 64, "steps": 2})
+        assert (await wait_state(http, url, job_id, {"done", "failed"}))["state"] == "done"
+        jobs.append(Submitted(n=n, key=f"k{n}", submitted_at=0.0, job_id=job_id, tries=1))
+    nc = await nats.connect(broker.url)
+    try:
+        js = nc.jetstream()
+        statuses = await read_statuses(js, [j.job_id for j in jobs])
+        logs = [part.log() for part in parts.started if part.name == "painter"]
+        assert problems(figures(SoakSettings(jobs=2), jobs, await observe(js, statuses, logs), Chaos(), submitted_s=1, finished_s=1)) == []
+
+        overwritten = jobs[0].job_id
+        images = await js.object_store(names.IMAGES_BUCKET)
+        await images.put(overwritten, b"\xff" * statuses[overwritten].image.size)  # same name, same size
+        result = figures(SoakSettings(jobs=2), jobs, await observe(js, statuses, logs), Chaos(), submitted_s=1, finished_s=1)
+    finally:
+        await nc.close()
+    assert result["duplicate_ids"] == [overwritten] and result["runs"] == 2
+    assert any("doubled" in line and overwritten in line for line in problems(result))
