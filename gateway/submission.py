@@ -89,11 +89,10 @@ async def submit_request(
             )
     except BaseException as exc:
         if isinstance(exc, BROKER_DOWN):
-            jobs.leaders.lost(exc)  # refused at once until the job streams answer
-        if idempotency_key and isinstance(exc, BROKER_DOWN):
-            raise  # kept for the retry with the same key, which publishes what is still queued
-        if isinstance(exc, BROKER_DOWN):  # the 503 goes out now; the taking back waits for the broker
-            if created or stored:
+            jobs.leaders.lost(exc)  # submits are refused at once until the job streams answer
+            # With a key, kept for the retry with the same key, which publishes what is still queued;
+            # without, taken back once the broker answers: the 503 goes out now.
+            if not idempotency_key and (created or stored):
                 _later(_undo(jobs, plan, created, stored, owner, tries=UNDO_TRIES))
             raise
         await _undo(jobs, plan, created, stored, owner)
