@@ -8,7 +8,8 @@ all are done with their PNGs in base64, the request as sent (`parameters`) and `
 the seeds, size, sampler, steps, model, job ids and A1111-style infotexts). Fields left out take the
 served model's defaults. Features this service does not offer (the hires fix, face restoration,
 tiling, variation seeds, styles, scripts, sampler noise settings) are accepted only at their "off"
-values, as A1111's own clients send them; anything else is refused by name, never ignored.
+values, as A1111's own clients send them; anything else is refused by name, never ignored. `eta` is
+DDIM's noise, as in A1111; the ancestral samplers run at A1111's default eta 1 and the others ignore it.
 
 `POST /sdapi/v1/img2img` adds one init image and `denoising_strength` (A1111's 0.75 when absent). Resize
 mode 0 (A1111's default, "just resize") is done here, before queueing: the image is stretched to the
@@ -96,7 +97,6 @@ OFF_VALUES: dict[str, tuple] = {
     "restore_faces": (None, False),
     "tiling": (None, False),
     "enable_hr": (None, False),
-    "eta": (None,),
     "s_min_uncond": (None, 0),
     "s_churn": (None, 0),
     "s_tmax": (None, 0),
@@ -123,7 +123,10 @@ WHY_OFF = {
 A1111_FIELD = {"guidance": "cfg_scale", "n": "batch_size", "scheduler": "sampler_name", "model": "override_settings",
                "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body",
                "init_image": "init_images", "strength": "denoising_strength", "mask_image": "mask",
-               "loras": "prompt"}
+               "loras": "prompt", "eta": "eta"}
+# Samplers whose noise A1111 scales by eta: DDIM's (eta 0 by default) and the ancestral ones (1). Here
+# DDIM takes any eta, the ancestral ones run at 1 only; the others ignore it, as A1111 does.
+ETA_ANCESTRAL = {"euler_a": "Euler a", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE"}
 IMG2IMG_STRENGTH = 0.75  # A1111's denoising_strength when a request leaves it out
 MAX_MASK_BLUR, MAX_PADDING = 64, 256  # pixels, the ranges of A1111's own controls
 
@@ -306,6 +309,19 @@ def model_of(jobs: JobService, overrides: dict | None) -> str | None:
     return model
 
 
+def eta_of(eta: float | None, scheduler: str) -> float | None:
+    """The request's eta for `scheduler`, as A1111 uses it: DDIM's noise; an ancestral sampler's, which
+    runs at 1 here (A1111's default for them); ignored by the other samplers, as in A1111."""
+    if eta is None:
+        return None
+    if scheduler == "ddim":
+        return eta
+    if scheduler in ETA_ANCESTRAL and eta != 1:
+        raise invalid("eta", f"{ETA_ANCESTRAL[scheduler]} runs with eta 1 here (A1111's default for it), got {eta!r}; "
+                             "DDIM takes any eta from 0 to 1")
+    return None
+
+
 def request_fields(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, limits) -> dict:
     """This service's request fields for an A1111 request (its init image apart)."""
     if ask.batch_size * ask.n_iter > limits.max_images:
@@ -336,6 +352,7 @@ def request_fields(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, 
         "refiner_split": ask.refiner_switch_at if ask.refiner_checkpoint else None,
         "cache": False if random_seed else None,  # a seed picked here never repeats: not worth caching
         "loras": loras or None,
+        "eta": eta_of(ask.eta, scheduler),
     }
     if ask.refiner_switch_at is not None and not ask.refiner_checkpoint:
         raise invalid("refiner_switch_at", "needs refiner_checkpoint")
@@ -615,14 +632,6 @@ async def lora_list(request: web.Request) -> web.Response:
 async def refresh_loras(request: web.Request) -> web.Response:
     """Nothing to rescan: workers load their adapters at start, and /sdapi/v1/loras lists the live ones."""
     return web.json_response(None)
-
-
-@routes.get("/sdapi/v1/sd-models")
-async def sd_models(request: web.Request) -> web.Response:
-    served = request.app[SERVICE].served_models()
-    return web.json_response(
-        [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None} for name in sorted(served)]
-    )
 
 
 @routes.get("/sdapi/v1/samplers")

@@ -8,7 +8,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from gateway import a1111_api, comfy_api, mflux_api, native_api, openai_api, openapi
+from gateway import a1111_api, a1111_lists, comfy_api, mflux_api, native_api, openai_api, openai_edits, openai_models, openapi
 from gateway.auth import KeyRing, auth_middleware
 from gateway.http_errors import errors_middleware
 from gateway.jobs import JobService
@@ -79,7 +79,10 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
     app.add_routes(mflux_api.routes)
     app.add_routes(native_api.routes)
     app.add_routes(openai_api.routes)
+    app.add_routes(openai_edits.routes)
+    app.add_routes(openai_models.routes)
     app.add_routes(a1111_api.routes)
+    app.add_routes(a1111_lists.routes)
     app.add_routes(comfy_api.routes)
     openapi.add_routes(app)
     app.router.add_get("/", index)

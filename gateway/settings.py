@@ -29,6 +29,7 @@ class GatewaySettings:
     webhook_secret: str | None = None  # signs webhook calls (Standard Webhooks); the same on every gateway
     webhook_allow_private: bool = False  # webhooks may go to loopback and private addresses (a closed network)
     webhook_retry_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # waits between a call's tries
+    comfy_previews: bool = False  # ComfyUI's /ws sends live previews to every prompt, as ComfyUI with a preview method on
     cache_scope: str = "key"  # result cache entries: each API key's own (key), or shared by all keys (global)
 
     @property

@@ -39,6 +39,7 @@ class GenerationTask:
     init_image: Image.Image | None = None  # image-to-image: the picture to start from, any size and mode
     mask_image: Image.Image | None = None  # inpainting: white is redrawn, black kept; the init image's size
     strength: float = 1.0  # image-to-image: how far from the init image, 0 < strength <= 1
+    eta: float | None = None  # DDIM's eta (used by the ddim scheduler only); None: 0
 
     @property
     def total_steps(self) -> int:

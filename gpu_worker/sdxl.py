@@ -105,6 +105,7 @@ class SdxlEngine:
     default_guidance: float = 5.0
     has_refiner: bool = False
     lora_names: tuple[str, ...] = ()
+    model_sha256: str | None = None  # gpu_worker.model_hash: its UNet weights' sha256, when they are on this disk
     _base: Any = field(default=None, repr=False)
     _refiner: Any = field(default=None, repr=False)
     _loras: Any = field(default=None, repr=False)
@@ -120,6 +121,7 @@ class SdxlEngine:
         from gpu_worker import speedups as sp
         from gpu_worker.decode import DTYPE_NAMES, LatentDecoder, bf16_native, pick_decode_dtype
         from gpu_worker.lora import LoraSet, parse_lora_specs
+        from gpu_worker.model_hash import model_sha256
 
         device = settings.device
         if device == "cpu":
@@ -181,6 +183,7 @@ class SdxlEngine:
             default_guidance=settings.default_guidance,
             has_refiner=refiner is not None,
             lora_names=loras.names,
+            model_sha256=model_sha256(base.unet.config.get("_name_or_path")),
             _base=base,
             _refiner=refiner,
             _loras=loras,
@@ -321,6 +324,8 @@ class SdxlEngine:
             callback_on_step_end=callback,
             output_type="latent",
         )
+        if task.eta is not None:  # diffusers hands it to the schedulers whose step takes it (DDIM's)
+            common["eta"] = task.eta
         if task.init_image is not None:
             return self._denoise_image(task, plan, common)
         self._base.scheduler = plan.base_scheduler

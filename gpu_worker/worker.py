@@ -263,6 +263,7 @@ class Worker:
             fairness=self.settings.fairness,
             version=__version__,
             loras=list(self.engine.lora_names),
+            model_sha256=getattr(self.engine, "model_sha256", None),
         )
 
     @property
@@ -490,6 +491,7 @@ class Worker:
             init_image=init_image,
             mask_image=mask_image,
             strength=request.strength,
+            eta=request.eta,
         )
         job.stamps.refiner_steps = self.engine.refiner_steps(task)
         loop = asyncio.get_running_loop()

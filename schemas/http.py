@@ -154,7 +154,8 @@ class OpenAIImageRequest(BaseModel):
         description="Scales the model's default steps: low half, standard/medium/auto the default, high/hd 1.5x.",
     )
     response_format: Literal["b64_json", "url"] | None = Field(
-        None, description="b64_json (the default) or url: an absolute URL of /v1/jobs/{id}/image."
+        None, description="b64_json or url (an absolute URL of /v1/jobs/{id}/image); as OpenAI, b64_json by default for "
+        "gpt-image-* models, url for dall-e-*, no model and the models served here."
     )
     output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Image encoding; png by default.")
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality, 0..100.")
@@ -170,6 +171,67 @@ class OpenAIImageRequest(BaseModel):
     negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
     steps: int | None = Field(None, description="imagegen: denoising steps; overrides quality.")
     guidance: float | None = Field(None, description="imagegen: classifier-free guidance scale.")
+
+
+class OpenAIEditRequest(BaseModel):
+    """The text fields of OpenAI's `POST /v1/images/edits` form (the files, `image` or `image[]` and
+    `mask`, come beside them), plus a few imagegen fields (the OpenAI client's `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What the edited image shows.")
+    model: str | None = Field(None, description="A served model, or an OpenAI name for the current one.")
+    n: int = Field(1, ge=1, description="How many images, one job each, seeds seed, seed+1, ...")
+    size: str | None = Field(None, description="WIDTHxHEIGHT (the image scaled and centre-cropped to it) or auto (the image's own size).")
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(None, description="Scales the model's default steps.")
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="As OpenAI: b64_json for gpt-image-*, else url by default.")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Image encoding; png by default.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality, 0..100.")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(None, description="auto or opaque; transparent is not available.")
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted; has no effect.")
+    stream: bool | None = Field(None, description="Only false: streaming is not available here.")
+    user: str | None = Field(None, description="Accepted; has no effect.")
+    safety_identifier: str | None = Field(None, description="Accepted; has no effect.")
+    seed: int | None = Field(None, ge=0, description="imagegen: seed of the first image; random when absent.")
+    negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
+    steps: int | None = Field(None, description="imagegen: denoising steps; overrides quality.")
+    guidance: float | None = Field(None, description="imagegen: classifier-free guidance scale.")
+    strength: float | None = Field(
+        None, description="imagegen: how much to change the image, 0.01..1; 1 where a mask says (redrawn), 0.75 without one."
+    )
+
+
+class OpenAIVariationRequest(BaseModel):
+    """The text fields of OpenAI's `POST /v1/images/variations` form (the file is `image`), plus a few
+    imagegen fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="A served model, or an OpenAI name for the current one.")
+    n: int = Field(1, ge=1, description="How many variations, one job each, seeds seed, seed+1, ...")
+    size: str | None = Field(None, description="WIDTHxHEIGHT (the image scaled and centre-cropped to it) or auto (the image's own size).")
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="As OpenAI: url by default (b64_json for gpt-image-*).")
+    user: str | None = Field(None, description="Accepted; has no effect.")
+    prompt: str | None = Field(None, description="imagegen: what the variations show; a neutral prompt when absent.")
+    seed: int | None = Field(None, ge=0, description="imagegen: seed of the first variation; random when absent.")
+    negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
+    steps: int | None = Field(None, description="imagegen: denoising steps.")
+    guidance: float | None = Field(None, description="imagegen: classifier-free guidance scale.")
+    strength: float | None = Field(None, description="imagegen: how far from the image, 0.01..1; 0.6 when absent.")
+
+
+class OpenAIModel(BaseModel):
+    """A served model in OpenAI's shape (`GET /v1/models`)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time its longest-running live worker started.")
+    owned_by: str = "imagegen"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
 
 
 class OpenAIImage(BaseModel):
@@ -242,7 +304,10 @@ class A1111Txt2ImgRequest(BaseModel):
     restore_faces: bool | None = Field(None, description="Only false.")
     tiling: bool | None = Field(None, description="Only false.")
     enable_hr: bool | None = Field(None, description="Only false: the hires fix is not offered; the hr_* fields are then ignored, as A1111 does.")
-    eta: float | None = Field(None, description="Only absent.")
+    eta: float | None = Field(
+        None, description="DDIM: the noise each step adds, 0..1 (0 when absent). Euler a and DPM++ 2M SDE: only 1, "
+        "their fixed noise here (A1111's default). Ignored by the other samplers, as A1111 does."
+    )
     s_min_uncond: float | None = Field(None, description="Only 0.")
     s_churn: float | None = Field(None, description="Only 0.")
     s_tmax: float | None = Field(None, description="Only absent or 0.")
@@ -349,10 +414,27 @@ class A1111Lora(BaseModel):
 class A1111Model(BaseModel):
     title: str
     model_name: str
-    hash: str | None = None
-    sha256: str | None = None
+    hash: str | None = Field(None, description="A1111's short hash: the first 10 hex digits of sha256.")
+    sha256: str | None = Field(None, description="The sha256 of the model's UNet weights, as its workers publish it; null when not on their disk.")
     filename: str
     config: str | None = None
+
+
+class A1111Memory(BaseModel):
+    """AUTOMATIC1111's memory figures: the gateway's RAM ({free, used, total} bytes) and CUDA's ({"error": "unavailable"} here)."""
+
+    ram: dict[str, Any]
+    cuda: dict[str, Any]
+
+
+class A1111Scripts(BaseModel):
+    txt2img: list[str] = Field(description="None here: scripts are not offered.")
+    img2img: list[str]
+
+
+class A1111Embeddings(BaseModel):
+    loaded: dict[str, Any] = Field(description="None here: textual-inversion embeddings are not offered.")
+    skipped: dict[str, Any]
 
 
 class A1111Sampler(BaseModel):

@@ -111,6 +111,13 @@ class GenerateRequest(BaseModel):
     scheduler: str | None = Field(
         None, description=f"Sampler: one of {', '.join(SCHEDULERS)}; the model's own when absent."
     )
+    eta: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="DDIM's eta, 0..1: how much fresh noise each step adds (0, the default: none, deterministic; 1: as "
+        "DDPM). Used by the ddim scheduler only; the others ignore it.",
+    )
     loras: dict[str, float] | None = Field(
         None,
         description="LoRA adapters loaded on the worker, by name, with their weights, e.g. {\"pixel-art\": 0.8}.",

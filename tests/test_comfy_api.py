@@ -307,7 +307,7 @@ async def test_the_socket_tells_a_prompts_run_on_another_gateway(broker, data_di
             hello = await ws.receive_json(timeout=10)
             assert hello["type"] == "status" and hello["data"]["sid"] == "tool-1"
             graph = workflow(**{"4": {"ckpt_name": "simulated"}, "3": {"steps": 10}, "5": {"batch_size": 2}})
-            status, queued = await queue_prompt(http, own.url, graph, client_id="tool-1")
+            status, queued = await queue_prompt(http, own.url, graph, client_id="tool-1", extra_data={"preview_method": "auto"})
             assert status == 200, queued
             prompt_id = queued["prompt_id"]
             first_progress = asyncio.Event()

@@ -42,10 +42,10 @@ async def test_two_base64_images_that_differ(client):
 
 async def test_seeds_follow_on_so_an_image_can_be_made_again(client):
     pair = await asyncio.to_thread(
-        client.images.generate, prompt="a kite", n=2, size="64x64", extra_body={"seed": 1234, "steps": 2}
+        client.images.generate, model="gpt-image-1", prompt="a kite", n=2, size="64x64", extra_body={"seed": 1234, "steps": 2}
     )
-    again = await asyncio.to_thread(
-        client.images.generate, prompt="a kite", n=1, size="64x64", extra_body={"seed": 1235, "steps": 2}
+    again = await asyncio.to_thread(  # gpt-image-1 answers base64 unless asked otherwise, as OpenAI's does
+        client.images.generate, model="gpt-image-1", prompt="a kite", n=1, size="64x64", extra_body={"seed": 1235, "steps": 2}
     )
     assert [item.seed for item in pair.data] == [1234, 1235]  # imagegen's extra field, kept by the client
     assert decoded(pair.data[1].b64_json).tobytes() == decoded(again.data[0].b64_json).tobytes()
