@@ -34,6 +34,7 @@ from gateway.direct_get import DirectReader
 from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
 from schemas import jobstore, names
+from schemas.connect import BROKER_ERRORS
 from schemas.jetstream import ensure_result_cache
 from schemas.job import new_job_id
 from schemas.request import GenerateRequest
@@ -109,6 +110,7 @@ class ResultCache:
         replicas: int = 1,
         read_timeout_s: float = 30.0,
         close_timeout_s: float = 10.0,
+        lookup_timeout_s: float = 0.25,
     ):
         if scope not in SCOPES:
             raise ValueError(f"--cache-scope must be one of {', '.join(SCOPES)}, got {scope!r}")
@@ -117,6 +119,7 @@ class ResultCache:
         self.replicas = replicas
         self.read_timeout_s = read_timeout_s
         self.close_timeout_s = close_timeout_s
+        self.lookup_timeout_s = lookup_timeout_s  # an entry's description unread this long: a miss (no leader)
         self.hits = 0
         self.misses = 0
         self.stored = 0
@@ -253,8 +256,11 @@ class ResultCache:
 
     async def _read(self, key: str) -> tuple[CachedImage, bytes] | None:
         try:
-            info = await self.store.get_info(key)
+            info = await asyncio.wait_for(self.store.get_info(key), self.lookup_timeout_s)
         except GONE:
+            return None
+        except (asyncio.TimeoutError, *BROKER_ERRORS) as exc:  # the cache's stream has no leader (an election): a miss
+            log.debug("result cache entry %s unread: %s; a miss", key[:12], exc)
             return None
         entry = CachedImage.parse(info.description)
         if entry is None:

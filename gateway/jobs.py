@@ -30,6 +30,7 @@ from gateway.fresh_images import FreshImages
 from gateway.model_views import ModelViews
 from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
+from gateway.stream_leader import NoLeader, StreamLeaders
 from gateway.settings import GatewaySettings
 from gateway.webhooks import WebhookOutbox
 from schemas import jobstore, names, uploads
@@ -113,7 +114,7 @@ class BrokerAway(ConnectionError):
     """The gateway is not connected to NATS right now (it is reconnecting): answered at once, not after a timeout."""
 
 
-BROKER_DOWN = (BrokerAway, *BROKER_ERRORS)  # what a broker outage raises: 503 with Retry-After
+BROKER_DOWN = (BrokerAway, NoLeader, *BROKER_ERRORS)  # what a broker outage raises: 503 with Retry-After
 
 
 def listing_key(status: JobStatus) -> tuple[float, str]:
@@ -143,6 +144,12 @@ class JobService:
         self.js = self.nc.jetstream(timeout=self.settings.nats_timeout_s)
         await ensure_topology(self.js, self.settings.topology)
         self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
+        # A submit's own writes (its record, its job) wait `submit_timeout_s`: unanswered, the cluster
+        # is electing a leader, and the caller gets 503 now rather than after `nats_timeout_s`.
+        self.submit_js = self.nc.jetstream(timeout=self.settings.submit_timeout_s)
+        self.submit_kv = await self.submit_js.key_value(names.STATUS_BUCKET)
+        self.leaders = StreamLeaders(self.nc)
+        await self.leaders.start()
         self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
         self.config_kv = await self.js.key_value(names.CONFIG_BUCKET)
         self.rate_kv = await self.js.key_value(names.RATE_BUCKET)
@@ -166,6 +173,8 @@ class JobService:
         sweeper = getattr(self, "_sweeper", None)
         if sweeper is not None:
             sweeper.cancel()
+        if getattr(self, "leaders", None) is not None:
+            await self.leaders.close()
         await self.cache.close()
         for reader in (getattr(self, "events", None), getattr(self, "direct", None)):  # as far as start got
             if reader is not None:
@@ -235,13 +244,15 @@ class JobService:
         """Queues one job. `placement`: its stored uploads and group. With `idempotency_key` the job
         (`job_id`, else the key's own id) may exist already: it is then answered as it is, before any
         check of the caller's key, and published again if still queued. `created` gets the job's id
-        when this call wrote its record. `digest`: the request's fingerprint (request_digest) kept in the
-        record with an Idempotency-Key; a repeat of the key with another is IdempotencyKeyReused."""
+        when this call wrote its record (or may have: its write went unanswered). `digest`: the request's
+        fingerprint (request_digest) kept in the record with an Idempotency-Key; a repeat of the key with
+        another is IdempotencyKeyReused."""
         self.connected()
+        self.leaders.check()  # an election under way: refused before anything is written
         placement = placement or Placement()
         if idempotency_key:
             job_id = job_id or idempotent_job_id(owner, idempotency_key)
-            existing = await jobstore.read_status(self.status_kv, job_id)
+            existing = await jobstore.read_status(self.submit_kv, job_id)
             if existing is not None:
                 check_same_request(existing, digest, idempotency_key)
                 await self._publish_again_if_queued(existing, JobEnvelope.for_request(
@@ -277,7 +288,7 @@ class JobService:
             )
         if key_of_result is not None:
             hit = await self.cache.answer(
-                request, key_of_result, job_id=job_id, owner=owner, status_kv=self.status_kv, images=self.images,
+                request, key_of_result, job_id=job_id, owner=owner, status_kv=self.submit_kv, images=self.images,
                 placement=placement, request_digest=digest if idempotency_key else None,
             )
             if hit is not None:
@@ -311,8 +322,10 @@ class JobService:
         self.fresh.want(status.job_id)
         try:
             revision = await self._record_and_publish(status, envelope, queued, fresh_id=not idempotency_key, created=created)
-        except BaseException:
+        except BaseException as exc:
             self._not_queued(status.job_id)
+            if isinstance(exc, BROKER_ERRORS):
+                self.leaders.lost(exc)
             raise
         if revision is None:  # the job id had a record already (or had one a moment ago)
             existing = await jobstore.read_status(self.status_kv, envelope.job_id)
@@ -349,7 +362,12 @@ class JobService:
         subject, payload, headers = self.subject_of(envelope), encode(envelope), {names.MSG_ID_HEADER: envelope.job_id}
 
         async def record() -> int | None:
-            revision = await jobstore.create_status(self.status_kv, status)
+            try:
+                revision = await jobstore.create_status(self.submit_kv, status)
+            except BROKER_ERRORS:
+                if created is not None:  # unanswered, not refused: it may be stored, and is then taken back
+                    created.add(status.job_id)
+                raise
             if revision is not None:
                 self.view.confirm(status, revision)
                 if created is not None:
@@ -360,13 +378,13 @@ class JobService:
             revision = await record()
             if revision is not None:
                 await self._event(queued)
-                await self.js.publish(subject, payload, headers=headers)
+                await self.submit_js.publish(subject, payload, headers=headers)
             return revision
         await self._event(queued)
         # Tasks start in the order made, and each queues its message before its first wait: the record
         # is sent before the job.
         recording = asyncio.ensure_future(record())
-        publishing = asyncio.ensure_future(self.js.publish(subject, payload, headers=headers))
+        publishing = asyncio.ensure_future(self.submit_js.publish(subject, payload, headers=headers))
         revision, published = await asyncio.gather(recording, publishing, return_exceptions=True)
         for outcome in (revision, published):
             if isinstance(outcome, BaseException):
@@ -400,7 +418,11 @@ class JobService:
         envelope = envelope.model_copy(
             update={"seed": existing.seed, "submitted_at": existing.submitted_at, "deadline": existing.deadline}
         )
-        await self.js.publish(self.subject_of(envelope), encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
+        try:
+            await self.submit_js.publish(self.subject_of(envelope), encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
+        except BROKER_ERRORS as exc:
+            self.leaders.lost(exc)
+            raise
         log.info("job %s submitted again while queued; published again", existing.job_id, extra={"job_id": existing.job_id})
 
     async def _model_for(self, served: dict[str, list]) -> str | None:

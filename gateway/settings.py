@@ -22,6 +22,7 @@ class GatewaySettings:
     header_timeout_s: float = 15.0  # a request's headers must arrive within this long of the connection opening (or of the last answer on it); also the idle keep-alive
     max_connections: int = 2048  # open connections of this gateway; one more is answered 503 with Retry-After
     nats_timeout_s: float = 5.0  # a JetStream call slower than this answers 503
+    submit_timeout_s: float = 0.6  # a submit's record and job unacknowledged this long: 503 (a cluster electing a leader)
     cors_origins: str = "*"
     limits: Limits = field(default_factory=Limits)
     topology: Topology = field(default_factory=Topology)

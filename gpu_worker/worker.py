@@ -29,6 +29,7 @@ from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, Rerouted, Ret
 from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from gpu_worker.metrics import WorkerMetrics
+from gpu_worker.naks import Naks
 from gpu_worker.preview import latent_preview
 from gpu_worker.puller import PriorityPuller
 from gpu_worker.safety import SafetyStage, load_safety
@@ -128,6 +129,8 @@ class Worker:
         self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness, on_bell=self._on_bell, model=self.engine.name)
         await self.puller.start()
         await self.nc.subscribe(names.CANCEL_SUBJECT, cb=self._on_cancel)
+        self.naks = Naks(self.nc, ack_wait_s=self.settings.topology.ack_wait_s)
+        await self.naks.start()
         await self._register()
         self._tasks.append(asyncio.create_task(self._registry_loop()))
         if self.settings.metrics_port:
@@ -159,14 +162,19 @@ class Worker:
 
         await self.thermal.wait_until_cool(self.stopping, on_change=announce)
 
-    async def _wait_for_broker(self, *, longest_wait_s: float = 5.0) -> None:
+    async def _wait_for_broker(self, *, longest_wait_s: float = 0.5, ask_timeout_s: float = 0.5) -> None:
         """After a job failed on JetStream, pulls nothing until the streams a job needs answer again:
-        else every queued job would be taken and fail in turn, using up its tries during an outage."""
+        else every queued job would be taken and fail in turn, using up its tries during an outage.
+        Asked with short timeouts and waits, so that the worker takes jobs again within about a second
+        of a cluster electing their leaders (a STREAM.INFO each half second costs the broker little)."""
         wait_s = 0.25
+        js = self.nc.jetstream(timeout=ask_timeout_s)
         while not self.stopping.is_set():
             try:
                 for stream in (f"KV_{names.STATUS_BUCKET}", f"OBJ_{names.IMAGES_BUCKET}"):
-                    await self.js.stream_info(stream)
+                    info = await js.stream_info(stream)
+                    if info.cluster is not None and not info.cluster.leader:
+                        raise ConnectionError(f"stream {stream} has no leader")
             except Exception as exc:
                 log.warning("worker %s waits for the broker (%s: %s)", self.worker_id, type(exc).__name__, exc)
                 try:
@@ -193,6 +201,7 @@ class Worker:
             except Exception:  # the registry entry expires by itself anyway
                 pass
             await self.puller.stop()
+            await self.naks.close()
             await self.nc.drain()
         self.gpu.shutdown(wait=False, cancel_futures=True)
         await self.metrics.close()
@@ -465,6 +474,7 @@ class Worker:
             self.status_kv, job_id, to_running, known=(status, revision) if revision else None
         ))
         await self._event(JobEvent(type="started", job_id=job_id, worker=self.worker_id, attempt=attempt, total=steps))
+        log.info("job %s try %d running", job_id, attempt)  # every run, logged here even when its events are lost
         task = GenerationTask(
             job_id=job_id,
             prompt=request.prompt,
@@ -660,7 +670,7 @@ class Worker:
             await msg.ack()
             log.info("job %s %s", job_id or "?", outcome.reason)
         elif isinstance(outcome, RetryLater):
-            await msg.nak(delay=outcome.delay_s)
+            await self.naks.nak(msg, outcome.delay_s, tag=tag)
             log.info("%s deferred %.1fs: %s", tag, outcome.delay_s, outcome.reason)
         elif isinstance(outcome, JobFailed):
             await self._dead_letter(msg, job_id, attempt, outcome.reason)
@@ -668,7 +678,7 @@ class Worker:
             log.warning("%s failed after %.2fs: %s", tag, duration, outcome.reason)
         elif isinstance(outcome, BROKER_TROUBLE):
             self.broker_trouble = True
-            await msg.nak(delay=retry_delay(attempt))
+            await self.naks.nak(msg, retry_delay(attempt), tag=tag)
             log.warning("%s interrupted by the broker, will retry in %.1fs: %s", tag, retry_delay(attempt), outcome)
         else:
             reason = f"{type(outcome).__name__}: {outcome}"
@@ -677,7 +687,7 @@ class Worker:
                 await msg.term()
                 log.warning("%s crashed for the last time: %s", tag, reason)
             else:
-                await msg.nak(delay=retry_delay(attempt))
+                await self.naks.nak(msg, retry_delay(attempt), tag=tag)
                 log.warning("%s crashed, will retry in %.1fs: %s", tag, retry_delay(attempt), reason)
 
     async def _finish(self, job_id: str, state: JobState, reason: str) -> None:

@@ -88,6 +88,7 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--header-timeout", type=float, default=env("HEADER_TIMEOUT", GatewaySettings().header_timeout_s), help="seconds a request's headers may take to arrive (from the connection's start, or the last answer on it; also how long an idle keep-alive connection stays); the connection is closed after (IMAGEGEN_HEADER_TIMEOUT)")
     p.add_argument("--max-connections", type=at_least_one, default=env("MAX_CONNECTIONS", GatewaySettings().max_connections), help="open connections per gateway (HTTP, WebSocket); one more is answered 503 with Retry-After (IMAGEGEN_MAX_CONNECTIONS)")
     p.add_argument("--cache-scope", default=env("CACHE_SCOPE", "key"), choices=["key", "global"], help="with API keys: key keeps each key's result-cache entries to itself; global shares them between keys (IMAGEGEN_CACHE_SCOPE)")
+    p.add_argument("--submit-timeout", type=float, default=env("SUBMIT_TIMEOUT", GatewaySettings().submit_timeout_s), help="seconds a submit waits for the broker to take its job; unanswered (a cluster electing a leader): 503 with Retry-After, and submits are refused at once until the job stream has a leader (IMAGEGEN_SUBMIT_TIMEOUT)")
 
 
 def add_worker(p: argparse.ArgumentParser) -> None:
@@ -193,6 +194,7 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         body_timeout_s=args.body_timeout,
         header_timeout_s=args.header_timeout,
         max_connections=args.max_connections,
+        submit_timeout_s=args.submit_timeout,
     )
 
 

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ("overhead.py", ["--jobs", "0"], "--jobs: must be at least 1, got 0"),
         ("gateway_load.py", ["--duration", "inf"], "--duration: must be a finite number"),
         ("soak.py", ["--rate", "0"], "--rate: must be above 0"),
+        ("failover.py", ["--jobs", "0"], "--jobs: must be at least 1, got 0"),
+        ("failover.py", ["--down-s", "-1"], "--down-s: must be above 0"),
         ("memory.py", ["--sockets", "many"], "--sockets: 'many' is not a whole number"),
         ("cpu_profile.py", ["--rate", "0"], "--rate: must be at least 1, got 0"),
         ("webhooks.py", ["--rate", "0"], "--rate: must be above 0"),
