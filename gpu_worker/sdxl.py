@@ -58,6 +58,7 @@ class SdxlSettings:
     fuse_qkv: str = "auto"  # auto: on with CUDA unless LoRAs are loaded
     compile: str = "auto"  # auto: on with CUDA unless offloading
     compile_mode: str = "default"
+    compile_backend: str = "inductor"  # the Dynamo backend; tests trace with "eager" to stay quick on a CPU
     compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: sizes compiled and warmed up at start
 
 
@@ -136,6 +137,7 @@ class SdxlEngine:
             fuse_qkv=sp.flag_on(settings.fuse_qkv, device),
             compile=sp.flag_on(settings.compile, device) and not settings.offload,
             compile_mode=settings.compile_mode,
+            compile_backend=settings.compile_backend,
             buckets=sp.parse_buckets(settings.compile_buckets),
         )
         dtype = _torch_dtype(settings.dtype, device)

@@ -4,6 +4,11 @@ Each is a flag of auto, on or off; auto means on with CUDA and off elsewhere, so
 plain eager model. torch.compile specialises on shapes, so the UNets are compiled for a fixed list of
 resolution buckets, warmed up at start, and then frozen: a request at another size (or one that would
 need another graph, such as a LoRA mix not seen at warm-up) runs eagerly instead of recompiling.
+
+The compiled graph is called through a thin wrapper that hands it the timestep as float32 whatever the
+sampler made it: Euler's timesteps are floats, DPM-Solver++, DDIM, UniPC and DEIS hand out int64 ones,
+and a graph traced for one dtype would fail its guard on the other (a silent eager run, once frozen).
+The UNet turns the timestep into a float embedding anyway, so the cast changes no value.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Speedups:
     fuse_qkv: bool = False
     compile: bool = False
     compile_mode: str = "default"
+    compile_backend: str = "inductor"  # another Dynamo backend ("eager", "aot_eager") traces without Inductor
     buckets: tuple[tuple[int, int], ...] = ()
 
     def describe(self) -> str:
@@ -74,7 +80,7 @@ def apply_to_modules(speedups: Speedups, *, unets: list[Any], vae: Any, has_lora
 
 
 def compile_unets(speedups: Speedups, unets: list[Any]) -> None:
-    """Compiles each UNet in place for static shapes; one graph per bucket is made at warm-up."""
+    """Compiles each UNet's forward for static shapes; one graph per bucket is made at warm-up."""
     import torch
     import torch._dynamo
     import torch._inductor.config
@@ -84,8 +90,31 @@ def compile_unets(speedups: Speedups, unets: list[Any]) -> None:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
     torch._inductor.config.conv_1x1_as_mm = True
+    inductor = speedups.compile_backend == "inductor"
     for unet in unets:
-        unet.compile(mode=speedups.compile_mode, dynamic=False)
+        compiled = torch.compile(
+            unet.forward, backend=speedups.compile_backend, mode=speedups.compile_mode if inductor else None, dynamic=False
+        )
+        unet.forward = _float_timestep(compiled)
+        unet.imagegen_compiled = True
+
+
+def _float_timestep(compiled: Any) -> Any:
+    """`compiled(sample, timestep, ...)` with the timestep always a float32 tensor on the sample's device."""
+    import torch
+
+    def forward(sample: Any, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_tensor(timestep):
+            timestep = timestep.to(dtype=torch.float32)
+        else:  # a Python number would be specialised on: one graph per value
+            timestep = torch.tensor(float(timestep), dtype=torch.float32, device=sample.device)
+        return compiled(sample, timestep, *args, **kwargs)
+
+    return forward
+
+
+def is_compiled(unet: Any) -> bool:
+    return bool(getattr(unet, "imagegen_compiled", False))
 
 
 def freeze_compiled() -> None:
