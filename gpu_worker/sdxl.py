@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,9 @@ class SdxlEngine:
     default_guidance: float = 5.0
     has_refiner: bool = False
     lora_names: tuple[str, ...] = ()
+    executor: Any = None  # the engine thread (engines.load_engine sets it); None: the caller's thread
+    loaded_on: int = 0  # the thread ident that loaded the weights (and recorded any CUDA graph)
+    ran_on: set[int] = field(default_factory=set)  # the thread idents that ran jobs
     _base: Any = field(default=None, repr=False)
     _refiner: Any = field(default=None, repr=False)
     _loras: Any = field(default=None, repr=False)
@@ -183,6 +187,7 @@ class SdxlEngine:
             default_guidance=settings.default_guidance,
             has_refiner=refiner is not None,
             lora_names=loras.names,
+            loaded_on=threading.get_ident(),
             _base=base,
             _refiner=refiner,
             _loras=loras,
@@ -271,6 +276,7 @@ class SdxlEngine:
     def generate(self, task: GenerationTask, on_step: StepCallback) -> Image.Image:
         from gpu_worker.memory import OUT_OF_MEMORY, free_device_memory, memory_note
 
+        self.ran_on.add(threading.get_ident())
         plan = self._plan(task)
         self._loras.select(self._base, task.loras)
         try:
@@ -307,10 +313,13 @@ class SdxlEngine:
 
         generator = torch.Generator(device="cpu").manual_seed(task.seed)
         done = 0
+        cuda = torch.device(self.device) if self.device.startswith("cuda") else None
 
         def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             nonlocal done
             done += 1
+            if cuda is not None:  # the step has ended on the GPU, not only been queued: progress, ETA
+                torch.cuda.synchronize(cuda)  # and cancel follow the GPU, CUDA graphs or not
             on_step(min(done, plan.total), plan.total, kwargs.get("latents"))
             return kwargs
 

@@ -98,7 +98,7 @@ class Worker:
         self.meter = SpeedMeter()
         self.current: RunningJob | None = None
         self.jobs_done = 0
-        self.gpu = ContextThreadPool(max_workers=1, thread_name_prefix="imagegen-gpu")
+        self.gpu = getattr(engine, "executor", None) or ContextThreadPool(max_workers=1, thread_name_prefix="imagegen-gpu")
         self.metrics = WorkerMetrics(self)
         self.nc: NATS | None = None
         self._tasks: list[asyncio.Task] = []
