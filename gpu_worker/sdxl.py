@@ -61,6 +61,7 @@ class SdxlSettings:
     compile_mode: str = "default"
     compile_backend: str = "inductor"  # the Dynamo backend; tests trace with "eager" to stay quick on a CPU
     compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: sizes compiled and warmed up at start
+    compile_cache: str = ""  # folder for Inductor's artifacts, reused by the next start; empty: torch's default
 
 
 def _torch_dtype(name: str, device: str) -> Any:
@@ -210,9 +211,19 @@ class SdxlEngine:
             ",".join(loras.names) or "none", settings.offload, speedups.describe(),
         )
         if speedups.compile:
+            started = time.monotonic()
+            cache = sp.use_compile_cache(settings.compile_cache) if speedups.compile_backend == "inductor" else ""
+            hits, misses = sp.cache_counts()
             sp.compile_unets(speedups, unets)
             engine._warm_up(speedups.buckets)
             sp.freeze_compiled()
+            hits, misses = sp.cache_counts()[0] - hits, sp.cache_counts()[1] - misses
+            log.info(
+                "compile warm-up took %.1fs for %d bucket(s) x %d UNet(s); %s",
+                time.monotonic() - started, len(speedups.buckets), len(unets),
+                f"Inductor cache {cache}: {hits} graph(s) reused, {misses} compiled" if cache
+                else f"backend {speedups.compile_backend}: no Inductor cache",
+            )
         return engine
 
     def _warm_up(self, buckets: tuple[tuple[int, int], ...]) -> None:

@@ -5,6 +5,10 @@ plain eager model. torch.compile specialises on shapes, so the UNets are compile
 resolution buckets, warmed up at start, and then frozen: a request at another size (or one that would
 need another graph, such as a LoRA mix not seen at warm-up) runs eagerly instead of recompiling.
 
+Inductor's artifacts (FX graphs, kernels, autotuning results) are kept in a cache folder under the data
+dir (`use_compile_cache`), so a restart on the same machine, torch and GPU reuses them instead of
+compiling again; the warm-up log line says how long it took and how many graphs came from that cache.
+
 The compiled graph is called through a thin wrapper that hands it the timestep as float32 whatever the
 sampler made it: Euler's timesteps are floats, DPM-Solver++, DDIM, UniPC and DEIS hand out int64 ones,
 and a graph traced for one dtype would fail its guard on the other (a silent eager run, once frozen).
@@ -21,8 +25,8 @@ log = logging.getLogger("imagegen.worker.speedups")
 
 FLAG_VALUES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DEFAULT_BUCKETS = "1024x1024,1152x896,896x1152"
-"""SDXL's native size and its two nearest training aspect ratios; each bucket costs start-up time."""
+DEFAULT_BUCKETS = "1024x1024"
+"""SDXL's native size; each bucket costs start-up time (a graph per UNet), e.g. add 1152x896,896x1152."""
 
 
 def flag_on(value: str, device: str) -> bool:
@@ -115,6 +119,31 @@ def _float_timestep(compiled: Any) -> Any:
 
 def is_compiled(unet: Any) -> bool:
     return bool(getattr(unet, "imagegen_compiled", False))
+
+
+def use_compile_cache(directory: str) -> str:
+    """Points Inductor's on-disk caches at `directory` (empty: torch's own, or TORCHINDUCTOR_CACHE_DIR
+    when set) and turns on the FX graph and AOT autograd caches; returns the folder in use."""
+    import os
+
+    import torch._functorch.config
+    import torch._inductor.config
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(directory)  # Triton's cache lies beneath it
+    torch._inductor.config.fx_graph_cache = True
+    torch._inductor.config.autotune_local_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return cache_dir()
+
+
+def cache_counts() -> tuple[int, int]:
+    """(FX graphs loaded from the cache, FX graphs compiled) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
 def freeze_compiled() -> None:

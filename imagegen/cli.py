@@ -87,6 +87,7 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default=env("COMPILE", "auto"), choices=["auto", "on", "off"], help="torch.compile the UNets; auto: on with CUDA (IMAGEGEN_COMPILE)")
     p.add_argument("--compile-mode", default=env("COMPILE_MODE", "default"), choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], help="(IMAGEGEN_COMPILE_MODE)")
     p.add_argument("--compile-buckets", default=env("COMPILE_BUCKETS", DEFAULT_BUCKETS), metavar="WxH,...", help="sizes compiled and warmed up at start; other sizes run uncompiled, never recompiling (IMAGEGEN_COMPILE_BUCKETS)")
+    p.add_argument("--compile-cache", default=env("COMPILE_CACHE", ""), metavar="DIR", help="folder for torch.compile's artifacts, reused at the next start; default: <data dir>/compile-cache (IMAGEGEN_COMPILE_CACHE)")
     p.add_argument("--channels-last", default=env("CHANNELS_LAST", "auto"), choices=["auto", "on", "off"], help="channels-last memory layout; auto: on with CUDA (IMAGEGEN_CHANNELS_LAST)")
     p.add_argument("--fuse-qkv", default=env("FUSE_QKV", "auto"), choices=["auto", "on", "off"], help="fused QKV attention projections; auto: on with CUDA unless LoRAs are loaded (IMAGEGEN_FUSE_QKV)")
     p.add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
@@ -187,6 +188,7 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
         compile=args.compile,
         compile_mode=args.compile_mode,
         compile_buckets=args.compile_buckets,
+        compile_cache=args.compile_cache,
         channels_last=args.channels_last,
         fuse_qkv=args.fuse_qkv,
         data_dir=args.data_dir,

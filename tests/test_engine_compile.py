@@ -65,3 +65,38 @@ def test_every_sampler_runs_the_compiled_graph_without_recompiling(compiled_engi
             assert not counters["recompiles"], (scheduler, dict(counters["recompiles"]))
     finally:
         torch.compiler.set_stance("eager_on_recompile")
+
+
+
+RESTART = """
+import sys, torch, torch._dynamo
+torch.set_num_threads(1)
+from gpu_worker.speedups import cache_counts, use_compile_cache
+folder = use_compile_cache(sys.argv[1])
+layer = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval()
+for start in range(2):  # a start, then a restart: Dynamo's in-memory state is dropped in between
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(layer, dynamic=False)(torch.ones(2, 8))
+    print(folder, *cache_counts())
+"""
+
+
+def test_compile_cache_folder_is_reused_by_the_next_start(tmp_path):
+    """Inductor's compiled graph lands in the cache folder, and compiling it again loads it from there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "compile-cache"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", RESTART, str(folder)], capture_output=True, text=True, timeout=240, env=env, cwd=root
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, restart = (line.split() for line in done.stdout.splitlines()[-2:])
+    assert first == [str(folder), "0", "1"] and restart == [str(folder), "1", "1"], done.stdout
+    assert any((folder / "fxgraph").rglob("*")), "nothing written under the cache folder"
