@@ -88,6 +88,7 @@ def load_engine(settings: WorkerSettings) -> Engine:
         compile=settings.compile,
         compile_mode=settings.compile_mode,
         compile_buckets=settings.compile_buckets,
+        quantize=settings.quantize,
         compile_cache=settings.compile_cache or (str(Path(settings.data_dir) / "compile-cache") if settings.data_dir else ""),
     )
     thread = engine_thread()

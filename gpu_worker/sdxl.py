@@ -61,6 +61,7 @@ class SdxlSettings:
     compile_mode: str = "default"
     compile_backend: str = "inductor"  # the Dynamo backend; tests trace with "eager" to stay quick on a CPU
     compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: sizes compiled and warmed up at start
+    quantize: str = "none"  # none or fp8: the UNets' transformer-block linear layers in float8 (torchao)
     compile_cache: str = ""  # folder for Inductor's artifacts, reused by the next start; empty: torch's default
 
 
@@ -127,7 +128,14 @@ class SdxlEngine:
         from gpu_worker.decode import DTYPE_NAMES, LatentDecoder, bf16_native, pick_decode_dtype
         from gpu_worker.lora import LoraSet, parse_lora_specs
 
+        from gpu_worker.quantize import quantize_fp8, refusal
+
         device = settings.device
+        problem = refusal(settings.quantize, device)
+        if problem:
+            raise ValueError(problem)
+        if settings.quantize != "none" and settings.offload:
+            raise ValueError("--quantize fp8 and --offload do not go together: float8 weights stay on the GPU")
         if device == "cpu":
             torch.set_num_threads(max(1, settings.threads))
         adapters = parse_lora_specs(settings.loras)
@@ -180,6 +188,9 @@ class SdxlEngine:
                 pipe.enable_model_cpu_offload(device=device)
             else:
                 pipe.to(device)
+        if settings.quantize == "fp8":
+            converted = sum(quantize_fp8(unet) for unet in unets)
+            log.info("float8: %d linear layers of the UNets' transformer blocks converted", converted)
         engine = cls(
             settings=settings,
             name=name or settings.model,
@@ -206,9 +217,9 @@ class SdxlEngine:
             },
         )
         log.info(
-            "loaded model=%s refiner=%s device=%s dtype=%s vae_decode=%s loras=%s offload=%s speedups=%s",
+            "loaded model=%s refiner=%s device=%s dtype=%s vae_decode=%s loras=%s offload=%s quantize=%s speedups=%s",
             settings.model, settings.refiner, device, dtype, decode_dtype,
-            ",".join(loras.names) or "none", settings.offload, speedups.describe(),
+            ",".join(loras.names) or "none", settings.offload, settings.quantize, speedups.describe(),
         )
         if speedups.compile:
             started = time.monotonic()

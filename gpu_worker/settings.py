@@ -37,6 +37,7 @@ class WorkerSettings:
     compile: str = "auto"  # torch.compile of the UNets; auto: on with CUDA unless offloading
     compile_mode: str = "default"  # torch.compile mode
     compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: compiled and warmed up at start
+    quantize: str = "none"  # none or fp8 (float8 linear layers in the UNets; Ada/Hopper GPUs with torchao)
     compile_cache: str = ""  # Inductor's artifacts, reused by the next start; empty: <data_dir>/compile-cache
     data_dir: str = ""
     heartbeat_s: float = 5.0  # in_progress() and worker-registry refresh period
