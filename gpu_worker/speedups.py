@@ -128,7 +128,10 @@ def use_compile_cache(directory: str) -> str:
 
     import torch._functorch.config
     import torch._inductor.config
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # torch before 2.6
+        from torch._inductor.runtime.runtime_utils import cache_dir
 
     if directory:
         os.makedirs(directory, exist_ok=True)

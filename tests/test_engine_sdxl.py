@@ -396,7 +396,7 @@ def test_benchmark_tiny_mode_writes_json_and_a_table(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--steps", "2", "--repeats", "1",
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--steps", "2", "--repeats", "1", "--refiner",
          "--work-dir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT, check=False,
     )
