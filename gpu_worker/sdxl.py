@@ -9,6 +9,11 @@ the latents to the refiner, then decode them (`decode.py`). Progress is reported
 both models; the step callback may raise JobCancelled, which stops the job at that step boundary. Out of
 GPU memory fails only that job, with a clear reason, after the memory is given back.
 
+Several text-to-image jobs that differ only in prompt and seed (`batch_key`) run as one pipeline call
+(`generate_batch`): one generator per image, so each image's noise is the one its job draws alone;
+progress goes to each job's callback and a job cancelled mid-batch drops out while the others go on.
+Each image is decoded on its own, as it would be alone.
+
 Image-to-image and inpainting run the same way on pipelines built from the loaded base (and refiner)
 components on first use, so no weight is loaded twice. They start part-way down the schedule
 (`strength`), and inpainting pastes the init image back where the mask keeps it, so those pixels come
@@ -292,6 +297,103 @@ class SdxlEngine:
             return self._plan(task).refiner_steps
         except JobFailed:
             return 0
+
+    # -- several jobs in one call ------------------------------------------------------------------
+
+    def batch_key(self, task: GenerationTask) -> tuple | None:
+        """Tasks with equal keys can run as one pipeline call; None: this task runs alone."""
+        if task.init_image is not None or task.mask_image is not None or self.settings.offload:
+            return None
+        return (
+            task.width, task.height, task.steps, task.guidance, task.scheduler, task.use_refiner,
+            task.refiner_split, task.loras, bool(task.negative_prompt),
+        )
+
+    def generate_batch(self, tasks: list[GenerationTask], on_steps: list[StepCallback]) -> list[Any]:
+        """Runs tasks of one `batch_key` as one pipeline call; returns, per task, its image or the
+        exception that ended it (JobCancelled, JobFailed). A task whose callback raises JobCancelled
+        is no longer told of steps; the call stops once every task is cancelled. Out of memory, the
+        tasks run again one by one."""
+        from gpu_worker.memory import OUT_OF_MEMORY, free_device_memory
+
+        self.ran_on.add(threading.get_ident())
+        if len(tasks) == 1 or len({self.batch_key(t) for t in tasks}) != 1 or self.batch_key(tasks[0]) is None:
+            return [self._alone(task, on_step) for task, on_step in zip(tasks, on_steps)]
+        try:
+            plan = self._plan(tasks[0])
+        except JobFailed as exc:
+            return [exc for _ in tasks]
+        self._loras.select(self._base, tasks[0].loras)
+        try:
+            return self._run_batch(tasks, plan, on_steps)
+        except OUT_OF_MEMORY:
+            log.debug("batch of %d: out of memory; freeing it", len(tasks))
+        free_device_memory()
+        log.warning("batch of %d (%s): out of GPU memory; running its jobs one by one", len(tasks), tasks[0].job_id)
+        return [self._alone(task, on_step) for task, on_step in zip(tasks, on_steps)]
+
+    def _alone(self, task: GenerationTask, on_step: StepCallback) -> Any:
+        from gpu_worker.errors import JobCancelled
+
+        try:
+            return self.generate(task, on_step)
+        except (JobCancelled, JobFailed) as exc:
+            return exc
+
+    def _run_batch(self, tasks: list[GenerationTask], plan: Plan, on_steps: list[StepCallback]) -> list[Any]:
+        import torch
+
+        from gpu_worker.errors import JobCancelled
+
+        outcomes: list[Any] = [None] * len(tasks)
+        done = 0
+        cuda = torch.device(self.device) if self.device.startswith("cuda") else None
+
+        def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            nonlocal done
+            done += 1
+            if cuda is not None:
+                torch.cuda.synchronize(cuda)
+            latents = kwargs.get("latents")
+            for i, on_step in enumerate(on_steps):
+                if outcomes[i] is not None:
+                    continue
+                try:
+                    on_step(min(done, plan.total), plan.total, latents[i : i + 1] if latents is not None else None)
+                except JobCancelled as exc:
+                    outcomes[i] = exc
+            if all(outcome is not None for outcome in outcomes):
+                raise JobCancelled()
+            return kwargs
+
+        first = tasks[0]
+        common = dict(
+            prompt=[t.prompt for t in tasks],
+            negative_prompt=[t.negative_prompt for t in tasks] if first.negative_prompt else None,
+            num_inference_steps=plan.schedule,
+            guidance_scale=first.guidance,
+            generator=[torch.Generator(device="cpu").manual_seed(t.seed) for t in tasks],
+            callback_on_step_end=callback,
+            output_type="latent",
+        )
+        with torch.inference_mode():
+            try:
+                self._base.scheduler = plan.base_scheduler
+                if plan.split is None:
+                    latents = self._base(width=first.width, height=first.height, **common).images
+                else:
+                    latents = self._base(width=first.width, height=first.height, denoising_end=plan.split, **common).images
+                    self._refiner.scheduler = plan.refiner_scheduler
+                    latents = self._refiner(image=latents, denoising_start=plan.split, **common).images
+            except JobCancelled:
+                return outcomes
+            for i, task in enumerate(tasks):
+                if outcomes[i] is None:
+                    try:
+                        outcomes[i] = self._decoder.decode(latents[i : i + 1], job_id=task.job_id)
+                    except JobFailed as exc:
+                        outcomes[i] = exc
+        return outcomes
 
     # -- one job --------------------------------------------------------------------------------
 
