@@ -88,3 +88,103 @@ def test_jobs_that_differ_beyond_prompt_and_seed_run_alone(engine):
     assert engine.batch_key(tasks[0]) != engine.batch_key(tasks[1])
     outcomes = engine.generate_batch(tasks, [lambda *_: None] * 2)
     assert [image.size for image in outcomes] == [(64, 64), (96, 64)]
+
+
+# -- end to end: the worker takes jobs together ------------------------------------------------------
+
+
+@pytest.fixture
+async def batching_service(broker, tmp_path):
+    from tests.conftest import start_service, stop_service
+
+    service = await start_service(broker.url, tmp_path / "data", refiner=None, max_batch=4, preview_every=0)
+    yield service
+    await stop_service(service)
+
+
+async def queue(http, url: str, body: dict) -> dict:
+    async with http.post(f"{url}/v1/jobs", json=body) as r:
+        assert r.status == 202, await r.text()
+        return await r.json()
+
+
+async def finished(http, url: str, job_id: str, *, timeout: float = 120) -> dict:
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        while True:
+            async with http.get(f"{url}/v1/jobs/{job_id}") as r:
+                job = await r.json()
+            if job["state"] not in ("queued", "running"):
+                return job
+            await asyncio.sleep(0.02)
+
+
+async def png(http, url: str, job_id: str) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    async with http.get(f"{url}/v1/jobs/{job_id}/image") as r:
+        assert r.status == 200, await r.text()
+        return pixels(Image.open(io.BytesIO(await r.read())))
+
+
+def batch_sizes(worker) -> tuple[float, float]:
+    """(engine calls, images) the worker's batch-size histogram counted."""
+    registry = worker.metrics.registry
+    return (registry.get_sample_value("imagegen_worker_batch_size_count") or 0,
+            registry.get_sample_value("imagegen_worker_batch_size_sum") or 0)
+
+
+async def test_a_requests_images_run_as_one_call_each_as_its_job_alone_makes_it(batching_service, http):
+    import nats
+
+    from tests.conftest import collect_events
+
+    url, worker = batching_service.url, batching_service.worker
+    body = {"prompt": "a kite", "seed": 900, "steps": 6, "width": 64, "height": 64, "format": "PNG", "cache": False}
+    before = batch_sizes(worker)
+    group = await queue(http, url, {**body, "n": 3})
+    jobs = [await finished(http, url, job_id) for job_id in group["job_ids"]]
+    assert [job["state"] for job in jobs] == ["done"] * 3
+    after = batch_sizes(worker)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 3)  # one engine call made the three
+    nc = await nats.connect(batching_service.nats_url)
+    try:
+        for job_id in group["job_ids"]:  # each job told its own progress, step by step
+            events = await collect_events(nc.jetstream(), job_id)
+            assert [e.step for e in events if e.type == "progress"] == list(range(1, 7))
+            assert events[-1].type == "done"
+    finally:
+        await nc.close()
+    for i, job_id in enumerate(group["job_ids"]):
+        single = await queue(http, url, {**body, "seed": 900 + i})
+        assert (await finished(http, url, single["job_id"]))["state"] == "done"
+        difference = np.abs(await png(http, url, job_id) - await png(http, url, single["job_id"])).max()
+        assert difference <= TOLERANCE, (i, difference)
+
+
+async def test_one_job_cancelled_in_a_batch_ends_cancelled_and_the_others_finish(batching_service, http):
+    import asyncio
+
+    url, worker = batching_service.url, batching_service.worker
+    before = batch_sizes(worker)
+    body = {"prompt": "a tram", "seed": 5, "steps": 100, "width": 192, "height": 192, "n": 3, "cache": False}
+    group = await queue(http, url, body)
+    target = group["job_ids"][1]
+    async with asyncio.timeout(60):
+        while True:  # cancel once the batch is under way
+            async with http.get(f"{url}/v1/jobs/{target}") as r:
+                if (await r.json()).get("step", 0) >= 1:
+                    break
+            await asyncio.sleep(0.02)
+    async with http.post(f"{url}/v1/jobs/{target}/cancel") as r:
+        assert r.status in (200, 202), await r.text()
+    cancelled = await finished(http, url, target)
+    assert cancelled["state"] == "cancelled" and cancelled["step"] < 100
+    others = [await finished(http, url, job_id) for job_id in group["job_ids"] if job_id != target]
+    assert [job["state"] for job in others] == ["done", "done"]
+    assert cancelled["finished_at"] < min(job["finished_at"] for job in others)  # told at its step, not at the end
+    after = batch_sizes(worker)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
