@@ -89,6 +89,7 @@ def load_engine(settings: WorkerSettings) -> Engine:
         compile_mode=settings.compile_mode,
         compile_buckets=settings.compile_buckets,
         quantize=settings.quantize,
+        max_batch=settings.max_batch,
         compile_cache=settings.compile_cache or (str(Path(settings.data_dir) / "compile-cache") if settings.data_dir else ""),
     )
     thread = engine_thread()

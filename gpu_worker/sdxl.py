@@ -66,6 +66,7 @@ class SdxlSettings:
     compile_mode: str = "default"
     compile_backend: str = "inductor"  # the Dynamo backend; tests trace with "eager" to stay quick on a CPU
     compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: sizes compiled and warmed up at start
+    max_batch: int = 1  # most images one call makes (generate_batch); each size up to it is compiled at start
     quantize: str = "none"  # none or fp8: the UNets' transformer-block linear layers in float8 (torchao)
     compile_cache: str = ""  # folder for Inductor's artifacts, reused by the next start; empty: torch's default
 
@@ -157,6 +158,7 @@ class SdxlEngine:
             compile_mode=settings.compile_mode,
             compile_backend=settings.compile_backend,
             buckets=sp.parse_buckets(settings.compile_buckets),
+            batch_sizes=tuple(range(1, max(1, settings.max_batch) + 1)),
         )
         dtype = _torch_dtype(settings.dtype, device)
         extra = {"vae": _load_vae(settings.vae, dtype)} if settings.vae else {}
@@ -231,33 +233,40 @@ class SdxlEngine:
             cache = sp.use_compile_cache(settings.compile_cache) if speedups.compile_backend == "inductor" else ""
             hits, misses = sp.cache_counts()
             sp.compile_unets(speedups, unets)
-            engine._warm_up(speedups.buckets)
+            engine._warm_up(speedups.buckets, speedups.batch_sizes)
             sp.freeze_compiled()
             hits, misses = sp.cache_counts()[0] - hits, sp.cache_counts()[1] - misses
             log.info(
-                "compile warm-up took %.1fs for %d bucket(s) x %d UNet(s); %s",
-                time.monotonic() - started, len(speedups.buckets), len(unets),
+                "compile warm-up took %.1fs for %d bucket(s) x %d batch size(s) x %d UNet(s); %s",
+                time.monotonic() - started, len(speedups.buckets), len(speedups.batch_sizes), len(unets),
                 f"Inductor cache {cache}: {hits} graph(s) reused, {misses} compiled" if cache
                 else f"backend {speedups.compile_backend}: no Inductor cache",
             )
         return engine
 
-    def _warm_up(self, buckets: tuple[tuple[int, int], ...]) -> None:
+    def _warm_up(self, buckets: tuple[tuple[int, int], ...], batch_sizes: tuple[int, ...] = (1,)) -> None:
         for width, height in buckets:
-            started = time.monotonic()
-            task = GenerationTask(
-                job_id="compile-warm-up",
-                prompt="warm-up",
-                negative_prompt="",
-                width=width,
-                height=height,
-                steps=WARM_UP_STEPS,
-                guidance=self.default_guidance,
-                seed=0,
-                use_refiner=self.has_refiner,
-            )
-            self.generate(task, lambda *_: None)
-            log.info("compiled and warmed up %dx%d in %.1fs", width, height, time.monotonic() - started)
+            for size in batch_sizes:
+                started = time.monotonic()
+                tasks = [
+                    GenerationTask(
+                        job_id="compile-warm-up",
+                        prompt="warm-up",
+                        negative_prompt="",
+                        width=width,
+                        height=height,
+                        steps=WARM_UP_STEPS,
+                        guidance=self.default_guidance,
+                        seed=seed,
+                        use_refiner=self.has_refiner,
+                    )
+                    for seed in range(size)
+                ]
+                if size == 1:
+                    self.generate(tasks[0], lambda *_: None)
+                else:
+                    self.generate_batch(tasks, [lambda *_: None] * size)
+                log.info("compiled and warmed up %dx%d, batch %d, in %.1fs", width, height, size, time.monotonic() - started)
 
     # -- planning -------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Each is a flag of auto, on or off; auto means on with CUDA and off elsewhere, so a CPU worker runs the
 plain eager model. torch.compile specialises on shapes, so the UNets are compiled for a fixed list of
-resolution buckets, warmed up at start, and then frozen: a request at another size (or one that would
+resolution buckets (and batch sizes, 1 up to `--max-batch`), warmed up at start, and then frozen: a request at another size (or one that would
 need another graph, such as a LoRA mix not seen at warm-up) runs eagerly instead of recompiling.
 
 Inductor's artifacts (FX graphs, kernels, autotuning results) are kept in a cache folder under the data
@@ -60,11 +60,15 @@ class Speedups:
     compile_mode: str = "default"
     compile_backend: str = "inductor"  # another Dynamo backend ("eager", "aot_eager") traces without Inductor
     buckets: tuple[tuple[int, int], ...] = ()
+    batch_sizes: tuple[int, ...] = (1,)  # images per engine call compiled for (1 up to --max-batch)
 
     def describe(self) -> str:
         on = [name for name in ("channels_last", "fuse_qkv") if getattr(self, name)]
         if self.compile:
-            on.append(f"compile({self.compile_mode}; buckets {' '.join(f'{w}x{h}' for w, h in self.buckets)})")
+            on.append(
+                f"compile({self.compile_mode}; buckets {' '.join(f'{w}x{h}' for w, h in self.buckets)}; "
+                f"batches {','.join(map(str, self.batch_sizes))})"
+            )
         return ", ".join(on) or "none"
 
 
@@ -89,7 +93,7 @@ def compile_unets(speedups: Speedups, unets: list[Any]) -> None:
     import torch._dynamo
     import torch._inductor.config
 
-    limit = max(8, 2 * len(speedups.buckets) + 4)
+    limit = max(8, 2 * len(speedups.buckets) * len(speedups.batch_sizes) + 4)
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))

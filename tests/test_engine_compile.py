@@ -37,6 +37,7 @@ def compiled_engine(tmp_path_factory):
         compile="on",
         compile_backend="eager",
         compile_buckets="64x64",
+        max_batch=2,
         default_steps=4,
     ))
     warm_up = {name: dict(values) for name, values in counters.items()}
@@ -48,7 +49,7 @@ def compiled_engine(tmp_path_factory):
 def test_warm_up_traces_each_unet_whole(compiled_engine):
     engine, warm_up = compiled_engine
     assert is_compiled(engine._base.unet) and is_compiled(engine._refiner.unet)
-    assert warm_up["stats"]["unique_graphs"] == 2, warm_up  # base and refiner, one graph each
+    assert warm_up["stats"]["unique_graphs"] == 4, warm_up  # base and refiner, one graph per batch size each
     assert not warm_up.get("graph_break"), warm_up["graph_break"]
 
 
@@ -63,6 +64,10 @@ def test_every_sampler_runs_the_compiled_graph_without_recompiling(compiled_engi
             engine.generate(task, lambda *_: None)
             assert not counters["frames"], (scheduler, dict(counters["frames"]))  # nothing traced anew
             assert not counters["recompiles"], (scheduler, dict(counters["recompiles"]))
+        counters.clear()
+        pair = [dataclasses.replace(TASK, seed=seed, use_refiner=use_refiner, refiner_split=0.5) for seed in (1, 2)]
+        engine.generate_batch(pair, [lambda *_: None] * 2)  # --max-batch 2: the batch of two was compiled too
+        assert not counters["frames"], dict(counters["frames"])
     finally:
         torch.compiler.set_stance("eager_on_recompile")
 
