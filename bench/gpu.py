@@ -385,6 +385,7 @@ def load_engine(args, base_dir: Path, refiner_dir: Path, *, quantize: str = "non
         compile_mode=args.compile_mode,
         compile_buckets=",".join(f"{s}x{s}" for s in [args.size, *args.sizes]),
         compile_cache=str(args.work_dir / "compile-cache"),
+        max_batch=args.batch if quantize == "none" else 1,
         quantize=quantize,
     ))
     return engine, time.monotonic() - started
@@ -432,6 +433,15 @@ def bench_engine(args, base_dir: Path, refiner_dir: Path, report: Report) -> Any
         report.guarded(Row(name, side, side, args.steps, note=note), lambda row, side=side, use_refiner=use_refiner: fill(
             row, timed(image(side, use_refiner), device=args.device, repeats=args.repeats, warm_ups=1), args.device))
     report.facts["engine_flops_per_image"] = report.flops.get(flops_key(args.size, False), 0)
+    if args.batch > 1:
+        tasks = [dataclasses.replace(engine_task(args, args.size), seed=seed) for seed in range(args.batch)]
+        batch = lambda: engine.generate_batch(tasks, [lambda *_: None] * len(tasks))  # noqa: E731
+
+        def per_image(row: Row) -> Row:
+            times = timed(batch, device=args.device, repeats=args.repeats, warm_ups=1)
+            return fill(row, [t / args.batch for t in times], args.device)
+
+        report.guarded(Row(f"engine batch {args.batch}", args.size, args.size, args.steps, note="s/image: a call's time / its images"), per_image)
     return images.get((args.size, False))
 
 
@@ -514,6 +524,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="", help="other square sizes, comma-separated, e.g. 512,768,1536 (default: none)")
     p.add_argument("--setups", default=",".join(SETUPS), help="which setups to run, comma-separated")
     p.add_argument("--refiner", action="store_true", help="add the base + refiner rows (diffusers and engine)")
+    p.add_argument("--batch", type=int, default=1, help="add an engine row making this many images per call (--max-batch); s/image is per image")
     p.add_argument("--fp8", action="store_true", help="add the engine with --quantize fp8, and its image difference from fp16")
     p.add_argument("--engine-compile", default="auto", choices=["auto", "on", "off"], help="the engine's --compile")
     p.add_argument("--compile-mode", default="default", help="the engine's --compile-mode")
@@ -527,7 +538,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (3 if tiny else 30)
     args.repeats = args.repeats if args.repeats is not None else (1 if tiny else 3)
     args.size = args.size if args.size is not None else (64 if tiny else 1024)
-    for name in ("steps", "repeats", "threads"):
+    for name in ("steps", "repeats", "threads", "batch"):
         if getattr(args, name) < 1:
             p.error(f"argument --{name}: must be at least 1, got {getattr(args, name)}")
     sizes = args.sizes
