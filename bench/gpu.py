@@ -529,6 +529,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine-compile", default="auto", choices=["auto", "on", "off"], help="the engine's --compile")
     p.add_argument("--compile-mode", default="default", help="the engine's --compile-mode")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--budget-s", type=float, default=240.0, help="a setup not started this many seconds into the run is skipped (its row says so)")
     p.add_argument("--work-dir", default=None, help="where the random-weight models are built (kept for reuse)")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--markdown", default=None, help="write the table as markdown here")
@@ -591,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     fp16_image = None
     for setup in SETUPS:
         if setup not in args.setups:
+            continue
+        spent = time.monotonic() - started
+        if spent > args.budget_s:
+            report.add(Row(setup, args.size, args.size, args.steps, error=f"skipped: {spent:.0f}s spent, over --budget-s {args.budget_s:g}"))
             continue
         if setup == "diffusers":
             bench_diffusers(args, base_dir, refiner_dir, report)
