@@ -2,9 +2,9 @@
 
 A job may run twice (a worker can die after storing the image and before the ack): the image is
 stored under the job id, so a second run overwrites it, and a job whose record already says `done`
-is acked without running again. With `--max-batch` above 1, compatible jobs taken together are handled
-side by side and meet at the engine for one call (`batching.py`). Every outcome is settled in `settle`, the one place that acks,
-naks or terms a message.
+is acked without running again. With `--max-batch` above 1, compatible jobs taken together are
+handled side by side and meet at the engine for one call (`batching.py`). Every outcome is settled in
+`settle`, the one place that acks, naks or terms a message.
 """
 
 from __future__ import annotations
