@@ -74,6 +74,7 @@ class RunningJob:
     total: int = 0
     record: tuple[JobStatus, int] | None = None  # the status record as last read or written, and its revision
     marking: asyncio.Future | None = None  # the write that marks the job running, while it is under way
+    batch: int = 1  # images in the engine call that made this job's (above 1: taken together with others)
 
     def remember(self, status: JobStatus | None, revision: int) -> None:
         if status is not None and revision > (self.record[1] if self.record else 0):
@@ -535,7 +536,8 @@ class Worker:
         total_s = time.monotonic() - gen_started
         timings = {"steps_s": steps_done - gen_started, "encode_s": encoded - steps_done, "total_s": total_s}
         await self._event(JobEvent(type="done", job_id=job_id, image=ref, timings=timings, worker=self.worker_id))
-        self.meter.record(mpx=request.pixels / 1e6, decode_s=timings["encode_s"], total_s=total_s, **job.stamps.timings(job.total, gen_started, steps_done))
+        if job.batch == 1:  # the speed model (queued jobs' ETAs) learns from jobs run alone
+            self.meter.record(mpx=request.pixels / 1e6, decode_s=timings["encode_s"], total_s=total_s, **job.stamps.timings(job.total, gen_started, steps_done))
         self.jobs_done += 1
 
     def _task(self, envelope: JobEnvelope, *, init_image: Image.Image | None = None, mask_image: Image.Image | None = None) -> GenerationTask:
@@ -673,6 +675,8 @@ class Worker:
             return on_step
 
         self.metrics.batch_ran(len(entries))
+        for entry in entries:
+            entry.job.batch = len(entries)
         if len(entries) > 1:
             log.info("jobs %s run as one batch of %d", ",".join(e.task.job_id for e in entries), len(entries))
         outcomes = self.engine.generate_batch([e.task for e in entries], [hearing(e) for e in entries])

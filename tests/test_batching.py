@@ -188,3 +188,26 @@ async def test_one_job_cancelled_in_a_batch_ends_cancelled_and_the_others_finish
     assert cancelled["finished_at"] < min(job["finished_at"] for job in others)  # told at its step, not at the end
     after = batch_sizes(worker)
     assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
+
+
+async def test_compatible_jobs_of_different_requests_queued_together_share_a_call(batching_service, http):
+    import asyncio
+
+    url, worker = batching_service.url, batching_service.worker
+    before = batch_sizes(worker)
+    busy = await queue(http, url, {"prompt": "a long one", "steps": 40, "width": 128, "height": 128, "cache": False})
+    async with asyncio.timeout(60):
+        while (await finished_or_running(http, url, busy["job_id"])) == "queued":
+            await asyncio.sleep(0.02)
+    small = {"steps": 3, "width": 64, "height": 64, "cache": False}
+    first = await queue(http, url, {**small, "prompt": "a fox", "seed": 1})
+    second = await queue(http, url, {**small, "prompt": "a hen", "seed": 2})  # another prompt, same call
+    for job_id in (busy["job_id"], first["job_id"], second["job_id"]):
+        assert (await finished(http, url, job_id))["state"] == "done"
+    after = batch_sizes(worker)
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 3)  # the busy job alone, then the two together
+
+
+async def finished_or_running(http, url: str, job_id: str) -> str:
+    async with http.get(f"{url}/v1/jobs/{job_id}") as r:
+        return (await r.json())["state"]
