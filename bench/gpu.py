@@ -39,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -433,6 +434,19 @@ def bench_engine(args, base_dir: Path, refiner_dir: Path, report: Report) -> Any
         report.guarded(Row(name, side, side, args.steps, note=note), lambda row, side=side, use_refiner=use_refiner: fill(
             row, timed(image(side, use_refiner), device=args.device, repeats=args.repeats, warm_ups=1), args.device))
     report.facts["engine_flops_per_image"] = report.flops.get(flops_key(args.size, False), 0)
+    if args.samplers:
+        from gpu_worker.schedulers import SCHEDULER_SPECS
+
+        for name in SCHEDULER_SPECS:
+            task = dataclasses.replace(engine_task(args, args.size), scheduler=name)
+            run = lambda task=task: engine.generate(task, lambda *_: None)  # noqa: E731
+
+            def strict(row: Row, run=run) -> Row:
+                stance = torch.compiler.set_stance("fail_on_recompile") if engine_compiled(engine) else nullcontext()
+                with stance:  # a guard failing here would have been a silent eager run in the worker
+                    return fill(row, timed(run, device=args.device, repeats=1, warm_ups=0), args.device)
+
+            report.guarded(Row(f"engine {name}", args.size, args.size, args.steps), strict)
     if args.batch > 1:
         tasks = [dataclasses.replace(engine_task(args, args.size), seed=seed) for seed in range(args.batch)]
         batch = lambda: engine.generate_batch(tasks, [lambda *_: None] * len(tasks))  # noqa: E731
@@ -443,6 +457,12 @@ def bench_engine(args, base_dir: Path, refiner_dir: Path, report: Report) -> Any
 
         report.guarded(Row(f"engine batch {args.batch}", args.size, args.size, args.steps, note="s/image: a call's time / its images"), per_image)
     return images.get((args.size, False))
+
+
+def engine_compiled(engine: Any) -> bool:
+    from gpu_worker.speedups import is_compiled
+
+    return is_compiled(engine._base.unet)
 
 
 def bench_fp8(args, base_dir: Path, refiner_dir: Path, report: Report, fp16_image: Any) -> None:
@@ -524,6 +544,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="", help="other square sizes, comma-separated, e.g. 512,768,1536 (default: none)")
     p.add_argument("--setups", default=",".join(SETUPS), help="which setups to run, comma-separated")
     p.add_argument("--refiner", action="store_true", help="add the base + refiner rows (diffusers and engine)")
+    p.add_argument("--samplers", action="store_true", help="add an engine row per sampler, each refused if it would leave the compiled graph")
     p.add_argument("--batch", type=int, default=1, help="add an engine row making this many images per call (--max-batch); s/image is per image")
     p.add_argument("--fp8", action="store_true", help="add the engine with --quantize fp8, and its image difference from fp16")
     p.add_argument("--engine-compile", default="auto", choices=["auto", "on", "off"], help="the engine's --compile")
