@@ -75,6 +75,10 @@ class WorkerMetrics:
         self.redeliveries = Counter(
             "imagegen_worker_redeliveries", "Jobs taken again after an earlier try did not finish.", registry=self.registry
         )
+        self.batch_size = Histogram(
+            "imagegen_worker_batch_size", "Images made by one engine call (above 1: jobs taken together, --max-batch).",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=self.registry,
+        )
         for outcome in OUTCOMES:
             self.jobs.labels(outcome=outcome)
         self.registry.register(_DeviceCollector(worker))
@@ -83,6 +87,9 @@ class WorkerMetrics:
     def try_started(self, attempt: int) -> None:
         if attempt > 1:
             self.redeliveries.inc()
+
+    def batch_ran(self, size: int) -> None:
+        self.batch_size.observe(size)
 
     def try_ended(self, job: Any, outcome: BaseException | None, *, attempt: int, duration_s: float) -> None:
         """`job` is the run in hand (None when the try ended before a run began)."""

@@ -225,6 +225,17 @@ class PriorityPuller:
             stop.cancel()
         return None
 
+    async def take_more(self, lane: str, *, wait_s: float = 0.0) -> Msg | None:
+        """One more job on `lane` (the subject a job was just taken from), waiting at most `wait_s`:
+        for the jobs a worker takes together (`--max-batch`). None when the lane has none."""
+        puller = next((p for p in self.lanes if p.subject == lane), None)
+        if puller is None or (self._lane_empty(lane) and not wait_s):
+            return None
+        msg = await puller.next(wait_s=wait_s)
+        if msg is None and puller.found_none or msg is not None and msg.metadata.num_pending == 0:
+            self.empty[lane] = time.monotonic()
+        return msg
+
     async def _count_skipped(self, taken: Tier, if_waiting: int) -> None:
         if await self._lower_waiting(taken):
             self.skipped_lower = if_waiting

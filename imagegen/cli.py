@@ -106,6 +106,9 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default=env("COMPILE", "auto"), choices=["auto", "on", "off"], help="torch.compile the UNets; auto: on with CUDA (IMAGEGEN_COMPILE)")
     p.add_argument("--compile-mode", default=env("COMPILE_MODE", "default"), choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], help="(IMAGEGEN_COMPILE_MODE)")
     p.add_argument("--compile-buckets", default=env("COMPILE_BUCKETS", DEFAULT_BUCKETS), metavar="WxH,...", help="sizes compiled and warmed up at start; other sizes run uncompiled, never recompiling (IMAGEGEN_COMPILE_BUCKETS)")
+    p.add_argument("--max-batch", type=at_least_one, default=os.environ.get("IMAGEGEN_MAX_BATCH", "1"), help="most images one engine call makes: up to this many compatible queued jobs (same size, steps, sampler, refiner, LoRAs; a request's n images are) run together; 1: one at a time (IMAGEGEN_MAX_BATCH)")
+    p.add_argument("--quantize", default=env("QUANTIZE", "none"), choices=["none", "fp8"], help="fp8: the UNets' attention and feed-forward layers in float8 (torchao; GPUs of compute capability 8.9+, e.g. H100); refused elsewhere (IMAGEGEN_QUANTIZE)")
+    p.add_argument("--compile-cache", default=env("COMPILE_CACHE", ""), metavar="DIR", help="folder for torch.compile's artifacts, reused at the next start; default: <data dir>/compile-cache (IMAGEGEN_COMPILE_CACHE)")
     p.add_argument("--channels-last", default=env("CHANNELS_LAST", "auto"), choices=["auto", "on", "off"], help="channels-last memory layout; auto: on with CUDA (IMAGEGEN_CHANNELS_LAST)")
     p.add_argument("--fuse-qkv", default=env("FUSE_QKV", "auto"), choices=["auto", "on", "off"], help="fused QKV attention projections; auto: on with CUDA unless LoRAs are loaded (IMAGEGEN_FUSE_QKV)")
     p.add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
@@ -216,6 +219,9 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
         compile=args.compile,
         compile_mode=args.compile_mode,
         compile_buckets=args.compile_buckets,
+        compile_cache=args.compile_cache,
+        quantize=args.quantize,
+        max_batch=args.max_batch,
         channels_last=args.channels_last,
         fuse_qkv=args.fuse_qkv,
         data_dir=args.data_dir,
@@ -243,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
             event_loop.resolve(args.event_loop)
         except (event_loop.EventLoopUnavailable, ValueError) as exc:
             parser.error(f"--event-loop (IMAGEGEN_EVENT_LOOP): {exc}")
+    if getattr(args, "quantize", "none") != "none":
+        from gpu_worker.engines import resolve_device
+        from gpu_worker.quantize import refusal
+
+        problem = refusal(args.quantize, resolve_device(args.device))
+        if problem:
+            parser.error(problem)
     configure_logging(level=getattr(args, "log_level", "INFO"), log_format=getattr(args, "log_format", "text"))
     from imagegen import runtime
 
