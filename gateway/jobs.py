@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
 
-from gateway import ratelimit
+from gateway import quota, ratelimit
 from gateway.ratelimit import RateLimited
 from gateway.auth import ApiKey
 from gateway.cache import ResultCache
@@ -146,6 +146,7 @@ class JobService:
         self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
         self.config_kv = await self.js.key_value(names.CONFIG_BUCKET)
         self.rate_kv = await self.js.key_value(names.RATE_BUCKET)
+        self.quota_kv = await self.js.key_value(names.QUOTA_BUCKET)
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
         self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
         self.outbox.start(self.js)
@@ -427,15 +428,19 @@ class JobService:
         if request.n > key.max_concurrent:
             raise Forbidden(f"n={request.n} exceeds key {key.name!r} max_concurrent={key.max_concurrent}", "n")
 
-    def check_quota(self, key: ApiKey, jobs: int = 1) -> None:
-        """RateLimited when `jobs` more would take the key over its quota of unfinished jobs."""
-        active = self.view.unfinished.get(key.name, 0)
-        if active + jobs > key.max_concurrent:
-            more = f"; {jobs} more would exceed it" if jobs > 1 else ""
-            raise RateLimited(f"key {key.name!r} has {active} unfinished jobs, its quota is {key.max_concurrent}{more}", 2)
+    async def reserve_quota(self, key: ApiKey, job_ids: list[str]) -> None:
+        """Places for these jobs in the key's quota of unfinished jobs, shared by every gateway
+        (`gateway.quota`); RateLimited when they would take the key over it."""
+        self.connected()
+        await quota.reserve(
+            self.quota_kv, self.status_kv, key.name, job_ids, limit=key.max_concurrent, seen=self.view.jobs.get
+        )
+
+    async def release_quota(self, key: ApiKey, job_ids: list[str]) -> None:
+        await quota.release(self.quota_kv, key.name, job_ids)
 
     async def _check_key(self, request: GenerateRequest, key: ApiKey) -> None:
-        self.check_quota(key)
+        """The key's rate; its quota of unfinished jobs was reserved before (`reserve_quota`)."""
         await ratelimit.take(self.rate_kv, key.name, per_minute=key.rate_per_minute)
 
     async def _audit(self, status: JobStatus, what: str) -> None:

@@ -144,6 +144,7 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
     # the time of the JSON API read; every compare-and-set write is still checked by the stream leader.
     for config in (
         KeyValueConfig(bucket=names.RATE_BUCKET, history=1, ttl=180, replicas=t.replicas, direct=True),
+        KeyValueConfig(bucket=names.QUOTA_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas, direct=True),
         KeyValueConfig(bucket=names.STATUS_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas, direct=True),
         KeyValueConfig(bucket=names.WORKERS_BUCKET, history=1, ttl=t.worker_ttl_s, replicas=t.replicas, direct=True),
         KeyValueConfig(bucket=names.CONFIG_BUCKET, history=1, replicas=t.replicas, direct=True),
