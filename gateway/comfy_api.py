@@ -115,8 +115,6 @@ async def queue_prompt(request: web.Request) -> web.Response:
     if (client_id is not None and not isinstance(client_id, str)) or not isinstance(extra, dict):
         return failure(400, "invalid_prompt", "client_id must be a string and extra_data an object")
     owner = owner_of(request)
-    if (kept := jobs.comfy.get(prompt_id)) is not None and kept.owner != owner:
-        return failure(400, "invalid_prompt", "prompt_id is taken: send another, or none", prompt_id)
     try:
         read = read_graph(body["prompt"], served_models=sorted(jobs.served_models()))
         try:
@@ -159,8 +157,6 @@ async def queue_prompt(request: web.Request) -> web.Response:
     except BROKER_DOWN as exc:
         log.warning("comfy prompt %s: its record not kept: %s", prompt_id, exc)
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly with the same prompt_id")
-    if kept.owner != owner:  # taken meanwhile through another gateway
-        return failure(400, "invalid_prompt", "prompt_id is taken: send another, or none", prompt_id)
     log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(kept.job_ids))
     return web.json_response({"prompt_id": prompt_id, "number": kept.number, "node_errors": {}})
 
@@ -367,7 +363,7 @@ async def history_of(request: web.Request) -> web.Response:
     """The prompt once every job of it has ended; {} before, and for a prompt unknown here."""
     jobs: JobService = request.app[SERVICE]
     owner = owner_of(request)
-    prompt = jobs.comfy.get(request.match_info["prompt_id"])
+    prompt = jobs.comfy.get(request.match_info["prompt_id"], owner)
     if not visible(prompt, owner):
         return web.json_response({})
     records = await job_records(jobs, prompt, owner)
@@ -390,7 +386,7 @@ async def history(request: web.Request) -> web.Response:
         return failure(400, "invalid_query", "max_items must be a whole number of at least 1", repr(raw))
     entries: list[tuple[str, dict]] = []
     most = min(most or MAX_HISTORY, MAX_HISTORY)
-    for prompt in reversed(list(jobs.comfy.by_id.values())):
+    for prompt in reversed(list(jobs.comfy.by_key.values())):
         if len(entries) >= most:
             break
         if not visible(prompt, owner):
@@ -479,7 +475,7 @@ async def change_queue(request: web.Request) -> web.Response:
         return failure(400, "invalid_request", "Cannot read the request", str(exc))
     if not isinstance(body, dict) or not isinstance(body.get("delete", []), list) or not isinstance(body.get("clear", False), bool):
         return failure(400, "invalid_request", 'send {"delete": [prompt_id, ...]} or {"clear": true}')
-    doomed = [p for prompt_id in body.get("delete", []) if visible(p := jobs.comfy.get(str(prompt_id)), owner)]
+    doomed = [p for prompt_id in body.get("delete", []) if visible(p := jobs.comfy.get(str(prompt_id), owner), owner)]
     if body.get("clear"):
         doomed += unfinished_prompts(jobs, owner)[1]
     return await cancelled(jobs, doomed, owner)
@@ -498,7 +494,7 @@ async def interrupt(request: web.Request) -> web.Response:
             return failure(400, "invalid_request", "Cannot read the request", str(exc))
     named = body.get("prompt_id") if isinstance(body, dict) else None
     if named:
-        prompt = jobs.comfy.get(str(named))
+        prompt = jobs.comfy.get(str(named), owner)
         return await cancelled(jobs, [prompt] if visible(prompt, owner) else [], owner)
     return await cancelled(jobs, unfinished_prompts(jobs, owner)[0], owner)
 
