@@ -25,7 +25,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from PIL import Image
 
 from gpu_worker.engine import Engine, GenerationTask
-from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, Rerouted, RetryLater
+from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, JobLost, Rerouted, RetryLater
 from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from gpu_worker.metrics import WorkerMetrics
@@ -72,6 +72,8 @@ class RunningJob:
     total: int = 0
     record: tuple[JobStatus, int] | None = None  # the status record as last read or written, and its revision
     marking: asyncio.Future | None = None  # the write that marks the job running, while it is under way
+    checked_at: float = field(default_factory=time.monotonic)  # when the record last said this try holds the job
+    lost: str | None = None  # why this try no longer holds the job (another try took it over)
 
     def remember(self, status: JobStatus | None, revision: int) -> None:
         if status is not None and revision > (self.record[1] if self.record else 0):
@@ -292,6 +294,41 @@ class Worker:
         status = await jobstore.read_status(self.status_kv, job.envelope.job_id)
         if status is not None and status.cancel_requested:
             job.cancel.set()
+        self._note_holder(job, status)
+
+    # A worker that stalls past the ack wait (paused, swapped out, its host frozen) may find on waking that
+    # its job went to another worker. It notices at its next step: a try that has not seen its record
+    # for half the ack wait reads it before going on, and stops (JobLost) when the record names another try.
+
+    def _hold_check_s(self) -> float:
+        return self.settings.topology.ack_wait_s / 2
+
+    def _note_holder(self, job: RunningJob, status: JobStatus | None) -> None:
+        """Takes the record's word on who runs the job, once this try's running mark has landed."""
+        if job.marking is None or not job.marking.done() or status is None:
+            job.checked_at = time.monotonic()
+            return
+        if status.state is JobState.RUNNING and (status.attempt, status.worker) != (job.attempt, self.worker_id):
+            job.lost = f"try {status.attempt} on worker {status.worker} holds it now"
+        else:
+            job.checked_at = time.monotonic()
+
+    async def _check_hold(self, job: RunningJob) -> None:
+        try:
+            self._note_holder(job, await jobstore.read_status(self.status_kv, job.envelope.job_id))
+        except Exception as exc:  # broker away: go on, and ask again later
+            job.checked_at = time.monotonic()
+            log.debug("job %s: its record could not be read (%s); going on", job.envelope.job_id, exc)
+
+    def _check_hold_from_gpu(self, job: RunningJob) -> None:
+        """In the GPU thread, at a step: reads the record (on the loop) when it was not seen for long."""
+        if job.lost is None and time.monotonic() - job.checked_at > self._hold_check_s():
+            try:
+                asyncio.run_coroutine_threadsafe(self._check_hold(job), self._loop).result(timeout=self.settings.topology.ack_wait_s)
+            except Exception as exc:
+                log.debug("job %s: hold check skipped: %s", job.envelope.job_id, exc)
+        if job.lost is not None:
+            raise JobLost(job.lost)
 
     def _on_bell(self, msg: Msg) -> None:
         """A job was published. A free worker reads its record now, alongside the pull that takes it,
@@ -501,6 +538,10 @@ class Worker:
                 return
             raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended, JobCancelled)()
         image, nsfw, data, steps_done, encoded = await generating
+        if time.monotonic() - job.checked_at > self._hold_check_s():
+            await self._check_hold(job)
+        if job.lost is not None:  # no image nor status over the try that holds the job now
+            raise JobLost(job.lost)
         if nsfw:
             log.warning("job %s image flagged by the safety check: blanked", job_id)
 
@@ -562,6 +603,7 @@ class Worker:
         every = 0 if self.safety is not None else self.settings.preview_every  # no unchecked pixels leave
 
         def on_step(step: int, total: int, latents: Any) -> None:
+            self._check_hold_from_gpu(job)
             if job.cancel.is_set():
                 raise JobCancelled()
             now = time.monotonic()
@@ -605,7 +647,7 @@ class Worker:
             await asyncio.gather(job.marking, return_exceptions=True)
 
         def set_step(s: JobStatus) -> JobStatus | None:
-            if s.state is not JobState.RUNNING or s.step >= step:
+            if s.state is not JobState.RUNNING or s.step >= step or (s.attempt, s.worker) != (job.attempt, self.worker_id):
                 return None
             s.step, s.step_s, s.step_at = step, step_s, step_at
             return s
@@ -648,6 +690,8 @@ class Worker:
         if outcome is None:
             await msg.ack()
             log.info("%s done in %.2fs", tag, duration)
+        elif isinstance(outcome, JobLost):  # the message is the other try's now: no ack, nak or term
+            log.warning("%s lost the job after %.2fs: %s; stopped, nothing written", tag, duration, outcome.reason)
         elif isinstance(outcome, JobCancelled):
             await self._finish(job_id, JobState.CANCELLED, "cancelled")
             await msg.ack()
