@@ -41,6 +41,7 @@ from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import tier_for
+from gateway import ratelimit, upload_budget
 from gateway.ratelimit import RateLimited
 from gateway.submission import submit_request
 from imagegen import __version__
@@ -48,6 +49,7 @@ from schemas.comfy import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
 from schemas.request import MAX_SEED, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
+from schemas.storage import StoreFull
 from schemas.uploads import read_image, transparency
 
 log = logging.getLogger("imagegen.gateway.comfy")
@@ -252,7 +254,10 @@ async def upload_image(request: web.Request) -> web.Response:
     except RequestInvalid as exc:
         return failure(400, "invalid_request", "not an image this server takes", str(exc))
     overwrite = str(form.get("overwrite", "false")).lower() in ("true", "1")
+    key = caller(request)["key"]
     try:
+        if key is not None:  # an upload counts against the key's rate, as a submit does
+            await ratelimit.take(jobs.rate_kv, key.name, per_minute=key.rate_per_minute)
         stem, dot, suffix = name.rpartition(".")
         folder = f"{subfolder}/" if subfolder else ""
         for n in range(1, MAX_NAME_TRIES + 1):
@@ -261,7 +266,20 @@ async def upload_image(request: web.Request) -> web.Response:
             name = f"{stem} ({n}){dot}{suffix}" if dot else f"{suffix} ({n})"
         else:
             return failure(409, "conflict", f"{MAX_NAME_TRIES} images of that name are kept; send another name, or overwrite")
-        await jobs.uploads.put(upload_object(owner, folder + name), data)
+        if key is not None:
+            await upload_budget.take(
+                jobs.quota_kv, key.name, upload_object(owner, folder + name), len(data),
+                limit_bytes=jobs.settings.upload_bytes_per_key, lifetime_s=jobs.settings.topology.job_ttl_s,
+            )
+        await jobs.store_upload(upload_object(owner, folder + name), data)
+    except RateLimited as exc:
+        response = failure(429, "rate_limited", str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+    except upload_budget.UploadBudgetSpent as exc:
+        return failure(413, "upload_limit", str(exc))
+    except StoreFull as exc:
+        return failure(507, "storage_full", str(exc))
     except BROKER_DOWN:
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
     return web.json_response({"name": name, "subfolder": subfolder, "type": "input"})

@@ -32,12 +32,12 @@ from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
 from gateway.settings import GatewaySettings
 from gateway.webhooks import WebhookOutbox
-from schemas import jobstore, names, uploads
+from schemas import jobstore, names, storage, uploads
 from schemas.codec import encode
 from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
 from schemas.follow import final_event
-from schemas.jetstream import ensure_topology
+from schemas.jetstream import MAX_BYTES_FLAG, ensure_topology
 from schemas.job import JobEnvelope, Placement
 from schemas.request import GenerateRequest, RequestInvalid
 from schemas.status import ImageRef, JobState, JobStatus
@@ -127,7 +127,10 @@ class JobService:
         self.view = QueueView(worker_ttl_s=settings.topology.worker_ttl_s)
         self.etas = EtaCache(self.view)
         self.model_views = ModelViews(self.view, self.etas)  # positions and ETAs among one model's jobs
-        self.cache = ResultCache(ttl_s=settings.cache_ttl_s, scope=settings.cache_scope, replicas=settings.topology.replicas)
+        self.cache = ResultCache(
+            ttl_s=settings.cache_ttl_s, scope=settings.cache_scope, replicas=settings.topology.replicas,
+            max_bytes=settings.topology.cache_max_bytes,
+        )
         self.submit_listeners: list[Callable[[JobStatus], None]] = []  # called once per job a submit created
         self.fresh = FreshImages(self._read_image)  # images of jobs queued here, read as they are done
         self.view.listeners.append(self.fresh.on_change)
@@ -435,6 +438,12 @@ class JobService:
         await quota.reserve(
             self.quota_kv, self.status_kv, key.name, job_ids, limit=key.max_concurrent, seen=self.view.jobs.get
         )
+
+    async def store_upload(self, name: str, data: bytes) -> None:
+        """Puts an uploaded image into `imagegen-uploads`; StoreFull, naming its limit, when it has no room."""
+        self.connected()
+        await storage.check_room(self.js, f"OBJ_{names.UPLOADS_BUCKET}", names.UPLOADS_BUCKET, len(data), flag=MAX_BYTES_FLAG[names.UPLOADS_BUCKET])
+        await uploads.put_checked(self.uploads, name, data)
 
     async def release_quota(self, key: ApiKey, job_ids: list[str]) -> None:
         await quota.release(self.quota_kv, key.name, job_ids)

@@ -40,10 +40,11 @@ from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode, encode
 from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
-from schemas.jetstream import ensure_model_lanes, ensure_topology
+from schemas.jetstream import MAX_BYTES_FLAG, ensure_model_lanes, ensure_topology
 from schemas.job import JobEnvelope
 from schemas.request import RequestInvalid, limit_problems, steps_run
 from schemas.status import ImageRef, JobState, JobStatus
+from schemas.storage import StoreFull, is_full
 from schemas.workers import WorkerInfo
 
 log = logging.getLogger("imagegen.worker")
@@ -555,7 +556,13 @@ class Worker:
             job.remember(status, revision)
             return status is not None and status.state is JobState.DONE
 
-        stored = await asyncio.wait_for(self.image_store.put(job_id, data, finished_elsewhere=finished_elsewhere), timeout=30)
+        try:
+            stored = await asyncio.wait_for(self.image_store.put(job_id, data, finished_elsewhere=finished_elsewhere), timeout=30)
+        except Exception as exc:
+            if is_full(exc):  # not the broker away: trying again cannot help until images expire
+                limit = self.settings.topology.images_max_bytes
+                raise JobFailed(f"{StoreFull(names.IMAGES_BUCKET, limit, MAX_BYTES_FLAG[names.IMAGES_BUCKET])} (this image: {len(data)} bytes)") from None
+            raise
         if stored is None:
             log.info("job %s try %d: another run finished it first; its image stands", job_id, attempt)
             return
