@@ -49,7 +49,7 @@ from schemas.comfy import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
 from schemas.request import MAX_SEED, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
-from schemas.storage import StoreFull
+from schemas.storage import StoreFull, full_message
 from schemas.uploads import read_image, transparency
 
 log = logging.getLogger("imagegen.gateway.comfy")
@@ -144,7 +144,9 @@ async def queue_prompt(request: web.Request) -> web.Response:
         response = failure(429, "rate_limited", str(exc))
         response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return failure(507, "storage_full", full)
         log.warning("comfy prompt %s: broker unavailable: %s", prompt_id, exc)
         response = failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
         response.headers["Retry-After"] = "2"
@@ -278,9 +280,9 @@ async def upload_image(request: web.Request) -> web.Response:
         return response
     except upload_budget.UploadBudgetSpent as exc:
         return failure(413, "upload_limit", str(exc))
-    except StoreFull as exc:
-        return failure(507, "storage_full", str(exc))
-    except BROKER_DOWN:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return failure(507, "storage_full", full)
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
     return web.json_response({"name": name, "subfolder": subfolder, "type": "input"})
 

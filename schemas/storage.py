@@ -39,3 +39,12 @@ async def check_room(js: Any, stream: str, bucket: str, size: int, *, flag: str 
     used, limit = await stream_room(js, stream)
     if limit > 0 and used + size > limit:
         raise StoreFull(bucket, limit, flag)
+
+
+def full_message(exc: BaseException) -> str | None:
+    """The client's message when `exc` says a bucket is full, else None (a broker away, say)."""
+    if isinstance(exc, StoreFull):
+        return str(exc)
+    if is_full(exc):
+        return f"storage full: {exc.description}; retry after older entries expire"
+    return None

@@ -5,6 +5,7 @@ stores are made with the small limits), the gateway over HTTP, the simulated wor
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import random
@@ -74,6 +75,14 @@ async def test_a_full_uploads_store_answers_507_naming_its_limit(broker, http):
         assert set(statuses[refused:]) == {507}, statuses
         message = answers[refused][1]["error"]["message"]
         assert "imagegen-uploads" in message and "200000 bytes" in message and "--uploads-max-bytes" in message
+
+        # A submit with an init image finds the store full too, and says so in its API's own shape.
+        init = base64.b64encode(noise_png(300, seed=9)).decode()  # about 270 KB as stored: more than the store holds
+        body = {"init_images": [init], "prompt": "a full store", "steps": 2, "width": 320, "height": 320}
+        headers = {"Authorization": f"Bearer {secret}"}
+        async with http.post(f"{url}/sdapi/v1/img2img", json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
+            assert r.status == 507, await r.text()
+            assert "imagegen-uploads" in (await r.json())["detail"]
     finally:
         await gateway.stop()
 
