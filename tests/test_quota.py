@@ -8,9 +8,15 @@ import asyncio
 import json
 
 import aiohttp
+import nats
+import pytest
 
 from gateway.auth import new_key_entry
+from gateway.quota import RECORD_GRACE_S, reserve
+from gateway.ratelimit import RateLimited
 from imagegen.embedded_nats import free_port
+from schemas import names
+from schemas.jetstream import ensure_topology
 from tests.real_processes import wait_state
 
 BURST = 30
@@ -51,3 +57,22 @@ async def test_thirty_concurrent_submits_over_two_gateways_accept_exactly_the_qu
         # Their places are back, on either gateway, up to the quota again.
         after = [await submit(BURST + 1 + i) for i in range(2)]
         assert [status for status, _ in after] == [202, 202], after
+
+
+async def test_places_a_gateway_reserved_before_it_died_come_back_after_the_grace(broker):
+    """A gateway that reserved places and died before writing the jobs' records: the places count for
+    RECORD_GRACE_S, then the key's next submit drops them."""
+    nc = await nats.connect(broker.url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js)
+        quota_kv, status_kv = await js.key_value(names.QUOTA_BUCKET), await js.key_value(names.STATUS_BUCKET)
+        await reserve(quota_kv, status_kv, "crashy", ["never-written-1", "never-written-2"], limit=2, now=1000.0)
+        with pytest.raises(RateLimited, match="has 2 unfinished jobs, its quota is 2"):
+            await reserve(quota_kv, status_kv, "crashy", ["next"], limit=2, now=1000.0 + RECORD_GRACE_S / 2)
+        await reserve(quota_kv, status_kv, "crashy", ["next"], limit=2, now=1000.0 + RECORD_GRACE_S + 1)
+        await reserve(quota_kv, status_kv, "crashy", ["again"], limit=2, now=1000.0 + RECORD_GRACE_S + 2)
+        with pytest.raises(RateLimited):
+            await reserve(quota_kv, status_kv, "crashy", ["third"], limit=2, now=1000.0 + RECORD_GRACE_S + 3)
+    finally:
+        await nc.close()
