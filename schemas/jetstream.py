@@ -183,7 +183,14 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
 
 async def _set_max_bytes(js: JetStreamContext, stream: str, max_bytes: int) -> None:
     """Gives an existing bucket this max_bytes (a bucket made before it had one, or by another setting)."""
-    config = (await js.stream_info(stream)).config
+    try:
+        config = (await js.stream_info(stream)).config
+    except NotFoundError:  # not there at all: its creation was refused, most often for want of storage
+        raise RuntimeError(
+            f"{stream} could not be made with max_bytes={max_bytes}: the server refused it; on one nats-server the "
+            "buckets' sizes are reserved from its JetStream storage (75% of the free disk by default), so lower "
+            "the --*-max-bytes flags or free disk space"
+        ) from None
     if (config.max_bytes or -1) != max_bytes:
         log.info("%s max_bytes %s -> %d", stream, config.max_bytes, max_bytes)
         config.max_bytes = max_bytes
