@@ -21,7 +21,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from schemas import names
 
@@ -167,30 +167,40 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
         KeyValueConfig(bucket=names.COMFY_BUCKET, ttl=t.job_ttl_s, **(small | {"max_bytes": t.status_max_bytes})),
     ):
         try:
-            await js.create_key_value(config)
+            await _refused_for_storage(js.create_key_value(config), config.bucket, config.max_bytes)
         except BadRequestError:  # exists with other settings: the first process's stand, but for max_bytes
             log.warning("bucket %s exists with other settings; keeping them", config.bucket)
             await _set_max_bytes(js, f"KV_{config.bucket}", config.max_bytes)
     for bucket, max_bytes in ((names.IMAGES_BUCKET, t.images_max_bytes), (names.UPLOADS_BUCKET, t.uploads_max_bytes)):
         try:  # uploads live as long as their job's record
-            await js.create_object_store(
+            await _refused_for_storage(js.create_object_store(
                 bucket, config=ObjectStoreConfig(ttl=t.job_ttl_s, replicas=t.replicas, max_bytes=max_bytes)
-            )
+            ), bucket, max_bytes)
         except BadRequestError:
             log.warning("object store %s exists with other settings; keeping them", bucket)
             await _set_max_bytes(js, f"OBJ_{bucket}", max_bytes)
 
 
+INSUFFICIENT_STORAGE = 10047  # JetStream: the streams' max_bytes add up to more than the server's storage
+
+
+async def _refused_for_storage(making, bucket: str, max_bytes: int):
+    """Makes a bucket; when the server has no storage to reserve for its max_bytes, says which flags to lower."""
+    try:
+        return await making
+    except APIError as exc:
+        if exc.err_code != INSUFFICIENT_STORAGE:
+            raise
+        raise RuntimeError(
+            f"bucket {bucket} could not be made with max_bytes={max_bytes}: {exc.description}. On one nats-server the "
+            "buckets' sizes are reserved from its JetStream storage (max_file_store, by default 75% of the free "
+            "disk): lower the --*-max-bytes flags (see docs/safety.md), or give the server more storage"
+        ) from None
+
+
 async def _set_max_bytes(js: JetStreamContext, stream: str, max_bytes: int) -> None:
     """Gives an existing bucket this max_bytes (a bucket made before it had one, or by another setting)."""
-    try:
-        config = (await js.stream_info(stream)).config
-    except NotFoundError:  # not there at all: its creation was refused, most often for want of storage
-        raise RuntimeError(
-            f"{stream} could not be made with max_bytes={max_bytes}: the server refused it; on one nats-server the "
-            "buckets' sizes are reserved from its JetStream storage (75% of the free disk by default), so lower "
-            "the --*-max-bytes flags or free disk space"
-        ) from None
+    config = (await js.stream_info(stream)).config
     if (config.max_bytes or -1) != max_bytes:
         log.info("%s max_bytes %s -> %d", stream, config.max_bytes, max_bytes)
         config.max_bytes = max_bytes

@@ -11,12 +11,15 @@ import json
 import random
 
 import aiohttp
+import nats
+import pytest
 from PIL import Image
 
 from gateway.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
-from schemas.jetstream import Topology
+from imagegen.embedded_nats import EmbeddedNats, free_port
+from schemas.jetstream import Topology, ensure_topology
 from tests.real_processes import submit, wait_state
 
 
@@ -102,3 +105,20 @@ async def test_a_worker_whose_image_store_is_full_fails_the_job_with_the_reason(
         assert "imagegen-images" in failed["error"] and f"{limit} bytes" in failed["error"] and "--images-max-bytes" in failed["error"]
     finally:
         await gateway.stop()
+
+
+async def test_a_server_without_storage_for_the_sizes_stops_the_start_naming_the_flags(tmp_path):
+    """On one nats-server the buckets' max_bytes are reserved from its JetStream storage: a server with
+    1 GB of it cannot hold the defaults, and the process says which flags to lower."""
+    conf = tmp_path / "small.conf"
+    conf.write_text("jetstream { max_file_store: 1GB }\n")
+    server = EmbeddedNats(store_dir=tmp_path / "nats", port=free_port(), extra_args=["-c", str(conf)]).start()
+    try:
+        nc = await nats.connect(server.url)
+        try:
+            with pytest.raises(RuntimeError, match=r"could not be made with max_bytes=.*lower the --\*-max-bytes flags"):
+                await ensure_topology(nc.jetstream(), Topology())
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
