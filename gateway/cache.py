@@ -108,6 +108,7 @@ class ResultCache:
         ttl_s: float,
         scope: str = "key",
         replicas: int = 1,
+        max_bytes: int = -1,
         read_timeout_s: float = 30.0,
         close_timeout_s: float = 10.0,
         lookup_timeout_s: float = 0.25,
@@ -117,6 +118,7 @@ class ResultCache:
         self.ttl_s = ttl_s
         self.scope = scope
         self.replicas = replicas
+        self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
         self.close_timeout_s = close_timeout_s
         self.lookup_timeout_s = lookup_timeout_s  # an entry's description unread this long: a miss (no leader)
@@ -152,7 +154,7 @@ class ResultCache:
         if not self.enabled:
             log.info("result cache off")
             return
-        await ensure_result_cache(js, ttl_s=self.ttl_s, replicas=self.replicas)
+        await ensure_result_cache(js, ttl_s=self.ttl_s, replicas=self.replicas, max_bytes=self.max_bytes)
         self._js = js
         self.store = await js.object_store(names.CACHE_BUCKET)
         self._reader = ObjectReader(js, direct, self.store, names.CACHE_BUCKET)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
 
-from gateway import ratelimit
+from gateway import quota, ratelimit
 from gateway.ratelimit import RateLimited
 from gateway.auth import ApiKey
 from gateway.cache import ResultCache
@@ -33,12 +33,12 @@ from gateway.queue_view import QueueView
 from gateway.stream_leader import NoLeader, StreamLeaders
 from gateway.settings import GatewaySettings
 from gateway.webhooks import WebhookOutbox
-from schemas import jobstore, names, uploads
+from schemas import jobstore, names, storage, uploads
 from schemas.codec import encode
 from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
 from schemas.follow import final_event
-from schemas.jetstream import ensure_topology
+from schemas.jetstream import MAX_BYTES_FLAG, ensure_topology
 from schemas.job import JobEnvelope, Placement
 from schemas.request import GenerateRequest, RequestInvalid
 from schemas.status import ImageRef, JobState, JobStatus
@@ -128,7 +128,10 @@ class JobService:
         self.view = QueueView(worker_ttl_s=settings.topology.worker_ttl_s)
         self.etas = EtaCache(self.view)
         self.model_views = ModelViews(self.view, self.etas)  # positions and ETAs among one model's jobs
-        self.cache = ResultCache(ttl_s=settings.cache_ttl_s, scope=settings.cache_scope, replicas=settings.topology.replicas)
+        self.cache = ResultCache(
+            ttl_s=settings.cache_ttl_s, scope=settings.cache_scope, replicas=settings.topology.replicas,
+            max_bytes=settings.topology.cache_max_bytes,
+        )
         self.submit_listeners: list[Callable[[JobStatus], None]] = []  # called once per job a submit created
         self.fresh = FreshImages(self._read_image)  # images of jobs queued here, read as they are done
         self.view.listeners.append(self.fresh.on_change)
@@ -153,6 +156,8 @@ class JobService:
         self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
         self.config_kv = await self.js.key_value(names.CONFIG_BUCKET)
         self.rate_kv = await self.js.key_value(names.RATE_BUCKET)
+        self.quota_kv = await self.js.key_value(names.QUOTA_BUCKET)
+        self.submit_quota_kv = await self.submit_js.key_value(names.QUOTA_BUCKET)  # a submit's places, short timeout
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
         self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
         self.outbox.start(self.js)
@@ -449,15 +454,30 @@ class JobService:
         if request.n > key.max_concurrent:
             raise Forbidden(f"n={request.n} exceeds key {key.name!r} max_concurrent={key.max_concurrent}", "n")
 
-    def check_quota(self, key: ApiKey, jobs: int = 1) -> None:
-        """RateLimited when `jobs` more would take the key over its quota of unfinished jobs."""
-        active = self.view.unfinished.get(key.name, 0)
-        if active + jobs > key.max_concurrent:
-            more = f"; {jobs} more would exceed it" if jobs > 1 else ""
-            raise RateLimited(f"key {key.name!r} has {active} unfinished jobs, its quota is {key.max_concurrent}{more}", 2)
+    async def reserve_quota(self, key: ApiKey, job_ids: list[str]) -> None:
+        """Places for these jobs in the key's quota of unfinished jobs, shared by every gateway
+        (`gateway.quota`); RateLimited when they would take the key over it."""
+        self.connected()
+        self.leaders.check()  # an election under way: refused before anything is reserved
+        try:
+            await quota.reserve(
+                self.submit_quota_kv, self.submit_kv, key.name, job_ids, limit=key.max_concurrent, seen=self.view.jobs.get
+            )
+        except BROKER_DOWN as exc:
+            self.leaders.lost(exc)
+            raise
+
+    async def store_upload(self, name: str, data: bytes) -> None:
+        """Puts an uploaded image into `imagegen-uploads`; StoreFull, naming its limit, when it has no room."""
+        self.connected()
+        await storage.check_room(self.js, f"OBJ_{names.UPLOADS_BUCKET}", names.UPLOADS_BUCKET, len(data), flag=MAX_BYTES_FLAG[names.UPLOADS_BUCKET])
+        await uploads.put_checked(self.uploads, name, data)
+
+    async def release_quota(self, key: ApiKey, job_ids: list[str]) -> None:
+        await quota.release(self.quota_kv, key.name, job_ids)
 
     async def _check_key(self, request: GenerateRequest, key: ApiKey) -> None:
-        self.check_quota(key)
+        """The key's rate; its quota of unfinished jobs was reserved before (`reserve_quota`)."""
         await ratelimit.take(self.rate_kv, key.name, per_minute=key.rate_per_minute)
 
     async def _audit(self, status: JobStatus, what: str) -> None:

@@ -4,7 +4,8 @@ under one group id (job ids `<group_id>-0`, `<group_id>-1`, ...), all sharing th
 (`schemas.group`).
 
 What refuses a request without looking at its images comes first: a blocked prompt, a tier or an `n`
-the caller's key may not use, a quota with no room for n more jobs. A group is queued whole or not at
+the caller's key may not use, a quota with no room for n more jobs (`gateway.quota` reserves their
+places for every gateway at once; a call that queues nothing gives them back). A group is queued whole or not at
 all: when job k cannot be queued (a rate limit, say), the jobs this call queued before it are deleted
 again, with the images it stored, and the error goes to the caller; except when the broker went away
 under a request with an Idempotency-Key: its records stay, so that the retry (after the 503) finds them.
@@ -61,12 +62,19 @@ async def submit_request(
     if known is not None and plan.group_id:  # jobs still to queue continue the first call's seeds
         plan = replace(plan, first_seed=max(0, known.seed - known.group_index))
     missing = sum(1 for status in earlier if status is None) if earlier else len(plan.job_ids)
+    reserved: list[str] = []  # this call's places in the key's quota, given back if it queues nothing
     if key is not None and missing:
-        jobs.check_quota(key, missing)
-    if request.init_image is None:  # nothing to decode: no thread
-        prepared = uploads.prepare(request, jobs.settings.limits)
-    else:
-        prepared = await asyncio.to_thread(uploads.prepare, request, jobs.settings.limits)
+        reserved = [job_id for job_id, status in zip(plan.job_ids, earlier or [None] * missing) if status is None]
+        await jobs.reserve_quota(key, reserved)
+    try:
+        if request.init_image is None:  # nothing to decode: no thread
+            prepared = uploads.prepare(request, jobs.settings.limits)
+        else:
+            prepared = await asyncio.to_thread(uploads.prepare, request, jobs.settings.limits)
+    except BaseException:
+        if reserved:
+            await jobs.release_quota(key, reserved)
+        raise
     live = [s for s in earlier if s is not None and not s.deleted]
     created: set[str] = set()
     stored: dict[str, UploadRef] = {}
@@ -99,10 +107,10 @@ async def submit_request(
             jobs.leaders.lost(exc)  # submits are refused at once until the job streams answer
             # With a key, kept for the retry with the same key, which publishes what is still queued;
             # without, taken back once the broker answers: the 503 goes out now.
-            if not idempotency_key and (created or stored):
-                _later(_undo(jobs, plan, created, stored, owner, tries=UNDO_TRIES))
+            if not idempotency_key and (created or stored or reserved):
+                _later(_undo(jobs, plan, created, stored, owner, key=key, reserved=reserved, tries=UNDO_TRIES))
             raise
-        await _undo(jobs, plan, created, stored, owner)
+        await _undo(jobs, plan, created, stored, owner, key=key, reserved=reserved)
         raise
     if plan.group_id:
         log.info("group %s queued: %s", plan.group_id, plan.describe(), extra={"job_id": plan.job_ids[0]})
@@ -143,11 +151,12 @@ def _later(undo) -> None:
 
 
 async def _undo(
-    jobs: JobService, plan: GroupPlan, created: set[str], stored: dict[str, UploadRef], owner: str | None, *, tries: int = 1
+    jobs: JobService, plan: GroupPlan, created: set[str], stored: dict[str, UploadRef], owner: str | None,
+    *, key: ApiKey | None = None, reserved: list[str] = (), tries: int = 1,
 ) -> None:
     """Takes back what this call queued and stored, and nothing else: the jobs whose records it wrote
-    (deleting them releases their images) and the images it stored; `tries` times, a second apart,
-    while the broker does not answer."""
+    (deleting them releases their images), the images it stored, and its places in the key's quota;
+    `tries` times, a second apart, while the broker does not answer."""
     left = [job_id for job_id in plan.job_ids if job_id in created]
     for attempt in range(1, tries + 1):
         try:
@@ -158,6 +167,8 @@ async def _undo(
                     pass
                 left.pop(0)
             await uploads.delete(jobs.uploads, [ref.name for ref in stored.values()])
+            if key is not None and reserved:
+                await jobs.release_quota(key, reserved)
             return
         except Exception as exc:  # best effort: what is left expires with the buckets' TTL
             if attempt < tries and isinstance(exc, BROKER_DOWN):

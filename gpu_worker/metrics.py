@@ -17,19 +17,21 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, Rerouted, RetryLater
+from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, JobLost, Rerouted, RetryLater
 from schemas.connect import BROKER_ERRORS
 from schemas.metrics import GENERATION_BUCKETS, QUEUE_WAIT_BUCKETS, exposition
 
 log = logging.getLogger("imagegen.worker.metrics")
 
-OUTCOMES = ("done", "failed", "cancelled", "expired", "deferred", "retried", "rerouted")
+OUTCOMES = ("done", "failed", "cancelled", "expired", "deferred", "retried", "rerouted", "lost")
 
 
 def outcome_label(outcome: BaseException | None, *, attempt: int, max_deliver: int) -> str:
     """How a try ended, as `settle` treats it: retried tries go back to the queue."""
     if outcome is None:
         return "done"
+    if isinstance(outcome, JobLost):
+        return "lost"
     if isinstance(outcome, JobCancelled):
         return "cancelled"
     if isinstance(outcome, JobExpired):

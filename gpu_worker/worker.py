@@ -27,7 +27,7 @@ from PIL import Image
 
 from gpu_worker.batching import Entry, Gathering, settle as settle_entry
 from gpu_worker.engine import Engine, GenerationTask
-from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, Rerouted, RetryLater
+from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, JobLost, Rerouted, RetryLater
 from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from gpu_worker.metrics import WorkerMetrics
@@ -43,10 +43,11 @@ from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode, encode
 from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
-from schemas.jetstream import ensure_model_lanes, ensure_topology
+from schemas.jetstream import MAX_BYTES_FLAG, ensure_model_lanes, ensure_topology
 from schemas.job import JobEnvelope
 from schemas.request import RequestInvalid, limit_problems, steps_run
 from schemas.status import ImageRef, JobState, JobStatus
+from schemas.storage import StoreFull, is_full
 from schemas.workers import WorkerInfo
 
 log = logging.getLogger("imagegen.worker")
@@ -76,6 +77,8 @@ class RunningJob:
     record: tuple[JobStatus, int] | None = None  # the status record as last read or written, and its revision
     marking: asyncio.Future | None = None  # the write that marks the job running, while it is under way
     batch: int = 1  # images in the engine call that made this job's (above 1: taken together with others)
+    checked_at: float = field(default_factory=time.monotonic)  # when the record last said this try holds the job
+    lost: str | None = None  # why this try no longer holds the job (another try took it over)
 
     def remember(self, status: JobStatus | None, revision: int) -> None:
         if status is not None and revision > (self.record[1] if self.record else 0):
@@ -314,6 +317,41 @@ class Worker:
         status = await jobstore.read_status(self.status_kv, job.envelope.job_id)
         if status is not None and status.cancel_requested:
             job.cancel.set()
+        self._note_holder(job, status)
+
+    # A worker that stalls past the ack wait (paused, swapped out, its host frozen) may find on waking that
+    # its job went to another worker. It notices at its next step: a try that has not seen its record
+    # for half the ack wait reads it before going on, and stops (JobLost) when the record names another try.
+
+    def _hold_check_s(self) -> float:
+        return self.settings.topology.ack_wait_s / 2
+
+    def _note_holder(self, job: RunningJob, status: JobStatus | None) -> None:
+        """Takes the record's word on who runs the job, once this try's running mark has landed."""
+        if job.marking is None or not job.marking.done() or status is None:
+            job.checked_at = time.monotonic()
+            return
+        if status.state is JobState.RUNNING and (status.attempt, status.worker) != (job.attempt, self.worker_id):
+            job.lost = f"try {status.attempt} on worker {status.worker} holds it now"
+        else:
+            job.checked_at = time.monotonic()
+
+    async def _check_hold(self, job: RunningJob) -> None:
+        try:
+            self._note_holder(job, await jobstore.read_status(self.status_kv, job.envelope.job_id))
+        except Exception as exc:  # broker away: go on, and ask again later
+            job.checked_at = time.monotonic()
+            log.debug("job %s: its record could not be read (%s); going on", job.envelope.job_id, exc)
+
+    def _check_hold_from_gpu(self, job: RunningJob) -> None:
+        """In the GPU thread, at a step: reads the record (on the loop) when it was not seen for long."""
+        if job.lost is None and time.monotonic() - job.checked_at > self._hold_check_s():
+            try:
+                asyncio.run_coroutine_threadsafe(self._check_hold(job), self._loop).result(timeout=self.settings.topology.ack_wait_s)
+            except Exception as exc:
+                log.debug("job %s: hold check skipped: %s", job.envelope.job_id, exc)
+        if job.lost is not None:
+            raise JobLost(job.lost)
 
     def _on_bell(self, msg: Msg) -> None:
         """A job was published. A free worker reads its record now, alongside the pull that takes it,
@@ -508,6 +546,10 @@ class Worker:
                 return
             raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended, JobCancelled)()
         image, nsfw, data, steps_done, encoded = await generating
+        if time.monotonic() - job.checked_at > self._hold_check_s():
+            await self._check_hold(job)
+        if job.lost is not None:  # no image nor status over the try that holds the job now
+            raise JobLost(job.lost)
         if nsfw:
             log.warning("job %s image flagged by the safety check: blanked", job_id)
 
@@ -521,7 +563,13 @@ class Worker:
             job.remember(status, revision)
             return status is not None and status.state is JobState.DONE
 
-        stored = await asyncio.wait_for(self.image_store.put(job_id, data, finished_elsewhere=finished_elsewhere), timeout=30)
+        try:
+            stored = await asyncio.wait_for(self.image_store.put(job_id, data, finished_elsewhere=finished_elsewhere), timeout=30)
+        except Exception as exc:
+            if is_full(exc):  # not the broker away: trying again cannot help until images expire
+                limit = self.settings.topology.images_max_bytes
+                raise JobFailed(f"{StoreFull(names.IMAGES_BUCKET, limit, MAX_BYTES_FLAG[names.IMAGES_BUCKET])} (this image: {len(data)} bytes)") from None
+            raise
         if stored is None:
             log.info("job %s try %d: another run finished it first; its image stands", job_id, attempt)
             return
@@ -708,6 +756,7 @@ class Worker:
         every = 0 if self.safety is not None else self.settings.preview_every  # no unchecked pixels leave
 
         def on_step(step: int, total: int, latents: Any) -> None:
+            self._check_hold_from_gpu(job)
             if job.cancel.is_set():
                 raise JobCancelled()
             now = time.monotonic()
@@ -751,7 +800,7 @@ class Worker:
             await asyncio.gather(job.marking, return_exceptions=True)
 
         def set_step(s: JobStatus) -> JobStatus | None:
-            if s.state is not JobState.RUNNING or s.step >= step:
+            if s.state is not JobState.RUNNING or s.step >= step or (s.attempt, s.worker) != (job.attempt, self.worker_id):
                 return None
             s.step, s.step_s, s.step_at = step, step_s, step_at
             return s
@@ -794,6 +843,8 @@ class Worker:
         if outcome is None:
             await msg.ack()
             log.info("%s done in %.2fs", tag, duration)
+        elif isinstance(outcome, JobLost):  # the message is the other try's now: no ack, nak or term
+            log.warning("%s lost the job after %.2fs: %s; stopped, nothing written", tag, duration, outcome.reason)
         elif isinstance(outcome, JobCancelled):
             await self._finish(job_id, JobState.CANCELLED, "cancelled")
             await msg.ack()

@@ -67,6 +67,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-ttl", type=float, default=env("JOB_TTL", Topology().job_ttl_s), help="seconds status records and images are kept (IMAGEGEN_JOB_TTL)")
     p.add_argument("--ack-wait", type=float, default=env("ACK_WAIT", Topology().ack_wait_s), help="seconds a silent worker keeps a job before it is redelivered; the same on every process (IMAGEGEN_ACK_WAIT)")
     p.add_argument("--max-deliver", type=int, default=env("MAX_DELIVER", Topology().max_deliver), help="tries of a job before it is dead-lettered; the same on every process (IMAGEGEN_MAX_DELIVER)")
+    p.add_argument("--images-max-bytes", type=int, default=env("IMAGES_MAX_BYTES", Topology().images_max_bytes), help="most bytes of images kept; a job whose image does not fit fails (IMAGEGEN_IMAGES_MAX_BYTES)")
+    p.add_argument("--uploads-max-bytes", type=int, default=env("UPLOADS_MAX_BYTES", Topology().uploads_max_bytes), help="most bytes of uploaded init and mask images kept; past it uploads get 507 (IMAGEGEN_UPLOADS_MAX_BYTES)")
+    p.add_argument("--cache-max-bytes", type=int, default=env("CACHE_MAX_BYTES", Topology().cache_max_bytes), help="most bytes of the result cache (IMAGEGEN_CACHE_MAX_BYTES)")
+    p.add_argument("--status-max-bytes", type=int, default=env("STATUS_MAX_BYTES", Topology().status_max_bytes), help="most bytes of job records, and of ComfyUI prompts; past it submits get 507 (IMAGEGEN_STATUS_MAX_BYTES)")
+    p.add_argument("--kv-max-bytes", type=int, default=env("KV_MAX_BYTES", Topology().kv_max_bytes), help="most bytes of each small KV bucket: rate limits, quotas, workers, config (IMAGEGEN_KV_MAX_BYTES)")
 
 
 def add_gateway(p: argparse.ArgumentParser) -> None:
@@ -76,6 +81,7 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocklist", default=env("BLOCKLIST", ""), help="comma-separated terms; prompts containing one are refused (IMAGEGEN_BLOCKLIST)")
     p.add_argument("--redact-prompts", action="store_true", default=env("REDACT_PROMPTS", "") not in ("", "0", "false"), help="audit records carry a hash instead of the prompt (IMAGEGEN_REDACT_PROMPTS)")
     p.add_argument("--default-timeout", type=float, default=env("DEFAULT_TIMEOUT", 0.0), help="seconds a job may wait in the queue when the request sets no timeout_s; 0: forever (IMAGEGEN_DEFAULT_TIMEOUT)")
+    p.add_argument("--upload-bytes-per-key", type=int, default=env("UPLOAD_BYTES_PER_KEY", GatewaySettings().upload_bytes_per_key), help="bytes of uploaded images (ComfyUI's /upload/image) each API key may keep at once; past it 413 (IMAGEGEN_UPLOAD_BYTES_PER_KEY)")
     p.add_argument("--cache-ttl", type=float, default=env("CACHE_TTL", 24 * 3600.0), help="seconds an image answers identical requests (with a seed, or cache: true) from the result cache; 0: no cache (IMAGEGEN_CACHE_TTL)")
     p.add_argument("--webhook-secret", default=os.environ.get("IMAGEGEN_WEBHOOK_SECRET"), help="signs webhook calls (Standard Webhooks: whsec_ and base64, or any text); the same on every gateway (IMAGEGEN_WEBHOOK_SECRET)")
     p.add_argument("--webhook-allow-private", action="store_true", default=env("WEBHOOK_ALLOW_PRIVATE", "") not in ("", "0", "false"), help="webhooks may go to loopback, private and link-local addresses, for a closed network (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE)")
@@ -169,7 +175,9 @@ def limits_of(args: argparse.Namespace) -> Limits:
 
 def topology_of(args: argparse.Namespace) -> Topology:
     return Topology(
-        replicas=args.replicas, job_ttl_s=args.job_ttl, ack_wait_s=args.ack_wait, max_deliver=args.max_deliver
+        replicas=args.replicas, job_ttl_s=args.job_ttl, ack_wait_s=args.ack_wait, max_deliver=args.max_deliver,
+        images_max_bytes=args.images_max_bytes, uploads_max_bytes=args.uploads_max_bytes,
+        cache_max_bytes=args.cache_max_bytes, status_max_bytes=args.status_max_bytes, kv_max_bytes=args.kv_max_bytes,
     )
 
 
@@ -186,6 +194,7 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         redact_prompts=args.redact_prompts,
         default_timeout_s=args.default_timeout or None,
         cache_ttl_s=args.cache_ttl,
+        upload_bytes_per_key=args.upload_bytes_per_key,
         cache_scope=args.cache_scope,
         webhook_secret=args.webhook_secret or None,
         webhook_allow_private=args.webhook_allow_private,
