@@ -56,6 +56,7 @@ from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 from schemas.uploads import decode_upload
+from schemas.storage import StoreFull, full_message
 
 log = logging.getLogger("imagegen.gateway.a1111")
 routes = web.RouteTableDef()
@@ -511,7 +512,9 @@ async def answered(run, request: web.Request) -> web.Response:
         return A1111Failure(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}).response()
     except web.HTTPRequestEntityTooLarge as exc:
         return A1111Failure(413, f"body too large: {exc.text}").response()
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return A1111Failure(507, full).response()
         log.warning("sdapi request: broker unavailable: %s", exc)
         return A1111Failure(503, "the job broker (NATS) is unavailable; retry shortly", headers={"Retry-After": "2"}).response()
 

@@ -17,6 +17,7 @@ from gateway.accept import NotAcceptable
 from gateway.body import OFF_LOOP_BYTES, BodyTooLarge, BodyTooSlow, EncodingRefused
 from gateway.jobs import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
 from gateway.ratelimit import RateLimited
+from schemas.storage import StoreFull, full_message
 from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
@@ -115,7 +116,9 @@ async def errors_middleware(request: web.Request, handler):
         })
     except HttpProcessingError as exc:  # a body part's headers aiohttp refused, read by a handler
         return web.json_response({"error": f"malformed request: {clipped(' '.join(str(exc.message).split()))}", "field": "body"}, status=400)
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:  # a bucket at its max_bytes answers as a broker away would
+            return web.json_response({"error": full}, status=507)
         log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
         return web.json_response(
             {"error": "the job broker (NATS) is unavailable; retry shortly"}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}

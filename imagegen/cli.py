@@ -71,6 +71,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-ttl", type=float, default=env("JOB_TTL", Topology().job_ttl_s), help="seconds status records and images are kept (IMAGEGEN_JOB_TTL)")
     p.add_argument("--ack-wait", type=float, default=env("ACK_WAIT", Topology().ack_wait_s), help="seconds a silent worker keeps a job before it is redelivered; the same on every process (IMAGEGEN_ACK_WAIT)")
     p.add_argument("--max-deliver", type=int, default=env("MAX_DELIVER", Topology().max_deliver), help="tries of a job before it is dead-lettered; the same on every process (IMAGEGEN_MAX_DELIVER)")
+    p.add_argument("--images-max-bytes", type=int, default=env("IMAGES_MAX_BYTES", Topology().images_max_bytes), help="most bytes of images kept; a job whose image does not fit fails (IMAGEGEN_IMAGES_MAX_BYTES)")
+    p.add_argument("--uploads-max-bytes", type=int, default=env("UPLOADS_MAX_BYTES", Topology().uploads_max_bytes), help="most bytes of uploaded init and mask images kept; past it uploads get 507 (IMAGEGEN_UPLOADS_MAX_BYTES)")
+    p.add_argument("--cache-max-bytes", type=int, default=env("CACHE_MAX_BYTES", Topology().cache_max_bytes), help="most bytes of the result cache (IMAGEGEN_CACHE_MAX_BYTES)")
+    p.add_argument("--status-max-bytes", type=int, default=env("STATUS_MAX_BYTES", Topology().status_max_bytes), help="most bytes of job records, and of ComfyUI prompts; past it submits get 507 (IMAGEGEN_STATUS_MAX_BYTES)")
+    p.add_argument("--kv-max-bytes", type=int, default=env("KV_MAX_BYTES", Topology().kv_max_bytes), help="most bytes of each small KV bucket: rate limits, quotas, workers, config (IMAGEGEN_KV_MAX_BYTES)")
 
 
 def add_gateway(p: argparse.ArgumentParser) -> None:
@@ -82,6 +87,7 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocklist", default=env("BLOCKLIST", ""), help="comma-separated terms; prompts containing one are refused (IMAGEGEN_BLOCKLIST)")
     p.add_argument("--redact-prompts", action="store_true", default=env("REDACT_PROMPTS", "") not in ("", "0", "false"), help="audit records carry a hash instead of the prompt (IMAGEGEN_REDACT_PROMPTS)")
     p.add_argument("--default-timeout", type=float, default=env("DEFAULT_TIMEOUT", 0.0), help="seconds a job may wait in the queue when the request sets no timeout_s; 0: forever (IMAGEGEN_DEFAULT_TIMEOUT)")
+    p.add_argument("--upload-bytes-per-key", type=int, default=env("UPLOAD_BYTES_PER_KEY", GatewaySettings().upload_bytes_per_key), help="bytes of uploaded images (ComfyUI's /upload/image) each API key may keep at once; past it 413 (IMAGEGEN_UPLOAD_BYTES_PER_KEY)")
     p.add_argument("--cache-ttl", type=float, default=env("CACHE_TTL", 24 * 3600.0), help="seconds an image answers identical requests (with a seed, or cache: true) from the result cache; 0: no cache (IMAGEGEN_CACHE_TTL)")
     p.add_argument("--webhook-secret", default=os.environ.get("IMAGEGEN_WEBHOOK_SECRET"), help="signs webhook calls (Standard Webhooks: whsec_ and base64, or any text); the same on every gateway (IMAGEGEN_WEBHOOK_SECRET)")
     p.add_argument("--webhook-allow-private", action="store_true", default=env("WEBHOOK_ALLOW_PRIVATE", "") not in ("", "0", "false"), help="webhooks may go to loopback, private and link-local addresses, for a closed network (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE)")
@@ -94,6 +100,7 @@ def add_gateway(p: argparse.ArgumentParser) -> None:
     p.add_argument("--header-timeout", type=float, default=env("HEADER_TIMEOUT", GatewaySettings().header_timeout_s), help="seconds a request's headers may take to arrive (from the connection's start, or the last answer on it; also how long an idle keep-alive connection stays); the connection is closed after (IMAGEGEN_HEADER_TIMEOUT)")
     p.add_argument("--max-connections", type=at_least_one, default=env("MAX_CONNECTIONS", GatewaySettings().max_connections), help="open connections per gateway (HTTP, WebSocket); one more is answered 503 with Retry-After (IMAGEGEN_MAX_CONNECTIONS)")
     p.add_argument("--cache-scope", default=env("CACHE_SCOPE", "key"), choices=["key", "global"], help="with API keys: key keeps each key's result-cache entries to itself; global shares them between keys (IMAGEGEN_CACHE_SCOPE)")
+    p.add_argument("--submit-timeout", type=float, default=env("SUBMIT_TIMEOUT", GatewaySettings().submit_timeout_s), help="seconds a submit waits for the broker to take its job; unanswered (a cluster electing a leader): 503 with Retry-After, and submits are refused at once until the job stream has a leader (IMAGEGEN_SUBMIT_TIMEOUT)")
 
 
 def add_worker(p: argparse.ArgumentParser) -> None:
@@ -111,6 +118,9 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default=env("COMPILE", "auto"), choices=["auto", "on", "off"], help="torch.compile the UNets; auto: on with CUDA (IMAGEGEN_COMPILE)")
     p.add_argument("--compile-mode", default=env("COMPILE_MODE", "default"), choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], help="(IMAGEGEN_COMPILE_MODE)")
     p.add_argument("--compile-buckets", default=env("COMPILE_BUCKETS", DEFAULT_BUCKETS), metavar="WxH,...", help="sizes compiled and warmed up at start; other sizes run uncompiled, never recompiling (IMAGEGEN_COMPILE_BUCKETS)")
+    p.add_argument("--max-batch", type=at_least_one, default=os.environ.get("IMAGEGEN_MAX_BATCH", "1"), help="most images one engine call makes: up to this many compatible queued jobs (same size, steps, sampler, refiner, LoRAs; a request's n images are) run together; 1: one at a time (IMAGEGEN_MAX_BATCH)")
+    p.add_argument("--quantize", default=env("QUANTIZE", "none"), choices=["none", "fp8"], help="fp8: the UNets' attention and feed-forward layers in float8 (torchao; GPUs of compute capability 8.9+, e.g. H100); refused elsewhere (IMAGEGEN_QUANTIZE)")
+    p.add_argument("--compile-cache", default=env("COMPILE_CACHE", ""), metavar="DIR", help="folder for torch.compile's artifacts, reused at the next start; default: <data dir>/compile-cache (IMAGEGEN_COMPILE_CACHE)")
     p.add_argument("--channels-last", default=env("CHANNELS_LAST", "auto"), choices=["auto", "on", "off"], help="channels-last memory layout; auto: on with CUDA (IMAGEGEN_CHANNELS_LAST)")
     p.add_argument("--fuse-qkv", default=env("FUSE_QKV", "auto"), choices=["auto", "on", "off"], help="fused QKV attention projections; auto: on with CUDA unless LoRAs are loaded (IMAGEGEN_FUSE_QKV)")
     p.add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
@@ -179,7 +189,9 @@ def limits_of(args: argparse.Namespace) -> Limits:
 
 def topology_of(args: argparse.Namespace) -> Topology:
     return Topology(
-        replicas=args.replicas, job_ttl_s=args.job_ttl, ack_wait_s=args.ack_wait, max_deliver=args.max_deliver
+        replicas=args.replicas, job_ttl_s=args.job_ttl, ack_wait_s=args.ack_wait, max_deliver=args.max_deliver,
+        images_max_bytes=args.images_max_bytes, uploads_max_bytes=args.uploads_max_bytes,
+        cache_max_bytes=args.cache_max_bytes, status_max_bytes=args.status_max_bytes, kv_max_bytes=args.kv_max_bytes,
     )
 
 
@@ -198,6 +210,7 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         redact_prompts=args.redact_prompts,
         default_timeout_s=args.default_timeout or None,
         cache_ttl_s=args.cache_ttl,
+        upload_bytes_per_key=args.upload_bytes_per_key,
         cache_scope=args.cache_scope,
         webhook_secret=args.webhook_secret or None,
         webhook_allow_private=args.webhook_allow_private,
@@ -209,6 +222,7 @@ def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings
         body_timeout_s=args.body_timeout,
         header_timeout_s=args.header_timeout,
         max_connections=args.max_connections,
+        submit_timeout_s=args.submit_timeout,
     )
 
 
@@ -230,6 +244,9 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
         compile=args.compile,
         compile_mode=args.compile_mode,
         compile_buckets=args.compile_buckets,
+        compile_cache=args.compile_cache,
+        quantize=args.quantize,
+        max_batch=args.max_batch,
         channels_last=args.channels_last,
         fuse_qkv=args.fuse_qkv,
         data_dir=args.data_dir,
@@ -275,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         missing = missing_worker_packages()
         if missing:
             parser.error(f"{args.command} runs SDXL, which needs {', '.join(missing)}: pip install 'imagegen[worker]'")
+    if getattr(args, "quantize", "none") != "none":
+        from gpu_worker.engines import resolve_device
+        from gpu_worker.quantize import refusal
+
+        problem = refusal(args.quantize, resolve_device(args.device))
+        if problem:
+            parser.error(problem)
     configure_logging(level=getattr(args, "log_level", "INFO"), log_format=getattr(args, "log_format", "text"))
     from imagegen import runtime
 

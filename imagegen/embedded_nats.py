@@ -168,3 +168,53 @@ class EmbeddedNats:
 
     async def astop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
+
+@dataclass(kw_only=True)
+class EmbeddedCluster:
+    """A JetStream cluster of `size` nats-servers on one host (loopback), for failover tests and
+    benchmarks: node i serves clients on its own port and routes to every other node. A node killed
+    and started again keeps its ports and store, and rejoins."""
+
+    store_dir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    name: str = "imagegen"
+    nodes: list[EmbeddedNats] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated, as `--nats` takes it."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, *, timeout: float = 15.0) -> "EmbeddedCluster":
+        routes = [free_port(self.host) for _ in range(self.size)]
+        route_urls = ",".join(f"nats://{self.host}:{port}" for port in routes)
+        for i, route in enumerate(routes):
+            self.nodes.append(EmbeddedNats(
+                store_dir=self.store_dir / f"n{i}", host=self.host, port=free_port(self.host),
+                extra_args=["--server_name", f"n{i}", "--cluster_name", self.name,
+                            "--cluster", f"nats://{self.host}:{route}", "--routes", route_urls],
+            ))
+        try:
+            for node in self.nodes:
+                node.start(timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def node(self, server_name: str) -> EmbeddedNats:
+        """The node a stream's `cluster.leader` names (n0, n1, ...)."""
+        return self.nodes[int(server_name.removeprefix("n"))]
+
+    def kill(self, server_name: str) -> None:
+        """SIGKILLs one node, as a crash would."""
+        node = self.node(server_name)
+        if node.process is not None and node.process.poll() is None:
+            node.process.kill()
+            node.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -26,9 +26,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas import jobstore
 from schemas.job import JobEnvelope, group_job_ids
+from schemas.jetstream import MAX_BYTES_FLAG
 from schemas.names import UPLOADS_BUCKET
 from schemas.request import GenerateRequest, Limits, RequestInvalid, limit_problems
 from schemas.status import JobStatus, UploadRef
+from schemas.storage import StoreFull, is_full
 
 OBJECT_SUFFIX = {"init_image": "init", "mask_image": "mask"}
 DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
@@ -207,9 +209,19 @@ def object_name(prefix: str, field: str) -> str:
     return f"{prefix}/{OBJECT_SUFFIX[field]}"
 
 
+async def put_checked(obs: Any, name: str, data: bytes, *, timeout_s: float = 30.0) -> None:
+    """Puts bytes into object store `imagegen-uploads` (`obs`) under `name`; StoreFull when it is full."""
+    try:
+        await asyncio.wait_for(obs.put(name, data), timeout_s)
+    except Exception as exc:
+        if is_full(exc):
+            raise StoreFull(UPLOADS_BUCKET, None, MAX_BYTES_FLAG[UPLOADS_BUCKET]) from None
+        raise
+
+
 async def store(obs: Any, name: str, upload: Upload, *, timeout_s: float = 30.0) -> UploadRef:
     """Puts the upload's bytes into object store `imagegen-uploads` (`obs`) under `name`."""
-    await asyncio.wait_for(obs.put(name, upload.data), timeout_s)
+    await put_checked(obs, name, upload.data, timeout_s=timeout_s)
     width, height = upload.dimensions
     return UploadRef(name=name, size=len(upload.data), width=width, height=height)
 

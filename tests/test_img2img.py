@@ -16,7 +16,7 @@ import msgpack
 import nats
 import numpy as np
 import pytest
-from nats.js.api import DeliverPolicy, ObjectStoreConfig
+from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import Image
 
@@ -27,6 +27,7 @@ from imagegen import runtime
 from imagegen.client import AsyncClient, ImagegenError, Progress
 from schemas import jobstore, names
 from schemas.codec import decode, encode
+from schemas.jetstream import Topology
 from schemas.job import JobEnvelope, Placement
 from schemas.request import Limits, parse_request
 from schemas.status import JobState, JobStatus, UploadRef
@@ -535,10 +536,9 @@ async def test_unseeded_groups_stay_out_of_the_result_cache(service, http):
 
 
 async def test_uploads_stored_before_a_failed_store_are_removed(broker, http):
-    nc = await nats.connect(broker.url)
-    await nc.jetstream().create_object_store(names.UPLOADS_BUCKET, config=ObjectStoreConfig(max_bytes=20_000))
-    await nc.close()
-    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    gateway = await runtime.start_gateway(
+        GatewaySettings(nats_url=broker.url, port=0, topology=Topology(uploads_max_bytes=20_000))
+    )
     url = f"http://127.0.0.1:{gateway.port}"
     rng = np.random.default_rng(2)
     init, mask = (encoded(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")) for _ in range(2))
@@ -546,7 +546,8 @@ async def test_uploads_stored_before_a_failed_store_are_removed(broker, http):
     body = {"prompt": "a gate", "steps": 2, "init_image": base64.b64encode(init).decode(), "mask_image": base64.b64encode(mask).decode()}
     try:
         async with http.post(f"{url}/v1/jobs", json=body) as r:
-            assert r.status == 503, await r.text()
+            assert r.status == 507, await r.text()
+            assert "imagegen-uploads" in (await r.json())["error"]
         assert await stored_uploads(broker.url) == set()
     finally:
         await gateway.stop()
