@@ -26,6 +26,9 @@ TASK = GenerationTask(
 )
 
 
+pytestmark = pytest.mark.slow  # Dynamo traces both UNets at warm-up: about 10 s on a CPU
+
+
 @pytest.fixture(scope="module")
 def compiled_engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("compile-models")
