@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.request import is_random_seed
 from schemas.status import UploadRef
 from schemas.workers import WorkerInfo
 
@@ -166,10 +167,15 @@ class OpenAIImageRequest(BaseModel):
     stream: bool | None = Field(None, description="Only false: streaming is not available here.")
     user: str | None = Field(None, description="Accepted; has no effect.")
     safety_identifier: str | None = Field(None, description="Accepted; has no effect.")
-    seed: int | None = Field(None, ge=0, description="imagegen: seed of the first image; random when absent.")
+    seed: int | None = Field(None, ge=0, description="imagegen: seed of the first image; random when absent or -1.")
     negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
     steps: int | None = Field(None, description="imagegen: denoising steps; overrides quality.")
     guidance: float | None = Field(None, description="imagegen: classifier-free guidance scale.")
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _random_seed(cls, value: Any) -> Any:
+        return None if is_random_seed(value) else value
 
 
 class OpenAIImage(BaseModel):
