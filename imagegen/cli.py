@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ from imagegen import __version__, event_loop
 from imagegen.logs import configure as configure_logging
 from imagegen.paths import default_data_dir
 from schemas.jetstream import Topology
-from schemas.request import Limits
+from schemas.request import SCHEDULERS, Limits
 from schemas.workers import DEFAULT_FAIRNESS
 
 log = logging.getLogger("imagegen")
@@ -103,10 +104,31 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=str(default_data_dir()), help="where built models (and up's server store) live (IMAGEGEN_DATA_DIR)")
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: a mistyped flag is reported by the subcommand itself, on one line, with the
+    nearest flag it knows (argparse alone leaves it to the top-level parser and its usage)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(self._unknown(extra))
+        return parsed, extra
+
+    def _unknown(self, extra: list[str]) -> str:
+        flags = [option for action in self._actions for option in action.option_strings]
+        word = extra[0].split("=", 1)[0]
+        near = difflib.get_close_matches(word, flags, n=1, cutoff=0.6) if word.startswith("-") else []
+        hint = f"; did you mean {near[0]}?" if near else ""
+        return f"unrecognized argument{'s' if len(extra) > 1 else ''}: {' '.join(extra)}{hint}"
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagegen", description="SDXL image generation over NATS JetStream")
     parser.add_argument("--version", action="version", version=f"imagegen {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     up = sub.add_parser("up", help="all in one: embedded nats-server (unless --nats), a gateway and a worker")
     add_common(up), add_gateway(up), add_worker(up)
     gw = sub.add_parser("gateway", help="run a gateway (HTTP and WebSocket) against NATS")
@@ -118,22 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--tiers", default="normal,low", help="tiers it may use, comma-separated")
     key.add_argument("--rate-per-minute", type=int, default=60)
     key.add_argument("--max-concurrent", type=int, default=8)
-    gen = sub.add_parser("generate", help="generate an image through a running gateway")
-    gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", default="out.png", help="file to write; the format follows its extension")
-    gen.add_argument("--url", default=env("URL", "http://127.0.0.1:4030"), help="gateway URL (IMAGEGEN_URL)")
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--seed", default=None)
-    gen.add_argument("--negative-prompt", default="")
+    gen = sub.add_parser(
+        "generate", help="generate an image through a running gateway",
+        description="Generate an image through a running gateway (`imagegen up`) and save it. Absent flags take "
+        "the server's defaults. Errors are one line; exit status 2 for a bad flag, address or request, 1 when "
+        "the job fails.",
+    )
+    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument("-o", "--output", default=None, help="file to write; the format follows its extension (.png, .jpg, .webp); default out.png, or out.jpg / out.webp with --format")
+    gen.add_argument("--url", default=env("URL", "http://127.0.0.1:4030"), help="the gateway's address, as `imagegen up` prints it; http:// is assumed (default http://127.0.0.1:4030; IMAGEGEN_URL)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default 1024; with --init-image, the image's)")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 (default 1024; with --init-image, the image's)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default the model's: 30 for SDXL, 4 for tiny-sdxl)")
+    gen.add_argument("--seed", default=None, help="a whole number for a repeatable image; -1 or absent: a random one (the job reports it)")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 0..30: how closely to follow the prompt (default the model's, 5)")
+    gen.add_argument("--scheduler", default=None, choices=SCHEDULERS, metavar="NAME", help=f"the sampler: {', '.join(SCHEDULERS)} (default the model's own)")
+    gen.add_argument("--format", default=None, type=str.upper, choices=["PNG", "JPEG", "WEBP"], help="image encoding: png, jpeg or webp (default from the -o extension, else png)")
+    gen.add_argument("--negative-prompt", default="", help="what not to draw")
     gen.add_argument("--init-image", default=None, help="image-to-image: the picture to start from (a file)")
     gen.add_argument("--mask-image", default=None, help="inpainting: a mask file, white where to redraw")
-    gen.add_argument("--strength", type=float, default=None, help="image-to-image: how much to change it, 0..1 (0.4)")
-    gen.add_argument("-n", type=int, default=1, help="how many images: OUTPUT, then OUTPUT-2, ... (seeds seed, seed+1, ...)")
+    gen.add_argument("--strength", type=float, default=None, help="image-to-image: how much to change it, 0..1 (default 0.4)")
+    gen.add_argument("-n", type=int, default=1, help="how many images: OUTPUT, then OUTPUT-2, ... (seeds seed, seed+1, ...) (default 1)")
     gen.add_argument("--model", default=None, help="one of the models the workers serve (GET /api/ls); the current one when absent")
     gen.add_argument("--tier", default=None, choices=["high", "normal", "low"], help="priority tier (your key must allow it)")
-    gen.add_argument("--api-key", default=os.environ.get("IMAGEGEN_API_KEY"), help="(IMAGEGEN_API_KEY)")
+    gen.add_argument("--api-key", default=os.environ.get("IMAGEGEN_API_KEY"), help="sent as Authorization: Bearer KEY when the gateway has keys (IMAGEGEN_API_KEY)")
     return parser
 
 
