@@ -117,7 +117,7 @@ class CommandParser(argparse.ArgumentParser):
     def _unknown(self, extra: list[str]) -> str:
         flags = [option for action in self._actions for option in action.option_strings]
         word = extra[0].split("=", 1)[0]
-        near = difflib.get_close_matches(word, flags, n=1, cutoff=0.6) if word.startswith("-") else []
+        near = difflib.get_close_matches(word, flags, n=1, cutoff=0.75) if word.startswith("-") else []
         hint = f"; did you mean {near[0]}?" if near else ""
         return f"unrecognized argument{'s' if len(extra) > 1 else ''}: {' '.join(extra)}{hint}"
 
@@ -262,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.client_cli import generate_command
 
         return generate_command(args)
+    if args.command in ("up", "gateway"):
+        from imagegen.port_check import http_port_problem
+
+        problem = http_port_problem(args.host, args.port)
+        if problem:
+            print(f"imagegen {args.command}: error: {problem}", file=sys.stderr)
+            return 2
     if args.command == "gateway":
         event_loop.run(runtime.serve(gateway=gateway_settings(args, args.nats or "nats://127.0.0.1:4222"), worker=None), loop=args.event_loop)
         return 0

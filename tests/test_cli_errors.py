@@ -18,11 +18,11 @@ from imagegen.embedded_nats import free_port
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-async def imagegen(*args: str, cwd: Path | None = None, timeout: float = 60) -> tuple[int, str]:
+async def imagegen(*args: str, cwd: Path | None = None, timeout: float = 60, env: dict | None = None) -> tuple[int, str]:
     """Runs `python -m imagegen ARGS` without blocking the test's event loop (the gateway it calls may
     be served by that loop); returns the exit status and stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "imagegen", *args, cwd=cwd, env=ENV,
+        sys.executable, "-m", "imagegen", *args, cwd=cwd, env={**ENV, **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -83,3 +83,13 @@ async def test_a_typo_in_up_names_up_and_the_flag_meant(tmp_path):
     assert status == 2
     line = one_line(err)
     assert line.startswith("imagegen up: error:") and "did you mean --port?" in line, line
+
+
+@pytest.mark.parametrize("command", ["up", "gateway"])
+async def test_a_second_up_on_a_busy_port_says_which_flag_before_starting_anything(service, tmp_path, command):
+    busy = service.url.rsplit(":", 1)[1]  # a live gateway's port, as a first `imagegen up` holds 4030
+    status, err = await imagegen(command, "--port", busy, cwd=tmp_path, timeout=30, env={"IMAGEGEN_DATA_DIR": str(tmp_path / "data")})
+    line = one_line(err)
+    assert status == 2
+    assert f"imagegen {command}: error: port {busy} on 127.0.0.1 is in use" in line and "pass --port" in line, line
+    assert not (tmp_path / "data").exists()  # no server store, no model built: nothing was started
