@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -93,3 +94,32 @@ async def test_a_second_up_on_a_busy_port_says_which_flag_before_starting_anythi
     assert status == 2
     assert f"imagegen {command}: error: port {busy} on 127.0.0.1 is in use" in line and "pass --port" in line, line
     assert not (tmp_path / "data").exists()  # no server store, no model built: nothing was started
+
+
+async def test_up_help_is_grouped_with_defaults_and_variables(tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imagegen", "up", "--help", env={**ENV, "COLUMNS": "200"}, stdout=asyncio.subprocess.PIPE
+    )
+    text = (await proc.communicate())[0].decode()
+    assert proc.returncode == 0
+    titles = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert titles == ["options", "network", "limits", "engine", "safety", "operations", "testing"], titles
+    sections = dict(zip(titles, re.split(r"^\w[\w ]*:$", text, flags=re.M)[1:]))
+    assert re.search(r"--port PORT +gateway port \(default: 4030; IMAGEGEN_PORT\)", sections["network"])
+    assert "(default: 100; IMAGEGEN_MAX_STEPS)" in sections["limits"]
+    assert "--sim-step-s" in sections["testing"] and "--sim-fail-marker" in sections["testing"]
+    assert "--sim-" not in text.split("\ntesting:")[0]
+    for flag in ("--access-log", "--audit-log"):
+        assert flag in sections["operations"]
+
+
+async def test_generate_help_explains_each_flag(tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imagegen", "generate", "--help", env={**ENV, "COLUMNS": "200"}, stdout=asyncio.subprocess.PIPE
+    )
+    text = (await proc.communicate())[0].decode()
+    for flag, words in (("--width WIDTH", "multiple of 8"), ("--height HEIGHT", "multiple of 8"), ("--steps STEPS", "denoising steps"),
+                        ("--seed SEED", "-1"), ("--guidance GUIDANCE", "guidance"), ("--scheduler NAME", "euler_a"),
+                        ("--format {PNG,JPEG,WEBP}", "png")):
+        [line] = [line for line in text.splitlines() if line.strip().startswith(flag)]
+        assert words in line, line
