@@ -29,6 +29,8 @@ class GatewaySettings:
     webhook_allow_private: bool = False  # webhooks may go to loopback and private addresses (a closed network)
     webhook_retry_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # waits between a call's tries
     cache_scope: str = "key"  # result cache entries: each API key's own (key), or shared by all keys (global)
+    access_log: bool = False  # one log line per HTTP request (a browser's page polls make many)
+    audit_log: bool = False  # echo each audit record (JSON, with the prompt unless redacted) to the log too
 
     @property
     def body_limit_bytes(self) -> int:

@@ -36,7 +36,10 @@ class RunningGateway:
 
 async def start_gateway(settings: GatewaySettings) -> RunningGateway:
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog)
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog,
+        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
