@@ -8,7 +8,8 @@ all are done with their PNGs in base64, the request as sent (`parameters`) and `
 the seeds, size, sampler, steps, model, job ids and A1111-style infotexts). Fields left out take the
 served model's defaults. Features this service does not offer (the hires fix, face restoration,
 tiling, variation seeds, styles, scripts, sampler noise settings) are accepted only at their "off"
-values, as A1111's own clients send them; anything else is refused by name, never ignored.
+values, as A1111's own clients send them; anything else is refused by name, never ignored. `eta` is
+DDIM's noise, as in A1111; the ancestral samplers run at A1111's default eta 1 and the others ignore it.
 
 `POST /sdapi/v1/img2img` adds one init image and `denoising_strength` (A1111's 0.75 when absent). Resize
 mode 0 (A1111's default, "just resize") is done here, before queueing: the image is stretched to the
@@ -42,8 +43,9 @@ from gateway.a1111_inpaint import MaskSettings, PasteBack, b64png
 from gateway.a1111_inpaint import prepare as prepare_inpainting
 from gateway.a1111_prompt import TagProblem, loras_of
 from gateway.event_hub import decoded_event
+from gateway.body import takes_images
 from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, UnknownJob
+from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import OpenAIFailure, image_data, tier_for, until_done
 from gateway.ratelimit import RateLimited
@@ -54,6 +56,7 @@ from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 from schemas.uploads import decode_upload
+from schemas.storage import StoreFull, full_message
 
 log = logging.getLogger("imagegen.gateway.a1111")
 routes = web.RouteTableDef()
@@ -96,7 +99,6 @@ OFF_VALUES: dict[str, tuple] = {
     "restore_faces": (None, False),
     "tiling": (None, False),
     "enable_hr": (None, False),
-    "eta": (None,),
     "s_min_uncond": (None, 0),
     "s_churn": (None, 0),
     "s_tmax": (None, 0),
@@ -123,7 +125,10 @@ WHY_OFF = {
 A1111_FIELD = {"guidance": "cfg_scale", "n": "batch_size", "scheduler": "sampler_name", "model": "override_settings",
                "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body",
                "init_image": "init_images", "strength": "denoising_strength", "mask_image": "mask",
-               "loras": "prompt"}
+               "loras": "prompt", "eta": "eta"}
+# Samplers whose noise A1111 scales by eta: DDIM's (eta 0 by default) and the ancestral ones (1). Here
+# DDIM takes any eta, the ancestral ones run at 1 only; the others ignore it, as A1111 does.
+ETA_ANCESTRAL = {"euler_a": "Euler a", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE"}
 IMG2IMG_STRENGTH = 0.75  # A1111's denoising_strength when a request leaves it out
 MAX_MASK_BLUR, MAX_PADDING = 64, 256  # pixels, the ranges of A1111's own controls
 
@@ -166,7 +171,7 @@ def parse_body(body: object, kind: type[A1111Txt2ImgRequest]) -> A1111Txt2ImgReq
         if err["type"] == "extra_forbidden":
             what = "img2img" if kind is A1111Img2ImgRequest else "txt2img"
             raise invalid(field, f"not a field of {what} here (see /openapi.json)") from None
-        raise invalid(field, err["msg"]) from None
+        raise invalid(field, err["msg"].removeprefix("Value error, ")) from None
 
 
 def refuse_unoffered(ask: A1111Txt2ImgRequest) -> None:
@@ -306,6 +311,19 @@ def model_of(jobs: JobService, overrides: dict | None) -> str | None:
     return model
 
 
+def eta_of(eta: float | None, scheduler: str) -> float | None:
+    """The request's eta for `scheduler`, as A1111 uses it: DDIM's noise; an ancestral sampler's, which
+    runs at 1 here (A1111's default for them); ignored by the other samplers, as in A1111."""
+    if eta is None:
+        return None
+    if scheduler == "ddim":
+        return eta
+    if scheduler in ETA_ANCESTRAL and eta != 1:
+        raise invalid("eta", f"{ETA_ANCESTRAL[scheduler]} runs with eta 1 here (A1111's default for it), got {eta!r}; "
+                             "DDIM takes any eta from 0 to 1")
+    return None
+
+
 def request_fields(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, limits) -> dict:
     """This service's request fields for an A1111 request (its init image apart)."""
     if ask.batch_size * ask.n_iter > limits.max_images:
@@ -336,6 +354,7 @@ def request_fields(ask: A1111Txt2ImgRequest, scheduler: str, model: str | None, 
         "refiner_split": ask.refiner_switch_at if ask.refiner_checkpoint else None,
         "cache": False if random_seed else None,  # a seed picked here never repeats: not worth caching
         "loras": loras or None,
+        "eta": eta_of(ask.eta, scheduler),
     }
     if ask.refiner_switch_at is not None and not ask.refiner_checkpoint:
         raise invalid("refiner_switch_at", "needs refiner_checkpoint")
@@ -487,11 +506,15 @@ async def answered(run, request: web.Request) -> web.Response:
         return from_request_invalid(exc).response()
     except Forbidden as exc:
         return A1111Failure(403, str(exc)).response()
+    except IdempotencyKeyReused as exc:
+        return A1111Failure(422, str(exc)).response()
     except RateLimited as exc:
         return A1111Failure(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}).response()
     except web.HTTPRequestEntityTooLarge as exc:
         return A1111Failure(413, f"body too large: {exc.text}").response()
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return A1111Failure(507, full).response()
         log.warning("sdapi request: broker unavailable: %s", exc)
         return A1111Failure(503, "the job broker (NATS) is unavailable; retry shortly", headers={"Retry-After": "2"}).response()
 
@@ -502,6 +525,7 @@ async def txt2img(request: web.Request) -> web.Response:
 
 
 @routes.post("/sdapi/v1/img2img")
+@takes_images
 async def img2img(request: web.Request) -> web.Response:
     return await answered(lambda r: run_generation(r, A1111Img2ImgRequest), request)
 
@@ -615,14 +639,6 @@ async def lora_list(request: web.Request) -> web.Response:
 async def refresh_loras(request: web.Request) -> web.Response:
     """Nothing to rescan: workers load their adapters at start, and /sdapi/v1/loras lists the live ones."""
     return web.json_response(None)
-
-
-@routes.get("/sdapi/v1/sd-models")
-async def sd_models(request: web.Request) -> web.Response:
-    served = request.app[SERVICE].served_models()
-    return web.json_response(
-        [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None} for name in sorted(served)]
-    )
 
 
 @routes.get("/sdapi/v1/samplers")

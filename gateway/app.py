@@ -8,9 +8,10 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from gateway import a1111_api, comfy_api, mflux_api, native_api, openai_api, openapi
+from gateway import a1111_api, a1111_lists, comfy_api, mflux_api, native_api, openai_api, openai_edits, openai_models, openapi
 from gateway.auth import KeyRing, auth_middleware
-from gateway.http_errors import errors_middleware
+from gateway.body import BodyLimits, body_middleware
+from gateway.http_errors import RETRY_AFTER_S, errors_middleware
 from gateway.jobs import JobService
 from gateway.mflux_api import SERVICE
 from gateway.metrics import GatewayMetrics
@@ -63,15 +64,26 @@ async def healthz(request: web.Request) -> web.Response:
         "workers": len(jobs.view.live_workers()),
         "version": __version__,
     }
-    return web.json_response(body, status=200 if connected else 503)
+    if connected:
+        return web.json_response(body)
+    return web.json_response(body, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web.Application:
     keys = KeyRing.load(path=settings.api_keys_file, inline=settings.api_keys)
     jobs = jobs or JobService(settings)
     metrics = GatewayMetrics(jobs)
+    body_limits = BodyLimits(
+        max_bytes=settings.max_json_bytes,
+        max_image_bytes=settings.body_limit_bytes,
+        max_json_items=settings.max_json_items,
+        timeout_s=settings.body_timeout_s,
+    )
     app = web.Application(
-        middlewares=[metrics.middleware, cors_middleware(settings.cors_origins), errors_middleware, auth_middleware(keys)],
+        middlewares=[
+            metrics.middleware, cors_middleware(settings.cors_origins), errors_middleware, auth_middleware(keys),
+            body_middleware(body_limits),
+        ],
         client_max_size=settings.body_limit_bytes,
     )
     app[SERVICE] = jobs
@@ -79,7 +91,10 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
     app.add_routes(mflux_api.routes)
     app.add_routes(native_api.routes)
     app.add_routes(openai_api.routes)
+    app.add_routes(openai_edits.routes)
+    app.add_routes(openai_models.routes)
     app.add_routes(a1111_api.routes)
+    app.add_routes(a1111_lists.routes)
     app.add_routes(comfy_api.routes)
     openapi.add_routes(app)
     app.router.add_get("/", index)

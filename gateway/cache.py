@@ -34,6 +34,7 @@ from gateway.direct_get import DirectReader
 from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
 from schemas import jobstore, names
+from schemas.connect import BROKER_ERRORS
 from schemas.jetstream import ensure_result_cache
 from schemas.job import new_job_id
 from schemas.request import GenerateRequest
@@ -107,16 +108,20 @@ class ResultCache:
         ttl_s: float,
         scope: str = "key",
         replicas: int = 1,
+        max_bytes: int = -1,
         read_timeout_s: float = 30.0,
         close_timeout_s: float = 10.0,
+        lookup_timeout_s: float = 0.25,
     ):
         if scope not in SCOPES:
             raise ValueError(f"--cache-scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         self.ttl_s = ttl_s
         self.scope = scope
         self.replicas = replicas
+        self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
         self.close_timeout_s = close_timeout_s
+        self.lookup_timeout_s = lookup_timeout_s  # an entry's description unread this long: a miss (no leader)
         self.hits = 0
         self.misses = 0
         self.stored = 0
@@ -149,7 +154,7 @@ class ResultCache:
         if not self.enabled:
             log.info("result cache off")
             return
-        await ensure_result_cache(js, ttl_s=self.ttl_s, replicas=self.replicas)
+        await ensure_result_cache(js, ttl_s=self.ttl_s, replicas=self.replicas, max_bytes=self.max_bytes)
         self._js = js
         self.store = await js.object_store(names.CACHE_BUCKET)
         self._reader = ObjectReader(js, direct, self.store, names.CACHE_BUCKET)
@@ -221,6 +226,7 @@ class ResultCache:
         status_kv,
         images: ObjectStore,
         placement: Any = None,
+        request_digest: str | None = None,
     ) -> tuple[JobStatus, int] | None:
         """On a hit, a new job of this caller, done, with its own copy of the image, and its record's
         revision; the existing job (revision 0) when `job_id` names one already; None on a miss.
@@ -237,7 +243,7 @@ class ResultCache:
         entry, data = found
         status = entry.job_status(job_id or new_job_id(), request=request, owner=owner, size=len(data))
         placed = {k: v for k, v in placement_fields(placement).items() if k in JobStatus.model_fields}
-        status = status.model_copy(update=placed)
+        status = status.model_copy(update={**placed, "request_digest": request_digest})
         await asyncio.wait_for(images.put(status.job_id, data), timeout=self.read_timeout_s)
         revision = await jobstore.create_status(status_kv, status)
         if revision is None:  # the same idempotent request, made meanwhile
@@ -252,8 +258,11 @@ class ResultCache:
 
     async def _read(self, key: str) -> tuple[CachedImage, bytes] | None:
         try:
-            info = await self.store.get_info(key)
+            info = await asyncio.wait_for(self.store.get_info(key), self.lookup_timeout_s)
         except GONE:
+            return None
+        except (asyncio.TimeoutError, *BROKER_ERRORS) as exc:  # the cache's stream has no leader (an election): a miss
+            log.debug("result cache entry %s unread: %s; a miss", key[:12], exc)
             return None
         entry = CachedImage.parse(info.description)
         if entry is None:

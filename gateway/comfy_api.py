@@ -2,13 +2,18 @@
 (a text-to-image or image-to-image graph, read by `gateway.comfy_graph`), `POST /upload/image` (the
 images LoadImage names), `GET /history`, `GET /view`, `GET /queue`,
 `POST /queue` (delete, clear), `POST /interrupt`, the WebSocket `/ws?clientId=...` with ComfyUI's
-messages (status, execution_start, executing, progress, binary previews, executed, execution_success,
+messages (status, execution_start, executing, progress, binary previews when asked for, executed, execution_success,
 execution_error, execution_interrupted), `GET /object_info` for the nodes it runs, `/system_stats`,
 `/embeddings` and `/models`. Every route is served under `/api` too, as ComfyUI serves them.
 
 A prompt becomes `batch_size` jobs in one group (seeds seed, seed+1, ...), queued like any other
 request; its record (`schemas.comfy`) goes to a KV bucket that every gateway watches, so a client may
 queue through one gateway and follow on another's socket. An image is `<job id>.png` for `/view`.
+A `SaveImageWebsocket` node (ComfyUI's own, from its custom_nodes) sends its images to the prompt's
+`client_id` socket as binary PNG frames in ComfyUI's framing while it executes, and lists none in
+/history. Live previews go out as binary JPEG frames only when the prompt's `extra_data.preview_method`
+asks for them, or the gateway runs with `--comfy-previews` (ComfyUI's default preview method is none).
+/history's messages carry the times the prompt's jobs started and ended.
 With API keys on, a caller sees and stops only its key's prompts.
 """
 
@@ -30,11 +35,14 @@ from aiohttp import WSMsgType, web
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
-from gateway.comfy_graph import GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
+from gateway.body import takes_images
+from gateway.comfy_graph import SOCKET_OUTPUT, GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
+from gateway.forms import read_form
 from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, JobService, NotReady, UnknownJob
+from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import tier_for
+from gateway import ratelimit, upload_budget
 from gateway.ratelimit import RateLimited
 from gateway.submission import submit_request
 from imagegen import __version__
@@ -42,17 +50,22 @@ from schemas.comfy import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
 from schemas.request import MAX_SEED, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
+from schemas.storage import StoreFull, full_message
 from schemas.uploads import read_image, transparency
 
 log = logging.getLogger("imagegen.gateway.comfy")
 routes = web.RouteTableDef()
 
-PREVIEW_IMAGE, JPEG = 1, 1  # ComfyUI's binary frame: event type, then image format, each a big-endian uint32
+PREVIEW_IMAGE, JPEG, PNG = 1, 1, 2  # ComfyUI's binary frame: event type, then image format, each a big-endian uint32
+PREVIEW_METHODS_ON = ("auto", "latent2rgb", "taesd")  # extra_data.preview_method values that turn previews on
+PREVIEW_METHODS_OFF = ("none",)  # ... and off; absent or "default": the server's setting (--comfy-previews)
 MAX_QUEUE_LISTED = 1000
 MAX_HISTORY = 10_000  # entries /history gives without max_items, as ComfyUI keeps at most
 UPLOAD_PREFIX = "comfy-input"
 UPLOAD_NAME = re.compile(r"^[A-Za-z0-9 ._()-]{1,128}$")
 MAX_NAME_TRIES = 100  # "name (1).png", "name (2).png", ... for an upload whose name is kept already
+MAX_SUBFOLDER_DEPTH = 8
+INPUT_ANNOTATION = " [input]"  # LoadImage's "name [input]": the input folder, as ComfyUI reads it
 
 
 def comfy_routes(path: str):
@@ -105,8 +118,6 @@ async def queue_prompt(request: web.Request) -> web.Response:
     if (client_id is not None and not isinstance(client_id, str)) or not isinstance(extra, dict):
         return failure(400, "invalid_prompt", "client_id must be a string and extra_data an object")
     owner = owner_of(request)
-    if (kept := jobs.comfy.get(prompt_id)) is not None and kept.owner != owner:
-        return failure(400, "invalid_prompt", "prompt_id is taken: send another, or none", prompt_id)
     try:
         read = read_graph(body["prompt"], served_models=sorted(jobs.served_models()))
         try:
@@ -128,11 +139,15 @@ async def queue_prompt(request: web.Request) -> web.Response:
         return web.json_response(exc.body(), status=400)
     except Forbidden as exc:
         return failure(403, "forbidden", str(exc))
+    except IdempotencyKeyReused:
+        return failure(400, "invalid_prompt", "prompt_id was sent before with another prompt: send another, or none", prompt_id)
     except RateLimited as exc:
         response = failure(429, "rate_limited", str(exc))
         response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return failure(507, "storage_full", full)
         log.warning("comfy prompt %s: broker unavailable: %s", prompt_id, exc)
         response = failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
         response.headers["Retry-After"] = "2"
@@ -147,8 +162,6 @@ async def queue_prompt(request: web.Request) -> web.Response:
     except BROKER_DOWN as exc:
         log.warning("comfy prompt %s: its record not kept: %s", prompt_id, exc)
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly with the same prompt_id")
-    if kept.owner != owner:  # taken meanwhile through another gateway
-        return failure(400, "invalid_prompt", "prompt_id is taken: send another, or none", prompt_id)
     log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(kept.job_ids))
     return web.json_response({"prompt_id": prompt_id, "number": kept.number, "node_errors": {}})
 
@@ -157,19 +170,51 @@ async def queue_prompt(request: web.Request) -> web.Response:
 
 
 def upload_object(owner: str | None, name: str) -> str:
-    """Where an uploaded image lies in `imagegen-uploads`: under the caller's key, so names never clash."""
+    """Where an uploaded image lies in `imagegen-uploads`: under the caller's key, so names never clash.
+    `name` may begin with subfolders (`subfolder_problem` has checked them)."""
     return f"{UPLOAD_PREFIX}/{owner or '-'}/{name}"
 
 
-async def uploaded(jobs: JobService, owner: str | None, name: str, *, field: str = "init_image") -> bytes:
+def subfolder_problem(subfolder: str) -> str | None:
+    """Why `subfolder` cannot hold uploads (None when it can): folder names as file names are, split by
+    '/', with no '..' or '.', no absolute path, no backslash and no NUL, so that no name leaves the
+    caller's own uploads."""
+    if "\x00" in subfolder:
+        return "must not contain NUL"
+    if "\\" in subfolder:
+        return "must use '/' between folders, not backslashes"
+    if subfolder.startswith("/"):
+        return "must be relative to the input folder, not an absolute path"
+    parts = subfolder.split("/")
+    if any(part in ("..", ".") for part in parts):
+        return "must not contain '..' or '.'"
+    if len(parts) > MAX_SUBFOLDER_DEPTH:
+        return f"at most {MAX_SUBFOLDER_DEPTH} folders deep"
+    if not all(UPLOAD_NAME.match(part) for part in parts):
+        return "folder names are 1-128 letters, digits, spaces, '.', '-', '_', '(' or ')', split by '/'"
+    return None
+
+
+def input_path(value: str) -> str | None:
+    """The upload a LoadImage `image` names, as ComfyUI resolves it ("name", "subfolder/name",
+    "name [input]"); None when it names nothing uploads may hold."""
+    path = value.removesuffix(INPUT_ANNOTATION)
+    subfolder, _, name = path.rpartition("/")
+    if not UPLOAD_NAME.match(name) or name in (".", "..") or (subfolder and subfolder_problem(subfolder) is not None) or path.startswith("/"):
+        return None
+    return path
+
+
+async def uploaded(jobs: JobService, owner: str | None, value: str, *, field: str = "init_image") -> bytes:
     """The bytes of an image the caller uploaded; RequestInvalid on `field` when there is none."""
-    if not UPLOAD_NAME.match(name):
-        raise RequestInvalid([{"field": field, "message": f"{name!r} is not an uploaded image's name (POST /upload/image answers it)"}])
+    name = input_path(value)
+    if name is None:
+        raise RequestInvalid([{"field": field, "message": f"{value!r} is not an uploaded image's name (POST /upload/image answers it)"}])
     try:
         reader = jobs.upload_reader
         return await reader.read(await reader.info(upload_object(owner, name)))
     except (ObjectNotFoundError, NotFoundError):
-        raise RequestInvalid([{"field": field, "message": f"no image {name!r} was uploaded (POST /upload/image), or it has expired"}]) from None
+        raise RequestInvalid([{"field": field, "message": f"no image {value!r} was uploaded (POST /upload/image), or it has expired"}]) from None
 
 
 def transparency_mask(data: bytes, limits) -> str:
@@ -185,22 +230,27 @@ def transparency_mask(data: bytes, limits) -> str:
 
 
 @comfy_routes("/upload/image")("POST")
+@takes_images
 async def upload_image(request: web.Request) -> web.Response:
-    """ComfyUI's upload for LoadImage: a multipart form with `image` (the file), `type` (input) and
-    `overwrite`; answers the name to load it by. Kept as long as job records."""
+    """ComfyUI's upload for LoadImage: a multipart form with `image` (the file), `subfolder` (kept, as
+    ComfyUI keeps it), `type` (input) and `overwrite`; answers the name and subfolder to load it by.
+    Kept as long as job records."""
     jobs: JobService = request.app[SERVICE]
     owner = owner_of(request)
     try:
-        form = await request.post()
-    except ValueError as exc:
+        form = await read_form(request)
+    except RequestInvalid as exc:
         return failure(400, "invalid_request", "send a multipart form with the file as `image`", str(exc))
     upload = form.get("image")
     if not isinstance(upload, web.FileField):
         return failure(400, "invalid_request", "send a multipart form with the file as `image`")
-    if form.get("subfolder") or form.get("type", "input") != "input":
-        return failure(400, "invalid_request", "only input images, with no subfolder, are kept here")
+    if form.get("type", "input") != "input":
+        return failure(400, "invalid_request", "only input images are kept here (type input)", str(form.get("type")))
+    subfolder = str(form.get("subfolder") or "").rstrip("/")
+    if subfolder and (why := subfolder_problem(subfolder)) is not None:
+        return failure(400, "invalid_request", f"subfolder {why}", subfolder)
     name = upload.filename.replace("\\", "/").rsplit("/", 1)[-1]
-    if not UPLOAD_NAME.match(name):
+    if not UPLOAD_NAME.match(name) or name in (".", ".."):
         return failure(400, "invalid_request", "the file name must be 1-128 letters, digits, spaces, '.', '-', '_', '(' or ')'", name)
     data = upload.file.read()
     try:
@@ -208,18 +258,35 @@ async def upload_image(request: web.Request) -> web.Response:
     except RequestInvalid as exc:
         return failure(400, "invalid_request", "not an image this server takes", str(exc))
     overwrite = str(form.get("overwrite", "false")).lower() in ("true", "1")
+    key = caller(request)["key"]
     try:
+        if key is not None:  # an upload counts against the key's rate, as a submit does
+            await ratelimit.take(jobs.rate_kv, key.name, per_minute=key.rate_per_minute)
         stem, dot, suffix = name.rpartition(".")
+        folder = f"{subfolder}/" if subfolder else ""
         for n in range(1, MAX_NAME_TRIES + 1):
-            if overwrite or not await exists(jobs, upload_object(owner, name)):
+            if overwrite or not await exists(jobs, upload_object(owner, folder + name)):
                 break
             name = f"{stem} ({n}){dot}{suffix}" if dot else f"{suffix} ({n})"
         else:
             return failure(409, "conflict", f"{MAX_NAME_TRIES} images of that name are kept; send another name, or overwrite")
-        await jobs.uploads.put(upload_object(owner, name), data)
-    except BROKER_DOWN:
+        if key is not None:
+            await upload_budget.take(
+                jobs.quota_kv, key.name, upload_object(owner, folder + name), len(data),
+                limit_bytes=jobs.settings.upload_bytes_per_key, lifetime_s=jobs.settings.topology.job_ttl_s,
+            )
+        await jobs.store_upload(upload_object(owner, folder + name), data)
+    except RateLimited as exc:
+        response = failure(429, "rate_limited", str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+    except upload_budget.UploadBudgetSpent as exc:
+        return failure(413, "upload_limit", str(exc))
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return failure(507, "storage_full", full)
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
-    return web.json_response({"name": name, "subfolder": "", "type": "input"})
+    return web.json_response({"name": name, "subfolder": subfolder, "type": "input"})
 
 
 async def exists(jobs: JobService, name: str) -> bool:
@@ -255,19 +322,26 @@ async def job_records(jobs: JobService, prompt: ComfyPrompt, owner: str | None) 
 
 
 def output_images(prompt: ComfyPrompt, records: list[JobStatus | None]) -> dict[str, dict]:
-    """Each output node's images, as ComfyUI's `executed` and history give them."""
+    """Each output node's images, as ComfyUI's `executed` and history give them. A SaveImageWebsocket
+    node has none there: its images went to the socket, as in ComfyUI."""
     made = [r for r in records if r is not None and r.state is JobState.DONE]
     return {
         node: {"images": [{"filename": image_name(r.job_id), "subfolder": "", "type": "output" if kind == "SaveImage" else "temp"}
                           for r in made]}
-        for node, kind in sorted(prompt.outputs.items())
+        for node, kind in sorted(prompt.outputs.items()) if kind != SOCKET_OUTPUT
     }
+
+
+def ended_at(prompt: ComfyPrompt, records: list[JobStatus | None]) -> float:
+    """When the prompt ended: its last job's end (the prompt's queueing when no record tells)."""
+    ends = [r.finished_at for r in records if r is not None and r.finished_at is not None]
+    return max(ends, default=prompt.submitted_at)
 
 
 def ending(prompt: ComfyPrompt, records: list[JobStatus | None], stopped_by: JobEvent | None = None) -> tuple[str, dict]:
     """ComfyUI's last message for a prompt that has ended (when `stopped_by`, by that job's end):
     execution_success, execution_error or execution_interrupted."""
-    stamp = {"prompt_id": prompt.prompt_id, "timestamp": int(time.time() * 1000)}
+    stamp = {"prompt_id": prompt.prompt_id, "timestamp": int(ended_at(prompt, records) * 1000)}
     if stopped_by is None and all(r is not None and r.state is JobState.DONE for r in records):
         return "execution_success", stamp
     where = {"node_id": prompt.sampler_node, "node_type": "KSampler", "executed": []}
@@ -287,7 +361,8 @@ def ending(prompt: ComfyPrompt, records: list[JobStatus | None], stopped_by: Job
 
 def history_entry(prompt: ComfyPrompt, records: list[JobStatus | None]) -> dict:
     kind, data = ending(prompt, records)
-    started = {"prompt_id": prompt.prompt_id, "timestamp": int(prompt.submitted_at * 1000)}
+    starts = [r.started_at for r in records if r is not None and r.started_at is not None]
+    started = {"prompt_id": prompt.prompt_id, "timestamp": int(min(starts, default=prompt.submitted_at) * 1000)}
     return {
         "prompt": prompt.queue_entry(),
         "outputs": output_images(prompt, records) if kind == "execution_success" else {},
@@ -296,7 +371,8 @@ def history_entry(prompt: ComfyPrompt, records: list[JobStatus | None]) -> dict:
             "completed": kind == "execution_success",
             "messages": [["execution_start", started], ["execution_cached", {**started, "nodes": []}], [kind, data]],
         },
-        "meta": {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node} for node in prompt.outputs},
+        "meta": {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
+                 for node, kind in prompt.outputs.items() if kind != SOCKET_OUTPUT},
     }
 
 
@@ -309,7 +385,7 @@ async def history_of(request: web.Request) -> web.Response:
     """The prompt once every job of it has ended; {} before, and for a prompt unknown here."""
     jobs: JobService = request.app[SERVICE]
     owner = owner_of(request)
-    prompt = jobs.comfy.get(request.match_info["prompt_id"])
+    prompt = jobs.comfy.get(request.match_info["prompt_id"], owner)
     if not visible(prompt, owner):
         return web.json_response({})
     records = await job_records(jobs, prompt, owner)
@@ -332,7 +408,7 @@ async def history(request: web.Request) -> web.Response:
         return failure(400, "invalid_query", "max_items must be a whole number of at least 1", repr(raw))
     entries: list[tuple[str, dict]] = []
     most = min(most or MAX_HISTORY, MAX_HISTORY)
-    for prompt in reversed(list(jobs.comfy.by_id.values())):
+    for prompt in reversed(list(jobs.comfy.by_key.values())):
         if len(entries) >= most:
             break
         if not visible(prompt, owner):
@@ -345,9 +421,12 @@ async def history(request: web.Request) -> web.Response:
 
 @comfy_routes("/view")("GET")
 async def view(request: web.Request) -> web.Response:
-    """An image by the file name /history and `executed` give (`<job id>.png`)."""
+    """An image by the file name /history and `executed` give (`<job id>.png`), or with `type=input`
+    an upload by its name and subfolder, as ComfyUI's page shows a LoadImage's picture."""
     jobs: JobService = request.app[SERVICE]
     filename = request.query.get("filename", "")
+    if request.query.get("type") == "input":
+        return await view_upload(jobs, owner_of(request), request.query.get("subfolder", ""), filename)
     if request.query.get("subfolder") or not filename.endswith(".png"):
         return failure(404, "not_found", "no such image here: images are <job id>.png, with no subfolder", filename)
     try:
@@ -357,6 +436,22 @@ async def view(request: web.Request) -> web.Response:
     except BROKER_DOWN:
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
     return web.Response(body=data, content_type=status.image.content_type)
+
+
+async def view_upload(jobs: JobService, owner: str | None, subfolder: str, filename: str) -> web.Response:
+    """An upload of the caller's, by subfolder and name, with the content type its bytes say."""
+    path = input_path(f"{subfolder.rstrip('/')}/{filename}" if subfolder else filename)
+    if path is None:
+        return failure(404, "not_found", "no such upload here: not an uploaded image's name", f"{subfolder}/{filename}")
+    try:
+        data = await uploaded(jobs, owner, path)
+    except RequestInvalid as exc:
+        return failure(404, "not_found", str(exc), path)
+    except BROKER_DOWN:
+        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    kind = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"RIFF": "image/webp"}
+    content_type = next((t for magic, t in kind.items() if data.startswith(magic)), "application/octet-stream")
+    return web.Response(body=data, content_type=content_type)
 
 
 def unfinished_prompts(jobs: JobService, owner: str | None) -> tuple[list[ComfyPrompt], list[ComfyPrompt]]:
@@ -402,7 +497,7 @@ async def change_queue(request: web.Request) -> web.Response:
         return failure(400, "invalid_request", "Cannot read the request", str(exc))
     if not isinstance(body, dict) or not isinstance(body.get("delete", []), list) or not isinstance(body.get("clear", False), bool):
         return failure(400, "invalid_request", 'send {"delete": [prompt_id, ...]} or {"clear": true}')
-    doomed = [p for prompt_id in body.get("delete", []) if visible(p := jobs.comfy.get(str(prompt_id)), owner)]
+    doomed = [p for prompt_id in body.get("delete", []) if visible(p := jobs.comfy.get(str(prompt_id), owner), owner)]
     if body.get("clear"):
         doomed += unfinished_prompts(jobs, owner)[1]
     return await cancelled(jobs, doomed, owner)
@@ -421,7 +516,7 @@ async def interrupt(request: web.Request) -> web.Response:
             return failure(400, "invalid_request", "Cannot read the request", str(exc))
     named = body.get("prompt_id") if isinstance(body, dict) else None
     if named:
-        prompt = jobs.comfy.get(str(named))
+        prompt = jobs.comfy.get(str(named), owner)
         return await cancelled(jobs, [prompt] if visible(prompt, owner) else [], owner)
     return await cancelled(jobs, unfinished_prompts(jobs, owner)[0], owner)
 
@@ -435,14 +530,38 @@ class Socket:
     def __init__(self, ws: web.WebSocketResponse, jobs: JobService, owner: str | None):
         self.ws, self.jobs, self.owner = ws, jobs, owner
         self.lock = asyncio.Lock()
+        self.previews = jobs.settings.comfy_previews
 
     async def send(self, kind: str, data: dict) -> None:
         async with self.lock:
             await self.ws.send_json({"type": kind, "data": data})
 
-    async def send_preview(self, jpeg: bytes) -> None:
+    async def send_image(self, data: bytes, image_format: int) -> None:
+        """A binary frame in ComfyUI's framing: PREVIEW_IMAGE, the format (JPEG 1, PNG 2), the image."""
         async with self.lock:
-            await self.ws.send_bytes(struct.pack(">II", PREVIEW_IMAGE, JPEG) + jpeg)
+            await self.ws.send_bytes(struct.pack(">II", PREVIEW_IMAGE, image_format) + data)
+
+    def previews_for(self, prompt: ComfyPrompt) -> bool:
+        """Whether the prompt's previews are sent: as its extra_data's preview_method says (ComfyUI's
+        web page sends it), else as the server is set (--comfy-previews; ComfyUI's default is none)."""
+        method = prompt.extra_data.get("preview_method")
+        if method in PREVIEW_METHODS_ON:
+            return True
+        if method in PREVIEW_METHODS_OFF:
+            return False
+        return self.previews
+
+    async def send_socket_images(self, prompt: ComfyPrompt, node: str, records: list[JobStatus | None]) -> None:
+        """A SaveImageWebsocket node run: each image as a binary PNG frame, after ComfyUI's progress for it."""
+        made = [r for r in records if r is not None and r.state is JobState.DONE]
+        for i, record in enumerate(made):
+            try:
+                _, data = await self.jobs.image(record.job_id, owner=self.owner)
+            except (UnknownJob, NotReady) as exc:
+                log.warning("comfy prompt %s: image of job %s not sent: %s", prompt.prompt_id, record.job_id, exc)
+                continue
+            await self.send("progress", {"value": i, "max": len(made), "prompt_id": prompt.prompt_id, "node": node})
+            await self.send_image(data, PNG)
 
     async def status(self, sid: str | None = None) -> None:
         data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": queue_remaining(self.jobs)}}}
@@ -469,6 +588,7 @@ class Socket:
         steps: dict[str, int] = {}
         totals: dict[str, int] = {}
         stopped_by: JobEvent | None = None
+        previews = self.previews_for(prompt)
         try:
             ended = 0
             while ended < len(readers):
@@ -480,8 +600,8 @@ class Socket:
                     steps[event.job_id], totals[event.job_id] = event.step, event.total
                     total = max(totals.values()) * len(prompt.job_ids)
                     await self.send("progress", {"value": sum(steps.values()), "max": total, "prompt_id": pid, "node": sampler})
-                elif event.type == "preview" and event.preview:
-                    await self.send_preview(event.preview)
+                elif event.type == "preview" and event.preview and previews:
+                    await self.send_image(event.preview, JPEG)
                 elif event.type in ("failed", "expired", "cancelled"):
                     stopped_by = event  # the prompt has failed or was stopped: its end is told below
                     break
@@ -493,9 +613,13 @@ class Socket:
         kind, data = ending(prompt, records, stopped_by)
         if kind == "execution_success":
             await self.send("executing", {"node": prompt.decode_node, "display_node": prompt.decode_node, "prompt_id": pid})
-            for node, output in output_images(prompt, records).items():
+            shown = output_images(prompt, records)
+            for node, node_class in sorted(prompt.outputs.items()):
                 await self.send("executing", {"node": node, "display_node": node, "prompt_id": pid})
-                await self.send("executed", {"node": node, "display_node": node, "output": output, "prompt_id": pid})
+                if node_class == SOCKET_OUTPUT:
+                    await self.send_socket_images(prompt, node, records)
+                else:
+                    await self.send("executed", {"node": node, "display_node": node, "output": shown[node], "prompt_id": pid})
         await self.send(kind, data)
         await self.send("executing", {"node": None, "prompt_id": pid})
         await self.status()
@@ -605,6 +729,7 @@ def node_info(jobs: JobService, models: list[str], loras: list[str]) -> dict[str
         "SaveImage": node("SaveImage", "Save Image", "image", {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]},
                           [], output_node=True),
         "PreviewImage": node("PreviewImage", "Preview Image", "image", {"images": ["IMAGE"]}, [], output_node=True),
+        "SaveImageWebsocket": node("SaveImageWebsocket", "SaveImageWebsocket", "image", {"images": ["IMAGE"]}, [], output_node=True),
     }
 
 

@@ -3,7 +3,7 @@
 The graph a text-to-image workflow makes is taken: a checkpoint (`CheckpointLoaderSimple`), LoRAs on it
 (`LoraLoader`, the same strength for the model and the text encoder), two `CLIPTextEncode` texts, an
 `EmptyLatentImage`, one `KSampler` with `denoise` 1, a `VAEDecode` of the checkpoint's VAE, and the
-`SaveImage` / `PreviewImage` nodes that show it; or, for image to image, a `VAEEncode` of a `LoadImage`
+`SaveImage` / `PreviewImage` / `SaveImageWebsocket` nodes that show it; or, for image to image, a `VAEEncode` of a `LoadImage`
 (an image uploaded with `/upload/image`) instead of the `EmptyLatentImage`, with `denoise` as its
 strength, and for inpainting a `SetLatentNoiseMask` of that with a `LoadImage`'s mask (the transparent
 part of its image, as ComfyUI reads it). It becomes a request of `batch_size` images (one from an image): the
@@ -36,8 +36,9 @@ SCHEDULES: dict[tuple[str, str], str] = {
 SAMPLERS = sorted({sampler for sampler, _ in SCHEDULES})
 SCHEDULERS = sorted({scheduler for _, scheduler in SCHEDULES})
 NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode",
-         "SetLatentNoiseMask", "KSampler", "VAEDecode", "SaveImage", "PreviewImage")
-OUTPUTS = ("SaveImage", "PreviewImage")
+         "SetLatentNoiseMask", "KSampler", "VAEDecode", "SaveImage", "PreviewImage", "SaveImageWebsocket")
+OUTPUTS = ("SaveImage", "PreviewImage", "SaveImageWebsocket")
+SOCKET_OUTPUT = "SaveImageWebsocket"  # its images go to the prompt's socket only, never to /history
 LATENTS = ("EmptyLatentImage", "VAEEncode", "SetLatentNoiseMask")  # what a KSampler's latent_image may be
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -133,7 +134,7 @@ class GraphReader:
                 )
         outputs = {node_id: node["class_type"] for node_id, node in graph.items() if node["class_type"] in OUTPUTS}
         if not outputs:
-            raise GraphInvalid("prompt_no_outputs", "Prompt has no outputs", "add a SaveImage or PreviewImage node")
+            raise GraphInvalid("prompt_no_outputs", "Prompt has no outputs", "add a SaveImage, PreviewImage or SaveImageWebsocket node")
         decodes = {output: self.link(output, "images", "VAEDecode") for output in outputs}
         found = {d for d in decodes.values() if d is not None}
         if len(found) > 1:

@@ -1,5 +1,7 @@
 """One middleware turns every failure into a JSON answer: 4xx naming the problem, 503 with
-Retry-After while NATS is unreachable, and a logged 500 only for a real bug."""
+Retry-After while NATS is unreachable, and a logged 500 only for a real bug; and the JSON reader. A request
+too malformed to reach a handler (a bad request line or header) is answered 400 by aiohttp and logged as one
+WARNING line by ServerLog, not as an ERROR with a traceback."""
 
 from __future__ import annotations
 
@@ -9,14 +11,18 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.accept import NotAcceptable
-from gateway.jobs import BROKER_DOWN, Forbidden, NotReady, UnknownJob
+from gateway.body import OFF_LOOP_BYTES, BodyTooLarge, BodyTooSlow, EncodingRefused
+from gateway.jobs import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
 from gateway.ratelimit import RateLimited
+from schemas.storage import StoreFull, full_message
 from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
 
+RETRY_AFTER_S = 2  # what a 503 asks a client to wait while the broker is away
 MAX_LISTED_ERRORS = 20  # a body of 100,000 unknown fields gets an answer of a readable size
 MAX_ERROR_CHARS = 300  # an 8 MB model name is not echoed back whole
 
@@ -46,15 +52,8 @@ def lone_surrogate(data: Any) -> str | None:
     return None
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or a RequestInvalid that says what is wrong with it."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise
-    except web.RequestPayloadError as exc:  # a Content-Encoding that does not decode, a broken chunk
-        detail = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
-        raise RequestInvalid([{"field": "body", "message": f"unreadable body: {detail}"}]) from None
+def decode_json(raw: bytes) -> Any:
+    """The bytes as JSON, or a RequestInvalid that says what is wrong with them."""
     if not raw.strip():
         raise RequestInvalid([{"field": "body", "message": "empty body; send a JSON object"}])
     try:
@@ -74,6 +73,15 @@ async def read_json(request: web.Request) -> Any:
     return data
 
 
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a RequestInvalid that says what is wrong with it: the body as the
+    body middleware read it (within its caps), a large one parsed in a thread."""
+    raw = await request.read()
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(decode_json, raw)
+    return decode_json(raw)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
     try:
@@ -86,25 +94,58 @@ async def errors_middleware(request: web.Request, handler):
         return web.json_response({"error": f"unknown task_id {exc.args[0]!r}"}, status=404)
     except Forbidden as exc:
         return web.json_response({"error": str(exc), "field": exc.field}, status=403)
+    except IdempotencyKeyReused as exc:
+        return web.json_response({"error": str(exc), "field": "Idempotency-Key"}, status=422)
     except RateLimited as exc:
         return web.json_response({"error": str(exc)}, status=429, headers={"Retry-After": str(exc.retry_after_s)})
     except NotReady as exc:
         return web.json_response({"error": str(exc)}, status=404)
     except web.HTTPRequestEntityTooLarge as exc:
         return web.json_response({"error": f"body too large: {exc.text}", "field": "body"}, status=413)
+    except BodyTooLarge as exc:
+        return web.json_response({"error": f"body too large: {exc}", "field": "body"}, status=413)
+    except BodyTooSlow as exc:
+        return web.json_response({"error": f"request timeout: {exc}", "field": "body"}, status=408)
+    except EncodingRefused as exc:
+        return web.json_response({"error": str(exc), "field": "Content-Encoding"}, status=415)
     except web.HTTPException as exc:
         if exc.content_type == "application/json":
             raise
         return web.json_response({"error": exc.reason}, status=exc.status, headers={
             k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")
         })
-    except BROKER_DOWN as exc:
+    except HttpProcessingError as exc:  # a body part's headers aiohttp refused, read by a handler
+        return web.json_response({"error": f"malformed request: {clipped(' '.join(str(exc.message).split()))}", "field": "body"}, status=400)
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:  # a bucket at its max_bytes answers as a broker away would
+            return web.json_response({"error": full}, status=507)
         log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
         return web.json_response(
-            {"error": "the job broker (NATS) is unavailable; retry shortly"}, status=503, headers={"Retry-After": "2"}
+            {"error": "the job broker (NATS) is unavailable; retry shortly"}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}
         )
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response({"error": "internal error"}, status=500)
+
+
+def one_line(exc: HttpProcessingError) -> str:
+    """aiohttp's parser message (the reason, the offending line, a caret under it) on one line."""
+    lines = (line.strip() for line in str(exc.message).splitlines())
+    return clipped(" ".join(line for line in lines if line and set(line) != {"^"}))
+
+
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger, less the traceback of a malformed request: aiohttp answers it 400 and
+    logs it with logger.exception; this makes that one WARNING line naming the client and the problem.
+    Any other exception is logged as aiohttp logs it."""
+
+    def __init__(self, logger: logging.Logger | None = None):
+        super().__init__(logger or logging.getLogger("aiohttp.server"), {})
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self.logger.warning("malformed request from %s: %s", args[0] if args else "?", one_line(exc_info))
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)

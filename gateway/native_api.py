@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 from gateway.accept import answers_image
 from gateway.auth import socket_key
 from gateway.event_feed import event_json, follow
+from gateway.body import takes_images
 from gateway.http_errors import read_json
 from gateway.jobs import JobService, NotReady, UnknownJob, listing_key
 from gateway.mflux_api import SERVICE, caller, owner_of
@@ -99,6 +100,7 @@ def wait_seconds(request: web.Request) -> float:
 
 
 @routes.post("/v1/jobs")
+@takes_images
 async def submit(request: web.Request) -> web.Response:
     """202 with the queued job; with a wait, 201 once the job (every job of a group) has ended within
     it, else 202 with the job as it is then. With a wait and an Accept header that ranks the image's
@@ -231,11 +233,27 @@ async def get_image(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/jobs/{job_id}/cancel")
-@routes.delete("/v1/jobs/{job_id}")
 async def cancel_job(request: web.Request) -> web.Response:
     jobs = request.app[SERVICE]
     status = await jobs.cancel(request.match_info["job_id"], owner=owner_of(request))
     return web.json_response(job_view(jobs, status).model_dump())
+
+
+@routes.delete("/v1/jobs/{job_id}")
+async def delete_job(request: web.Request) -> web.Response:
+    """An unfinished job is cancelled, as POST .../cancel does (its record stays, to be read and
+    deleted later); a finished one (done, failed, cancelled, expired) is removed with its image, as
+    mflux-server's `delete=true` removes a task: answered as it was with `deleted: true`, then 404."""
+    jobs = request.app[SERVICE]
+    job_id, owner = request.match_info["job_id"], owner_of(request)
+    status = await jobs.get(job_id, owner=owner)
+    if not status.state.final:
+        status = await jobs.cancel(job_id, owner=owner)
+        return web.json_response(job_view(jobs, status).model_dump())
+    view = job_view(jobs, status).model_copy(update={"deleted": True, "image_url": None})
+    await jobs.delete(job_id, owner=owner)
+    log.info("job %s deleted (%s)", job_id, status.state.value, extra={"job_id": job_id})
+    return web.json_response(view.model_dump())
 
 
 @routes.get("/v1/jobs/{job_id}/events")

@@ -3,7 +3,10 @@
 Each of the `n` images is one job on the queue, with seeds seed, seed+1, ... (a random first seed when
 none is sent), queued as one group through `gateway.submission` like a native request with `n`. The
 handler follows the jobs until all are done (at most WAIT_S seconds, then 504 and the jobs are
-cancelled) and answers base64 images or absolute URLs of `/v1/jobs/{id}/image`.
+cancelled) and answers base64 images or absolute URLs of `/v1/jobs/{id}/image`. Without
+`response_format` the answer is OpenAI's default for the model named: base64 for the GPT image models,
+URLs for the DALL-E ones, for no model and for the models served here. Edits and variations
+(`gateway.openai_edits`) and the model list (`gateway.openai_models`) answer the same way.
 
 `model` is a served model or an OpenAI name (dall-e-2, dall-e-3, gpt-image-*), which means the current
 model. `quality` scales the model's default steps: low takes half, standard/medium/auto the default,
@@ -28,8 +31,9 @@ from pydantic import ValidationError
 
 from gateway.auth import ApiKey
 from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, Forbidden, JobService, NotReady, UnknownJob
+from gateway.jobs import BROKER_DOWN, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller
+from gateway.proxies import public_origin
 from gateway.ratelimit import RateLimited
 from gateway.submission import submit_request
 from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
@@ -37,15 +41,18 @@ from schemas.job import new_seed
 from schemas.names import Tier
 from schemas.request import GenerateRequest, RequestInvalid, field_named_by, parse_request
 from schemas.status import JobState, JobStatus
+from schemas.storage import StoreFull, full_message
 
 log = logging.getLogger("imagegen.gateway.openai")
 routes = web.RouteTableDef()
 
 WAIT_S = 600.0
 OPENAI_MODELS = ("dall-e-", "gpt-image-", "chatgpt-image-")
+B64_ONLY_MODELS = ("gpt-image-", "chatgpt-image-")  # OpenAI's models that answer base64 only
 DEFAULT_SIZE = (1024, 1024)
 QUALITY_SCALE = {"low": 0.5, "high": 1.5, "hd": 1.5}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+UPLOAD_PARAMS = {"init_image": "image", "mask_image": "mask"}  # the edit and variation params they come from
 SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 
 
@@ -84,7 +91,7 @@ def param_of(field: str, *, steps_given: bool) -> str:
         return "output_compression"
     if field == "steps" and not steps_given:
         return "quality"
-    return field
+    return UPLOAD_PARAMS.get(field, field)
 
 
 def described(error: dict[str, str], *, steps_given: bool) -> str:
@@ -114,7 +121,7 @@ def parse_body(body: object) -> OpenAIImageRequest:
             raise bad(param, "unrecognized request argument", "unknown_parameter") from None
         if err["type"] == "missing":
             raise bad(param, "Missing required parameter", "missing_required_parameter") from None
-        raise bad(param, err["msg"]) from None
+        raise bad(param, err["msg"].removeprefix("Value error, ")) from None
 
 
 def parse_size(size: str | None) -> tuple[int, int]:
@@ -175,13 +182,6 @@ def tier_for(key: ApiKey | None) -> Tier | None:
     if key is None or Tier.NORMAL in key.tiers:
         return None
     return next((t for t in (Tier.LOW, Tier.HIGH) if t in key.tiers), None)
-
-
-def public_origin(request: web.Request) -> str:
-    """This gateway as the caller reached it, through a proxy that sets X-Forwarded-* too."""
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
-    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
-    return f"{proto}://{host}"
 
 
 def job_failure(job_id: str, state: str, reason: str | None) -> OpenAIFailure:
@@ -265,6 +265,49 @@ async def until_done(
             await cancel_all(jobs, job_ids, owner)
 
 
+def default_response_format(model: str | None) -> str:
+    """OpenAI's default: b64_json for the GPT image models (they answer nothing else), url for the DALL-E
+    ones, for no model and for the models served here."""
+    return "b64_json" if model is not None and model.startswith(B64_ONLY_MODELS) else "url"
+
+
+async def answer_images(
+    request: web.Request, base: GenerateRequest, *, response_format: str | None, model_name: str | None,
+    output_format: str | None = None, what: str = "images",
+) -> web.Response:
+    """Queues `base` for the caller (its API key's tier), waits for every image and answers OpenAI's
+    images response: base64 or URLs (`response_format`, else OpenAI's default for `model_name`)."""
+    jobs = request.app[SERVICE]
+    who = caller(request)
+    owner = who.get("owner")
+    tier = tier_for(who.get("key"))
+    if tier is not None:
+        base = base.model_copy(update={"tier": tier})
+    as_url = (response_format or default_response_format(model_name)) == "url"
+    started = time.monotonic()
+
+    async def collect(finished: list[JobStatus]) -> list[OpenAIImage]:
+        images = []
+        for status in finished:
+            item = OpenAIImage(job_id=status.job_id, seed=status.seed)
+            if as_url:
+                item.url = f"{public_origin(request, jobs.settings.trust_proxy)}/v1/jobs/{status.job_id}/image"
+            else:
+                item.b64_json = base64.b64encode(await image_data(jobs, status.job_id, owner)).decode("ascii")
+            images.append(item)
+        return images
+
+    finished, images = await until_done(jobs, base, who, collect)
+    job_ids = [status.job_id for status in finished]
+    made = finished[0].request or {}
+    width, height = made.get("width", base.width), made.get("height", base.height)
+    log.info("%s %s: %d done in %.1fs, %dx%d", what, ",".join(job_ids), len(job_ids), time.monotonic() - started, width, height)
+    answer = OpenAIImagesResponse(
+        created=int(time.time()), data=images, size=f"{width}x{height}", output_format=output_format or "png"
+    )
+    return web.json_response(answer.model_dump(exclude_none=True))
+
+
 async def generate(request: web.Request) -> web.Response:
     jobs = request.app[SERVICE]
     ask = parse_body(await read_json(request))
@@ -279,55 +322,39 @@ async def generate(request: web.Request) -> web.Response:
     else:
         steps = quality_steps(jobs, model or await jobs.current_model(), ask.quality)
     base = build_request(ask, width=width, height=height, model=model, steps=steps, limits=jobs.settings.limits)
-
-    who = caller(request)
-    owner = who.get("owner")
-    tier = tier_for(who.get("key"))
-    if tier is not None:
-        base = base.model_copy(update={"tier": tier})
-    started = time.monotonic()
-
-    async def collect(finished: list[JobStatus]) -> list[OpenAIImage]:
-        images = []
-        for status in finished:
-            item = OpenAIImage(job_id=status.job_id, seed=status.seed)
-            if ask.response_format == "url":
-                item.url = f"{public_origin(request)}/v1/jobs/{status.job_id}/image"
-            else:
-                item.b64_json = base64.b64encode(await image_data(jobs, status.job_id, owner)).decode("ascii")
-            images.append(item)
-        return images
-
-    finished, images = await until_done(jobs, base, who, collect)
-    job_ids = [status.job_id for status in finished]
-    log.info(
-        "images %s: %d done in %.1fs, %dx%d", ",".join(job_ids), len(job_ids), time.monotonic() - started, width, height
+    return await answer_images(
+        request, base, response_format=ask.response_format, model_name=ask.model, output_format=ask.output_format
     )
-    answer = OpenAIImagesResponse(
-        created=int(time.time()), data=images, size=f"{width}x{height}", output_format=ask.output_format or "png"
-    )
-    return web.json_response(answer.model_dump(exclude_none=True))
 
 
-@routes.post("/v1/images/generations")
-async def generations(request: web.Request) -> web.Response:
+async def answered(run, request: web.Request) -> web.Response:
+    """`run(request)`, with every failure in OpenAI's error shape."""
     try:
-        return await generate(request)
+        return await run(request)
     except OpenAIFailure as exc:
         return exc.response()
     except RequestInvalid as exc:
         return from_invalid(exc, steps_given=True).response()
     except Forbidden as exc:
         return OpenAIFailure(403, str(exc), param=exc.field, kind="permission_error", code="forbidden").response()
+    except IdempotencyKeyReused as exc:
+        return OpenAIFailure(422, str(exc), code="idempotency_key_reused").response()
     except RateLimited as exc:
         return OpenAIFailure(
             429, str(exc), kind="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)}
         ).response()
     except web.HTTPRequestEntityTooLarge as exc:
         return OpenAIFailure(413, f"body too large: {exc.text}", code="body_too_large").response()
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return OpenAIFailure(507, full, kind="server_error", code="storage_full").response()
         log.warning("images request: broker unavailable: %s", exc)
         return OpenAIFailure(
             503, "the job broker (NATS) is unavailable; retry shortly", kind="server_error", code="service_unavailable",
             headers={"Retry-After": "2"},
         ).response()
+
+
+@routes.post("/v1/images/generations")
+async def generations(request: web.Request) -> web.Response:
+    return await answered(generate, request)

@@ -10,12 +10,17 @@ from pydantic import BaseModel
 from swagger_ui_bundle import swagger_ui_path
 
 from schemas.http import (
+    OpenAIModel,
+    OpenAIModelList,
     ErrorBody,
     A1111Error,
     A1111Images,
     A1111Img2ImgRequest,
     A1111Lora,
+    A1111Embeddings,
+    A1111Memory,
     A1111Model,
+    A1111Scripts,
     A1111Options,
     A1111OptionsUpdate,
     A1111Progress,
@@ -58,10 +63,19 @@ ACCEPT = {
     "description": "image/* (or the job's image type ranked above application/json) with a wait: the 201 is the image itself",
     "schema": {"type": "string"},
 }
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header",
+    "description": "Names this request: sent again with the same body it answers the jobs queued the first time; with another body, 422",
+    "schema": {"type": "string", "maxLength": 255},
+}
+KEY_REUSED = {
+    "description": "The Idempotency-Key came before with another request",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+}
 
 # (method, path, summary, tag, request body model, response model, parameters, extra responses)
 OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dict], dict]] = [
-    ("post", "/api/generate", "Queue an image (mflux-server)", "mflux", GenerateRequest, MfluxGenerateResponse, [], {}),
+    ("post", "/api/generate", "Queue an image (mflux-server)", "mflux", GenerateRequest, MfluxGenerateResponse, [IDEMPOTENCY_KEY], {"422": KEY_REUSED}),
     ("get", "/api/status", "Status of a task (mflux-server)", "mflux", None, MfluxStatusResponse, [TASK_ID], {}),
     (
         "get",
@@ -90,8 +104,9 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         "jobs",
         GenerateRequest,
         JobView,
-        [WAIT, PREFER, ACCEPT],
+        [WAIT, PREFER, ACCEPT, IDEMPOTENCY_KEY],
         {
+            "422": KEY_REUSED,
             "201": {
                 "description": "Ended within the wait: the job, or with an Accept that ranks the image first, the image itself",
                 "content": {
@@ -122,7 +137,7 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
     ),
     ("get", "/v1/jobs/{job_id}", "A job's status, position and ETA; with wait, once it has ended", "jobs", None, JobView, [JOB_ID, WAIT], {}),
     ("get", "/v1/jobs/{job_id}/image", "The finished image", "jobs", None, "image", [JOB_ID], {}),
-    ("delete", "/v1/jobs/{job_id}", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
+    ("delete", "/v1/jobs/{job_id}", "Cancel an unfinished job; remove a finished one and its image (deleted: true, then 404)", "jobs", None, JobView, [JOB_ID], {}),
     ("post", "/v1/jobs/{job_id}/cancel", "Cancel a job", "jobs", None, JobView, [JOB_ID], {}),
     ("get", "/v1/jobs/{job_id}/events", "The job's events as Server-Sent Events", "jobs", None, "sse", [JOB_ID], {}),
     ("get", "/v1/groups/{group_id}", "The jobs of a request with n images", "jobs", None, GroupView, [GROUP_ID], {}),
@@ -143,8 +158,39 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         "openai",
         OpenAIImageRequest,
         OpenAIImagesResponse,
+        [IDEMPOTENCY_KEY],
+        {code: OpenAIError for code in ("400", "403", "422", "429", "502", "503", "504")},
+    ),
+    (
+        "post",
+        "/v1/images/edits",
+        "Edit an image (OpenAI Images API; multipart: image or image[], mask whose transparent area is redrawn, prompt, n, size, response_format)",
+        "openai",
+        None,
+        OpenAIImagesResponse,
         [],
         {code: OpenAIError for code in ("400", "403", "429", "502", "503", "504")},
+    ),
+    (
+        "post",
+        "/v1/images/variations",
+        "Variations of an image, as image-to-image (OpenAI Images API; multipart: image, n, size, response_format)",
+        "openai",
+        None,
+        OpenAIImagesResponse,
+        [],
+        {code: OpenAIError for code in ("400", "403", "429", "502", "503", "504")},
+    ),
+    ("get", "/v1/models", "The served models in OpenAI's list shape", "openai", None, OpenAIModelList, [], {}),
+    (
+        "get",
+        "/v1/models/{model_id}",
+        "One served model, or an OpenAI model name (the current model), in OpenAI's shape",
+        "openai",
+        None,
+        OpenAIModel,
+        [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        {"404": OpenAIError},
     ),
     (
         "post",
@@ -196,7 +242,16 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
         [],
         {code: A1111Error for code in ("503",)},
     ),
-    ("get", "/sdapi/v1/sd-models", "The served models (AUTOMATIC1111's API)", "a1111", None, [A1111Model], [], {}),
+    ("get", "/sdapi/v1/sd-models", "The served models with their hashes (AUTOMATIC1111's API)", "a1111", None, [A1111Model], [], {}),
+    ("get", "/sdapi/v1/memory", "The gateway's RAM; CUDA unavailable (AUTOMATIC1111's API)", "a1111", None, A1111Memory, [], {}),
+    ("get", "/sdapi/v1/cmd-flags", "A1111's command-line flags as this server stands (AUTOMATIC1111's API)", "a1111", None, None, [], {}),
+    ("get", "/sdapi/v1/scripts", "No scripts here (AUTOMATIC1111's API)", "a1111", None, A1111Scripts, [], {}),
+    ("get", "/sdapi/v1/embeddings", "No embeddings here (AUTOMATIC1111's API)", "a1111", None, A1111Embeddings, [], {}),
+    *[("get", f"/sdapi/v1/{name}", f"Empty: no {name.replace('-', ' ')} here (AUTOMATIC1111's API)", "a1111", None, "empty", [], {})
+      for name in ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers", "prompt-styles",
+                   "script-info", "extensions", "realesrgan-models")],
+    *[("post", f"/sdapi/v1/{name}", "Nothing to rescan: workers load their weights at start (AUTOMATIC1111's API); answers null",
+       "a1111", None, "null", [], {}) for name in ("refresh-checkpoints", "refresh-vae", "refresh-embeddings")],
     ("get", "/sdapi/v1/loras", "The LoRA adapters the current model's workers loaded, for <lora:NAME:WEIGHT> in prompts (AUTOMATIC1111's API)", "a1111", None, [A1111Lora], [], {}),
     ("post", "/sdapi/v1/refresh-loras", "Nothing to rescan: the list is the live workers' (AUTOMATIC1111's API); answers null", "a1111", None, "null", [], {}),
     ("get", "/sdapi/v1/samplers", "The samplers txt2img takes (AUTOMATIC1111's API)", "a1111", None, [A1111Sampler], [], {}),
@@ -296,6 +351,8 @@ def build_spec() -> dict[str, Any]:
             ok = {"description": "Events", "content": {"text/event-stream": {}}}
         elif answer is None:
             ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+        elif answer == "empty":
+            ok = {"description": "OK: an empty list", "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}, "maxItems": 0}}}}
         elif answer == "names":
             ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "array", "items": {"type": "string"}}}}}
         elif answer == "null":

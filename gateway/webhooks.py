@@ -15,10 +15,14 @@ headers of Standard Webhooks (`webhook-id`, `webhook-timestamp`, and with a secr
 answer ends it; a network error, a timeout, 408, 429 or 5xx is tried again after each of `retry_s`;
 any other answer, or the last try failing, gives up, with a log line naming the job and the answer.
 
-Where a call may go: unless the gateway runs with --webhook-allow-private, a host that is or resolves
-to a loopback, private, link-local or otherwise non-public address is refused: at submit when the host
-is an address, at the call for a name (the resolver drops such addresses, so a name that points
-elsewhere by then is caught too). Redirects are not followed.
+Where a call may go: the URL's host is first read the way an HTTP client reads it (percent-escapes
+decoded, IDNA/UTS-46: full-width digits, ideographic full stops, upper case), and that form is checked
+and is what the call goes to (the request keeps it). It must be a plain ASCII name, or an address as
+four decimal numbers or in IPv6 (any other IPv4 spelling is refused). Unless the gateway runs with
+--webhook-allow-private, localhost and an address that is not public (loopback, private, link-local,
+reserved, or one of those inside an IPv6 address) are refused at submit; a name is resolved once at
+the call, its addresses that are not public dropped, and the call connects to one that is left (no
+second lookup, so a name that points elsewhere by then is caught too). Redirects are not followed.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 import time
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
+import idna
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from nats.aio.msg import Msg
@@ -92,40 +98,94 @@ def public_address(address: str) -> bool:
     return all(a.is_global and not a.is_multicast for a in (ip, *inner))
 
 
-def legacy_ipv4(host: str) -> bool:
-    """Whether the C library reads `host` as an IPv4 address written another way than four decimal
-    numbers (127.1, 2130706433, 0177.0.0.1, 0x7f.1), which some clients connect to as such."""
+def legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address the C library reads `host` as when it is written another way than four decimal
+    numbers (127.1, 2130706433, 0177.0.0.1, 0x7f.1), which some clients connect to as such; else None."""
     try:
-        socket.inet_aton(host)
+        packed = socket.inet_aton(host)
     except OSError:
-        return False
+        return None
     try:
-        return str(ipaddress.IPv4Address(host)) != host
+        if str(ipaddress.IPv4Address(host)) == host:
+            return None
     except ValueError:
-        return True
+        pass
+    return ipaddress.IPv4Address(packed)
 
 
-def check_destination(url: str, *, allow_private: bool) -> None:
-    """RequestInvalid when `url`'s host cannot be called: not a valid host name, or, unless private
-    destinations are allowed, an address (or localhost) that is not public. Names are checked again
-    when the call resolves them."""
-    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+NUMBER_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+
+
+def invalid(message: str) -> RequestInvalid:
+    return RequestInvalid([{"field": "webhook", "message": message}])
+
+
+def normalised_host(raw: str) -> str:
+    """`raw` (a URL's host as written) the way an HTTP client reads it: percent-escapes decoded, then
+    mapped by IDNA/UTS-46 (NFKC: full-width digits and letters, the ideographic full stops 。｡．, upper
+    case), a name as its ASCII (punycode) form, an IPv6 address in its short form, no final dot.
+    RequestInvalid when no valid host comes out."""
     try:
-        host.encode("idna")
-    except UnicodeError:
-        raise RequestInvalid([{"field": "webhook", "message": f"host {host[:80]!r} is not a valid host name (an empty or over-long label)"}]) from None
-    if allow_private:
-        return
-    if legacy_ipv4(host):
-        raise RequestInvalid([{"field": "webhook", "message": f"host {host!r} reads as an IPv4 address; write an address as four decimal numbers"}])
+        host = unquote(raw, errors="strict") if "%" in raw else raw
+    except UnicodeDecodeError:
+        raise invalid(f"host {raw[:80]!r} is not a valid host name (percent-escapes that are not UTF-8)") from None
+    if ":" in host:  # only an IPv6 literal has one (urlsplit took the brackets and the port off)
+        try:
+            return ipaddress.IPv6Address(host.split("%", 1)[0]).compressed
+        except ValueError:
+            raise invalid(f"host {raw[:80]!r} is not a valid IPv6 address") from None
+    if not host.isascii():
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise invalid(f"host {raw[:80]!r} is not a valid host name ({exc})") from None
+    return host.lower().removesuffix(".")
+
+
+def check_host(host: str, *, allow_private: bool) -> None:
+    """RequestInvalid unless `host` (normalised) is a plain ASCII name, or, unless private destinations
+    are allowed, a public IP address written as such."""
     try:
-        ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        if host == "localhost" or host.endswith(".localhost"):
-            raise RequestInvalid([{"field": "webhook", "message": f"host {host!r} is this machine; webhooks go to public addresses only"}])
+        ip = None
+    if ip is not None:
+        if not allow_private and not public_address(host):
+            inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else []
+            host += f" (carrying {', '.join(map(str, inner))})" if inner else ""
+            raise invalid(f"address {host} is not public (loopback, private, link-local or reserved); webhooks go to public addresses only")
         return
-    if not public_address(host):
-        raise RequestInvalid([{"field": "webhook", "message": f"address {host} is not public (loopback, private, link-local or reserved); webhooks go to public addresses only"}])
+    labels = host.split(".")
+    if len(host) > 253 or not all(HOST_LABEL.match(label) for label in labels):
+        raise invalid(f"host {host[:80]!r} is not a valid host name (an empty or over-long label, or a character other than a-z, 0-9, '-' and '_')")
+    legacy = legacy_ipv4(host)
+    if legacy is not None or NUMBER_LABEL.match(labels[-1]):  # WHATWG URL parsers read such a host as IPv4
+        seen = f"the IPv4 address {legacy}" if legacy is not None else "an IPv4 address"
+        raise invalid(f"host {host!r} reads as {seen}; write an address as four decimal numbers")
+    if not allow_private and (host == "localhost" or host.endswith(".localhost")):
+        raise invalid(f"host {host!r} is this machine; webhooks go to public addresses only")
+
+
+def check_destination(url: str, *, allow_private: bool) -> str:
+    """The URL a webhook call goes to: `url` with its host normalised as an HTTP client reads it
+    (normalised_host), so what is checked is what is called. RequestInvalid when that host is not a
+    plain ASCII name or an address written as four decimal numbers or in IPv6, or, unless private
+    destinations are allowed, when it is localhost or an address that is not public. Names are checked
+    again when the call resolves them (PublicOnlyResolver)."""
+    parts = urlsplit(url)
+    if parts.hostname is None:
+        raise invalid("must name a host")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise invalid(f"not a URL: {exc}") from None
+    host = normalised_host(parts.hostname)
+    check_host(host, allow_private=allow_private)
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class NotPublic(OSError):
@@ -369,7 +429,7 @@ class WebhookSender:
     async def _post(self, url: str, status: JobStatus, moment: str) -> tuple[str | None, bool]:
         """(None, _) when the receiver took the call; else (what went wrong, whether to try again)."""
         try:
-            check_destination(url, allow_private=self.allow_private)
+            url = check_destination(url, allow_private=self.allow_private)
         except RequestInvalid as exc:
             return str(exc), False
         body = json.dumps(self.render(status)).encode()

@@ -5,7 +5,8 @@ An engine turns one `GenerationTask` into a PIL image, calling `on_step` after e
 image-to-image: it runs `steps_run(steps, strength)` of its steps, starting from the init image noised
 to that point; with a `mask_image` too it is inpainting, and pixels where the mask is black come back
 as they were. It runs in a worker thread,
-never on the event loop. Engines: the diffusers SDXL pipeline (`sdxl.py`, also serving `tiny-sdxl`)
+never on the event loop: on the engine's own thread (`executor`) when it has one, so that loading,
+warm-up and every job share the thread CUDA graphs were recorded on. Engines: the diffusers SDXL pipeline (`sdxl.py`, also serving `tiny-sdxl`)
 and a simulated one (`simulated.py`) for load tests.
 """
 
@@ -39,6 +40,7 @@ class GenerationTask:
     init_image: Image.Image | None = None  # image-to-image: the picture to start from, any size and mode
     mask_image: Image.Image | None = None  # inpainting: white is redrawn, black kept; the init image's size
     strength: float = 1.0  # image-to-image: how far from the init image, 0 < strength <= 1
+    eta: float | None = None  # DDIM's eta (used by the ddim scheduler only); None: 0
 
     @property
     def total_steps(self) -> int:
@@ -63,6 +65,7 @@ class Engine(Protocol):
     default_guidance: float
     has_refiner: bool
     lora_names: tuple[str, ...]  # the LoRA adapters loaded, by name
+    executor: Any  # the single-thread executor the engine was loaded on and runs on; None: any one thread
 
     def refiner_steps(self, task: GenerationTask) -> int:
         """How many of the task's steps run on the refiner (0 without one)."""

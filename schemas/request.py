@@ -11,9 +11,9 @@ import math
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from schemas.names import Tier
 
@@ -55,6 +55,49 @@ def is_random_seed(value: Any) -> bool:
     return isinstance(value, (int, float)) and value == RANDOM_SEED
 
 
+def json_kind(value: Any) -> str:
+    """What a decoded JSON value is, for an error message: a string '512', true, 7.5, an object."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"a string {value[:40]!r}"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return {dict: "an object", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _integer(value: Any) -> Any:
+    """An integer as JSON sends it: a number without a fraction (JSON Schema counts 512.0 as one);
+    not true or false, not a string of digits."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer, got {json_kind(value)}")
+    return value
+
+
+def _boolean(value: Any) -> Any:
+    """true or false; not 1, "yes" or "true"."""
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {json_kind(value)}")
+    return value
+
+
+def _number(value: Any) -> Any:
+    """A JSON number (7 and 7.5 alike); not true or false, not a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, got {json_kind(value)}")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integer)]
+"""An int field that takes only a JSON integer (or a number with no fraction), never a string or a boolean."""
+JsonBool = Annotated[bool, BeforeValidator(_boolean)]
+"""A bool field that takes only true or false."""
+JsonFloat = Annotated[float, BeforeValidator(_number)]
+"""A float field that takes only a JSON number."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Limits:
     """What one deployment accepts. The defaults fit SDXL on a 24 GB GPU."""
@@ -73,6 +116,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+MAX_FIELDS = 200  # fields of one request object; a request has about 30
 
 
 class RequestInvalid(ValueError):
@@ -107,16 +151,16 @@ class GenerateRequest(BaseModel):
         description="Seed; a number or a string of digits. The server picks one when absent or -1 "
         "(AUTOMATIC1111's way of asking for a random seed).",
     )
-    width: int = Field(1024, description="Image width in pixels, a multiple of 8.")
-    height: int = Field(1024, description="Image height in pixels, a multiple of 8.")
-    steps: int | None = Field(None, description="Denoising steps; the model's default when absent.")
-    guidance: float | None = Field(None, ge=0.0, le=30.0, description="Classifier-free guidance scale.")
+    width: JsonInt = Field(1024, description="Image width in pixels, a multiple of 8.")
+    height: JsonInt = Field(1024, description="Image height in pixels, a multiple of 8.")
+    steps: JsonInt | None = Field(None, description="Denoising steps; the model's default when absent.")
+    guidance: JsonFloat | None = Field(None, ge=0.0, le=30.0, description="Classifier-free guidance scale.")
     format: Literal["JPEG", "PNG", "WEBP"] = Field("JPEG", description="Image encoding.")
-    quality: int = Field(85, ge=1, le=100, description="JPEG/WEBP quality, 1..100.")
-    priority: bool = Field(False, description="mflux-server's priority flag: the high tier.")
+    quality: JsonInt = Field(85, ge=1, le=100, description="JPEG/WEBP quality, 1..100.")
+    priority: JsonBool = Field(False, description="mflux-server's priority flag: the high tier.")
     tier: Tier | None = Field(None, description="Priority tier: high, normal or low. Overrides `priority`.")
-    use_refiner: bool = Field(False, description="Hand the latents to the SDXL refiner for the last steps.")
-    refiner_split: float | None = Field(
+    use_refiner: JsonBool = Field(False, description="Hand the latents to the SDXL refiner for the last steps.")
+    refiner_split: JsonFloat | None = Field(
         None,
         gt=0.0,
         lt=1.0,
@@ -126,7 +170,14 @@ class GenerateRequest(BaseModel):
     scheduler: str | None = Field(
         None, description=f"Sampler: one of {', '.join(SCHEDULERS)}; the model's own when absent."
     )
-    loras: dict[str, float] | None = Field(
+    eta: JsonFloat | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="DDIM's eta, 0..1: how much fresh noise each step adds (0, the default: none, deterministic; 1: as "
+        "DDPM). Used by the ddim scheduler only; the others ignore it.",
+    )
+    loras: dict[str, JsonFloat] | None = Field(
         None,
         description="LoRA adapters loaded on the worker, by name, with their weights, e.g. {\"pixel-art\": 0.8}.",
     )
@@ -143,23 +194,23 @@ class GenerateRequest(BaseModel):
         description="Inpainting, with init_image: a mask of the init image's size, base64 or data URL; white areas are "
         "redrawn, black ones kept (grey blends).",
     )
-    strength: float = Field(
+    strength: JsonFloat = Field(
         0.4,
         ge=MIN_STRENGTH,
         le=1.0,
         description=f"With init_image: how much to change it, {MIN_STRENGTH} <= strength <= 1 (mflux-server's default "
         "0.4). The denoiser runs int(steps x strength) of the steps, at least one; 1.0 redraws from noise.",
     )
-    n: int = Field(
+    n: JsonInt = Field(
         1,
         ge=1,
         description="How many images: one job each, with seeds seed, seed+1, ..., grouped under one group id; at most "
         "the server's limit (8 unless configured).",
     )
-    timeout_s: float | None = Field(
+    timeout_s: JsonFloat | None = Field(
         None, gt=0, le=7 * 24 * 3600, description="Give up if no worker has started the job after this many seconds."
     )
-    cache: bool | None = Field(
+    cache: JsonBool | None = Field(
         None,
         description="Result cache: true also caches a request without a seed, false never uses the cache; "
         "absent: requests with a seed are answered from (and stored in) the cache.",
@@ -370,6 +421,8 @@ def parse_request(data: Any, *, limits: Limits = DEFAULT_LIMITS) -> GenerateRequ
     """Validates a decoded body against the model and the limits; raises RequestInvalid naming each bad field."""
     if not isinstance(data, dict):
         raise RequestInvalid([{"field": "body", "message": "must be a JSON object"}])
+    if len(data) > MAX_FIELDS:  # validating (and naming) each of 10,000 unknown fields costs ~0.1 s
+        raise RequestInvalid([{"field": "body", "message": f"has {len(data)} fields; a request has at most {MAX_FIELDS}"}])
     try:
         request = GenerateRequest.model_validate(data)
     except ValidationError as exc:

@@ -71,6 +71,10 @@ class JobStatus(BaseModel):
     cancel_requested: bool = False
     cached: bool = Field(False, description="Answered from the result cache: no GPU ran for this job.")
     cache_key: str | None = Field(None, description="The result-cache key this job's image is stored under once done.")
+    request_digest: str | None = Field(
+        None, description="With an Idempotency-Key: the fingerprint of the request it came with; a repeat of the key "
+        "with another request is refused.",
+    )
     nsfw: bool = Field(False, description="The safety check flagged the image; it was replaced by a black one.")
     deleted: bool = Field(
         False, description="Removed by its owner: hidden everywhere; the record stays until its TTL as a tombstone."

@@ -65,6 +65,10 @@ class WorkerInfo(BaseModel):
     )
     version: str = Field("", description="The imagegen release the worker runs; empty from releases that did not publish it.")
     loras: list[str] | None = Field(None, description="The LoRA adapters it loaded, by name; null from releases that did not publish them.")
+    model_sha256: str | None = Field(
+        None, description="The sha256 of its model's UNet weights (gpu_worker.model_hash), as AUTOMATIC1111's sd-models "
+        "shows a checkpoint's; null when they are not on its disk, or from releases that did not publish it."
+    )
     started_at: float = Field(default_factory=time.time)
     seen_at: float = Field(default_factory=time.time)
     speed: SpeedModel = Field(default_factory=SpeedModel)

@@ -123,7 +123,7 @@ async def test_send_images_false_answers_without_images(service, http):
         ({"override_settings": {"sd_hypernetwork": "x"}}, "override_settings", "only sd_model_checkpoint can be set"),
         ({"width": 100}, "width", "multiple of 8"),
         ({"batch_size": 3, "n_iter": 3}, "batch_size", "batch_size x n_iter is 9 images, over the limit of 8"),
-        ({"cfg_scale": "strong"}, "cfg_scale", "valid number"),
+        ({"cfg_scale": "strong"}, "cfg_scale", "must be a number, got a string 'strong'"),
         ({"prompt": ""}, "prompt", "prompt"),
         ({"refiner_switch_at": 0.8}, "refiner_switch_at", "needs refiner_checkpoint"),
         ({"hr_upscaler_typo": "x"}, "hr_upscaler_typo", "not a field of txt2img"),

@@ -92,6 +92,8 @@ async def test_the_same_prompt_id_queues_once(service, http):
     assert first[1]["number"] == again[1]["number"]
     entry = await history_when_done(http, service.url, "my-own-id-1")
     assert len(entry["outputs"]["9"]["images"]) == 1
+    status, refused = await queue_prompt(http, service.url, workflow(**{"3": {"seed": 78}}), prompt_id="my-own-id-1")
+    assert status == 400 and "prompt_id was sent before with another prompt" in refused["error"]["message"]
 
 
 def without(node: str) -> dict:
@@ -120,6 +122,9 @@ def with_lora(strength_clip: float = 0.5, *, clip_through_lora: bool = True, nam
         (workflow(**{"3": {"scheduler": "exponential"}}), "prompt_outputs_failed_validation", "3", "scheduler", "with euler not in ['normal']"),
         (workflow(**{"3": {"denoise": 0.6}}), "prompt_outputs_failed_validation", "3", "denoise", "needs an image to start from"),
         (workflow(**{"3": {"steps": "many"}}), "prompt_outputs_failed_validation", "3", "steps", "must be an integer"),
+        (workflow(**{"3": {"steps": "2"}}), "prompt_outputs_failed_validation", "3", "steps", "must be an integer here, got '2'"),
+        (workflow(**{"3": {"steps": True}}), "prompt_outputs_failed_validation", "3", "steps", "must be an integer here, got True"),
+        (workflow(**{"3": {"cfg": "7"}}), "prompt_outputs_failed_validation", "3", "cfg", "must be a number here"),
         (workflow(**{"3": {"steps": 500}}), "prompt_outputs_failed_validation", "3", "steps", "between 1 and"),
         (workflow(**{"3": {"latent_image": ["6", 0]}}), "prompt_outputs_failed_validation", "3", "latent_image", "EmptyLatentImage"),
         (workflow(**{"4": {"ckpt_name": "sd_xl_turbo.safetensors"}}), "prompt_outputs_failed_validation", "4", "ckpt_name", "not in ['tiny-sdxl']"),
@@ -249,6 +254,34 @@ async def test_an_upload_that_is_no_image_is_refused(service, http):
         assert r.status == 400 and "multipart form" in (await r.json())["error"]["message"]
 
 
+def form_part(headers: bytes, data: bytes) -> bytes:
+    return b"--B\r\n" + headers + b"\r\n\r\n" + data + b"\r\n--B--\r\n"
+
+
+MALFORMED_FORMS = {
+    "nul-in-filename": form_part(b'Content-Disposition: form-data; name="image"; filename="x.png\0.txt"\r\nContent-Type: image/png', b"png"),
+    "nul-in-name": form_part(b'Content-Disposition: form-data; name="ima\0ge"; filename="x.png"', b"png"),
+    "control-byte-header": form_part(b'Content-Disposition: form-data; name="image"; filename="x.png"\r\nX-Odd: a\x01b', b"png"),
+    "unknown-transfer-encoding": form_part(b'Content-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Transfer-Encoding: rot13', b"png"),
+    "unknown-charset": form_part(b'Content-Disposition: form-data; name="type"\r\nContent-Type: text/plain; charset=no-such-charset', b"input"),
+    "not-utf8-field": form_part(b'Content-Disposition: form-data; name="type"\r\nContent-Type: text/plain; charset=utf-8', b"\xff\xfe"),
+    "nul-in-rfc5987-filename": form_part(b"Content-Disposition: form-data; name=\"image\"; filename*=UTF-8''x.png%00.txt", b"png"),
+    "truncated": b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\nno end",
+}
+"""Multipart bodies no HTTP form reader may crash on (boundary B), by what is wrong with them."""
+
+
+@pytest.mark.parametrize("body", MALFORMED_FORMS.values(), ids=MALFORMED_FORMS.keys())
+async def test_a_malformed_multipart_upload_is_a_400_not_a_crash(service, http, caplog, body):
+    async with http.post(f"{service.url}/upload/image", data=body, headers={"Content-Type": "multipart/form-data; boundary=B"}) as r:
+        assert r.status == 400, await r.text()
+        error = (await r.json())["error"]
+    assert error["type"] == "invalid_request" and error["message"], error
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    status, _ = await upload(http, service.url, picture(8, 8), "after.png", overwrite="true")
+    assert status == 200
+
+
 async def test_a_body_without_a_prompt_is_refused(service, http):
     async with http.post(f"{service.url}/prompt", json={"client_id": "x"}) as r:
         assert r.status == 400 and (await r.json())["error"]["type"] == "no_prompt"
@@ -307,7 +340,7 @@ async def test_the_socket_tells_a_prompts_run_on_another_gateway(broker, data_di
             hello = await ws.receive_json(timeout=10)
             assert hello["type"] == "status" and hello["data"]["sid"] == "tool-1"
             graph = workflow(**{"4": {"ckpt_name": "simulated"}, "3": {"steps": 10}, "5": {"batch_size": 2}})
-            status, queued = await queue_prompt(http, own.url, graph, client_id="tool-1")
+            status, queued = await queue_prompt(http, own.url, graph, client_id="tool-1", extra_data={"preview_method": "auto"})
             assert status == 200, queued
             prompt_id = queued["prompt_id"]
             first_progress = asyncio.Event()
@@ -400,6 +433,22 @@ async def test_with_api_keys_a_prompt_is_its_keys(service, http):
             assert r.status == 404
         async with http.get(f"{url}/view", params={"filename": filename}, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
             assert r.status == 200
-        body = {"prompt": WORKFLOW, "prompt_id": prompt_id}  # another key's prompt id is not to be had
+        # Prompt ids are each key's own: the same id from another key is another prompt, and tells nothing.
+        body = {"prompt": workflow(**{"3": {"seed": 92}}), "prompt_id": prompt_id}
         async with http.post(f"{url}/prompt", json=body, headers={"Authorization": f"Bearer {other_secret}"}) as r:
-            assert r.status == 400 and "prompt_id is taken" in (await r.json())["error"]["message"]
+            assert r.status == 200, await r.text()
+            assert (await r.json())["prompt_id"] == prompt_id
+        async with asyncio.timeout(60):
+            while True:
+                async with http.get(f"{url}/history/{prompt_id}", headers={"Authorization": f"Bearer {other_secret}"}) as r:
+                    if theirs := await r.json():
+                        break
+                await asyncio.sleep(0.05)
+        their_file = theirs[prompt_id]["outputs"]["9"]["images"][0]["filename"]
+        assert their_file != filename
+        async with http.get(f"{url}/history/{prompt_id}", headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+            assert (await r.json())[prompt_id]["outputs"]["9"]["images"][0]["filename"] == filename
+        async with http.get(f"{url}/view", params={"filename": their_file}, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+            assert r.status == 404
+        async with http.get(f"{url}/history", headers={"Authorization": f"Bearer {other_secret}"}) as r:
+            assert [entry["outputs"]["9"]["images"][0]["filename"] for entry in (await r.json()).values()] == [their_file]

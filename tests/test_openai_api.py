@@ -42,10 +42,10 @@ async def test_two_base64_images_that_differ(client):
 
 async def test_seeds_follow_on_so_an_image_can_be_made_again(client):
     pair = await asyncio.to_thread(
-        client.images.generate, prompt="a kite", n=2, size="64x64", extra_body={"seed": 1234, "steps": 2}
+        client.images.generate, model="gpt-image-1", prompt="a kite", n=2, size="64x64", extra_body={"seed": 1234, "steps": 2}
     )
-    again = await asyncio.to_thread(
-        client.images.generate, prompt="a kite", n=1, size="64x64", extra_body={"seed": 1235, "steps": 2}
+    again = await asyncio.to_thread(  # gpt-image-1 answers base64 unless asked otherwise, as OpenAI's does
+        client.images.generate, model="gpt-image-1", prompt="a kite", n=1, size="64x64", extra_body={"seed": 1235, "steps": 2}
     )
     assert [item.seed for item in pair.data] == [1234, 1235]  # imagegen's extra field, kept by the client
     assert decoded(pair.data[1].b64_json).tobytes() == decoded(again.data[0].b64_json).tobytes()
@@ -65,6 +65,45 @@ async def test_urls_fetch_the_images_and_openai_model_names_mean_the_current_mod
     async with http.get(result.data[0].url.removesuffix("/image")) as r:
         job = await r.json()
     assert job["total_steps"] == 2  # quality=low: half of tiny-sdxl's 4 default steps
+
+
+FORWARDED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "images.example.com"}
+
+
+async def image_url(http, url: str, headers: dict[str, str]) -> str:
+    body = {"prompt": "a pier", "size": "64x64", "response_format": "url"}
+    async with http.post(f"{url}/v1/images/generations", json=body, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["data"][0]["url"]
+
+
+async def test_forwarded_headers_are_ignored_unless_the_peer_is_a_trusted_proxy(service, http):
+    port = service.url.rsplit(":", 1)[1]
+    steered = await image_url(http, service.url, {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "evil.example"})
+    assert steered.startswith(f"http://127.0.0.1:{port}/v1/jobs/")
+    assert (await image_url(http, service.url, FORWARDED)).startswith(f"http://127.0.0.1:{port}/v1/jobs/")
+    odd_host = await image_url(http, service.url, {"Host": "evil.example/@x"})  # no host[:port]: the address reached
+    assert odd_host.startswith(f"http://127.0.0.1:{port}/v1/jobs/"), odd_host
+    for trusted in (("127.0.0.1",), ("10.0.0.0/8", "127.0.0.0/8"), ("*",)):
+        behind = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, trust_proxy=trusted))
+        try:
+            url = await image_url(http, f"http://127.0.0.1:{behind.port}", FORWARDED)
+            assert url.startswith("https://images.example.com/v1/jobs/"), (trusted, url)
+            url = await image_url(http, f"http://127.0.0.1:{behind.port}", {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "a/b@evil"})
+            assert url.startswith(f"http://127.0.0.1:{behind.port}/v1/jobs/"), url  # not a scheme or host: ignored
+        finally:
+            await behind.stop()
+    elsewhere = await runtime.start_gateway(GatewaySettings(nats_url=service.nats_url, port=0, trust_proxy=("10.0.0.0/8",)))
+    try:  # the proxy named is not the peer
+        url = await image_url(http, f"http://127.0.0.1:{elsewhere.port}", FORWARDED)
+        assert url.startswith(f"http://127.0.0.1:{elsewhere.port}/v1/jobs/"), url
+    finally:
+        await elsewhere.stop()
+
+
+def test_a_trusted_proxy_that_is_no_address_stops_the_gateway_at_start():
+    with pytest.raises(ValueError, match="'proxy.local' is not an address"):
+        GatewaySettings(trust_proxy=("proxy.local",))
 
 
 @pytest.mark.parametrize(

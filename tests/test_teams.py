@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 
 import nats
@@ -18,6 +19,7 @@ from schemas import names
 from schemas.codec import decode
 from schemas.events import JobEvent
 from tests.conftest import start_service, stop_service, wait_status
+from tests.real_processes import wait_state
 
 SMALL = {"prompt": "a cup", "width": 64, "height": 64, "steps": 2}
 
@@ -96,6 +98,46 @@ async def test_idempotency_key_makes_one_job(service, http):
         async with http.post(f"{service.url}/api/generate", json=SMALL, headers=headers) as r:
             ids.append((await r.json())["task_id"])
     assert ids[0] == ids[1]
+
+
+async def test_an_idempotency_key_sent_again_with_another_body_is_a_422_and_queues_nothing(service, http):
+    """The IETF Idempotency-Key draft: the key names one request; a retry sends the same body (the same
+    fields, in any order, defaults written out or not), a different one is refused."""
+    key = {"Idempotency-Key": f"order-{secrets.token_hex(6)}"}
+    async with http.post(f"{service.url}/v1/jobs", json={**SMALL, "n": 2}, headers=key) as r:
+        assert r.status == 202, await r.text()
+        first = await r.json()
+    same = {"n": 2, "steps": 2, "height": 64, "width": 64, "prompt": "a cup", "format": "JPEG"}
+    async with http.post(f"{service.url}/v1/jobs", json=same, headers=key) as r:
+        assert r.status == 202 and (await r.json())["group_id"] == first["group_id"]
+    for other in ({**SMALL, "n": 2, "prompt": "a saucer"}, {**SMALL, "n": 2, "steps": 3}, {**SMALL, "n": 1}):
+        async with http.post(f"{service.url}/v1/jobs", json=other, headers=key) as r:
+            assert r.status == 422, await r.text()
+            answer = await r.json()
+        assert answer["field"] == "Idempotency-Key" and "another request" in answer["error"]
+    async with http.post(f"{service.url}/api/generate", json={**SMALL, "prompt": "a mug"}, headers=key) as r:
+        assert r.status == 422  # mflux-server's API: the same key, the same rule
+    async with http.post(f"{service.url}/v1/images/generations", json={"prompt": "a jug", "size": "64x64"}, headers=key) as r:
+        assert r.status == 422 and (await r.json())["error"]["code"] == "idempotency_key_reused"
+    async with http.get(f"{service.url}/v1/jobs") as r:
+        mine = [j for j in await r.json() if j.get("group_id") == first["group_id"] or j["request"]["prompt"] in ("a saucer", "a mug", "a jug")]
+    assert sorted(j["job_id"] for j in mine) == sorted(first["job_ids"])
+
+
+async def test_an_idempotency_key_answered_from_the_result_cache_is_held_to_its_request(service, http):
+    seeded = {**SMALL, "seed": secrets.randbelow(2**31)}
+    async with http.post(f"{service.url}/v1/jobs?wait=60", json=seeded) as r:  # made once: in the cache from now on
+        assert r.status == 201, await r.text()
+        made = await r.json()
+    await wait_state(http, service.url, made["job_id"], {"done"})
+    key = {"Idempotency-Key": f"cached-{secrets.token_hex(6)}"}
+    async with http.post(f"{service.url}/v1/jobs", json=seeded, headers=key) as r:
+        answer = await r.json()
+    assert answer["cached"] is True and answer["state"] == "done", answer
+    async with http.post(f"{service.url}/v1/jobs", json=seeded, headers=key) as r:
+        assert (await r.json())["job_id"] == answer["job_id"]
+    async with http.post(f"{service.url}/v1/jobs", json={**seeded, "seed": seeded["seed"] + 1}, headers=key) as r:
+        assert r.status == 422, await r.text()
 
 
 async def test_blocklisted_prompt_is_refused(keyed, http):

@@ -20,7 +20,7 @@ from gateway.settings import GatewaySettings
 from gateway.webhooks import NotPublic, PublicOnlyResolver
 from imagegen import runtime
 from imagegen.embedded_nats import EmbeddedNats, free_port
-from schemas import names
+from schemas import jobstore, names
 from schemas.codec import encode
 from schemas.job import JobEnvelope
 from schemas.request import Limits, parse_request
@@ -253,6 +253,25 @@ async def public_only(broker):
         ({"webhook": "http://[::7f00:1]/hook"}, "not public"),  # loopback in an IPv4-compatible address
         ({"webhook": "http://[64:ff9b::a00:1]/hook"}, "not public"),  # 10.0.0.1 through NAT64
         ({"webhook": "http://[2002:c0a8:101::]/hook"}, "not public"),  # 192.168.1.1 through 6to4
+        ({"webhook": "http://１２７.０.０.１:9/hook"}, "address 127.0.0.1 is not public"),  # full-width digits
+        ({"webhook": "http://127。0。0。1:9/hook"}, "address 127.0.0.1 is not public"),  # ideographic full stops
+        ({"webhook": "http://127｡0｡0｡1:9/hook"}, "address 127.0.0.1 is not public"),  # half-width ideographic
+        ({"webhook": "http://127．0．0．1:9/hook"}, "address 127.0.0.1 is not public"),  # full-width full stops
+        ({"webhook": "http://1２7.0.0.1:9/hook"}, "address 127.0.0.1 is not public"),  # one full-width digit
+        ({"webhook": "http://%31%32%37.0.0.1:9/hook"}, "address 127.0.0.1 is not public"),  # percent-escaped
+        ({"webhook": "http://%31%30.0.0.1/hook"}, "address 10.0.0.1 is not public"),
+        ({"webhook": "http://ｌｏｃａｌｈｏｓｔ:9/hook"}, "this machine"),
+        ({"webhook": "http://LocalHost./hook"}, "this machine"),
+        ({"webhook": "http://api.localhost/hook"}, "this machine"),
+        ({"webhook": "http://0177.0.0.1/hook"}, "the IPv4 address 127.0.0.1"),  # octal
+        ({"webhook": "http://0x7f.0.0.1/hook"}, "the IPv4 address 127.0.0.1"),  # hex
+        ({"webhook": "http://0x7f000001/hook"}, "the IPv4 address 127.0.0.1"),
+        ({"webhook": "http://１２７.１/hook"}, "the IPv4 address 127.0.0.1"),  # short form, full-width
+        ({"webhook": "http://8.8.8.8.8/hook"}, "reads as an IPv4 address"),  # ends in a number: no name
+        ({"webhook": "http://[::ffff:127.0.0.1]/hook"}, "carrying 127.0.0.1"),  # IPv4-mapped
+        ({"webhook": "http://[::ffff:a9fe:a9fe]/hook"}, "carrying 169.254.169.254"),
+        ({"webhook": "http://exa%20mple.com/hook"}, "not a valid host name"),
+        ({"webhook": "http://%ff.example.com/hook"}, "not a valid host name"),
         ({"webhook": "http://a..example.com/hook"}, "not a valid host name"),
         ({"webhook": "http://" + "a" * 64 + ".example.com/hook"}, "not a valid host name"),
         ({"webhook": "ftp://example.com/hook"}, "http or https"),
@@ -272,6 +291,46 @@ async def test_a_webhook_that_cannot_be_called_is_refused_and_queues_nothing(pub
     assert error["field"].startswith("webhook") and named in error["error"]
     async with http.get(f"{public_only}/v1/jobs") as r:
         assert await r.json() == []
+
+
+async def test_a_webhook_is_kept_and_called_as_its_host_reads(hooked, receiver, http):
+    """Full-width digits and ideographic full stops read as ASCII ones: the job keeps that URL, and the
+    call goes to it (here, where loopback may be called)."""
+    port = receiver.url.rsplit(":", 1)[1]
+    job_id = await submit(http, hooked.url, {**JOB, "webhook": f"http://１２７。０｡0．1:{port}/ok"})
+    async with http.get(f"{hooked.url}/v1/jobs/{job_id}") as r:
+        assert (await r.json())["request"]["webhook"] == f"http://127.0.0.1:{port}/ok"
+    (call,) = await receiver.wait_for(job_id, 1)
+    assert call["path"] == "/ok" and call["job"]["request"]["webhook"] == f"http://127.0.0.1:{port}/ok"
+
+
+async def test_a_public_address_in_another_spelling_is_accepted_as_its_ascii_form(public_only, http):
+    job_id = await submit(http, public_only, {**JOB, "webhook": "https://８．８．８．８/hook?a=%41"})
+    async with http.get(f"{public_only}/v1/jobs/{job_id}") as r:
+        assert (await r.json())["request"]["webhook"] == "https://8.8.8.8/hook?a=%41"
+
+
+async def test_a_job_queued_over_nats_with_a_wide_loopback_webhook_is_not_called(broker, public_only, receiver, http):
+    """Nothing checks a job written straight onto NATS at submit: the call reads the host as the HTTP
+    client would (127.0.0.1 here) and gives up instead of calling it. (Its record is written as a
+    publisher's own gateway would, and cancelled in the queue, to end it with no worker.)"""
+    before = await webhook_calls(http, public_only)
+    wide = receiver.url.replace("127.0.0.1", "１２７。０。０。１")
+    envelope = JobEnvelope.for_request(parse_request({**JOB, "webhook": f"{wide}/ok"}))
+    nc = await nats.connect(broker.url)
+    try:
+        await jobstore.create_status(await nc.jetstream().key_value(names.STATUS_BUCKET), envelope.queued_status())
+    finally:
+        await nc.close()
+    async with asyncio.timeout(30):
+        while True:  # once this gateway's view has the record
+            async with http.post(f"{public_only}/v1/jobs/{envelope.job_id}/cancel") as r:
+                if r.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        while (await webhook_calls(http, public_only) - before)["given_up"] < 1:
+            await asyncio.sleep(0.1)
+    assert receiver.calls == []
 
 
 async def test_a_name_that_resolves_to_this_machine_is_not_called():
