@@ -1,5 +1,5 @@
 """What `imagegen up` writes to its log, as a real process: by default its own lines only (start-up,
-then one line per job event: queued, done), with no progress bars, library notices, request lines or
+then one line per job event: queued, running, done), with no progress bars, library notices, request lines or
 audit records; `--access-log` adds a line per HTTP request and `--audit-log` the audit records."""
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ async def test_the_default_log_is_one_line_per_job_event(tmp_path):
     assert not [line for line in lines if "aiohttp.access" in line or "imagegen.audit" in line], text
     assert "secret lighthouse" not in text  # the prompt is in no line
     about_the_job = [line for line in lines if job_id in line]
-    assert [re.search(r" (queued|done) ", line).group(1) for line in about_the_job] == ["queued", "done"], text
+    events = [re.search(r" (queued|running|done)\b", line) for line in about_the_job]
+    assert [found.group(1) if found else line for found, line in zip(events, about_the_job)] == ["queued", "running", "done"], text
     assert not [line for line in lines if " WARNING " in line and "no CUDA device" not in line], text
 
 
