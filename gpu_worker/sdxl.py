@@ -296,6 +296,10 @@ class SdxlEngine:
         import torch
 
         with torch.inference_mode():
+            if task.stages:
+                from gpu_worker.stages import run_plan
+
+                return run_plan(self, task, on_step)
             latents = self._denoise(task, plan, on_step)
             image = self._decoder.decode(latents, job_id=task.job_id)
         if task.mask_image is None:
