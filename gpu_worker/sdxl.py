@@ -53,6 +53,8 @@ class SdxlSettings:
     vae_tiling: str = "auto"  # auto: tiles above vae_tiling_min_pixels; on; off
     vae_tiling_min_pixels: int = 1536 * 1536
     loras: tuple[str, ...] = ()  # NAME=SOURCE each
+    controlnets: tuple[str, ...] = ()  # NAME=SOURCE each (gpu_worker.controlnet)
+    models_dir: str = "."  # where tiny-controlnet is built
     offload: bool = False  # model CPU offload, for GPUs too small to hold the pipeline
     channels_last: str = "auto"  # auto: on with CUDA
     fuse_qkv: str = "auto"  # auto: on with CUDA unless LoRAs are loaded
@@ -105,6 +107,7 @@ class SdxlEngine:
     default_guidance: float = 5.0
     has_refiner: bool = False
     lora_names: tuple[str, ...] = ()
+    controlnet_names: tuple[str, ...] = ()
     model_sha256: str | None = None  # gpu_worker.model_hash: its UNet weights' sha256, when they are on this disk
     _base: Any = field(default=None, repr=False)
     _refiner: Any = field(default=None, repr=False)
@@ -112,6 +115,7 @@ class SdxlEngine:
     _decoder: Any = field(default=None, repr=False)
     _scheduler_configs: dict[str, Any] = field(default_factory=dict, repr=False)
     _derived: dict[str, Any] = field(default_factory=dict, repr=False)
+    _controlnets: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, settings: SdxlSettings, *, name: str | None = None) -> "SdxlEngine":
@@ -147,6 +151,9 @@ class SdxlEngine:
         )
         base.set_progress_bar_config(disable=True)
         loras = LoraSet.load(base, adapters)
+        from gpu_worker import controlnet
+
+        controlnets = controlnet.load(settings.controlnets, base=base, dtype=dtype, device=device, models_dir=Path(settings.models_dir))
         refiner = None
         if settings.refiner:
             refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
@@ -183,6 +190,8 @@ class SdxlEngine:
             default_guidance=settings.default_guidance,
             has_refiner=refiner is not None,
             lora_names=loras.names,
+            controlnet_names=tuple(controlnets),
+            _controlnets=controlnets,
             model_sha256=model_sha256(base.unet.config.get("_name_or_path")),
             _base=base,
             _refiner=refiner,

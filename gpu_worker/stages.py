@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from gpu_worker import controlnet
 from gpu_worker.engine import GenerationTask, StepCallback, fit
 from gpu_worker.errors import JobFailed
 from schemas.plan import SampleStage, UpscaleStage, total_steps
@@ -135,7 +136,7 @@ def run_plan(engine: Any, task: GenerationTask, on_step: StepCallback) -> Image.
             if inpaint:
                 raise JobFailed(f"stages.{index}: ControlNet with inpainting is not offered")
             unit = stage.controlnet
-            pipe = engine._controlnet_pipe("controlnet-img2img" if source is not None else "controlnet", unit.model)
+            pipe = controlnet.pipeline(engine, "controlnet-img2img" if source is not None else "controlnet", unit.model)
             control = control_image(task, stage, width, height)
             if source is not None:
                 call["control_image"] = control

@@ -42,6 +42,7 @@ from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
 from schemas.jetstream import ensure_model_lanes, ensure_topology
 from schemas.job import JobEnvelope
+from schemas.plan import expand, is_plan, sizes, stage_parts, total_steps
 from schemas.request import RequestInvalid, limit_problems, steps_run
 from schemas.status import ImageRef, JobState, JobStatus
 from schemas.workers import WorkerInfo
@@ -72,6 +73,8 @@ class RunningJob:
     total: int = 0
     record: tuple[JobStatus, int] | None = None  # the status record as last read or written, and its revision
     marking: asyncio.Future | None = None  # the write that marks the job running, while it is under way
+    parts: list[tuple[int, float, bool]] = field(default_factory=list)  # a plan's sample stages: (steps, mpx, refiner)
+    final_mpx: float = 0.0  # a plan's output size
 
     def remember(self, status: JobStatus | None, revision: int) -> None:
         if status is not None and revision > (self.record[1] if self.record else 0):
@@ -254,6 +257,7 @@ class Worker:
             fairness=self.settings.fairness,
             version=__version__,
             loras=list(self.engine.lora_names),
+            controlnets=list(getattr(self.engine, "controlnet_names", ())),
             model_sha256=getattr(self.engine, "model_sha256", None),
         )
 
@@ -419,10 +423,14 @@ class Worker:
             raise JobExpired()
         if request.model and request.model != self.engine.name:
             await self._reroute(envelope, msg)
-        if request.use_refiner and not self.engine.has_refiner:
-            raise JobFailed("use_refiner: no refiner is loaded on this worker")
         schedule = request.steps or self.engine.default_steps
-        steps = steps_run(schedule, request.strength) if envelope.init_image else schedule  # the steps that run
+        stages = tuple(expand(request, default_steps=schedule, refiner_split=self.settings.refiner_split)) if is_plan(request) else ()
+        if (any(getattr(s, "model", "") == "refiner" for s in stages) or request.use_refiner) and not self.engine.has_refiner:
+            raise JobFailed(f"{'stages' if stages else 'use_refiner'}: no refiner is loaded on this worker")
+        if stages:
+            steps = total_steps(list(stages), schedule, from_image=envelope.init_image is not None, strength=request.strength)
+        else:
+            steps = steps_run(schedule, request.strength) if envelope.init_image else schedule  # the steps that run
         status, revision = await self._read_status(job_id)
         if status is None:  # published straight onto NATS: this worker writes the first record
             status = envelope.queued_status()
@@ -441,6 +449,11 @@ class Worker:
         except RequestInvalid as exc:
             raise JobFailed(str(exc)) from None
         job = RunningJob(envelope=envelope, msg=msg, attempt=attempt, total=steps)
+        if stages:
+            job.parts = stage_parts(list(stages), request.width, request.height, schedule,
+                                    from_image=envelope.init_image is not None, strength=request.strength)
+            width, height = sizes(list(stages), request.width, request.height)[-1]
+            job.final_mpx = width * height / 1e6
         self.current = job
 
         ended: JobState | None = None
@@ -482,6 +495,7 @@ class Worker:
             mask_image=mask_image,
             strength=request.strength,
             eta=request.eta,
+            stages=stages,
         )
         job.stamps.refiner_steps = self.engine.refiner_steps(task)
         loop = asyncio.get_running_loop()
@@ -582,6 +596,22 @@ class Worker:
         elapsed = now - job.started
         request = job.envelope.request
         speed, refiner, first = self.meter.model, job.stamps.refiner_steps, job.stamps.first
+        if job.parts:  # a plan: each stage costed at its own size, scaled by the first stage's measured steps
+            first_steps, first_mpx, _ = job.parts[0]
+            if 1 < step <= first_steps and first:
+                job.base_step_s = (now - first) / (step - 1)
+            modelled = speed.step_s + speed.step_s_per_mpx * first_mpx
+            scale = job.base_step_s / modelled if job.base_step_s and modelled > 0 else 1.0
+            eta = speed.plan_left_s(job.parts, step=step, final_mpx=job.final_mpx, scale=scale)
+            if not job.base_step_s:
+                eta = max(0.0, speed.plan_left_s(job.parts, step=0, final_mpx=job.final_mpx) - elapsed)
+            asyncio.ensure_future(self._event(JobEvent(
+                type="progress", job_id=job.envelope.job_id, ts=ts, step=step, total=total, elapsed_s=elapsed, eta_s=eta
+            )))
+            if now - job.last_status_write >= self.settings.progress_write_s and step < total:
+                job.last_status_write = now
+                asyncio.ensure_future(self._write_step(job, step, job.base_step_s))
+            return
         if 1 < step <= total - refiner and first:  # the base's steps so far tell its step time
             job.base_step_s = (now - first) / (step - 1)
         step_s = job.base_step_s

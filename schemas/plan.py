@@ -149,14 +149,14 @@ class HiresFix(BaseModel):
         return [UpscaleStage(space=self.space, upscaler=self.upscaler, **size), SampleStage(steps=self.steps, denoise=self.denoise)]
 
 
-def expand(request: "GenerateRequest", *, refiner_split: float | None = None) -> list[Any]:
+def expand(request: "GenerateRequest", *, default_steps: int = 30, refiner_split: float | None = None) -> list[Any]:
     """The request's stages: its `stages`, or those its fields and shorthands make (one sample stage
     for today's text-to-image, image-to-image and inpainting; two with `use_refiner`)."""
     if request.stages:
         stages = list(request.stages)
     else:
-        steps = request.steps
-        if request.use_refiner and steps is not None:
+        steps = request.steps or default_steps
+        if request.use_refiner:
             split = request.refiner_split or refiner_split or 0.8
             hand = int(steps * split)
             if 0 < hand < steps:
@@ -200,6 +200,19 @@ def total_steps(stages: list[Any], default_steps: int, *, from_image: bool = Fal
     return sum(stage_steps(s, default_steps, first_from_image=from_image and i == first, strength=strength) for i, s in enumerate(stages))
 
 
+def stage_parts(
+    stages: list[Any], width: int, height: int, default_steps: int, *, from_image: bool = False, strength: float = 1.0
+) -> list[tuple[int, float, bool]]:
+    """(steps, megapixels, on the refiner) of each sample stage, in order: what an ETA costs stage by stage."""
+    parts, first = [], True
+    for stage, (w, h) in zip(stages, sizes(stages, width, height)):
+        if isinstance(stage, SampleStage):
+            steps = stage_steps(stage, default_steps, first_from_image=from_image and first, strength=strength)
+            parts.append((steps, w * h / 1e6, stage.model == "refiner"))
+            first = False
+    return parts
+
+
 def sizes(stages: list[Any], width: int, height: int) -> list[tuple[int, int]]:
     """The image size after each stage."""
     out = []
@@ -217,7 +230,7 @@ def plan_problems(request: "GenerateRequest", limits: "Limits") -> list[dict[str
     if not is_plan(request):
         return []
     field = "stages" if request.stages else "hires" if request.hires is not None else "controlnet"
-    stages = expand(request)
+    stages = expand(request, default_steps=request.steps or 30)
     problems: list[dict[str, str]] = []
     if len(stages) > limits.max_stages:
         return [{"field": field, "message": f"at most {limits.max_stages} stages, this plan has {len(stages)}"}]
