@@ -28,6 +28,7 @@ from gateway.webhooks import check_destination
 from schemas import jobstore, uploads
 from schemas.group import GroupPlan, plan_group, store_uploads
 from schemas.job import Placement, group_job_ids
+from schemas.plan import control_image_text
 from schemas.request import GenerateRequest
 from schemas.status import JobStatus, UploadRef
 
@@ -59,7 +60,7 @@ async def submit_request(
     missing = sum(1 for status in earlier if status is None) if earlier else len(plan.job_ids)
     if key is not None and missing:
         jobs.check_quota(key, missing)
-    if request.init_image is None:  # nothing to decode: no thread
+    if request.init_image is None and control_image_text(request) is None:  # nothing to decode: no thread
         prepared = uploads.prepare(request, jobs.settings.limits)
     else:
         prepared = await asyncio.to_thread(uploads.prepare, request, jobs.settings.limits)

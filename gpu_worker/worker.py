@@ -446,6 +446,7 @@ class Worker:
             )
         try:
             init_image, mask_image = await uploads.fetch_inputs(self.uploads, envelope, self.settings.limits)
+            control_image = await uploads.fetch_control(self.uploads, envelope, self.settings.limits) if stages else None
         except RequestInvalid as exc:
             raise JobFailed(str(exc)) from None
         job = RunningJob(envelope=envelope, msg=msg, attempt=attempt, total=steps)
@@ -496,6 +497,7 @@ class Worker:
             strength=request.strength,
             eta=request.eta,
             stages=stages,
+            control_image=control_image,
         )
         job.stamps.refiner_steps = self.engine.refiner_steps(task)
         loop = asyncio.get_running_loop()

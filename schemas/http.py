@@ -118,6 +118,7 @@ class JobView(BaseModel):
     websocket_url: str
     init_image: UploadRef | None = Field(None, description="Image-to-image: the stored init image.")
     mask_image: UploadRef | None = Field(None, description="Inpainting: the stored mask.")
+    control_image: UploadRef | None = Field(None, description="A plan's ControlNet stages: the stored control image.")
     group_id: str | None = Field(None, description="With n > 1: the group this job belongs to.")
     group_index: int = Field(0, description="Its place in the group; its seed is the first seed + group_index.")
     job_ids: list[str] | None = Field(None, description="With n > 1: every job of the group, in seed order.")

@@ -144,6 +144,17 @@ class HiresFix(BaseModel):
     space: Literal["latent", "pixel"] = "latent"
     upscaler: str | None = None
 
+    @model_validator(mode="after")
+    def _runnable(self) -> "HiresFix":
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give width and height together")
+        if self.scale is not None and self.width is not None:
+            raise ValueError("give scale, or width and height")
+        offered = LATENT_UPSCALERS if self.space == "latent" else PIXEL_UPSCALERS
+        if self.upscaler is not None and self.upscaler not in offered:
+            raise ValueError(f"upscaler {self.upscaler!r}: a {self.space} upscale offers {', '.join(offered)}")
+        return self
+
     def stages(self) -> list[Any]:
         size = dict(width=self.width, height=self.height) if self.width is not None else dict(scale=self.scale or 2.0)
         return [UpscaleStage(space=self.space, upscaler=self.upscaler, **size), SampleStage(steps=self.steps, denoise=self.denoise)]
@@ -260,6 +271,26 @@ def plan_problems(request: "GenerateRequest", limits: "Limits") -> list[dict[str
     if total > limits.max_steps * samples:
         problems.append({"field": field, "message": f"{total} steps in all exceed {limits.max_steps} x {samples} sample stages"})
     return problems
+
+
+def control_image_text(request: "GenerateRequest") -> str | None:
+    """The control image a request sends inline (base64), if any; a plan has one control image."""
+    units = [request.controlnet] + [s.controlnet for s in request.stages or [] if isinstance(s, SampleStage)]
+    return next((u.image for u in units if u is not None and u.image is not None), None)
+
+
+def without_control_image(request: "GenerateRequest") -> "GenerateRequest":
+    """The request with its inline control images taken out (they travel as an upload)."""
+    update: dict[str, Any] = {}
+    if request.controlnet is not None:
+        update["controlnet"] = request.controlnet.model_copy(update={"image": None})
+    if request.stages:
+        update["stages"] = [
+            s.model_copy(update={"controlnet": s.controlnet.model_copy(update={"image": None})})
+            if isinstance(s, SampleStage) and s.controlnet is not None else s
+            for s in request.stages
+        ]
+    return request.model_copy(update=update)
 
 
 def controlnet_names(request: "GenerateRequest") -> list[str]:

@@ -111,7 +111,7 @@ async def gateway_with_keys(nats_url: str, **tiers: list[str]):
 
 @pytest.fixture(scope="session")
 async def service(nats_server, data_dir) -> Service:
-    svc = await start_service(nats_server.url, data_dir)
+    svc = await start_service(nats_server.url, data_dir, controlnets=("edges=tiny-controlnet",))
     yield svc
     await stop_service(svc)
 
