@@ -126,6 +126,10 @@ async def queue_prompt(request: web.Request) -> web.Response:
             if read.mask_name is not None:
                 picture = await uploaded(jobs, owner, read.mask_name, field="mask_image")
                 fields["mask_image"] = await asyncio.to_thread(transparency_mask, picture, jobs.settings.limits)
+            if read.control_name is not None:
+                control = base64.b64encode(await uploaded(jobs, owner, read.control_name, field="controlnet")).decode("ascii")
+                fields["stages"] = [{**st, "controlnet": {**st["controlnet"], "image": control}} if "controlnet" in st else st
+                                    for st in fields["stages"]]
             base = parse_request(fields, limits=jobs.settings.limits)
             who = {"owner": owner, "key": caller(request)["key"]}
             if (tier := tier_for(who["key"])) is not None:

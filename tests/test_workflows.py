@@ -3,6 +3,8 @@ tiny-sdxl worker of the session (which loads the ControlNet `edges`, built from 
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image
 
@@ -79,3 +81,107 @@ async def test_a_job_can_be_cancelled_in_its_second_stage(service, http):
         assert r.status in (200, 202), await r.text()
     final = await finished(http, service.url, job["job_id"])
     assert final["state"] == "cancelled" and 30 <= final["step"] < 90
+
+
+# -- ComfyUI's prompt API ---------------------------------------------------------------------------
+
+from tests.test_comfy_api import WORKFLOW, history_when_done, queue_prompt, upload, workflow  # noqa: E402
+
+
+def sdxl_base_and_refiner(*, steps: int = 6, hand_over: int = 4) -> dict:
+    """ComfyUI's standard SDXL workflow: two checkpoints, the SDXL text encoders, two KSamplerAdvanced."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sdxl.safetensors"}},
+        "12": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_refiner_1.0.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncodeSDXL", "inputs": {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024,
+                                                             "target_height": 1024, "text_g": "a lighthouse", "text_l": "a lighthouse", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncodeSDXL", "inputs": {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024,
+                                                             "target_height": 1024, "text_g": "blurry", "text_l": "", "clip": ["4", 1]}},
+        "15": {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {"ascore": 6, "width": 1024, "height": 1024, "text": "a lighthouse", "clip": ["12", 1]}},
+        "16": {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {"ascore": 2.5, "width": 1024, "height": 1024, "text": "blurry", "clip": ["12", 1]}},
+        "10": {"class_type": "KSamplerAdvanced", "inputs": {
+            "add_noise": "enable", "noise_seed": 7, "steps": steps, "cfg": 8, "sampler_name": "euler", "scheduler": "normal",
+            "start_at_step": 0, "end_at_step": hand_over, "return_with_leftover_noise": "enable",
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "11": {"class_type": "KSamplerAdvanced", "inputs": {
+            "add_noise": "disable", "noise_seed": 0, "steps": steps, "cfg": 8, "sampler_name": "euler", "scheduler": "normal",
+            "start_at_step": hand_over, "end_at_step": 10000, "return_with_leftover_noise": "disable",
+            "model": ["12", 0], "positive": ["15", 0], "negative": ["16", 0], "latent_image": ["10", 0]}},
+        "17": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["12", 2]}},
+        "19": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["17", 0]}},
+    }
+
+
+def hires_fix(*, pixel: bool = False) -> dict:
+    graph = workflow(**{"3": {"steps": 4}})
+    second = {"seed": 5, "steps": 4, "cfg": 8, "sampler_name": "euler", "scheduler": "normal", "denoise": 0.5,
+              "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["20", 0]}
+    graph["21"] = {"class_type": "KSampler", "inputs": second}
+    if pixel:
+        graph["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+        graph["23"] = {"class_type": "ImageScale", "inputs": {"image": ["22", 0], "upscale_method": "bicubic", "width": 96, "height": 80, "crop": "disabled"}}
+        graph["20"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["23", 0], "vae": ["4", 2]}}
+    else:
+        graph["20"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact", "scale_by": 2.0}}
+    graph["8"]["inputs"]["samples"] = ["21", 0]
+    return graph
+
+
+def with_controlnet(name: str, strength: float = 1.0, net: str = "edges.safetensors") -> dict:
+    graph = workflow(**{"3": {"positive": ["31", 0], "negative": ["31", 1], "steps": 4}})
+    graph["30"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": net}}
+    graph["32"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    graph["33"] = {"class_type": "Canny", "inputs": {"image": ["32", 0], "low_threshold": 0.4, "high_threshold": 0.8}}
+    graph["31"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["30", 0], "image": ["33", 0],
+        "strength": strength, "start_percent": 0.0, "end_percent": 1.0}}
+    return graph
+
+
+async def comfy_images(http, url: str, graph: dict) -> list[tuple[dict, np.ndarray]]:
+    status, queued = await queue_prompt(http, url, graph)
+    assert status == 200, queued
+    entry = await history_when_done(http, url, queued["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    found = []
+    for image in next(iter(entry["outputs"].values()))["images"]:
+        async with http.get(f"{url}/view", params={"filename": image["filename"]}) as r:
+            data = await r.read()
+        async with http.get(f"{url}/v1/jobs/{image['filename'].removesuffix('.png')}") as r:
+            job = await r.json()
+        found.append((job, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)))
+    return found
+
+
+async def test_comfy_standard_sdxl_workflow_hands_over_to_the_refiner(service, http):
+    [(job, image)] = await comfy_images(http, service.url, sdxl_base_and_refiner(hand_over=4))
+    assert job["request"]["stages"][0]["end_step"] == 4 and job["request"]["stages"][1] == {
+        "kind": "sample", "model": "refiner", "steps": 6, "guidance": 8.0, "scheduler": "euler", "start_step": 4}
+    assert job["total_steps"] == 6 and job["step"] == 6
+    [(_, later)] = await comfy_images(http, service.url, sdxl_base_and_refiner(hand_over=5))
+    assert np.abs(image - later).mean() > 0.5
+
+
+async def test_comfy_hires_fix_graphs_make_the_larger_image(service, http):
+    [(job, image)] = await comfy_images(http, service.url, hires_fix())
+    assert image.shape[:2] == (128, 128) and job["total_steps"] == 6
+    [(_, image)] = await comfy_images(http, service.url, hires_fix(pixel=True))
+    assert image.shape[:2] == (80, 96)
+
+
+async def test_comfy_controlnet_and_a_batch(service, http):
+    square_png = io.BytesIO()
+    square().save(square_png, format="PNG")
+    status, _ = await upload(http, service.url, square_png.getvalue(), "square.png", overwrite="true")
+    assert status == 200
+    [(_, plain)] = await comfy_images(http, service.url, workflow(**{"3": {"steps": 4}}))
+    [(job, guided)] = await comfy_images(http, service.url, with_controlnet("square.png"))
+    [(_, unweighted)] = await comfy_images(http, service.url, with_controlnet("square.png", strength=0.0))
+    assert job["request"]["stages"][0]["controlnet"]["preprocessor"] == "canny"
+    assert np.abs(plain - guided).mean() > 0.5 and np.array_equal(plain, unweighted)
+    status, refused = await queue_prompt(http, service.url, with_controlnet("square.png", net="depth.safetensors"))
+    assert status == 400 and "depth" in str(refused), refused
+    batch = workflow(**{"3": {"latent_image": ["40", 0], "steps": 2}})
+    batch["40"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["5", 0], "amount": 2}}
+    assert len(await comfy_images(http, service.url, batch)) == 2
