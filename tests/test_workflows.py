@@ -185,3 +185,44 @@ async def test_comfy_controlnet_and_a_batch(service, http):
     batch = workflow(**{"3": {"latent_image": ["40", 0], "steps": 2}})
     batch["40"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["5", 0], "amount": 2}}
     assert len(await comfy_images(http, service.url, batch)) == 2
+
+
+# -- AUTOMATIC1111's API ----------------------------------------------------------------------------
+
+import base64 as _base64  # noqa: E402
+import json as _json  # noqa: E402
+
+A1111 = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 4, "seed": 9, "sampler_name": "Euler"}
+
+
+async def a1111(http, url: str, body: dict, path: str = "txt2img") -> tuple[dict, np.ndarray]:
+    async with http.post(f"{url}/sdapi/v1/{path}", json=body) as r:
+        answer = await r.json()
+        assert r.status == 200, answer
+    data = _base64.b64decode(answer["images"][0])
+    return _json.loads(answer["info"]), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+
+
+async def test_a1111_hires_fix_upscales_and_reports_it(service, http):
+    info, image = await a1111(http, service.url, {**A1111, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent",
+                                                  "hr_second_pass_steps": 4, "denoising_strength": 0.5})
+    assert image.shape[:2] == (128, 128) and (info["width"], info["height"]) == (128, 128)
+    assert "Hires upscale: 2" in info["infotexts"][0] and "Hires upscaler: Latent" in info["infotexts"][0]
+    assert info["denoising_strength"] == 0.5
+    info, image = await a1111(http, service.url, {**A1111, "enable_hr": True, "hr_resize_x": 96, "hr_upscaler": "Lanczos"})
+    assert image.shape[:2] == (96, 96) and "Hires resize: 96x96" in info["infotexts"][0]
+
+
+async def test_a1111_controlnet_unit_guides_the_image(service, http):
+    unit = {"enabled": True, "module": "canny", "model": "edges [0123abcd]", "weight": 1.0, "image": b64(square()),
+            "guidance_start": 0.0, "guidance_end": 1.0}
+    _, plain = await a1111(http, service.url, A1111)
+    info, guided = await a1111(http, service.url, {**A1111, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    _, unweighted = await a1111(http, service.url, {**A1111, "alwayson_scripts": {"controlnet": {"args": [{**unit, "weight": 0}]}}})
+    assert np.abs(plain - guided).mean() > 0.5 and np.array_equal(plain, unweighted)
+    assert "ControlNet 0" in info["extra_generation_params"] and "Module: canny" in info["infotexts"][0]
+    for bad, words in (({**unit, "module": "depth_midas"}, "'depth_midas' is not offered"), ({**unit, "model": "depth"}, "'depth'")):
+        async with http.post(f"{service.url}/sdapi/v1/txt2img", json={**A1111, "alwayson_scripts": {"controlnet": {"args": [bad]}}}) as r:
+            answer = await r.json()
+            assert r.status == 422 and answer["detail"][0]["loc"] == ["body", "alwayson_scripts"], answer
+            assert words in answer["detail"][0]["msg"], answer
