@@ -8,9 +8,12 @@ Meanwhile workers that hold a job are SIGKILLed at random moments and started ag
 is SIGKILLed once and started again on the same port and store.
 
 Then every job is checked from the broker itself: its status record (KV), its image (object store),
-its events (stream IMAGEGEN_EVENTS). lost = never final; duplicates = a job with more than one
-image or more than one `done` event, or a job the client never asked for; redeliveries = tries past
-the first (the status's attempt number).
+its events (stream IMAGEGEN_EVENTS), and the workers' logs. lost = never final; duplicates = a job
+with more than one `done` event, or whose stored image or `done` event names other chunks than its
+record (a second image written over the first), or a job the client never asked for; a done job
+without its image or its `done` event, and a job that ended otherwise (failed), fail the run too;
+runs are counted from the workers' logs (a `started` event can be lost with the broker); redeliveries
+= tries past the first (the status's attempt number). The exit code is 1 when any check failed.
 
   python bench/soak.py                      # 2,000 jobs, 4 workers, 8 kills, 1 broker restart
   python bench/soak.py --jobs 300 --kills 3 # a shorter run
@@ -25,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +112,19 @@ class Proc:
             await asyncio.sleep(0.05)
 
 
+def spawn(workdir: Path, name: str, args: list[str], started: list[Proc]) -> Proc:
+    """`python -m imagegen ARGS` with its output in `workdir/NAME.log`, noted in `started`."""
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "imagegen", *args],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    proc = Proc(name=name, process=process, log_path=log_path)
+    started.append(proc)
+    return proc
+
+
 @dataclass
 class Stack:
     settings: SoakSettings
@@ -121,15 +138,7 @@ class Stack:
         return ["--ack-wait", str(self.settings.ack_wait_s), "--max-deliver", str(self.settings.max_deliver)]
 
     def spawn(self, name: str, args: list[str]) -> Proc:
-        log_path = self.workdir / f"{name}.log"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "imagegen", *args],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        proc = Proc(name=name, process=process, log_path=log_path)
-        self.started.append(proc)
-        return proc
+        return spawn(self.workdir, name, args, self.started)
 
     async def start_gateway(self) -> str:
         port = free_port()
@@ -293,37 +302,31 @@ async def wait_final(js, job_ids: list[str], timeout_s: float) -> dict[str, JobS
         await asyncio.sleep(0.5)
 
 
-async def stored_objects(js) -> Counter:
-    """Live objects in the image store, counted by name."""
+async def image_descriptions(js, job_ids: list[str]) -> dict[str, tuple[str, int]]:
+    """Per job with a stored image: (the nuid naming its chunks, its size), from its description."""
     obs = await js.object_store(names.IMAGES_BUCKET)
-    try:
-        infos = await obs.list()
-    except NotFoundError:
-        return Counter()
-    return Counter(info.name for info in infos if not info.deleted)
-
-
-async def object_sizes(js, job_ids: list[str]) -> dict[str, int]:
-    obs = await js.object_store(names.IMAGES_BUCKET)
-    sizes: dict[str, int] = {}
+    found: dict[str, tuple[str, int]] = {}
     gate = asyncio.Semaphore(32)
 
     async def one(job_id: str) -> None:
         async with gate:
             try:
-                sizes[job_id] = (await obs.get_info(job_id)).size
+                info = await obs.get_info(job_id)
             except NotFoundError:
-                pass
+                return
+            found[job_id] = (info.nuid, info.size)
 
     await asyncio.gather(*(one(j) for j in job_ids))
-    return sizes
+    return found
 
 
-async def stored_events(js, *, quiet_s: float = 2.0) -> tuple[Counter, Counter]:
-    """(`done` events, `started` events) per job, from stream IMAGEGEN_EVENTS."""
+async def stored_events(js, *, quiet_s: float = 2.0) -> tuple[dict[str, list[str | None]], Counter]:
+    """From stream IMAGEGEN_EVENTS: per job, the image (chunks nuid) each `done` event names, and the
+    `started` events per job."""
     total = (await js.stream_info(names.EVENTS_STREAM)).state.messages
     sub = await js.subscribe(f"{names.EVENTS_SUBJECT_PREFIX}.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    done, started = Counter(), Counter()
+    done: dict[str, list[str | None]] = {}
+    started = Counter()
     try:
         for _ in range(total):
             try:
@@ -332,12 +335,52 @@ async def stored_events(js, *, quiet_s: float = 2.0) -> tuple[Counter, Counter]:
                 break
             event = msgpack.unpackb(msg.data)
             if event.get("type") == "done":
-                done[event.get("job_id")] += 1
+                done.setdefault(event.get("job_id"), []).append((event.get("image") or {}).get("chunks_id"))
             elif event.get("type") == "started":
                 started[event.get("job_id")] += 1
     finally:
         await sub.unsubscribe()
     return done, started
+
+
+async def chunk_sets(js) -> set[str]:
+    """The nuids of the chunk sets the image stream holds: one per image stored and not purged."""
+    prefix = f"$O.{names.IMAGES_BUCKET}.C."
+    info = await js.stream_info(f"OBJ_{names.IMAGES_BUCKET}", subjects_filter=f"{prefix}>")
+    return {subject.removeprefix(prefix) for subject in (info.state.subjects or {})}
+
+
+RUN_LINE = re.compile(r"job (\S+) try (\d+) running")
+
+
+def runs_logged(logs: list[str]) -> Counter:
+    """Runs per job from the workers' own logs (a line as each run starts, written before anything
+    can be lost with the broker): events published over NATS miss the runs made while it was away."""
+    return Counter(m.group(1) for text in logs for m in RUN_LINE.finditer(text))
+
+
+@dataclass
+class Observed:
+    """What the broker and the workers hold after a run, read for the checks."""
+
+    statuses: dict[str, JobStatus | None]  # per job the client was given
+    descriptions: dict[str, tuple[str, int]]  # per job with a stored image: its chunks nuid, its size
+    done_events: dict[str, list[str | None]]  # per job: the image nuid each stored `done` event names
+    started_events: Counter
+    runs: Counter  # per job: runs started, from the workers' logs
+    every_key: set[str]  # every status record's key
+    chunk_sets: set[str] = field(default_factory=set)  # every chunk set's nuid in the image stream
+
+
+async def observe(js, statuses: dict[str, JobStatus | None], logs: list[str]) -> Observed:
+    """Reads what the checks look at: the jobs' images and events, every record's key, the image
+    stream's chunk sets, and the runs in the workers' logs."""
+    done_events, started_events = await stored_events(js)
+    kv = await js.key_value(names.STATUS_BUCKET)
+    return Observed(
+        statuses=statuses, descriptions=await image_descriptions(js, list(statuses)), done_events=done_events,
+        started_events=started_events, runs=runs_logged(logs), every_key=set(await kv.keys()), chunk_sets=await chunk_sets(js),
+    )
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -392,37 +435,61 @@ async def _run(stack: Stack, rng: random.Random) -> dict[str, Any]:
         taken = [j.job_id for j in jobs if j.job_id]
         statuses = await wait_final(js, taken, settings.drain_timeout_s)
         finished_s = time.monotonic() - t0
-        objects = await stored_objects(js)
-        sizes = await object_sizes(js, taken)
-        done_events, started_events = await stored_events(js)
-        kv = await js.key_value(names.STATUS_BUCKET)
-        every_key = set(await kv.keys())
+        worker_logs = [p for p in stack.started if p is not stack.gateway]
+        seen = await observe(js, statuses, [p.log() for p in worker_logs])
     finally:
         await nc.close()
-    return figures(
-        settings, jobs, statuses, objects, sizes, done_events, started_events, every_key, chaos,
-        submitted_s=submitted_s, finished_s=finished_s, stack=stack,
-    )
+    return figures(settings, jobs, seen, chaos, submitted_s=submitted_s, finished_s=finished_s) | {
+        "processes_alive_at_end": {
+            "gateway": bool(stack.gateway and stack.gateway.alive),
+            "workers": sum(1 for p in stack.workers.values() if p.alive),
+        },
+        "errors_logged": {
+            "gateway": stack.gateway.log().count(" ERROR ") if stack.gateway else 0,
+            "workers": sum(p.log().count(" ERROR ") for p in worker_logs),
+        },
+    }
 
 
 def figures(
-    settings: SoakSettings, jobs: list[Submitted], statuses: dict, objects: Counter, sizes: dict, done_events: Counter,
-    started_events: Counter, every_key: set, chaos: Chaos, *, submitted_s: float, finished_s: float, stack: Stack,
+    settings: SoakSettings, jobs: list[Submitted], seen: Observed, chaos: Chaos, *, submitted_s: float, finished_s: float
 ) -> dict[str, Any]:
+    """The run's figures, and per kind of fault the jobs it hit (`problems` turns them into failures).
+
+    A job is `doubled` when two images or two ends reached a client: more than one `done` event, a
+    `done` event naming another image than the record, or a stored image other than the one the
+    record names (written over the first: the object store keeps one description per name, so only
+    the identity of the chunks the description names tells). `done_without_image`: its record names no
+    image, none is stored, or the stored one's size differs. `done_without_event`: a follower was never
+    told. Records of jobs the client never asked for are strays (a doubled submit)."""
+    statuses = seen.statuses
     taken = [j for j in jobs if j.job_id]
-    states = Counter(statuses[j.job_id].state.value if statuses.get(j.job_id) else "missing" for j in taken)
-    final = {j.job_id for j in taken if statuses.get(j.job_id) and statuses[j.job_id].state.final}
-    done = [j for j in taken if statuses.get(j.job_id) and statuses[j.job_id].state.value == "done"]
     ids = {j.job_id for j in taken}
-    image_ok = [
+    states = Counter(statuses[j].state.value if statuses.get(j) else "missing" for j in ids)
+    final = {j for j in ids if statuses.get(j) and statuses[j].state.final}
+    done = sorted(j for j in ids if statuses.get(j) and statuses[j].state.value == "done")
+    not_done = sorted(final - set(done))
+
+    def image_of(job_id: str) -> str | None:
+        image = statuses[job_id].image
+        return image.chunks_id if image is not None else None
+
+    doubled = sorted(
         j for j in done
-        if objects[j.job_id] == 1 and statuses[j.job_id].image is not None and sizes.get(j.job_id) == statuses[j.job_id].image.size
-    ]
-    doubled = {job_id for job_id in ids if objects[job_id] > 1 or done_events[job_id] > 1}
-    strays = sorted(every_key - ids)  # records of jobs the client never asked for (a doubled submit)
-    attempts = [statuses[j.job_id].attempt for j in done]
-    latencies = [statuses[j.job_id].finished_at - j.submitted_at for j in done if statuses[j.job_id].finished_at]
-    worker_logs = [p for p in stack.started if p is not stack.gateway]
+        if len(seen.done_events.get(j, [])) > 1
+        or any(nuid not in (None, image_of(j)) for nuid in seen.done_events.get(j, []))
+        or (j in seen.descriptions and image_of(j) is not None and seen.descriptions[j][0] != image_of(j))
+    )
+    without_image = sorted(
+        j for j in done
+        if statuses[j].image is None or j not in seen.descriptions or seen.descriptions[j][1] != statuses[j].image.size
+    )
+    without_event = sorted(j for j in done if not seen.done_events.get(j))
+    strays = sorted(seen.every_key - ids)  # records of jobs the client never asked for (a doubled submit)
+    named = {nuid for nuid, _ in seen.descriptions.values()}
+    attempts = [statuses[j].attempt for j in done]
+    done_set = set(done)
+    latencies = [statuses[j.job_id].finished_at - j.submitted_at for j in taken if j.job_id in done_set and statuses[j.job_id].finished_at]
     return {
         "config": asdict(settings) | {"workdir": None},
         "processes": "nats-server (file storage), 1 gateway process, "
@@ -435,15 +502,24 @@ def figures(
         "final": len(final),
         "done": len(done),
         "lost": len(ids - final) + (settings.jobs - len(taken)),
-        "done_with_one_image": len(image_ok),
+        "not_done": len(not_done),
+        "not_done_ids": not_done[:10],
+        "done_with_one_image": len(set(done) - set(doubled) - set(without_image)),
+        "done_without_image": len(without_image),
+        "done_without_image_ids": without_image[:10],
+        "done_without_event": len(without_event),
+        "done_without_event_ids": without_event[:10],
         "duplicates": len(doubled) + len(strays),
-        "duplicate_ids": sorted(doubled)[:10] + strays[:10],
+        "duplicate_ids": doubled[:10] + strays[:10],
+        "unnamed_chunk_sets": len(seen.chunk_sets - named),  # images stored, then neither named nor purged
         "kills": len(chaos.kills),
         "kills_of_a_busy_worker": sum(1 for k in chaos.kills if k["job_in_hand"]),
         "broker_restarts": len(chaos.broker_restarts),
         "redeliveries": sum(a - 1 for a in attempts if a > 1),
         "jobs_redelivered": sum(1 for a in attempts if a > 1),
-        "extra_runs": sum(max(0, started_events[j.job_id] - statuses[j.job_id].attempt) for j in done),
+        "runs": sum(seen.runs[j] for j in ids),
+        "extra_runs": sum(max(0, seen.runs[j] - statuses[j].attempt) for j in done),
+        "started_events_missing": sum(max(0, seen.runs[j] - seen.started_events[j]) for j in ids),
         "latency_s": {
             "p50": round(percentile(latencies, 50), 3),
             "p99": round(percentile(latencies, 99), 3),
@@ -452,15 +528,28 @@ def figures(
         "submit_window_s": round(submitted_s, 1),
         "all_final_after_s": round(finished_s, 1),
         "chaos": {"kills": chaos.kills, "broker_restarts": chaos.broker_restarts},
-        "processes_alive_at_end": {
-            "gateway": bool(stack.gateway and stack.gateway.alive),
-            "workers": sum(1 for p in stack.workers.values() if p.alive),
-        },
-        "errors_logged": {
-            "gateway": stack.gateway.log().count(" ERROR ") if stack.gateway else 0,
-            "workers": sum(p.log().count(" ERROR ") for p in worker_logs),
-        },
     }
+
+
+def problems(result: dict[str, Any]) -> list[str]:
+    """Each way the run failed, one line each; none: it passed. Extra runs are no failure (a job may run
+    twice by design); two images or two ends of one job are."""
+    found = []
+    checks = [
+        ("not_submitted", "jobs never taken by the gateway", len),
+        ("lost", "jobs lost (never final)", None),
+        ("not_done", "jobs final but not done (failed, cancelled, expired)", None),
+        ("duplicates", "jobs doubled (two images or two ends, or a record nobody asked for)", None),
+        ("done_without_image", "done jobs without their image", None),
+        ("done_without_event", "done jobs whose `done` event is missing", None),
+    ]
+    for name, what, measure in checks:
+        value = result.get(name)
+        count = measure(value) if measure else value
+        if count:
+            ids = result.get(f"{name}_ids") or result.get("duplicate_ids" if name == "duplicates" else "", [])
+            found.append(f"{count} {what}" + (f": {', '.join(map(str, ids[:5]))}" if ids else ""))
+    return found
 
 
 def table(result: dict[str, Any]) -> str:
@@ -471,10 +560,13 @@ def table(result: dict[str, Any]) -> str:
         ["lost (never final)", result["lost"]],
         ["duplicates", result["duplicates"]],
         ["done jobs with exactly one image", result["done_with_one_image"]],
+        ["done jobs without their image / without a `done` event", f"{result['done_without_image']} / {result['done_without_event']}"],
         ["worker SIGKILLs (holding a job)", f"{result['kills']} ({result['kills_of_a_busy_worker']})"],
         ["broker restarts (SIGKILL)", result["broker_restarts"]],
         ["redeliveries (tries past the first)", result["redeliveries"]],
+        ["runs (workers' logs)", result["runs"]],
         ["extra runs of a delivery the restarted broker forgot", result["extra_runs"]],
+        ["runs whose `started` event was lost with the broker", result["started_events_missing"]],
         ["submits retried after 503 / no answer", result["submit_retries"]],
         ["latency submit -> done p50", f"{result['latency_s']['p50']:.2f} s"],
         ["latency submit -> done p99", f"{result['latency_s']['p99']:.2f} s"],
@@ -517,8 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run_soak(settings))
     write(result, out)
     print(table(result))
+    found = problems(result)
+    for line in found:
+        print("FAILED:", line)
     print(f"\nwritten to {out}")
-    return 0 if result["lost"] == 0 and result["duplicates"] == 0 else 1
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from gateway.a1111_inpaint import prepare as prepare_inpainting
 from gateway.a1111_plans import controlnet_of, hires_of
 from gateway.a1111_prompt import TagProblem, loras_of
 from gateway.event_hub import decoded_event
+from gateway.body import takes_images
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
@@ -56,6 +57,7 @@ from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 from schemas.uploads import decode_upload
+from schemas.storage import StoreFull, full_message
 
 log = logging.getLogger("imagegen.gateway.a1111")
 routes = web.RouteTableDef()
@@ -517,7 +519,9 @@ async def answered(run, request: web.Request) -> web.Response:
         return A1111Failure(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}).response()
     except web.HTTPRequestEntityTooLarge as exc:
         return A1111Failure(413, f"body too large: {exc.text}").response()
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return A1111Failure(507, full).response()
         log.warning("sdapi request: broker unavailable: %s", exc)
         return A1111Failure(503, "the job broker (NATS) is unavailable; retry shortly", headers={"Retry-After": "2"}).response()
 
@@ -528,6 +532,7 @@ async def txt2img(request: web.Request) -> web.Response:
 
 
 @routes.post("/sdapi/v1/img2img")
+@takes_images
 async def img2img(request: web.Request) -> web.Response:
     return await answered(lambda r: run_generation(r, A1111Img2ImgRequest), request)
 

@@ -56,7 +56,7 @@ class PasteBack:
     def apply(self, data: bytes) -> bytes:
         """The PNG of `original` with the result (`data`, any format) in its region, where the mask says."""
         x1, y1, x2, y2 = self.region
-        made = Image.open(io.BytesIO(data)).convert("RGB").resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS)
+        made = Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP")).convert("RGB").resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS)
         pasted = self.original.copy()
         pasted.paste(made, (x1, y1))
         return png(Image.composite(pasted, self.original, self.mask))

@@ -10,6 +10,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from gateway import a1111_api, a1111_lists, comfy_api, mflux_api, native_api, openai_api, openai_edits, openai_models, openapi
 from gateway.auth import KeyRing, auth_middleware
+from gateway.body import BodyLimits, body_middleware
 from gateway.http_errors import RETRY_AFTER_S, errors_middleware
 from gateway.jobs import JobService
 from gateway.mflux_api import SERVICE
@@ -72,8 +73,17 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
     keys = KeyRing.load(path=settings.api_keys_file, inline=settings.api_keys)
     jobs = jobs or JobService(settings)
     metrics = GatewayMetrics(jobs)
+    body_limits = BodyLimits(
+        max_bytes=settings.max_json_bytes,
+        max_image_bytes=settings.body_limit_bytes,
+        max_json_items=settings.max_json_items,
+        timeout_s=settings.body_timeout_s,
+    )
     app = web.Application(
-        middlewares=[metrics.middleware, cors_middleware(settings.cors_origins), errors_middleware, auth_middleware(keys)],
+        middlewares=[
+            metrics.middleware, cors_middleware(settings.cors_origins), errors_middleware, auth_middleware(keys),
+            body_middleware(body_limits),
+        ],
         client_max_size=settings.body_limit_bytes,
     )
     app[SERVICE] = jobs

@@ -34,6 +34,7 @@ from gateway.direct_get import DirectReader
 from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
 from schemas import jobstore, names
+from schemas.connect import BROKER_ERRORS
 from schemas.jetstream import ensure_result_cache
 from schemas.job import new_job_id
 from schemas.request import GenerateRequest
@@ -107,16 +108,20 @@ class ResultCache:
         ttl_s: float,
         scope: str = "key",
         replicas: int = 1,
+        max_bytes: int = -1,
         read_timeout_s: float = 30.0,
         close_timeout_s: float = 10.0,
+        lookup_timeout_s: float = 0.25,
     ):
         if scope not in SCOPES:
             raise ValueError(f"--cache-scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         self.ttl_s = ttl_s
         self.scope = scope
         self.replicas = replicas
+        self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
         self.close_timeout_s = close_timeout_s
+        self.lookup_timeout_s = lookup_timeout_s  # an entry's description unread this long: a miss (no leader)
         self.hits = 0
         self.misses = 0
         self.stored = 0
@@ -149,7 +154,7 @@ class ResultCache:
         if not self.enabled:
             log.info("result cache off")
             return
-        await ensure_result_cache(js, ttl_s=self.ttl_s, replicas=self.replicas)
+        await ensure_result_cache(js, ttl_s=self.ttl_s, replicas=self.replicas, max_bytes=self.max_bytes)
         self._js = js
         self.store = await js.object_store(names.CACHE_BUCKET)
         self._reader = ObjectReader(js, direct, self.store, names.CACHE_BUCKET)
@@ -253,8 +258,11 @@ class ResultCache:
 
     async def _read(self, key: str) -> tuple[CachedImage, bytes] | None:
         try:
-            info = await self.store.get_info(key)
+            info = await asyncio.wait_for(self.store.get_info(key), self.lookup_timeout_s)
         except GONE:
+            return None
+        except (asyncio.TimeoutError, *BROKER_ERRORS) as exc:  # the cache's stream has no leader (an election): a miss
+            log.debug("result cache entry %s unread: %s; a miss", key[:12], exc)
             return None
         entry = CachedImage.parse(info.description)
         if entry is None:

@@ -35,12 +35,14 @@ from aiohttp import WSMsgType, web
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
+from gateway.body import takes_images
 from gateway.comfy_graph import SOCKET_OUTPUT, GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
 from gateway.forms import read_form
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
 from gateway.mflux_api import SERVICE, caller, owner_of
 from gateway.openai_api import tier_for
+from gateway import ratelimit, upload_budget
 from gateway.ratelimit import RateLimited
 from gateway.submission import submit_request
 from imagegen import __version__
@@ -48,6 +50,7 @@ from schemas.comfy import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
 from schemas.request import MAX_SEED, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
+from schemas.storage import StoreFull, full_message
 from schemas.uploads import read_image, transparency
 
 log = logging.getLogger("imagegen.gateway.comfy")
@@ -115,8 +118,6 @@ async def queue_prompt(request: web.Request) -> web.Response:
     if (client_id is not None and not isinstance(client_id, str)) or not isinstance(extra, dict):
         return failure(400, "invalid_prompt", "client_id must be a string and extra_data an object")
     owner = owner_of(request)
-    if (kept := jobs.comfy.get(prompt_id)) is not None and kept.owner != owner:
-        return failure(400, "invalid_prompt", "prompt_id is taken: send another, or none", prompt_id)
     try:
         read = read_graph(body["prompt"], served_models=sorted(jobs.served_models()))
         try:
@@ -148,7 +149,9 @@ async def queue_prompt(request: web.Request) -> web.Response:
         response = failure(429, "rate_limited", str(exc))
         response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return failure(507, "storage_full", full)
         log.warning("comfy prompt %s: broker unavailable: %s", prompt_id, exc)
         response = failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
         response.headers["Retry-After"] = "2"
@@ -163,8 +166,6 @@ async def queue_prompt(request: web.Request) -> web.Response:
     except BROKER_DOWN as exc:
         log.warning("comfy prompt %s: its record not kept: %s", prompt_id, exc)
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly with the same prompt_id")
-    if kept.owner != owner:  # taken meanwhile through another gateway
-        return failure(400, "invalid_prompt", "prompt_id is taken: send another, or none", prompt_id)
     log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(kept.job_ids))
     return web.json_response({"prompt_id": prompt_id, "number": kept.number, "node_errors": {}})
 
@@ -233,6 +234,7 @@ def transparency_mask(data: bytes, limits) -> str:
 
 
 @comfy_routes("/upload/image")("POST")
+@takes_images
 async def upload_image(request: web.Request) -> web.Response:
     """ComfyUI's upload for LoadImage: a multipart form with `image` (the file), `subfolder` (kept, as
     ComfyUI keeps it), `type` (input) and `overwrite`; answers the name and subfolder to load it by.
@@ -260,7 +262,10 @@ async def upload_image(request: web.Request) -> web.Response:
     except RequestInvalid as exc:
         return failure(400, "invalid_request", "not an image this server takes", str(exc))
     overwrite = str(form.get("overwrite", "false")).lower() in ("true", "1")
+    key = caller(request)["key"]
     try:
+        if key is not None:  # an upload counts against the key's rate, as a submit does
+            await ratelimit.take(jobs.rate_kv, key.name, per_minute=key.rate_per_minute)
         stem, dot, suffix = name.rpartition(".")
         folder = f"{subfolder}/" if subfolder else ""
         for n in range(1, MAX_NAME_TRIES + 1):
@@ -269,8 +274,21 @@ async def upload_image(request: web.Request) -> web.Response:
             name = f"{stem} ({n}){dot}{suffix}" if dot else f"{suffix} ({n})"
         else:
             return failure(409, "conflict", f"{MAX_NAME_TRIES} images of that name are kept; send another name, or overwrite")
-        await jobs.uploads.put(upload_object(owner, folder + name), data)
-    except BROKER_DOWN:
+        if key is not None:
+            await upload_budget.take(
+                jobs.quota_kv, key.name, upload_object(owner, folder + name), len(data),
+                limit_bytes=jobs.settings.upload_bytes_per_key, lifetime_s=jobs.settings.topology.job_ttl_s,
+            )
+        await jobs.store_upload(upload_object(owner, folder + name), data)
+    except RateLimited as exc:
+        response = failure(429, "rate_limited", str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+    except upload_budget.UploadBudgetSpent as exc:
+        return failure(413, "upload_limit", str(exc))
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return failure(507, "storage_full", full)
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
     return web.json_response({"name": name, "subfolder": subfolder, "type": "input"})
 
@@ -371,7 +389,7 @@ async def history_of(request: web.Request) -> web.Response:
     """The prompt once every job of it has ended; {} before, and for a prompt unknown here."""
     jobs: JobService = request.app[SERVICE]
     owner = owner_of(request)
-    prompt = jobs.comfy.get(request.match_info["prompt_id"])
+    prompt = jobs.comfy.get(request.match_info["prompt_id"], owner)
     if not visible(prompt, owner):
         return web.json_response({})
     records = await job_records(jobs, prompt, owner)
@@ -394,7 +412,7 @@ async def history(request: web.Request) -> web.Response:
         return failure(400, "invalid_query", "max_items must be a whole number of at least 1", repr(raw))
     entries: list[tuple[str, dict]] = []
     most = min(most or MAX_HISTORY, MAX_HISTORY)
-    for prompt in reversed(list(jobs.comfy.by_id.values())):
+    for prompt in reversed(list(jobs.comfy.by_key.values())):
         if len(entries) >= most:
             break
         if not visible(prompt, owner):
@@ -483,7 +501,7 @@ async def change_queue(request: web.Request) -> web.Response:
         return failure(400, "invalid_request", "Cannot read the request", str(exc))
     if not isinstance(body, dict) or not isinstance(body.get("delete", []), list) or not isinstance(body.get("clear", False), bool):
         return failure(400, "invalid_request", 'send {"delete": [prompt_id, ...]} or {"clear": true}')
-    doomed = [p for prompt_id in body.get("delete", []) if visible(p := jobs.comfy.get(str(prompt_id)), owner)]
+    doomed = [p for prompt_id in body.get("delete", []) if visible(p := jobs.comfy.get(str(prompt_id), owner), owner)]
     if body.get("clear"):
         doomed += unfinished_prompts(jobs, owner)[1]
     return await cancelled(jobs, doomed, owner)
@@ -502,7 +520,7 @@ async def interrupt(request: web.Request) -> web.Response:
             return failure(400, "invalid_request", "Cannot read the request", str(exc))
     named = body.get("prompt_id") if isinstance(body, dict) else None
     if named:
-        prompt = jobs.comfy.get(str(named))
+        prompt = jobs.comfy.get(str(named), owner)
         return await cancelled(jobs, [prompt] if visible(prompt, owner) else [], owner)
     return await cancelled(jobs, unfinished_prompts(jobs, owner)[0], owner)
 

@@ -1,7 +1,7 @@
 """One middleware turns every failure into a JSON answer: 4xx naming the problem, 503 with
-Retry-After while NATS is unreachable, and a logged 500 only for a real bug. A request too malformed to
-reach a handler (a bad request line or header) is answered 400 by aiohttp and logged as one WARNING
-line by ServerLog, not as an ERROR with a traceback."""
+Retry-After while NATS is unreachable, and a logged 500 only for a real bug; and the JSON reader. A request
+too malformed to reach a handler (a bad request line or header) is answered 400 by aiohttp and logged as one
+WARNING line by ServerLog, not as an ERROR with a traceback."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.accept import NotAcceptable
+from gateway.body import OFF_LOOP_BYTES, BodyTooLarge, BodyTooSlow, EncodingRefused
 from gateway.jobs import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
 from gateway.ratelimit import RateLimited
+from schemas.storage import StoreFull, full_message
 from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
@@ -50,15 +52,8 @@ def lone_surrogate(data: Any) -> str | None:
     return None
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or a RequestInvalid that says what is wrong with it."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise
-    except web.RequestPayloadError as exc:  # a Content-Encoding that does not decode, a broken chunk
-        detail = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
-        raise RequestInvalid([{"field": "body", "message": f"unreadable body: {detail}"}]) from None
+def decode_json(raw: bytes) -> Any:
+    """The bytes as JSON, or a RequestInvalid that says what is wrong with them."""
     if not raw.strip():
         raise RequestInvalid([{"field": "body", "message": "empty body; send a JSON object"}])
     try:
@@ -76,6 +71,15 @@ async def read_json(request: web.Request) -> Any:
     if "\\u" in text and (half := lone_surrogate(data)) is not None:
         raise RequestInvalid([{"field": "body", "message": f"not valid Unicode: a lone surrogate {half}"}])
     return data
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a RequestInvalid that says what is wrong with it: the body as the
+    body middleware read it (within its caps), a large one parsed in a thread."""
+    raw = await request.read()
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(decode_json, raw)
+    return decode_json(raw)
 
 
 @web.middleware
@@ -98,6 +102,12 @@ async def errors_middleware(request: web.Request, handler):
         return web.json_response({"error": str(exc)}, status=404)
     except web.HTTPRequestEntityTooLarge as exc:
         return web.json_response({"error": f"body too large: {exc.text}", "field": "body"}, status=413)
+    except BodyTooLarge as exc:
+        return web.json_response({"error": f"body too large: {exc}", "field": "body"}, status=413)
+    except BodyTooSlow as exc:
+        return web.json_response({"error": f"request timeout: {exc}", "field": "body"}, status=408)
+    except EncodingRefused as exc:
+        return web.json_response({"error": str(exc), "field": "Content-Encoding"}, status=415)
     except web.HTTPException as exc:
         if exc.content_type == "application/json":
             raise
@@ -106,7 +116,9 @@ async def errors_middleware(request: web.Request, handler):
         })
     except HttpProcessingError as exc:  # a body part's headers aiohttp refused, read by a handler
         return web.json_response({"error": f"malformed request: {clipped(' '.join(str(exc.message).split()))}", "field": "body"}, status=400)
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:  # a bucket at its max_bytes answers as a broker away would
+            return web.json_response({"error": full}, status=507)
         log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
         return web.json_response(
             {"error": "the job broker (NATS) is unavailable; retry shortly"}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}

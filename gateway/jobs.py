@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
 
-from gateway import ratelimit
+from gateway import quota, ratelimit
 from gateway.ratelimit import RateLimited
 from gateway.auth import ApiKey
 from gateway.cache import ResultCache
@@ -30,14 +30,15 @@ from gateway.fresh_images import FreshImages
 from gateway.model_views import ModelViews
 from gateway.object_read import ObjectReader
 from gateway.queue_view import QueueView
+from gateway.stream_leader import NoLeader, StreamLeaders
 from gateway.settings import GatewaySettings
 from gateway.webhooks import WebhookOutbox
-from schemas import jobstore, names, uploads
+from schemas import jobstore, names, storage, uploads
 from schemas.codec import encode
 from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
 from schemas.follow import final_event
-from schemas.jetstream import ensure_topology
+from schemas.jetstream import MAX_BYTES_FLAG, ensure_topology
 from schemas.job import JobEnvelope, Placement
 from schemas.plan import controlnet_names, uses_refiner
 from schemas.request import GenerateRequest, RequestInvalid
@@ -127,7 +128,7 @@ class BrokerAway(ConnectionError):
     """The gateway is not connected to NATS right now (it is reconnecting): answered at once, not after a timeout."""
 
 
-BROKER_DOWN = (BrokerAway, *BROKER_ERRORS)  # what a broker outage raises: 503 with Retry-After
+BROKER_DOWN = (BrokerAway, NoLeader, *BROKER_ERRORS)  # what a broker outage raises: 503 with Retry-After
 
 
 def listing_key(status: JobStatus) -> tuple[float, str]:
@@ -141,7 +142,10 @@ class JobService:
         self.view = QueueView(worker_ttl_s=settings.topology.worker_ttl_s)
         self.etas = EtaCache(self.view)
         self.model_views = ModelViews(self.view, self.etas)  # positions and ETAs among one model's jobs
-        self.cache = ResultCache(ttl_s=settings.cache_ttl_s, scope=settings.cache_scope, replicas=settings.topology.replicas)
+        self.cache = ResultCache(
+            ttl_s=settings.cache_ttl_s, scope=settings.cache_scope, replicas=settings.topology.replicas,
+            max_bytes=settings.topology.cache_max_bytes,
+        )
         self.submit_listeners: list[Callable[[JobStatus], None]] = []  # called once per job a submit created
         self.fresh = FreshImages(self._read_image)  # images of jobs queued here, read as they are done
         self.view.listeners.append(self.fresh.on_change)
@@ -157,9 +161,17 @@ class JobService:
         self.js = self.nc.jetstream(timeout=self.settings.nats_timeout_s)
         await ensure_topology(self.js, self.settings.topology)
         self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
+        # A submit's own writes (its record, its job) wait `submit_timeout_s`: unanswered, the cluster
+        # is electing a leader, and the caller gets 503 now rather than after `nats_timeout_s`.
+        self.submit_js = self.nc.jetstream(timeout=self.settings.submit_timeout_s)
+        self.submit_kv = await self.submit_js.key_value(names.STATUS_BUCKET)
+        self.leaders = StreamLeaders(self.nc)
+        await self.leaders.start()
         self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
         self.config_kv = await self.js.key_value(names.CONFIG_BUCKET)
         self.rate_kv = await self.js.key_value(names.RATE_BUCKET)
+        self.quota_kv = await self.js.key_value(names.QUOTA_BUCKET)
+        self.submit_quota_kv = await self.submit_js.key_value(names.QUOTA_BUCKET)  # a submit's places, short timeout
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
         self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
         self.outbox.start(self.js)
@@ -180,6 +192,8 @@ class JobService:
         sweeper = getattr(self, "_sweeper", None)
         if sweeper is not None:
             sweeper.cancel()
+        if getattr(self, "leaders", None) is not None:
+            await self.leaders.close()
         await self.cache.close()
         for reader in (getattr(self, "events", None), getattr(self, "direct", None)):  # as far as start got
             if reader is not None:
@@ -249,13 +263,15 @@ class JobService:
         """Queues one job. `placement`: its stored uploads and group. With `idempotency_key` the job
         (`job_id`, else the key's own id) may exist already: it is then answered as it is, before any
         check of the caller's key, and published again if still queued. `created` gets the job's id
-        when this call wrote its record. `digest`: the request's fingerprint (request_digest) kept in the
-        record with an Idempotency-Key; a repeat of the key with another is IdempotencyKeyReused."""
+        when this call wrote its record (or may have: its write went unanswered). `digest`: the request's
+        fingerprint (request_digest) kept in the record with an Idempotency-Key; a repeat of the key with
+        another is IdempotencyKeyReused."""
         self.connected()
+        self.leaders.check()  # an election under way: refused before anything is written
         placement = placement or Placement()
         if idempotency_key:
             job_id = job_id or idempotent_job_id(owner, idempotency_key)
-            existing = await jobstore.read_status(self.status_kv, job_id)
+            existing = await jobstore.read_status(self.submit_kv, job_id)
             if existing is not None:
                 check_same_request(existing, digest, idempotency_key)
                 await self._publish_again_if_queued(existing, JobEnvelope.for_request(
@@ -293,7 +309,7 @@ class JobService:
             )
         if key_of_result is not None:
             hit = await self.cache.answer(
-                request, key_of_result, job_id=job_id, owner=owner, status_kv=self.status_kv, images=self.images,
+                request, key_of_result, job_id=job_id, owner=owner, status_kv=self.submit_kv, images=self.images,
                 placement=placement, request_digest=digest if idempotency_key else None,
             )
             if hit is not None:
@@ -327,8 +343,10 @@ class JobService:
         self.fresh.want(status.job_id)
         try:
             revision = await self._record_and_publish(status, envelope, queued, fresh_id=not idempotency_key, created=created)
-        except BaseException:
+        except BaseException as exc:
             self._not_queued(status.job_id)
+            if isinstance(exc, BROKER_ERRORS):
+                self.leaders.lost(exc)
             raise
         if revision is None:  # the job id had a record already (or had one a moment ago)
             existing = await jobstore.read_status(self.status_kv, envelope.job_id)
@@ -365,7 +383,12 @@ class JobService:
         subject, payload, headers = self.subject_of(envelope), encode(envelope), {names.MSG_ID_HEADER: envelope.job_id}
 
         async def record() -> int | None:
-            revision = await jobstore.create_status(self.status_kv, status)
+            try:
+                revision = await jobstore.create_status(self.submit_kv, status)
+            except BROKER_ERRORS:
+                if created is not None:  # unanswered, not refused: it may be stored, and is then taken back
+                    created.add(status.job_id)
+                raise
             if revision is not None:
                 self.view.confirm(status, revision)
                 if created is not None:
@@ -376,13 +399,13 @@ class JobService:
             revision = await record()
             if revision is not None:
                 await self._event(queued)
-                await self.js.publish(subject, payload, headers=headers)
+                await self.submit_js.publish(subject, payload, headers=headers)
             return revision
         await self._event(queued)
         # Tasks start in the order made, and each queues its message before its first wait: the record
         # is sent before the job.
         recording = asyncio.ensure_future(record())
-        publishing = asyncio.ensure_future(self.js.publish(subject, payload, headers=headers))
+        publishing = asyncio.ensure_future(self.submit_js.publish(subject, payload, headers=headers))
         revision, published = await asyncio.gather(recording, publishing, return_exceptions=True)
         for outcome in (revision, published):
             if isinstance(outcome, BaseException):
@@ -416,7 +439,11 @@ class JobService:
         envelope = envelope.model_copy(
             update={"seed": existing.seed, "submitted_at": existing.submitted_at, "deadline": existing.deadline}
         )
-        await self.js.publish(self.subject_of(envelope), encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
+        try:
+            await self.submit_js.publish(self.subject_of(envelope), encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
+        except BROKER_ERRORS as exc:
+            self.leaders.lost(exc)
+            raise
         log.info("job %s submitted again while queued; published again", existing.job_id, extra={"job_id": existing.job_id})
 
     async def _model_for(self, served: dict[str, list]) -> str | None:
@@ -443,15 +470,30 @@ class JobService:
         if request.n > key.max_concurrent:
             raise Forbidden(f"n={request.n} exceeds key {key.name!r} max_concurrent={key.max_concurrent}", "n")
 
-    def check_quota(self, key: ApiKey, jobs: int = 1) -> None:
-        """RateLimited when `jobs` more would take the key over its quota of unfinished jobs."""
-        active = self.view.unfinished.get(key.name, 0)
-        if active + jobs > key.max_concurrent:
-            more = f"; {jobs} more would exceed it" if jobs > 1 else ""
-            raise RateLimited(f"key {key.name!r} has {active} unfinished jobs, its quota is {key.max_concurrent}{more}", 2)
+    async def reserve_quota(self, key: ApiKey, job_ids: list[str]) -> None:
+        """Places for these jobs in the key's quota of unfinished jobs, shared by every gateway
+        (`gateway.quota`); RateLimited when they would take the key over it."""
+        self.connected()
+        self.leaders.check()  # an election under way: refused before anything is reserved
+        try:
+            await quota.reserve(
+                self.submit_quota_kv, self.submit_kv, key.name, job_ids, limit=key.max_concurrent, seen=self.view.jobs.get
+            )
+        except BROKER_DOWN as exc:
+            self.leaders.lost(exc)
+            raise
+
+    async def store_upload(self, name: str, data: bytes) -> None:
+        """Puts an uploaded image into `imagegen-uploads`; StoreFull, naming its limit, when it has no room."""
+        self.connected()
+        await storage.check_room(self.js, f"OBJ_{names.UPLOADS_BUCKET}", names.UPLOADS_BUCKET, len(data), flag=MAX_BYTES_FLAG[names.UPLOADS_BUCKET])
+        await uploads.put_checked(self.uploads, name, data)
+
+    async def release_quota(self, key: ApiKey, job_ids: list[str]) -> None:
+        await quota.release(self.quota_kv, key.name, job_ids)
 
     async def _check_key(self, request: GenerateRequest, key: ApiKey) -> None:
-        self.check_quota(key)
+        """The key's rate; its quota of unfinished jobs was reserved before (`reserve_quota`)."""
         await ratelimit.take(self.rate_kv, key.name, per_minute=key.rate_per_minute)
 
     async def _audit(self, status: JobStatus, what: str) -> None:

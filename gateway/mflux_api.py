@@ -8,6 +8,7 @@ import base64
 from aiohttp import web
 
 from gateway.auth import API_KEY, OWNER
+from gateway.body import takes_images
 from gateway.http_errors import read_json
 from gateway.jobs import JobService
 from gateway.submission import submit_request
@@ -86,6 +87,7 @@ def mflux_task(status: JobStatus) -> MfluxTask:
 
 
 @routes.post("/api/generate")
+@takes_images
 async def generate(request: web.Request) -> web.Response:
     jobs = _jobs(request)
     body = parse_request(await read_json(request), limits=jobs.settings.limits)

@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 from gateway.accept import answers_image
 from gateway.auth import socket_key
 from gateway.event_feed import event_json, follow
+from gateway.body import takes_images
 from gateway.http_errors import read_json
 from gateway.jobs import JobService, NotReady, UnknownJob, listing_key
 from gateway.mflux_api import SERVICE, caller, owner_of
@@ -100,6 +101,7 @@ def wait_seconds(request: web.Request) -> float:
 
 
 @routes.post("/v1/jobs")
+@takes_images
 async def submit(request: web.Request) -> web.Response:
     """202 with the queued job; with a wait, 201 once the job (every job of a group) has ended within
     it, else 202 with the job as it is then. With a wait and an Accept header that ranks the image's

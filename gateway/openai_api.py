@@ -41,6 +41,7 @@ from schemas.job import new_seed
 from schemas.names import Tier
 from schemas.request import GenerateRequest, RequestInvalid, field_named_by, parse_request
 from schemas.status import JobState, JobStatus
+from schemas.storage import StoreFull, full_message
 
 log = logging.getLogger("imagegen.gateway.openai")
 routes = web.RouteTableDef()
@@ -344,7 +345,9 @@ async def answered(run, request: web.Request) -> web.Response:
         ).response()
     except web.HTTPRequestEntityTooLarge as exc:
         return OpenAIFailure(413, f"body too large: {exc.text}", code="body_too_large").response()
-    except BROKER_DOWN as exc:
+    except (StoreFull, *BROKER_DOWN) as exc:
+        if (full := full_message(exc)) is not None:
+            return OpenAIFailure(507, full, kind="server_error", code="storage_full").response()
         log.warning("images request: broker unavailable: %s", exc)
         return OpenAIFailure(
             503, "the job broker (NATS) is unavailable; retry shortly", kind="server_error", code="service_unavailable",

@@ -15,8 +15,14 @@ class GatewaySettings:
     nats_url: str = "nats://127.0.0.1:4222"
     host: str = "127.0.0.1"
     port: int = 4030
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024  # a body that may carry images (see body_limit_bytes)
+    max_json_bytes: int = 1024 * 1024  # the body of a route that takes no image inline
+    max_json_items: int = 10_000  # keys and items of a JSON body, counted as its ',' and ':'
+    body_timeout_s: float = 60.0  # a body must arrive within this long (408 after)
+    header_timeout_s: float = 15.0  # a request's headers must arrive within this long of the connection opening (or of the last answer on it); also the idle keep-alive
+    max_connections: int = 2048  # open connections of this gateway; one more is answered 503 with Retry-After
     nats_timeout_s: float = 5.0  # a JetStream call slower than this answers 503
+    submit_timeout_s: float = 0.6  # a submit's record and job unacknowledged this long: 503 (a cluster electing a leader)
     cors_origins: str = "*"
     limits: Limits = field(default_factory=Limits)
     topology: Topology = field(default_factory=Topology)
@@ -32,6 +38,7 @@ class GatewaySettings:
     trust_proxy: tuple[str, ...] = ()  # proxies (addresses, networks, or "*") whose X-Forwarded-Proto/-Host are believed
     comfy_previews: bool = False  # ComfyUI's /ws sends live previews to every prompt, as ComfyUI with a preview method on
     cache_scope: str = "key"  # result cache entries: each API key's own (key), or shared by all keys (global)
+    upload_bytes_per_key: int = 128 << 20  # bytes of uploaded images (POST /upload/image) each API key may keep
 
     def __post_init__(self) -> None:
         parse_trusted(self.trust_proxy)  # a ValueError naming an entry that is no address or network

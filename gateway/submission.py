@@ -4,10 +4,15 @@ under one group id (job ids `<group_id>-0`, `<group_id>-1`, ...), all sharing th
 (`schemas.group`).
 
 What refuses a request without looking at its images comes first: a blocked prompt, a tier or an `n`
-the caller's key may not use, a quota with no room for n more jobs. A group is queued whole or not at
+the caller's key may not use, a quota with no room for n more jobs (`gateway.quota` reserves their
+places for every gateway at once; a call that queues nothing gives them back). A group is queued whole or not at
 all: when job k cannot be queued (a rate limit, say), the jobs this call queued before it are deleted
 again, with the images it stored, and the error goes to the caller; except when the broker went away
 under a request with an Idempotency-Key: its records stay, so that the retry (after the 503) finds them.
+Without a key, what a 503'd call wrote is taken back after the answer (the broker may take a while
+to answer again): a record whose write went unanswered may be stored, and is then kept as a deleted
+record (404 everywhere, gone with the job TTL), so that a worker given its job, if that was stored
+too, ends it instead of running it.
 
 A repeat with the same Idempotency-Key and the same request (its fingerprint, kept in each job's record)
 answers the jobs the first call queued, before the key's quota
@@ -58,12 +63,19 @@ async def submit_request(
     if known is not None and plan.group_id:  # jobs still to queue continue the first call's seeds
         plan = replace(plan, first_seed=max(0, known.seed - known.group_index))
     missing = sum(1 for status in earlier if status is None) if earlier else len(plan.job_ids)
+    reserved: list[str] = []  # this call's places in the key's quota, given back if it queues nothing
     if key is not None and missing:
-        jobs.check_quota(key, missing)
-    if request.init_image is None and control_image_text(request) is None:  # nothing to decode: no thread
-        prepared = uploads.prepare(request, jobs.settings.limits)
-    else:
-        prepared = await asyncio.to_thread(uploads.prepare, request, jobs.settings.limits)
+        reserved = [job_id for job_id, status in zip(plan.job_ids, earlier or [None] * missing) if status is None]
+        await jobs.reserve_quota(key, reserved)
+    try:
+        if request.init_image is None and control_image_text(request) is None:  # nothing to decode: no thread
+            prepared = uploads.prepare(request, jobs.settings.limits)
+        else:
+            prepared = await asyncio.to_thread(uploads.prepare, request, jobs.settings.limits)
+    except BaseException:
+        if reserved:
+            await jobs.release_quota(key, reserved)
+        raise
     live = [s for s in earlier if s is not None and not s.deleted]
     created: set[str] = set()
     stored: dict[str, UploadRef] = {}
@@ -92,9 +104,14 @@ async def submit_request(
                 )
             )
     except BaseException as exc:
-        if idempotency_key and isinstance(exc, BROKER_DOWN):
-            raise  # kept for the retry with the same key, which publishes what is still queued
-        await _undo(jobs, plan, created, stored, owner)
+        if isinstance(exc, BROKER_DOWN):
+            jobs.leaders.lost(exc)  # submits are refused at once until the job streams answer
+            # With a key, kept for the retry with the same key, which publishes what is still queued;
+            # without, taken back once the broker answers: the 503 goes out now.
+            if not idempotency_key and (created or stored or reserved):
+                _later(_undo(jobs, plan, created, stored, owner, key=key, reserved=reserved, tries=UNDO_TRIES))
+            raise
+        await _undo(jobs, plan, created, stored, owner, key=key, reserved=reserved)
         raise
     if plan.group_id:
         log.info("group %s queued: %s", plan.group_id, plan.describe(), extra={"job_id": plan.job_ids[0]})
@@ -104,7 +121,12 @@ async def submit_request(
 async def _earlier_records(jobs: JobService, plan: GroupPlan) -> list[JobStatus | None]:
     """The records an earlier call with the same Idempotency-Key left, one per job (None: not queued)."""
     jobs.connected()
-    return [await jobstore.read_status(jobs.status_kv, job_id) for job_id in plan.job_ids]
+    jobs.leaders.check()
+    try:
+        return [await jobstore.read_status(jobs.submit_kv, job_id) for job_id in plan.job_ids]
+    except BROKER_DOWN as exc:
+        jobs.leaders.lost(exc)
+        raise
 
 
 async def _other_shape(jobs: JobService, plan: GroupPlan) -> list[JobStatus | None]:
@@ -112,22 +134,52 @@ async def _other_shape(jobs: JobService, plan: GroupPlan) -> list[JobStatus | No
     one is a group, or the group's first job where this is one image), whose ids differ from this plan's."""
     first_id = plan.group_id or plan.job_ids[0]
     other = plan.group_id if plan.group_id else group_job_ids(first_id, 1)[0]
-    return [await jobstore.read_status(jobs.status_kv, other)]
-
-
-async def _undo(jobs: JobService, plan: GroupPlan, created: set[str], stored: dict[str, UploadRef], owner: str | None) -> None:
-    """Takes back what this call queued and stored, and nothing else: the jobs whose records it wrote
-    (deleting them releases their images) and the images it stored."""
     try:
-        for job_id in plan.job_ids:
-            if job_id in created:
-                await jobs.delete(job_id, owner=owner)
-        await uploads.delete(jobs.uploads, [ref.name for ref in stored.values()])
-    except Exception as exc:  # best effort: what is left expires with the buckets' TTL
-        log.warning(
-            "request %s: taking back a partly queued request failed: %s", plan.upload_prefix, exc,
-            extra={"job_id": plan.job_ids[0]},
-        )
+        return [await jobstore.read_status(jobs.submit_kv, other)]
+    except BROKER_DOWN as exc:
+        jobs.leaders.lost(exc)
+        raise
+
+
+UNDO_TRIES = 60  # a second apart: the taking back after a 503 outlasts an election or a broker restart
+_taking_back: set[asyncio.Task] = set()
+
+
+def _later(undo) -> None:
+    task = asyncio.ensure_future(undo)
+    _taking_back.add(task)
+    task.add_done_callback(_taking_back.discard)
+
+
+async def _undo(
+    jobs: JobService, plan: GroupPlan, created: set[str], stored: dict[str, UploadRef], owner: str | None,
+    *, key: ApiKey | None = None, reserved: list[str] = (), tries: int = 1,
+) -> None:
+    """Takes back what this call queued and stored, and nothing else: the jobs whose records it wrote
+    (deleting them releases their images), the images it stored, and its places in the key's quota;
+    `tries` times, a second apart, while the broker does not answer."""
+    left = [job_id for job_id in plan.job_ids if job_id in created]
+    for attempt in range(1, tries + 1):
+        try:
+            while left:
+                try:
+                    await jobs.delete(left[0], owner=owner)
+                except UnknownJob:  # its write never landed
+                    pass
+                left.pop(0)
+            await uploads.delete(jobs.uploads, [ref.name for ref in stored.values()])
+            if key is not None and reserved:
+                await jobs.release_quota(key, reserved)
+            return
+        except Exception as exc:  # best effort: what is left expires with the buckets' TTL
+            if attempt < tries and isinstance(exc, BROKER_DOWN):
+                await asyncio.sleep(1.0)
+                continue
+            log.warning(
+                "request %s: taking back a partly queued request failed: %s", plan.upload_prefix, exc,
+                extra={"job_id": plan.job_ids[0]},
+            )
+            return
 
 
 async def group_jobs(jobs: JobService, group_id: str, *, owner: str | None = None) -> list[JobStatus]:

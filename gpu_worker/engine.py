@@ -5,7 +5,8 @@ An engine turns one `GenerationTask` into a PIL image, calling `on_step` after e
 image-to-image: it runs `steps_run(steps, strength)` of its steps, starting from the init image noised
 to that point; with a `mask_image` too it is inpainting, and pixels where the mask is black come back
 as they were. It runs in a worker thread,
-never on the event loop. Engines: the diffusers SDXL pipeline (`sdxl.py`, also serving `tiny-sdxl`)
+never on the event loop: on the engine's own thread (`executor`) when it has one, so that loading,
+warm-up and every job share the thread CUDA graphs were recorded on. Engines: the diffusers SDXL pipeline (`sdxl.py`, also serving `tiny-sdxl`)
 and a simulated one (`simulated.py`) for load tests.
 """
 
@@ -69,6 +70,7 @@ class Engine(Protocol):
     default_guidance: float
     has_refiner: bool
     lora_names: tuple[str, ...]  # the LoRA adapters loaded, by name
+    executor: Any  # the single-thread executor the engine was loaded on and runs on; None: any one thread
 
     def refiner_steps(self, task: GenerationTask) -> int:
         """How many of the task's steps run on the refiner (0 without one)."""

@@ -1,4 +1,9 @@
-"""Picks and loads the engine that `--model` names."""
+"""Picks and loads the engine that `--model` names.
+
+The SDXL engine is loaded, warmed up and run on one thread of its own (`engine.executor`, a
+single-thread executor the worker hands every job to): torch keeps CUDA-graph state per thread, so
+graphs recorded at warm-up (`--compile-mode reduce-overhead` / `max-autotune`) replay only there.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import logging
 from pathlib import Path
 
 from gpu_worker.engine import Engine
+from gpu_worker.job_context import ContextThreadPool
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.simulated import SIMULATED, SimulatedEngine
 
@@ -84,5 +90,20 @@ def load_engine(settings: WorkerSettings) -> Engine:
         compile=settings.compile,
         compile_mode=settings.compile_mode,
         compile_buckets=settings.compile_buckets,
+        quantize=settings.quantize,
+        max_batch=settings.max_batch,
+        compile_cache=settings.compile_cache or (str(Path(settings.data_dir) / "compile-cache") if settings.data_dir else ""),
     )
-    return SdxlEngine.load(sdxl, name=name)
+    thread = engine_thread()
+    try:
+        engine = thread.submit(SdxlEngine.load, sdxl, name=name).result()
+    except BaseException:
+        thread.shutdown(wait=False, cancel_futures=True)
+        raise
+    engine.executor = thread
+    return engine
+
+
+def engine_thread() -> ContextThreadPool:
+    """The one thread an engine is loaded, warmed up and run on."""
+    return ContextThreadPool(max_workers=1, thread_name_prefix="imagegen-engine")

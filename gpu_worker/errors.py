@@ -7,6 +7,15 @@ class JobCancelled(Exception):
     """The job was cancelled; raised from the step callback so the engine stops at the step boundary."""
 
 
+class JobLost(JobCancelled):
+    """Another try of the job holds it now (this worker stalled past the ack wait and the job went to
+    another): this try stops at its step boundary, as for a cancel, and writes nothing more."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 class JobExpired(Exception):
     """The job waited in the queue past its deadline and was not generated."""
 

@@ -17,19 +17,21 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, Rerouted, RetryLater
+from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, JobLost, Rerouted, RetryLater
 from schemas.connect import BROKER_ERRORS
 from schemas.metrics import GENERATION_BUCKETS, QUEUE_WAIT_BUCKETS, exposition
 
 log = logging.getLogger("imagegen.worker.metrics")
 
-OUTCOMES = ("done", "failed", "cancelled", "expired", "deferred", "retried", "rerouted")
+OUTCOMES = ("done", "failed", "cancelled", "expired", "deferred", "retried", "rerouted", "lost")
 
 
 def outcome_label(outcome: BaseException | None, *, attempt: int, max_deliver: int) -> str:
     """How a try ended, as `settle` treats it: retried tries go back to the queue."""
     if outcome is None:
         return "done"
+    if isinstance(outcome, JobLost):
+        return "lost"
     if isinstance(outcome, JobCancelled):
         return "cancelled"
     if isinstance(outcome, JobExpired):
@@ -75,6 +77,10 @@ class WorkerMetrics:
         self.redeliveries = Counter(
             "imagegen_worker_redeliveries", "Jobs taken again after an earlier try did not finish.", registry=self.registry
         )
+        self.batch_size = Histogram(
+            "imagegen_worker_batch_size", "Images made by one engine call (above 1: jobs taken together, --max-batch).",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=self.registry,
+        )
         for outcome in OUTCOMES:
             self.jobs.labels(outcome=outcome)
         self.registry.register(_DeviceCollector(worker))
@@ -83,6 +89,9 @@ class WorkerMetrics:
     def try_started(self, attempt: int) -> None:
         if attempt > 1:
             self.redeliveries.inc()
+
+    def batch_ran(self, size: int) -> None:
+        self.batch_size.observe(size)
 
     def try_ended(self, job: Any, outcome: BaseException | None, *, attempt: int, duration_s: float) -> None:
         """`job` is the run in hand (None when the try ended before a run began)."""

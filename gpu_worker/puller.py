@@ -16,6 +16,10 @@ idle worker's look at every lane. A lane that rang is asked with a short wait (`
 instead of `no_wait`: the bell can come before the stream has stored the job, and an empty answer
 then would leave the job until the next look.
 
+On a cluster, a lane whose consumer has no leader (an election) does not answer at all: it is given
+up after `answer_s` (half a second; a late answer is taken on the next ask), and the election of a
+consumer's new leader (its advisory) rings the bell, so that work resumes as soon as it is led again.
+
 Starvation: after `fairness` jobs in a row taken from a higher tier while a lower one had work waiting,
 the next pull starts at the lowest non-empty tier, so low work always moves, at 1 in `fairness + 1`
 (the rule in schemas.take_order, which the gateway's forecasts plan with).
@@ -39,6 +43,8 @@ from schemas.workers import DEFAULT_FAIRNESS
 
 NO_WAIT = json.dumps({"batch": 1, "no_wait": True}).encode()
 EMPTY_STATUSES = ("404", "408")  # no messages; none came within the request's wait
+CONSUMER_ELECTED = f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{names.JOBS_STREAM}.>"
+ANSWER_S = 0.5  # a lane that does not answer a pull within this long (no leader) is asked again later
 
 
 class TierPuller:
@@ -70,7 +76,7 @@ class TierPuller:
                 return msg
         return None
 
-    async def next(self, timeout: float = 2.0, *, wait_s: float = 0.0) -> Msg | None:
+    async def next(self, timeout: float = ANSWER_S, *, wait_s: float = 0.0) -> Msg | None:
         """One job message of this tier, or None when there is none right now (or, with `wait_s`,
         none came within that long)."""
         self.found_none = False
@@ -113,6 +119,7 @@ class PriorityPuller:
         self.lanes = [puller for lanes in self.tiers for puller in lanes]
         self.bell = asyncio.Event()
         self.bell_sub: Subscription | None = None
+        self.elected_sub: Subscription | None = None
         self.skipped_lower = 0
         self.rings: dict[str, int] = {p.subject: 0 for p in self.lanes}  # bells heard, per lane
         self.empty: dict[str, float] = {}  # lane -> when it was found empty (monotonic), until its bell
@@ -140,13 +147,20 @@ class PriorityPuller:
 
         self.bell_sub = await self.nc.subscribe(f"{names.JOBS_SUBJECT_PREFIX}.>", cb=ring)
 
+        async def elected(msg: Msg) -> None:  # a lane led again: ask every lane now
+            self.empty.clear()
+            self.bell.set()
+
+        self.elected_sub = await self.nc.subscribe(CONSUMER_ELECTED, cb=elected)
+
     async def stop(self) -> None:
         if self._fairness_check is not None:
             self._fairness_check.cancel()
         for puller in self.lanes:
             await puller.stop()
-        if self.bell_sub is not None:
-            await self.bell_sub.unsubscribe()
+        for sub in (self.bell_sub, self.elected_sub):
+            if sub is not None:
+                await sub.unsubscribe()
 
     def known_empty(self, tier: Tier) -> bool:
         return all(self._lane_empty(p.subject) for p in self.tiers[tier.rank])
@@ -210,6 +224,17 @@ class PriorityPuller:
             bell.cancel()
             stop.cancel()
         return None
+
+    async def take_more(self, lane: str, *, wait_s: float = 0.0) -> Msg | None:
+        """One more job on `lane` (the subject a job was just taken from), waiting at most `wait_s`:
+        for the jobs a worker takes together (`--max-batch`). None when the lane has none."""
+        puller = next((p for p in self.lanes if p.subject == lane), None)
+        if puller is None or (self._lane_empty(lane) and not wait_s):
+            return None
+        msg = await puller.next(wait_s=wait_s)
+        if msg is None and puller.found_none or msg is not None and msg.metadata.num_pending == 0:
+            self.empty[lane] = time.monotonic()
+        return msg
 
     async def _count_skipped(self, taken: Tier, if_waiting: int) -> None:
         if await self._lower_waiting(taken):

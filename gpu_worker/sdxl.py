@@ -9,6 +9,11 @@ the latents to the refiner, then decode them (`decode.py`). Progress is reported
 both models; the step callback may raise JobCancelled, which stops the job at that step boundary. Out of
 GPU memory fails only that job, with a clear reason, after the memory is given back.
 
+Several text-to-image jobs that differ only in prompt and seed (`batch_key`) run as one pipeline call
+(`generate_batch`): one generator per image, so each image's noise is the one its job draws alone;
+progress goes to each job's callback and a job cancelled mid-batch drops out while the others go on.
+Each image is decoded on its own, as it would be alone.
+
 Image-to-image and inpainting run the same way on pipelines built from the loaded base (and refiner)
 components on first use, so no weight is loaded twice. They start part-way down the schedule
 (`strength`), and inpainting pastes the init image back where the mask keeps it, so those pixels come
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +66,11 @@ class SdxlSettings:
     fuse_qkv: str = "auto"  # auto: on with CUDA unless LoRAs are loaded
     compile: str = "auto"  # auto: on with CUDA unless offloading
     compile_mode: str = "default"
+    compile_backend: str = "inductor"  # the Dynamo backend; tests trace with "eager" to stay quick on a CPU
     compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: sizes compiled and warmed up at start
+    max_batch: int = 1  # most images one call makes (generate_batch); each size up to it is compiled at start
+    quantize: str = "none"  # none or fp8: the UNets' transformer-block linear layers in float8 (torchao)
+    compile_cache: str = ""  # folder for Inductor's artifacts, reused by the next start; empty: torch's default
 
 
 def _torch_dtype(name: str, device: str) -> Any:
@@ -109,6 +119,9 @@ class SdxlEngine:
     lora_names: tuple[str, ...] = ()
     controlnet_names: tuple[str, ...] = ()
     model_sha256: str | None = None  # gpu_worker.model_hash: its UNet weights' sha256, when they are on this disk
+    executor: Any = None  # the engine thread (engines.load_engine sets it); None: the caller's thread
+    loaded_on: int = 0  # the thread ident that loaded the weights (and recorded any CUDA graph)
+    ran_on: set[int] = field(default_factory=set)  # the thread idents that ran jobs
     _base: Any = field(default=None, repr=False)
     _refiner: Any = field(default=None, repr=False)
     _loras: Any = field(default=None, repr=False)
@@ -127,7 +140,14 @@ class SdxlEngine:
         from gpu_worker.lora import LoraSet, parse_lora_specs
         from gpu_worker.model_hash import model_sha256
 
+        from gpu_worker.quantize import quantize_fp8, refusal
+
         device = settings.device
+        problem = refusal(settings.quantize, device)
+        if problem:
+            raise ValueError(problem)
+        if settings.quantize != "none" and settings.offload:
+            raise ValueError("--quantize fp8 and --offload do not go together: float8 weights stay on the GPU")
         if device == "cpu":
             torch.set_num_threads(max(1, settings.threads))
         adapters = parse_lora_specs(settings.loras)
@@ -142,7 +162,9 @@ class SdxlEngine:
             fuse_qkv=sp.flag_on(settings.fuse_qkv, device),
             compile=sp.flag_on(settings.compile, device) and not settings.offload,
             compile_mode=settings.compile_mode,
+            compile_backend=settings.compile_backend,
             buckets=sp.parse_buckets(settings.compile_buckets),
+            batch_sizes=tuple(range(1, max(1, settings.max_batch) + 1)),
         )
         dtype = _torch_dtype(settings.dtype, device)
         extra = {"vae": _load_vae(settings.vae, dtype)} if settings.vae else {}
@@ -182,6 +204,9 @@ class SdxlEngine:
                 pipe.enable_model_cpu_offload(device=device)
             else:
                 pipe.to(device)
+        if settings.quantize == "fp8":
+            converted = sum(quantize_fp8(unet) for unet in unets)
+            log.info("float8: %d linear layers of the UNets' transformer blocks converted", converted)
         engine = cls(
             settings=settings,
             name=name or settings.model,
@@ -193,6 +218,7 @@ class SdxlEngine:
             controlnet_names=tuple(controlnets),
             _controlnets=controlnets,
             model_sha256=model_sha256(base.unet.config.get("_name_or_path")),
+            loaded_on=threading.get_ident(),
             _base=base,
             _refiner=refiner,
             _loras=loras,
@@ -210,32 +236,49 @@ class SdxlEngine:
             },
         )
         log.info(
-            "loaded model=%s refiner=%s device=%s dtype=%s vae_decode=%s loras=%s offload=%s speedups=%s",
+            "loaded model=%s refiner=%s device=%s dtype=%s vae_decode=%s loras=%s offload=%s quantize=%s speedups=%s",
             settings.model, settings.refiner, device, dtype, decode_dtype,
-            ",".join(loras.names) or "none", settings.offload, speedups.describe(),
+            ",".join(loras.names) or "none", settings.offload, settings.quantize, speedups.describe(),
         )
         if speedups.compile:
+            started = time.monotonic()
+            cache = sp.use_compile_cache(settings.compile_cache) if speedups.compile_backend == "inductor" else ""
+            hits, misses = sp.cache_counts()
             sp.compile_unets(speedups, unets)
-            engine._warm_up(speedups.buckets)
+            engine._warm_up(speedups.buckets, speedups.batch_sizes)
             sp.freeze_compiled()
+            hits, misses = sp.cache_counts()[0] - hits, sp.cache_counts()[1] - misses
+            log.info(
+                "compile warm-up took %.1fs for %d bucket(s) x %d batch size(s) x %d UNet(s); %s",
+                time.monotonic() - started, len(speedups.buckets), len(speedups.batch_sizes), len(unets),
+                f"Inductor cache {cache}: {hits} graph(s) reused, {misses} compiled" if cache
+                else f"backend {speedups.compile_backend}: no Inductor cache",
+            )
         return engine
 
-    def _warm_up(self, buckets: tuple[tuple[int, int], ...]) -> None:
+    def _warm_up(self, buckets: tuple[tuple[int, int], ...], batch_sizes: tuple[int, ...] = (1,)) -> None:
         for width, height in buckets:
-            started = time.monotonic()
-            task = GenerationTask(
-                job_id="compile-warm-up",
-                prompt="warm-up",
-                negative_prompt="",
-                width=width,
-                height=height,
-                steps=WARM_UP_STEPS,
-                guidance=self.default_guidance,
-                seed=0,
-                use_refiner=self.has_refiner,
-            )
-            self.generate(task, lambda *_: None)
-            log.info("compiled and warmed up %dx%d in %.1fs", width, height, time.monotonic() - started)
+            for size in batch_sizes:
+                started = time.monotonic()
+                tasks = [
+                    GenerationTask(
+                        job_id="compile-warm-up",
+                        prompt="warm-up",
+                        negative_prompt="",
+                        width=width,
+                        height=height,
+                        steps=WARM_UP_STEPS,
+                        guidance=self.default_guidance,
+                        seed=seed,
+                        use_refiner=self.has_refiner,
+                    )
+                    for seed in range(size)
+                ]
+                if size == 1:
+                    self.generate(tasks[0], lambda *_: None)
+                else:
+                    self.generate_batch(tasks, [lambda *_: None] * size)
+                log.info("compiled and warmed up %dx%d, batch %d, in %.1fs", width, height, size, time.monotonic() - started)
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -276,11 +319,111 @@ class SdxlEngine:
         except JobFailed:
             return 0
 
+    # -- several jobs in one call ------------------------------------------------------------------
+
+    def batch_key(self, task: GenerationTask) -> tuple | None:
+        """Tasks with equal keys can run as one pipeline call; None: this task runs alone."""
+        if task.init_image is not None or task.mask_image is not None or task.stages or self.settings.offload:
+            return None  # a plan (gpu_worker.stages) runs alone
+        return (
+            task.width, task.height, task.steps, task.guidance, task.scheduler, task.use_refiner,
+            task.refiner_split, task.loras, bool(task.negative_prompt), task.eta,
+        )
+
+    def generate_batch(self, tasks: list[GenerationTask], on_steps: list[StepCallback]) -> list[Any]:
+        """Runs tasks of one `batch_key` as one pipeline call; returns, per task, its image or the
+        exception that ended it (JobCancelled, JobFailed). A task whose callback raises JobCancelled
+        is no longer told of steps; the call stops once every task is cancelled. Out of memory, the
+        tasks run again one by one."""
+        from gpu_worker.memory import OUT_OF_MEMORY, free_device_memory
+
+        self.ran_on.add(threading.get_ident())
+        if len(tasks) == 1 or len({self.batch_key(t) for t in tasks}) != 1 or self.batch_key(tasks[0]) is None:
+            return [self._alone(task, on_step) for task, on_step in zip(tasks, on_steps)]
+        try:
+            plan = self._plan(tasks[0])
+        except JobFailed as exc:
+            return [exc for _ in tasks]
+        self._loras.select(self._base, tasks[0].loras)
+        try:
+            return self._run_batch(tasks, plan, on_steps)
+        except OUT_OF_MEMORY:
+            log.debug("batch of %d: out of memory; freeing it", len(tasks))
+        free_device_memory()
+        log.warning("batch of %d (%s): out of GPU memory; running its jobs one by one", len(tasks), tasks[0].job_id)
+        return [self._alone(task, on_step) for task, on_step in zip(tasks, on_steps)]
+
+    def _alone(self, task: GenerationTask, on_step: StepCallback) -> Any:
+        from gpu_worker.errors import JobCancelled
+
+        try:
+            return self.generate(task, on_step)
+        except (JobCancelled, JobFailed) as exc:
+            return exc
+
+    def _run_batch(self, tasks: list[GenerationTask], plan: Plan, on_steps: list[StepCallback]) -> list[Any]:
+        import torch
+
+        from gpu_worker.errors import JobCancelled
+
+        outcomes: list[Any] = [None] * len(tasks)
+        done = 0
+        cuda = torch.device(self.device) if self.device.startswith("cuda") else None
+
+        def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            nonlocal done
+            done += 1
+            if cuda is not None:
+                torch.cuda.synchronize(cuda)
+            latents = kwargs.get("latents")
+            for i, on_step in enumerate(on_steps):
+                if outcomes[i] is not None:
+                    continue
+                try:
+                    on_step(min(done, plan.total), plan.total, latents[i : i + 1] if latents is not None else None)
+                except JobCancelled as exc:
+                    outcomes[i] = exc
+            if all(outcome is not None for outcome in outcomes):
+                raise JobCancelled()
+            return kwargs
+
+        first = tasks[0]
+        common = dict(
+            prompt=[t.prompt for t in tasks],
+            negative_prompt=[t.negative_prompt for t in tasks] if first.negative_prompt else None,
+            num_inference_steps=plan.schedule,
+            guidance_scale=first.guidance,
+            generator=[torch.Generator(device="cpu").manual_seed(t.seed) for t in tasks],
+            callback_on_step_end=callback,
+            output_type="latent",
+        )
+        if first.eta is not None:  # one eta for the batch: it is part of batch_key
+            common["eta"] = first.eta
+        with torch.inference_mode():
+            try:
+                self._base.scheduler = plan.base_scheduler
+                if plan.split is None:
+                    latents = self._base(width=first.width, height=first.height, **common).images
+                else:
+                    latents = self._base(width=first.width, height=first.height, denoising_end=plan.split, **common).images
+                    self._refiner.scheduler = plan.refiner_scheduler
+                    latents = self._refiner(image=latents, denoising_start=plan.split, **common).images
+            except JobCancelled:
+                return outcomes
+            for i, task in enumerate(tasks):
+                if outcomes[i] is None:
+                    try:
+                        outcomes[i] = self._decoder.decode(latents[i : i + 1], job_id=task.job_id)
+                    except JobFailed as exc:
+                        outcomes[i] = exc
+        return outcomes
+
     # -- one job --------------------------------------------------------------------------------
 
     def generate(self, task: GenerationTask, on_step: StepCallback) -> Image.Image:
         from gpu_worker.memory import OUT_OF_MEMORY, free_device_memory, memory_note
 
+        self.ran_on.add(threading.get_ident())
         plan = self._plan(task)
         self._loras.select(self._base, task.loras)
         try:
@@ -321,10 +464,13 @@ class SdxlEngine:
 
         generator = torch.Generator(device="cpu").manual_seed(task.seed)
         done = 0
+        cuda = torch.device(self.device) if self.device.startswith("cuda") else None
 
         def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             nonlocal done
             done += 1
+            if cuda is not None:  # the step has ended on the GPU, not only been queued: progress, ETA
+                torch.cuda.synchronize(cuda)  # and cancel follow the GPU, CUDA graphs or not
             on_step(min(done, plan.total), plan.total, kwargs.get("latents"))
             return kwargs
 

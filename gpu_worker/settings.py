@@ -38,6 +38,9 @@ class WorkerSettings:
     compile: str = "auto"  # torch.compile of the UNets; auto: on with CUDA unless offloading
     compile_mode: str = "default"  # torch.compile mode
     compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: compiled and warmed up at start
+    quantize: str = "none"  # none or fp8 (float8 linear layers in the UNets; Ada/Hopper GPUs with torchao)
+    compile_cache: str = ""  # Inductor's artifacts, reused by the next start; empty: <data_dir>/compile-cache
+    max_batch: int = 1  # most images one engine call makes: compatible queued jobs (a request's n images first) taken together; 1: each alone
     data_dir: str = ""
     heartbeat_s: float = 5.0  # in_progress() and worker-registry refresh period
     progress_write_s: float = 0.5  # at most this often a running job's step goes to the status record

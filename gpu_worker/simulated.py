@@ -34,6 +34,7 @@ class SimulatedEngine:
     default_guidance: float = 5.0
     has_refiner: bool = True
     lora_names: tuple[str, ...] = ()
+    executor: object = None  # no thread of its own: the worker's GPU thread runs it
     refiner_split: float = DEFAULT_REFINER_SPLIT  # when the request names none
     refiner_step_factor: float = 1.0  # a refiner step's time over a base step's
     refiner_fixed_s: float = 0.0  # the hand-over to the refiner, before its first step

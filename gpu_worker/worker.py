@@ -2,8 +2,9 @@
 
 A job may run twice (a worker can die after storing the image and before the ack): the image is
 stored under the job id, so a second run overwrites it, and a job whose record already says `done`
-is acked without running again. Every outcome is settled in `settle`, the one place that acks,
-naks or terms a message.
+is acked without running again. With `--max-batch` above 1, compatible jobs taken together are
+handled side by side and meet at the engine for one call (`batching.py`). Every outcome is settled in
+`settle`, the one place that acks, naks or terms a message.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from PIL import Image
 
+from gpu_worker.batching import Entry, Gathering, settle as settle_entry
 from gpu_worker.engine import Engine, GenerationTask
-from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, Rerouted, RetryLater
+from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, JobLost, Rerouted, RetryLater
 from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from gpu_worker.metrics import WorkerMetrics
+from gpu_worker.naks import Naks
 from gpu_worker.preview import latent_preview
 from gpu_worker.puller import PriorityPuller
 from gpu_worker.safety import SafetyStage, load_safety
@@ -40,11 +43,12 @@ from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode, encode
 from schemas.connect import BROKER_ERRORS, connect
 from schemas.events import JobEvent
-from schemas.jetstream import ensure_model_lanes, ensure_topology
+from schemas.jetstream import MAX_BYTES_FLAG, ensure_model_lanes, ensure_topology
 from schemas.job import JobEnvelope
 from schemas.plan import expand, is_plan, sizes, stage_parts, total_steps
 from schemas.request import RequestInvalid, limit_problems, steps_run
 from schemas.status import ImageRef, JobState, JobStatus
+from schemas.storage import StoreFull, is_full
 from schemas.workers import WorkerInfo
 
 log = logging.getLogger("imagegen.worker")
@@ -75,6 +79,9 @@ class RunningJob:
     marking: asyncio.Future | None = None  # the write that marks the job running, while it is under way
     parts: list[tuple[int, float, bool]] = field(default_factory=list)  # a plan's sample stages: (steps, mpx, refiner)
     final_mpx: float = 0.0  # a plan's output size
+    batch: int = 1  # images in the engine call that made this job's (above 1: taken together with others)
+    checked_at: float = field(default_factory=time.monotonic)  # when the record last said this try holds the job
+    lost: str | None = None  # why this try no longer holds the job (another try took it over)
 
     def remember(self, status: JobStatus | None, revision: int) -> None:
         if status is not None and revision > (self.record[1] if self.record else 0):
@@ -99,15 +106,21 @@ class Worker:
         self.stopping = asyncio.Event()
         self.broker_trouble = False
         self.meter = SpeedMeter()
-        self.current: RunningJob | None = None
+        self.running: dict[str, RunningJob] = {}  # by job id: one job, or the jobs taken together
+        self._gathering: Gathering | None = None  # the jobs taken together, until they meet at the engine
         self.jobs_done = 0
-        self.gpu = ContextThreadPool(max_workers=1, thread_name_prefix="imagegen-gpu")
+        self.gpu = getattr(engine, "executor", None) or ContextThreadPool(max_workers=1, thread_name_prefix="imagegen-gpu")
         self.metrics = WorkerMetrics(self)
         self.nc: NATS | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting = False  # in the puller, free for the next job
         self._prefetch: tuple[str, asyncio.Task] | None = None  # a job's record, read on its bell
+
+    @property
+    def current(self) -> RunningJob | None:
+        """The job in hand (the first, when several were taken together)."""
+        return next(iter(self.running.values()), None)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -131,6 +144,8 @@ class Worker:
         self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness, on_bell=self._on_bell, model=self.engine.name)
         await self.puller.start()
         await self.nc.subscribe(names.CANCEL_SUBJECT, cb=self._on_cancel)
+        self.naks = Naks(self.nc, ack_wait_s=self.settings.topology.ack_wait_s)
+        await self.naks.start()
         await self._register()
         self._tasks.append(asyncio.create_task(self._registry_loop()))
         if self.settings.metrics_port:
@@ -149,7 +164,11 @@ class Worker:
                 self._waiting = False
             if msg is None:
                 break
-            await self.handle(msg)
+            taken = await self._take_together(msg)
+            if len(taken) == 1:
+                await self.handle(msg)
+            else:
+                await self._handle_together(taken)
 
     async def _cool_enough(self) -> None:
         """Returns when the GPU is cool enough for a new job; the registry says when it pauses and resumes."""
@@ -162,14 +181,19 @@ class Worker:
 
         await self.thermal.wait_until_cool(self.stopping, on_change=announce)
 
-    async def _wait_for_broker(self, *, longest_wait_s: float = 5.0) -> None:
+    async def _wait_for_broker(self, *, longest_wait_s: float = 0.5, ask_timeout_s: float = 0.5) -> None:
         """After a job failed on JetStream, pulls nothing until the streams a job needs answer again:
-        else every queued job would be taken and fail in turn, using up its tries during an outage."""
+        else every queued job would be taken and fail in turn, using up its tries during an outage.
+        Asked with short timeouts and waits, so that the worker takes jobs again within about a second
+        of a cluster electing their leaders (a STREAM.INFO each half second costs the broker little)."""
         wait_s = 0.25
+        js = self.nc.jetstream(timeout=ask_timeout_s)
         while not self.stopping.is_set():
             try:
                 for stream in (f"KV_{names.STATUS_BUCKET}", f"OBJ_{names.IMAGES_BUCKET}"):
-                    await self.js.stream_info(stream)
+                    info = await js.stream_info(stream)
+                    if info.cluster is not None and not info.cluster.leader:
+                        raise ConnectionError(f"stream {stream} has no leader")
             except Exception as exc:
                 log.warning("worker %s waits for the broker (%s: %s)", self.worker_id, type(exc).__name__, exc)
                 try:
@@ -196,6 +220,7 @@ class Worker:
             except Exception:  # the registry entry expires by itself anyway
                 pass
             await self.puller.stop()
+            await self.naks.close()
             await self.nc.drain()
         self.gpu.shutdown(wait=False, cancel_futures=True)
         await self.metrics.close()
@@ -285,8 +310,8 @@ class Worker:
         while True:
             await asyncio.sleep(period)
             try:
-                if self.current is not None:
-                    await self._heartbeat(self.current)
+                for job in list(self.running.values()):
+                    await self._heartbeat(job)
                 await self._register()
             except Exception as exc:  # broker away: keep going, the next beat retries
                 log.warning("worker %s heartbeat failed: %s", self.worker_id, exc)
@@ -296,6 +321,41 @@ class Worker:
         status = await jobstore.read_status(self.status_kv, job.envelope.job_id)
         if status is not None and status.cancel_requested:
             job.cancel.set()
+        self._note_holder(job, status)
+
+    # A worker that stalls past the ack wait (paused, swapped out, its host frozen) may find on waking that
+    # its job went to another worker. It notices at its next step: a try that has not seen its record
+    # for half the ack wait reads it before going on, and stops (JobLost) when the record names another try.
+
+    def _hold_check_s(self) -> float:
+        return self.settings.topology.ack_wait_s / 2
+
+    def _note_holder(self, job: RunningJob, status: JobStatus | None) -> None:
+        """Takes the record's word on who runs the job, once this try's running mark has landed."""
+        if job.marking is None or not job.marking.done() or status is None:
+            job.checked_at = time.monotonic()
+            return
+        if status.state is JobState.RUNNING and (status.attempt, status.worker) != (job.attempt, self.worker_id):
+            job.lost = f"try {status.attempt} on worker {status.worker} holds it now"
+        else:
+            job.checked_at = time.monotonic()
+
+    async def _check_hold(self, job: RunningJob) -> None:
+        try:
+            self._note_holder(job, await jobstore.read_status(self.status_kv, job.envelope.job_id))
+        except Exception as exc:  # broker away: go on, and ask again later
+            job.checked_at = time.monotonic()
+            log.debug("job %s: its record could not be read (%s); going on", job.envelope.job_id, exc)
+
+    def _check_hold_from_gpu(self, job: RunningJob) -> None:
+        """In the GPU thread, at a step: reads the record (on the loop) when it was not seen for long."""
+        if job.lost is None and time.monotonic() - job.checked_at > self._hold_check_s():
+            try:
+                asyncio.run_coroutine_threadsafe(self._check_hold(job), self._loop).result(timeout=self.settings.topology.ack_wait_s)
+            except Exception as exc:
+                log.debug("job %s: hold check skipped: %s", job.envelope.job_id, exc)
+        if job.lost is not None:
+            raise JobLost(job.lost)
 
     def _on_bell(self, msg: Msg) -> None:
         """A job was published. A free worker reads its record now, alongside the pull that takes it,
@@ -323,8 +383,8 @@ class Worker:
         return await jobstore.read_status_at(self.status_kv, job_id)
 
     async def _on_cancel(self, msg: Msg) -> None:
-        job = self.current
-        if job is not None and msg.data.decode(errors="replace") == job.envelope.job_id:
+        job = self.running.get(msg.data.decode(errors="replace"))
+        if job is not None:
             job.cancel.set()
 
     # -- one job --------------------------------------------------------------------------------
@@ -347,7 +407,9 @@ class Worker:
             log.exception("job %s try %d crashed", job_id or "?", attempt)
             outcome = exc
         finally:
-            job, self.current = self.current, None
+            job = self.running.pop(context.job_id, None)
+            if self._gathering is not None:
+                self._gathering.leave(context.job_id)
         duration = context.duration_s = time.monotonic() - started
         try:
             self.metrics.try_ended(job, outcome, attempt=attempt, duration_s=duration)
@@ -455,7 +517,7 @@ class Worker:
                                     from_image=envelope.init_image is not None, strength=request.strength)
             width, height = sizes(list(stages), request.width, request.height)[-1]
             job.final_mpx = width * height / 1e6
-        self.current = job
+        self.running[job_id] = job
 
         ended: JobState | None = None
 
@@ -479,30 +541,11 @@ class Worker:
             self.status_kv, job_id, to_running, known=(status, revision) if revision else None
         ))
         await self._event(JobEvent(type="started", job_id=job_id, worker=self.worker_id, attempt=attempt, total=steps))
-        task = GenerationTask(
-            job_id=job_id,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=request.width,
-            height=request.height,
-            steps=schedule,
-            guidance=request.guidance if request.guidance is not None else self.engine.default_guidance,
-            seed=envelope.seed,
-            use_refiner=request.use_refiner,
-            refiner_split=request.refiner_split,
-            scheduler=request.scheduler,
-            loras=tuple((request.loras or {}).items()),
-            init_image=init_image,
-            mask_image=mask_image,
-            strength=request.strength,
-            eta=request.eta,
-            stages=stages,
-            control_image=control_image,
-        )
+        log.info("job %s try %d running", job_id, attempt)  # every run, logged here even when its events are lost
+        task = self._task(envelope, init_image=init_image, mask_image=mask_image, control_image=control_image)
         job.stamps.refiner_steps = self.engine.refiner_steps(task)
-        loop = asyncio.get_running_loop()
         gen_started = time.monotonic()
-        generating = loop.run_in_executor(self.gpu, self._make_image, job, task, request.format, request.quality)
+        generating = self._generating(job, task, request.format, request.quality)
         try:
             job.remember(*await marking)
         except BaseException:
@@ -517,6 +560,10 @@ class Worker:
                 return
             raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended, JobCancelled)()
         image, nsfw, data, steps_done, encoded = await generating
+        if time.monotonic() - job.checked_at > self._hold_check_s():
+            await self._check_hold(job)
+        if job.lost is not None:  # no image nor status over the try that holds the job now
+            raise JobLost(job.lost)
         if nsfw:
             log.warning("job %s image flagged by the safety check: blanked", job_id)
 
@@ -530,7 +577,13 @@ class Worker:
             job.remember(status, revision)
             return status is not None and status.state is JobState.DONE
 
-        stored = await asyncio.wait_for(self.image_store.put(job_id, data, finished_elsewhere=finished_elsewhere), timeout=30)
+        try:
+            stored = await asyncio.wait_for(self.image_store.put(job_id, data, finished_elsewhere=finished_elsewhere), timeout=30)
+        except Exception as exc:
+            if is_full(exc):  # not the broker away: trying again cannot help until images expire
+                limit = self.settings.topology.images_max_bytes
+                raise JobFailed(f"{StoreFull(names.IMAGES_BUCKET, limit, MAX_BYTES_FLAG[names.IMAGES_BUCKET])} (this image: {len(data)} bytes)") from None
+            raise
         if stored is None:
             log.info("job %s try %d: another run finished it first; its image stands", job_id, attempt)
             return
@@ -556,8 +609,37 @@ class Worker:
         total_s = time.monotonic() - gen_started
         timings = {"steps_s": steps_done - gen_started, "encode_s": encoded - steps_done, "total_s": total_s}
         await self._event(JobEvent(type="done", job_id=job_id, image=ref, timings=timings, worker=self.worker_id))
-        self.meter.record(mpx=request.pixels / 1e6, decode_s=timings["encode_s"], total_s=total_s, **job.stamps.timings(job.total, gen_started, steps_done))
+        if job.batch == 1:  # the speed model (queued jobs' ETAs) learns from jobs run alone
+            self.meter.record(mpx=request.pixels / 1e6, decode_s=timings["encode_s"], total_s=total_s, **job.stamps.timings(job.total, gen_started, steps_done))
         self.jobs_done += 1
+
+    def _task(
+        self, envelope: JobEnvelope, *, init_image: Image.Image | None = None, mask_image: Image.Image | None = None,
+        control_image: Image.Image | None = None,
+    ) -> GenerationTask:
+        request = envelope.request
+        schedule = request.steps or self.engine.default_steps
+        stages = tuple(expand(request, default_steps=schedule, refiner_split=self.settings.refiner_split)) if is_plan(request) else ()
+        return GenerationTask(
+            job_id=envelope.job_id,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=request.width,
+            height=request.height,
+            steps=request.steps or self.engine.default_steps,
+            guidance=request.guidance if request.guidance is not None else self.engine.default_guidance,
+            seed=envelope.seed,
+            use_refiner=request.use_refiner,
+            refiner_split=request.refiner_split,
+            scheduler=request.scheduler,
+            loras=tuple((request.loras or {}).items()),
+            init_image=init_image,
+            mask_image=mask_image,
+            strength=request.strength,
+            eta=request.eta,
+            stages=stages,
+            control_image=control_image,
+        )
 
     def _make_image(
         self, job: RunningJob, task: GenerationTask, fmt: str, quality: int
@@ -565,7 +647,11 @@ class Worker:
         """In the GPU thread, one hand-over for the whole run: the engine, the safety check (it raises
         JobFailed when flagged images are rejected), the encoding. Returns the image, whether it was
         flagged, its bytes, and when the steps and the encoding ended."""
+        self.metrics.batch_ran(1)
         image = self.engine.generate(task, self._step_callback(job))
+        return self._finish_image(job, image, fmt, quality)
+
+    def _finish_image(self, job: RunningJob, image: Image.Image, fmt: str, quality: int) -> tuple[Image.Image, bool, bytes, float, float]:
         steps_done = job.stamps.last or time.monotonic()
         nsfw = False
         if self.safety is not None:
@@ -573,11 +659,125 @@ class Worker:
         data = self._encode(image, fmt, quality)
         return image, nsfw, data, steps_done, time.monotonic()
 
+    # -- jobs taken together (--max-batch) ------------------------------------------------------
+
+    def _batch_key(self, msg: Msg) -> tuple | None:
+        """The engine's batch key of the job in `msg`; None when it runs alone (or cannot be read)."""
+        if not (msg.headers or {}).get(names.MSG_ID_HEADER) or not hasattr(self.engine, "batch_key"):
+            return None
+        try:
+            envelope = decode(msg.data, JobEnvelope)
+        except DecodeError:
+            return None
+        request = envelope.request
+        if envelope.init_image or envelope.mask_image or (request.model and request.model != self.engine.name):
+            return None
+        if request.use_refiner and not self.engine.has_refiner:
+            return None
+        return self.engine.batch_key(self._task(envelope))
+
+    async def _take_together(self, first: Msg) -> list[Msg]:
+        """`first`, and up to `max_batch - 1` more jobs waiting on its lane while each shares its batch
+        key; the first that does not is kept too (it is taken already) and runs alone beside them."""
+        most = self.settings.max_batch
+        if most <= 1 or not hasattr(self.engine, "generate_batch"):
+            return [first]
+        key = self._batch_key(first)
+        if key is None:
+            return [first]
+        try:  # a request's n images are published one after another: the rest may be a moment behind
+            envelope = decode(first.data, JobEnvelope)
+            siblings = envelope.group_size - envelope.group_index - 1 if envelope.group_id else 0
+        except DecodeError:
+            siblings = 0
+        taken = [first]
+        while len(taken) < most and not self.stopping.is_set():
+            try:
+                msg = await self.puller.take_more(first.subject, wait_s=0.1 if siblings > len(taken) - 1 else 0.0)
+            except BROKER_TROUBLE:
+                break
+            if msg is None:
+                break
+            taken.append(msg)
+            if self._batch_key(msg) != key:
+                break
+        return taken
+
+    async def _handle_together(self, taken: list[Msg]) -> None:
+        ids = [(msg.headers or {}).get(names.MSG_ID_HEADER, "") for msg in taken]
+        self._gathering = Gathering(ids, self._launch)
+        log.info("jobs %s taken together", ",".join(ids))
+        try:
+            await asyncio.gather(*(self.handle(msg) for msg in taken))
+        finally:
+            self._gathering = None
+
+    def _generating(self, job: RunningJob, task: GenerationTask, fmt: str, quality: int) -> asyncio.Future:
+        """The job's image (and its bytes): run now, or, for a job taken together with others, once all
+        have reached this point (or ended), in one engine call with those of its batch key."""
+        gathering = self._gathering
+        if gathering is not None and gathering.expects(task.job_id):
+            key = self.engine.batch_key(task)
+            return gathering.join(Entry(job=job, task=task, fmt=fmt, quality=quality, key=key))
+        return asyncio.get_running_loop().run_in_executor(self.gpu, self._make_image, job, task, fmt, quality)
+
+    def _launch(self, runs: list[list[Entry]]) -> None:
+        """On the loop: hands each run of entries to the engine thread, one call per run."""
+        loop = asyncio.get_running_loop()
+
+        def deliver(future: asyncio.Future, entries: list[Entry]) -> None:
+            for i, entry in enumerate(entries):
+                if future.cancelled():
+                    entry.future.cancel()
+                elif future.exception() is not None:
+                    settle_entry(entry.future, future.exception())
+                else:
+                    settle_entry(entry.future, future.result()[i])
+
+        for entries in runs:
+            running = loop.run_in_executor(self.gpu, self._make_images, entries)
+            running.add_done_callback(lambda future, entries=entries: deliver(future, entries))
+
+    def _make_images(self, entries: list[Entry]) -> list[Any]:
+        """In the GPU thread: one engine call for the entries, then each image's check and encoding.
+        A job cancelled mid-batch gets its answer at that step, not at the batch's end."""
+        loop = self._loop
+
+        def hearing(entry: Entry):
+            inner = self._step_callback(entry.job)
+
+            def on_step(step: int, total: int, latents: Any) -> None:
+                try:
+                    inner(step, total, latents)
+                except JobCancelled:
+                    loop.call_soon_threadsafe(settle_entry, entry.future, JobCancelled())
+                    raise
+
+            return on_step
+
+        self.metrics.batch_ran(len(entries))
+        for entry in entries:
+            entry.job.batch = len(entries)
+        if len(entries) > 1:
+            log.info("jobs %s run as one batch of %d", ",".join(e.task.job_id for e in entries), len(entries))
+        outcomes = self.engine.generate_batch([e.task for e in entries], [hearing(e) for e in entries])
+        results: list[Any] = []
+        for entry, outcome in zip(entries, outcomes):
+            if isinstance(outcome, BaseException):
+                results.append(outcome)
+                continue
+            try:
+                results.append(self._finish_image(entry.job, outcome, entry.fmt, entry.quality))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
     def _step_callback(self, job: RunningJob):
         loop = self._loop
         every = 0 if self.safety is not None else self.settings.preview_every  # no unchecked pixels leave
 
         def on_step(step: int, total: int, latents: Any) -> None:
+            self._check_hold_from_gpu(job)
             if job.cancel.is_set():
                 raise JobCancelled()
             now = time.monotonic()
@@ -637,7 +837,7 @@ class Worker:
             await asyncio.gather(job.marking, return_exceptions=True)
 
         def set_step(s: JobStatus) -> JobStatus | None:
-            if s.state is not JobState.RUNNING or s.step >= step:
+            if s.state is not JobState.RUNNING or s.step >= step or (s.attempt, s.worker) != (job.attempt, self.worker_id):
                 return None
             s.step, s.step_s, s.step_at = step, step_s, step_at
             return s
@@ -680,6 +880,8 @@ class Worker:
         if outcome is None:
             await msg.ack()
             log.info("%s done in %.2fs", tag, duration)
+        elif isinstance(outcome, JobLost):  # the message is the other try's now: no ack, nak or term
+            log.warning("%s lost the job after %.2fs: %s; stopped, nothing written", tag, duration, outcome.reason)
         elif isinstance(outcome, JobCancelled):
             await self._finish(job_id, JobState.CANCELLED, "cancelled")
             await msg.ack()
@@ -692,7 +894,7 @@ class Worker:
             await msg.ack()
             log.info("job %s %s", job_id or "?", outcome.reason)
         elif isinstance(outcome, RetryLater):
-            await msg.nak(delay=outcome.delay_s)
+            await self.naks.nak(msg, outcome.delay_s, tag=tag)
             log.info("%s deferred %.1fs: %s", tag, outcome.delay_s, outcome.reason)
         elif isinstance(outcome, JobFailed):
             await self._dead_letter(msg, job_id, attempt, outcome.reason)
@@ -700,7 +902,7 @@ class Worker:
             log.warning("%s failed after %.2fs: %s", tag, duration, outcome.reason)
         elif isinstance(outcome, BROKER_TROUBLE):
             self.broker_trouble = True
-            await msg.nak(delay=retry_delay(attempt))
+            await self.naks.nak(msg, retry_delay(attempt), tag=tag)
             log.warning("%s interrupted by the broker, will retry in %.1fs: %s", tag, retry_delay(attempt), outcome)
         else:
             reason = f"{type(outcome).__name__}: {outcome}"
@@ -709,7 +911,7 @@ class Worker:
                 await msg.term()
                 log.warning("%s crashed for the last time: %s", tag, reason)
             else:
-                await msg.nak(delay=retry_delay(attempt))
+                await self.naks.nak(msg, retry_delay(attempt), tag=tag)
                 log.warning("%s crashed, will retry in %.1fs: %s", tag, retry_delay(attempt), reason)
 
     async def _finish(self, job_id: str, state: JobState, reason: str) -> None:

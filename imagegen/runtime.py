@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.app import AccessLog, create_app
+from gateway.connections import CappedSite, make_room
 from gateway.http_errors import ServerLog
 from gateway.settings import GatewaySettings
 from gpu_worker.engines import load_engine
@@ -24,6 +25,8 @@ from gpu_worker.worker import Worker
 from imagegen import event_loop
 
 log = logging.getLogger("imagegen")
+BACKLOG = 1024  # connections the kernel queues before accept(): a burst past it is reset, not answered 503
+LINGER_S = 2.0  # after answering a body refused unread (413, 408), how long its rest is read and dropped
 
 
 @dataclass
@@ -37,11 +40,17 @@ class RunningGateway:
 
 async def start_gateway(settings: GatewaySettings) -> RunningGateway:
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog, logger=ServerLog())
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog, logger=ServerLog(),
+        auto_decompress=False,  # the body middleware inflates, in bounded steps up to the route's cap
+        lingering_time=LINGER_S,
+        keepalive_timeout=settings.header_timeout_s,  # from the connection's start and after each answer
+    )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    make_room(settings.max_connections)
+    site = CappedSite(runner, settings.host, settings.port, max_connections=settings.max_connections, backlog=BACKLOG)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else settings.port
+    port = site.port
     return RunningGateway(runner=runner, port=port)
 
 

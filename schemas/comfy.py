@@ -1,8 +1,9 @@
 """A ComfyUI prompt as the gateways keep it: which jobs it became and which of its nodes did what.
 
 Any gateway may be asked about a prompt another one queued (`/history`, `/queue`, the `/ws` of the
-client that sent it), so each prompt is written to the KV bucket `imagegen-comfy-prompts` (key: the
-prompt id, kept as long as job records) and every gateway watches that bucket.
+client that sent it), so each prompt is written to the KV bucket `imagegen-comfy-prompts` (key: its
+owner's and its prompt id, `prompt_key`; kept as long as job records) and every gateway watches that
+bucket. Prompt ids are each key's own: two keys may send the same one and get two prompts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # ComfyUI's are UUIDs; a client may send its own
+
+
+def prompt_key(owner: str | None, prompt_id: str) -> str:
+    """A prompt's KV key: its owner (the API key's name, hex, or `_` with keys off), then its id."""
+    return f"{owner.encode().hex() if owner else '_'}.{prompt_id}"
 
 
 class ComfyPrompt(BaseModel):
@@ -31,6 +37,10 @@ class ComfyPrompt(BaseModel):
 
     def outputs_to_execute(self) -> list[str]:
         return sorted(self.outputs)
+
+    @property
+    def key(self) -> str:
+        return prompt_key(self.owner, self.prompt_id)
 
     def queue_entry(self) -> list[Any]:
         """ComfyUI's queue item: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""

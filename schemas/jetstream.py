@@ -21,7 +21,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from schemas import names
 
@@ -38,7 +38,22 @@ class Topology:
     max_deliver: int = 5
     worker_ttl_s: float = 15.0  # a worker that stops heartbeating disappears after this
     audit_ttl_s: float = 30 * 24 * 3600
+    # Every bucket's most bytes: a write past it is refused (schemas.storage.StoreFull). On one server the
+    # sum is reserved from its JetStream storage (75% of the free disk by default), so keep it below that.
+    images_max_bytes: int = 2 << 30  # object store imagegen-images
+    uploads_max_bytes: int = 1 << 30  # object store imagegen-uploads
+    cache_max_bytes: int = 1 << 30  # object store imagegen-cache
+    status_max_bytes: int = 512 << 20  # KV imagegen-jobs and imagegen-comfy-prompts
+    kv_max_bytes: int = 64 << 20  # the small KV buckets: rate limits, quotas, workers, config
 
+
+MAX_BYTES_FLAG = {  # the flag that sets each bucket's max_bytes, for the messages of a full one
+    names.IMAGES_BUCKET: "--images-max-bytes",
+    names.UPLOADS_BUCKET: "--uploads-max-bytes",
+    names.CACHE_BUCKET: "--cache-max-bytes",
+    names.STATUS_BUCKET: "--status-max-bytes",
+    names.COMFY_BUCKET: "--status-max-bytes",
+}
 
 WEBHOOK_ACK_WAIT_S = 60.0  # longer than one call may take (gateway.webhooks.CALL_TIMEOUT_S)
 WEBHOOK_MAX_DELIVER = 20
@@ -142,35 +157,70 @@ async def ensure_topology(js: JetStreamContext, t: Topology = Topology()) -> Non
     await js.add_consumer(names.WEBHOOKS_STREAM, webhook_senders_config(t))
     # direct=True: a KV read is one Direct Get answered with the raw value (nats.go's default), half
     # the time of the JSON API read; every compare-and-set write is still checked by the stream leader.
+    small = dict(history=1, replicas=t.replicas, direct=True, max_bytes=t.kv_max_bytes)
     for config in (
-        KeyValueConfig(bucket=names.RATE_BUCKET, history=1, ttl=180, replicas=t.replicas, direct=True),
-        KeyValueConfig(bucket=names.STATUS_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas, direct=True),
-        KeyValueConfig(bucket=names.WORKERS_BUCKET, history=1, ttl=t.worker_ttl_s, replicas=t.replicas, direct=True),
-        KeyValueConfig(bucket=names.CONFIG_BUCKET, history=1, replicas=t.replicas, direct=True),
-        KeyValueConfig(bucket=names.COMFY_BUCKET, history=1, ttl=t.job_ttl_s, replicas=t.replicas, direct=True),
+        KeyValueConfig(bucket=names.RATE_BUCKET, ttl=180, **small),
+        KeyValueConfig(bucket=names.QUOTA_BUCKET, ttl=t.job_ttl_s, **small),
+        KeyValueConfig(bucket=names.STATUS_BUCKET, ttl=t.job_ttl_s, **(small | {"max_bytes": t.status_max_bytes})),
+        KeyValueConfig(bucket=names.WORKERS_BUCKET, ttl=t.worker_ttl_s, **small),
+        KeyValueConfig(bucket=names.CONFIG_BUCKET, **small),
+        KeyValueConfig(bucket=names.COMFY_BUCKET, ttl=t.job_ttl_s, **(small | {"max_bytes": t.status_max_bytes})),
     ):
         try:
-            await js.create_key_value(config)
-        except BadRequestError:  # exists with other settings: the first process's settings stand
+            await _refused_for_storage(js.create_key_value(config), config.bucket, config.max_bytes)
+        except BadRequestError:  # exists with other settings: the first process's stand, but for max_bytes
             log.warning("bucket %s exists with other settings; keeping them", config.bucket)
-    for bucket in (names.IMAGES_BUCKET, names.UPLOADS_BUCKET):  # uploads live as long as their job's record
-        try:
-            await js.create_object_store(bucket, config=ObjectStoreConfig(ttl=t.job_ttl_s, replicas=t.replicas))
+            await _set_max_bytes(js, f"KV_{config.bucket}", config.max_bytes)
+    for bucket, max_bytes in ((names.IMAGES_BUCKET, t.images_max_bytes), (names.UPLOADS_BUCKET, t.uploads_max_bytes)):
+        try:  # uploads live as long as their job's record
+            await _refused_for_storage(js.create_object_store(
+                bucket, config=ObjectStoreConfig(ttl=t.job_ttl_s, replicas=t.replicas, max_bytes=max_bytes)
+            ), bucket, max_bytes)
         except BadRequestError:
             log.warning("object store %s exists with other settings; keeping them", bucket)
+            await _set_max_bytes(js, f"OBJ_{bucket}", max_bytes)
 
 
-async def ensure_result_cache(js: JetStreamContext, *, ttl_s: float, replicas: int = 1) -> None:
-    """Creates the result cache's object store with entries living `ttl_s`, or sets an existing one's
-    TTL to it: the gateway started last decides (give every gateway the same --cache-ttl)."""
+INSUFFICIENT_STORAGE = 10047  # JetStream: the streams' max_bytes add up to more than the server's storage
+
+
+async def _refused_for_storage(making, bucket: str, max_bytes: int):
+    """Makes a bucket; when the server has no storage to reserve for its max_bytes, says which flags to lower."""
     try:
-        await js.create_object_store(names.CACHE_BUCKET, config=ObjectStoreConfig(ttl=ttl_s, replicas=replicas))
+        return await making
+    except APIError as exc:
+        if exc.err_code != INSUFFICIENT_STORAGE:
+            raise
+        raise RuntimeError(
+            f"bucket {bucket} could not be made with max_bytes={max_bytes}: {exc.description}. On one nats-server the "
+            "buckets' sizes are reserved from its JetStream storage (max_file_store, by default 75% of the free "
+            "disk): lower the --*-max-bytes flags (see docs/safety.md), or give the server more storage"
+        ) from None
+
+
+async def _set_max_bytes(js: JetStreamContext, stream: str, max_bytes: int) -> None:
+    """Gives an existing bucket this max_bytes (a bucket made before it had one, or by another setting)."""
+    config = (await js.stream_info(stream)).config
+    if (config.max_bytes or -1) != max_bytes:
+        log.info("%s max_bytes %s -> %d", stream, config.max_bytes, max_bytes)
+        config.max_bytes = max_bytes
+        await js.update_stream(config)
+
+
+async def ensure_result_cache(js: JetStreamContext, *, ttl_s: float, replicas: int = 1, max_bytes: int = -1) -> None:
+    """Creates the result cache's object store with entries living `ttl_s`, or sets an existing one's
+    TTL and max_bytes to these: the gateway started last decides (give every gateway the same --cache-ttl)."""
+    try:
+        await js.create_object_store(
+            names.CACHE_BUCKET, config=ObjectStoreConfig(ttl=ttl_s, replicas=replicas, max_bytes=max_bytes)
+        )
         return
     except BadRequestError:  # exists with another TTL
         pass
     config = (await js.stream_info(f"OBJ_{names.CACHE_BUCKET}")).config
-    if abs((config.max_age or 0) - ttl_s) > 0.001:
-        log.info("result cache TTL %.0fs -> %.0fs", config.max_age or 0, ttl_s)
+    if abs((config.max_age or 0) - ttl_s) > 0.001 or (config.max_bytes or -1) != max_bytes:
+        log.info("result cache TTL %.0fs -> %.0fs, max_bytes %s -> %d", config.max_age or 0, ttl_s, config.max_bytes, max_bytes)
         config.max_age = ttl_s
+        config.max_bytes = max_bytes
         config.duplicate_window = min(config.duplicate_window or ttl_s, ttl_s)
         await js.update_stream(config)

@@ -1,8 +1,10 @@
 """Images a request brings along: image-to-image's init image and inpainting's mask.
 
 They arrive as base64 or a `data:image/...;base64,` URL (as mflux-server takes `init_image`), and each
-must decode, be a picture PIL reads, hold at most `Limits.max_pixels` pixels and `Limits.max_upload_bytes`
-bytes; a mask must be as large as its init image. A problem raises `RequestInvalid` naming the field.
+must decode, be a PNG, JPEG or WEBP picture (only those decoders run: an ICO or TIFF may hold a bomb that
+PIL decodes while merely opening it), hold at most `Limits.max_pixels` pixels (read from the header,
+before any decoding) and `Limits.max_upload_bytes` bytes; a mask must be as large as its init image. A
+problem raises `RequestInvalid` naming the field.
 
 They never ride inside a job message: the submitter stores the bytes in object store `imagegen-uploads`
 and the job message names the object (`UploadRef`). The gateway checks an upload before it stores it;
@@ -24,14 +26,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas import jobstore
 from schemas.job import JobEnvelope, group_job_ids
+from schemas.jetstream import MAX_BYTES_FLAG
 from schemas.names import UPLOADS_BUCKET
 from schemas.plan import control_image_text, without_control_image
 from schemas.request import GenerateRequest, Limits, RequestInvalid, limit_problems
 from schemas.status import JobStatus, UploadRef
+from schemas.storage import StoreFull, is_full
 
 OBJECT_SUFFIX = {"init_image": "init", "mask_image": "mask", "control_image": "control"}
 DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 BASE64_SLACK = 1.05  # base64 text may carry line breaks (MIME: one per 76 characters) and a data: prefix
+FORMATS = ("PNG", "JPEG", "WEBP")  # the only decoders an upload meets
 
 
 @dataclass(frozen=True)
@@ -80,17 +85,35 @@ def decode_text(field: str, text: str, limits: Limits) -> bytes:
         raise problem(field, "is not valid base64 (nor a data:image/...;base64, URL)") from None
 
 
+def sniffed_format(data: bytes) -> str | None:
+    """The format PIL would take `data` for, judged from its first bytes alone (no decoder runs)."""
+    Image.init()
+    head = data[:64]
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(head):
+                return name
+        except Exception:  # a plug-in's check that trips on a short prefix: not that format
+            continue
+    return None
+
+
 def read_image(field: str, data: bytes, limits: Limits) -> Image.Image:
     """The picture in `data`, fully loaded, turned upright by its EXIF orientation; refuses bytes over
-    the upload limit, what PIL cannot read, and pictures over the pixel budget (before decoding them)."""
+    the upload limit, formats other than PNG, JPEG and WEBP (named, without opening them), what PIL
+    cannot read, and pictures over the pixel budget (from the header, before decoding them)."""
     if len(data) > limits.max_upload_bytes:
         raise problem(field, f"is {len(data)} bytes, over the upload limit of {limits.max_upload_bytes} bytes")
     if not data:
         raise problem(field, "is empty")
+    kind = sniffed_format(data)
+    if kind is not None and kind not in FORMATS:
+        raise problem(field, f"is {kind}; this server takes {', '.join(FORMATS[:-1])} or {FORMATS[-1]} images")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise problem(
@@ -100,10 +123,12 @@ def read_image(field: str, data: bytes, limits: Limits) -> Image.Image:
             return ImageOps.exif_transpose(image)
     except RequestInvalid:
         raise
-    except Image.DecompressionBombError:
-        raise problem(field, f"has more pixels than the pixel budget of {limits.max_pixels}") from None
+    except Image.DecompressionBombError as exc:  # PIL's own ceiling, met in the header while opening
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"is {counted[1]} pixels, " if counted else "has more pixels than "
+        raise problem(field, f"{size}over the pixel budget of {limits.max_pixels}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        detail = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else f"a broken image ({exc})"
+        detail = "not an image PIL can read as PNG, JPEG or WEBP" if isinstance(exc, UnidentifiedImageError) else f"a broken image ({exc})"
         raise problem(field, detail) from None
 
 
@@ -191,9 +216,19 @@ def object_name(prefix: str, field: str) -> str:
     return f"{prefix}/{OBJECT_SUFFIX[field]}"
 
 
+async def put_checked(obs: Any, name: str, data: bytes, *, timeout_s: float = 30.0) -> None:
+    """Puts bytes into object store `imagegen-uploads` (`obs`) under `name`; StoreFull when it is full."""
+    try:
+        await asyncio.wait_for(obs.put(name, data), timeout_s)
+    except Exception as exc:
+        if is_full(exc):
+            raise StoreFull(UPLOADS_BUCKET, None, MAX_BYTES_FLAG[UPLOADS_BUCKET]) from None
+        raise
+
+
 async def store(obs: Any, name: str, upload: Upload, *, timeout_s: float = 30.0) -> UploadRef:
     """Puts the upload's bytes into object store `imagegen-uploads` (`obs`) under `name`."""
-    await asyncio.wait_for(obs.put(name, upload.data), timeout_s)
+    await put_checked(obs, name, upload.data, timeout_s=timeout_s)
     width, height = upload.dimensions
     return UploadRef(name=name, size=len(upload.data), width=width, height=height)
 

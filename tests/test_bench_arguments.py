@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ("overhead.py", ["--jobs", "0"], "--jobs: must be at least 1, got 0"),
         ("gateway_load.py", ["--duration", "inf"], "--duration: must be a finite number"),
         ("soak.py", ["--rate", "0"], "--rate: must be above 0"),
+        ("failover.py", ["--jobs", "0"], "--jobs: must be at least 1, got 0"),
+        ("failover.py", ["--down-s", "-1"], "--down-s: must be above 0"),
         ("memory.py", ["--sockets", "many"], "--sockets: 'many' is not a whole number"),
         ("cpu_profile.py", ["--rate", "0"], "--rate: must be at least 1, got 0"),
         ("webhooks.py", ["--rate", "0"], "--rate: must be above 0"),
@@ -42,3 +44,37 @@ def test_benchmarks_refuse_bad_arguments_by_name(script, args, named):
         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
     )
     assert done.returncode == 2 and named in done.stderr, done.stderr[-2000:]
+
+
+def test_gpu_benchmark_writes_every_finished_row_before_the_next(tmp_path):
+    """A run killed part-way (a GPU window's time limit) leaves its JSON and Markdown with every row it
+    finished: tiny-sdxl on the CPU, killed as soon as the first row is written."""
+    import json
+    import os
+    import time
+
+    out, table = tmp_path / "gpu.json", tmp_path / "gpu.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--steps", "2", "--setups", "diffusers,engine,tutorial",
+         "--work-dir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(table)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env,
+    )
+    rows: list = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and run.poll() is None:
+            if out.exists():
+                rows = json.loads(out.read_text())["results"]  # replaced whole: never half a file
+                if rows:
+                    break
+            time.sleep(0.02)
+        still_running = run.poll() is None
+    finally:
+        run.kill()
+        run.wait(timeout=30)
+    assert rows and still_running, "no row written while the benchmark ran"
+    kept = json.loads(out.read_text())
+    assert kept["results"][0]["setup"] == "diffusers" and kept["results"][0]["seconds_per_image"] > 0
+    assert kept["torch"] and kept["diffusers"] and kept["peak_tflops"] > 0
+    assert "| diffusers | 64x64 |" in table.read_text()

@@ -433,6 +433,22 @@ async def test_with_api_keys_a_prompt_is_its_keys(service, http):
             assert r.status == 404
         async with http.get(f"{url}/view", params={"filename": filename}, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
             assert r.status == 200
-        body = {"prompt": WORKFLOW, "prompt_id": prompt_id}  # another key's prompt id is not to be had
+        # Prompt ids are each key's own: the same id from another key is another prompt, and tells nothing.
+        body = {"prompt": workflow(**{"3": {"seed": 92}}), "prompt_id": prompt_id}
         async with http.post(f"{url}/prompt", json=body, headers={"Authorization": f"Bearer {other_secret}"}) as r:
-            assert r.status == 400 and "prompt_id is taken" in (await r.json())["error"]["message"]
+            assert r.status == 200, await r.text()
+            assert (await r.json())["prompt_id"] == prompt_id
+        async with asyncio.timeout(60):
+            while True:
+                async with http.get(f"{url}/history/{prompt_id}", headers={"Authorization": f"Bearer {other_secret}"}) as r:
+                    if theirs := await r.json():
+                        break
+                await asyncio.sleep(0.05)
+        their_file = theirs[prompt_id]["outputs"]["9"]["images"][0]["filename"]
+        assert their_file != filename
+        async with http.get(f"{url}/history/{prompt_id}", headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+            assert (await r.json())[prompt_id]["outputs"]["9"]["images"][0]["filename"] == filename
+        async with http.get(f"{url}/view", params={"filename": their_file}, headers={"Authorization": f"Bearer {mine_secret}"}) as r:
+            assert r.status == 404
+        async with http.get(f"{url}/history", headers={"Authorization": f"Bearer {other_secret}"}) as r:
+            assert [entry["outputs"]["9"]["images"][0]["filename"] for entry in (await r.json()).values()] == [their_file]

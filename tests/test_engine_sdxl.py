@@ -22,7 +22,7 @@ from gpu_worker.errors import JobCancelled, JobFailed
 from gpu_worker.lora import parse_lora_specs
 from gpu_worker.schedulers import SCHEDULER_SPECS
 from gpu_worker.sdxl import SdxlEngine, SdxlSettings
-from gpu_worker.speedups import flag_on, parse_buckets
+from gpu_worker.speedups import flag_on, is_compiled, parse_buckets
 from gpu_worker.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas.request import SCHEDULERS, RequestInvalid, parse_request
@@ -321,7 +321,7 @@ def test_nan_latents_from_the_unet_are_reported(engine):
 def test_speedups_are_off_on_cpu_and_buckets_parse(engine):
     assert not flag_on("auto", "cpu") and flag_on("auto", "cuda:0") and flag_on("on", "cpu")
     assert not flag_on("off", "cuda:0")
-    assert getattr(engine._base.unet, "_compiled_call_impl", None) is None
+    assert not is_compiled(engine._base.unet)
     assert parse_buckets("1024x1024, 1152X896,1024x1024") == ((1024, 1024), (1152, 896))
     for bad in ["1024", "1004x1024", "axb", "32x32"]:
         with pytest.raises(ValueError, match="bucket"):
@@ -396,7 +396,7 @@ def test_benchmark_tiny_mode_writes_json_and_a_table(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--steps", "2", "--repeats", "1",
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--steps", "2", "--repeats", "1", "--refiner",
          "--work-dir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT, check=False,
     )

@@ -8,13 +8,15 @@ import asyncio
 import base64
 import io
 import json
+import struct
 import uuid
+import zlib
 
 import msgpack
 import nats
 import numpy as np
 import pytest
-from nats.js.api import DeliverPolicy, ObjectStoreConfig
+from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import Image
 
@@ -25,6 +27,7 @@ from imagegen import runtime
 from imagegen.client import AsyncClient, ImagegenError, Progress
 from schemas import jobstore, names
 from schemas.codec import decode, encode
+from schemas.jetstream import Topology
 from schemas.job import JobEnvelope, Placement
 from schemas.request import Limits, parse_request
 from schemas.status import JobState, JobStatus, UploadRef
@@ -59,6 +62,28 @@ def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 def b64(image: Image.Image, fmt: str = "PNG") -> str:
     return base64.b64encode(encoded(image, fmt)).decode("ascii")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with a few bytes of pixel data: opening it is cheap,
+    decoding it would fail (or, were the data all there, take gigabytes)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b"")
+
+
+def ico_bomb(side: int = 13000) -> bytes:
+    """An ICO holding a PNG of side x side pixels (1-bit, all zeros: about 30 KB here), the shape of
+    the 13000x13000 icon that PIL decodes inside Image.open."""
+    row = b"\0" * (1 + (side + 7) // 8)
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -291,7 +316,10 @@ async def test_a_nats_publisher_uploads_the_init_image_and_references_it(service
         (None, "not in object store imagegen-uploads"),
         (b"these bytes are no picture", "not an image"),
         (encoded(solid(RED, (2056, 2056))), "pixel budget"),
+        (ico_bomb(), "is ICO"),
+        (png_claiming(100_000, 100_000), "pixel budget"),
     ],
+    ids=["missing", "no-picture", "over-budget", "ico-bomb", "huge-header"],
 )
 async def test_a_bad_or_missing_upload_fails_the_job_once_with_the_reason(service, stored, fragment):
     nc = await nats.connect(service.nats_url)
@@ -299,7 +327,7 @@ async def test_a_bad_or_missing_upload_fails_the_job_once_with_the_reason(servic
     dlq = await js.subscribe(names.DLQ_SUBJECT, deliver_policy=DeliverPolicy.NEW)
     envelope = JobEnvelope.for_request(
         parse_request({"prompt": "a cliff", "width": 64, "height": 64, "steps": 2}),
-        placement=Placement(init_image=UploadRef(name=f"publisher-b/{fragment.split()[-1]}")),
+        placement=Placement(init_image=UploadRef(name=f"publisher-b/{uuid.uuid4().hex}")),
     )
     if stored is not None:
         await (await js.object_store(names.UPLOADS_BUCKET)).put(envelope.init_image.name, stored)
@@ -371,6 +399,25 @@ async def test_default_limits_refuse_n_over_eight_and_too_many_pixels(service, h
         assert r.status == 400
         answer = await r.json()
     assert answer["field"] == "init_image" and "pixel budget" in answer["error"]
+
+
+@pytest.mark.parametrize(
+    "picture, fragment",
+    [
+        (ico_bomb(), "is ICO; this server takes PNG, JPEG or WEBP"),
+        (encoded(solid(RED, (8, 8)), "GIF"), "is GIF; this server takes PNG, JPEG or WEBP"),
+        (png_claiming(100_000, 100_000), "is 10000000000 pixels, over the pixel budget"),
+        (png_claiming(3000, 3000), "is 3000x3000 = 9000000 pixels, over the pixel budget"),
+    ],
+    ids=["ico-bomb", "gif", "huge-header", "over-budget-header"],
+)
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/jobs"])
+async def test_other_formats_and_huge_headers_are_refused_before_decoding(service, http, path, picture, fragment):
+    body = {"prompt": "a bay", "steps": 2, "init_image": base64.b64encode(picture).decode("ascii")}
+    async with http.post(f"{service.url}{path}", json=body) as r:
+        assert r.status == 400, await r.text()
+        answer = await r.json()
+    assert answer["field"] == "init_image" and fragment in answer["error"], answer
 
 
 async def test_openapi_shows_the_new_fields_and_the_group_endpoint(service, http):
@@ -489,10 +536,9 @@ async def test_unseeded_groups_stay_out_of_the_result_cache(service, http):
 
 
 async def test_uploads_stored_before_a_failed_store_are_removed(broker, http):
-    nc = await nats.connect(broker.url)
-    await nc.jetstream().create_object_store(names.UPLOADS_BUCKET, config=ObjectStoreConfig(max_bytes=20_000))
-    await nc.close()
-    gateway = await runtime.start_gateway(GatewaySettings(nats_url=broker.url, port=0))
+    gateway = await runtime.start_gateway(
+        GatewaySettings(nats_url=broker.url, port=0, topology=Topology(uploads_max_bytes=20_000))
+    )
     url = f"http://127.0.0.1:{gateway.port}"
     rng = np.random.default_rng(2)
     init, mask = (encoded(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")) for _ in range(2))
@@ -500,7 +546,8 @@ async def test_uploads_stored_before_a_failed_store_are_removed(broker, http):
     body = {"prompt": "a gate", "steps": 2, "init_image": base64.b64encode(init).decode(), "mask_image": base64.b64encode(mask).decode()}
     try:
         async with http.post(f"{url}/v1/jobs", json=body) as r:
-            assert r.status == 503, await r.text()
+            assert r.status == 507, await r.text()
+            assert "imagegen-uploads" in (await r.json())["error"]
         assert await stored_uploads(broker.url) == set()
     finally:
         await gateway.stop()

@@ -22,7 +22,7 @@ from schemas.status import JobStatus
 from tests.real_processes import stored_events, wait_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from soak import SoakSettings, run_soak, table  # noqa: E402
+from soak import SoakSettings, problems, run_soak, table  # noqa: E402
 
 JOBS = 2000
 KILLS = 6
@@ -41,6 +41,9 @@ async def test_soak_with_worker_kills_and_a_broker_restart_loses_and_doubles_not
     assert result["redeliveries"] >= 1  # the jobs in the killed workers' hands came back
     assert result["submit_retries"] >= 1  # clients met the outage and sent again with the same key
     assert result["processes_alive_at_end"] == {"gateway": True, "workers": 4}
+    assert result["done_without_event"] == 0 and result["done_without_image"] == 0
+    assert result["runs"] >= JOBS  # every job's run is in the workers' logs, the outage's too
+    assert problems(result) == []
 
 
 @pytest.mark.parametrize("seed", [7, None], ids=["seeded", "unseeded"])
