@@ -226,3 +226,37 @@ async def test_a1111_controlnet_unit_guides_the_image(service, http):
             answer = await r.json()
             assert r.status == 422 and answer["detail"][0]["loc"] == ["body", "alwayson_scripts"], answer
             assert words in answer["detail"][0]["msg"], answer
+
+
+# -- straight onto NATS -----------------------------------------------------------------------------
+
+
+async def test_a_nats_publisher_sends_a_plan_with_its_control_image_as_an_upload(service):
+    import nats
+    import pytest as _pytest
+
+    from schemas import names
+    from schemas.codec import decode, encode
+    from schemas.job import JobEnvelope, Placement
+    from schemas.request import parse_request
+    from schemas.status import JobState, JobStatus, UploadRef
+    from tests.conftest import collect_events
+
+    nc = await nats.connect(service.nats_url)
+    js = nc.jetstream()
+    png = io.BytesIO()
+    square().save(png, format="PNG")
+    await (await js.object_store(names.UPLOADS_BUCKET)).put("publisher-c/square.png", png.getvalue())
+    request = parse_request({**BASE, "hires": {"scale": 2, "denoise": 0.5}, "controlnet": {"model": "edges", "preprocessor": "canny"}})
+    with _pytest.raises(ValueError, match="control image travels through object store"):
+        JobEnvelope.for_request(request.model_copy(update={"controlnet": request.controlnet.model_copy(update={"image": b64(square())})}))
+    envelope = JobEnvelope.for_request(request, placement=Placement(control_image=UploadRef(name="publisher-c/square.png")))
+    await js.publish(names.Tier.NORMAL.subject, encode(envelope), headers={names.MSG_ID_HEADER: envelope.job_id})
+    events = await collect_events(js, envelope.job_id)
+    assert events[-1].type == "done", events[-1]
+    assert [e.step for e in events if e.type == "progress"] == [1, 2, 3, 4, 5, 6]
+    assert all(e.total == 6 for e in events if e.type == "progress")
+    status = decode((await (await js.key_value(names.STATUS_BUCKET)).get(envelope.job_id)).value, JobStatus)
+    assert status.state is JobState.DONE and status.control_image.name == "publisher-c/square.png"
+    assert (status.image.width, status.image.height) == (128, 128)
+    await nc.close()
