@@ -28,7 +28,7 @@ from schemas import jobstore
 from schemas.job import JobEnvelope, group_job_ids
 from schemas.jetstream import MAX_BYTES_FLAG
 from schemas.names import UPLOADS_BUCKET
-from schemas.plan import control_image_text, without_control_image
+from schemas.plan import control_image_text, controlnet_names, without_control_image
 from schemas.request import GenerateRequest, Limits, RequestInvalid, limit_problems
 from schemas.status import JobStatus, UploadRef
 from schemas.storage import StoreFull, is_full
@@ -191,6 +191,8 @@ def prepare(request: GenerateRequest, limits: Limits) -> Prepared:
     that size is over the limits. (A mask without an init image never gets here: GenerateRequest
     refuses it.) Decoding is CPU work: call it in a thread from an event loop."""
     control = None
+    if controlnet_names(request) and control_image_text(request) is None:
+        raise problem("stages" if request.stages else "controlnet", "a ControlNet needs a control image: send it as base64 in the unit's image")
     if (text := control_image_text(request)) is not None:
         checked = decode_upload("controlnet", text, limits)
         control = Upload(field="control_image", data=checked.data, image=checked.image)

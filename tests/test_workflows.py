@@ -260,3 +260,16 @@ async def test_a_nats_publisher_sends_a_plan_with_its_control_image_as_an_upload
     assert status.state is JobState.DONE and status.control_image.name == "publisher-c/square.png"
     assert (status.image.width, status.image.height) == (128, 128)
     await nc.close()
+
+
+async def test_mflux_generate_takes_the_hires_shorthand_and_a_controlnet_needs_its_image(service, http):
+    from tests.conftest import wait_status
+
+    async with http.post(f"{service.url}/api/generate", json={**BASE, "hires": {"scale": 1.5, "denoise": 0.5}}) as r:
+        assert r.status == 200, await r.text()
+        task_id = (await r.json())["task_id"]
+    assert (await wait_status(http, service.url, task_id))["status"] == "done"
+    async with http.get(f"{service.url}/api/image", params={"task_id": task_id}) as r:
+        assert Image.open(io.BytesIO(await r.read())).size == (96, 96)
+    async with http.post(f"{service.url}/v1/jobs", json={**BASE, "controlnet": {"model": "edges"}}) as r:
+        assert r.status in (400, 422) and "needs a control image" in await r.text()
