@@ -97,8 +97,10 @@ class ReadGraph:
     mask_name: str | None = None  # the uploaded image whose transparent part is the mask
     control_name: str | None = None  # the uploaded image a ControlNetApplyAdvanced takes
     control: str | None = None  # its LoadImage node
+    stage_nodes: list[str] = field(default_factory=list)  # the node of each stage of the plan, for its errors
+    control_loader: str | None = None  # the ControlNetLoader node
 
-    def node_of(self, request_field: str) -> tuple[str, str]:
+    def node_of(self, request_field: str, message: str = "") -> tuple[str, str]:
         """(node, input) a request field came from, for the errors the request's own checks raise."""
         by_field = {
             "prompt": (self.positive, "text"), "negative_prompt": (self.negative, "text"), "width": (self.latent, "width"),
@@ -116,6 +118,14 @@ class ReadGraph:
             return self.sampler, "denoise"
         if request_field == "controlnet" and self.control is not None:
             return self.control, "image"
+        if request_field.startswith("stages") and self.control_loader is not None and "ControlNet" in message:
+            return self.control_loader, "control_net_name"
+        if request_field.startswith("stages.") and request_field.split(".")[1].isdigit():
+            index = int(request_field.split(".")[1])
+            if index < len(self.stage_nodes):
+                node = self.stage_nodes[index]
+                kind = self.classes.get(node, "")
+                return node, {"LatentUpscaleBy": "scale_by", "ImageScaleBy": "scale_by", "LatentUpscale": "width", "ImageScale": "width"}.get(kind, "steps")
         return by_field.get(request_field, (self.sampler, request_field))
 
 
@@ -249,7 +259,8 @@ class GraphReader:
         return ReadGraph(fields={k: v for k, v in fields.items() if v is not None}, sampler=sampler, decode=decode, latent=latent,
                          positive=positive, negative=negative, checkpoint=checkpoint, outputs=outputs, loras=loras,
                          classes={n: node["class_type"] for n, node in self.graph.items()}, image=image, image_name=picture,
-                         mask=masked, mask_name=mask_picture, control=control_node,
+                         mask=masked, mask_name=mask_picture, control=control_node, stage_nodes=[node for _, node in chain],
+                         control_loader=control[2] if control else None,
                          control_name=self.value(control_node, "image", str) if control_node else None)
 
     # -- chains of stages ------------------------------------------------------------------------
@@ -290,7 +301,7 @@ class GraphReader:
         encode = str(self.inputs(sampler)["latent_image"][0])
         return self.source_class(encode, "pixels") in ("ImageScale", "ImageScaleBy")
 
-    def conditioning(self, sampler: str, role: str) -> tuple[str | None, tuple[dict, str] | None]:
+    def conditioning(self, sampler: str, role: str) -> tuple[str | None, tuple[dict, str | None, str | None] | None]:
         """The text node of a sampler's positive or negative input, through a ControlNetApplyAdvanced
         (its unit and control image's LoadImage node, when there is one)."""
         if self.source_class(sampler, role) != "ControlNetApplyAdvanced":
@@ -310,7 +321,7 @@ class GraphReader:
             "end": self.value(apply, "end_percent", float),
             "preprocessor": preprocessor,
         }
-        return self.link(apply, role, TEXT_NODES), (unit, source)
+        return self.link(apply, role, TEXT_NODES), (unit, source, loader)
 
     def text(self, node: str) -> str | None:
         kind = self.graph[node]["class_type"]
@@ -321,7 +332,7 @@ class GraphReader:
             return text_g
         return self.value(node, "text", str)
 
-    def stages(self, chain: list[tuple[str, str]], checkpoint: str | None, texts: dict, control: tuple[dict, str] | None) -> list[dict] | None:
+    def stages(self, chain: list[tuple[str, str]], checkpoint: str | None, texts: dict, control: tuple | None) -> list[dict] | None:
         """The plan the chain makes: one stage per sampler and upscale."""
         stages: list[dict] = []
         for index, (kind, node) in enumerate(chain):
@@ -497,6 +508,6 @@ def read_graph(graph: object, *, served_models: list[str]) -> ReadGraph:
 
 def field_problem(read: ReadGraph, request_field: str, message: str) -> GraphInvalid:
     """A refusal by this service's own request checks, on the node and input the field came from."""
-    node, input_name = read.node_of(request_field)
+    node, input_name = read.node_of(request_field, message)
     kind = "value_not_in_list" if request_field in ("model", "loras", "scheduler") else "invalid_input_type"
     return failed_validation([Problem(node, kind, message, input_name)], read.classes, read.outputs)

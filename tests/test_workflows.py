@@ -273,3 +273,21 @@ async def test_mflux_generate_takes_the_hires_shorthand_and_a_controlnet_needs_i
         assert Image.open(io.BytesIO(await r.read())).size == (96, 96)
     async with http.post(f"{service.url}/v1/jobs", json={**BASE, "controlnet": {"model": "edges"}}) as r:
         assert r.status in (400, 422) and "needs a control image" in await r.text()
+
+
+async def test_comfy_plan_problems_name_the_node(service, http):
+    square_png = io.BytesIO()
+    square().save(square_png, format="PNG")
+    await upload(http, service.url, square_png.getvalue(), "square.png", overwrite="true")
+    status, refused = await queue_prompt(http, service.url, with_controlnet("square.png", net="depth.safetensors"))
+    assert status == 400 and "30" in refused["node_errors"], refused  # the ControlNetLoader
+    assert refused["node_errors"]["30"]["errors"][0]["extra_info"]["input_name"] == "control_net_name"
+    huge = hires_fix()
+    huge["20"]["inputs"]["scale_by"] = 4.0
+    huge["5"]["inputs"].update(width=1024, height=1024)
+    status, refused = await queue_prompt(http, service.url, huge)
+    assert status == 400 and "20" in refused["node_errors"] and "pixel budget" in str(refused), refused
+    bislerp = hires_fix()
+    bislerp["20"]["inputs"]["upscale_method"] = "bislerp"
+    status, refused = await queue_prompt(http, service.url, bislerp)
+    assert status == 400 and refused["node_errors"]["20"]["errors"][0]["extra_info"]["input_name"] == "upscale_method", refused
