@@ -36,7 +36,7 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
 from gateway.body import takes_images
-from gateway.comfy_graph import SOCKET_OUTPUT, GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
+from gateway.comfy_graph import SOCKET_OUTPUT, GraphInvalid, ReadGraph, SAMPLERS, SCHEDULERS, field_problem, read_graph
 from gateway.forms import read_form
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
@@ -48,7 +48,7 @@ from gateway.submission import submit_request
 from imagegen import __version__
 from schemas.comfy import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
-from schemas.request import MAX_SEED, RequestInvalid, parse_request
+from schemas.request import MAX_SEED, GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 from schemas.storage import StoreFull, full_message
 from schemas.uploads import read_image, transparency
@@ -120,25 +120,18 @@ async def queue_prompt(request: web.Request) -> web.Response:
     owner = owner_of(request)
     try:
         read = read_graph(body["prompt"], served_models=sorted(jobs.served_models()))
-        try:
-            fields = dict(read.fields)
-            if read.image_name is not None:
-                fields["init_image"] = base64.b64encode(await uploaded(jobs, owner, read.image_name)).decode("ascii")
-            if read.mask_name is not None:
-                picture = await uploaded(jobs, owner, read.mask_name, field="mask_image")
-                fields["mask_image"] = await asyncio.to_thread(transparency_mask, picture, jobs.settings.limits)
-            if read.control_name is not None:
-                control = base64.b64encode(await uploaded(jobs, owner, read.control_name, field="controlnet")).decode("ascii")
-                fields["stages"] = [{**st, "controlnet": {**st["controlnet"], "image": control}} if "controlnet" in st else st
-                                    for st in fields["stages"]]
-            base = parse_request(fields, limits=jobs.settings.limits)
-            who = {"owner": owner, "key": caller(request)["key"]}
-            if (tier := tier_for(who["key"])) is not None:
-                base = base.model_copy(update={"tier": tier})
-            queued = await submit_request(jobs, base, idempotency_key=f"comfy:{prompt_id}", **who)
-        except RequestInvalid as exc:
-            problem = (exc.errors or [{"field": "body", "message": str(exc)}])[0]
-            raise field_problem(read, problem["field"], problem["message"]) from None
+        who = {"owner": owner, "key": caller(request)["key"]}
+        bases = [await request_of(jobs, part, owner, who["key"]) for part in (read, *read.others)]  # all checked first
+        queued, output_jobs = [], {}
+        for i, (part, base) in enumerate(zip((read, *read.others), bases)):
+            try:
+                made = await submit_request(jobs, base, idempotency_key=f"comfy:{prompt_id}" + (f":{i}" if i else ""), **who)
+            except RequestInvalid as exc:
+                problem = (exc.errors or [{"field": "body", "message": str(exc)}])[0]
+                raise field_problem(part, problem["field"], problem["message"]) from None
+            queued += made
+            if read.others:
+                output_jobs.update({node: [status.job_id for status in made] for node in part.outputs})
     except GraphInvalid as exc:
         return web.json_response(exc.body(), status=400)
     except Forbidden as exc:
@@ -159,7 +152,7 @@ async def queue_prompt(request: web.Request) -> web.Response:
     record = ComfyPrompt(
         prompt_id=prompt_id, number=int(time.time() * 1000), client_id=client_id, owner=owner,
         job_ids=[status.job_id for status in queued], sampler_node=read.sampler, decode_node=read.decode,
-        outputs=read.outputs, graph=body["prompt"], extra_data=extra,
+        outputs=read.all_outputs, output_jobs=output_jobs, graph=body["prompt"], extra_data=extra,
     )
     try:
         kept = await jobs.comfy.add(record)
@@ -168,6 +161,28 @@ async def queue_prompt(request: web.Request) -> web.Response:
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly with the same prompt_id")
     log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(kept.job_ids))
     return web.json_response({"prompt_id": prompt_id, "number": kept.number, "node_errors": {}})
+
+
+async def request_of(jobs: JobService, read: ReadGraph, owner: str | None, key) -> GenerateRequest:
+    """The checked request a read graph (one VAEDecode's image) asks for, its uploaded images read in."""
+    try:
+        fields = dict(read.fields)
+        if read.image_name is not None:
+            fields["init_image"] = base64.b64encode(await uploaded(jobs, owner, read.image_name)).decode("ascii")
+        if read.mask_name is not None:
+            picture = await uploaded(jobs, owner, read.mask_name, field="mask_image")
+            fields["mask_image"] = await asyncio.to_thread(transparency_mask, picture, jobs.settings.limits)
+        if read.control_name is not None:
+            control = base64.b64encode(await uploaded(jobs, owner, read.control_name, field="controlnet")).decode("ascii")
+            fields["stages"] = [{**st, "controlnet": {**st["controlnet"], "image": control}} if "controlnet" in st else st
+                                for st in fields["stages"]]
+        base = parse_request(fields, limits=jobs.settings.limits)
+    except RequestInvalid as exc:
+        problem = (exc.errors or [{"field": "body", "message": str(exc)}])[0]
+        raise field_problem(read, problem["field"], problem["message"]) from None
+    if (tier := tier_for(key)) is not None:
+        base = base.model_copy(update={"tier": tier})
+    return base
 
 
 # -- input images -------------------------------------------------------------------------------
@@ -328,12 +343,19 @@ async def job_records(jobs: JobService, prompt: ComfyPrompt, owner: str | None) 
 def output_images(prompt: ComfyPrompt, records: list[JobStatus | None]) -> dict[str, dict]:
     """Each output node's images, as ComfyUI's `executed` and history give them. A SaveImageWebsocket
     node has none there: its images went to the socket, as in ComfyUI."""
-    made = [r for r in records if r is not None and r.state is JobState.DONE]
     return {
         node: {"images": [{"filename": image_name(r.job_id), "subfolder": "", "type": "output" if kind == "SaveImage" else "temp"}
-                          for r in made]}
+                          for r in shown_by(prompt, node, records) if r is not None and r.state is JobState.DONE]}
         for node, kind in sorted(prompt.outputs.items()) if kind != SOCKET_OUTPUT
     }
+
+
+def shown_by(prompt: ComfyPrompt, node: str, records: list[JobStatus | None]) -> list[JobStatus | None]:
+    """The records of the jobs whose images output `node` shows: all, unless outputs show different VAEDecodes."""
+    if not prompt.output_jobs:
+        return records
+    wanted = set(prompt.output_jobs.get(node, ()))
+    return [r for r in records if r is not None and r.job_id in wanted]
 
 
 def ended_at(prompt: ComfyPrompt, records: list[JobStatus | None]) -> float:
@@ -621,7 +643,7 @@ class Socket:
             for node, node_class in sorted(prompt.outputs.items()):
                 await self.send("executing", {"node": node, "display_node": node, "prompt_id": pid})
                 if node_class == SOCKET_OUTPUT:
-                    await self.send_socket_images(prompt, node, records)
+                    await self.send_socket_images(prompt, node, shown_by(prompt, node, records))
                 else:
                     await self.send("executed", {"node": node, "display_node": node, "output": shown[node], "prompt_id": pid})
         await self.send(kind, data)

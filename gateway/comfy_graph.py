@@ -15,7 +15,9 @@ as the refiner, `CLIPTextEncodeSDXL` / `CLIPTextEncodeSDXLRefiner`, two `KSample
 `end_at_step` / `start_at_step`), hires fix (`LatentUpscale` / `LatentUpscaleBy`, or `VAEDecode`,
 `ImageScale` / `ImageScaleBy`, `VAEEncode`, then a second sampler with `denoise`), a `ControlNetLoader` and
 `ControlNetApplyAdvanced` (its image a `LoadImage`, or a `Canny` of one) on the first sampler, and
-`RepeatLatentBatch` (more images). The first sampler's seed drives every stage.
+`RepeatLatentBatch` (more images). The first sampler's seed drives every stage. Outputs showing several
+`VAEDecode` nodes (the first pass of a hires fix beside the final image) make one request each, their images
+under their own output nodes.
 
 Any other node, or a link these nodes do not make, is refused in ComfyUI's own error shape (`error` and
 `node_errors` naming the node and its input), as ComfyUI refuses a prompt that fails validation; nothing
@@ -99,6 +101,11 @@ class ReadGraph:
     control: str | None = None  # its LoadImage node
     stage_nodes: list[str] = field(default_factory=list)  # the node of each stage of the plan, for its errors
     control_loader: str | None = None  # the ControlNetLoader node
+    others: list["ReadGraph"] = field(default_factory=list)  # the images other VAEDecodes show (several outputs)
+
+    @property
+    def all_outputs(self) -> dict[str, str]:
+        return {**self.outputs, **{o: kind for other in self.others for o, kind in other.outputs.items()}}
 
     def node_of(self, request_field: str, message: str = "") -> tuple[str, str]:
         """(node, input) a request field came from, for the errors the request's own checks raise."""
@@ -163,13 +170,12 @@ class GraphReader:
         if not outputs:
             raise GraphInvalid("prompt_no_outputs", "Prompt has no outputs", "add a SaveImage, PreviewImage or SaveImageWebsocket node")
         decodes = {output: self.link(output, "images", "VAEDecode") for output in outputs}
-        found = {d for d in decodes.values() if d is not None}
-        if len(found) > 1:
-            for output in outputs:
-                self.fail(output, "invalid_input_type", "every output here shows the same VAEDecode: one image path per prompt", "images")
-        read = self.read_from(sorted(found)[0], outputs) if len(found) == 1 else None
-        if self.problems or read is None:
+        found = sorted({d for d in decodes.values() if d is not None})
+        reads = [self.read_from(d, {o: kind for o, kind in outputs.items() if decodes[o] == d}) for d in found]
+        if self.problems or not reads or None in reads:
             raise self.invalid(outputs)
+        reads.sort(key=lambda r: len(r.stage_nodes), reverse=True)  # the longest chain first: the final image
+        read, read.others = reads[0], reads[1:]  # the others: outputs of another VAEDecode (a first pass), jobs of their own
         return read
 
     def read_from(self, decode: str, outputs: dict[str, str]) -> ReadGraph | None:

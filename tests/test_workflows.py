@@ -291,3 +291,19 @@ async def test_comfy_plan_problems_name_the_node(service, http):
     bislerp["20"]["inputs"]["upscale_method"] = "bislerp"
     status, refused = await queue_prompt(http, service.url, bislerp)
     assert status == 400 and refused["node_errors"]["20"]["errors"][0]["extra_info"]["input_name"] == "upscale_method", refused
+
+
+async def test_comfy_outputs_of_the_first_pass_and_the_final_image_each_get_their_own(service, http):
+    graph = hires_fix()
+    graph["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    graph["23"] = {"class_type": "PreviewImage", "inputs": {"images": ["22", 0]}}
+    status, queued = await queue_prompt(http, service.url, graph)
+    assert status == 200, queued
+    entry = await history_when_done(http, service.url, queued["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    sizes = {}
+    for node in ("9", "23"):
+        [image] = entry["outputs"][node]["images"]
+        async with http.get(f"{service.url}/view", params={"filename": image["filename"], "type": image["type"]}) as r:
+            sizes[node] = Image.open(io.BytesIO(await r.read())).size
+    assert sizes == {"9": (128, 128), "23": (64, 64)}
