@@ -307,3 +307,14 @@ async def test_comfy_outputs_of_the_first_pass_and_the_final_image_each_get_thei
         async with http.get(f"{service.url}/view", params={"filename": image["filename"], "type": image["type"]}) as r:
             sizes[node] = Image.open(io.BytesIO(await r.read())).size
     assert sizes == {"9": (128, 128), "23": (64, 64)}
+
+
+async def test_a1111_img2img_takes_a_controlnet_unit(service, http):
+    init = b64(Image.new("RGB", (64, 64), (200, 40, 30)))
+    body = {**A1111, "init_images": [init], "denoising_strength": 0.6}
+    unit = {"enabled": True, "module": "none", "model": "edges", "weight": 1.0, "image": b64(square())}
+    _, plain = await a1111(http, service.url, body, "img2img")
+    _, guided = await a1111(http, service.url, {**body, "alwayson_scripts": {"ControlNet": {"args": [unit, {"enabled": False}]}}}, "img2img")
+    assert np.abs(plain - guided).mean() > 0.5
+    async with http.post(f"{service.url}/sdapi/v1/img2img", json={**body, "enable_hr": True}) as r:
+        assert r.status == 422 and "txt2img's" in await r.text()
