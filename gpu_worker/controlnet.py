@@ -44,7 +44,7 @@ def build_tiny_controlnet(folder: str | os.PathLike, unet: Any, *, seed: int = 5
         return target
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = ControlNetModel.from_unet(unet.to(torch.float32))
+        net = ControlNetModel.from_unet(unet)  # copies the weights into a new fp32 model; the UNet is left as it is
         with torch.no_grad():
             for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
                 block.weight.normal_(0.0, 0.2)

@@ -172,10 +172,11 @@ class SdxlEngine:
             settings.model, dtype=dtype, local_files_only=_local_only(settings.model), **extra
         )
         base.set_progress_bar_config(disable=True)
-        loras = LoraSet.load(base, adapters)
         from gpu_worker import controlnet
 
+        # before LoRAs and speedups touch the UNet: tiny-controlnet is made from its plain weights
         controlnets = controlnet.load(settings.controlnets, base=base, dtype=dtype, device=device, models_dir=Path(settings.models_dir))
+        loras = LoraSet.load(base, adapters)
         refiner = None
         if settings.refiner:
             refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(

@@ -318,3 +318,31 @@ async def test_a1111_img2img_takes_a_controlnet_unit(service, http):
     assert np.abs(plain - guided).mean() > 0.5
     async with http.post(f"{service.url}/sdapi/v1/img2img", json={**body, "enable_hr": True}) as r:
         assert r.status == 422 and "txt2img's" in await r.text()
+
+
+# -- the engine itself ------------------------------------------------------------------------------
+
+
+def test_a_controlnet_loads_beside_a_lora_and_both_act_on_one_image(tmp_path):
+    from gpu_worker.engine import GenerationTask
+    from gpu_worker.sdxl import SdxlEngine, SdxlSettings
+    from gpu_worker.tiny_sdxl import build_tiny_sdxl
+    from schemas.plan import expand
+    from schemas.request import parse_request
+    from tests.test_engine_sdxl import build_tiny_lora
+
+    base = build_tiny_sdxl(tmp_path / "tiny-sdxl")
+    engine = SdxlEngine.load(SdxlSettings(
+        model=str(base), loras=(f"style={build_tiny_lora(base, tmp_path / 'style-lora')}",),
+        controlnets=("edges=tiny-controlnet",), models_dir=str(tmp_path),
+    ))
+    assert engine.controlnet_names == ("edges",)
+
+    def image(loras=(), weight=1.0):
+        request = parse_request({**BASE, "controlnet": {"model": "edges", "weight": weight}})
+        task = GenerationTask(job_id="engine-test", prompt="a lighthouse", negative_prompt="", width=64, height=64, steps=4,
+                              guidance=5.0, seed=5, loras=loras, stages=tuple(expand(request, default_steps=4)), control_image=square())
+        return np.asarray(engine.generate(task, lambda *_: None), dtype=np.int16)
+
+    plain, styled, unguided = image(), image(loras=(("style", 1.0),)), image(weight=0.0)
+    assert np.abs(plain - styled).mean() > 0.5 and np.abs(plain - unguided).mean() > 0.5
