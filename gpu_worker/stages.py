@@ -85,7 +85,7 @@ def run_plan(engine: Any, task: GenerationTask, on_step: StepCallback) -> Image.
             if stage.space == "latent":
                 if latents is None:
                     raise JobFailed(f"stages.{index}: a latent upscale needs latents from a sample stage before it")
-                mode = stage.method if stage.method != "nearest-exact" else "nearest-exact"
+                mode = stage.method
                 options = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
                 latents = F.interpolate(latents.float(), size=(height // factor, width // factor), mode=mode, **options).to(latents.dtype)
             else:

@@ -1,4 +1,5 @@
-"""Images a request brings along: image-to-image's init image and inpainting's mask.
+"""Images a request brings along: image-to-image's init image, inpainting's mask, a plan's ControlNet
+control image.
 
 They arrive as base64 or a `data:image/...;base64,` URL (as mflux-server takes `init_image`), and each
 must decode, be a PNG, JPEG or WEBP picture (only those decoders run: an ICO or TIFF may hold a bomb that
@@ -290,6 +291,7 @@ async def release(kv: Any, obs: Any, status: JobStatus) -> None:
         return
     for sibling in group_job_ids(status.group_id, status.group_size) if status.group_id else []:
         other = await jobstore.read_status(kv, sibling) if sibling != status.job_id else None
-        if other is not None and not other.deleted and other.init_image is not None and other.init_image.name in stored:
+        shared = [ref for ref in (other.init_image, other.control_image) if ref is not None] if other is not None else []
+        if other is not None and not other.deleted and any(ref.name in stored for ref in shared):
             return
     await delete(obs, stored)
