@@ -36,7 +36,8 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
 from gateway.body import takes_images
-from gateway.comfy_graph import SOCKET_OUTPUT, GraphInvalid, ReadGraph, SAMPLERS, SCHEDULERS, field_problem, read_graph
+from gateway.comfy_graph import (LATENT_METHODS, PIXEL_METHODS, SAMPLERS, SCHEDULERS, SOCKET_OUTPUT, GraphInvalid, ReadGraph,
+                                 field_problem, read_graph)
 from gateway.forms import read_form
 from gateway.http_errors import read_json
 from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
@@ -715,7 +716,7 @@ async def drain(ws: web.WebSocketResponse) -> None:
 # -- what it runs -------------------------------------------------------------------------------
 
 
-def node_info(jobs: JobService, models: list[str], loras: list[str]) -> dict[str, dict]:
+def node_info(jobs: JobService, models: list[str], loras: list[str], controlnets: list[str] | None = None) -> dict[str, dict]:
     """ComfyUI's /object_info for the nodes /prompt takes, with this gateway's models, adapters and limits."""
     limits = jobs.settings.limits
     side = {"default": 1024, "min": limits.min_side, "max": limits.max_side, "step": 8}
@@ -756,7 +757,63 @@ def node_info(jobs: JobService, models: list[str], loras: list[str]) -> dict[str
                           [], output_node=True),
         "PreviewImage": node("PreviewImage", "Preview Image", "image", {"images": ["IMAGE"]}, [], output_node=True),
         "SaveImageWebsocket": node("SaveImageWebsocket", "SaveImageWebsocket", "image", {"images": ["IMAGE"]}, [], output_node=True),
+        **workflow_nodes(node, limits, side, controlnets or []),
     }
+
+
+def workflow_nodes(node, limits, side: dict, controlnets: list[str]) -> dict[str, dict]:
+    """The nodes of the graphs that run as plans: SDXL's base + refiner, hires fix, ControlNet, batches."""
+    steps = ["INT", {"default": 20, "min": 1, "max": limits.max_steps}]
+    at_step = ["INT", {"default": 0, "min": 0, "max": 10000}]
+    sampling = {
+        "sampler_name": [SAMPLERS], "scheduler": [SCHEDULERS], "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+        "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
+    }
+    crop = [["disabled"]]
+    fraction = ["FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}]
+    size = {"width": ["INT", side], "height": ["INT", side]}
+    return {
+        "KSamplerAdvanced": node("KSamplerAdvanced", "KSampler (Advanced)", "sampling", {
+            "model": ["MODEL"], "add_noise": [["enable", "disable"]], "noise_seed": ["INT", {"default": 0, "min": 0, "max": MAX_SEED}],
+            "steps": steps, **sampling, "latent_image": ["LATENT"], "start_at_step": at_step,
+            "end_at_step": ["INT", {"default": 10000, "min": 0, "max": 10000}], "return_with_leftover_noise": [["disable", "enable"]],
+        }, ["LATENT"]),
+        "CLIPTextEncodeSDXL": node("CLIPTextEncodeSDXL", "CLIPTextEncodeSDXL", "advanced/conditioning", {
+            **size, "crop_w": ["INT", {"default": 0, "min": 0}], "crop_h": ["INT", {"default": 0, "min": 0}],
+            "target_width": ["INT", side], "target_height": ["INT", side], "text_g": ["STRING", {"multiline": True}],
+            "clip": ["CLIP"], "text_l": ["STRING", {"multiline": True}],
+        }, ["CONDITIONING"]),
+        "CLIPTextEncodeSDXLRefiner": node("CLIPTextEncodeSDXLRefiner", "CLIPTextEncodeSDXLRefiner", "advanced/conditioning", {
+            "ascore": ["FLOAT", {"default": 6.0, "min": 0.0, "max": 1000.0, "step": 0.01}], **size,
+            "text": ["STRING", {"multiline": True}], "clip": ["CLIP"],
+        }, ["CONDITIONING"]),
+        "LatentUpscale": node("LatentUpscale", "Upscale Latent", "latent", {
+            "samples": ["LATENT"], "upscale_method": [list(LATENT_METHODS)], **size, "crop": crop}, ["LATENT"]),
+        "LatentUpscaleBy": node("LatentUpscaleBy", "Upscale Latent By", "latent", {
+            "samples": ["LATENT"], "upscale_method": [list(LATENT_METHODS)],
+            "scale_by": ["FLOAT", {"default": 1.5, "min": 0.01, "max": 4.0, "step": 0.01}]}, ["LATENT"]),
+        "ImageScale": node("ImageScale", "Upscale Image", "image/upscaling", {
+            "image": ["IMAGE"], "upscale_method": [list(PIXEL_METHODS)], **size, "crop": crop}, ["IMAGE"]),
+        "ImageScaleBy": node("ImageScaleBy", "Upscale Image By", "image/upscaling", {
+            "image": ["IMAGE"], "upscale_method": [list(PIXEL_METHODS)],
+            "scale_by": ["FLOAT", {"default": 1.0, "min": 0.01, "max": 4.0, "step": 0.01}]}, ["IMAGE"]),
+        "ControlNetLoader": node("ControlNetLoader", "Load ControlNet Model", "loaders", {"control_net_name": [controlnets]}, ["CONTROL_NET"]),
+        "ControlNetApplyAdvanced": node("ControlNetApplyAdvanced", "Apply ControlNet", "conditioning/controlnet", {
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "control_net": ["CONTROL_NET"], "image": ["IMAGE"],
+            "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01}],
+            "start_percent": fraction, "end_percent": [fraction[0], {**fraction[1], "default": 1.0}],
+        }, ["CONDITIONING", "CONDITIONING"]),
+        "Canny": node("Canny", "Canny", "image/preprocessors", {
+            "image": ["IMAGE"], "low_threshold": ["FLOAT", {"default": 0.4, "min": 0.01, "max": 0.99, "step": 0.01}],
+            "high_threshold": ["FLOAT", {"default": 0.8, "min": 0.01, "max": 0.99, "step": 0.01}]}, ["IMAGE"]),
+        "RepeatLatentBatch": node("RepeatLatentBatch", "Repeat Latent Batch", "latent/batch", {
+            "samples": ["LATENT"], "amount": ["INT", {"default": 1, "min": 1, "max": limits.max_images}]}, ["LATENT"]),
+    }
+
+
+def controlnets_served(jobs: JobService) -> list[str]:
+    """The ControlNets the live workers loaded, by name."""
+    return sorted({name for workers in jobs.served_models().values() for w in workers for name in (w.controlnets or ())})
 
 
 async def served(jobs: JobService) -> tuple[list[str], list[str]]:
@@ -768,28 +825,30 @@ async def served(jobs: JobService) -> tuple[list[str], list[str]]:
 @comfy_routes("/object_info")("GET")
 async def object_info(request: web.Request) -> web.Response:
     jobs: JobService = request.app[SERVICE]
-    return web.json_response(node_info(jobs, *await served(jobs)))
+    return web.json_response(node_info(jobs, *await served(jobs), controlnets_served(jobs)))
 
 
 @comfy_routes("/object_info/{node_class}")("GET")
 async def object_info_of(request: web.Request) -> web.Response:
     jobs: JobService = request.app[SERVICE]
-    info = node_info(jobs, *await served(jobs))
+    info = node_info(jobs, *await served(jobs), controlnets_served(jobs))
     name = request.match_info["node_class"]
     return web.json_response({name: info[name]} if name in info else {})
 
 
 @comfy_routes("/models")("GET")
 async def model_folders(request: web.Request) -> web.Response:
-    return web.json_response(["checkpoints", "loras"])
+    return web.json_response(["checkpoints", "loras", "controlnet"])
 
 
 @comfy_routes("/models/{folder}")("GET")
 async def models_in(request: web.Request) -> web.Response:
     models, loras = await served(request.app[SERVICE])
     folder = request.match_info["folder"]
-    if folder not in ("checkpoints", "loras"):
-        return failure(404, "not_found", f"no model folder {folder!r} here: checkpoints or loras")
+    if folder not in ("checkpoints", "loras", "controlnet"):
+        return failure(404, "not_found", f"no model folder {folder!r} here: checkpoints, loras or controlnet")
+    if folder == "controlnet":
+        return web.json_response(controlnets_served(request.app[SERVICE]))
     return web.json_response(models if folder == "checkpoints" else loras)
 
 

@@ -346,3 +346,12 @@ def test_a_controlnet_loads_beside_a_lora_and_both_act_on_one_image(tmp_path):
 
     plain, styled, unguided = image(), image(loras=(("style", 1.0),)), image(weight=0.0)
     assert np.abs(plain - styled).mean() > 0.5 and np.abs(plain - unguided).mean() > 0.5
+
+
+async def test_comfy_object_info_lists_the_workflow_nodes_and_the_controlnets(service, http):
+    async with http.get(f"{service.url}/object_info") as r:
+        info = await r.json()
+    assert {"KSamplerAdvanced", "CLIPTextEncodeSDXL", "LatentUpscaleBy", "ControlNetApplyAdvanced", "RepeatLatentBatch"} <= set(info)
+    assert info["ControlNetLoader"]["input"]["required"]["control_net_name"] == [["edges"]]
+    async with http.get(f"{service.url}/models/controlnet") as r:
+        assert await r.json() == ["edges"]
