@@ -609,7 +609,7 @@ class Worker:
         total_s = time.monotonic() - gen_started
         timings = {"steps_s": steps_done - gen_started, "encode_s": encoded - steps_done, "total_s": total_s}
         await self._event(JobEvent(type="done", job_id=job_id, image=ref, timings=timings, worker=self.worker_id))
-        if job.batch == 1:  # the speed model (queued jobs' ETAs) learns from jobs run alone
+        if job.batch == 1 and not job.parts:  # the speed model (queued jobs' ETAs) learns from one-pass jobs run alone
             self.meter.record(mpx=request.pixels / 1e6, decode_s=timings["encode_s"], total_s=total_s, **job.stamps.timings(job.total, gen_started, steps_done))
         self.jobs_done += 1
 
