@@ -114,8 +114,8 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
         )
         await webhooks.start()
         log.info(
-            "gateway ready on http://%s:%d (nats %s, auth %s)",
-            settings.host, settings.port, settings.nats_url, f"on, {len(keys.keys)} keys" if keys.enabled else "off",
+            "gateway connected (nats %s, auth %s)",
+            settings.nats_url, f"on, {len(keys.keys)} keys" if keys.enabled else "off",
         )
         yield
         await webhooks.close()

@@ -507,7 +507,8 @@ class JobService:
         }
         line = json.dumps(record)
         await self.nc.publish(names.AUDIT_SUBJECT, line.encode())
-        audit_log.info(line, extra={"job_id": status.job_id})
+        if self.settings.audit_log:  # the record is on NATS either way
+            audit_log.info(line, extra={"job_id": status.job_id})
 
     async def expire_overdue(self) -> int:
         """Ends queued jobs whose deadline passed as `expired` and tells their followers."""

@@ -42,6 +42,7 @@ async def start_gateway(settings: GatewaySettings) -> RunningGateway:
     app = create_app(settings)
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog, logger=ServerLog(),
+        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         auto_decompress=False,  # the body middleware inflates, in bounded steps up to the route's cap
         lingering_time=LINGER_S,
         keepalive_timeout=settings.header_timeout_s,  # from the connection's start and after each answer

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from schemas.request import JsonBool, JsonFloat, JsonInt
+from schemas.request import JsonBool, JsonFloat, JsonInt, is_random_seed
 from schemas.status import UploadRef
 from schemas.workers import WorkerInfo
+
+
+def _random_is_none(value: Any) -> Any:
+    return None if is_random_seed(value) else value
+
+
+JsonSeed = Annotated[JsonInt | None, BeforeValidator(_random_is_none)]
+"""A JSON body's seed: an integer, or -1 (or absent) for a random one."""
+FormSeed = Annotated[int | None, BeforeValidator(_random_is_none)]
+"""A multipart form's seed: digits, or -1 (or absent) for a random one."""
 
 
 class ErrorBody(BaseModel):
@@ -171,7 +181,7 @@ class OpenAIImageRequest(BaseModel):
     stream: JsonBool | None = Field(None, description="Only false: streaming is not available here.")
     user: str | None = Field(None, description="Accepted; has no effect.")
     safety_identifier: str | None = Field(None, description="Accepted; has no effect.")
-    seed: JsonInt | None = Field(None, ge=0, description="imagegen: seed of the first image; random when absent.")
+    seed: JsonSeed = Field(None, ge=0, description="imagegen: seed of the first image; random when absent or -1.")
     negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
     steps: JsonInt | None = Field(None, description="imagegen: denoising steps; overrides quality.")
     guidance: JsonFloat | None = Field(None, description="imagegen: classifier-free guidance scale.")
@@ -196,7 +206,7 @@ class OpenAIEditRequest(BaseModel):
     stream: bool | None = Field(None, description="Only false: streaming is not available here.")
     user: str | None = Field(None, description="Accepted; has no effect.")
     safety_identifier: str | None = Field(None, description="Accepted; has no effect.")
-    seed: int | None = Field(None, ge=0, description="imagegen: seed of the first image; random when absent.")
+    seed: FormSeed = Field(None, ge=0, description="imagegen: seed of the first image; random when absent or -1.")
     negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
     steps: int | None = Field(None, description="imagegen: denoising steps; overrides quality.")
     guidance: float | None = Field(None, description="imagegen: classifier-free guidance scale.")
@@ -217,7 +227,7 @@ class OpenAIVariationRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = Field(None, description="As OpenAI: url by default (b64_json for gpt-image-*).")
     user: str | None = Field(None, description="Accepted; has no effect.")
     prompt: str | None = Field(None, description="imagegen: what the variations show; a neutral prompt when absent.")
-    seed: int | None = Field(None, ge=0, description="imagegen: seed of the first variation; random when absent.")
+    seed: FormSeed = Field(None, ge=0, description="imagegen: seed of the first variation; random when absent or -1.")
     negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
     steps: int | None = Field(None, description="imagegen: denoising steps.")
     guidance: float | None = Field(None, description="imagegen: classifier-free guidance scale.")

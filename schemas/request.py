@@ -43,6 +43,19 @@ MAX_LORA_WEIGHT = 4.0
 LORA_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+RANDOM_SEED = -1
+"""A seed of -1 (or "-1") asks for a random one, as in AUTOMATIC1111: the same as no seed."""
+
+
+def is_random_seed(value: Any) -> bool:
+    """Whether a request's seed value is -1, as a number or as text."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return value.strip() == str(RANDOM_SEED)
+    return isinstance(value, (int, float)) and value == RANDOM_SEED
+
+
 def json_kind(value: Any) -> str:
     """What a decoded JSON value is, for an error message: a string '512', true, 7.5, an object."""
     if isinstance(value, bool):
@@ -136,7 +149,9 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(description="What to draw.")
     negative_prompt: str = Field("", description="What not to draw.")
     seed: int | None = Field(
-        None, description="Seed; a number or a string of digits. The server picks one when absent."
+        None,
+        description="Seed; a number or a string of digits. The server picks one when absent or -1 "
+        "(AUTOMATIC1111's way of asking for a random seed).",
     )
     width: JsonInt = Field(1024, description="Image width in pixels, a multiple of 8.")
     height: JsonInt = Field(1024, description="Image height in pixels, a multiple of 8.")
@@ -235,12 +250,14 @@ class GenerateRequest(BaseModel):
     def _seed_from_string(cls, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("must be a whole number or a string of digits")
+        if is_random_seed(value):
+            return None
         if isinstance(value, str):
             text = value.strip()
             if not text:
                 return None
             if not text.isdigit():
-                raise ValueError(f"must be a whole number or a string of digits, got {value!r}")
+                raise ValueError(f"must be a whole number or a string of digits (-1: random), got {value!r}")
             return int(text)
         if isinstance(value, float):
             if not value.is_integer():
@@ -252,7 +269,7 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _seed_range(cls, value: int | None) -> int | None:
         if value is not None and not 0 <= value <= MAX_SEED:
-            raise ValueError(f"must be between 0 and {MAX_SEED}")
+            raise ValueError(f"must be between 0 and {MAX_SEED}, or -1 for a random seed")
         return value
 
     @field_validator("format", mode="before")
@@ -381,6 +398,13 @@ def field_named_by(reason: str | None) -> str | None:
     return field if field in GenerateRequest.model_fields else None
 
 
+def budget_text(max_pixels: int) -> str:
+    """A pixel budget as a person reads it: '2048x2048 (4194304 pixels)'."""
+    side = math.isqrt(max_pixels)
+    square = f"{side}x{side}" if side * side == max_pixels else f"about {side}x{side}"
+    return f"{square} ({max_pixels} pixels)"
+
+
 def limit_problems(request: GenerateRequest, limits: Limits) -> list[dict[str, str]]:
     """The configured limits a valid-looking request breaks, one entry per field."""
     problems: list[dict[str, str]] = []
@@ -399,7 +423,8 @@ def limit_problems(request: GenerateRequest, limits: Limits) -> list[dict[str, s
         problems.append(
             {
                 "field": "width",
-                "message": f"{request.width}x{request.height} exceeds the pixel budget of {limits.max_pixels} pixels",
+                "message": f"{request.width}x{request.height} (width x height) is over the pixel budget of "
+                f"{budget_text(limits.max_pixels)}; make width or height smaller",
             }
         )
     if request.steps is not None and not 1 <= request.steps <= limits.max_steps:

@@ -290,7 +290,7 @@ def test_half_precision_decode_overflow_is_decoded_again_in_float32(models):
     vae = engine._base.vae
     assert vae.dtype == torch.float16
     with torch.no_grad():  # activations beyond float16's 65504: a real overflow, as with the stock SDXL VAE
-        vae.post_quant_conv.weight.mul_(100), vae.post_quant_conv.bias.mul_(100), vae.decoder.conv_in.weight.mul_(100)
+        vae.post_quant_conv.weight.mul_(1000), vae.post_quant_conv.bias.mul_(1000), vae.decoder.conv_in.weight.mul_(1000)
         latents = torch.randn(1, 4, 8, 8) / vae.config.scaling_factor
         assert not torch.isfinite(vae.decode(latents.half()).sample).all()
     image = run(engine)
