@@ -129,6 +129,7 @@ class JobView(BaseModel):
     websocket_url: str
     init_image: UploadRef | None = Field(None, description="Image-to-image: the stored init image.")
     mask_image: UploadRef | None = Field(None, description="Inpainting: the stored mask.")
+    control_image: UploadRef | None = Field(None, description="A plan's ControlNet stages: the stored control image.")
     group_id: str | None = Field(None, description="With n > 1: the group this job belongs to.")
     group_index: int = Field(0, description="Its place in the group; its seed is the first seed + group_index.")
     job_ids: list[str] | None = Field(None, description="With n > 1: every job of the group, in seed order.")
@@ -317,7 +318,8 @@ class A1111Txt2ImgRequest(BaseModel):
     styles: list[str] | None = Field(None, description="Only empty.")
     restore_faces: JsonBool | None = Field(None, description="Only false.")
     tiling: JsonBool | None = Field(None, description="Only false.")
-    enable_hr: JsonBool | None = Field(None, description="Only false: the hires fix is not offered; the hr_* fields are then ignored, as A1111 does.")
+    enable_hr: JsonBool | None = Field(None, description="txt2img: the hires fix, with the hr_* fields and denoising_strength (0.7); "
+                                       "without it the hr_* fields are ignored, as A1111 does.")
     eta: JsonFloat | None = Field(
         None, description="DDIM: the noise each step adds, 0..1 (0 when absent). Euler a and DPM++ 2M SDE: only 1, "
         "their fixed noise here (A1111's default). Ignored by the other samplers, as A1111 does."
@@ -329,10 +331,10 @@ class A1111Txt2ImgRequest(BaseModel):
     s_noise: JsonFloat | None = Field(None, description="Only 1.")
     script_name: str | None = Field(None, description="Only absent: scripts are not offered.")
     script_args: list[Any] | None = Field(None, description="Only empty.")
-    alwayson_scripts: dict[str, Any] | None = Field(None, description="Only empty.")
+    alwayson_scripts: dict[str, Any] | None = Field(None, description="Only the ControlNet extension's: {\"controlnet\": {\"args\": [unit]}}, one enabled unit.")
     infotext: str | None = Field(None, description="Only absent or empty.")
     firstpass_image: str | None = Field(None, description="Only absent.")
-    # The hires fix's settings, used by A1111 only with enable_hr: accepted and unused.
+    # The hires fix's settings, used only with enable_hr (gateway/a1111_plans.py), as in A1111.
     denoising_strength: JsonFloat | None = None
     firstphase_width: JsonInt | None = None
     firstphase_height: JsonInt | None = None

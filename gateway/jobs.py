@@ -40,6 +40,7 @@ from schemas.events import JobEvent
 from schemas.follow import final_event
 from schemas.jetstream import MAX_BYTES_FLAG, ensure_topology
 from schemas.job import JobEnvelope, Placement
+from schemas.plan import controlnet_names, uses_refiner
 from schemas.request import GenerateRequest, RequestInvalid
 from schemas.status import ImageRef, JobState, JobStatus
 
@@ -60,6 +61,19 @@ def request_digest(request: GenerateRequest) -> str:
     fields = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(fields.encode()).hexdigest()
 
+
+
+def check_controlnets(request: GenerateRequest, served: dict[str, list]) -> None:
+    """Refuses a plan naming a ControlNet that no live worker of its model loaded (when workers say)."""
+    names = controlnet_names(request)
+    workers = [w for ws in served.values() for w in ws if request.model in (None, w.model)]
+    if not names or not workers or any(w.controlnets is None for w in workers):
+        return
+    loaded = {name for w in workers for name in w.controlnets}
+    if missing := [name for name in names if name not in loaded]:
+        field = "stages" if request.stages else "controlnet"
+        have = ", ".join(sorted(loaded)) or "none"
+        raise RequestInvalid([{"field": field, "message": f"no running worker has the ControlNet {missing[0]!r}; they have: {have}"}])
 
 class IdempotencyKeyReused(Exception):
     """An Idempotency-Key sent again with another request than the one it first came with: 422, as
@@ -276,10 +290,12 @@ class JobService:
             raise RequestInvalid(
                 [{"field": "model", "message": f"unknown model {request.model!r}; served: {', '.join(sorted(served))}"}]
             )
-        if request.use_refiner and served and not any(
+        if uses_refiner(request) and served and not any(
             w.has_refiner for ws in served.values() for w in ws if request.model in (None, w.model)
         ):
-            raise RequestInvalid([{"field": "use_refiner", "message": "no running worker has a refiner loaded"}])
+            field = "stages" if request.stages else "use_refiner"
+            raise RequestInvalid([{"field": field, "message": "no running worker has a refiner loaded"}])
+        check_controlnets(request, served)
         if request.loras and (loaded := self.loaded_loras(request.model, served)) is not None:
             if missing := sorted(name for name in request.loras if name not in loaded):
                 on = f"the workers of {request.model}" if request.model else "the running workers"

@@ -58,6 +58,7 @@ def job_view(jobs: JobService, status: JobStatus) -> JobView:
         websocket_url=f"{base}/ws",
         init_image=status.init_image,
         mask_image=status.mask_image,
+        control_image=status.control_image,
         group_id=status.group_id,
         group_index=status.group_index,
         job_ids=group_job_ids(status.group_id, status.group_size) if status.group_id else None,

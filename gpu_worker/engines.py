@@ -98,6 +98,8 @@ def load_engine(settings: WorkerSettings) -> Engine:
         vae_dtype=settings.vae_dtype,
         vae_tiling=settings.vae_tiling,
         loras=tuple(settings.loras),
+        controlnets=tuple(settings.controlnets),
+        models_dir=str(Path(settings.data_dir or ".") / "models"),
         offload=settings.offload,
         channels_last=settings.channels_last,
         fuse_qkv=settings.fuse_qkv,

@@ -107,6 +107,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     section(p, "limits").add_argument("--max-pixels", type=int, default=env("MAX_PIXELS", Limits().max_pixels), help="pixel budget per image (IMAGEGEN_MAX_PIXELS)")
     section(p, "limits").add_argument("--max-steps", type=int, default=env("MAX_STEPS", Limits().max_steps), help="most steps per image (IMAGEGEN_MAX_STEPS)")
     section(p, "limits").add_argument("--max-prompt-chars", type=int, default=env("MAX_PROMPT_CHARS", Limits().max_prompt_chars), help="longest prompt (IMAGEGEN_MAX_PROMPT_CHARS)")
+    section(p, "limits").add_argument("--max-stages", type=int, default=env("MAX_STAGES", Limits().max_stages), help="most stages in one job's plan (hires fix, refiner, ControlNet) (IMAGEGEN_MAX_STAGES)")
     section(p, "limits").add_argument("--max-images", type=int, default=env("MAX_IMAGES", Limits().max_images), help="most images (n) per request (IMAGEGEN_MAX_IMAGES)")
     section(p, "limits").add_argument("--max-upload-bytes", type=int, default=env("MAX_UPLOAD_BYTES", Limits().max_upload_bytes), help="largest init or mask image (IMAGEGEN_MAX_UPLOAD_BYTES)")
     section(p, "operations").add_argument("--job-ttl", type=float, default=env("JOB_TTL", Topology().job_ttl_s), help="seconds status records and images are kept (IMAGEGEN_JOB_TTL)")
@@ -153,6 +154,7 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     section(p, "engine").add_argument("--dtype", default=env("DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"], help="weights' dtype; auto: fp16 with CUDA, fp32 on a CPU (IMAGEGEN_DTYPE)")
     section(p, "engine").add_argument("--threads", type=int, default=env("THREADS", 1), help="torch CPU threads (IMAGEGEN_THREADS)")
     section(p, "engine").add_argument("--refiner-split", type=float, default=env("REFINER_SPLIT", 0.8), help="with the refiner: fraction of the noise schedule the base denoises before handing over (IMAGEGEN_REFINER_SPLIT)")
+    section(p, "engine").add_argument("--controlnet", dest="controlnets", action="append", default=env_list("CONTROLNETS"), metavar="NAME=SOURCE", help="load an SDXL ControlNet at start, from a folder or a hub id (tiny-controlnet: a small one built from tiny-sdxl); repeatable; plans pick it by NAME (IMAGEGEN_CONTROLNETS, comma-separated)")
     section(p, "engine").add_argument("--lora", dest="loras", action="append", default=env_list("LORAS"), metavar="NAME=SOURCE", help="load a LoRA adapter at start, from a folder, a .safetensors file or a hub id (owner/repo[:file]); repeatable; requests pick it by NAME (IMAGEGEN_LORAS, comma-separated)")
     section(p, "engine").add_argument("--vae", default=os.environ.get("IMAGEGEN_VAE"), help="another VAE, hub id or folder, e.g. madebyollin/sdxl-vae-fp16-fix (IMAGEGEN_VAE)")
     section(p, "engine").add_argument("--vae-dtype", default=env("VAE_DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"], help="dtype of the VAE decode; auto: bf16 for an fp16 model whose VAE overflows in fp16 (IMAGEGEN_VAE_DTYPE)")
@@ -261,7 +263,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def limits_of(args: argparse.Namespace) -> Limits:
     return Limits(
         max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
-        max_images=args.max_images, max_upload_bytes=args.max_upload_bytes,
+        max_images=args.max_images, max_upload_bytes=args.max_upload_bytes, max_stages=args.max_stages,
     )
 
 
@@ -317,6 +319,7 @@ def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
         threads=args.threads,
         refiner_split=args.refiner_split,
         loras=tuple(args.loras or ()),
+        controlnets=tuple(args.controlnets or ()),
         vae=args.vae,
         vae_dtype=args.vae_dtype,
         vae_tiling=args.vae_tiling,

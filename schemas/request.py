@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from schemas.names import Tier
+from schemas.plan import ControlNetUnit, HiresFix, Stage, plan_problems
 
 MAX_SEED = 2**63 - 1
 MAX_WEBHOOK_CHARS = 2048
@@ -109,6 +110,7 @@ class Limits:
     max_prompt_chars: int = 2000
     max_images: int = 8  # most images (`n`) one request may ask for
     max_upload_bytes: int = 8 * 1024 * 1024  # largest init or mask image, in bytes as decoded
+    max_stages: int = 4  # most stages in one job's plan (schemas.plan)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_images <= MAX_IMAGES:
@@ -207,6 +209,14 @@ class GenerateRequest(BaseModel):
         description="How many images: one job each, with seeds seed, seed+1, ..., grouped under one group id; at most "
         "the server's limit (8 unless configured).",
     )
+    stages: list[Stage] | None = Field(
+        None,
+        min_length=1,
+        description="A plan: stages run in order in one job (sample, upscale; see docs/workflows.md). Absent: one sample "
+        "stage (two with use_refiner).",
+    )
+    hires: HiresFix | None = Field(None, description="Hires fix: after the first pass, upscale and denoise again part-way.")
+    controlnet: ControlNetUnit | None = Field(None, description="A ControlNet guiding the first sample stage.")
     timeout_s: JsonFloat | None = Field(
         None, gt=0, le=7 * 24 * 3600, description="Give up if no worker has started the job after this many seconds."
     )
@@ -340,6 +350,13 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"seed + n - 1 must not exceed {MAX_SEED}")
         return value
 
+    @field_validator("hires")
+    @classmethod
+    def _hires_alone(cls, value: HiresFix | None, info: ValidationInfo) -> HiresFix | None:
+        if value is not None and info.data.get("stages"):
+            raise ValueError("stages already name every stage: put the hires fix in them")
+        return value
+
     @property
     def effective_tier(self) -> Tier:
         if self.tier is not None:
@@ -412,6 +429,7 @@ def limit_problems(request: GenerateRequest, limits: Limits) -> list[dict[str, s
         )
     if request.steps is not None and not 1 <= request.steps <= limits.max_steps:
         problems.append({"field": "steps", "message": f"must be between 1 and {limits.max_steps}, got {request.steps}"})
+    problems += plan_problems(request, limits)
     if request.n > limits.max_images:
         problems.append({"field": "n", "message": f"must be between 1 and {limits.max_images}, got {request.n}"})
     return problems

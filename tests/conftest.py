@@ -63,7 +63,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 async def service(nats_server, data_dir) -> Service:
-    svc = await start_service(nats_server.url, data_dir)
+    svc = await start_service(nats_server.url, data_dir, controlnets=("edges=tiny-controlnet",))
     yield svc
     await stop_service(svc)
 

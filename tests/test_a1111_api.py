@@ -108,9 +108,9 @@ async def test_send_images_false_answers_without_images(service, http):
 @pytest.mark.parametrize(
     ("change", "field", "words"),
     [
-        ({"enable_hr": True}, "enable_hr", "hires fix is not offered"),
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler", "'R-ESRGAN 4x+' is not offered here"),
         ({"restore_faces": True}, "restore_faces", "face restoration"),
-        ({"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts", "not offered"),
+        ({"alwayson_scripts": {"adetailer": {"args": []}}}, "alwayson_scripts", "only the ControlNet extension's units"),
         ({"styles": ["cinematic"]}, "styles", "put the style in the prompt"),
         ({"s_churn": 0.5}, "s_churn", "only its default"),
         ({"sampler_name": "LMS"}, "sampler_name", "'LMS' is not available here"),

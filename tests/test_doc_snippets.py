@@ -110,7 +110,7 @@ def stack(tmp_path_factory, data_dir) -> Stack:
     log_path = root / "up.log"
     with open(log_path, "wb") as log:
         up = subprocess.Popen(
-            [sys.executable, "-m", "imagegen", "up", "--nats", broker.url, "--port", str(port), "--model", "tiny-sdxl",
+            [sys.executable, "-m", "imagegen", "up", "--nats", broker.url, "--port", str(port), "--model", "tiny-sdxl", "--controlnet", "canny=tiny-controlnet",
              "--data-dir", str(data_dir)],
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
         )

@@ -197,7 +197,7 @@ async def gallery_image(page: Page, seed: str) -> dict:
 async def test_a_prompt_becomes_an_image_that_downloads(service, page):
     await open_ui(page, service.url)
     await expect(page.locator("#model-note")).to_contain_text("draws noise")
-    await page.locator("label.toggle").click()
+    await page.locator('label[for="use_refiner"]').click()
     await expect(page.locator("#use_refiner")).to_be_checked()
     await generate(page, "a red bicycle leaning on a wall", seed="1234", steps="4")
 
@@ -556,6 +556,15 @@ async def test_sockets_waiting_for_their_key_are_capped(keyed, monkeypatch):
         assert (await second.receive(timeout=30)).data == 1008
         for ws in (first, second, third):
             await ws.close()
+
+
+async def test_the_hires_fix_toggle_doubles_the_size_and_controlnets_are_offered(service, page):
+    await open_ui(page, service.url)
+    await expect(page.locator("#controlnet-row")).to_be_visible(timeout=WAIT_MS)
+    await expect(page.locator("#controlnet-model option")).to_have_text(["none", "edges"])
+    await page.locator('label[for="hires"]').click()
+    await generate(page, "a windmill in a field", seed="4321", steps="2")
+    assert await gallery_image(page, "4321") == {"width": 128, "height": 128}
 
 
 # -- a newcomer's screen: a laptop at 1366x768 and a phone 390 px wide ---------------------------------

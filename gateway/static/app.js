@@ -13,7 +13,7 @@ const EXT = { JPEG: "jpg", PNG: "png", WEBP: "webp" };
 const FIELD_INPUT = {
   prompt: "prompt", negative_prompt: "negative_prompt", width: "size", height: "size", steps: "steps",
   seed: "seed", format: "format", use_refiner: "use_refiner", count: "count", n: "count",
-  init_image: "init-drop", mask_image: "mask-drop", strength: "strength",
+  init_image: "init-drop", mask_image: "mask-drop", strength: "strength", hires: "hires", controlnet: "controlnet-model",
 };
 const FIELD_LABEL = { // the form's names for the request's fields, as errors show them
   prompt: "Prompt", negative_prompt: "Negative prompt", width: "Size", height: "Size", steps: "Steps",
@@ -221,6 +221,10 @@ function readForm() {
   const steps = $("steps").value.trim();
   if (steps !== "") request.steps = Number(steps);
   if ($("use_refiner").checked) request.use_refiner = true;
+  if ($("hires").checked) request.hires = { scale: 2 };
+  if ($("controlnet-model").value && controlImage) {
+    request.controlnet = { model: $("controlnet-model").value, image: controlImage, preprocessor: $("controlnet-canny").checked ? "canny" : "none" };
+  }
   if (!$("model-select").hidden) request.model = $("model-select").value;
   if (uploads.init) {
     request.init_image = uploads.init.dataUrl;
@@ -256,6 +260,7 @@ function fillForm(job) {
     showModel(request.model, modelInfo);
   }
   $("use_refiner").checked = Boolean(request.use_refiner) && !$("use_refiner").disabled;
+  $("hires").checked = Boolean(request.hires);
   $("seed").value = job.seed;
   $("count").value = "1";
   $("prompt").focus();
@@ -265,6 +270,24 @@ function fillForm(job) {
 /* ---- init image and mask ---------------------------------------------------------------------- */
 
 const SLOT_FIELD = { init: "init_image", mask: "mask_image" };
+
+/* ControlNets: offered when a worker loaded one (GET /v1/workers), with a control image picked here. */
+let controlImage = null;
+
+async function loadControlNets() {
+  let names = [];
+  try {
+    const view = await api("/v1/workers");
+    names = [...new Set(view.workers.flatMap((w) => w.controlnets || []))].sort();
+  } catch {
+    names = [];
+  }
+  const select = $("controlnet-model");
+  const chosen = select.value;
+  select.replaceChildren(new Option("none", ""), ...names.map((name) => new Option(name, name)));
+  select.value = names.includes(chosen) ? chosen : "";
+  $("controlnet-row").hidden = names.length === 0;
+}
 
 function readAsDataUrl(blob) {
   return new Promise((resolve, reject) => {
@@ -1019,6 +1042,12 @@ function start() {
   }
   updateEmpty();
   loadModel();
+  loadControlNets();
+  setInterval(loadControlNets, 15000);
+  $("controlnet-image").addEventListener("change", async (event) => {
+    const file = event.target.files[0];
+    controlImage = file ? await readAsDataUrl(file) : null;
+  });
   setInterval(loadModel, 15000);
   setInterval(poll, POLL_MS);
   setInterval(() => { for (const job of jobs.values()) if (!job.final) render(job); }, 500);
