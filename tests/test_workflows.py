@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from tests.test_img2img import b64, finished, generated, queue
+from tests.helpers.images import b64, finished, generated, queue
 
 BASE = {"prompt": "a lighthouse", "seed": 5, "steps": 4, "width": 64, "height": 64, "format": "PNG"}
 
@@ -85,7 +85,7 @@ async def test_a_job_can_be_cancelled_in_its_second_stage(service, http):
 
 # -- ComfyUI's prompt API ---------------------------------------------------------------------------
 
-from tests.test_comfy_api import WORKFLOW, history_when_done, queue_prompt, upload, workflow  # noqa: E402
+from tests.helpers.comfy import history_when_done, queue_prompt, upload, workflow  # noqa: E402
 
 
 def sdxl_base_and_refiner(*, steps: int = 6, hand_over: int = 4) -> dict:
@@ -240,7 +240,7 @@ async def test_a_nats_publisher_sends_a_plan_with_its_control_image_as_an_upload
     from schemas.job import JobEnvelope, Placement
     from schemas.request import parse_request
     from schemas.status import JobState, JobStatus, UploadRef
-    from tests.conftest import collect_events
+    from tests.helpers.service import collect_events
 
     nc = await nats.connect(service.nats_url)
     js = nc.jetstream()
@@ -263,7 +263,7 @@ async def test_a_nats_publisher_sends_a_plan_with_its_control_image_as_an_upload
 
 
 async def test_mflux_generate_takes_the_hires_shorthand_and_a_controlnet_needs_its_image(service, http):
-    from tests.conftest import wait_status
+    from tests.helpers.service import wait_status
 
     async with http.post(f"{service.url}/api/generate", json={**BASE, "hires": {"scale": 1.5, "denoise": 0.5}}) as r:
         assert r.status == 200, await r.text()
@@ -329,7 +329,7 @@ def test_a_controlnet_loads_beside_a_lora_and_both_act_on_one_image(tmp_path):
     from gpu_worker.tiny_sdxl import build_tiny_sdxl
     from schemas.plan import expand
     from schemas.request import parse_request
-    from tests.test_engine_sdxl import build_tiny_lora
+    from tests.helpers.loras import build_tiny_lora
 
     base = build_tiny_sdxl(tmp_path / "tiny-sdxl")
     engine = SdxlEngine.load(SdxlSettings(
