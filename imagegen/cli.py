@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.proxies import parse_trusted
+from gateway.http.proxies import parse_trusted
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speedups import DEFAULT_BUCKETS
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "key":
         import json
 
-        from gateway.auth import new_key_entry
+        from gateway.http.auth import new_key_entry
 
         secret, entry = new_key_entry(
             args.name, tiers=args.tiers.split(","), rate_per_minute=args.rate_per_minute, max_concurrent=args.max_concurrent

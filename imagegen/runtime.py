@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.app import AccessLog, create_app
-from gateway.connections import CappedSite, make_room
-from gateway.http_errors import ServerLog
+from gateway.http.connections import CappedSite, make_room
+from gateway.http.http_errors import ServerLog
 from gateway.settings import GatewaySettings
 from gpu_worker.engines import load_engine
 from gpu_worker.settings import WorkerSettings

@@ -14,8 +14,8 @@ import nats
 import pytest
 from PIL import Image
 
-from gateway import a1111_api, a1111_inpaint, a1111_prompt
-from gateway.auth import new_key_entry
+from gateway.apis.a1111 import api as a1111_api, inpaint as a1111_inpaint, prompt as a1111_prompt
+from gateway.http.auth import new_key_entry
 from schemas import names
 from schemas.codec import encode
 from schemas.events import JobEvent

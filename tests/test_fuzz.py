@@ -18,7 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase
 from schemathesis import GenerationMode
 
-from gateway.openapi import OPERATIONS
+from gateway.http.openapi import OPERATIONS
 from tests.real_processes import own_stack, submit, wait_state
 
 LIMIT_FLAGS = ("--max-pixels", str(1024 * 1024), "--max-steps", "50")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from gateway.auth import new_key_entry
+from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import __version__, runtime
 from schemas.workers import DEFAULT_FAIRNESS

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.mflux_api import SERVICE
+from gateway.core.caller import SERVICE
 
 routes = web.RouteTableDef()
 

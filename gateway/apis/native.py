@@ -11,14 +11,15 @@ from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, web
 
-from gateway.accept import answers_image
-from gateway.auth import socket_key
-from gateway.event_feed import event_json, follow
-from gateway.body import takes_images
-from gateway.http_errors import read_json
-from gateway.jobs import JobService, NotReady, UnknownJob, listing_key
-from gateway.mflux_api import SERVICE, caller, owner_of
-from gateway.submission import group_jobs, submit_request
+from gateway.http.accept import answers_image
+from gateway.http.auth import socket_key
+from gateway.state.event_feed import event_json, follow
+from gateway.http.body import takes_images
+from gateway.http.http_errors import read_json
+from gateway.core.service import JobService, listing_key
+from gateway.core.problems import NotReady, UnknownJob
+from gateway.core.caller import SERVICE, caller, owner_of
+from gateway.core.submission import group_jobs, submit_request
 from imagegen import __version__
 from schemas.http import GroupView, JobView, LimitsView, WorkersView
 from schemas.job import group_job_ids
@@ -104,7 +105,7 @@ def wait_seconds(request: web.Request) -> float:
 async def submit(request: web.Request) -> web.Response:
     """202 with the queued job; with a wait, 201 once the job (every job of a group) has ended within
     it, else 202 with the job as it is then. With a wait and an Accept header that ranks the image's
-    type above JSON, the 201 carries the image itself (gateway.accept)."""
+    type above JSON, the 201 carries the image itself (gateway.http.accept)."""
     jobs = request.app[SERVICE]
     wait_s = wait_seconds(request)
     body = parse_request(await read_json(request), limits=jobs.settings.limits)
@@ -286,7 +287,7 @@ async def socket(request: web.Request) -> web.WebSocketResponse:
 async def _socket(request: web.Request, job_ids: list[str]) -> web.WebSocketResponse:
     """Sends the events of every followed job as JSON. The client may send
     {"follow": [ids]} to follow more jobs and {"cancel": id} to cancel one. With auth on and no key
-    header, the first message must be {"key": KEY} (see gateway.auth.socket_key). A job is followed
+    header, the first message must be {"key": KEY} (see gateway.http.auth.socket_key). A job is followed
     until its final event (or its error): then it no longer counts against MAX_FOLLOWED, and following
     it again replays its events; an id followed already, or named twice, counts once."""
     jobs = request.app[SERVICE]

@@ -1,9 +1,9 @@
 """AUTOMATIC1111 web UI's API on the gateway (`/sdapi/v1`), for the tools built to call it: text to
-image, image to image and inpainting, LoRA tags in prompts (`gateway.a1111_prompt`), progress with a
+image, image to image and inpainting, LoRA tags in prompts (`gateway.apis.a1111.prompt`), progress with a
 live preview, interrupt and skip, the models, LoRAs and samplers, and the current model.
 
 `POST /sdapi/v1/txt2img` makes batch_size x n_iter jobs (seeds seed, seed+1, ...; a random first seed for
--1), queued as one group through `gateway.submission` like a native request with `n`, and answers once
+-1), queued as one group through `gateway.core.submission` like a native request with `n`, and answers once
 all are done with their PNGs in base64, the request as sent (`parameters`) and `info` (JSON text with
 the seeds, size, sampler, steps, model, job ids and A1111-style infotexts). Fields left out take the
 served model's defaults. Features this service does not offer (the hires fix, face restoration,
@@ -14,7 +14,7 @@ DDIM's noise, as in A1111; the ancestral samplers run at A1111's default eta 1 a
 `POST /sdapi/v1/img2img` adds one init image and `denoising_strength` (A1111's 0.75 when absent). Resize
 mode 0 (A1111's default, "just resize") is done here, before queueing: the image is stretched to the
 width and height asked; mode 1 ("crop and resize") is the engine's own fitting. With a `mask` it
-inpaints, with A1111's mask settings and its "only masked" area (`gateway.a1111_inpaint`).
+inpaints, with A1111's mask settings and its "only masked" area (`gateway.apis.a1111.inpaint`).
 
 `POST /sdapi/v1/interrupt` cancels the caller's newest unfinished request (the job in hand stops at its
 next step, the queued ones are dropped) and `POST /sdapi/v1/skip` only its job in hand; the waiting
@@ -39,17 +39,20 @@ from aiohttp import web
 from PIL import Image
 from pydantic import ValidationError
 
-from gateway.a1111_inpaint import MaskSettings, PasteBack, b64png
-from gateway.a1111_inpaint import prepare as prepare_inpainting
-from gateway.a1111_prompt import TagProblem, loras_of
-from gateway.event_hub import decoded_event
-from gateway.body import takes_images
-from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, UnknownJob
-from gateway.mflux_api import SERVICE, caller, owner_of
-from gateway.openai_api import OpenAIFailure, image_data, tier_for, until_done
-from gateway.ratelimit import RateLimited
-from gateway.submission import group_jobs
+from gateway.apis.a1111.inpaint import MaskSettings, PasteBack, b64png
+from gateway.apis.a1111.inpaint import prepare as prepare_inpainting
+from gateway.apis.a1111.prompt import TagProblem, loras_of
+from gateway.state.event_hub import decoded_event
+from gateway.http.body import takes_images
+from gateway.http.http_errors import read_json
+from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, ImageLost, JobEnded, JobLost, UnknownJob, WaitTimedOut
+from gateway.core.service import UNFINISHED, JobService
+from gateway.core.caller import SERVICE, caller, owner_of
+from gateway.apis.openai.images import from_waiting
+from gateway.core.waiting import image_data, until_done
+from gateway.core.caller import tier_for
+from gateway.http.ratelimit import RateLimited
+from gateway.core.submission import group_jobs
 from imagegen import __version__
 from schemas.http import A1111Img2ImgRequest, A1111Txt2ImgRequest
 from schemas.job import new_seed
@@ -498,7 +501,8 @@ async def answered(run, request: web.Request) -> web.Response:
         return await run(request)
     except A1111Failure as exc:
         return exc.response()
-    except OpenAIFailure as exc:  # from the shared waiting: a failed job, a timeout
+    except (JobEnded, JobLost, WaitTimedOut, ImageLost) as waited:  # from the shared waiting: a failed job, a timeout
+        exc = from_waiting(waited)
         if exc.status == 400:
             return invalid(A1111_FIELD.get(exc.detail.param or "", exc.detail.param), str(exc)).response()
         return A1111Failure(exc.status, str(exc)).response()

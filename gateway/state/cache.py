@@ -1,6 +1,6 @@
 """The result cache: a request identical to an earlier one, with a seed (or one that asks for it), is
 answered with the stored image at once, without a GPU. Which requests are identical, and whose
-answers may be shared, is `gateway.cache_key`'s business.
+answers may be shared, is `gateway.state.cache_key`'s business.
 
 Entries live in the object store `imagegen-cache`: object name = key, a copy of the image, with the
 original job's seed, type, size and NSFW flag in its description. The bucket's TTL is the cache TTL,
@@ -29,10 +29,10 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from gateway.cache_key import SCOPES, cache_key, wants_cache
-from gateway.direct_get import DirectReader
-from gateway.object_read import ObjectReader
-from gateway.queue_view import QueueView
+from gateway.state.cache_key import SCOPES, cache_key, wants_cache
+from gateway.state.direct_get import DirectReader
+from gateway.state.object_read import ObjectReader
+from gateway.state.queue_view import QueueView
 from schemas import jobstore, names
 from schemas.connect import BROKER_ERRORS
 from schemas.jetstream import ensure_result_cache
@@ -40,7 +40,7 @@ from schemas.job import new_job_id
 from schemas.request import GenerateRequest
 from schemas.status import ImageRef, JobState, JobStatus
 
-log = logging.getLogger("imagegen.gateway.cache")
+log = logging.getLogger("imagegen.gateway.state.cache")
 
 GONE = (ObjectNotFoundError, NotFoundError)
 UPLOAD_FIELDS = ("init_image", "mask_image")
@@ -100,7 +100,7 @@ def placement_fields(placement: Any) -> dict[str, Any]:
 class ResultCache:
     """Looks up and stores results. `hits` and `misses` count the cacheable requests this gateway
     answered from the cache or sent to a worker; `stored` the images it put in the cache. `scope`:
-    `key` keeps each API key's entries to itself, `global` shares them (see gateway.cache_key)."""
+    `key` keeps each API key's entries to itself, `global` shares them (see gateway.state.cache_key)."""
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
 """ComfyUI's server API on the gateway, for the tools and scripts that queue ComfyUI prompts: `POST /prompt`
-(a text-to-image or image-to-image graph, read by `gateway.comfy_graph`), `POST /upload/image` (the
+(a text-to-image or image-to-image graph, read by `gateway.apis.comfy.graph`), `POST /upload/image` (the
 images LoadImage names), `GET /history`, `GET /view`, `GET /queue`,
 `POST /queue` (delete, clear), `POST /interrupt`, the WebSocket `/ws?clientId=...` with ComfyUI's
 messages (status, execution_start, executing, progress, binary previews when asked for, executed, execution_success,
@@ -35,16 +35,18 @@ from aiohttp import WSMsgType, web
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
-from gateway.body import takes_images
-from gateway.comfy_graph import SOCKET_OUTPUT, GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
-from gateway.forms import read_form
-from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, UNFINISHED, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
-from gateway.mflux_api import SERVICE, caller, owner_of
-from gateway.openai_api import tier_for
-from gateway import ratelimit, upload_budget
-from gateway.ratelimit import RateLimited
-from gateway.submission import submit_request
+from gateway.http.body import takes_images
+from gateway.apis.comfy.graph import SOCKET_OUTPUT, GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
+from gateway.http.forms import read_form
+from gateway.http.http_errors import read_json
+from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
+from gateway.core.service import UNFINISHED, JobService
+from gateway.core.caller import SERVICE, caller, owner_of
+from gateway.core.caller import tier_for
+from gateway.http import ratelimit
+from gateway.state import upload_budget
+from gateway.http.ratelimit import RateLimited
+from gateway.core.submission import submit_request
 from imagegen import __version__
 from schemas.comfy import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent

@@ -1,6 +1,6 @@
 """Webhooks: a job's start and end POSTed to the URL its request names (`webhook`).
 
-Which gateway calls: every gateway watches every record (gateway.queue_view). When a record with a
+Which gateway calls: every gateway watches every record (gateway.state.queue_view). When a record with a
 webhook shows its job started or ended, the gateway publishes the call on
 `imagegen.webhooks.<job_id>.<start|completed>` with the Nats-Msg-Id `<job_id>.<moment>`, so the
 stream IMAGEGEN_WEBHOOKS keeps it once however many gateways saw it, and the gateways' shared durable
@@ -52,7 +52,7 @@ from schemas.codec import DecodeError, decode, encode
 from schemas.request import RequestInvalid
 from schemas.status import JobState, JobStatus
 
-log = logging.getLogger("imagegen.gateway.webhooks")
+log = logging.getLogger("imagegen.gateway.http.webhooks")
 
 RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # waits before each try after the first
 CALL_TIMEOUT_S = 10.0  # one call, connecting included (below the consumer's ack wait)

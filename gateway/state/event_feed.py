@@ -17,7 +17,7 @@ import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from gateway.jobs import JobService
+from gateway.core.service import JobService
 from schemas.events import JobEvent
 from schemas.status import JobState
 

@@ -4,7 +4,7 @@ under one group id (job ids `<group_id>-0`, `<group_id>-1`, ...), all sharing th
 (`schemas.group`).
 
 What refuses a request without looking at its images comes first: a blocked prompt, a tier or an `n`
-the caller's key may not use, a quota with no room for n more jobs (`gateway.quota` reserves their
+the caller's key may not use, a quota with no room for n more jobs (`gateway.state.quota` reserves their
 places for every gateway at once; a call that queues nothing gives them back). A group is queued whole or not at
 all: when job k cannot be queued (a rate limit, say), the jobs this call queued before it are deleted
 again, with the images it stored, and the error goes to the caller; except when the broker went away
@@ -27,9 +27,10 @@ import asyncio
 import logging
 from dataclasses import replace
 
-from gateway.auth import ApiKey
-from gateway.jobs import BROKER_DOWN, JobService, UnknownJob, check_same_request, idempotent_job_id, request_digest
-from gateway.webhooks import check_destination
+from gateway.http.auth import ApiKey
+from gateway.core.problems import BROKER_DOWN, UnknownJob
+from gateway.core.service import JobService, check_same_request, idempotent_job_id, request_digest
+from gateway.http.webhooks import check_destination
 from schemas import jobstore, uploads
 from schemas.group import GroupPlan, plan_group, store_uploads
 from schemas.job import Placement, group_job_ids

@@ -3,7 +3,7 @@
 The object store's own reader creates an ordered consumer for every read (a consumer's set-up and
 tear-down on the server; under many reads at once, the account's consumer limit) and hashes the bytes
 again as it reads. Here the chunks come from one batched Direct Get on the chunks' subject
-(`gateway.direct_get`) and are checked against the object's size only: chunks are written once, under
+(`gateway.state.direct_get`) and are checked against the object's size only: chunks are written once, under
 a subject (`nuid`) of their own that no later write reuses, and a description names them only once
 all are stored, so a read that finds the size described has the object's bytes; one cut short by a
 purge under way (the object replaced or deleted meanwhile) does not. The object store's reader is used
@@ -20,7 +20,7 @@ from nats.js.api import ObjectInfo
 from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
 
-from gateway.direct_get import DirectReader
+from gateway.state.direct_get import DirectReader
 
 
 class ObjectReader:

@@ -27,7 +27,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from gateway.direct_get import DirectReader
+from gateway.state.direct_get import DirectReader
 from schemas import names
 from schemas.codec import DecodeError, decode
 from schemas.connect import unsubscribe_quietly

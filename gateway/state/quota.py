@@ -19,7 +19,7 @@ from typing import Callable
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from gateway.ratelimit import RateLimited
+from gateway.http.ratelimit import RateLimited
 from schemas import jobstore
 from schemas.status import JobStatus
 

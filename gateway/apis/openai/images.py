@@ -1,12 +1,12 @@
 """OpenAI's Images API on the gateway: `POST /v1/images/generations`, answered when every image is done.
 
 Each of the `n` images is one job on the queue, with seeds seed, seed+1, ... (a random first seed when
-none is sent), queued as one group through `gateway.submission` like a native request with `n`. The
+none is sent), queued as one group through `gateway.core.submission` like a native request with `n`. The
 handler follows the jobs until all are done (at most WAIT_S seconds, then 504 and the jobs are
 cancelled) and answers base64 images or absolute URLs of `/v1/jobs/{id}/image`. Without
 `response_format` the answer is OpenAI's default for the model named: base64 for the GPT image models,
 URLs for the DALL-E ones, for no model and for the models served here. Edits and variations
-(`gateway.openai_edits`) and the model list (`gateway.openai_models`) answer the same way.
+(`gateway.apis.openai.edits`) and the model list (`gateway.apis.openai.models`) answer the same way.
 
 `model` is a served model or an OpenAI name (dall-e-2, dall-e-3, gpt-image-*), which means the current
 model. `quality` scales the model's default steps: low takes half, standard/medium/auto the default,
@@ -20,7 +20,6 @@ client libraries raise their usual exceptions: 400 naming the param, 403/429 for
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import re
@@ -29,16 +28,15 @@ import time
 from aiohttp import web
 from pydantic import ValidationError
 
-from gateway.auth import ApiKey
-from gateway.http_errors import read_json
-from gateway.jobs import BROKER_DOWN, Forbidden, IdempotencyKeyReused, JobService, NotReady, UnknownJob
-from gateway.mflux_api import SERVICE, caller
-from gateway.proxies import public_origin
-from gateway.ratelimit import RateLimited
-from gateway.submission import submit_request
+from gateway.http.http_errors import read_json
+from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, ImageLost, JobEnded, JobLost, WaitTimedOut
+from gateway.core.service import JobService
+from gateway.core.caller import SERVICE, caller, tier_for
+from gateway.core.waiting import image_data, until_done
+from gateway.http.proxies import public_origin
+from gateway.http.ratelimit import RateLimited
 from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
 from schemas.job import new_seed
-from schemas.names import Tier
 from schemas.request import GenerateRequest, RequestInvalid, field_named_by, parse_request
 from schemas.status import JobState, JobStatus
 from schemas.storage import StoreFull, full_message
@@ -177,13 +175,6 @@ def build_request(ask: OpenAIImageRequest, *, width: int, height: int, model: st
         raise from_invalid(exc, steps_given=ask.steps is not None) from None
 
 
-def tier_for(key: ApiKey | None) -> Tier | None:
-    """The normal tier, or for an API key without it the first it may use: OpenAI's API has no tiers."""
-    if key is None or Tier.NORMAL in key.tiers:
-        return None
-    return next((t for t in (Tier.LOW, Tier.HIGH) if t in key.tiers), None)
-
-
 def job_failure(job_id: str, state: str, reason: str | None) -> OpenAIFailure:
     reason = reason or state
     field = field_named_by(reason)
@@ -194,75 +185,14 @@ def job_failure(job_id: str, state: str, reason: str | None) -> OpenAIFailure:
     return OpenAIFailure(502, f"image job {job_id} {state}: {reason}", kind="server_error", code=f"job_{state}")
 
 
-async def wait_all(
-    jobs: JobService, job_ids: list[str], owner: str | None, wait_s: float, *, keep_cancelled: bool = False
-) -> list[JobStatus]:
-    """The final records of the jobs, in their order, once every one is done (or, with `keep_cancelled`,
-    done or cancelled); raises OpenAIFailure for the first that ends otherwise, or after wait_s."""
-    tasks = [asyncio.ensure_future(jobs.wait_final(job_id, owner=owner, wait_s=wait_s)) for job_id in job_ids]
-    pending = set(tasks)
-    ending_well = (JobState.DONE, JobState.CANCELLED) if keep_cancelled else (JobState.DONE,)
-    try:
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                try:
-                    status = task.result()
-                except UnknownJob:
-                    raise OpenAIFailure(502, "an image job vanished before it finished", kind="server_error", code="job_lost") from None
-                if not status.state.final:
-                    raise OpenAIFailure(
-                        504,
-                        f"the images were not finished within {wait_s:g} seconds; their jobs are cancelled",
-                        kind="server_error",
-                        code="timeout",
-                    )
-                if status.state not in ending_well:
-                    raise job_failure(status.job_id, status.state.value, status.error)
-        return [task.result() for task in tasks]
-    finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-
-
-async def image_data(jobs: JobService, job_id: str, owner: str | None) -> bytes:
-    try:
-        _, data = await jobs.image(job_id, owner=owner)
-    except (NotReady, UnknownJob) as exc:
-        raise OpenAIFailure(502, f"image job {job_id}: {exc}", kind="server_error", code="image_lost") from None
-    return data
-
-
-async def cancel_all(jobs: JobService, job_ids: list[str], owner: str | None) -> None:
-    for job_id in job_ids:
-        try:
-            await jobs.cancel(job_id, owner=owner)
-        except Exception as exc:  # best effort: the jobs end by themselves anyway
-            log.warning("job %s: cancel after an unanswered images request failed: %s", job_id, exc)
-
-
-async def until_done(
-    jobs: JobService, base: GenerateRequest, who: dict, collect, *, wait_s: float | None = None, keep_cancelled: bool = False
-):
-    """Queues `base` (one job, or a group of n) for `who`, waits until every job is done (or, with
-    `keep_cancelled`, done or cancelled by its owner meanwhile), and returns (the jobs' final records,
-    `await collect(them)`); `wait_s`: WAIT_S unless given. When anything fails on the way, or the
-    caller leaves, the jobs are cancelled."""
-    owner = who.get("owner")
-    job_ids: list[str] = []
-    finished = False
-    try:
-        queued = await submit_request(jobs, base, **who)
-        job_ids = [status.job_id for status in queued]
-        finals = await wait_all(jobs, job_ids, owner, WAIT_S if wait_s is None else wait_s, keep_cancelled=keep_cancelled)
-        collected = await collect(finals)
-        finished = True
-        return finals, collected
-    finally:
-        if not finished and job_ids:
-            await cancel_all(jobs, job_ids, owner)
+def from_waiting(exc: Exception) -> OpenAIFailure:
+    """The waiting's neutral failures in OpenAI's shape: a failed job, a lost job or image, a timeout."""
+    if isinstance(exc, JobEnded):
+        return job_failure(exc.job_id, exc.state, exc.reason)
+    if isinstance(exc, WaitTimedOut):
+        return OpenAIFailure(504, str(exc), kind="server_error", code="timeout")
+    code = "job_lost" if isinstance(exc, JobLost) else "image_lost"
+    return OpenAIFailure(502, str(exc), kind="server_error", code=code)
 
 
 def default_response_format(model: str | None) -> str:
@@ -297,7 +227,7 @@ async def answer_images(
             images.append(item)
         return images
 
-    finished, images = await until_done(jobs, base, who, collect)
+    finished, images = await until_done(jobs, base, who, collect, wait_s=WAIT_S)
     job_ids = [status.job_id for status in finished]
     made = finished[0].request or {}
     width, height = made.get("width", base.width), made.get("height", base.height)
@@ -333,6 +263,8 @@ async def answered(run, request: web.Request) -> web.Response:
         return await run(request)
     except OpenAIFailure as exc:
         return exc.response()
+    except (JobEnded, JobLost, WaitTimedOut, ImageLost) as exc:
+        return from_waiting(exc).response()
     except RequestInvalid as exc:
         return from_invalid(exc, steps_given=True).response()
     except Forbidden as exc:

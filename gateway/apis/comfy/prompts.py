@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from gateway.queue_view import QueueView
+from gateway.state.queue_view import QueueView
 from schemas import names
 from schemas.codec import DecodeError, decode, encode
 from schemas.comfy import ComfyPrompt, prompt_key

@@ -7,34 +7,20 @@ import base64
 
 from aiohttp import web
 
-from gateway.auth import API_KEY, OWNER
-from gateway.body import takes_images
-from gateway.http_errors import read_json
-from gateway.jobs import JobService
-from gateway.submission import submit_request
+from gateway.http.body import takes_images
+from gateway.http.http_errors import read_json
+from gateway.core.caller import SERVICE, caller, owner_of
+from gateway.core.service import JobService
+from gateway.core.submission import submit_request
 from schemas.http import LoadRequest, MfluxGenerateResponse, MfluxPs, MfluxStatusResponse, MfluxTask, ModelInfo
 from schemas.request import RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 
 routes = web.RouteTableDef()
-SERVICE = web.AppKey("jobs", JobService)
 
 
 def _jobs(request: web.Request) -> JobService:
     return request.app[SERVICE]
-
-
-def owner_of(request: web.Request) -> str | None:
-    return request.get(OWNER)
-
-
-def caller(request: web.Request) -> dict:
-    """Who submits: the key's name (owner), the key itself, and an Idempotency-Key if sent."""
-    return {
-        "owner": request.get(OWNER),
-        "key": request.get(API_KEY),
-        "idempotency_key": request.headers.get("Idempotency-Key"),
-    }
 
 
 def task_id_param(request: web.Request) -> str:

@@ -13,10 +13,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.accept import NotAcceptable
-from gateway.body import OFF_LOOP_BYTES, BodyTooLarge, BodyTooSlow, EncodingRefused
-from gateway.jobs import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
-from gateway.ratelimit import RateLimited
+from gateway.http.accept import NotAcceptable
+from gateway.http.body import OFF_LOOP_BYTES, BodyTooLarge, BodyTooSlow, EncodingRefused
+from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
+from gateway.http.ratelimit import RateLimited
 from schemas.storage import StoreFull, full_message
 from schemas.request import RequestInvalid
 

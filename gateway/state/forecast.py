@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from gateway.queue_view import QueueView
+from gateway.state.queue_view import QueueView
 from schemas.take_order import next_take
 from schemas.names import TIERS, Tier
 from schemas.request import refiner_steps, steps_run

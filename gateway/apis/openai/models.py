@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.mflux_api import SERVICE
-from gateway.openai_api import OPENAI_MODELS, OpenAIFailure
+from gateway.core.caller import SERVICE
+from gateway.apis.openai.images import OPENAI_MODELS, OpenAIFailure
 from schemas.http import OpenAIModel, OpenAIModelList
 
 routes = web.RouteTableDef()

@@ -1,6 +1,6 @@
 """What the gateway does with jobs, over JetStream: submit, read, cancel, fetch, delete.
 
-Handlers in `mflux_api.py` and `native_api.py` are thin translations onto these calls.
+Handlers in `gateway.apis` (`mflux.py`, `native.py`, ...) are thin translations onto these calls.
 """
 
 from __future__ import annotations
@@ -18,21 +18,23 @@ from typing import Callable, Iterable, Iterator
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
 
-from gateway import quota, ratelimit
-from gateway.ratelimit import RateLimited
-from gateway.auth import ApiKey
-from gateway.cache import ResultCache
-from gateway.direct_get import DirectReader
-from gateway.comfy_prompts import ComfyPrompts
-from gateway.event_hub import EventHub
-from gateway.forecast import EtaCache, jobs_ahead
-from gateway.fresh_images import FreshImages
-from gateway.model_views import ModelViews
-from gateway.object_read import ObjectReader
-from gateway.queue_view import QueueView
-from gateway.stream_leader import NoLeader, StreamLeaders
+from gateway.state import quota
+from gateway.http import ratelimit
+from gateway.http.ratelimit import RateLimited
+from gateway.http.auth import ApiKey
+from gateway.core.problems import BROKER_DOWN, BrokerAway, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
+from gateway.state.cache import ResultCache
+from gateway.state.direct_get import DirectReader
+from gateway.apis.comfy.prompts import ComfyPrompts
+from gateway.state.event_hub import EventHub
+from gateway.state.forecast import EtaCache, jobs_ahead
+from gateway.state.fresh_images import FreshImages
+from gateway.state.model_views import ModelViews
+from gateway.state.object_read import ObjectReader
+from gateway.state.queue_view import QueueView
+from gateway.state.stream_leader import StreamLeaders
 from gateway.settings import GatewaySettings
-from gateway.webhooks import WebhookOutbox
+from gateway.http.webhooks import WebhookOutbox
 from schemas import jobstore, names, storage, uploads
 from schemas.codec import encode
 from schemas.connect import BROKER_ERRORS, connect
@@ -61,19 +63,6 @@ def request_digest(request: GenerateRequest) -> str:
     return "sha256:" + hashlib.sha256(fields.encode()).hexdigest()
 
 
-class IdempotencyKeyReused(Exception):
-    """An Idempotency-Key sent again with another request than the one it first came with: 422, as
-    the IETF Idempotency-Key draft says."""
-
-    def __init__(self, idempotency_key: str):
-        shown = idempotency_key if len(idempotency_key) <= 80 else idempotency_key[:80] + "..."
-        super().__init__(
-            f"Idempotency-Key {shown!r} was first sent with another request; a retry must send the same body, "
-            "a new request a new key"
-        )
-        self.idempotency_key = idempotency_key
-
-
 def check_same_request(existing: JobStatus, digest: str | None, idempotency_key: str | None) -> None:
     """IdempotencyKeyReused when `existing` was queued under the key for another request than `digest`
     (a record without a fingerprint, written before they were kept, passes)."""
@@ -92,29 +81,6 @@ def redacted(request: dict, redact: bool) -> dict:
 
 DEFAULT_MODEL_KEY = "default_model"
 UNFINISHED = frozenset({JobState.QUEUED, JobState.RUNNING})
-
-
-class UnknownJob(LookupError):
-    """No job with this id (or not one this caller may see)."""
-
-
-class Forbidden(Exception):
-    """The caller's key may not do this; the text says why."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
-
-
-class NotReady(Exception):
-    """The job has no image (yet, or ever); the text says which."""
-
-
-class BrokerAway(ConnectionError):
-    """The gateway is not connected to NATS right now (it is reconnecting): answered at once, not after a timeout."""
-
-
-BROKER_DOWN = (BrokerAway, NoLeader, *BROKER_ERRORS)  # what a broker outage raises: 503 with Retry-After
 
 
 def listing_key(status: JobStatus) -> tuple[float, str]:
@@ -456,7 +422,7 @@ class JobService:
 
     async def reserve_quota(self, key: ApiKey, job_ids: list[str]) -> None:
         """Places for these jobs in the key's quota of unfinished jobs, shared by every gateway
-        (`gateway.quota`); RateLimited when they would take the key over it."""
+        (`gateway.state.quota`); RateLimited when they would take the key over it."""
         self.connected()
         self.leaders.check()  # an election under way: refused before anything is reserved
         try:

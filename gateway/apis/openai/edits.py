@@ -14,7 +14,7 @@ clients send them.
 One image only (`image` or a one-element `image[]`). The size is the image's own unless `size` names
 one (the image is then scaled and centre-cropped to it). `strength`, `seed`, `steps`, `guidance` and
 `negative_prompt` may come in `extra_body`. Answers and errors are those of
-`gateway.openai_api`, `response_format` defaulting as OpenAI's does for the model named.
+`gateway.apis.openai.images`, `response_format` defaulting as OpenAI's does for the model named.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from aiohttp.web_request import FileField
 from PIL import ImageOps
 from pydantic import BaseModel, ValidationError
 
-from gateway import forms
-from gateway.mflux_api import SERVICE
-from gateway.openai_api import answered, answer_images, bad, from_invalid, parse_size, quality_steps, resolve_model
+from gateway.http import forms
+from gateway.core.caller import SERVICE
+from gateway.apis.openai.images import answered, answer_images, bad, from_invalid, parse_size, quality_steps, resolve_model
 from schemas.http import OpenAIEditRequest, OpenAIVariationRequest
 from schemas.job import new_seed
 from schemas.request import Limits, RequestInvalid, parse_request

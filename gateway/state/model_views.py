@@ -14,8 +14,8 @@ import bisect
 import time
 from typing import Callable
 
-from gateway.forecast import EtaCache
-from gateway.queue_view import QueueView
+from gateway.state.forecast import EtaCache
+from gateway.state.queue_view import QueueView
 from schemas.names import TIERS, Tier
 from schemas.status import JobState, JobStatus
 from schemas.workers import WorkerInfo
