@@ -15,7 +15,8 @@ from gateway.apis.openai import edits as openai_edits, images as openai_api, mod
 from gateway.http import openapi
 from gateway.http.auth import KeyRing, auth_middleware
 from gateway.http.body import BodyLimits, body_middleware
-from gateway.http.http_errors import RETRY_AFTER_S, errors_middleware
+from gateway.core.problems import RETRY_AFTER_S
+from gateway.http.http_errors import errors_middleware
 from gateway.core.service import JobService
 from gateway.core.caller import SERVICE
 from gateway.http.metrics import GatewayMetrics
@@ -90,6 +91,7 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
         ],
         client_max_size=settings.body_limit_bytes,
     )
+    comfy_api.attach(jobs)
     app[SERVICE] = jobs
     app[METRICS] = metrics
     app.add_routes(mflux_api.routes)

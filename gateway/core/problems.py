@@ -5,8 +5,13 @@ Each API renders them in its own error shape.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from gateway.http.ratelimit import RateLimited
 from gateway.state.stream_leader import NoLeader
 from schemas.connect import BROKER_ERRORS
+from schemas.request import RequestInvalid, field_named_by
+from schemas.storage import StoreFull, full_message
 
 
 class IdempotencyKeyReused(Exception):
@@ -74,3 +79,51 @@ class ImageLost(LookupError):
     def __init__(self, job_id: str, why: str):
         super().__init__(f"image job {job_id}: {why}")
         self.job_id = job_id
+
+
+RETRY_AFTER_S = 2  # what a 503 asks a client to wait while the broker is away
+BROKER_AWAY_MESSAGE = "the job broker (NATS) is unavailable; retry shortly"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """One failure in no protocol's words: the HTTP status, a short code, the message, the request field
+    it is about (None when none), and the seconds a client should wait before retrying (None: no advice)."""
+
+    status: int
+    code: str
+    message: str
+    field: str | None = None
+    retry_after_s: int | None = None
+
+
+def classify(exc: BaseException) -> Problem | None:
+    """The neutral Problem for a failure the job service, the waiting, the rate limits or the broker
+    raise; None for anything else (each API's renderer handles its own failures first)."""
+    if isinstance(exc, RequestInvalid):
+        first = exc.errors[0]["field"] if exc.errors else "body"
+        return Problem(status=400, code="invalid_value", message=str(exc), field=first)
+    if isinstance(exc, UnknownJob):
+        return Problem(status=404, code="unknown_job", message=f"unknown task_id {exc.args[0]!r}" if exc.args else "unknown job")
+    if isinstance(exc, NotReady):
+        return Problem(status=404, code="not_ready", message=str(exc))
+    if isinstance(exc, Forbidden):
+        return Problem(status=403, code="forbidden", message=str(exc), field=exc.field)
+    if isinstance(exc, IdempotencyKeyReused):
+        return Problem(status=422, code="idempotency_key_reused", message=str(exc), field="Idempotency-Key")
+    if isinstance(exc, RateLimited):
+        return Problem(status=429, code="rate_limit_exceeded", message=str(exc), retry_after_s=exc.retry_after_s)
+    if isinstance(exc, JobEnded):
+        field = field_named_by(exc.reason)
+        if exc.state == "failed" and field is not None:  # the job's request was at fault: the caller's to fix
+            return Problem(status=400, code="invalid_value", message=str(exc), field=field)
+        return Problem(status=502, code=f"job_{exc.state}", message=str(exc))
+    if isinstance(exc, WaitTimedOut):
+        return Problem(status=504, code="timeout", message=str(exc))
+    if isinstance(exc, (JobLost, ImageLost)):
+        return Problem(status=502, code="job_lost" if isinstance(exc, JobLost) else "image_lost", message=str(exc))
+    if isinstance(exc, (StoreFull, *BROKER_DOWN)):
+        if (full := full_message(exc)) is not None:  # a bucket at its max_bytes answers as a broker away would
+            return Problem(status=507, code="storage_full", message=full)
+        return Problem(status=503, code="service_unavailable", message=BROKER_AWAY_MESSAGE, retry_after_s=RETRY_AFTER_S)
+    return None

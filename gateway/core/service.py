@@ -13,7 +13,7 @@ import logging
 import heapq
 import itertools
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Awaitable, Callable, Iterable, Iterator
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
@@ -25,7 +25,6 @@ from gateway.http.auth import ApiKey
 from gateway.core.problems import BROKER_DOWN, BrokerAway, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
 from gateway.state.cache import ResultCache
 from gateway.state.direct_get import DirectReader
-from gateway.apis.comfy.prompts import ComfyPrompts
 from gateway.state.event_hub import EventHub
 from gateway.state.forecast import EtaCache, jobs_ahead
 from gateway.state.fresh_images import FreshImages
@@ -91,6 +90,7 @@ def listing_key(status: JobStatus) -> tuple[float, str]:
 class JobService:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
+        self.start_hooks: list[Callable[[JobService], Awaitable[None]]] = []  # run at the end of start()
         self.view = QueueView(worker_ttl_s=settings.topology.worker_ttl_s)
         self.etas = EtaCache(self.view)
         self.model_views = ModelViews(self.view, self.etas)  # positions and ETAs among one model's jobs
@@ -136,8 +136,8 @@ class JobService:
         await self.cache.start(self.js, view=self.view, direct=self.direct, read_image=self._image_bytes)
         self.events = EventHub(self.js, self.direct)
         await self.events.start()
-        self.comfy = ComfyPrompts(ttl_s=self.settings.topology.job_ttl_s)
-        await self.comfy.start(self.js, self.view)
+        for hook in self.start_hooks:  # what an API keeps beside the jobs (ComfyUI's prompt records)
+            await hook(self)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def close(self) -> None:

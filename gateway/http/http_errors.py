@@ -15,14 +15,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.http.accept import NotAcceptable
 from gateway.http.body import OFF_LOOP_BYTES, BodyTooLarge, BodyTooSlow, EncodingRefused
-from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
-from gateway.http.ratelimit import RateLimited
-from schemas.storage import StoreFull, full_message
+from gateway.core.problems import Problem, classify
 from schemas.request import RequestInvalid
 
 log = logging.getLogger("imagegen.gateway.http")
 
-RETRY_AFTER_S = 2  # what a 503 asks a client to wait while the broker is away
 MAX_LISTED_ERRORS = 20  # a body of 100,000 unknown fields gets an answer of a readable size
 MAX_ERROR_CHARS = 300  # an 8 MB model name is not echoed back whole
 
@@ -90,16 +87,6 @@ async def errors_middleware(request: web.Request, handler):
         return invalid(exc)
     except NotAcceptable as exc:
         return web.json_response({"error": str(exc), "field": "Accept"}, status=406)
-    except UnknownJob as exc:
-        return web.json_response({"error": f"unknown task_id {exc.args[0]!r}"}, status=404)
-    except Forbidden as exc:
-        return web.json_response({"error": str(exc), "field": exc.field}, status=403)
-    except IdempotencyKeyReused as exc:
-        return web.json_response({"error": str(exc), "field": "Idempotency-Key"}, status=422)
-    except RateLimited as exc:
-        return web.json_response({"error": str(exc)}, status=429, headers={"Retry-After": str(exc.retry_after_s)})
-    except NotReady as exc:
-        return web.json_response({"error": str(exc)}, status=404)
     except web.HTTPRequestEntityTooLarge as exc:
         return web.json_response({"error": f"body too large: {exc.text}", "field": "body"}, status=413)
     except BodyTooLarge as exc:
@@ -116,18 +103,22 @@ async def errors_middleware(request: web.Request, handler):
         })
     except HttpProcessingError as exc:  # a body part's headers aiohttp refused, read by a handler
         return web.json_response({"error": f"malformed request: {clipped(' '.join(str(exc.message).split()))}", "field": "body"}, status=400)
-    except (StoreFull, *BROKER_DOWN) as exc:
-        if (full := full_message(exc)) is not None:  # a bucket at its max_bytes answers as a broker away would
-            return web.json_response({"error": full}, status=507)
-        log.warning("%s %s: broker unavailable: %s", request.method, request.path, exc)
-        return web.json_response(
-            {"error": "the job broker (NATS) is unavailable; retry shortly"}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}
-        )
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
+        if (problem := classify(exc)) is not None:
+            return rendered(problem, f"{request.method} {request.path}", exc)
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response({"error": "internal error"}, status=500)
+
+
+def rendered(problem: Problem, what: str, exc: BaseException) -> web.Response:
+    """A neutral Problem in the native shape: {"error", "field"?}, Retry-After when it advises one."""
+    if problem.status == 503:
+        log.warning("%s: broker unavailable: %s", what, exc)
+    body = {"error": problem.message} if problem.field is None else {"error": problem.message, "field": problem.field}
+    headers = None if problem.retry_after_s is None else {"Retry-After": str(problem.retry_after_s)}
+    return web.json_response(body, status=problem.status, headers=headers)
 
 
 def one_line(exc: HttpProcessingError) -> str:

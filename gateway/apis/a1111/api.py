@@ -45,10 +45,9 @@ from gateway.apis.a1111.prompt import TagProblem, loras_of
 from gateway.state.event_hub import decoded_event
 from gateway.http.body import takes_images
 from gateway.http.http_errors import read_json
-from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, ImageLost, JobEnded, JobLost, UnknownJob, WaitTimedOut
+from gateway.core.problems import Problem, UnknownJob, classify
 from gateway.core.service import UNFINISHED, JobService
 from gateway.core.caller import SERVICE, caller, owner_of
-from gateway.apis.openai.images import from_waiting
 from gateway.core.waiting import image_data, until_done
 from gateway.core.caller import tier_for
 from gateway.http.ratelimit import RateLimited
@@ -59,7 +58,6 @@ from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 from schemas.uploads import decode_upload
-from schemas.storage import StoreFull, full_message
 
 log = logging.getLogger("imagegen.gateway.a1111")
 routes = web.RouteTableDef()
@@ -501,26 +499,25 @@ async def answered(run, request: web.Request) -> web.Response:
         return await run(request)
     except A1111Failure as exc:
         return exc.response()
-    except (JobEnded, JobLost, WaitTimedOut, ImageLost) as waited:  # from the shared waiting: a failed job, a timeout
-        exc = from_waiting(waited)
-        if exc.status == 400:
-            return invalid(A1111_FIELD.get(exc.detail.param or "", exc.detail.param), str(exc)).response()
-        return A1111Failure(exc.status, str(exc)).response()
     except RequestInvalid as exc:
         return from_request_invalid(exc).response()
-    except Forbidden as exc:
-        return A1111Failure(403, str(exc)).response()
-    except IdempotencyKeyReused as exc:
-        return A1111Failure(422, str(exc)).response()
-    except RateLimited as exc:
-        return A1111Failure(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}).response()
     except web.HTTPRequestEntityTooLarge as exc:
         return A1111Failure(413, f"body too large: {exc.text}").response()
-    except (StoreFull, *BROKER_DOWN) as exc:
-        if (full := full_message(exc)) is not None:
-            return A1111Failure(507, full).response()
+    except Exception as exc:
+        if (problem := classify(exc)) is None:
+            raise
+        return from_problem(problem, exc).response()
+
+
+def from_problem(problem: Problem, exc: BaseException) -> A1111Failure:
+    """A neutral Problem in FastAPI's shape: a job that failed over a field of its request is a 422
+    naming the A1111 field; the rest keep their status, with Retry-After when advised."""
+    if problem.status == 503:
         log.warning("sdapi request: broker unavailable: %s", exc)
-        return A1111Failure(503, "the job broker (NATS) is unavailable; retry shortly", headers={"Retry-After": "2"}).response()
+    if problem.status == 400 and problem.field is not None:
+        return invalid(A1111_FIELD.get(problem.field, problem.field), problem.message)
+    headers = None if problem.retry_after_s is None else {"Retry-After": str(problem.retry_after_s)}
+    return A1111Failure(problem.status, problem.message, headers=headers)
 
 
 @routes.post("/sdapi/v1/txt2img")

@@ -36,10 +36,11 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import ImageOps
 
 from gateway.http.body import takes_images
+from gateway.apis.comfy.prompts import ComfyPrompts
 from gateway.apis.comfy.graph import SOCKET_OUTPUT, GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
 from gateway.http.forms import read_form
 from gateway.http.http_errors import read_json
-from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, UnknownJob
+from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, Problem, UnknownJob, classify
 from gateway.core.service import UNFINISHED, JobService
 from gateway.core.caller import SERVICE, caller, owner_of
 from gateway.core.caller import tier_for
@@ -52,7 +53,7 @@ from schemas.comfy import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
 from schemas.request import MAX_SEED, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
-from schemas.storage import StoreFull, full_message
+from schemas.storage import StoreFull
 from schemas.uploads import read_image, transparency
 
 log = logging.getLogger("imagegen.gateway.comfy")
@@ -85,6 +86,30 @@ def failure(status: int, kind: str, message: str, details: str = "") -> web.Resp
     return web.json_response(
         {"error": {"type": kind, "message": message, "details": details, "extra_info": {}}, "node_errors": {}}, status=status
     )
+
+
+def attach(jobs: JobService) -> None:
+    """Keeps ComfyUI's prompt records beside `jobs`: `jobs.comfy`, watched from its KV bucket once the
+    service starts."""
+    jobs.comfy = ComfyPrompts(ttl_s=jobs.settings.topology.job_ttl_s)
+
+    async def start(service: JobService) -> None:
+        await service.comfy.start(service.js, service.view)
+
+    jobs.start_hooks.append(start)
+
+
+COMFY_KIND = {403: "forbidden", 429: "rate_limited", 503: "unavailable", 507: "storage_full"}
+
+
+def from_problem(problem: Problem, what: str, exc: BaseException) -> web.Response:
+    """A neutral Problem in ComfyUI's error shape, with Retry-After when it advises one."""
+    if problem.status == 503:
+        log.warning("%s: broker unavailable: %s", what, exc)
+    response = failure(problem.status, COMFY_KIND.get(problem.status, problem.code), problem.message)
+    if problem.retry_after_s is not None:
+        response.headers["Retry-After"] = str(problem.retry_after_s)
+    return response
 
 
 def image_name(job_id: str) -> str:
@@ -139,21 +164,10 @@ async def queue_prompt(request: web.Request) -> web.Response:
             raise field_problem(read, problem["field"], problem["message"]) from None
     except GraphInvalid as exc:
         return web.json_response(exc.body(), status=400)
-    except Forbidden as exc:
-        return failure(403, "forbidden", str(exc))
     except IdempotencyKeyReused:
         return failure(400, "invalid_prompt", "prompt_id was sent before with another prompt: send another, or none", prompt_id)
-    except RateLimited as exc:
-        response = failure(429, "rate_limited", str(exc))
-        response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
-    except (StoreFull, *BROKER_DOWN) as exc:
-        if (full := full_message(exc)) is not None:
-            return failure(507, "storage_full", full)
-        log.warning("comfy prompt %s: broker unavailable: %s", prompt_id, exc)
-        response = failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
-        response.headers["Retry-After"] = "2"
-        return response
+    except (Forbidden, RateLimited, StoreFull, *BROKER_DOWN) as exc:
+        return from_problem(classify(exc), f"comfy prompt {prompt_id}", exc)
     record = ComfyPrompt(
         prompt_id=prompt_id, number=int(time.time() * 1000), client_id=client_id, owner=owner,
         job_ids=[status.job_id for status in queued], sampler_node=read.sampler, decode_node=read.decode,
@@ -278,16 +292,10 @@ async def upload_image(request: web.Request) -> web.Response:
                 limit_bytes=jobs.settings.upload_bytes_per_key, lifetime_s=jobs.settings.topology.job_ttl_s,
             )
         await jobs.store_upload(upload_object(owner, folder + name), data)
-    except RateLimited as exc:
-        response = failure(429, "rate_limited", str(exc))
-        response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
     except upload_budget.UploadBudgetSpent as exc:
         return failure(413, "upload_limit", str(exc))
-    except (StoreFull, *BROKER_DOWN) as exc:
-        if (full := full_message(exc)) is not None:
-            return failure(507, "storage_full", full)
-        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    except (RateLimited, StoreFull, *BROKER_DOWN) as exc:
+        return from_problem(classify(exc), "comfy upload", exc)
     return web.json_response({"name": name, "subfolder": subfolder, "type": "input"})
 
 

@@ -29,7 +29,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from gateway.http.http_errors import read_json
-from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, ImageLost, JobEnded, JobLost, WaitTimedOut
+from gateway.core.problems import Problem, classify
 from gateway.core.service import JobService
 from gateway.core.caller import SERVICE, caller, tier_for
 from gateway.core.waiting import image_data, until_done
@@ -37,9 +37,8 @@ from gateway.http.proxies import public_origin
 from gateway.http.ratelimit import RateLimited
 from schemas.http import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
 from schemas.job import new_seed
-from schemas.request import GenerateRequest, RequestInvalid, field_named_by, parse_request
-from schemas.status import JobState, JobStatus
-from schemas.storage import StoreFull, full_message
+from schemas.request import GenerateRequest, RequestInvalid, parse_request
+from schemas.status import JobStatus
 
 log = logging.getLogger("imagegen.gateway.openai")
 routes = web.RouteTableDef()
@@ -175,24 +174,20 @@ def build_request(ask: OpenAIImageRequest, *, width: int, height: int, model: st
         raise from_invalid(exc, steps_given=ask.steps is not None) from None
 
 
-def job_failure(job_id: str, state: str, reason: str | None) -> OpenAIFailure:
-    reason = reason or state
-    field = field_named_by(reason)
-    if state == JobState.FAILED.value and field is not None:
-        return OpenAIFailure(
-            400, f"image job {job_id} failed: {reason}", param=param_of(field, steps_given=False), code="invalid_value"
-        )
-    return OpenAIFailure(502, f"image job {job_id} {state}: {reason}", kind="server_error", code=f"job_{state}")
-
-
-def from_waiting(exc: Exception) -> OpenAIFailure:
-    """The waiting's neutral failures in OpenAI's shape: a failed job, a lost job or image, a timeout."""
-    if isinstance(exc, JobEnded):
-        return job_failure(exc.job_id, exc.state, exc.reason)
-    if isinstance(exc, WaitTimedOut):
-        return OpenAIFailure(504, str(exc), kind="server_error", code="timeout")
-    code = "job_lost" if isinstance(exc, JobLost) else "image_lost"
-    return OpenAIFailure(502, str(exc), kind="server_error", code=code)
+def from_problem(problem: Problem) -> OpenAIFailure:
+    """A neutral Problem in OpenAI's shape: the error type by status, the param for a field of the body."""
+    if problem.status == 403:
+        kind, param = "permission_error", problem.field
+    elif problem.status == 429:
+        kind, param = "rate_limit_error", None
+    elif problem.status >= 500:
+        kind, param = "server_error", None
+    else:
+        kind, param = "invalid_request_error", None
+    if problem.status == 400 and problem.field is not None:  # a job failed over a field of its request
+        param = param_of(problem.field, steps_given=False)
+    headers = None if problem.retry_after_s is None else {"Retry-After": str(problem.retry_after_s)}
+    return OpenAIFailure(problem.status, problem.message, param=param, code=problem.code, kind=kind, headers=headers)
 
 
 def default_response_format(model: str | None) -> str:
@@ -263,28 +258,16 @@ async def answered(run, request: web.Request) -> web.Response:
         return await run(request)
     except OpenAIFailure as exc:
         return exc.response()
-    except (JobEnded, JobLost, WaitTimedOut, ImageLost) as exc:
-        return from_waiting(exc).response()
     except RequestInvalid as exc:
         return from_invalid(exc, steps_given=True).response()
-    except Forbidden as exc:
-        return OpenAIFailure(403, str(exc), param=exc.field, kind="permission_error", code="forbidden").response()
-    except IdempotencyKeyReused as exc:
-        return OpenAIFailure(422, str(exc), code="idempotency_key_reused").response()
-    except RateLimited as exc:
-        return OpenAIFailure(
-            429, str(exc), kind="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)}
-        ).response()
     except web.HTTPRequestEntityTooLarge as exc:
         return OpenAIFailure(413, f"body too large: {exc.text}", code="body_too_large").response()
-    except (StoreFull, *BROKER_DOWN) as exc:
-        if (full := full_message(exc)) is not None:
-            return OpenAIFailure(507, full, kind="server_error", code="storage_full").response()
-        log.warning("images request: broker unavailable: %s", exc)
-        return OpenAIFailure(
-            503, "the job broker (NATS) is unavailable; retry shortly", kind="server_error", code="service_unavailable",
-            headers={"Retry-After": "2"},
-        ).response()
+    except Exception as exc:
+        if (problem := classify(exc)) is None:
+            raise
+        if problem.status == 503:
+            log.warning("images request: broker unavailable: %s", exc)
+        return from_problem(problem).response()
 
 
 @routes.post("/v1/images/generations")
