@@ -26,7 +26,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from PIL import Image
 
 from gpu_worker.batching import Entry, Gathering, settle as settle_entry
-from gpu_worker.engine import Engine, GenerationTask
+from gpu_worker.engines.base import Engine, GenerationTask
 from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, JobLost, Rerouted, RetryLater
 from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job

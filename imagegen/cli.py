@@ -11,7 +11,7 @@ from pathlib import Path
 from gateway.http.proxies import parse_trusted
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
-from gpu_worker.speedups import DEFAULT_BUCKETS
+from gpu_worker.engines.speedups import DEFAULT_BUCKETS
 from imagegen import __version__, event_loop
 from imagegen.logs import configure as configure_logging
 from imagegen.paths import default_data_dir
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         except (event_loop.EventLoopUnavailable, ValueError) as exc:
             parser.error(f"--event-loop (IMAGEGEN_EVENT_LOOP): {exc}")
     if getattr(args, "quantize", "none") != "none":
-        from gpu_worker.engines import resolve_device
-        from gpu_worker.quantize import refusal
+        from gpu_worker.engines.load import resolve_device
+        from gpu_worker.engines.quantize import refusal
 
         problem = refusal(args.quantize, resolve_device(args.device))
         if problem:

@@ -18,7 +18,7 @@ from gateway.app import AccessLog, create_app
 from gateway.http.connections import CappedSite, make_room
 from gateway.http.http_errors import ServerLog
 from gateway.settings import GatewaySettings
-from gpu_worker.engines import load_engine
+from gpu_worker.engines.load import load_engine
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.thermal import TemperatureSensor
 from gpu_worker.worker import Worker

@@ -552,7 +552,7 @@ async def test_lora_tags_that_cannot_apply_are_refused_by_name(service, http, pr
 
 
 async def test_a_lora_tag_applies_the_workers_adapter_and_an_unknown_one_is_refused(broker, data_dir, http, tmp_path):
-    from gpu_worker import tiny_sdxl
+    from gpu_worker.engines import tiny_sdxl
     from tests.test_engine_sdxl import build_tiny_lora
 
     base = tiny_sdxl.build_tiny_sdxl(data_dir / "models" / tiny_sdxl.TINY_SDXL)

@@ -25,7 +25,7 @@ from nats.js.errors import Error as JetStreamError
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gpu_worker.sdxl import SDXL_BASE
+from gpu_worker.engines.sdxl import SDXL_BASE
 from imagegen.cli import build_parser
 from imagegen.embedded_nats import free_port, nats_server_binary
 from schemas import names

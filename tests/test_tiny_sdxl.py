@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-from gpu_worker.tiny_sdxl import TINY_REFINER, TINY_SDXL, build_tiny_refiner, build_tiny_sdxl
+from gpu_worker.engines.tiny_sdxl import TINY_REFINER, TINY_SDXL, build_tiny_refiner, build_tiny_sdxl
 
 torch.set_num_threads(1)
 

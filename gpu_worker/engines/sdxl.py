@@ -32,9 +32,9 @@ from typing import Any
 
 from PIL import Image
 
-from gpu_worker.engine import GenerationTask, StepCallback, fit
+from gpu_worker.engines.base import GenerationTask, StepCallback, fit
 from gpu_worker.errors import JobFailed
-from gpu_worker.speedups import DEFAULT_BUCKETS
+from gpu_worker.engines.speedups import DEFAULT_BUCKETS
 from schemas.request import DEFAULT_REFINER_SPLIT, schedule_length
 
 log = logging.getLogger("imagegen.worker.sdxl")
@@ -131,12 +131,12 @@ class SdxlEngine:
         import torch
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-        from gpu_worker import speedups as sp
-        from gpu_worker.decode import DTYPE_NAMES, LatentDecoder, bf16_native, pick_decode_dtype
-        from gpu_worker.lora import LoraSet, parse_lora_specs
+        from gpu_worker.engines import speedups as sp
+        from gpu_worker.engines.decode import DTYPE_NAMES, LatentDecoder, bf16_native, pick_decode_dtype
+        from gpu_worker.engines.lora import LoraSet, parse_lora_specs
         from gpu_worker.model_hash import model_sha256
 
-        from gpu_worker.quantize import quantize_fp8, refusal
+        from gpu_worker.engines.quantize import quantize_fp8, refusal
 
         device = settings.device
         problem = refusal(settings.quantize, device)
@@ -274,7 +274,7 @@ class SdxlEngine:
     # -- planning -------------------------------------------------------------------------------
 
     def _plan(self, task: GenerationTask) -> Plan:
-        from gpu_worker.schedulers import UnknownScheduler, make_scheduler, split_steps
+        from gpu_worker.engines.schedulers import UnknownScheduler, make_scheduler, split_steps
 
         if task.use_refiner and not self.has_refiner:
             raise JobFailed("use_refiner: this worker has no refiner loaded (start it with --refiner)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from gpu_worker.engine import GenerationTask, StepCallback, fit
+from gpu_worker.engines.base import GenerationTask, StepCallback, fit
 from schemas.request import DEFAULT_REFINER_SPLIT, refiner_steps
 
 SIMULATED = "simulated"

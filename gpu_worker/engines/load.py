@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from gpu_worker.engine import Engine
+from gpu_worker.engines.base import Engine
 from gpu_worker.job_context import ContextThreadPool
 from gpu_worker.settings import WorkerSettings
-from gpu_worker.simulated import SIMULATED, SimulatedEngine
+from gpu_worker.engines.simulated import SIMULATED, SimulatedEngine
 
 log = logging.getLogger("imagegen.worker")
 
@@ -39,7 +39,7 @@ def resolve_model(model: str) -> str:
     if model != "auto":
         return model
     if cuda_available():
-        from gpu_worker.sdxl import SDXL_BASE
+        from gpu_worker.engines.sdxl import SDXL_BASE
 
         return SDXL_BASE
     log.warning("no CUDA device: serving tiny-sdxl (random weights, it draws noise); pass --model for SDXL")
@@ -57,12 +57,12 @@ def load_engine(settings: WorkerSettings) -> Engine:
             refiner_fixed_s=settings.sim_refiner_fixed_s,
             fail_marker=settings.sim_fail_marker,
         )
-    from gpu_worker.sdxl import SdxlEngine, SdxlSettings
+    from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
 
     device = resolve_device(settings.device)
     path, refiner, name = model, settings.refiner, model
     if model == TINY_SDXL:
-        from gpu_worker import tiny_sdxl
+        from gpu_worker.engines import tiny_sdxl
 
         root = Path(settings.data_dir or ".") / "models"
         path = str(tiny_sdxl.build_tiny_sdxl(root / TINY_SDXL))
