@@ -466,18 +466,14 @@ class JobService:
         overdue = [s.job_id for s in queued if s is not None and s.state is JobState.QUEUED and s.deadline and s.deadline < now]
         ended = 0
         for job_id in overdue:
-            changed = False
-
             def expire(s: JobStatus) -> JobStatus | None:
-                nonlocal changed
                 if s.state is not JobState.QUEUED:
                     return None
-                changed = True
                 s.state, s.finished_at = JobState.EXPIRED, now
                 s.error = f"expired: no worker started it within {s.deadline - s.submitted_at:.0f}s"
                 return s
 
-            status, revision = await jobstore.change_status_at(self.status_kv, job_id, expire)
+            status, revision, changed = await jobstore.change_status_at(self.status_kv, job_id, expire)
             if changed and status is not None:
                 self.view.apply(status, revision)
                 await self._event(JobEvent(type="expired", job_id=job_id, reason=status.error))
