@@ -16,7 +16,8 @@ from gateway.http.auth import socket_key
 from gateway.state.event_feed import event_json, follow
 from gateway.http.body import takes_images
 from gateway.http.http_errors import read_json
-from gateway.core.service import JobService, listing_key
+from gateway.core.records import listing_key
+from gateway.core.service import JobService
 from gateway.core.problems import NotReady, UnknownJob
 from gateway.core.caller import SERVICE, caller, owner_of
 from gateway.core.submission import group_jobs, submit_request

@@ -46,11 +46,11 @@ from gateway.state.event_hub import decoded_event
 from gateway.http.body import takes_images
 from gateway.http.http_errors import read_json
 from gateway.core.problems import Problem, UnknownJob, classify
-from gateway.core.service import UNFINISHED, JobService
+from gateway.core.records import UNFINISHED
+from gateway.core.service import JobService
 from gateway.core.caller import SERVICE, caller, owner_of
 from gateway.core.waiting import image_data, until_done
 from gateway.core.caller import tier_for
-from gateway.http.ratelimit import RateLimited
 from gateway.core.submission import group_jobs
 from imagegen import __version__
 from schemas.http import A1111Img2ImgRequest, A1111Txt2ImgRequest

@@ -41,7 +41,8 @@ from gateway.apis.comfy.graph import SOCKET_OUTPUT, GraphInvalid, SAMPLERS, SCHE
 from gateway.http.forms import read_form
 from gateway.http.http_errors import read_json
 from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, Problem, UnknownJob, classify
-from gateway.core.service import UNFINISHED, JobService
+from gateway.core.records import UNFINISHED
+from gateway.core.service import JobService
 from gateway.core.caller import SERVICE, caller, owner_of
 from gateway.core.caller import tier_for
 from gateway.http import ratelimit
