@@ -31,6 +31,8 @@ def listing_key(status: JobStatus) -> tuple[float, str]:
 
 
 class JobRecords:
+    """The jobs once queued. Uses JobService's view, buckets, readers and `_event`/`_audit`."""
+
     async def expire_overdue(self) -> int:
         """Ends queued jobs whose deadline passed as `expired` and tells their followers."""
         now = time.time()
