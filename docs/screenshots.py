@@ -9,7 +9,8 @@ Chromium (Debian's `chromium`, through Playwright) and saves PNGs:
 generating.png: a batch in progress (queue positions, ETAs, progress bars, live previews) above a
 gallery; gallery.png: the finished gallery with its download / re-run / edit actions; img2img.png: a
 gallery image taken as the init image, with strength and an inpainting mask, and the variations made
-from it.
+from it; phone.png: the page 390 px wide after a reload (the gallery is back) with a form error shown
+below its field and Generate at the bottom of the screen.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from imagegen.paths import default_data_dir
 
 MAX_BYTES = 300_000
 WAIT_MS = 180_000
-VIEWPORT = {"width": 1360, "height": 860}
+VIEWPORT = {"width": 1366, "height": 768}  # a common laptop screen: Generate must show on it
+PHONE = {"width": 390, "height": 844}
 
 
 async def generate(
@@ -150,6 +152,19 @@ async def shoot(url: str, out: Path) -> list[Path]:
         await page.wait_for_timeout(300)
         saved.append(out / "img2img.png")
         await page.screenshot(path=str(saved[-1]))
+        storage = await page.context.storage_state()  # the phone is the same browser: its recent images come back
+
+        phone_context = await browser.new_context(viewport=PHONE, is_mobile=True, storage_state=storage)
+        phone = await phone_context.new_page()
+        phone.set_default_timeout(WAIT_MS)
+        await phone.goto(f"{url}/")
+        await expect(phone.locator("#model")).to_have_text("tiny-sdxl", timeout=WAIT_MS)
+        await wait_gallery(phone, 9)
+        await generate(phone, "a lighthouse at dawn", steps="500")
+        await expect(phone.locator(".field-error")).to_be_in_viewport()
+        await phone.wait_for_timeout(600)  # the smooth scroll to the field
+        saved.append(out / "phone.png")
+        await phone.screenshot(path=str(saved[-1]))
         await browser.close()
     for path in saved:
         shrink(path)

@@ -22,7 +22,7 @@ from gateway.core.caller import SERVICE
 from gateway.http.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.http.webhooks import WebhookSender
-from imagegen import __version__
+from schemas.version import __version__
 
 log = logging.getLogger("imagegen.gateway")
 STATIC = Path(__file__).parent / "static"
@@ -120,8 +120,8 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
         )
         await webhooks.start()
         log.info(
-            "gateway ready on http://%s:%d (nats %s, auth %s)",
-            settings.host, settings.port, settings.nats_url, f"on, {len(keys.keys)} keys" if keys.enabled else "off",
+            "gateway connected (nats %s, auth %s)",
+            settings.nats_url, f"on, {len(keys.keys)} keys" if keys.enabled else "off",
         )
         yield
         await webhooks.close()

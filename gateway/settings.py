@@ -38,6 +38,8 @@ class GatewaySettings:
     trust_proxy: tuple[str, ...] = ()  # proxies (addresses, networks, or "*") whose X-Forwarded-Proto/-Host are believed
     comfy_previews: bool = False  # ComfyUI's /ws sends live previews to every prompt, as ComfyUI with a preview method on
     cache_scope: str = "key"  # result cache entries: each API key's own (key), or shared by all keys (global)
+    access_log: bool = False  # one log line per HTTP request (a browser's page polls make many)
+    audit_log: bool = False  # echo each audit record (JSON, with the prompt unless redacted) to the log too
     upload_bytes_per_key: int = 128 << 20  # bytes of uploaded images (POST /upload/image) each API key may keep
 
     def __post_init__(self) -> None:

@@ -31,6 +31,7 @@ class WorkerSettings:
     vae_dtype: str = "auto"  # auto: bf16 for a float16 model (fp32 without bf16), fp32 on CPU
     vae_tiling: str = "auto"  # auto: tiled decode above 1536x1536 pixels; on; off
     loras: tuple[str, ...] = ()  # LoRA adapters loaded at start, NAME=FOLDER|FILE|HUB_ID each
+    controlnets: tuple[str, ...] = ()  # ControlNets loaded at start, NAME=FOLDER|HUB_ID|tiny-controlnet each
     offload: bool = False  # model CPU offload: for GPUs too small to hold the pipeline (slower)
     channels_last: str = "auto"  # auto, on, off; auto: on with CUDA
     fuse_qkv: str = "auto"  # fused QKV projections; auto: on with CUDA unless LoRAs are loaded

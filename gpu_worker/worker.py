@@ -39,13 +39,14 @@ from gpu_worker.safety import SafetyStage, load_safety
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speed import SpeedMeter, StepStamps
 from gpu_worker.thermal import TemperatureGuard, TemperatureSensor, temperature_guard
-from imagegen import __version__
+from schemas.version import __version__
 from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode, encode
 from schemas.connect import connect
 from schemas.events import JobEvent
 from schemas.jetstream import MAX_BYTES_FLAG, ensure_model_lanes, ensure_topology
 from schemas.job import JobEnvelope
+from schemas.plan import expand, is_plan, sizes, stage_parts, total_steps
 from schemas.request import RequestInvalid, limit_problems, steps_run
 from schemas.status import ImageRef, JobState, JobStatus
 from schemas.storage import StoreFull, is_full
@@ -70,6 +71,8 @@ class RunningJob:
     total: int = 0
     record: tuple[JobStatus, int] | None = None  # the status record as last read or written, and its revision
     marking: asyncio.Future | None = None  # the write that marks the job running, while it is under way
+    parts: list[tuple[int, float, bool]] = field(default_factory=list)  # a plan's sample stages: (steps, mpx, refiner)
+    final_mpx: float = 0.0  # a plan's output size
     batch: int = 1  # images in the engine call that made this job's (above 1: taken together with others)
     checked_at: float = field(default_factory=time.monotonic)  # when the record last said this try holds the job
     lost: str | None = None  # why this try no longer holds the job (another try took it over)
@@ -273,6 +276,7 @@ class Worker:
             fairness=self.settings.fairness,
             version=__version__,
             loras=list(self.engine.lora_names),
+            controlnets=list(getattr(self.engine, "controlnet_names", ())),
             model_sha256=getattr(self.engine, "model_sha256", None),
         )
 
@@ -457,7 +461,7 @@ class Worker:
 
     async def _admit(self, envelope: JobEnvelope, msg: Msg, attempt: int) -> tuple | None:
         """Checks the job may run here and now, reads (or writes) its record and fetches its inputs:
-        (the running job, its record, the record's revision, init image, mask image), None when it is
+        (the running job, its record, the record's revision, init, mask and control image), None when it is
         done already; raises the outcome (expired, cancelled, failed, rerouted) otherwise."""
         job_id = envelope.job_id
         request = envelope.request
@@ -465,10 +469,14 @@ class Worker:
             raise JobExpired()
         if request.model and request.model != self.engine.name:
             await self._reroute(envelope, msg)
-        if request.use_refiner and not self.engine.has_refiner:
-            raise JobFailed("use_refiner: no refiner is loaded on this worker")
         schedule = request.steps or self.engine.default_steps
-        steps = steps_run(schedule, request.strength) if envelope.init_image else schedule  # the steps that run
+        stages = tuple(expand(request, default_steps=schedule, refiner_split=self.settings.refiner_split)) if is_plan(request) else ()
+        if (any(getattr(s, "model", "") == "refiner" for s in stages) or request.use_refiner) and not self.engine.has_refiner:
+            raise JobFailed(f"{'stages' if stages else 'use_refiner'}: no refiner is loaded on this worker")
+        if stages:
+            steps = total_steps(list(stages), schedule, from_image=envelope.init_image is not None, strength=request.strength)
+        else:
+            steps = steps_run(schedule, request.strength) if envelope.init_image else schedule  # the steps that run
         status, revision = await self._read_status(job_id)
         if status is None:  # published straight onto NATS: this worker writes the first record
             status = envelope.queued_status()
@@ -484,14 +492,21 @@ class Worker:
             )
         try:
             init_image, mask_image = await uploads.fetch_inputs(self.uploads, envelope, self.settings.limits)
+            control_image = await uploads.fetch_control(self.uploads, envelope, self.settings.limits) if stages else None
         except RequestInvalid as exc:
             raise JobFailed(str(exc)) from None
         job = RunningJob(envelope=envelope, msg=msg, attempt=attempt, total=steps)
+        if stages:
+            job.parts = stage_parts(list(stages), request.width, request.height, schedule,
+                                    from_image=envelope.init_image is not None, strength=request.strength)
+            width, height = sizes(list(stages), request.width, request.height)[-1]
+            job.final_mpx = width * height / 1e6
         self.running[job_id] = job
-        return job, status, revision, init_image, mask_image
+        return job, status, revision, init_image, mask_image, control_image
 
     async def _start(
-        self, job: RunningJob, status: JobStatus, revision: int, init_image: Image.Image | None, mask_image: Image.Image | None
+        self, job: RunningJob, status: JobStatus, revision: int, init_image: Image.Image | None,
+        mask_image: Image.Image | None, control_image: Image.Image | None,
     ) -> tuple[tuple, float] | None:
         """Marks the job running and runs the engine meanwhile: (what the engine made, when it started),
         None when another run finished the job meanwhile; raises when it was cancelled or expired."""
@@ -517,7 +532,7 @@ class Worker:
         ))
         await self._event(JobEvent(type="started", job_id=job_id, worker=self.worker_id, attempt=attempt, total=steps))
         log.info("job %s try %d running", job_id, attempt)  # every run, logged here even when its events are lost
-        task = self._task(envelope, init_image=init_image, mask_image=mask_image)
+        task = self._task(envelope, init_image=init_image, mask_image=mask_image, control_image=control_image)
         job.stamps.refiner_steps = self.engine.refiner_steps(task)
         gen_started = time.monotonic()
         generating = self._generating(job, task, request.format, request.quality)
@@ -589,12 +604,17 @@ class Worker:
         total_s = time.monotonic() - gen_started
         timings = {"steps_s": steps_done - gen_started, "encode_s": encoded - steps_done, "total_s": total_s}
         await self._event(JobEvent(type="done", job_id=job_id, image=ref, timings=timings, worker=self.worker_id))
-        if job.batch == 1:  # the speed model (queued jobs' ETAs) learns from jobs run alone
+        if job.batch == 1 and not job.parts:  # the speed model (queued jobs' ETAs) learns from one-pass jobs run alone
             self.meter.record(mpx=request.pixels / 1e6, decode_s=timings["encode_s"], total_s=total_s, **job.stamps.timings(job.total, gen_started, steps_done))
         self.jobs_done += 1
 
-    def _task(self, envelope: JobEnvelope, *, init_image: Image.Image | None = None, mask_image: Image.Image | None = None) -> GenerationTask:
+    def _task(
+        self, envelope: JobEnvelope, *, init_image: Image.Image | None = None, mask_image: Image.Image | None = None,
+        control_image: Image.Image | None = None,
+    ) -> GenerationTask:
         request = envelope.request
+        schedule = request.steps or self.engine.default_steps
+        stages = tuple(expand(request, default_steps=schedule, refiner_split=self.settings.refiner_split)) if is_plan(request) else ()
         return GenerationTask(
             job_id=envelope.job_id,
             prompt=request.prompt,
@@ -612,6 +632,8 @@ class Worker:
             mask_image=mask_image,
             strength=request.strength,
             eta=request.eta,
+            stages=stages,
+            control_image=control_image,
         )
 
     def _make_image(
@@ -771,6 +793,22 @@ class Worker:
         elapsed = now - job.started
         request = job.envelope.request
         speed, refiner, first = self.meter.model, job.stamps.refiner_steps, job.stamps.first
+        if job.parts:  # a plan: each stage costed at its own size, scaled by the first stage's measured steps
+            first_steps, first_mpx, _ = job.parts[0]
+            if 1 < step <= first_steps and first:
+                job.base_step_s = (now - first) / (step - 1)
+            modelled = speed.step_s + speed.step_s_per_mpx * first_mpx
+            scale = job.base_step_s / modelled if job.base_step_s and modelled > 0 else 1.0
+            eta = speed.plan_left_s(job.parts, step=step, final_mpx=job.final_mpx, scale=scale)
+            if not job.base_step_s:
+                eta = max(0.0, speed.plan_left_s(job.parts, step=0, final_mpx=job.final_mpx) - elapsed)
+            asyncio.ensure_future(self._event(JobEvent(
+                type="progress", job_id=job.envelope.job_id, ts=ts, step=step, total=total, elapsed_s=elapsed, eta_s=eta
+            )))
+            if now - job.last_status_write >= self.settings.progress_write_s and step < total:
+                job.last_status_write = now
+                asyncio.ensure_future(self._write_step(job, step, job.base_step_s))
+            return
         if 1 < step <= total - refiner and first:  # the base's steps so far tell its step time
             job.base_step_s = (now - first) / (step - 1)
         step_s = job.base_step_s

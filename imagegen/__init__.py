@@ -1,3 +1,5 @@
 """imagegen: SDXL image generation over NATS JetStream. The CLI and the client live here."""
 
-__version__ = "0.1.0"
+from schemas.version import __version__
+
+__all__ = ["__version__"]

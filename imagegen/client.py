@@ -38,6 +38,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+import yarl
 from PIL import Image
 
 from schemas import jobstore, names, uploads
@@ -142,11 +143,43 @@ def open_image(data: bytes) -> Image.Image:
 # -- transports: the same five calls over HTTP or over NATS ------------------------------------------
 
 
+def gateway_url(text: str) -> str:
+    """A gateway address as given ("127.0.0.1:4030", "http://host:4030/") as the base URL the calls
+    are joined to; http:// when no scheme is given. Raises ValueError saying what is wrong."""
+    given = text.strip()
+    if "://" not in given:
+        given = f"http://{given}"
+    try:
+        url = yarl.URL(given)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a URL ({exc}); expected http://HOST:PORT, e.g. http://127.0.0.1:4030") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"{text!r}: expected an http:// or https:// address, e.g. http://127.0.0.1:4030")
+    if not url.host:
+        raise ValueError(f"{text!r} names no host; expected http://HOST:PORT, e.g. http://127.0.0.1:4030")
+    return str(url).rstrip("/")
+
+
+def unreachable(url: str, exc: aiohttp.ClientConnectionError) -> str:
+    """One line for a gateway that cannot be reached, with the likely cause."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        why = f"no host named {exc.host!r}"
+    elif isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError):
+        why = "nothing listens there"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        why = exc.os_error.strerror or type(exc.os_error).__name__
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        why = "it closed the connection"
+    else:
+        why = str(exc) or type(exc).__name__
+    return f"cannot reach the gateway at {url}: {why}; is `imagegen up` running, and on that address?"
+
+
 class HttpTransport:
     """A gateway's native API: /v1/jobs, its WebSocket, and polling when the WebSocket cannot be had."""
 
     def __init__(self, url: str, *, api_key: str | None, poll_s: float, request_timeout_s: float, websocket: bool):
-        self.url = url.rstrip("/")
+        self.url = gateway_url(url)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.poll_s = poll_s
         self.timeout = aiohttp.ClientTimeout(total=request_timeout_s)
@@ -166,7 +199,7 @@ class HttpTransport:
             response = await self._session().request(method, url, timeout=self.timeout, **kw)
             await response.read()
         except aiohttp.ClientConnectionError as exc:
-            raise ImagegenError(f"cannot reach the gateway at {self.url}: {exc}") from None
+            raise ImagegenError(unreachable(self.url, exc)) from None
         except asyncio.TimeoutError:
             raise ImagegenError(f"the gateway at {self.url} did not answer in time") from None
         if response.status >= 400:
@@ -184,7 +217,16 @@ class HttpTransport:
         return await response.json(content_type=None)
 
     async def submit(self, body: dict[str, Any]) -> list[str]:
-        view = await self._json("POST", f"{self.url}/v1/jobs", json=body)
+        try:
+            view = await self._json("POST", f"{self.url}/v1/jobs", json=body)
+        except ImagegenError as exc:
+            if exc.status == 404:  # every gateway has POST /v1/jobs: this address is not a gateway's root
+                raise ImagegenError(
+                    f"no imagegen gateway at {self.url} (POST /v1/jobs there: 404 Not Found); give the gateway's "
+                    "own address, without /api or /v1, e.g. http://127.0.0.1:4030",
+                    status=404,
+                ) from None
+            raise
         return view.get("job_ids") or [view["job_id"]]
 
     async def status(self, job_id: str) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """`imagegen generate "a prompt" -o out.png`: submits through the client, shows progress with the ETA,
 saves the image. `--init-image` makes it image-to-image (`--strength`), `--mask-image` inpainting, and
-`-n 3` three images with seeds seed, seed+1, seed+2 (out.png, out-2.png, out-3.png). Ctrl-C cancels."""
+`-n 3` three images with seeds seed, seed+1, seed+2 (out.png, out-2.png, out-3.png). Ctrl-C cancels.
+Every error is one line on stderr; exit status 2 for what the caller can fix (the address, a flag, a
+request the gateway refuses), 1 when a job fails or the service does, 130 on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 from imagegen.client import AsyncClient, ImagegenError, JobFailed, Progress
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 
 
 def bar(step: int, total: int, eta: float | None, width: int = 30) -> str:
@@ -29,25 +32,51 @@ def show(progress: Progress) -> None:
         print(bar(progress.step, progress.total, progress.eta_s), end="", file=sys.stderr, flush=True)
 
 
-async def generate(args: argparse.Namespace) -> int:
-    output = Path(args.output)
+def outputs_of(args: argparse.Namespace) -> tuple[list[Path], str]:
+    """The files to write (OUTPUT, OUTPUT-2, ...) and the format; raises ValueError naming the flag."""
+    chosen = args.format.upper() if getattr(args, "format", None) else None
+    if args.output is None:
+        output = Path(f"out{EXTENSIONS[chosen or 'PNG']}")
+    else:
+        output = Path(args.output)
     fmt = FORMATS.get(output.suffix.lower())
-    if fmt is None:
-        print(f"error: output: unknown extension {output.suffix!r}; use .png, .jpg or .webp", file=sys.stderr)
-        return 2
+    if fmt is None and chosen is None:
+        raise ValueError(f"-o {output}: unknown extension {output.suffix!r}; use .png, .jpg or .webp, or pass --format")
+    if fmt is not None and chosen is not None and fmt != chosen:
+        raise ValueError(f"-o {output} is a {fmt} file name but --format is {chosen}; change one")
     n = getattr(args, "n", 1) or 1
-    outputs = [output] + [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(2, n + 1)]
-    async with AsyncClient(args.url, api_key=args.api_key) as client:
+    return [output] + [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(2, n + 1)], fmt or chosen
+
+
+def refused(exc: ImagegenError) -> int:
+    """Exit status for an error before any job ran: 2 for what the caller can fix (a bad address or
+    flag, a request the gateway refuses), 1 for the service's own trouble (5xx)."""
+    return 1 if exc.status is not None and exc.status >= 500 else 2
+
+
+async def generate(args: argparse.Namespace) -> int:
+    try:
+        outputs, fmt = outputs_of(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        client = AsyncClient(args.url, api_key=args.api_key)
+    except ValueError as exc:
+        print(f"error: --url {exc}", file=sys.stderr)
+        return 2
+    async with client:
         try:
             job_ids = await client.submit_many(
-                args.prompt, n=n, width=args.width, height=args.height, steps=args.steps, seed=args.seed,
+                args.prompt, n=len(outputs), width=args.width, height=args.height, steps=args.steps, seed=args.seed,
                 negative_prompt=args.negative_prompt or None, format=fmt, init_image=getattr(args, "init_image", None),
                 mask_image=getattr(args, "mask_image", None), strength=getattr(args, "strength", None),
                 model=getattr(args, "model", None), tier=getattr(args, "tier", None),
+                guidance=getattr(args, "guidance", None), scheduler=getattr(args, "scheduler", None),
             )
         except ImagegenError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return refused(exc)
         listed = ", ".join(job_ids)
         print(f"job {listed}", file=sys.stderr)
         try:

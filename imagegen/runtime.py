@@ -11,18 +11,15 @@ import logging
 import signal
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
-from gateway.app import AccessLog, create_app
-from gateway.http.connections import CappedSite, make_room
-from gateway.http.http_errors import ServerLog
-from gateway.settings import GatewaySettings
-from gpu_worker.engines.load import load_engine
-from gpu_worker.settings import WorkerSettings
-from gpu_worker.thermal import TemperatureSensor
-from gpu_worker.worker import Worker
 from imagegen import event_loop
+
+if TYPE_CHECKING:  # each part is imported where it starts: `imagegen worker` loads no gateway module, and back
+    from gateway.settings import GatewaySettings
+    from gpu_worker.settings import WorkerSettings
+    from gpu_worker.thermal import TemperatureSensor
+    from gpu_worker.worker import Worker
 
 log = logging.getLogger("imagegen")
 BACKLOG = 1024  # connections the kernel queues before accept(): a burst past it is reset, not answered 503
@@ -31,7 +28,7 @@ LINGER_S = 2.0  # after answering a body refused unread (413, 408), how long its
 
 @dataclass
 class RunningGateway:
-    runner: web.AppRunner
+    runner: Any  # aiohttp's web.AppRunner
     port: int
 
     async def stop(self) -> None:
@@ -39,9 +36,16 @@ class RunningGateway:
 
 
 async def start_gateway(settings: GatewaySettings) -> RunningGateway:
+    from aiohttp import web
+
+    from gateway.app import AccessLog, create_app
+    from gateway.http.connections import CappedSite, make_room
+    from gateway.http.http_errors import ServerLog
+
     app = create_app(settings)
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=30, access_log_class=AccessLog, logger=ServerLog(),
+        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         auto_decompress=False,  # the body middleware inflates, in bounded steps up to the route's cap
         lingering_time=LINGER_S,
         keepalive_timeout=settings.header_timeout_s,  # from the connection's start and after each answer
@@ -58,6 +62,9 @@ async def start_worker(
     settings: WorkerSettings, *, warm_up: bool = True, sensor: TemperatureSensor | None = None
 ) -> tuple[Worker, asyncio.Task]:
     """Loads the engine, warms it up and starts serving; `sensor` replaces NVML for the temperature guard."""
+    from gpu_worker.engines.load import load_engine
+    from gpu_worker.worker import Worker
+
     engine = await asyncio.get_running_loop().run_in_executor(None, load_engine, settings)
     worker = Worker(settings, engine, sensor=sensor)
     if warm_up:

@@ -57,6 +57,7 @@ class GroupPlan:
                 placement=Placement(
                     init_image=stored.get("init_image"),
                     mask_image=stored.get("mask_image"),
+                    control_image=stored.get("control_image"),
                     group_id=self.group_id,
                     group_index=i,
                     group_size=n,

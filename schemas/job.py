@@ -8,6 +8,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.names import Tier, jobs_subject
+from schemas.plan import control_image_text
 from schemas.request import MAX_IMAGES, GenerateRequest
 from schemas.status import JobStatus, UploadRef
 
@@ -38,6 +39,9 @@ class Placement(BaseModel):
         None, description="Image-to-image: the init image, an object in object store imagegen-uploads."
     )
     mask_image: UploadRef | None = Field(None, description="Inpainting: the mask, an object in imagegen-uploads.")
+    control_image: UploadRef | None = Field(
+        None, description="A plan's ControlNet stages: the control image, an object in imagegen-uploads (as init images travel)."
+    )
     group_id: str | None = Field(
         None, min_length=8, max_length=60, pattern=r"^[A-Za-z0-9_-]+$", description="The request of n images this job belongs to."
     )
@@ -47,7 +51,8 @@ class Placement(BaseModel):
     @property
     def uploads(self) -> dict[str, UploadRef]:
         """The stored images, by request field."""
-        return {name: ref for name, ref in (("init_image", self.init_image), ("mask_image", self.mask_image)) if ref is not None}
+        pairs = (("init_image", self.init_image), ("mask_image", self.mask_image), ("control_image", self.control_image))
+        return {name: ref for name, ref in pairs if ref is not None}
 
     @model_validator(mode="after")
     def _consistent(self) -> "Placement":
@@ -61,7 +66,7 @@ class Placement(BaseModel):
     def of(cls, status: JobStatus) -> "Placement":
         """The placement a job's record holds."""
         return cls(
-            init_image=status.init_image, mask_image=status.mask_image, group_id=status.group_id,
+            init_image=status.init_image, mask_image=status.mask_image, control_image=status.control_image, group_id=status.group_id,
             group_index=status.group_index, group_size=status.group_size,
         )
 
@@ -86,6 +91,11 @@ class JobEnvelope(Placement):
             raise ValueError(
                 "images travel through object store imagegen-uploads: store them there and set the job's "
                 "init_image / mask_image references, not the request's base64 fields"
+            )
+        if control_image_text(self.request) is not None:
+            raise ValueError(
+                "controlnet: the control image travels through object store imagegen-uploads: store it there and set the "
+                "job's control_image reference, not the request's base64 field"
             )
         if self.request.n != 1:
             raise ValueError(
@@ -134,6 +144,7 @@ class JobEnvelope(Placement):
             deadline=self.deadline,
             init_image=self.init_image,
             mask_image=self.mask_image,
+            control_image=self.control_image,
             group_id=self.group_id,
             group_index=self.group_index,
             group_size=self.group_size,

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from schemas.names import Tier
+from schemas.plan import ControlNetUnit, HiresFix, Stage, plan_problems
 
 MAX_SEED = 2**63 - 1
 MAX_WEBHOOK_CHARS = 2048
@@ -40,6 +41,19 @@ MAX_IMAGES = 64
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 4.0
 LORA_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+RANDOM_SEED = -1
+"""A seed of -1 (or "-1") asks for a random one, as in AUTOMATIC1111: the same as no seed."""
+
+
+def is_random_seed(value: Any) -> bool:
+    """Whether a request's seed value is -1, as a number or as text."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return value.strip() == str(RANDOM_SEED)
+    return isinstance(value, (int, float)) and value == RANDOM_SEED
 
 
 def json_kind(value: Any) -> str:
@@ -96,6 +110,7 @@ class Limits:
     max_prompt_chars: int = 2000
     max_images: int = 8  # most images (`n`) one request may ask for
     max_upload_bytes: int = 8 * 1024 * 1024  # largest init or mask image, in bytes as decoded
+    max_stages: int = 4  # most stages in one job's plan (schemas.plan)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_images <= MAX_IMAGES:
@@ -134,7 +149,9 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(description="What to draw.")
     negative_prompt: str = Field("", description="What not to draw.")
     seed: int | None = Field(
-        None, description="Seed; a number or a string of digits. The server picks one when absent."
+        None,
+        description="Seed; a number or a string of digits. The server picks one when absent or -1 "
+        "(AUTOMATIC1111's way of asking for a random seed).",
     )
     width: JsonInt = Field(1024, description="Image width in pixels, a multiple of 8.")
     height: JsonInt = Field(1024, description="Image height in pixels, a multiple of 8.")
@@ -192,6 +209,14 @@ class GenerateRequest(BaseModel):
         description="How many images: one job each, with seeds seed, seed+1, ..., grouped under one group id; at most "
         "the server's limit (8 unless configured).",
     )
+    stages: list[Stage] | None = Field(
+        None,
+        min_length=1,
+        description="A plan: stages run in order in one job (sample, upscale; see docs/workflows.md). Absent: one sample "
+        "stage (two with use_refiner).",
+    )
+    hires: HiresFix | None = Field(None, description="Hires fix: after the first pass, upscale and denoise again part-way.")
+    controlnet: ControlNetUnit | None = Field(None, description="A ControlNet guiding the first sample stage.")
     timeout_s: JsonFloat | None = Field(
         None, gt=0, le=7 * 24 * 3600, description="Give up if no worker has started the job after this many seconds."
     )
@@ -225,12 +250,14 @@ class GenerateRequest(BaseModel):
     def _seed_from_string(cls, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("must be a whole number or a string of digits")
+        if is_random_seed(value):
+            return None
         if isinstance(value, str):
             text = value.strip()
             if not text:
                 return None
             if not text.isdigit():
-                raise ValueError(f"must be a whole number or a string of digits, got {value!r}")
+                raise ValueError(f"must be a whole number or a string of digits (-1: random), got {value!r}")
             return int(text)
         if isinstance(value, float):
             if not value.is_integer():
@@ -242,7 +269,7 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _seed_range(cls, value: int | None) -> int | None:
         if value is not None and not 0 <= value <= MAX_SEED:
-            raise ValueError(f"must be between 0 and {MAX_SEED}")
+            raise ValueError(f"must be between 0 and {MAX_SEED}, or -1 for a random seed")
         return value
 
     @field_validator("format", mode="before")
@@ -323,6 +350,13 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"seed + n - 1 must not exceed {MAX_SEED}")
         return value
 
+    @field_validator("hires")
+    @classmethod
+    def _hires_alone(cls, value: HiresFix | None, info: ValidationInfo) -> HiresFix | None:
+        if value is not None and info.data.get("stages"):
+            raise ValueError("stages already name every stage: put the hires fix in them")
+        return value
+
     @property
     def effective_tier(self) -> Tier:
         if self.tier is not None:
@@ -364,6 +398,13 @@ def field_named_by(reason: str | None) -> str | None:
     return field if field in GenerateRequest.model_fields else None
 
 
+def budget_text(max_pixels: int) -> str:
+    """A pixel budget as a person reads it: '2048x2048 (4194304 pixels)'."""
+    side = math.isqrt(max_pixels)
+    square = f"{side}x{side}" if side * side == max_pixels else f"about {side}x{side}"
+    return f"{square} ({max_pixels} pixels)"
+
+
 def limit_problems(request: GenerateRequest, limits: Limits) -> list[dict[str, str]]:
     """The configured limits a valid-looking request breaks, one entry per field."""
     problems: list[dict[str, str]] = []
@@ -382,11 +423,13 @@ def limit_problems(request: GenerateRequest, limits: Limits) -> list[dict[str, s
         problems.append(
             {
                 "field": "width",
-                "message": f"{request.width}x{request.height} exceeds the pixel budget of {limits.max_pixels} pixels",
+                "message": f"{request.width}x{request.height} (width x height) is over the pixel budget of "
+                f"{budget_text(limits.max_pixels)}; make width or height smaller",
             }
         )
     if request.steps is not None and not 1 <= request.steps <= limits.max_steps:
         problems.append({"field": "steps", "message": f"must be between 1 and {limits.max_steps}, got {request.steps}"})
+    problems += plan_problems(request, limits)
     if request.n > limits.max_images:
         problems.append({"field": "n", "message": f"must be between 1 and {limits.max_images}, got {request.n}"})
     return problems

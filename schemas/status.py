@@ -81,6 +81,7 @@ class JobStatus(BaseModel):
     )
     init_image: UploadRef | None = Field(None, description="Image-to-image: the uploaded init image.")
     mask_image: UploadRef | None = Field(None, description="Inpainting: the uploaded mask.")
+    control_image: UploadRef | None = Field(None, description="A plan's ControlNet stages: the uploaded control image.")
     group_id: str | None = Field(None, description="The request of n images this job belongs to (n > 1).")
     group_index: int = Field(0, description="This job's place in its group: seed = first seed + group_index.")
     group_size: int = Field(1, description="Jobs in the group (the request's n).")

@@ -1,4 +1,5 @@
-"""Images a request brings along: image-to-image's init image and inpainting's mask.
+"""Images a request brings along: image-to-image's init image, inpainting's mask, a plan's ControlNet
+control image.
 
 They arrive as base64 or a `data:image/...;base64,` URL (as mflux-server takes `init_image`), and each
 must decode, be a PNG, JPEG or WEBP picture (only those decoders run: an ICO or TIFF may hold a bomb that
@@ -28,11 +29,12 @@ from schemas import jobstore
 from schemas.job import JobEnvelope, group_job_ids
 from schemas.jetstream import MAX_BYTES_FLAG
 from schemas.names import UPLOADS_BUCKET
+from schemas.plan import control_image_text, controlnet_names, without_control_image
 from schemas.request import GenerateRequest, Limits, RequestInvalid, limit_problems
 from schemas.status import JobStatus, UploadRef
 from schemas.storage import StoreFull, is_full
 
-OBJECT_SUFFIX = {"init_image": "init", "mask_image": "mask"}
+OBJECT_SUFFIX = {"init_image": "init", "mask_image": "mask", "control_image": "control"}
 DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 BASE64_SLACK = 1.05  # base64 text may carry line breaks (MIME: one per 76 characters) and a data: prefix
 FORMATS = ("PNG", "JPEG", "WEBP")  # the only decoders an upload meets
@@ -177,10 +179,11 @@ class Prepared:
     request: GenerateRequest
     init: Upload | None = None
     mask: Upload | None = None
+    control: Upload | None = None
 
     @property
     def uploads(self) -> list[Upload]:
-        return [u for u in (self.init, self.mask) if u is not None]
+        return [u for u in (self.init, self.mask, self.control) if u is not None]
 
 
 def prepare(request: GenerateRequest, limits: Limits) -> Prepared:
@@ -188,8 +191,15 @@ def prepare(request: GenerateRequest, limits: Limits) -> Prepared:
     its size taken from the init image when it gave none; RequestInvalid naming width or height when
     that size is over the limits. (A mask without an init image never gets here: GenerateRequest
     refuses it.) Decoding is CPU work: call it in a thread from an event loop."""
+    control = None
+    if controlnet_names(request) and control_image_text(request) is None:
+        raise problem("stages" if request.stages else "controlnet", "a ControlNet needs a control image: send it as base64 in the unit's image")
+    if (text := control_image_text(request)) is not None:
+        checked = decode_upload("controlnet", text, limits)
+        control = Upload(field="control_image", data=checked.data, image=checked.image)
+        request = without_control_image(request)
     if request.init_image is None:
-        return Prepared(request=request)
+        return Prepared(request=request, control=control)
     init = decode_upload("init_image", request.init_image, limits)
     mask = decode_upload("mask_image", request.mask_image, limits) if request.mask_image is not None else None
     if mask is not None:
@@ -201,7 +211,7 @@ def prepare(request: GenerateRequest, limits: Limits) -> Prepared:
         note = f" (the size follows the init image's {init.image.width}x{init.image.height})" if fitted else ""
         sized = ("width", "height")
         raise RequestInvalid([{**p, "message": p["message"] + (note if p["field"] in sized else "")} for p in problems])
-    return Prepared(request=prepared, init=init, mask=mask)
+    return Prepared(request=prepared, init=init, mask=mask, control=control)
 
 
 def object_name(prefix: str, field: str) -> str:
@@ -254,6 +264,13 @@ async def fetch_inputs(obs: Any, envelope: JobEnvelope, limits: Limits) -> tuple
     return init, mask
 
 
+async def fetch_control(obs: Any, envelope: JobEnvelope, limits: Limits) -> Image.Image | None:
+    """The control image a job's ControlNet stages read, if it has one."""
+    if envelope.control_image is None:
+        return None
+    return await fetch(obs, envelope.control_image, "control_image", limits)
+
+
 async def delete(obs: Any, names: list[str]) -> None:
     """Removes uploads; one already gone is no error."""
     from nats.js.errors import NotFoundError, ObjectNotFoundError
@@ -269,11 +286,12 @@ async def release(kv: Any, obs: Any, status: JobStatus) -> None:
     """Removes the uploads of a job being deleted (after its tombstone is written), unless another job
     of its group that is not deleted still reads them. Uploads of jobs never deleted expire with the
     bucket's TTL, the same as status records."""
-    stored = [ref.name for ref in (status.init_image, status.mask_image) if ref is not None]
+    stored = [ref.name for ref in (status.init_image, status.mask_image, status.control_image) if ref is not None]
     if not stored:
         return
     for sibling in group_job_ids(status.group_id, status.group_size) if status.group_id else []:
         other = await jobstore.read_status(kv, sibling) if sibling != status.job_id else None
-        if other is not None and not other.deleted and other.init_image is not None and other.init_image.name in stored:
+        shared = [ref for ref in (other.init_image, other.control_image) if ref is not None] if other is not None else []
+        if other is not None and not other.deleted and any(ref.name in stored for ref in shared):
             return
     await delete(obs, stored)

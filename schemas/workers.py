@@ -43,6 +43,20 @@ class SpeedModel(BaseModel):
             left = (base - step) * step_s + self.refiner_part_s(step_s, refiner_steps)
         return left + self.decode_s_per_mpx * mpx
 
+    def plan_left_s(self, parts: list[tuple[int, float, bool]], *, step: int, final_mpx: float, scale: float = 1.0) -> float:
+        """Seconds left of a plan after `step` of its steps, each sample stage (steps, megapixels, on the
+        refiner) costed at its own size; `scale`: the step time measured on this job over the modelled one."""
+        left, seen = (self.fixed_s if step == 0 else 0.0), 0
+        for steps, mpx, refiner in parts:
+            remaining = max(0, min(steps, seen + steps - step))
+            seen += steps
+            per_step = (self.step_s + self.step_s_per_mpx * mpx) * scale
+            if refiner:
+                per_step *= self.refiner_step_ratio
+                left += self.refiner_fixed_s if remaining == steps else 0.0
+            left += remaining * per_step
+        return left + self.decode_s_per_mpx * final_mpx
+
     def refiner_part_s(self, base_step_s: float, refiner_steps: int) -> float:
         """Seconds of the refiner's part: its hand-over and its steps."""
         return self.refiner_fixed_s + base_step_s * self.refiner_step_ratio * refiner_steps if refiner_steps else 0.0
@@ -65,6 +79,7 @@ class WorkerInfo(BaseModel):
     )
     version: str = Field("", description="The imagegen release the worker runs; empty from releases that did not publish it.")
     loras: list[str] | None = Field(None, description="The LoRA adapters it loaded, by name; null from releases that did not publish them.")
+    controlnets: list[str] | None = Field(None, description="The ControlNets it loaded, by name; null from releases that did not publish them.")
     model_sha256: str | None = Field(
         None, description="The sha256 of its model's UNet weights (gpu_worker.model_hash), as AUTOMATIC1111's sd-models "
         "shows a checkpoint's; null when they are not on its disk, or from releases that did not publish it."

@@ -3,31 +3,32 @@ tiny-sdxl pipeline built once, and the gateway and a worker started in the test 
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 import torch
 
-from nats.js.api import DeliverPolicy
-
-from gateway.http.auth import new_key_entry
-from gateway.settings import GatewaySettings
-from gpu_worker.settings import WorkerSettings
-from imagegen import runtime
 from imagegen.embedded_nats import EmbeddedNats, free_port
-from schemas import names
-from schemas.codec import decode
-from schemas.events import JobEvent
-from schemas.jetstream import Topology
+from tests.helpers.service import Service, start_service, stop_service
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Fixtures that start servers beyond the session's nats-server (a nats-server of a test's or a module's own,
+# a cluster, imagegen processes): every test that uses one, even through another fixture, is `processes`.
+PROCESS_FIXTURES = {"parts", "broker", "own_nats", "webhook_broker", "pool", "local_cluster", "cluster_of_three"}
+BROWSER_FIXTURES = {"browser", "page"}  # tests/test_web_ui.py: Debian's chromium through Playwright
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.processes)
+        if used & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +49,7 @@ def broker(tmp_path) -> EmbeddedNats:
 @pytest.fixture
 def parts(tmp_path):
     """Gateways and workers as real processes (`imagegen gateway|worker`), stopped after the test."""
-    from tests.real_processes import Parts
+    from tests.helpers.real_processes import Parts
 
     started = Parts(logs=tmp_path)
     yield started
@@ -60,58 +61,9 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-@dataclass
-class Service:
-    url: str
-    nats_url: str
-    gateway: runtime.RunningGateway
-    worker: object
-    worker_task: asyncio.Task
-
-
-async def start_service(
-    nats_url: str, data_dir: Path, *, model: str = "tiny-sdxl", refiner: str | None = "tiny-sdxl-refiner", gateway_kw: dict | None = None, **worker_kw
-) -> Service:
-    topology = Topology(ack_wait_s=10, worker_ttl_s=10)
-    worker, task = await runtime.start_worker(
-        WorkerSettings(
-            nats_url=nats_url,
-            model=model,
-            refiner=refiner,
-            device="cpu",
-            data_dir=str(data_dir),
-            heartbeat_s=1.0,
-            topology=topology,
-            **worker_kw,
-        )
-    )
-    gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0, topology=topology, **(gateway_kw or {})))
-    return Service(url=f"http://127.0.0.1:{gateway.port}", nats_url=nats_url, gateway=gateway, worker=worker, worker_task=task)
-
-
-async def stop_service(service: Service) -> None:
-    service.worker.stop()
-    await asyncio.wait_for(service.worker_task, 30)
-    await service.worker.close()
-    await service.gateway.stop()
-
-
-@asynccontextmanager
-async def gateway_with_keys(nats_url: str, **tiers: list[str]):
-    """A gateway of its own with API keys on, one key per name given with those tiers:
-    yields (its URL, {name: secret})."""
-    entries = {name: new_key_entry(name, tiers=t, rate_per_minute=100, max_concurrent=10) for name, t in tiers.items()}
-    keys = json.dumps([entry for _, entry in entries.values()])
-    gateway = await runtime.start_gateway(GatewaySettings(nats_url=nats_url, port=0, api_keys=keys))
-    try:
-        yield f"http://127.0.0.1:{gateway.port}", {name: secret for name, (secret, _) in entries.items()}
-    finally:
-        await gateway.stop()
-
-
 @pytest.fixture(scope="session")
 async def service(nats_server, data_dir) -> Service:
-    svc = await start_service(nats_server.url, data_dir)
+    svc = await start_service(nats_server.url, data_dir, controlnets=("edges=tiny-controlnet",))
     yield svc
     await stop_service(svc)
 
@@ -122,27 +74,3 @@ async def http() -> aiohttp.ClientSession:
         yield session
 
 
-async def wait_status(http: aiohttp.ClientSession, url: str, task_id: str, *, timeout: float = 120) -> dict:
-    """Polls /api/status as mflux-server's clients do, until it is no longer waiting."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        async with http.get(f"{url}/api/status", params={"task_id": task_id}) as r:
-            assert r.status == 200, await r.text()
-            body = await r.json()
-        if body["status"] != "waiting":
-            return body
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"task {task_id} still waiting after {timeout}s")
-
-
-async def collect_events(js, job_id: str, *, timeout: float = 60) -> list[JobEvent]:
-    """A job's events over NATS (its own ordered consumer), from the first to the final one."""
-    sub = await js.subscribe(names.events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    events: list[JobEvent] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while not events or not events[-1].final:
-                events.append(decode((await sub.next_msg(timeout=timeout)).data, JobEvent))
-    finally:
-        await sub.unsubscribe()
-    return events

@@ -19,8 +19,8 @@ from gateway.http.auth import new_key_entry
 from schemas import names
 from schemas.codec import encode
 from schemas.events import JobEvent
-from tests.conftest import gateway_with_keys, start_service, stop_service
-from tests.test_openai_api import jobs_with_prompt
+from tests.helpers.native_reads import jobs_with_prompt
+from tests.helpers.service import gateway_with_keys, start_service, stop_service
 
 SMALL = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 2}
 
@@ -108,9 +108,9 @@ async def test_send_images_false_answers_without_images(service, http):
 @pytest.mark.parametrize(
     ("change", "field", "words"),
     [
-        ({"enable_hr": True}, "enable_hr", "hires fix is not offered"),
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler", "'R-ESRGAN 4x+' is not offered here"),
         ({"restore_faces": True}, "restore_faces", "face restoration"),
-        ({"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts", "not offered"),
+        ({"alwayson_scripts": {"adetailer": {"args": []}}}, "alwayson_scripts", "only the ControlNet extension's units"),
         ({"styles": ["cinematic"]}, "styles", "put the style in the prompt"),
         ({"s_churn": 0.5}, "s_churn", "only its default"),
         ({"sampler_name": "LMS"}, "sampler_name", "'LMS' is not available here"),
@@ -553,7 +553,7 @@ async def test_lora_tags_that_cannot_apply_are_refused_by_name(service, http, pr
 
 async def test_a_lora_tag_applies_the_workers_adapter_and_an_unknown_one_is_refused(broker, data_dir, http, tmp_path):
     from gpu_worker.engines import tiny_sdxl
-    from tests.test_engine_sdxl import build_tiny_lora
+    from tests.helpers.loras import build_tiny_lora
 
     base = tiny_sdxl.build_tiny_sdxl(data_dir / "models" / tiny_sdxl.TINY_SDXL)
     lora = build_tiny_lora(base, tmp_path / "style-lora")

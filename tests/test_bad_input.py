@@ -28,7 +28,7 @@ LONG = "x" * 2001
         ({"prompt": "a", "quality": 0}, "quality"),
         ({"prompt": "a", "quality": 101}, "quality"),
         ({"prompt": "a", "seed": "abc"}, "seed"),
-        ({"prompt": "a", "seed": -1}, "seed"),
+        ({"prompt": "a", "seed": -2}, "seed"),  # -1 asks for a random seed
         ({"prompt": "a", "seed": 1.5}, "seed"),
         ({"prompt": "a", "guidance": -1}, "guidance"),
         ({"prompt": "a", "stpes": 4}, "stpes"),

@@ -95,7 +95,7 @@ def test_jobs_that_differ_beyond_prompt_and_seed_run_alone(engine):
 
 @pytest.fixture
 async def batching_service(broker, tmp_path):
-    from tests.conftest import start_service, stop_service
+    from tests.helpers.service import start_service, stop_service
 
     service = await start_service(broker.url, tmp_path / "data", refiner=None, max_batch=4, preview_every=0)
     yield service
@@ -140,7 +140,7 @@ def batch_sizes(worker) -> tuple[float, float]:
 async def test_a_requests_images_run_as_one_call_each_as_its_job_alone_makes_it(batching_service, http):
     import nats
 
-    from tests.conftest import collect_events
+    from tests.helpers.service import collect_events
 
     url, worker = batching_service.url, batching_service.worker
     body = {"prompt": "a kite", "seed": 900, "steps": 6, "width": 64, "height": 64, "format": "PNG", "cache": False}

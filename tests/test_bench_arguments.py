@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.processes  # each test runs a benchmark script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

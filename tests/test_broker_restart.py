@@ -17,7 +17,7 @@ import pytest
 
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas import names
-from tests.real_processes import job_state, submit, wait_state
+from tests.helpers.real_processes import job_state, submit, wait_state
 
 TOPOLOGY_FLAGS = ("--ack-wait", "3", "--max-deliver", "3")  # few tries: an outage must not use them up
 JOBS = 20

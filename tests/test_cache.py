@@ -28,8 +28,8 @@ from imagegen.cli import build_parser, gateway_settings
 from schemas import names
 from schemas.jetstream import Topology
 from schemas.status import JobState
-from tests.conftest import wait_status
-from tests.real_processes import job_state, submit, wait_state
+from tests.helpers.real_processes import job_state, submit, wait_state
+from tests.helpers.service import wait_status
 
 
 def body(prompt: str, **fields) -> dict:

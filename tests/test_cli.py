@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from imagegen.embedded_nats import free_port
-from tests.conftest import wait_status
+from tests.helpers.service import wait_status
+
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
 
 
 @pytest.mark.parametrize("command", [[], ["up"], ["gateway"], ["worker"], ["generate"]])
@@ -81,6 +83,11 @@ async def test_up_serves_mflux_workflow_and_drains_on_sigterm(tmp_path):
     assert (tmp_path / "nats").is_dir() and (tmp_path / "models" / "tiny-sdxl" / "model_index.json").exists()
 
 
+def refused_in(log: str) -> bool:
+    """A refused connection as asyncio's loop words it ("Connect call failed") or uvloop's (ConnectionRefusedError)."""
+    return "Connect call failed" in log or "ConnectionRefusedError" in log
+
+
 @pytest.mark.parametrize("part", ["gateway", "worker"])
 def test_sigterm_while_nats_is_unreachable_at_start_exits_0(tmp_path, part):
     """A part still waiting for its broker stops on SIGTERM instead of holding on until NATS appears."""
@@ -91,9 +98,10 @@ def test_sigterm_while_nats_is_unreachable_at_start_exits_0(tmp_path, part):
         proc = subprocess.Popen([sys.executable, "-m", "imagegen", part, *args], stdout=log, stderr=log, env=env)
     try:
         deadline = time.monotonic() + 60
-        while "Connect call failed" not in log_path.read_text() and time.monotonic() < deadline:
+        while not refused_in(log_path.read_text()) and time.monotonic() < deadline:
             assert proc.poll() is None, log_path.read_text()
             time.sleep(0.2)
+        assert refused_in(log_path.read_text()), f"the {part} never tried its broker:\n{log_path.read_text()}"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0, log_path.read_text()
     finally:

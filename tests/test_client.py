@@ -192,7 +192,7 @@ async def test_generate_command_names_a_model_no_worker_serves(service, tmp_path
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 1 and "model" in stderr.decode() and "no-such-model" in stderr.decode()
+    assert proc.returncode == 2 and "model" in stderr.decode() and "no-such-model" in stderr.decode()
     assert not (tmp_path / "x.png").exists()
 
 
@@ -203,5 +203,5 @@ async def test_generate_command_reports_bad_input(service, tmp_path):
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 1 and "width" in stderr.decode() and "multiple of 8" in stderr.decode()
+    assert proc.returncode == 2 and "width" in stderr.decode() and "multiple of 8" in stderr.decode()
     assert not (tmp_path / "x.png").exists()

@@ -1,5 +1,5 @@
 """ComfyUI's clients against the real gateway and a tiny-sdxl worker: ComfyUI's two websocket script
-flows (`tests.comfy_flows`: images through /history, and through the socket with SaveImageWebsocket),
+flows (`tests.helpers.comfy_flows`: images through /history, and through the socket with SaveImageWebsocket),
 previews only when asked for, uploads kept in subfolders and LoadImage's spellings of them, and
 /history's times those of the run, not of the read."""
 
@@ -15,8 +15,8 @@ from PIL import Image
 
 from gateway.settings import GatewaySettings
 from imagegen import runtime
-from tests import comfy_flows
-from tests.test_comfy_api import history_when_done, image_to_image, messages_until_idle, picture, queue_prompt, upload, workflow
+from tests.helpers import comfy_flows
+from tests.helpers.comfy import history_when_done, image_to_image, messages_until_idle, picture, queue_prompt, upload, workflow
 
 WAIT_S = 120.0
 

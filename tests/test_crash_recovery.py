@@ -24,7 +24,7 @@ from imagegen import runtime
 from imagegen.embedded_nats import free_port
 from schemas import names
 from schemas.jetstream import Topology
-from tests.real_processes import stored_events, submit, wait_state
+from tests.helpers.real_processes import job_state, stored_events, submit, wait_state
 
 ACK_WAIT_S = 2.0
 MAX_DELIVER = 3
@@ -134,6 +134,8 @@ async def test_poison_job_is_retried_a_bounded_number_of_times_then_dead_lettere
 
 async def test_job_whose_worker_dies_on_every_try_ends_failed_not_running(broker, gateway, parts, http):
     # The worker running the job is SIGKILLed on each of the 3 tries, with the next worker already idle.
+    # It is frozen (SIGSTOP) first, so the job cannot end on it while its successor starts, however long
+    # that takes on a loaded machine; a frozen worker sends no heartbeat, as a dead one.
     worker = await parts.worker(broker.url, *WORKER_FLAGS, name="w1")
     job_id = await submit(http, gateway, job_body("a job that outlives its workers", steps=30))
     for attempt in range(1, MAX_DELIVER + 1):
@@ -144,6 +146,8 @@ async def test_job_whose_worker_dies_on_every_try_ends_failed_not_running(broker
             await asyncio.sleep(0.1)
             running = await wait_state(http, gateway, job_id, {"running"})
         assert (running["attempt"], running["worker"]) == (attempt, f"w{attempt}")
+        worker.signal(signal.SIGSTOP)
+        assert (await job_state(http, gateway, job_id))["state"] == "running"
         successor = await parts.worker(broker.url, *WORKER_FLAGS, name=f"w{attempt + 1}")
         await worker.kill()
         worker = successor

@@ -5,9 +5,7 @@ replica count and KEDA's query finds every tier's consumer."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import re
 import subprocess
@@ -26,196 +24,45 @@ from nats.js.errors import Error as JetStreamError
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from gpu_worker.engines.sdxl import SDXL_BASE
-from imagegen.cli import build_parser
 from imagegen.embedded_nats import free_port, nats_server_binary
 from schemas import names
 from schemas.connect import connect
-from schemas.jetstream import Topology, consumer_config, ensure_topology, job_stream_config
-
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
-COMPOSE = DEPLOY / "docker-compose.yml"
-DOCKERFILE = DEPLOY / "Dockerfile"
-
-GATEWAY_PORT = GatewaySettings().port
-NATS_CLIENT_PORT = urlsplit(GatewaySettings().nats_url).port
-NATS_CLUSTER_PORT = 6222  # nats-server's route port
-NATS_MONITOR_PORT = 8222  # nats-server's HTTP monitoring port, which KEDA queries
-JOB_STREAM = job_stream_config(Topology()).name
-TIER_CONSUMERS = {consumer_config(Topology(), tier).durable_name for tier in names.TIERS}
-HEALTH_PATH = "/healthz"
-POD_VALUE = "set-from-the-pod"  # stands in for an env value the pod supplies (fieldRef)
-IMAGE_NAME = "imagegen"
-
-
-# ---- loading ---------------------------------------------------------------------------------------
-
-
-def load_yaml_docs(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
-
-
-def k8s_manifests() -> list[Path]:
-    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-
-
-K8S_DOCS: list[dict] = [doc for path in k8s_manifests() for doc in load_yaml_docs(path)]
-COMPOSE_DOC: dict = yaml.safe_load(COMPOSE.read_text())
-
-
-def k8s(kind: str, name: str | None = None) -> list[dict]:
-    return [d for d in K8S_DOCS if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-
-
-def one(kind: str, name: str | None = None) -> dict:
-    found = k8s(kind, name)
-    assert len(found) == 1, f"expected one {kind} {name or ''} in deploy/k8s, found {len(found)}"
-    return found[0]
-
-
-def nats_statefulset() -> dict:
-    return one("StatefulSet", "nats")
-
-
-def namespace() -> str:
-    return one("Namespace")["metadata"]["name"]
-
-
-def pod_labels(workload: dict) -> dict:
-    return workload["spec"]["template"]["metadata"]["labels"]
-
-
-def services_selecting(workload: dict) -> list[dict]:
-    labels = pod_labels(workload)
-    return [s for s in k8s("Service") if s["spec"].get("selector") and s["spec"]["selector"].items() <= labels.items()]
-
-
-def container_port(container: dict, port) -> int:
-    """A probe's or Service's port, which may name one of the container's ports."""
-    if isinstance(port, int):
-        return port
-    named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-    assert port in named, f"port {port!r} is not a port of container {container['name']}"
-    return named[port]
-
-
-def configmap_data(name: str) -> dict:
-    return one("ConfigMap", name)["data"]
-
-
-# ---- the CLI ---------------------------------------------------------------------------------------
-
-
-def subcommands() -> dict[str, argparse.ArgumentParser]:
-    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(sub.choices)
-
-
-def env_actions(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """IMAGEGEN_* variable -> the flag it sets, as the CLI's help states it."""
-    out = {}
-    for action in sub._actions:
-        for name in re.findall(r"\bIMAGEGEN_[A-Z0-9_]+", action.help or ""):
-            out[name] = action
-    return out
-
-
-def value_from_env(action: argparse.Action, value: str):
-    """What a flag becomes when its variable is set to `value`."""
-    if isinstance(action, argparse._StoreTrueAction):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(action, argparse._AppendAction):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return action.type(value) if action.type else value
-
-
-def known_env_names() -> set[str]:
-    return {name for sub in subcommands().values() for name in env_actions(sub)}
-
-
-@dataclass(frozen=True)
-class Container:
-    where: str
-    argv: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    spec: dict
-
-    @property
-    def command(self) -> str:
-        return self.argv[0]
-
-    def parse(self) -> argparse.Namespace:
-        saved = {k: v for k, v in os.environ.items() if k.startswith("IMAGEGEN_")}
-        try:
-            for k in saved:
-                del os.environ[k]
-            os.environ.update(dict(self.env))
-            try:
-                return build_parser().parse_args(list(self.argv))
-            except SystemExit as exc:
-                raise AssertionError(f"{self.where}: imagegen {' '.join(self.argv)} does not parse") from exc
-        finally:
-            for k in [k for k in os.environ if k.startswith("IMAGEGEN_")]:
-                del os.environ[k]
-            os.environ.update(saved)
-
-
-def dockerfile_entrypoint() -> list[str]:
-    match = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", DOCKERFILE.read_text(), re.M)
-    assert match, "deploy/Dockerfile has no exec-form ENTRYPOINT"
-    return json.loads(match.group(1))
-
-
-def compose_imagegen_services() -> dict[str, dict]:
-    return {
-        name: svc
-        for name, svc in COMPOSE_DOC["services"].items()
-        if svc.get("image", "").split(":")[0] == IMAGE_NAME
-    }
-
-
-def compose_containers() -> list[Container]:
-    out = []
-    for name, svc in compose_imagegen_services().items():
-        entrypoint = svc.get("entrypoint", dockerfile_entrypoint())
-        assert entrypoint == [IMAGE_NAME], f"compose {name}: entrypoint {entrypoint}"
-        env = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
-        out.append(Container(f"compose {name}", tuple(svc["command"]), tuple(env.items()), svc))
-    return out
-
-
-def k8s_env(spec: dict) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for source in spec.get("envFrom", []):
-        env.update({k: str(v) for k, v in configmap_data(source["configMapRef"]["name"]).items()})
-    for item in spec.get("env", []):
-        env[item["name"]] = str(item["value"]) if "value" in item else POD_VALUE
-    return env
-
-
-def k8s_containers() -> list[Container]:
-    out = []
-    for deployment in k8s("Deployment"):
-        for spec in deployment["spec"]["template"]["spec"]["containers"]:
-            if spec["image"].split(":")[0] != IMAGE_NAME:
-                continue
-            argv = list(spec.get("command", dockerfile_entrypoint())) + list(spec.get("args", []))
-            assert argv[0] == IMAGE_NAME, f"k8s {deployment['metadata']['name']}: runs {argv[0]}, not {IMAGE_NAME}"
-            env = k8s_env(spec)
-            out.append(Container(f"k8s {deployment['metadata']['name']}", tuple(argv[1:]), tuple(env.items()), spec))
-    return out
-
-
-CONTAINERS = compose_containers() + k8s_containers()
-
-
-def containers(platform: str, command: str) -> list[Container]:
-    return [c for c in CONTAINERS if c.where.startswith(platform) and c.command == command]
-
-
-def k8s_deployment_of(c: Container) -> dict:
-    return one("Deployment", c.where.split(" ", 1)[1])
+from schemas.jetstream import Topology, ensure_topology
+from tests.helpers.deploy_files import (
+    COMPOSE,
+    COMPOSE_DOC,
+    CONTAINERS,
+    Container,
+    DEPLOY,
+    DOCKERFILE,
+    GATEWAY_PORT,
+    HEALTH_PATH,
+    IMAGE_NAME,
+    JOB_STREAM,
+    K8S,
+    K8S_DOCS,
+    NATS_CLIENT_PORT,
+    NATS_CLUSTER_PORT,
+    NATS_MONITOR_PORT,
+    ROOT,
+    TIER_CONSUMERS,
+    compose_imagegen_services,
+    configmap_data,
+    container_port,
+    containers,
+    dockerfile_entrypoint,
+    env_actions,
+    k8s_deployment_of,
+    k8s_manifests,
+    known_env_names,
+    load_yaml_docs,
+    namespace,
+    nats_statefulset,
+    one,
+    services_selecting,
+    subcommands,
+    value_from_env,
+)
 
 
 # ---- nats.conf ---------------------------------------------------------------------------------------
@@ -295,13 +142,26 @@ def test_dockerfile_installs_the_project_and_runs_its_command():
     scripts = pyproject["project"]["scripts"]
     assert dockerfile_entrypoint() == [IMAGE_NAME] and scripts[IMAGE_NAME] == "imagegen.cli:main"
     copied = {src for line in re.findall(r"^COPY\s+(.+)$", text, re.M) for src in line.split()[:-1]}
-    for package in pyproject["tool"]["setuptools"]["packages"]:
-        assert package in copied, f"the Dockerfile does not copy package {package}"
+    for package in pyproject["tool"]["setuptools"]["packages"]:  # a sub-package comes with its top folder
+        assert package.split(".")[0] in copied, f"the Dockerfile does not copy package {package}"
     assert {"pyproject.toml", pyproject["project"]["readme"]} <= copied
     assert re.search(r"pip install\b.*\s\.(\s|$)", text), "the Dockerfile does not pip install the project"
     assert re.search(rf"^EXPOSE\s+{GATEWAY_PORT}\s*$", text, re.M)
     unknown = set(re.findall(r"\bIMAGEGEN_[A-Z0-9_]+", text)) - known_env_names()
     assert not unknown, f"the Dockerfile sets variables the CLI does not read: {unknown}"
+
+
+def test_dockerfile_builds_a_slim_gateway_beside_the_gpu_worker():
+    text = DOCKERFILE.read_text()
+    stages = {m.group(2): m.group(1) for m in re.finditer(r"^FROM\s+(\S+)\s+AS\s+(\w+)\s*$", text, re.M)}
+    assert set(stages) == {"gateway", "worker"}, f"the Dockerfile's stages: {stages}"
+    bodies = dict(zip(re.findall(r"^FROM\s+\S+\s+AS\s+(\w+)", text, re.M), re.split(r"^FROM\s.*$", text, flags=re.M)[1:]))
+    slim = re.search(r"^ARG GATEWAY_BASE_IMAGE=(\S+)$", text, re.M)
+    assert stages["gateway"] == "${GATEWAY_BASE_IMAGE}" and slim and re.fullmatch(r"python:3\.\d+-slim", slim.group(1))
+    assert re.findall(r"pip install\b[^\n]*", bodies["gateway"]) == ["pip install . \\"], "the gateway installs more than the project"
+    assert re.search(r"pip install\b.*'\.\[worker\]'", bodies["worker"]), "the worker image lacks the [worker] extra"
+    targets = {name: svc["build"].get("target") for name, svc in compose_imagegen_services().items()}
+    assert targets["gateway"] == "gateway" and targets["worker"] == "worker"
 
 
 # ---- commands, flags and variables -------------------------------------------------------------------
@@ -448,6 +308,7 @@ def test_k8s_nats_config_routes_to_all_three_pods():
     assert {NATS_CLUSTER_PORT, NATS_MONITOR_PORT} <= {p["port"] for p in service["spec"]["ports"]}
 
 
+@pytest.mark.processes  # runs nats-server on the config
 def test_k8s_nats_config_is_valid_for_nats_server(tmp_path):
     conf = tmp_path / "nats.conf"
     conf.write_text(nats_conf())

@@ -22,6 +22,8 @@ from PIL import Image
 
 from imagegen.embedded_nats import EmbeddedNats, free_port
 
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
+
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 SHELL = {"sh", "bash", "shell"}
@@ -108,7 +110,7 @@ def stack(tmp_path_factory, data_dir) -> Stack:
     log_path = root / "up.log"
     with open(log_path, "wb") as log:
         up = subprocess.Popen(
-            [sys.executable, "-m", "imagegen", "up", "--nats", broker.url, "--port", str(port), "--model", "tiny-sdxl",
+            [sys.executable, "-m", "imagegen", "up", "--nats", broker.url, "--port", str(port), "--model", "tiny-sdxl", "--controlnet", "canny=tiny-controlnet",
              "--data-dir", str(data_dir)],
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
         )

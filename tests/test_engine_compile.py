@@ -26,6 +26,9 @@ TASK = GenerationTask(
 )
 
 
+pytestmark = pytest.mark.slow  # Dynamo traces both UNets at warm-up: about 10 s on a CPU
+
+
 @pytest.fixture(scope="module")
 def compiled_engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("compile-models")
@@ -87,6 +90,7 @@ for start in range(2):  # a start, then a restart: Dynamo's in-memory state is d
 """
 
 
+@pytest.mark.processes  # compiles with Inductor in a process of its own, twice
 def test_compile_cache_folder_is_reused_by_the_next_start(tmp_path):
     """Inductor's compiled graph lands in the cache folder, and compiling it again loads it from there."""
     import os

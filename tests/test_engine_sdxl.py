@@ -26,29 +26,13 @@ from gpu_worker.engines.speedups import flag_on, is_compiled, parse_buckets
 from gpu_worker.engines.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas.request import SCHEDULERS, RequestInvalid, parse_request
-from tests.conftest import start_service, stop_service, wait_status
+from tests.helpers.loras import build_tiny_lora
+from tests.helpers.service import start_service, stop_service, wait_status
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = GenerationTask(
     job_id="test-job", prompt="a lighthouse", negative_prompt="", width=64, height=64, steps=6, guidance=5.0, seed=7
 )
-
-
-def build_tiny_lora(base_dir: Path, folder: Path) -> Path:
-    """A LoRA for the tiny UNet's attention projections, with random (non-zero) up and down weights."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
-        unet.add_adapter(config)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +274,7 @@ def test_half_precision_decode_overflow_is_decoded_again_in_float32(models):
     vae = engine._base.vae
     assert vae.dtype == torch.float16
     with torch.no_grad():  # activations beyond float16's 65504: a real overflow, as with the stock SDXL VAE
-        vae.post_quant_conv.weight.mul_(100), vae.post_quant_conv.bias.mul_(100), vae.decoder.conv_in.weight.mul_(100)
+        vae.post_quant_conv.weight.mul_(1000), vae.post_quant_conv.bias.mul_(1000), vae.decoder.conv_in.weight.mul_(1000)
         latents = torch.randn(1, 4, 8, 8) / vae.config.scaling_factor
         assert not torch.isfinite(vae.decode(latents.half()).sample).all()
     image = run(engine)
@@ -392,6 +376,7 @@ async def test_unknown_lora_and_unknown_sampler_are_a_400(lora_service, http):
 # -- the benchmark's CPU mode ---------------------------------------------------------------------------
 
 
+@pytest.mark.processes  # runs the benchmark script
 def test_benchmark_tiny_mode_writes_json_and_a_table(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

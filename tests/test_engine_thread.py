@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from tests.conftest import wait_status
+from tests.helpers.service import wait_status
 
 
 async def test_load_warm_up_and_every_job_run_on_the_engine_thread(service, http):

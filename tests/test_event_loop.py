@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from imagegen import event_loop
-from tests.real_processes import own_stack
+from tests.helpers.real_processes import own_stack
+
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import nats
+import pytest
 
 from gpu_worker.naks import Naks
 from imagegen.embedded_nats import EmbeddedCluster
@@ -22,6 +23,8 @@ from schemas.names import Tier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from failover import FailoverSettings, execute, jetstream_ready, table  # noqa: E402
+
+pytestmark = pytest.mark.processes  # each test starts a nats-server cluster of its own
 
 
 async def test_killing_the_job_stream_leader_loses_and_doubles_no_job(tmp_path):

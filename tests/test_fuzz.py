@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, Phase
 from schemathesis import GenerationMode
 
 from gateway.http.openapi import OPERATIONS
-from tests.real_processes import own_stack, submit, wait_state
+from tests.helpers.real_processes import own_stack, submit, wait_state
+
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
 
 LIMIT_FLAGS = ("--max-pixels", str(1024 * 1024), "--max-steps", "50")
 CALL_TIMEOUT_S = 15.0  # a hang fails its example instead of stalling the run

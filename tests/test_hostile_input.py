@@ -26,7 +26,9 @@ from schemas.codec import decode, encode
 from schemas.job import JobEnvelope
 from schemas.request import parse_request
 from schemas.status import JobState, JobStatus
-from tests.real_processes import own_stack, submit, wait_state
+from tests.helpers.real_processes import own_stack, submit, wait_state
+
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
 
 FLAGS = ("--ack-wait", "2", "--max-deliver", "2")
 POSTS = ["/api/generate", "/v1/jobs", "/api/load", "/v1/images/generations"]

@@ -31,7 +31,8 @@ from schemas.jetstream import Topology
 from schemas.job import JobEnvelope, Placement
 from schemas.request import Limits, parse_request
 from schemas.status import JobState, JobStatus, UploadRef
-from tests.conftest import collect_events, wait_status
+from tests.helpers.images import b64, encoded, finished, generated, image_of, pixels, queue
+from tests.helpers.service import collect_events, wait_status
 
 RED, BLUE = (210, 40, 30), (30, 60, 220)
 
@@ -54,16 +55,6 @@ def centre_mask(size: tuple[int, int] = (64, 64)) -> Image.Image:
     return mask
 
 
-def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def b64(image: Image.Image, fmt: str = "PNG") -> str:
-    return base64.b64encode(encoded(image, fmt)).decode("ascii")
-
-
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -84,38 +75,6 @@ def ico_bomb(side: int = 13000) -> bytes:
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     png = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
     return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
-
-
-async def queue(http, url: str, body: dict) -> dict:
-    async with http.post(f"{url}/v1/jobs", json=body) as r:
-        assert r.status == 202, await r.text()
-        return await r.json()
-
-
-async def finished(http, url: str, job_id: str, *, timeout: float = 120) -> dict:
-    async with asyncio.timeout(timeout):
-        while True:
-            async with http.get(f"{url}/v1/jobs/{job_id}") as r:
-                job = await r.json()
-            if job["state"] not in ("queued", "running"):
-                return job
-            await asyncio.sleep(0.05)
-
-
-async def image_of(http, url: str, job_id: str) -> bytes:
-    async with http.get(f"{url}/v1/jobs/{job_id}/image") as r:
-        assert r.status == 200, await r.text()
-        return await r.read()
-
-
-async def generated(http, url: str, body: dict) -> tuple[dict, np.ndarray]:
-    job = await finished(http, url, (await queue(http, url, body))["job_id"])
-    assert job["state"] == "done", job
-    return job, pixels(await image_of(http, url, job["job_id"]))
 
 
 async def upload_exists(nats_url: str, name: str) -> bool:

@@ -13,7 +13,7 @@ import pytest
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from imagegen import logs
 from imagegen.cli import build_parser
-from tests.conftest import wait_status
+from tests.helpers.service import wait_status
 
 
 def json_lines(stream: io.StringIO) -> list[dict]:
@@ -112,6 +112,7 @@ async def test_lines_logged_while_a_worker_handles_a_job_carry_its_id(service, h
     assert queued["job_id"] == task_id
 
 
+@pytest.mark.processes  # starts a nats-server of its own
 async def test_a_broker_that_is_not_there_yet_is_reported_once_not_on_every_retry(tmp_path, caplog):
     """A process started before its broker retries every half second; the log says so once, and once
     connected, how many tries failed."""

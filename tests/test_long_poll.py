@@ -12,7 +12,7 @@ from PIL import Image
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from schemas.request import Limits
-from tests.conftest import start_service, stop_service
+from tests.helpers.service import start_service, stop_service
 
 JOB = {"prompt": "a long poll", "width": 64, "height": 64, "steps": 2}
 

@@ -10,7 +10,7 @@ import signal
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from schemas.jetstream import Topology
-from tests.real_processes import stored_events, submit, wait_state
+from tests.helpers.real_processes import stored_events, submit, wait_state
 
 ACK_WAIT_S = 2.0
 TOPOLOGY_FLAGS = ("--ack-wait", str(ACK_WAIT_S))

@@ -16,8 +16,8 @@ from imagegen import runtime
 from imagegen.embedded_nats import free_port
 from schemas.jetstream import Topology
 from schemas.request import Limits
-from tests.conftest import Service, stop_service, wait_status
-from tests.real_processes import wait_state
+from tests.helpers.real_processes import wait_state
+from tests.helpers.service import Service, stop_service, wait_status
 
 TIERS = {"high", "normal", "low"}
 
@@ -186,7 +186,7 @@ async def test_worker_metrics_port_serves_done_and_failed_tries(broker, data_dir
 
 
 def test_k8s_scrape_annotations_name_the_ports_metrics_are_served_on():
-    from tests.test_deploy import containers, k8s_deployment_of
+    from tests.helpers.deploy_files import containers, k8s_deployment_of
 
     for kind in ("gateway", "worker"):
         for c in containers("k8s", kind):

@@ -7,7 +7,7 @@ import io
 
 from PIL import Image
 
-from tests.conftest import wait_status
+from tests.helpers.service import wait_status
 
 
 async def test_generate_poll_fetch_delete(service, http):

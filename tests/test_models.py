@@ -20,7 +20,7 @@ from schemas.jetstream import Topology, ensure_model_lanes, ensure_topology
 from schemas.job import JobEnvelope
 from schemas.request import parse_request
 from schemas.workers import SpeedModel, WorkerInfo
-from tests.conftest import collect_events
+from tests.helpers.service import collect_events
 
 JOB = {"prompt": "a harbour at dawn", "width": 64, "height": 64, "steps": 2}
 TOPOLOGY = Topology(ack_wait_s=10, worker_ttl_s=10)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from schemas import JobEnvelope, JobState, JobStatus, decode, encode, parse_request
 from schemas import names
-from tests.conftest import collect_events
+from tests.helpers.service import collect_events
 
 
 async def test_job_published_on_nats_completes(service):

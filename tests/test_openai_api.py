@@ -16,6 +16,7 @@ from gateway.apis.openai import images as openai_api
 from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
+from tests.helpers.native_reads import jobs_with_prompt
 
 
 @pytest.fixture
@@ -144,11 +145,6 @@ async def test_errors_outside_the_client_are_in_openai_shape_too(service, http):
     operation = spec["paths"]["/v1/images/generations"]["post"]
     assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIImageRequest")
     assert operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
-
-
-async def jobs_with_prompt(http, url: str, prompt: str) -> list[dict]:
-    async with http.get(f"{url}/v1/jobs") as r:
-        return [j for j in await r.json() if j["request"].get("prompt") == prompt]
 
 
 async def test_a_job_cancelled_meanwhile_answers_502_with_the_reason(client, service, http):

@@ -15,7 +15,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.test_comfy_api import MALFORMED_FORMS
+from tests.helpers.comfy import MALFORMED_FORMS
 
 STEPS = {"steps": 2}
 

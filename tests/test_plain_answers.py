@@ -9,7 +9,7 @@ import logging
 
 from gateway.settings import GatewaySettings
 from imagegen import runtime
-from tests.real_processes import submit, wait_state
+from tests.helpers.real_processes import submit, wait_state
 
 SMALL = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 2}
 

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tests.conftest import start_service, stop_service, wait_status
+from tests.helpers.native_reads import ws_events
+from tests.helpers.service import start_service, stop_service, wait_status
 
 
 async def submit(http, url, **fields) -> str:
@@ -21,17 +22,6 @@ async def submit(http, url, **fields) -> str:
     async with http.post(f"{url}/v1/jobs", json=body) as r:
         assert r.status == 202, await r.text()
         return (await r.json())["job_id"]
-
-
-async def ws_events(http, url, job_id, *, limit: int = 200) -> list[dict]:
-    events = []
-    async with http.ws_connect(f"{url}/v1/jobs/{job_id}/ws") as ws:
-        async with asyncio.timeout(60):
-            async for message in ws:
-                events.append(message.json())
-                if events[-1]["type"] in ("done", "failed", "cancelled", "expired") or len(events) >= limit:
-                    break
-    return events
 
 
 def check_order(events: list[dict], steps: int) -> None:

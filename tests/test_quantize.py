@@ -13,6 +13,7 @@ from gpu_worker.engines.quantize import in_transformer_block, refusal
 from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
 
 
+@pytest.mark.processes  # runs the imagegen command
 def test_worker_command_refuses_fp8_without_a_float8_gpu_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "imagegen", "worker", "--quantize", "fp8", "--device", "cpu", "--nats", "nats://127.0.0.1:1"],

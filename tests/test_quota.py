@@ -17,7 +17,7 @@ from gateway.http.ratelimit import RateLimited
 from imagegen.embedded_nats import free_port
 from schemas import names
 from schemas.jetstream import ensure_topology
-from tests.real_processes import wait_state
+from tests.helpers.real_processes import wait_state
 
 BURST = 30
 

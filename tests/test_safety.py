@@ -19,7 +19,7 @@ from gpu_worker.settings import WorkerSettings
 from imagegen import runtime
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas.jetstream import Topology
-from tests.real_processes import job_state, stored_events, submit, wait_state
+from tests.helpers.real_processes import job_state, stored_events, submit, wait_state
 
 TOPOLOGY = Topology(ack_wait_s=10, worker_ttl_s=10)
 REQUEST = {

@@ -10,7 +10,9 @@ import time
 import pytest
 
 from imagegen.embedded_nats import EmbeddedNats, free_port
-from tests.real_processes import Parts
+from tests.helpers.real_processes import Parts
+
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
 
 CAP = 4
 

@@ -19,10 +19,12 @@ from imagegen.embedded_nats import free_port
 from schemas import jobstore, names
 from schemas.request import parse_request
 from schemas.status import JobStatus
-from tests.real_processes import stored_events, wait_state
+from tests.helpers.real_processes import stored_events, wait_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from soak import SoakSettings, problems, run_soak, table  # noqa: E402
+
+pytestmark = pytest.mark.processes  # each test starts imagegen and nats-server processes of its own
 
 JOBS = 2000
 KILLS = 6

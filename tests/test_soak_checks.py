@@ -14,7 +14,7 @@ import pytest
 from imagegen.embedded_nats import free_port
 from schemas import names
 from schemas.status import ImageRef, JobState, JobStatus
-from tests.real_processes import submit, wait_state
+from tests.helpers.real_processes import submit, wait_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from soak import Chaos, Observed, SoakSettings, Submitted, figures, observe, problems, read_statuses, runs_logged  # noqa: E402

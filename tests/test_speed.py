@@ -10,8 +10,8 @@ import pytest
 
 from gpu_worker.speed import SpeedMeter
 from schemas.workers import SpeedModel
-from tests.conftest import start_service, stop_service
-from tests.test_progress import ws_events
+from tests.helpers.native_reads import ws_events
+from tests.helpers.service import start_service, stop_service
 
 BASE_STEP_S, REFINER_FACTOR, HAND_OVER_S = 0.01, 3.0, 0.1
 STEPS, SPLIT = 20, 0.5  # 10 base steps, then 10 on the refiner

@@ -20,7 +20,7 @@ from gateway.settings import GatewaySettings
 from imagegen import runtime
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas.jetstream import Topology, ensure_topology
-from tests.real_processes import submit, wait_state
+from tests.helpers.real_processes import submit, wait_state
 
 
 def noise_png(side: int = 150, seed: int = 0) -> bytes:
@@ -107,6 +107,7 @@ async def test_a_worker_whose_image_store_is_full_fails_the_job_with_the_reason(
         await gateway.stop()
 
 
+@pytest.mark.processes  # starts a nats-server of its own
 async def test_a_server_without_storage_for_the_sizes_stops_the_start_naming_the_flags(tmp_path):
     """On one nats-server the buckets' max_bytes are reserved from its JetStream storage: a server with
     1 GB of it cannot hold the defaults, and the process says which flags to lower."""

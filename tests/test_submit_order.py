@@ -13,7 +13,7 @@ from gateway.core.service import JobService
 from gateway.core.caller import SERVICE
 from schemas import JobState, JobStatus, decode, jobstore, names
 from schemas.events import JobEvent
-from tests.conftest import collect_events
+from tests.helpers.service import collect_events
 
 
 async def stored_events(js, job_id: str) -> list[JobEvent]:
@@ -130,7 +130,7 @@ async def test_a_submit_answered_after_a_worker_took_its_job_counts_the_job_once
 
     async def answer_once_running(kv, status: JobStatus):
         revision = await create_status(kv, status)
-        if kv is jobs.status_kv:  # the answer waits until the gateway sees the worker take the job
+        if kv is jobs.submit_kv:  # the answer waits until the gateway sees the worker take the job
             for _ in range(1000):
                 held = jobs.view.jobs.get(status.job_id)
                 if held is not None and held.state is not JobState.QUEUED:

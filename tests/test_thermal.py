@@ -18,7 +18,7 @@ from schemas import names
 from schemas.codec import decode
 from schemas.jetstream import Topology
 from schemas.workers import WorkerInfo
-from tests.real_processes import job_state, submit, wait_state
+from tests.helpers.real_processes import job_state, submit, wait_state
 
 TOPOLOGY = Topology(ack_wait_s=10, worker_ttl_s=10)
 JOB = {"prompt": "thermal: a kettle", "width": 64, "height": 64, "steps": 20}

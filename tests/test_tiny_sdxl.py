@@ -122,7 +122,7 @@ def test_load_is_offline_and_reports_no_missing_or_unexpected_weights(
     assert refiner.unet.config.cross_attention_dim == 32
 
 
-@pytest.mark.parametrize(("width", "height"), [(64, 64), (128, 64), (64, 96)])
+@pytest.mark.parametrize(("width", "height"), [(64, 64), (128, 64), (64, 96), (72, 136)])  # 72: latents 9 wide, odd at every level
 def test_image_has_requested_size(base: StableDiffusionXLPipeline, width: int, height: int) -> None:
     pixels = generate(base, width=width, height=height, num_inference_steps=2)
     assert pixels.shape == (height, width, 3)
@@ -188,3 +188,17 @@ def test_base_to_refiner_hand_over(
     ).images[0]
     assert image.size == (64, 96)
     assert np.asarray(image).std() > 0
+
+
+def test_a_build_of_an_older_layout_is_replaced(base_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    from gpu_worker.engines import tiny_sdxl
+
+    folder = build_tiny_sdxl(tmp_path / TINY_SDXL)
+    stamp = folder / tiny_sdxl.VERSION_FILE
+    stamp.write_text("tiny-sdxl 1 seed=0\n")  # as a data dir's model from an earlier release
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"stale")
+    assert build_tiny_sdxl(folder) == folder
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (folder / weights).read_bytes() == (base_dir / weights).read_bytes()
+    assert stamp.read_text() == (base_dir / tiny_sdxl.VERSION_FILE).read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TINY_SDXL]

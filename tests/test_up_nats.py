@@ -21,6 +21,8 @@ import pytest
 
 from imagegen.embedded_nats import free_port
 
+pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
+
 GARBAGE_CONNECTIONS = 800
 
 

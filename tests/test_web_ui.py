@@ -5,7 +5,7 @@ and live previews on the way; a waiting card's place moves with the queue; re-ru
 again without it); with several models served, the page picks one per request; cancel stops a job; the API's 4xx errors are shown by field; the page asks for no
 more images per request, and offers no larger sizes, than the service's limits; an uploaded (or
 dropped) init image gives an image of its size, a gallery image becomes the next init image, and a
-mask of another size is refused naming mask_image; and with keys on, the key typed in the page
+mask of another size is refused naming the mask; and with keys on, the key typed in the page
 unlocks it. Also the WebSocket the page follows its jobs over: the first-message key browsers use
 (since they cannot set headers on a WebSocket), a cap on sockets still waiting for their key, and a
 socket that follows more jobs over its life than it may follow at once."""
@@ -27,6 +27,7 @@ from PIL import Image
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from gateway.http import auth
+
 from gateway.apis import native as native_api
 from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
@@ -36,8 +37,8 @@ from schemas.codec import encode
 from schemas.jetstream import Topology
 from schemas.request import Limits
 from schemas.workers import WorkerInfo
-from tests.conftest import Service
-from tests.real_processes import wait_state
+from tests.helpers.real_processes import wait_state
+from tests.helpers.service import Service
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs"))
 from screenshots import generate as fill_form  # noqa: E402  (the README's screenshots fill the form the same way)
@@ -198,7 +199,7 @@ async def gallery_image(page: Page, seed: str) -> dict:
 async def test_a_prompt_becomes_an_image_that_downloads(service, page):
     await open_ui(page, service.url)
     await expect(page.locator("#model-note")).to_contain_text("draws noise")
-    await page.locator("label.toggle").click()
+    await page.locator('label[for="use_refiner"]').click()
     await expect(page.locator("#use_refiner")).to_be_checked()
     await generate(page, "a red bicycle leaning on a wall", seed="1234", steps="4")
 
@@ -323,6 +324,7 @@ async def test_cancel_stops_a_job(service, page):
     await card.locator("button.cancel").click()
     await expect(card.locator(".badge")).to_have_text("cancelled", timeout=WAIT_MS)
     await expect(card.locator("button.dismiss")).to_be_visible()
+    assert (await card.inner_text()).lower().count("cancelled") == 1, await card.inner_text()  # the badge says it once
     assert await page.locator("#gallery figure").count() == 0
     await card.locator("button.dismiss").click()
     await expect(page.locator("#jobs .job")).to_have_count(0)
@@ -331,16 +333,16 @@ async def test_cancel_stops_a_job(service, page):
 async def test_api_errors_are_shown_by_field(service, page):
     await open_ui(page, service.url)
     await generate(page, "too many steps", steps="500")
-    await expect(page.locator("#error")).to_contain_text("steps: must be between 1 and 100, got 500")
+    await expect(page.locator("#error")).to_contain_text("Steps: must be between 1 and 100, got 500")
     await expect(page.locator("#error")).to_contain_text("The request was refused")
     await expect(page.locator("#steps")).to_have_class("invalid")
 
     await generate(page, "   ")
-    await expect(page.locator("#error")).to_contain_text("prompt: must not be empty")
+    await expect(page.locator("#error")).to_contain_text("Prompt: must not be empty")
     await expect(page.locator("#prompt")).to_have_class("invalid")
 
     await generate(page, "a cup", count="0")
-    await expect(page.locator("#error")).to_contain_text("count: must be a whole number from 1 to 16")
+    await expect(page.locator("#error")).to_contain_text("Images: must be a whole number from 1 to 16")
     assert await page.locator("#jobs .job").count() == 0
 
 
@@ -365,7 +367,7 @@ async def test_an_init_image_gives_an_image_of_its_size_and_a_result_becomes_the
     figure = page.locator('#gallery figure[data-seed="5150"]')
     await expect(figure.locator(".params")).to_contain_text("96×64")
     await expect(figure.locator(".params")).to_contain_text("image-to-image")
-    await expect(figure.locator(".params")).to_contain_text("strength 0.4")
+    await expect(figure.locator(".params")).to_contain_text("4 steps at strength 0.4: 1 run")  # int(4 x 0.4) steps ran
     await expect(figure.locator(".frame .mode")).to_have_text("img2img")
 
     await page.locator("#init-remove").click()  # the form goes back to text-to-image
@@ -388,10 +390,10 @@ async def test_an_init_image_gives_an_image_of_its_size_and_a_result_becomes_the
     assert await gallery_image(page, "5151") == {"width": 64, "height": 64}
     variation = page.locator('#gallery figure[data-seed="5151"] .params')
     await expect(variation).to_contain_text("image-to-image")
-    await expect(variation).to_contain_text("strength 0.8")
+    await expect(variation).to_contain_text("4 steps at strength 0.8: 3 run")
 
 
-async def test_a_mask_of_another_size_is_refused_naming_mask_image(service, page):
+async def test_a_mask_of_another_size_is_refused_naming_the_mask(service, page):
     await open_ui(page, service.url)
     await page.evaluate(DROP_FILE, ["dropped.png", base64.b64encode(png((96, 64))).decode()])  # dropped onto the form
     await expect(page.locator("#init-name")).to_have_text("dropped.png")
@@ -402,7 +404,7 @@ async def test_a_mask_of_another_size_is_refused_naming_mask_image(service, page
     await expect(page.locator("#mask-note")).to_contain_text("they must be the same size")
     await generate(page, "a masked cup", size=None, seed="6060")
     await expect(page.locator("#error")).to_contain_text("The request was refused")
-    await expect(page.locator("#error")).to_contain_text("mask_image: is 64x64, but the init image is 96x64")
+    await expect(page.locator("#error")).to_contain_text("Mask: is 64x64, but the init image is 96x64")
     await expect(page.locator("#mask-drop")).to_have_class("upload invalid")
     assert await page.locator("#jobs .job").count() == 0
 
@@ -414,7 +416,7 @@ async def test_a_mask_of_another_size_is_refused_naming_mask_image(service, page
 
     await page.set_input_files("#init-file", {"name": "notes.png", "mimeType": "image/png", "buffer": b"not a picture"})
     await generate(page, "a broken start", size=None)
-    await expect(page.locator("#error")).to_contain_text("init_image: not an image PIL can read")
+    await expect(page.locator("#error")).to_contain_text("Init image: not an image PIL can read")
     await expect(page.locator("#init-drop")).to_have_class("upload invalid")
 
     await page.evaluate(DROP_GALLERY_IMAGE, "6060")  # a gallery image dragged onto the form
@@ -556,3 +558,75 @@ async def test_sockets_waiting_for_their_key_are_capped(keyed, monkeypatch):
         assert (await second.receive(timeout=30)).data == 1008
         for ws in (first, second, third):
             await ws.close()
+
+
+async def test_the_hires_fix_toggle_doubles_the_size_and_controlnets_are_offered(service, page):
+    await open_ui(page, service.url)
+    await expect(page.locator("#controlnet-row")).to_be_visible(timeout=WAIT_MS)
+    await expect(page.locator("#controlnet-model option")).to_have_text(["none", "edges"])
+    await page.locator('label[for="hires"]').click()
+    await generate(page, "a windmill in a field", seed="4321", steps="2")
+    assert await gallery_image(page, "4321") == {"width": 128, "height": 128}
+
+
+# -- a newcomer's screen: a laptop at 1366x768 and a phone 390 px wide ---------------------------------
+
+SCREENS = {"laptop": {"width": 1366, "height": 768}, "phone": {"width": 390, "height": 844}}
+
+
+@pytest.fixture(params=list(SCREENS))
+async def screen(browser, request) -> Page:
+    context = await browser.new_context(viewport=SCREENS[request.param], is_mobile=request.param == "phone")
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    script_errors: list[str] = []
+    page.on("pageerror", lambda exc: script_errors.append(str(exc)))
+    yield page
+    await context.close()
+    assert not script_errors, f"the page raised: {script_errors}"
+
+
+async def test_generate_and_each_form_error_stay_in_sight(service, screen):
+    page = screen
+    await open_ui(page, service.url)
+    await expect(page.locator("#live")).to_have_text("live")  # live from the first load, before any job
+    await expect(page.locator("#generate")).to_be_in_viewport(ratio=1)
+
+    for field, value, text in (("#count", "0", "Images: must be a whole number from 1 to 16"),
+                               ("#steps", "500", "Steps: must be between 1 and 100, got 500")):
+        await page.fill("#count", "1")
+        await page.fill(field, value)
+        await page.click("#generate")
+        note = page.locator(".field-error")
+        await expect(note).to_have_text(text)  # by the form's label, not the request's field name
+        assert await note.evaluate("(p) => p.previousElementSibling.id") == field[1:]  # right below its field
+        await expect(note).to_be_in_viewport(ratio=1)
+        await expect(page.locator(field)).to_be_in_viewport(ratio=1)
+        await expect(page.locator("#error")).to_contain_text(text)
+        await expect(page.locator("#error")).to_be_in_viewport(ratio=1)
+        await expect(page.locator("#generate")).to_be_in_viewport(ratio=1)
+        await page.fill(field, "")
+        await expect(note).to_have_count(0)  # editing the field clears its message
+
+
+async def test_a_fresh_page_shows_this_browsers_recent_images_and_seed_minus_one_is_random(service, page, browser):
+    await open_ui(page, service.url)
+    await generate(page, "a teapot on a shelf", seed="-1", count="2")
+    await expect(page.locator("#gallery figure")).to_have_count(2, timeout=WAIT_MS)
+    seeds = await page.locator("#gallery figure").evaluate_all("(fs) => fs.map((f) => f.dataset.seed)")
+    assert all(seed.isdigit() for seed in seeds) and abs(int(seeds[0]) - int(seeds[1])) == 1, seeds
+
+    await page.reload()
+    await expect(page.locator("#gallery figure")).to_have_count(2, timeout=WAIT_MS)
+    assert sorted(await page.locator("#gallery figure").evaluate_all("(fs) => fs.map((f) => f.dataset.seed)")) == sorted(seeds)
+    await gallery_image(page, seeds[0])
+    await expect(page.locator("#gallery-count")).to_have_text("2 images")
+
+    other = await browser.new_context()  # another browser, no keys: this one's images are not its own
+    try:
+        stranger = await other.new_page()
+        await open_ui(stranger, service.url)
+        await expect(stranger.locator("#live")).to_have_text("live")
+        assert await stranger.locator("#gallery figure").count() == 0
+    finally:
+        await other.close()

@@ -24,7 +24,7 @@ from schemas import jobstore, names
 from schemas.codec import encode
 from schemas.job import JobEnvelope
 from schemas.request import Limits, parse_request
-from tests.conftest import start_service, stop_service
+from tests.helpers.service import start_service, stop_service
 
 SECRET_KEY = b"a webhook secret of this test"
 SECRET = "whsec_" + base64.b64encode(SECRET_KEY).decode()

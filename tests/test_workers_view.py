@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import __version__, runtime
 from schemas.workers import DEFAULT_FAIRNESS
-from tests.conftest import start_service, stop_service
+from tests.helpers.service import start_service, stop_service
 
 
 async def workers_of(http, url: str, headers: dict | None = None) -> list[dict]:
@@ -37,6 +39,7 @@ async def test_the_workers_endpoint_lists_each_live_worker_with_its_release(serv
         assert (await r.json())["version"] == __version__
 
 
+@pytest.mark.processes  # runs the imagegen command
 def test_the_command_says_its_release():
     done = subprocess.run([sys.executable, "-m", "imagegen", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"imagegen {__version__}"

@@ -21,8 +21,8 @@ from gateway.core.service import JobService
 from gateway.core.problems import NotReady, UnknownJob
 from gateway.core.caller import SERVICE, caller, owner_of
 from gateway.core.submission import group_jobs, submit_request
-from imagegen import __version__
-from schemas.http import GroupView, JobView, LimitsView, WorkersView
+from schemas.version import __version__
+from gateway.http.views import GroupView, JobView, LimitsView, WorkersView
 from schemas.job import group_job_ids
 from schemas.request import RequestInvalid, field_named_by, parse_request
 from schemas.status import JobState, JobStatus
@@ -60,6 +60,7 @@ def job_view(jobs: JobService, status: JobStatus) -> JobView:
         websocket_url=f"{base}/ws",
         init_image=status.init_image,
         mask_image=status.mask_image,
+        control_image=status.control_image,
         group_id=status.group_id,
         group_index=status.group_index,
         job_ids=group_job_ids(status.group_id, status.group_size) if status.group_id else None,

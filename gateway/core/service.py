@@ -19,6 +19,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from gateway.state import quota
 from gateway.http import ratelimit
 from gateway.http.auth import ApiKey
+from gateway.core.admission import check_controlnets
 from gateway.core.records import JobRecords
 from gateway.core.problems import BROKER_DOWN, BrokerAway, Forbidden, IdempotencyKeyReused
 from gateway.state.cache import ResultCache
@@ -39,6 +40,7 @@ from schemas.events import JobEvent
 from schemas.follow import final_event
 from schemas.jetstream import MAX_BYTES_FLAG, ensure_topology
 from schemas.job import JobEnvelope, Placement
+from schemas.plan import uses_refiner
 from schemas.request import GenerateRequest, RequestInvalid
 from schemas.status import JobState, JobStatus
 
@@ -60,6 +62,7 @@ def request_digest(request: GenerateRequest) -> str:
     return "sha256:" + hashlib.sha256(fields.encode()).hexdigest()
 
 
+
 def check_same_request(existing: JobStatus, digest: str | None, idempotency_key: str | None) -> None:
     """IdempotencyKeyReused when `existing` was queued under the key for another request than `digest`
     (a record without a fingerprint, written before they were kept, passes)."""
@@ -75,6 +78,7 @@ def redacted(request: dict, redact: bool) -> dict:
         if out.get(name):
             out[name] = "sha256:" + hashlib.sha256(out[name].encode()).hexdigest()[:16]
     return out
+
 
 DEFAULT_MODEL_KEY = "default_model"
 
@@ -232,10 +236,12 @@ class JobService(JobRecords):
             raise RequestInvalid(
                 [{"field": "model", "message": f"unknown model {request.model!r}; served: {', '.join(sorted(served))}"}]
             )
-        if request.use_refiner and served and not any(
+        if uses_refiner(request) and served and not any(
             w.has_refiner for ws in served.values() for w in ws if request.model in (None, w.model)
         ):
-            raise RequestInvalid([{"field": "use_refiner", "message": "no running worker has a refiner loaded"}])
+            field = "stages" if request.stages else "use_refiner"
+            raise RequestInvalid([{"field": field, "message": "no running worker has a refiner loaded"}])
+        check_controlnets(request, served)
         if request.loras and (loaded := self.loaded_loras(request.model, served)) is not None:
             if missing := sorted(name for name in request.loras if name not in loaded):
                 on = f"the workers of {request.model}" if request.model else "the running workers"
@@ -485,7 +491,8 @@ class JobService(JobRecords):
         }
         line = json.dumps(record)
         await self.nc.publish(names.AUDIT_SUBJECT, line.encode())
-        audit_log.info(line, extra={"job_id": status.job_id})
+        if self.settings.audit_log:  # the record is on NATS either way
+            audit_log.info(line, extra={"job_id": status.job_id})
 
     async def _event(self, event: JobEvent) -> None:
         await self.nc.publish(names.events_subject(event.job_id), encode(event))

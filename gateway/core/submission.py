@@ -34,6 +34,7 @@ from gateway.http.webhooks import check_destination
 from schemas import jobstore, uploads
 from schemas.group import GroupPlan, plan_group, store_uploads
 from schemas.job import Placement, group_job_ids
+from schemas.plan import control_image_text
 from schemas.request import GenerateRequest
 from schemas.status import JobStatus, UploadRef
 
@@ -68,7 +69,7 @@ async def submit_request(
         reserved = [job_id for job_id, status in zip(plan.job_ids, earlier or [None] * missing) if status is None]
         await jobs.reserve_quota(key, reserved)
     try:
-        if request.init_image is None:  # nothing to decode: no thread
+        if request.init_image is None and control_image_text(request) is None:  # nothing to decode: no thread
             prepared = uploads.prepare(request, jobs.settings.limits)
         else:
             prepared = await asyncio.to_thread(uploads.prepare, request, jobs.settings.limits)

@@ -9,7 +9,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from swagger_ui_bundle import swagger_ui_path
 
-from schemas.http import (
+from gateway.http.views import (
     OpenAIModel,
     OpenAIModelList,
     ErrorBody,
@@ -288,7 +288,7 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None, Any, list[dic
     ("get", "/system_stats", "This gateway and the live workers (ComfyUI's API)", "comfyui", None, None, [], {}),
     ("get", "/embeddings", "None here (ComfyUI's API)", "comfyui", None, "names", [], {}),
     ("get", "/models/{folder}", "checkpoints: the served models; loras: the adapters (ComfyUI's API)", "comfyui", None, "names",
-     [{"name": "folder", "in": "path", "required": True, "schema": {"type": "string", "enum": ["checkpoints", "loras"]}}],
+     [{"name": "folder", "in": "path", "required": True, "schema": {"type": "string", "enum": ["checkpoints", "loras", "controlnet"]}}],
      {"404": ComfyError}),
     ("get", "/v1/workers", "The live workers: model, device, state, speed, fairness, release", "ops", None, WorkersView, [], {}),
     ("get", "/healthz", "Liveness, NATS connection, live workers and the gateway's release", "ops", None, None, [], {}),

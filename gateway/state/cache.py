@@ -43,7 +43,7 @@ from schemas.status import ImageRef, JobState, JobStatus
 log = logging.getLogger("imagegen.gateway.state.cache")
 
 GONE = (ObjectNotFoundError, NotFoundError)
-UPLOAD_FIELDS = ("init_image", "mask_image")
+UPLOAD_FIELDS = ("init_image", "mask_image", "control_image")
 BUCKET_TTL_REFRESH_S = 60.0  # how long the bucket's TTL, as read, is taken as current
 BUCKET_TTL_RECHECK_S = 1.0  # an entry that looks expired re-reads the TTL at most this often
 

@@ -36,10 +36,13 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from pydantic import ValidationError
+
 from gateway.state.queue_view import QueueView
 from schemas.take_order import next_take
 from schemas.names import TIERS, Tier
-from schemas.request import refiner_steps, steps_run
+from schemas.plan import expand, sizes, stage_parts
+from schemas.request import GenerateRequest, refiner_steps, steps_run
 from schemas.status import JobState, JobStatus
 from schemas.workers import SpeedModel, WorkerInfo
 
@@ -59,8 +62,29 @@ def steps_planned(status: JobStatus, worker: WorkerInfo) -> tuple[int, int]:
     return steps - refiner, refiner
 
 
+def plan_cost(status: JobStatus, worker: WorkerInfo, speed: SpeedModel) -> float | None:
+    """Seconds a job with a plan (stages, hires, controlnet) takes, each stage costed at its own size; None
+    for a one-pass job."""
+    request = status.request
+    if not any(request.get(name) for name in ("stages", "hires", "controlnet")):
+        return None
+    try:
+        parsed = GenerateRequest.model_validate(request)
+    except ValidationError:
+        return None
+    steps = parsed.steps or worker.default_steps
+    stages = expand(parsed, default_steps=steps)
+    from_image = status.init_image is not None
+    parts = stage_parts(stages, parsed.width, parsed.height, steps, from_image=from_image, strength=parsed.strength)
+    width, height = sizes(stages, parsed.width, parsed.height)[-1]
+    return speed.plan_left_s(parts, step=0, final_mpx=width * height / 1e6)
+
+
 def job_cost(status: JobStatus, worker: WorkerInfo, speed: SpeedModel | None = None) -> float:
     request = status.request
+    planned = plan_cost(status, worker, speed or worker.speed)
+    if planned is not None:
+        return planned
     base, refiner = steps_planned(status, worker)
     return (speed or worker.speed).estimate(
         width=request.get("width", 1024), height=request.get("height", 1024), steps=base, refiner_steps=refiner

@@ -13,8 +13,16 @@ const EXT = { JPEG: "jpg", PNG: "png", WEBP: "webp" };
 const FIELD_INPUT = {
   prompt: "prompt", negative_prompt: "negative_prompt", width: "size", height: "size", steps: "steps",
   seed: "seed", format: "format", use_refiner: "use_refiner", count: "count", n: "count",
-  init_image: "init-drop", mask_image: "mask-drop", strength: "strength",
+  init_image: "init-drop", mask_image: "mask-drop", strength: "strength", hires: "hires", controlnet: "controlnet-model",
 };
+const FIELD_LABEL = { // the form's names for the request's fields, as errors show them
+  prompt: "Prompt", negative_prompt: "Negative prompt", width: "Size", height: "Size", steps: "Steps",
+  seed: "Seed", format: "Format", use_refiner: "Refiner", count: "Images", n: "Images", init_image: "Init image",
+  mask_image: "Mask", strength: "Strength", model: "Model",
+};
+const RESTORE_JOBS = 20; // finished images a fresh page shows again from GET /v1/jobs
+const MINE_STORE = "imagegen.jobs"; // ids of the jobs this browser submitted, newest last
+const MINE_KEPT = 200;
 const MASK_NOTE = "Must be the same size as the init image: white areas are redrawn, black ones kept.";
 const HEADLINES = {
   0: "Request failed", 400: "The request was refused", 401: "An API key is needed", 403: "Not allowed for this key",
@@ -32,6 +40,8 @@ let modelInfo = null;
 let served = {}; // model -> {steps, guidance, refiner, workers}, from /api/ls
 let limits = null; // what the service accepts (GET /v1/limits): images per request, steps, pixels
 let sizeTouched = false;
+let reachable = false; // the last model check got through (with the key, when keys are on)
+let restoredFor = null; // the API key the gallery was last restored for
 let sizeBeforeInit = null;
 const uploads = { init: null, mask: null }; // slot -> { dataUrl, name, bytes, width, height }
 
@@ -129,7 +139,14 @@ async function loadModel() {
     $("model").hidden = !select.hidden;
     showModel(select.hidden ? ps.model : select.value, ps);
     dot.className = "dot " + (ps.model ? "ok" : "warn");
+    reachable = true;
+    connect(); // live from the start, not from the first job
+    if (restoredFor !== apiKey()) {
+      restoredFor = apiKey();
+      restoreJobs();
+    }
   } catch (err) {
+    reachable = false;
     dot.className = "dot bad";
     $("workers").textContent = "";
     if (err.status === 401) {
@@ -162,6 +179,11 @@ function showModel(name, ps) {
   if (name === "tiny-sdxl" && !sizeTouched && $("size").value !== "init") $("size").value = "256x256";
 }
 
+function defaultSteps(model) {
+  const info = served[model || (modelInfo && modelInfo.model)] || null;
+  return (info && info.steps) || (modelInfo && modelInfo.default_steps) || null;
+}
+
 /* ---- the form --------------------------------------------------------------------------------- */
 
 function randomSeed() {
@@ -171,7 +193,8 @@ function randomSeed() {
 }
 
 function seedsFor(text, count) {
-  const first = text.trim() === "" ? randomSeed() : text.trim();
+  const given = text.trim();
+  const first = given === "" || given === "-1" ? randomSeed() : given; // -1: random, as in AUTOMATIC1111
   if (!/^\d+$/.test(first)) return [first]; // the gateway says what is wrong with it
   const base = BigInt(first);
   return Array.from({ length: count }, (_, i) => (base + BigInt(i)).toString());
@@ -181,7 +204,8 @@ function readCount() {
   const raw = $("count").value.trim();
   const count = raw === "" ? 1 : Number(raw);
   if (!Number.isInteger(count) || count < 1 || count > MAX_COUNT) {
-    throw new ApiError(0, { error: `count: must be a whole number from 1 to ${MAX_COUNT}`, field: "count" });
+    const message = `must be a whole number from 1 to ${MAX_COUNT}`;
+    throw new ApiError(0, { error: `count: ${message}`, field: "count", errors: [{ field: "count", message }] });
   }
   return count;
 }
@@ -197,6 +221,10 @@ function readForm() {
   const steps = $("steps").value.trim();
   if (steps !== "") request.steps = Number(steps);
   if ($("use_refiner").checked) request.use_refiner = true;
+  if ($("hires").checked) request.hires = { scale: 2 };
+  if ($("controlnet-model").value && controlImage) {
+    request.controlnet = { model: $("controlnet-model").value, image: controlImage, preprocessor: $("controlnet-canny").checked ? "canny" : "none" };
+  }
   if (!$("model-select").hidden) request.model = $("model-select").value;
   if (uploads.init) {
     request.init_image = uploads.init.dataUrl;
@@ -232,6 +260,7 @@ function fillForm(job) {
     showModel(request.model, modelInfo);
   }
   $("use_refiner").checked = Boolean(request.use_refiner) && !$("use_refiner").disabled;
+  $("hires").checked = Boolean(request.hires);
   $("seed").value = job.seed;
   $("count").value = "1";
   $("prompt").focus();
@@ -241,6 +270,24 @@ function fillForm(job) {
 /* ---- init image and mask ---------------------------------------------------------------------- */
 
 const SLOT_FIELD = { init: "init_image", mask: "mask_image" };
+
+/* ControlNets: offered when a worker loaded one (GET /v1/workers), with a control image picked here. */
+let controlImage = null;
+
+async function loadControlNets() {
+  let names = [];
+  try {
+    const view = await api("/v1/workers");
+    names = [...new Set(view.workers.flatMap((w) => w.controlnets || []))].sort();
+  } catch {
+    names = [];
+  }
+  const select = $("controlnet-model");
+  const chosen = select.value;
+  select.replaceChildren(new Option("none", ""), ...names.map((name) => new Option(name, name)));
+  select.value = names.includes(chosen) ? chosen : "";
+  $("controlnet-row").hidden = names.length === 0;
+}
 
 function readAsDataUrl(blob) {
   return new Promise((resolve, reject) => {
@@ -431,21 +478,60 @@ function clearError() {
   $("error").hidden = true;
   $("error").replaceChildren();
   for (const el of document.querySelectorAll(".invalid")) el.classList.remove("invalid");
+  for (const el of document.querySelectorAll(".field-error")) el.remove();
+}
+
+/* The problems an error names, each as { field, label, message }: from the API's `errors` list, or
+   from its one message "field: what is wrong". */
+function problemsOf(err) {
+  let list = err.errors.filter((e) => e && e.field);
+  if (!list.length && err.field) {
+    const prefix = `${err.field}: `;
+    list = [{ field: err.field, message: err.message.startsWith(prefix) ? err.message.slice(prefix.length) : err.message }];
+  }
+  return list.map((e) => {
+    const field = String(e.field).split(".")[0];
+    return { field, label: FIELD_LABEL[field] || field, message: e.message };
+  });
+}
+
+/* Where a field's message goes: below its input (or its upload box, seed row, toggle). */
+function fieldAnchor(id) {
+  const el = $(id);
+  return el.closest(".upload, .seed-row, .toggle") || el;
 }
 
 function showError(err, headline) {
   const box = $("error");
   box.replaceChildren(h("strong", { text: headline || HEADLINES[err.status] || `The gateway answered ${err.status}` }));
-  if (err.errors.length > 1) {
-    box.append(h("ul", {}, ...err.errors.map((e) => h("li", { text: `${e.field}: ${e.message}` }))));
+  const problems = problemsOf(err);
+  if (problems.length > 1) {
+    box.append(h("ul", {}, ...problems.map((p) => h("li", { text: `${p.label}: ${p.message}` }))));
+  } else if (problems.length === 1) {
+    box.append(document.createTextNode(`${problems[0].label}: ${problems[0].message}`));
   } else {
     box.append(document.createTextNode(err.message));
   }
   box.hidden = false;
-  const fields = [err.field, ...err.errors.map((e) => e.field)].filter(Boolean);
-  for (const field of fields) {
-    const id = FIELD_INPUT[String(field).split(".")[0]];
-    if (id) $(id).classList.add("invalid");
+  let first = null;
+  const shown = new Set();
+  for (const p of problems) {
+    const id = FIELD_INPUT[p.field];
+    if (!id) continue;
+    $(id).classList.add("invalid");
+    const anchor = fieldAnchor(id);
+    const note = h("p", { class: "field-error", "data-field": p.field, role: "alert", text: `${p.label}: ${p.message}` });
+    if (!shown.has(anchor)) anchor.after(note);
+    else anchor.nextElementSibling.append(` ${p.message}`);
+    shown.add(anchor);
+    first = first || anchor;
+  }
+  if (first) { // the field and its message in sight, in the form's own scroll area and on the page
+    first.scrollIntoView({ block: "center", behavior: "smooth" });
+    const input = $(FIELD_INPUT[problems.find((p) => FIELD_INPUT[p.field]).field]);
+    if (input.focus && !input.classList.contains("upload")) input.focus({ preventScroll: true });
+  } else {
+    box.scrollIntoView({ block: "nearest" });
   }
   if (err.status === 413) { // the body: most often an upload too large
     for (const slot of ["init", "mask"]) if (uploads[slot]) $(`${slot}-drop`).classList.add("invalid");
@@ -569,9 +655,11 @@ function render(job) {
   } else if (job.state === "running") {
     card.where.textContent = job.total ? `step ${job.step}/${job.total}` : "starting";
   } else if (job.state === "done") {
-    card.where.textContent = job.reason ? "done" : "fetching the image";
+    card.where.textContent = job.reason ? "" : "fetching the image";
+  } else if (job.state === "cancelled") { // the badge says cancelled: this line says when
+    card.where.textContent = job.step && job.total ? `stopped at step ${job.step}/${job.total}` : "before it started";
   } else {
-    card.where.textContent = job.state;
+    card.where.textContent = ""; // failed or expired: the badge, and the reason below
   }
   const remaining = job.etaAt == null ? null : Math.max(0, (job.etaAt - performance.now()) / 1000);
   card.eta.textContent = job.final || remaining == null ? "" : `ETA ${duration(remaining)}`;
@@ -586,8 +674,9 @@ function render(job) {
   card.cancel.hidden = job.final;
   card.cancel.disabled = Boolean(job.cancelling);
   card.dismiss.hidden = !job.final || (job.state === "done" && !job.reason);
-  card.reason.textContent = job.reason || "";
-  card.reason.hidden = !job.reason;
+  const reason = job.reason && job.reason !== job.state ? job.reason : ""; // "cancelled" once, in the badge
+  card.reason.textContent = reason;
+  card.reason.hidden = !reason;
 }
 
 const MODE_TAG = { "image-to-image": "img2img", inpainting: "inpaint" };
@@ -615,6 +704,7 @@ function addJob(view, request, given) {
     width: sized.width || request.width,
     height: sized.height || request.height,
     seed: request.seed ?? String(view.seed),
+    askedSteps: sized.steps || defaultSteps(request.model),
     state: view.state,
     position: view.position,
     etaAt: etaAt(view.eta_s),
@@ -625,6 +715,7 @@ function addJob(view, request, given) {
   };
   job.card = jobCard(job);
   jobs.set(job.id, job);
+  remember(job.id);
   $("jobs").append(job.card.root);
   render(job);
   updateEmpty();
@@ -781,7 +872,7 @@ function connect() {
   ws.onclose = () => {
     if (socket === ws) socket = null;
     setLive(false);
-    if (activeIds().length && !socketTimer) {
+    if ((reachable || activeIds().length) && !socketTimer) {
       const delay = Math.min(10000, 500 * 2 ** socketRetry++);
       socketTimer = setTimeout(() => { socketTimer = null; connect(); }, delay);
     }
@@ -793,6 +884,74 @@ function follow(jobId) {
   else connect(); // on open it follows every unfinished job
 }
 
+/* ---- a fresh page: the caller's recent jobs ---------------------------------------------------- */
+
+function mine() {
+  try {
+    return JSON.parse(localStorage.getItem(MINE_STORE) || "[]");
+  } catch {
+    return [];
+  }
+}
+
+function remember(jobId) {
+  const ids = mine().filter((id) => id !== jobId);
+  ids.push(jobId);
+  localStorage.setItem(MINE_STORE, JSON.stringify(ids.slice(-MINE_KEPT)));
+}
+
+/* The caller's recent jobs from GET /v1/jobs (with a key: the key's jobs, from any browser; without
+   keys, where every caller is one, the jobs this browser submitted): unfinished ones as cards that
+   follow on, the last RESTORE_JOBS finished images in the gallery, oldest first so the newest ends
+   on top. An image-to-image job comes back without its init image (the view does not carry it). */
+async function restoreJobs() {
+  let views;
+  try {
+    views = await api(`/v1/jobs?limit=${MINE_KEPT}`);
+  } catch {
+    return; // the page works without its history
+  }
+  if (!apiKey()) {
+    const ours = new Set(mine());
+    views = views.filter((v) => ours.has(v.job_id));
+  }
+  const known = (id) => jobs.has(id) || document.querySelector(`#gallery figure[data-job-id="${CSS.escape(id)}"]`);
+  const wanted = views.filter((v) => !known(v.job_id) && (v.state === "done" || !FINAL.has(v.state)));
+  const done = wanted.filter((v) => v.state === "done").slice(0, RESTORE_JOBS).reverse();
+  const blobs = await Promise.all(done.map((v) => fetchImage(v.job_id).catch(() => null)));
+  done.forEach((view, i) => {
+    if (blobs[i] && !known(view.job_id)) addToGallery(restoredJob(view), blobs[i]);
+  });
+  for (const view of wanted.filter((v) => !FINAL.has(v.state)).reverse()) {
+    if (!known(view.job_id)) addJob(view, restoredRequest(view), { init: null, mask: null });
+  }
+  updateEmpty();
+}
+
+function restoredRequest(view) {
+  const r = { ...view.request, seed: String(view.seed) };
+  if (view.init_image) r.init_image = "kept by the service"; // marks the mode; the data is not in the view
+  if (view.mask_image) r.mask_image = "kept by the service";
+  return r;
+}
+
+function restoredJob(view) {
+  const request = restoredRequest(view);
+  return {
+    id: view.job_id,
+    request,
+    uploads: { init: null, mask: null },
+    mode: modeOf(request),
+    width: view.request.width,
+    height: view.request.height,
+    seed: String(view.seed),
+    askedSteps: view.request.steps || null,
+    total: view.total_steps || null,
+    took: view.finished_at && view.started_at ? view.finished_at - view.started_at : null,
+    restored: true,
+  };
+}
+
 /* ---- the gallery ------------------------------------------------------------------------------ */
 
 const USE_INIT_ICON = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 5h11v2H6v10h10v-3h2v5H4zm12-2l5 4-5 4V8h-4V6h4z"/></svg>';
@@ -801,14 +960,12 @@ function addToGallery(job, blob) {
   const r = job.request;
   const url = URL.createObjectURL(blob);
   const name = `imagegen-${job.seed}-${job.width}x${job.height}.${EXT[r.format] || "img"}`;
-  const steps = job.total || r.steps;
   const params = [
     `seed ${job.seed}`,
     `${job.width}×${job.height}`,
-    steps ? `${steps} steps` : null,
+    stepsText(job),
     r.format,
     job.mode,
-    job.mode ? `strength ${r.strength}` : null,
     r.use_refiner ? "refiner" : null,
     typeof job.took === "number" ? duration(job.took) : null,
   ].filter(Boolean);
@@ -826,11 +983,20 @@ function addToGallery(job, blob) {
       h("div", { class: "params" }, ...params.map((text) => h("span", { text }))),
       h("div", { class: "actions" },
         h("a", { class: "ghost download", href: url, download: name, text: "Download" }),
-        h("button", { class: "ghost rerun", type: "button", text: "Re-run", title: "Generate again with the same seed and settings",
-          onclick: () => submitAll(r, [job.seed], job.uploads) }),
+        job.mode && !job.uploads.init ? null : h("button", { class: "ghost rerun", type: "button", text: "Re-run",
+          title: "Generate again with the same seed and settings", onclick: () => submitAll(r, [job.seed], job.uploads) }),
         h("button", { class: "ghost reuse", type: "button", text: "Edit", title: "Put these settings in the form",
           onclick: () => fillForm(job) }))));
   $("gallery").prepend(figure);
+}
+
+/* "30 steps"; image-to-image runs only strength x steps of them: "8 steps at strength 0.4: 3 run". */
+function stepsText(job) {
+  const r = job.request;
+  const asked = r.steps || job.askedSteps || null;
+  if (!job.mode) return asked || job.total ? `${job.total || asked} steps` : null;
+  const run = job.total ? `: ${job.total} run` : "";
+  return asked ? `${asked} steps at strength ${r.strength}${run}` : `strength ${r.strength}${run}`;
 }
 
 function updateEmpty() {
@@ -867,11 +1033,21 @@ function start() {
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("form").requestSubmit();
   });
-  for (const id of Object.values(FIELD_INPUT)) {
-    $(id).addEventListener("input", () => $(id).classList.remove("invalid"));
+  for (const id of new Set(Object.values(FIELD_INPUT))) {
+    $(id).addEventListener("input", () => {
+      $(id).classList.remove("invalid");
+      const next = fieldAnchor(id).nextElementSibling;
+      if (next && next.classList.contains("field-error")) next.remove();
+    });
   }
   updateEmpty();
   loadModel();
+  loadControlNets();
+  setInterval(loadControlNets, 15000);
+  $("controlnet-image").addEventListener("change", async (event) => {
+    const file = event.target.files[0];
+    controlImage = file ? await readAsDataUrl(file) : null;
+  });
   setInterval(loadModel, 15000);
   setInterval(poll, POLL_MS);
   setInterval(() => { for (const job of jobs.values()) if (!job.final) render(job); }, 500);

@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image
 
+from schemas.plan import total_steps
 from schemas.request import steps_run
 
 StepCallback = Callable[[int, int, Any], None]
@@ -41,10 +42,14 @@ class GenerationTask:
     mask_image: Image.Image | None = None  # inpainting: white is redrawn, black kept; the init image's size
     strength: float = 1.0  # image-to-image: how far from the init image, 0 < strength <= 1
     eta: float | None = None  # DDIM's eta (used by the ddim scheduler only); None: 0
+    stages: tuple[Any, ...] = ()  # a plan (schemas.plan stages) run by gpu_worker.engines.stages; () for one plain pass
+    control_image: Image.Image | None = None  # the ControlNet stages' control image
 
     @property
     def total_steps(self) -> int:
         """The denoising steps the task runs (progress counts to this)."""
+        if self.stages:
+            return total_steps(list(self.stages), self.steps, from_image=self.init_image is not None, strength=self.strength)
         return steps_run(self.steps, self.strength) if self.init_image is not None else self.steps
 
 

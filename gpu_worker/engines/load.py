@@ -8,6 +8,7 @@ graphs recorded at warm-up (`--compile-mode reduce-overhead` / `max-autotune`) r
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from gpu_worker.engines.base import Engine
@@ -46,6 +47,20 @@ def resolve_model(model: str) -> str:
     return TINY_SDXL
 
 
+def quiet_libraries() -> None:
+    """Keeps the log to the service's own lines: transformers' and diffusers' notices (a missing
+    torchvision, dtype casts) and progress bars go, unless the log level is DEBUG."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (transformers_logging, diffusers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
 def load_engine(settings: WorkerSettings) -> Engine:
     model = resolve_model(settings.model)
     if model == SIMULATED:
@@ -57,6 +72,7 @@ def load_engine(settings: WorkerSettings) -> Engine:
             refiner_fixed_s=settings.sim_refiner_fixed_s,
             fail_marker=settings.sim_fail_marker,
         )
+    quiet_libraries()
     from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
 
     device = resolve_device(settings.device)
@@ -82,6 +98,8 @@ def load_engine(settings: WorkerSettings) -> Engine:
         vae_dtype=settings.vae_dtype,
         vae_tiling=settings.vae_tiling,
         loras=tuple(settings.loras),
+        controlnets=tuple(settings.controlnets),
+        models_dir=str(Path(settings.data_dir or ".") / "models"),
         offload=settings.offload,
         channels_last=settings.channels_last,
         fuse_qkv=settings.fuse_qkv,

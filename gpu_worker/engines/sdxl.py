@@ -59,6 +59,8 @@ class SdxlSettings:
     vae_tiling: str = "auto"  # auto: tiles above vae_tiling_min_pixels; on; off
     vae_tiling_min_pixels: int = 1536 * 1536
     loras: tuple[str, ...] = ()  # NAME=SOURCE each
+    controlnets: tuple[str, ...] = ()  # NAME=SOURCE each (gpu_worker.engines.controlnet)
+    models_dir: str = "."  # where tiny-controlnet is built
     offload: bool = False  # model CPU offload, for GPUs too small to hold the pipeline
     channels_last: str = "auto"  # auto: on with CUDA
     fuse_qkv: str = "auto"  # auto: on with CUDA unless LoRAs are loaded
@@ -115,6 +117,7 @@ class SdxlEngine:
     default_guidance: float = 5.0
     has_refiner: bool = False
     lora_names: tuple[str, ...] = ()
+    controlnet_names: tuple[str, ...] = ()
     model_sha256: str | None = None  # gpu_worker.model_hash: its UNet weights' sha256, when they are on this disk
     executor: Any = None  # the engine thread (engines.load_engine sets it); None: the caller's thread
     loaded_on: int = 0  # the thread ident that loaded the weights (and recorded any CUDA graph)
@@ -125,6 +128,7 @@ class SdxlEngine:
     _decoder: Any = field(default=None, repr=False)
     _scheduler_configs: dict[str, Any] = field(default_factory=dict, repr=False)
     _derived: dict[str, Any] = field(default_factory=dict, repr=False)
+    _controlnets: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, settings: SdxlSettings, *, name: str | None = None) -> "SdxlEngine":
@@ -168,6 +172,10 @@ class SdxlEngine:
             settings.model, dtype=dtype, local_files_only=_local_only(settings.model), **extra
         )
         base.set_progress_bar_config(disable=True)
+        from gpu_worker.engines import controlnet
+
+        # before LoRAs and speedups touch the UNet: tiny-controlnet is made from its plain weights
+        controlnets = controlnet.load(settings.controlnets, base=base, dtype=dtype, device=device, models_dir=Path(settings.models_dir))
         loras = LoraSet.load(base, adapters)
         refiner = None
         if settings.refiner:
@@ -208,6 +216,8 @@ class SdxlEngine:
             default_guidance=settings.default_guidance,
             has_refiner=refiner is not None,
             lora_names=loras.names,
+            controlnet_names=tuple(controlnets),
+            _controlnets=controlnets,
             model_sha256=model_sha256(base.unet.config.get("_name_or_path")),
             loaded_on=threading.get_ident(),
             _base=base,
@@ -314,8 +324,8 @@ class SdxlEngine:
 
     def batch_key(self, task: GenerationTask) -> tuple | None:
         """Tasks with equal keys can run as one pipeline call; None: this task runs alone."""
-        if task.init_image is not None or task.mask_image is not None or self.settings.offload:
-            return None
+        if task.init_image is not None or task.mask_image is not None or task.stages or self.settings.offload:
+            return None  # a plan (gpu_worker.engines.stages) runs alone
         return (
             task.width, task.height, task.steps, task.guidance, task.scheduler, task.use_refiner,
             task.refiner_split, task.loras, bool(task.negative_prompt), task.eta,
@@ -439,6 +449,10 @@ class SdxlEngine:
         import torch
 
         with torch.inference_mode():
+            if task.stages:
+                from gpu_worker.engines.stages import run_plan
+
+                return run_plan(self, task, on_step)
             latents = self._denoise(task, plan, on_step)
             image = self._decoder.decode(latents, job_id=task.job_id)
         if task.mask_image is None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from gpu_worker.engines.base import GenerationTask, StepCallback, fit
+from schemas.plan import sizes
 from schemas.request import DEFAULT_REFINER_SPLIT, refiner_steps
 
 SIMULATED = "simulated"
@@ -62,7 +63,10 @@ class SimulatedEngine:
             if self.fail_marker and self.fail_marker in task.prompt:
                 raise RuntimeError(f"simulated engine crash: the prompt contains {self.fail_marker!r}")
         colour = (task.seed % 251, (task.seed // 251) % 241, (task.seed // 60491) % 239)
-        image = Image.new("RGB", (task.width, task.height), colour)
+        size = sizes(list(task.stages), task.width, task.height)[-1] if task.stages else (task.width, task.height)
+        image = Image.new("RGB", size, colour)
+        if size != (task.width, task.height):
+            return image
         if task.init_image is None:
             return image
         init = fit(task.init_image, task.width, task.height, mode="RGB")

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 from gateway.apis.a1111.inpaint import MaskSettings, PasteBack, b64png
 from gateway.apis.a1111.inpaint import prepare as prepare_inpainting
+from gateway.apis.a1111.plans import controlnet_of, hires_of
 from gateway.apis.a1111.prompt import TagProblem, loras_of
 from gateway.state.event_hub import decoded_event
 from gateway.http.body import takes_images
@@ -52,8 +53,8 @@ from gateway.core.caller import SERVICE, caller, owner_of
 from gateway.core.waiting import image_data, until_done
 from gateway.core.caller import tier_for
 from gateway.core.submission import group_jobs
-from imagegen import __version__
-from schemas.http import A1111Img2ImgRequest, A1111Txt2ImgRequest
+from schemas.version import __version__
+from gateway.http.views import A1111Img2ImgRequest, A1111Txt2ImgRequest
 from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
@@ -99,7 +100,6 @@ OFF_VALUES: dict[str, tuple] = {
     "styles": (None, []),
     "restore_faces": (None, False),
     "tiling": (None, False),
-    "enable_hr": (None, False),
     "s_min_uncond": (None, 0),
     "s_churn": (None, 0),
     "s_tmax": (None, 0),
@@ -107,26 +107,23 @@ OFF_VALUES: dict[str, tuple] = {
     "s_noise": (None, 1),
     "script_name": (None, ""),
     "script_args": (None, []),
-    "alwayson_scripts": (None, {}),
     "infotext": (None, ""),
     "firstpass_image": (None, ""),
 }
 WHY_OFF = {
-    "enable_hr": "the hires fix is not offered here; render at the size wanted",
     "restore_faces": "face restoration is not offered here",
     "tiling": "tiling is not offered here",
     "subseed_strength": "variation seeds are not offered here",
     "styles": "saved styles are not offered here; put the style in the prompt",
     "script_name": "scripts are not offered here",
     "script_args": "scripts are not offered here",
-    "alwayson_scripts": "scripts and extensions are not offered here",
     "infotext": "reading settings from an infotext is not offered here; send the fields",
 }
 # This service's request fields, by the A1111 field they come from.
 A1111_FIELD = {"guidance": "cfg_scale", "n": "batch_size", "scheduler": "sampler_name", "model": "override_settings",
                "use_refiner": "refiner_checkpoint", "refiner_split": "refiner_switch_at", "format": "body",
                "init_image": "init_images", "strength": "denoising_strength", "mask_image": "mask",
-               "loras": "prompt", "eta": "eta"}
+               "loras": "prompt", "eta": "eta", "hires": "enable_hr", "controlnet": "alwayson_scripts"}
 # Samplers whose noise A1111 scales by eta: DDIM's (eta 0 by default) and the ancestral ones (1). Here
 # DDIM takes any eta, the ancestral ones run at 1 only; the others ignore it, as A1111 does.
 ETA_ANCESTRAL = {"euler_a": "Euler a", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE"}
@@ -372,7 +369,7 @@ def checked(fields: dict, limits) -> GenerateRequest:
 
 def infotext(
     base: GenerateRequest, *, seed: int, size: tuple[int, int], steps: int | None, cfg: float | None, sampler: str, schedule: str,
-    model: str | None, prompt: str, inpainting: MaskSettings | None = None,
+    model: str | None, prompt: str, inpainting: MaskSettings | None = None, params: dict | None = None,
 ) -> str:
     lines = [prompt]
     if base.negative_prompt:
@@ -391,6 +388,8 @@ def infotext(
         if inpainting.only_masked:
             extra += ["Inpaint area: Only masked", f"Masked area padding: {inpainting.padding}"]
         settings[-2:-2] = extra
+    if params:  # the hires fix's and ControlNet's, as A1111 writes them
+        settings[-2:-2] = [f"{key}: {value}" for key, value in params.items()]
     return "\n".join([*lines, ", ".join(settings)])
 
 
@@ -414,6 +413,12 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
     model = model_of(jobs, ask.override_settings)
     limits = jobs.settings.limits
     fields = request_fields(ask, scheduler, model, limits)
+    if isinstance(ask, A1111Img2ImgRequest) and ask.enable_hr:
+        raise invalid("enable_hr", "the hires fix is txt2img's; img2img runs at the size asked")
+    hires, hires_params = (None, {}) if isinstance(ask, A1111Img2ImgRequest) else hires_of(ask, invalid)
+    controlnet, controlnet_params = controlnet_of(ask.alwayson_scripts, invalid)
+    extra = {**hires_params, **controlnet_params}
+    fields.update({k: v for k, v in (("hires", hires), ("controlnet", controlnet)) if v is not None})
     base = checked(fields, limits)  # every field checked before the init image is touched
     paste_back = None
     if isinstance(ask, A1111Img2ImgRequest):
@@ -476,11 +481,13 @@ async def run_generation(request: web.Request, kind: type[A1111Txt2ImgRequest]) 
         "batch_size": ask.batch_size,
         "restore_faces": False,
         "sd_model_name": used_model,
-        "denoising_strength": base.strength if base.init_image else None,
+        "denoising_strength": base.strength if base.init_image else (base.hires.denoise if base.hires else None),
+        "extra_generation_params": extra,
         "index_of_first_image": 0,
         "infotexts": [
             infotext(base, seed=s, size=(width, height), steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, model=used_model,
-                     prompt=ask.prompt, inpainting=mask_settings(ask) if isinstance(ask, A1111Img2ImgRequest) and ask.mask is not None else None)
+                     prompt=ask.prompt, inpainting=mask_settings(ask) if isinstance(ask, A1111Img2ImgRequest) and ask.mask is not None else None,
+                     params=extra)
             for s in seeds
         ],
         "styles": [],

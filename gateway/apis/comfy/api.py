@@ -7,7 +7,7 @@ execution_error, execution_interrupted), `GET /object_info` for the nodes it run
 `/embeddings` and `/models`. Every route is served under `/api` too, as ComfyUI serves them.
 
 A prompt becomes `batch_size` jobs in one group (seeds seed, seed+1, ...), queued like any other
-request; its record (`schemas.comfy`) goes to a KV bucket that every gateway watches, so a client may
+request; its record (`gateway.apis.comfy.record`) goes to a KV bucket that every gateway watches, so a client may
 queue through one gateway and follow on another's socket. An image is `<job id>.png` for `/view`.
 A `SaveImageWebsocket` node (ComfyUI's own, from its custom_nodes) sends its images to the prompt's
 `client_id` socket as binary PNG frames in ComfyUI's framing while it executes, and lists none in
@@ -37,7 +37,8 @@ from PIL import ImageOps
 
 from gateway.http.body import takes_images
 from gateway.apis.comfy.prompts import ComfyPrompts
-from gateway.apis.comfy.graph import SOCKET_OUTPUT, GraphInvalid, SAMPLERS, SCHEDULERS, field_problem, read_graph
+from gateway.apis.comfy.graph import (LATENT_METHODS, PIXEL_METHODS, SAMPLERS, SCHEDULERS, SOCKET_OUTPUT, GraphInvalid, ReadGraph,
+                                      field_problem, read_graph)
 from gateway.http.forms import read_form
 from gateway.http.http_errors import read_json
 from gateway.core.problems import BROKER_DOWN, Forbidden, IdempotencyKeyReused, NotReady, Problem, UnknownJob, classify
@@ -49,10 +50,10 @@ from gateway.http import ratelimit
 from gateway.state import upload_budget
 from gateway.http.ratelimit import RateLimited
 from gateway.core.submission import submit_request
-from imagegen import __version__
-from schemas.comfy import PROMPT_ID, ComfyPrompt
+from schemas.version import __version__
+from gateway.apis.comfy.record import PROMPT_ID, ComfyPrompt
 from schemas.events import JobEvent
-from schemas.request import MAX_SEED, RequestInvalid, parse_request
+from schemas.request import MAX_SEED, GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 from schemas.storage import StoreFull
 from schemas.uploads import read_image, transparency
@@ -148,21 +149,18 @@ async def queue_prompt(request: web.Request) -> web.Response:
     owner = owner_of(request)
     try:
         read = read_graph(body["prompt"], served_models=sorted(jobs.served_models()))
-        try:
-            fields = dict(read.fields)
-            if read.image_name is not None:
-                fields["init_image"] = base64.b64encode(await uploaded(jobs, owner, read.image_name)).decode("ascii")
-            if read.mask_name is not None:
-                picture = await uploaded(jobs, owner, read.mask_name, field="mask_image")
-                fields["mask_image"] = await asyncio.to_thread(transparency_mask, picture, jobs.settings.limits)
-            base = parse_request(fields, limits=jobs.settings.limits)
-            who = {"owner": owner, "key": caller(request)["key"]}
-            if (tier := tier_for(who["key"])) is not None:
-                base = base.model_copy(update={"tier": tier})
-            queued = await submit_request(jobs, base, idempotency_key=f"comfy:{prompt_id}", **who)
-        except RequestInvalid as exc:
-            problem = (exc.errors or [{"field": "body", "message": str(exc)}])[0]
-            raise field_problem(read, problem["field"], problem["message"]) from None
+        who = {"owner": owner, "key": caller(request)["key"]}
+        bases = [await request_of(jobs, part, owner, who["key"]) for part in (read, *read.others)]  # all checked first
+        queued, output_jobs = [], {}
+        for i, (part, base) in enumerate(zip((read, *read.others), bases)):
+            try:
+                made = await submit_request(jobs, base, idempotency_key=f"comfy:{prompt_id}" + (f":{i}" if i else ""), **who)
+            except RequestInvalid as exc:
+                problem = (exc.errors or [{"field": "body", "message": str(exc)}])[0]
+                raise field_problem(part, problem["field"], problem["message"]) from None
+            queued += made
+            if read.others:
+                output_jobs.update({node: [status.job_id for status in made] for node in part.outputs})
     except GraphInvalid as exc:
         return web.json_response(exc.body(), status=400)
     except IdempotencyKeyReused:
@@ -172,7 +170,7 @@ async def queue_prompt(request: web.Request) -> web.Response:
     record = ComfyPrompt(
         prompt_id=prompt_id, number=int(time.time() * 1000), client_id=client_id, owner=owner,
         job_ids=[status.job_id for status in queued], sampler_node=read.sampler, decode_node=read.decode,
-        outputs=read.outputs, graph=body["prompt"], extra_data=extra,
+        outputs=read.all_outputs, output_jobs=output_jobs, graph=body["prompt"], extra_data=extra,
     )
     try:
         kept = await jobs.comfy.add(record)
@@ -181,6 +179,28 @@ async def queue_prompt(request: web.Request) -> web.Response:
         return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly with the same prompt_id")
     log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(kept.job_ids))
     return web.json_response({"prompt_id": prompt_id, "number": kept.number, "node_errors": {}})
+
+
+async def request_of(jobs: JobService, read: ReadGraph, owner: str | None, key) -> GenerateRequest:
+    """The checked request a read graph (one VAEDecode's image) asks for, its uploaded images read in."""
+    try:
+        fields = dict(read.fields)
+        if read.image_name is not None:
+            fields["init_image"] = base64.b64encode(await uploaded(jobs, owner, read.image_name)).decode("ascii")
+        if read.mask_name is not None:
+            picture = await uploaded(jobs, owner, read.mask_name, field="mask_image")
+            fields["mask_image"] = await asyncio.to_thread(transparency_mask, picture, jobs.settings.limits)
+        if read.control_name is not None:
+            control = base64.b64encode(await uploaded(jobs, owner, read.control_name, field="controlnet")).decode("ascii")
+            fields["stages"] = [{**st, "controlnet": {**st["controlnet"], "image": control}} if "controlnet" in st else st
+                                for st in fields["stages"]]
+        base = parse_request(fields, limits=jobs.settings.limits)
+    except RequestInvalid as exc:
+        problem = (exc.errors or [{"field": "body", "message": str(exc)}])[0]
+        raise field_problem(read, problem["field"], problem["message"]) from None
+    if (tier := tier_for(key)) is not None:
+        base = base.model_copy(update={"tier": tier})
+    return base
 
 
 # -- input images -------------------------------------------------------------------------------
@@ -335,12 +355,19 @@ async def job_records(jobs: JobService, prompt: ComfyPrompt, owner: str | None) 
 def output_images(prompt: ComfyPrompt, records: list[JobStatus | None]) -> dict[str, dict]:
     """Each output node's images, as ComfyUI's `executed` and history give them. A SaveImageWebsocket
     node has none there: its images went to the socket, as in ComfyUI."""
-    made = [r for r in records if r is not None and r.state is JobState.DONE]
     return {
         node: {"images": [{"filename": image_name(r.job_id), "subfolder": "", "type": "output" if kind == "SaveImage" else "temp"}
-                          for r in made]}
+                          for r in shown_by(prompt, node, records) if r is not None and r.state is JobState.DONE]}
         for node, kind in sorted(prompt.outputs.items()) if kind != SOCKET_OUTPUT
     }
+
+
+def shown_by(prompt: ComfyPrompt, node: str, records: list[JobStatus | None]) -> list[JobStatus | None]:
+    """The records of the jobs whose images output `node` shows: all, unless outputs show different VAEDecodes."""
+    if not prompt.output_jobs:
+        return records
+    wanted = set(prompt.output_jobs.get(node, ()))
+    return [r for r in records if r is not None and r.job_id in wanted]
 
 
 def ended_at(prompt: ComfyPrompt, records: list[JobStatus | None]) -> float:
@@ -628,7 +655,7 @@ class Socket:
             for node, node_class in sorted(prompt.outputs.items()):
                 await self.send("executing", {"node": node, "display_node": node, "prompt_id": pid})
                 if node_class == SOCKET_OUTPUT:
-                    await self.send_socket_images(prompt, node, records)
+                    await self.send_socket_images(prompt, node, shown_by(prompt, node, records))
                 else:
                     await self.send("executed", {"node": node, "display_node": node, "output": shown[node], "prompt_id": pid})
         await self.send(kind, data)
@@ -700,7 +727,7 @@ async def drain(ws: web.WebSocketResponse) -> None:
 # -- what it runs -------------------------------------------------------------------------------
 
 
-def node_info(jobs: JobService, models: list[str], loras: list[str]) -> dict[str, dict]:
+def node_info(jobs: JobService, models: list[str], loras: list[str], controlnets: list[str] | None = None) -> dict[str, dict]:
     """ComfyUI's /object_info for the nodes /prompt takes, with this gateway's models, adapters and limits."""
     limits = jobs.settings.limits
     side = {"default": 1024, "min": limits.min_side, "max": limits.max_side, "step": 8}
@@ -741,7 +768,63 @@ def node_info(jobs: JobService, models: list[str], loras: list[str]) -> dict[str
                           [], output_node=True),
         "PreviewImage": node("PreviewImage", "Preview Image", "image", {"images": ["IMAGE"]}, [], output_node=True),
         "SaveImageWebsocket": node("SaveImageWebsocket", "SaveImageWebsocket", "image", {"images": ["IMAGE"]}, [], output_node=True),
+        **workflow_nodes(node, limits, side, controlnets or []),
     }
+
+
+def workflow_nodes(node, limits, side: dict, controlnets: list[str]) -> dict[str, dict]:
+    """The nodes of the graphs that run as plans: SDXL's base + refiner, hires fix, ControlNet, batches."""
+    steps = ["INT", {"default": 20, "min": 1, "max": limits.max_steps}]
+    at_step = ["INT", {"default": 0, "min": 0, "max": 10000}]
+    sampling = {
+        "sampler_name": [SAMPLERS], "scheduler": [SCHEDULERS], "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+        "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
+    }
+    crop = [["disabled"]]
+    fraction = ["FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}]
+    size = {"width": ["INT", side], "height": ["INT", side]}
+    return {
+        "KSamplerAdvanced": node("KSamplerAdvanced", "KSampler (Advanced)", "sampling", {
+            "model": ["MODEL"], "add_noise": [["enable", "disable"]], "noise_seed": ["INT", {"default": 0, "min": 0, "max": MAX_SEED}],
+            "steps": steps, **sampling, "latent_image": ["LATENT"], "start_at_step": at_step,
+            "end_at_step": ["INT", {"default": 10000, "min": 0, "max": 10000}], "return_with_leftover_noise": [["disable", "enable"]],
+        }, ["LATENT"]),
+        "CLIPTextEncodeSDXL": node("CLIPTextEncodeSDXL", "CLIPTextEncodeSDXL", "advanced/conditioning", {
+            **size, "crop_w": ["INT", {"default": 0, "min": 0}], "crop_h": ["INT", {"default": 0, "min": 0}],
+            "target_width": ["INT", side], "target_height": ["INT", side], "text_g": ["STRING", {"multiline": True}],
+            "clip": ["CLIP"], "text_l": ["STRING", {"multiline": True}],
+        }, ["CONDITIONING"]),
+        "CLIPTextEncodeSDXLRefiner": node("CLIPTextEncodeSDXLRefiner", "CLIPTextEncodeSDXLRefiner", "advanced/conditioning", {
+            "ascore": ["FLOAT", {"default": 6.0, "min": 0.0, "max": 1000.0, "step": 0.01}], **size,
+            "text": ["STRING", {"multiline": True}], "clip": ["CLIP"],
+        }, ["CONDITIONING"]),
+        "LatentUpscale": node("LatentUpscale", "Upscale Latent", "latent", {
+            "samples": ["LATENT"], "upscale_method": [list(LATENT_METHODS)], **size, "crop": crop}, ["LATENT"]),
+        "LatentUpscaleBy": node("LatentUpscaleBy", "Upscale Latent By", "latent", {
+            "samples": ["LATENT"], "upscale_method": [list(LATENT_METHODS)],
+            "scale_by": ["FLOAT", {"default": 1.5, "min": 0.01, "max": 4.0, "step": 0.01}]}, ["LATENT"]),
+        "ImageScale": node("ImageScale", "Upscale Image", "image/upscaling", {
+            "image": ["IMAGE"], "upscale_method": [list(PIXEL_METHODS)], **size, "crop": crop}, ["IMAGE"]),
+        "ImageScaleBy": node("ImageScaleBy", "Upscale Image By", "image/upscaling", {
+            "image": ["IMAGE"], "upscale_method": [list(PIXEL_METHODS)],
+            "scale_by": ["FLOAT", {"default": 1.0, "min": 0.01, "max": 4.0, "step": 0.01}]}, ["IMAGE"]),
+        "ControlNetLoader": node("ControlNetLoader", "Load ControlNet Model", "loaders", {"control_net_name": [controlnets]}, ["CONTROL_NET"]),
+        "ControlNetApplyAdvanced": node("ControlNetApplyAdvanced", "Apply ControlNet", "conditioning/controlnet", {
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "control_net": ["CONTROL_NET"], "image": ["IMAGE"],
+            "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01}],
+            "start_percent": fraction, "end_percent": [fraction[0], {**fraction[1], "default": 1.0}],
+        }, ["CONDITIONING", "CONDITIONING"]),
+        "Canny": node("Canny", "Canny", "image/preprocessors", {
+            "image": ["IMAGE"], "low_threshold": ["FLOAT", {"default": 0.4, "min": 0.01, "max": 0.99, "step": 0.01}],
+            "high_threshold": ["FLOAT", {"default": 0.8, "min": 0.01, "max": 0.99, "step": 0.01}]}, ["IMAGE"]),
+        "RepeatLatentBatch": node("RepeatLatentBatch", "Repeat Latent Batch", "latent/batch", {
+            "samples": ["LATENT"], "amount": ["INT", {"default": 1, "min": 1, "max": limits.max_images}]}, ["LATENT"]),
+    }
+
+
+def controlnets_served(jobs: JobService) -> list[str]:
+    """The ControlNets the live workers loaded, by name."""
+    return sorted({name for workers in jobs.served_models().values() for w in workers for name in (w.controlnets or ())})
 
 
 async def served(jobs: JobService) -> tuple[list[str], list[str]]:
@@ -753,28 +836,30 @@ async def served(jobs: JobService) -> tuple[list[str], list[str]]:
 @comfy_routes("/object_info")("GET")
 async def object_info(request: web.Request) -> web.Response:
     jobs: JobService = request.app[SERVICE]
-    return web.json_response(node_info(jobs, *await served(jobs)))
+    return web.json_response(node_info(jobs, *await served(jobs), controlnets_served(jobs)))
 
 
 @comfy_routes("/object_info/{node_class}")("GET")
 async def object_info_of(request: web.Request) -> web.Response:
     jobs: JobService = request.app[SERVICE]
-    info = node_info(jobs, *await served(jobs))
+    info = node_info(jobs, *await served(jobs), controlnets_served(jobs))
     name = request.match_info["node_class"]
     return web.json_response({name: info[name]} if name in info else {})
 
 
 @comfy_routes("/models")("GET")
 async def model_folders(request: web.Request) -> web.Response:
-    return web.json_response(["checkpoints", "loras"])
+    return web.json_response(["checkpoints", "loras", "controlnet"])
 
 
 @comfy_routes("/models/{folder}")("GET")
 async def models_in(request: web.Request) -> web.Response:
     models, loras = await served(request.app[SERVICE])
     folder = request.match_info["folder"]
-    if folder not in ("checkpoints", "loras"):
-        return failure(404, "not_found", f"no model folder {folder!r} here: checkpoints or loras")
+    if folder not in ("checkpoints", "loras", "controlnet"):
+        return failure(404, "not_found", f"no model folder {folder!r} here: checkpoints, loras or controlnet")
+    if folder == "controlnet":
+        return web.json_response(controlnets_served(request.app[SERVICE]))
     return web.json_response(models if folder == "checkpoints" else loras)
 
 

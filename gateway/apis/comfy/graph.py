@@ -10,6 +10,15 @@ part of its image, as ComfyUI reads it). It becomes a request of `batch_size` im
 checkpoint is the model, the texts the prompt and negative prompt, the sampler and scheduler one of this
 service's schedulers, the LoRAs its `loras`.
 
+Longer graphs compile into a plan (schemas/plan.py): ComfyUI's standard SDXL workflow (a second checkpoint
+as the refiner, `CLIPTextEncodeSDXL` / `CLIPTextEncodeSDXLRefiner`, two `KSamplerAdvanced` handing over at
+`end_at_step` / `start_at_step`), hires fix (`LatentUpscale` / `LatentUpscaleBy`, or `VAEDecode`,
+`ImageScale` / `ImageScaleBy`, `VAEEncode`, then a second sampler with `denoise`), a `ControlNetLoader` and
+`ControlNetApplyAdvanced` (its image a `LoadImage`, or a `Canny` of one) on the first sampler, and
+`RepeatLatentBatch` (more images). The first sampler's seed drives every stage. Outputs showing several
+`VAEDecode` nodes (the first pass of a hires fix beside the final image) make one request each, their images
+under their own output nodes.
+
 Any other node, or a link these nodes do not make, is refused in ComfyUI's own error shape (`error` and
 `node_errors` naming the node and its input), as ComfyUI refuses a prompt that fails validation; nothing
 is left out quietly.
@@ -35,11 +44,17 @@ SCHEDULES: dict[tuple[str, str], str] = {
 }
 SAMPLERS = sorted({sampler for sampler, _ in SCHEDULES})
 SCHEDULERS = sorted({scheduler for _, scheduler in SCHEDULES})
-NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode",
-         "SetLatentNoiseMask", "KSampler", "VAEDecode", "SaveImage", "PreviewImage", "SaveImageWebsocket")
+NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXLRefiner",
+         "EmptyLatentImage", "LoadImage", "VAEEncode", "SetLatentNoiseMask", "RepeatLatentBatch", "KSampler", "KSamplerAdvanced",
+         "LatentUpscale", "LatentUpscaleBy", "ImageScale", "ImageScaleBy", "ControlNetLoader", "ControlNetApplyAdvanced", "Canny",
+         "VAEDecode", "SaveImage", "PreviewImage", "SaveImageWebsocket")
+SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+TEXT_NODES = ("CLIPTextEncode", "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXLRefiner")
+LATENT_METHODS = {"nearest-exact": "nearest-exact", "bilinear": "bilinear", "area": "area", "bicubic": "bicubic"}
+PIXEL_METHODS = {"nearest-exact": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "lanczos": "lanczos"}
 OUTPUTS = ("SaveImage", "PreviewImage", "SaveImageWebsocket")
 SOCKET_OUTPUT = "SaveImageWebsocket"  # its images go to the prompt's socket only, never to /history
-LATENTS = ("EmptyLatentImage", "VAEEncode", "SetLatentNoiseMask")  # what a KSampler's latent_image may be
+LATENTS = ("EmptyLatentImage", "VAEEncode", "SetLatentNoiseMask")  # what a first KSampler's latent_image may be
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
@@ -82,8 +97,17 @@ class ReadGraph:
     image_name: str | None = None  # the uploaded image it loads
     mask: str | None = None  # the SetLatentNoiseMask node, for inpainting
     mask_name: str | None = None  # the uploaded image whose transparent part is the mask
+    control_name: str | None = None  # the uploaded image a ControlNetApplyAdvanced takes
+    control: str | None = None  # its LoadImage node
+    stage_nodes: list[str] = field(default_factory=list)  # the node of each stage of the plan, for its errors
+    control_loader: str | None = None  # the ControlNetLoader node
+    others: list["ReadGraph"] = field(default_factory=list)  # the images other VAEDecodes show (several outputs)
 
-    def node_of(self, request_field: str) -> tuple[str, str]:
+    @property
+    def all_outputs(self) -> dict[str, str]:
+        return {**self.outputs, **{o: kind for other in self.others for o, kind in other.outputs.items()}}
+
+    def node_of(self, request_field: str, message: str = "") -> tuple[str, str]:
         """(node, input) a request field came from, for the errors the request's own checks raise."""
         by_field = {
             "prompt": (self.positive, "text"), "negative_prompt": (self.negative, "text"), "width": (self.latent, "width"),
@@ -99,6 +123,16 @@ class ReadGraph:
             return self.mask, "mask"
         if request_field == "strength":
             return self.sampler, "denoise"
+        if request_field == "controlnet" and self.control is not None:
+            return self.control, "image"
+        if request_field.startswith("stages") and self.control_loader is not None and "ControlNet" in message:
+            return self.control_loader, "control_net_name"
+        if request_field.startswith("stages.") and request_field.split(".")[1].isdigit():
+            index = int(request_field.split(".")[1])
+            if index < len(self.stage_nodes):
+                node = self.stage_nodes[index]
+                kind = self.classes.get(node, "")
+                return node, {"LatentUpscaleBy": "scale_by", "ImageScaleBy": "scale_by", "LatentUpscale": "width", "ImageScale": "width"}.get(kind, "steps")
         return by_field.get(request_field, (self.sampler, request_field))
 
 
@@ -136,26 +170,33 @@ class GraphReader:
         if not outputs:
             raise GraphInvalid("prompt_no_outputs", "Prompt has no outputs", "add a SaveImage, PreviewImage or SaveImageWebsocket node")
         decodes = {output: self.link(output, "images", "VAEDecode") for output in outputs}
-        found = {d for d in decodes.values() if d is not None}
-        if len(found) > 1:
-            for output in outputs:
-                self.fail(output, "invalid_input_type", "every output here shows the same VAEDecode: one image path per prompt", "images")
-        read = self.read_from(sorted(found)[0], outputs) if len(found) == 1 else None
-        if self.problems or read is None:
+        found = sorted({d for d in decodes.values() if d is not None})
+        reads = [self.read_from(d, {o: kind for o, kind in outputs.items() if decodes[o] == d}) for d in found]
+        if self.problems or not reads or None in reads:
             raise self.invalid(outputs)
+        reads.sort(key=lambda r: len(r.stage_nodes), reverse=True)  # the longest chain first: the final image
+        read, read.others = reads[0], reads[1:]  # the others: outputs of another VAEDecode (a first pass), jobs of their own
         return read
 
     def read_from(self, decode: str, outputs: dict[str, str]) -> ReadGraph | None:
-        sampler = self.link(decode, "samples", "KSampler")
+        chain = self.latent_chain(decode)
         vae_source = self.link(decode, "vae", "CheckpointLoaderSimple", output=2)
-        if sampler is None:
+        if not chain:
             return None
+        sampler = chain[0][1]
         inputs = self.inputs(sampler)
+        advanced = self.graph[sampler]["class_type"] == "KSamplerAdvanced"
         model_chain = self.chain(sampler, "model", output=0)
-        positive = self.link(sampler, "positive", "CLIPTextEncode")
-        negative = self.link(sampler, "negative", "CLIPTextEncode")
+        positive, control = self.conditioning(sampler, "positive")
+        negative, _ = self.conditioning(sampler, "negative")
         latent_kind = self.source_class(sampler, "latent_image")
-        latent = self.link(sampler, "latent_image", latent_kind if latent_kind in LATENTS else "EmptyLatentImage")
+        batch = None
+        latent_from = sampler
+        if latent_kind == "RepeatLatentBatch":
+            batch = self.link(sampler, "latent_image", "RepeatLatentBatch")
+            latent_from, latent_kind = batch, self.source_class(batch, "samples") if batch else None
+        latent_input = "samples" if latent_from == batch else "latent_image"
+        latent = self.link(latent_from, latent_input, latent_kind if latent_kind in LATENTS else "EmptyLatentImage") if latent_from else None
         image = masked = encoded = mask_source = None
         if latent is not None and latent_kind == "SetLatentNoiseMask":  # inpainting: the mask of a LoadImage
             masked, encoded = latent, self.link(latent, "samples", "VAEEncode")
@@ -164,20 +205,16 @@ class GraphReader:
             encoded = latent
         if encoded is not None:  # image to image
             image = self.link(encoded, "pixels", "LoadImage")
-            if self.link(encoded, "vae", "CheckpointLoaderSimple", output=2) not in (None, vae_source):
-                self.fail(encoded, "invalid_input_type", "its vae must be the KSampler's checkpoint's", "vae")
         texts = {}
         for role, node in (("positive", positive), ("negative", negative)):
             if node is None:
                 continue
-            texts[role] = self.value(node, "text", str)
+            texts[role] = self.text(node)
             clip_chain = self.chain(node, "clip", output=1)
             if model_chain is not None and clip_chain is not None and clip_chain != model_chain:
                 self.fail(node, "invalid_input_type",
                           "its clip must come through the same checkpoint and LoraLoader nodes as the KSampler's model", "clip")
         checkpoint = model_chain[0] if model_chain else None
-        if checkpoint is not None and vae_source is not None and vae_source != checkpoint:
-            self.fail(decode, "invalid_input_type", "its vae must be the KSampler's checkpoint's", "vae")
         model = self.checkpoint_model(checkpoint) if checkpoint else None
         loras: dict[str, str] = {}
         weights: dict[str, float] = {}
@@ -189,16 +226,22 @@ class GraphReader:
                 self.fail(loader, "invalid_input_type", f"the LoRA {name!r} is loaded twice", "lora_name")
             loras[name], weights[name] = loader, weight
         scheduler = self.scheduler(sampler, inputs)
-        denoise = inputs.get("denoise", 1.0)
+        denoise = 1.0 if advanced else inputs.get("denoise", 1.0)
         if image is None and denoise != 1:
             self.fail(sampler, "value_not_in_list", "denoise below 1 needs an image to start from: a VAEEncode of a LoadImage as latent_image",
                       "denoise")
         elif image is not None and not (isinstance(denoise, (int, float)) and not isinstance(denoise, bool) and 0.01 <= denoise <= 1):
             self.fail(sampler, "value_smaller_than_min", f"denoise must be between 0.01 and 1 here, got {denoise!r}", "denoise")
         size = {name: self.value(latent, name, int) for name in ("width", "height", "batch_size")} if latent and image is None else {}
-        numbers = {name: self.value(sampler, name, kind) for name, kind in (("seed", int), ("steps", int), ("cfg", float))}
+        if batch is not None:
+            amount = self.value(batch, "amount", int)
+            if amount is not None and size.get("batch_size") is not None:
+                size["batch_size"] = size["batch_size"] * amount
+        numbers = {name: self.value(sampler, key, kind)
+                   for name, key, kind in (("seed", "noise_seed" if advanced else "seed", int), ("steps", "steps", int), ("cfg", "cfg", float))}
         picture = self.value(image, "image", str) if image is not None else None
         mask_picture = self.value(mask_source, "image", str) if masked is not None and mask_source is not None else None
+        stages = self.stages(chain, checkpoint, texts, control) if len(chain) > 1 or advanced or control else None
         if self.problems or None in (positive, negative, latent, checkpoint, vae_source):
             return None
         fields: dict[str, Any] = {
@@ -214,13 +257,138 @@ class GraphReader:
             "scheduler": scheduler,
             "model": model,
             "format": "PNG",
+            "stages": stages,
         }
         if weights:
             fields["loras"] = weights
+        control_node = control[1] if control else None
         return ReadGraph(fields={k: v for k, v in fields.items() if v is not None}, sampler=sampler, decode=decode, latent=latent,
                          positive=positive, negative=negative, checkpoint=checkpoint, outputs=outputs, loras=loras,
                          classes={n: node["class_type"] for n, node in self.graph.items()}, image=image, image_name=picture,
-                         mask=masked, mask_name=mask_picture)
+                         mask=masked, mask_name=mask_picture, control=control_node, stage_nodes=[node for _, node in chain],
+                         control_loader=control[2] if control else None,
+                         control_name=self.value(control_node, "image", str) if control_node else None)
+
+    # -- chains of stages ------------------------------------------------------------------------
+
+    def latent_chain(self, decode: str) -> list[tuple[str, str]] | None:
+        """[(kind, node)] from the first sampler to the one the VAEDecode decodes: samplers, latent upscales,
+        and pixel upscales (a VAEDecode, ImageScale, VAEEncode between two samplers)."""
+        chain: list[tuple[str, str]] = []
+        at, name = decode, "samples"
+        for _ in range(len(self.graph) + 1):
+            kind = self.source_class(at, name)
+            if kind in SAMPLER_NODES:
+                node = self.link(at, name, SAMPLER_NODES)
+                chain.append(("sample", node))
+                after = self.source_class(node, "latent_image")
+                if after not in ("LatentUpscale", "LatentUpscaleBy", *SAMPLER_NODES) and not (after == "VAEEncode" and self.pixel_upscale(node)):
+                    return list(reversed(chain))
+                at, name = node, "latent_image"
+            elif kind in ("LatentUpscale", "LatentUpscaleBy"):
+                node = self.link(at, name, kind)
+                chain.append(("latent", node))
+                at, name = node, "samples"
+            elif kind == "VAEEncode" and chain:
+                encode = self.link(at, name, "VAEEncode")
+                scale = self.link(encode, "pixels", ("ImageScale", "ImageScaleBy"))
+                decoded = self.link(scale, "image", "VAEDecode") if scale else None
+                if decoded is None:
+                    return None
+                chain.append(("pixel", scale))
+                at, name = decoded, "samples"
+            else:
+                self.link(at, name, SAMPLER_NODES)  # names what it must be
+                return None
+        self.fail(decode, "invalid_input_type", "its latents link in a circle", "samples")
+        return None
+
+    def pixel_upscale(self, sampler: str) -> bool:
+        encode = str(self.inputs(sampler)["latent_image"][0])
+        return self.source_class(encode, "pixels") in ("ImageScale", "ImageScaleBy")
+
+    def conditioning(self, sampler: str, role: str) -> tuple[str | None, tuple[dict, str | None, str | None] | None]:
+        """The text node of a sampler's positive or negative input, through a ControlNetApplyAdvanced
+        (its unit and control image's LoadImage node, when there is one)."""
+        if self.source_class(sampler, role) != "ControlNetApplyAdvanced":
+            return self.link(sampler, role, TEXT_NODES), None
+        apply = self.link(sampler, role, "ControlNetApplyAdvanced", output=0 if role == "positive" else 1)
+        if apply is None:
+            return None, None
+        loader = self.link(apply, "control_net", "ControlNetLoader")
+        source = self.link(apply, "image", ("LoadImage", "Canny"))
+        preprocessor = "none"
+        if source is not None and self.graph[source]["class_type"] == "Canny":
+            preprocessor, source = "canny", self.link(source, "image", "LoadImage")
+        unit = {
+            "model": weights_name(self.value(loader, "control_net_name", str) or "") if loader else None,
+            "weight": self.value(apply, "strength", float),
+            "start": self.value(apply, "start_percent", float),
+            "end": self.value(apply, "end_percent", float),
+            "preprocessor": preprocessor,
+        }
+        return self.link(apply, role, TEXT_NODES), (unit, source, loader)
+
+    def text(self, node: str) -> str | None:
+        kind = self.graph[node]["class_type"]
+        if kind == "CLIPTextEncodeSDXL":
+            text_g, text_l = self.value(node, "text_g", str), self.value(node, "text_l", str)
+            if text_g is not None and text_l not in (None, "", text_g):
+                self.fail(node, "invalid_input_type", "one prompt for both text encoders here: text_l must equal text_g (or be empty)", "text_l")
+            return text_g
+        return self.value(node, "text", str)
+
+    def stages(self, chain: list[tuple[str, str]], checkpoint: str | None, texts: dict, control: tuple | None) -> list[dict] | None:
+        """The plan the chain makes: one stage per sampler and upscale."""
+        stages: list[dict] = []
+        for index, (kind, node) in enumerate(chain):
+            inputs = self.inputs(node)
+            if kind in ("latent", "pixel"):
+                methods = LATENT_METHODS if kind == "latent" else PIXEL_METHODS
+                method = self.value(node, "upscale_method", str)
+                if method is not None and method not in methods:
+                    self.fail(node, "value_not_in_list", f"Value not in list: upscale_method: {method!r} not in {sorted(methods)}", "upscale_method")
+                stage: dict[str, Any] = {"kind": "upscale", "space": kind, "upscaler": methods.get(method or "", None)}
+                if self.graph[node]["class_type"] in ("LatentUpscaleBy", "ImageScaleBy"):
+                    stage["scale"] = self.value(node, "scale_by", float)
+                else:
+                    stage["width"], stage["height"] = self.value(node, "width", int), self.value(node, "height", int)
+                    if inputs.get("crop", "disabled") != "disabled":
+                        self.fail(node, "value_not_in_list", "crop: only disabled here", "crop")
+                stages.append(stage)
+                continue
+            advanced = self.graph[node]["class_type"] == "KSamplerAdvanced"
+            stage = {"kind": "sample", "steps": self.value(node, "steps", int), "guidance": self.value(node, "cfg", float),
+                     "scheduler": self.scheduler(node, inputs)}
+            if index > 0:
+                model_chain = self.chain(node, "model", output=0)
+                if model_chain and checkpoint and model_chain[0] != checkpoint:
+                    stage["model"] = "refiner"
+                for role in ("positive", "negative"):
+                    text_node, _ = self.conditioning(node, role)
+                    if text_node is not None and self.text(text_node) not in (texts.get(role), None):
+                        self.fail(node, "invalid_input_type", f"every sampler here takes the first one's {role} text", role)
+            if advanced:
+                steps = stage["steps"] or 0
+                start, end = self.value(node, "start_at_step", int), self.value(node, "end_at_step", int)
+                if index > 0 and start:
+                    stage["start_step"] = start
+                elif index == 0 and start:
+                    self.fail(node, "value_not_in_list", "a first sampler starts at step 0 here", "start_at_step")
+                if end is not None and end < steps:
+                    stage["end_step"] = end
+            elif index > 0:
+                denoise = inputs.get("denoise", 1.0)
+                if isinstance(denoise, (int, float)) and not isinstance(denoise, bool) and 0 < denoise <= 1:
+                    stage["denoise"] = float(denoise)
+                else:
+                    self.fail(node, "value_smaller_than_min", f"denoise must be above 0 and at most 1, got {denoise!r}", "denoise")
+            if index == 0 and control is not None:
+                stage["controlnet"] = control[0]
+            elif index > 0 and self.source_class(node, "positive") == "ControlNetApplyAdvanced":
+                self.fail(node, "invalid_input_type", "a ControlNet here guides the first sampler only", "positive")
+            stages.append({k: v for k, v in stage.items() if v is not None})
+        return stages
 
     # -- one node at a time ----------------------------------------------------------------------
 
@@ -237,7 +405,7 @@ class GraphReader:
     def fail(self, node: str, kind: str, message: str, input_name: str | None = None) -> None:
         self.problems.append(Problem(node, kind, message, input_name))
 
-    def link(self, node: str, name: str, want: str, *, output: int = 0) -> str | None:
+    def link(self, node: str, name: str, want: str | tuple[str, ...], *, output: int = 0) -> str | None:
         """The node that input `name` of `node` links to, when it is a `want` (its output `output`)."""
         value = self.inputs(node).get(name)
         if value is None:
@@ -251,8 +419,10 @@ class GraphReader:
             self.fail(node, "invalid_input_type", f"links to node {source}, which the prompt does not have", name)
             return None
         kind = self.graph[source]["class_type"]
-        if kind != want or value[1] != output:
-            self.fail(node, "invalid_input_type", f"must link to output {output} of a {want} node here, not output {value[1]} of {kind} {source}", name)
+        wants = (want,) if isinstance(want, str) else want
+        if kind not in wants or value[1] != output:
+            self.fail(node, "invalid_input_type",
+                      f"must link to output {output} of a {' or '.join(wants)} node here, not output {value[1]} of {kind} {source}", name)
             return None
         return source
 
@@ -344,6 +514,6 @@ def read_graph(graph: object, *, served_models: list[str]) -> ReadGraph:
 
 def field_problem(read: ReadGraph, request_field: str, message: str) -> GraphInvalid:
     """A refusal by this service's own request checks, on the node and input the field came from."""
-    node, input_name = read.node_of(request_field)
+    node, input_name = read.node_of(request_field, message)
     kind = "value_not_in_list" if request_field in ("model", "loras", "scheduler") else "invalid_input_type"
     return failed_validation([Problem(node, kind, message, input_name)], read.classes, read.outputs)

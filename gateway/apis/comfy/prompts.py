@@ -4,7 +4,7 @@ The gateway that queues a prompt writes it to `imagegen-comfy-prompts`; every ga
 (as its queue view watches the job records), so `/history`, `/queue` and the `/ws` of the client that
 sent the prompt are answered by whichever gateway a client reaches. A socket registers its client id
 and is handed each prompt of that client as it arrives. Prompts are kept by owner and prompt id
-(`schemas.comfy.prompt_key`): one key's prompt ids say nothing about another's.
+(`gateway.apis.comfy.record.prompt_key`): one key's prompt ids say nothing about another's.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from nats.js.kv import KeyValue
 from gateway.state.queue_view import QueueView
 from schemas import names
 from schemas.codec import DecodeError, decode, encode
-from schemas.comfy import ComfyPrompt, prompt_key
+from gateway.apis.comfy.record import ComfyPrompt, prompt_key
 
 log = logging.getLogger("imagegen.gateway.comfy")
 

@@ -23,7 +23,7 @@ from schemas import names
 from schemas.codec import decode
 from schemas.events import JobEvent
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -31,6 +31,10 @@ class ComfyPrompt(BaseModel):
     sampler_node: str = Field(description="The KSampler node: progress and errors are its.")
     decode_node: str = Field(description="The VAEDecode node.")
     outputs: dict[str, str] = Field(description="Output node id -> its class (SaveImage, PreviewImage).")
+    output_jobs: dict[str, list[str]] = Field(
+        default_factory=dict, description="Output node id -> the jobs whose images it shows, where outputs show different "
+        "VAEDecodes; empty: every output shows every job's image."
+    )
     graph: dict[str, Any] = Field(description="The prompt as sent, for /history and /queue.")
     extra_data: dict[str, Any] = Field(default_factory=dict)
     submitted_at: float = Field(default_factory=time.time)

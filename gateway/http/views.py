@@ -1,14 +1,25 @@
-"""Shapes of the HTTP responses, so the OpenAPI document and the handlers share one definition."""
+"""Shapes of the HTTP responses and requests of the gateway's APIs, so the OpenAPI document and the handlers
+share one definition. Gateway-only: a service on NATS never sees them (its wire types are in `schemas`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from schemas.request import JsonBool, JsonFloat, JsonInt
+from schemas.request import JsonBool, JsonFloat, JsonInt, is_random_seed
 from schemas.status import UploadRef
 from schemas.workers import WorkerInfo
+
+
+def _random_is_none(value: Any) -> Any:
+    return None if is_random_seed(value) else value
+
+
+JsonSeed = Annotated[JsonInt | None, BeforeValidator(_random_is_none)]
+"""A JSON body's seed: an integer, or -1 (or absent) for a random one."""
+FormSeed = Annotated[int | None, BeforeValidator(_random_is_none)]
+"""A multipart form's seed: digits, or -1 (or absent) for a random one."""
 
 
 class ErrorBody(BaseModel):
@@ -118,6 +129,7 @@ class JobView(BaseModel):
     websocket_url: str
     init_image: UploadRef | None = Field(None, description="Image-to-image: the stored init image.")
     mask_image: UploadRef | None = Field(None, description="Inpainting: the stored mask.")
+    control_image: UploadRef | None = Field(None, description="A plan's ControlNet stages: the stored control image.")
     group_id: str | None = Field(None, description="With n > 1: the group this job belongs to.")
     group_index: int = Field(0, description="Its place in the group; its seed is the first seed + group_index.")
     job_ids: list[str] | None = Field(None, description="With n > 1: every job of the group, in seed order.")
@@ -170,7 +182,7 @@ class OpenAIImageRequest(BaseModel):
     stream: JsonBool | None = Field(None, description="Only false: streaming is not available here.")
     user: str | None = Field(None, description="Accepted; has no effect.")
     safety_identifier: str | None = Field(None, description="Accepted; has no effect.")
-    seed: JsonInt | None = Field(None, ge=0, description="imagegen: seed of the first image; random when absent.")
+    seed: JsonSeed = Field(None, ge=0, description="imagegen: seed of the first image; random when absent or -1.")
     negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
     steps: JsonInt | None = Field(None, description="imagegen: denoising steps; overrides quality.")
     guidance: JsonFloat | None = Field(None, description="imagegen: classifier-free guidance scale.")
@@ -195,7 +207,7 @@ class OpenAIEditRequest(BaseModel):
     stream: bool | None = Field(None, description="Only false: streaming is not available here.")
     user: str | None = Field(None, description="Accepted; has no effect.")
     safety_identifier: str | None = Field(None, description="Accepted; has no effect.")
-    seed: int | None = Field(None, ge=0, description="imagegen: seed of the first image; random when absent.")
+    seed: FormSeed = Field(None, ge=0, description="imagegen: seed of the first image; random when absent or -1.")
     negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
     steps: int | None = Field(None, description="imagegen: denoising steps; overrides quality.")
     guidance: float | None = Field(None, description="imagegen: classifier-free guidance scale.")
@@ -216,7 +228,7 @@ class OpenAIVariationRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = Field(None, description="As OpenAI: url by default (b64_json for gpt-image-*).")
     user: str | None = Field(None, description="Accepted; has no effect.")
     prompt: str | None = Field(None, description="imagegen: what the variations show; a neutral prompt when absent.")
-    seed: int | None = Field(None, ge=0, description="imagegen: seed of the first variation; random when absent.")
+    seed: FormSeed = Field(None, ge=0, description="imagegen: seed of the first variation; random when absent or -1.")
     negative_prompt: str | None = Field(None, description="imagegen: what not to draw.")
     steps: int | None = Field(None, description="imagegen: denoising steps.")
     guidance: float | None = Field(None, description="imagegen: classifier-free guidance scale.")
@@ -306,7 +318,8 @@ class A1111Txt2ImgRequest(BaseModel):
     styles: list[str] | None = Field(None, description="Only empty.")
     restore_faces: JsonBool | None = Field(None, description="Only false.")
     tiling: JsonBool | None = Field(None, description="Only false.")
-    enable_hr: JsonBool | None = Field(None, description="Only false: the hires fix is not offered; the hr_* fields are then ignored, as A1111 does.")
+    enable_hr: JsonBool | None = Field(None, description="txt2img: the hires fix, with the hr_* fields and denoising_strength (0.7); "
+                                       "without it the hr_* fields are ignored, as A1111 does.")
     eta: JsonFloat | None = Field(
         None, description="DDIM: the noise each step adds, 0..1 (0 when absent). Euler a and DPM++ 2M SDE: only 1, "
         "their fixed noise here (A1111's default). Ignored by the other samplers, as A1111 does."
@@ -318,10 +331,10 @@ class A1111Txt2ImgRequest(BaseModel):
     s_noise: JsonFloat | None = Field(None, description="Only 1.")
     script_name: str | None = Field(None, description="Only absent: scripts are not offered.")
     script_args: list[Any] | None = Field(None, description="Only empty.")
-    alwayson_scripts: dict[str, Any] | None = Field(None, description="Only empty.")
+    alwayson_scripts: dict[str, Any] | None = Field(None, description="Only the ControlNet extension's: {\"controlnet\": {\"args\": [unit]}}, one enabled unit.")
     infotext: str | None = Field(None, description="Only absent or empty.")
     firstpass_image: str | None = Field(None, description="Only absent.")
-    # The hires fix's settings, used by A1111 only with enable_hr: accepted and unused.
+    # The hires fix's settings, used only with enable_hr (gateway/apis/a1111/plans.py), as in A1111.
     denoising_strength: JsonFloat | None = None
     firstphase_width: JsonInt | None = None
     firstphase_height: JsonInt | None = None
