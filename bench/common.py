@@ -690,8 +690,8 @@ async def serve_tutorial(args: argparse.Namespace) -> None:
     answers with the image (aiohttp here; FastAPI in the tutorial)."""
     from aiohttp import web
 
-    from gpu_worker.engine import GenerationTask
-    from gpu_worker.simulated import SimulatedEngine
+    from gpu_worker.engines.base import GenerationTask
+    from gpu_worker.engines.simulated import SimulatedEngine
 
     engine = SimulatedEngine(step_s=args.step_s, fixed_s=args.fixed_s)
     lock = asyncio.Lock()

@@ -1,6 +1,6 @@
 """The gateway's ETA forecast against an exact simulation of bench/eta.py's workload: no timing noise.
 
-The forecast is the gateway's own (`gateway.forecast.forecast` over a real `QueueView`); only the
+The forecast is the gateway's own (`gateway.state.forecast.forecast` over a real `QueueView`); only the
 queue is simulated: jobs of bench/eta.py's mix arrive at random (Poisson) at a share of the workers'
 capacity, each worker takes them in the order `schemas.take_order` gives and runs each for exactly the
 time its speed model says, with no overhead between jobs. Each job's ETA is taken as it is submitted
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import positive, whole  # noqa: E402
 from eta import FIXED_S, REFINER_FIXED_S, REFINER_STEP_FACTOR, STEP_S, STEP_S_PER_MPX, job_seconds, p90, workload  # noqa: E402
-from gateway.forecast import forecast  # noqa: E402
-from gateway.queue_view import QueueView  # noqa: E402
+from gateway.state.forecast import forecast  # noqa: E402
+from gateway.state.queue_view import QueueView  # noqa: E402
 from schemas.names import TIERS, Tier  # noqa: E402
 from schemas.status import JobState, JobStatus  # noqa: E402
 from schemas.take_order import next_take  # noqa: E402

@@ -8,7 +8,7 @@ torch.utils.flop_counter.FlopCounterMode, the achieved TFLOP/s against a measure
 peak GPU memory. Setups, in the order they run:
 
 - diffusers: fp16 pipeline on the GPU, nothing else
-- engine: gpu_worker.sdxl.SdxlEngine with its defaults (torch.compile of the 1024x1024 bucket, its
+- engine: gpu_worker.engines.sdxl.SdxlEngine with its defaults (torch.compile of the 1024x1024 bucket, its
   Inductor artifacts kept under the work dir so that a second run on the same machine starts faster)
 - tutorial: fp16, enable_model_cpu_offload, torch.compile(mode="reduce-overhead") on the UNet
 
@@ -111,7 +111,7 @@ def build_full_sdxl(work: Path, device: str) -> tuple[Path, Path]:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from gpu_worker.tiny_sdxl import build_tiny_sdxl
+    from gpu_worker.engines.tiny_sdxl import build_tiny_sdxl
 
     base_dir, refiner_dir = work / "sdxl-base-random", work / "sdxl-refiner-random"
     work.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def build_full_sdxl(work: Path, device: str) -> tuple[Path, Path]:
 
 
 def build_tiny(work: Path) -> tuple[Path, Path]:
-    from gpu_worker.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
+    from gpu_worker.engines.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
 
     return build_tiny_sdxl(work / "tiny-sdxl"), build_tiny_refiner(work / "tiny-sdxl-refiner")
 
@@ -374,7 +374,7 @@ def bench_tutorial(args, base_dir: Path, report: Report) -> None:
 
 
 def load_engine(args, base_dir: Path, refiner_dir: Path, *, quantize: str = "none") -> tuple[Any, float]:
-    from gpu_worker.sdxl import SdxlEngine, SdxlSettings
+    from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
 
     started = time.monotonic()
     engine = SdxlEngine.load(SdxlSettings(
@@ -393,7 +393,7 @@ def load_engine(args, base_dir: Path, refiner_dir: Path, *, quantize: str = "non
 
 
 def engine_task(args, side: int, use_refiner: bool = False) -> Any:
-    from gpu_worker.engine import GenerationTask
+    from gpu_worker.engines.base import GenerationTask
 
     return GenerationTask(
         job_id="bench", prompt=PROMPT, negative_prompt=NEGATIVE, width=side, height=side,
@@ -435,7 +435,7 @@ def bench_engine(args, base_dir: Path, refiner_dir: Path, report: Report) -> Any
             row, timed(image(side, use_refiner), device=args.device, repeats=args.repeats, warm_ups=1), args.device))
     report.facts["engine_flops_per_image"] = report.flops.get(flops_key(args.size, False), 0)
     if args.samplers:
-        from gpu_worker.schedulers import SCHEDULER_SPECS
+        from gpu_worker.engines.schedulers import SCHEDULER_SPECS
 
         for name in SCHEDULER_SPECS:
             task = dataclasses.replace(engine_task(args, args.size), scheduler=name)
@@ -460,7 +460,7 @@ def bench_engine(args, base_dir: Path, refiner_dir: Path, report: Report) -> Any
 
 
 def engine_compiled(engine: Any) -> bool:
-    from gpu_worker.speedups import is_compiled
+    from gpu_worker.engines.speedups import is_compiled
 
     return is_compiled(engine._base.unet)
 

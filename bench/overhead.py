@@ -62,8 +62,8 @@ def job_body(i: int) -> dict:
 
 async def engine_direct(n: int) -> dict:
     """The engine in this process behind an asyncio.Lock: the floor any design starts from."""
-    from gpu_worker.engine import GenerationTask
-    from gpu_worker.simulated import SimulatedEngine
+    from gpu_worker.engines.base import GenerationTask
+    from gpu_worker.engines.simulated import SimulatedEngine
 
     engine = SimulatedEngine(step_s=0.0)
     lock = asyncio.Lock()

@@ -38,9 +38,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from gpu_worker.engine import GenerationTask
-    from gpu_worker.sdxl import SdxlEngine, SdxlSettings
-    from gpu_worker.tiny_sdxl import build_tiny_sdxl
+    from gpu_worker.engines.base import GenerationTask
+    from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
+    from gpu_worker.engines.tiny_sdxl import build_tiny_sdxl
 
     with tempfile.TemporaryDirectory() as work:
         started = time.perf_counter()

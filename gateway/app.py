@@ -8,15 +8,20 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from gateway import a1111_api, a1111_lists, comfy_api, mflux_api, native_api, openai_api, openai_edits, openai_models, openapi
-from gateway.auth import KeyRing, auth_middleware
-from gateway.body import BodyLimits, body_middleware
-from gateway.http_errors import RETRY_AFTER_S, errors_middleware
-from gateway.jobs import JobService
-from gateway.mflux_api import SERVICE
-from gateway.metrics import GatewayMetrics
+from gateway.apis import mflux as mflux_api, native as native_api
+from gateway.apis.a1111 import api as a1111_api, lists as a1111_lists
+from gateway.apis.comfy import api as comfy_api
+from gateway.apis.openai import edits as openai_edits, images as openai_api, models as openai_models
+from gateway.http import openapi
+from gateway.http.auth import KeyRing, auth_middleware
+from gateway.http.body import BodyLimits, body_middleware
+from gateway.core.problems import RETRY_AFTER_S
+from gateway.http.http_errors import errors_middleware
+from gateway.core.service import JobService
+from gateway.core.caller import SERVICE
+from gateway.http.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
-from gateway.webhooks import WebhookSender
+from gateway.http.webhooks import WebhookSender
 from schemas.version import __version__
 
 log = logging.getLogger("imagegen.gateway")
@@ -86,6 +91,7 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
         ],
         client_max_size=settings.body_limit_bytes,
     )
+    comfy_api.attach(jobs)
     app[SERVICE] = jobs
     app[METRICS] = metrics
     app.add_routes(mflux_api.routes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.proxies import parse_trusted
+from gateway.http.proxies import parse_trusted
 from schemas.jetstream import Topology
 from schemas.request import Limits
 from schemas.uploads import max_text_chars
@@ -26,7 +26,7 @@ class GatewaySettings:
     cors_origins: str = "*"
     limits: Limits = field(default_factory=Limits)
     topology: Topology = field(default_factory=Topology)
-    api_keys_file: str | None = None  # JSON list of keys (see gateway/auth.py); auth is on when any key is set
+    api_keys_file: str | None = None  # JSON list of keys (see gateway/http/auth.py); auth is on when any key is set
     api_keys: str | None = None  # the same JSON inline
     blocklist: tuple[str, ...] = ()  # prompts containing any of these (case-insensitive) are refused
     redact_prompts: bool = False  # audit records and logs carry a hash instead of the prompt

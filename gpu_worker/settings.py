@@ -7,7 +7,7 @@ import socket
 import secrets
 from dataclasses import dataclass, field
 
-from gpu_worker.speedups import DEFAULT_BUCKETS
+from gpu_worker.engines.speedups import DEFAULT_BUCKETS
 from schemas.jetstream import Topology
 from schemas.request import DEFAULT_REFINER_SPLIT, Limits
 from schemas.workers import DEFAULT_FAIRNESS

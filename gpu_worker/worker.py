@@ -19,19 +19,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from PIL import Image
 
 from gpu_worker.batching import Entry, Gathering, settle as settle_entry
-from gpu_worker.engine import Engine, GenerationTask
+from gpu_worker.engines.base import Engine, GenerationTask
 from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, JobLost, Rerouted, RetryLater
 from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from gpu_worker.metrics import WorkerMetrics
+from gpu_worker import outcomes, registry
 from gpu_worker.naks import Naks
+from gpu_worker.outcomes import BROKER_TROUBLE
 from gpu_worker.preview import latent_preview
 from gpu_worker.puller import PriorityPuller
 from gpu_worker.safety import SafetyStage, load_safety
@@ -41,7 +42,7 @@ from gpu_worker.thermal import TemperatureGuard, TemperatureSensor, temperature_
 from schemas.version import __version__
 from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode, encode
-from schemas.connect import BROKER_ERRORS, connect
+from schemas.connect import connect
 from schemas.events import JobEvent
 from schemas.jetstream import MAX_BYTES_FLAG, ensure_model_lanes, ensure_topology
 from schemas.job import JobEnvelope
@@ -54,13 +55,6 @@ from schemas.workers import WorkerInfo
 log = logging.getLogger("imagegen.worker")
 
 KV_KEY_UNSAFE = re.compile(r"[^-_=.a-zA-Z0-9]")
-
-
-BROKER_TROUBLE = BROKER_ERRORS
-
-
-def retry_delay(attempt: int) -> float:
-    return min(30.0, 0.5 * 2 ** (attempt - 1))
 
 
 @dataclass
@@ -147,7 +141,7 @@ class Worker:
         self.naks = Naks(self.nc, ack_wait_s=self.settings.topology.ack_wait_s)
         await self.naks.start()
         await self._register()
-        self._tasks.append(asyncio.create_task(self._registry_loop()))
+        self._tasks.append(asyncio.create_task(registry.beat(self)))
         if self.settings.metrics_port:
             await self.metrics.serve(host=self.settings.metrics_host, port=self.settings.metrics_port)
         log.info("worker %s ready: model=%s device=%s", self.worker_id, self.engine.name, self.engine.device)
@@ -299,29 +293,7 @@ class Worker:
         return "paused-hot" if self.paused_hot else "idle"
 
     async def _register(self) -> None:
-        await self.workers_kv.put(self.worker_id, encode(self.info()))
-
-    def heartbeat_period(self) -> float:
-        """Often enough that a job in hand is never redelivered while this worker is alive."""
-        return min(self.settings.heartbeat_s, self.settings.topology.ack_wait_s / 3)
-
-    async def _registry_loop(self) -> None:
-        period = self.heartbeat_period()
-        while True:
-            await asyncio.sleep(period)
-            try:
-                for job in list(self.running.values()):
-                    await self._heartbeat(job)
-                await self._register()
-            except Exception as exc:  # broker away: keep going, the next beat retries
-                log.warning("worker %s heartbeat failed: %s", self.worker_id, exc)
-
-    async def _heartbeat(self, job: RunningJob) -> None:
-        await job.msg.in_progress()
-        status = await jobstore.read_status(self.status_kv, job.envelope.job_id)
-        if status is not None and status.cancel_requested:
-            job.cancel.set()
-        self._note_holder(job, status)
+        await registry.register(self)
 
     # A worker that stalls past the ack wait (paused, swapped out, its host frozen) may find on waking that
     # its job went to another worker. It notices at its next step: a try that has not seen its record
@@ -479,6 +451,18 @@ class Worker:
         return False
 
     async def _run(self, envelope: JobEnvelope, msg: Msg, attempt: int) -> None:
+        """One try of one job: admit it, start the engine while the running mark goes out, finish it."""
+        admitted = await self._admit(envelope, msg, attempt)
+        if admitted is None:  # done already
+            return
+        started = await self._start(*admitted)
+        if started is not None:
+            await self._finish(admitted[0], *started)
+
+    async def _admit(self, envelope: JobEnvelope, msg: Msg, attempt: int) -> tuple | None:
+        """Checks the job may run here and now, reads (or writes) its record and fetches its inputs:
+        (the running job, its record, the record's revision, init, mask and control image), None when it is
+        done already; raises the outcome (expired, cancelled, failed, rerouted) otherwise."""
         job_id = envelope.job_id
         request = envelope.request
         if envelope.deadline is not None and time.time() > envelope.deadline:
@@ -499,7 +483,7 @@ class Worker:
             revision = await jobstore.create_status(self.status_kv, status) or 0
         elif status.state is JobState.DONE:
             log.info("job %s try %d already done; acking", job_id, attempt)
-            return
+            return None
         elif status.state.final:
             raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(status.state, JobCancelled)()
         if attempt > self.settings.topology.max_deliver:  # the delivery the consumer keeps for this verdict
@@ -518,13 +502,19 @@ class Worker:
             width, height = sizes(list(stages), request.width, request.height)[-1]
             job.final_mpx = width * height / 1e6
         self.running[job_id] = job
+        return job, status, revision, init_image, mask_image, control_image
 
-        ended: JobState | None = None
+    async def _start(
+        self, job: RunningJob, status: JobStatus, revision: int, init_image: Image.Image | None,
+        mask_image: Image.Image | None, control_image: Image.Image | None,
+    ) -> tuple[tuple, float] | None:
+        """Marks the job running and runs the engine meanwhile: (what the engine made, when it started),
+        None when another run finished the job meanwhile; raises when it was cancelled or expired."""
+        envelope, attempt, steps = job.envelope, job.attempt, job.total
+        job_id, request = envelope.job_id, envelope.request
 
         def to_running(s: JobStatus) -> JobStatus | None:
-            nonlocal ended
-            ended = s.state if s.state.final else None
-            if ended is not None:  # another run of this job (a redelivery that raced this one) ended it meanwhile
+            if s.state.final:  # another run of this job (a redelivery that raced this one) ended it meanwhile
                 return None
             if s.cancel_requested:
                 job.cancel.set()
@@ -547,19 +537,27 @@ class Worker:
         gen_started = time.monotonic()
         generating = self._generating(job, task, request.format, request.quality)
         try:
-            job.remember(*await marking)
+            marked, revision, applied = await marking
+            job.remember(marked, revision)
         except BaseException:
             job.cancel.set()  # the broker is away: the engine stops at its next step, the try ends
             await asyncio.gather(generating, return_exceptions=True)
             raise
+        ended = marked.state if not applied and marked is not None else None  # the end another run wrote
         if ended is not None or job.cancel.is_set():
             job.cancel.set()
             await asyncio.gather(generating, return_exceptions=True)
             if ended is JobState.DONE:
                 log.info("job %s try %d already done; acking", job_id, attempt)
-                return
+                return None
             raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended, JobCancelled)()
-        image, nsfw, data, steps_done, encoded = await generating
+        return await generating, gen_started
+
+    async def _finish(self, job: RunningJob, made: tuple, gen_started: float) -> None:
+        """Stores the image under the job id, writes `done` (unless another run did first), tells the
+        followers and teaches the speed model."""
+        image, nsfw, data, steps_done, encoded = made
+        job_id, request, attempt = job.envelope.job_id, job.envelope.request, job.attempt
         if time.monotonic() - job.checked_at > self._hold_check_s():
             await self._check_hold(job)
         if job.lost is not None:  # no image nor status over the try that holds the job now
@@ -591,19 +589,16 @@ class Worker:
             name=job_id, content_type=request.content_type, size=len(data), width=image.width, height=image.height,
             digest=stored.digest, chunks_id=stored.nuid,
         )
-        finished_first = True
 
         def to_done(s: JobStatus) -> JobStatus | None:
-            nonlocal finished_first
             if s.state is JobState.DONE:
-                finished_first = False
                 return None
-            s.state, s.finished_at, s.image, s.step, s.error = JobState.DONE, time.time(), ref, steps, None
+            s.state, s.finished_at, s.image, s.step, s.error = JobState.DONE, time.time(), ref, job.total, None
             s.nsfw = nsfw
             return s
 
-        await jobstore.change_status_at(self.status_kv, job_id, to_done, known=job.record)
-        if not finished_first:
+        status, _, applied = await jobstore.change_status_at(self.status_kv, job_id, to_done, known=job.record)
+        if not applied and status is not None:
             log.info("job %s try %d: another run finished it first", job_id, attempt)
             return
         total_s = time.monotonic() - gen_started
@@ -843,7 +838,8 @@ class Worker:
             return s
 
         try:
-            job.remember(*await jobstore.change_status_at(self.status_kv, job_id, set_step, known=job.record))
+            status, revision, _ = await jobstore.change_status_at(self.status_kv, job_id, set_step, known=job.record)
+            job.remember(status, revision)
         except Exception as exc:
             log.debug("job %s step write skipped: %s", job_id, exc)
 
@@ -861,87 +857,8 @@ class Worker:
         except Exception as exc:
             log.warning("job %s event %s not published: %s", event.job_id, event.type, exc)
 
-    # -- outcomes: the one place that acks, naks and terms ----------------------------------------
+    # -- outcomes (gpu_worker/outcomes.py) -------------------------------------------------------
 
     async def settle(self, msg: Msg, job_id: str, attempt: int, outcome: BaseException | None, duration: float) -> None:
-        """Acks, naks or terms the message for this outcome. When the broker cannot be told (it is
-        away), the message stays unacknowledged and comes back after the ack wait; the worker goes on."""
-        try:
-            await self._settle(msg, job_id, attempt, outcome, duration)
-        except Exception as exc:
-            self.broker_trouble = True
-            log.warning(
-                "job %s try %d not settled (%s: %s); it is redelivered after %.0fs",
-                job_id or "?", attempt, type(exc).__name__, exc, self.settings.topology.ack_wait_s,
-            )
-
-    async def _settle(self, msg: Msg, job_id: str, attempt: int, outcome: BaseException | None, duration: float) -> None:
-        tag = f"job {job_id or '?'} try {attempt}"
-        if outcome is None:
-            await msg.ack()
-            log.info("%s done in %.2fs", tag, duration)
-        elif isinstance(outcome, JobLost):  # the message is the other try's now: no ack, nak or term
-            log.warning("%s lost the job after %.2fs: %s; stopped, nothing written", tag, duration, outcome.reason)
-        elif isinstance(outcome, JobCancelled):
-            await self._finish(job_id, JobState.CANCELLED, "cancelled")
-            await msg.ack()
-            log.info("%s cancelled after %.2fs", tag, duration)
-        elif isinstance(outcome, JobExpired):
-            await self._finish(job_id, JobState.EXPIRED, "expired in the queue before a worker took it")
-            await msg.ack()
-            log.info("%s expired", tag)
-        elif isinstance(outcome, Rerouted):
-            await msg.ack()
-            log.info("job %s %s", job_id or "?", outcome.reason)
-        elif isinstance(outcome, RetryLater):
-            await self.naks.nak(msg, outcome.delay_s, tag=tag)
-            log.info("%s deferred %.1fs: %s", tag, outcome.delay_s, outcome.reason)
-        elif isinstance(outcome, JobFailed):
-            await self._dead_letter(msg, job_id, attempt, outcome.reason)
-            await msg.term()
-            log.warning("%s failed after %.2fs: %s", tag, duration, outcome.reason)
-        elif isinstance(outcome, BROKER_TROUBLE):
-            self.broker_trouble = True
-            await self.naks.nak(msg, retry_delay(attempt), tag=tag)
-            log.warning("%s interrupted by the broker, will retry in %.1fs: %s", tag, retry_delay(attempt), outcome)
-        else:
-            reason = f"{type(outcome).__name__}: {outcome}"
-            if attempt >= self.settings.topology.max_deliver:
-                await self._dead_letter(msg, job_id, attempt, f"failed {attempt} times, last: {reason}")
-                await msg.term()
-                log.warning("%s crashed for the last time: %s", tag, reason)
-            else:
-                await self.naks.nak(msg, retry_delay(attempt), tag=tag)
-                log.warning("%s crashed, will retry in %.1fs: %s", tag, retry_delay(attempt), reason)
-
-    async def _finish(self, job_id: str, state: JobState, reason: str) -> None:
-        """Writes a final state unless the record has one already (then whoever wrote it told the client)."""
-        if not job_id:
-            return
-        changed = False
-
-        def to_final(s: JobStatus) -> JobStatus | None:
-            nonlocal changed
-            if s.state.final:
-                return None
-            changed = True
-            s.state, s.finished_at, s.error = state, time.time(), reason
-            return s
-
-        await jobstore.change_status(self.status_kv, job_id, to_final)
-        if changed:
-            await self._event(JobEvent(type=state.value, job_id=job_id, reason=reason))
-
-    async def _dead_letter(self, msg: Msg, job_id: str, attempt: int, reason: str) -> None:
-        """Marks the job failed with the reason, then keeps the message in `imagegen.dlq`."""
-        if job_id and re.fullmatch(r"[A-Za-z0-9_-]{8,64}", job_id):
-            existing = await jobstore.read_status(self.status_kv, job_id)
-            if existing is None:
-                await jobstore.create_status(self.status_kv, JobStatus(job_id=job_id, submitted_at=time.time()))
-            await self._finish(job_id, JobState.FAILED, reason)
-        letter = {"job_id": job_id, "reason": reason, "subject": msg.subject, "attempt": attempt, "data": msg.data}
-        packed = msgpack.packb(letter, use_bin_type=True)
-        if len(packed) > self.nc.max_payload - 4096:  # a job message near the size limit: keep its head
-            letter |= {"data": msg.data[: self.nc.max_payload // 2], "data_truncated_from": len(msg.data)}
-            packed = msgpack.packb(letter, use_bin_type=True)
-        await self.js.publish(names.DLQ_SUBJECT, packed)
+        """Acks, naks or terms the message for this outcome (`outcomes.settle`)."""
+        await outcomes.settle(self, msg, job_id, attempt, outcome, duration)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpu_worker.settings import WorkerSettings
-from gpu_worker.speedups import DEFAULT_BUCKETS
+from gpu_worker.engines.speedups import DEFAULT_BUCKETS
 from imagegen import __version__, event_loop
 from imagegen.logs import configure as configure_logging
 from imagegen.paths import default_data_dir
@@ -49,7 +49,7 @@ def at_least_one(text: str) -> int:
 
 
 def proxy_list(text: str) -> tuple[str, ...]:
-    from gateway.proxies import parse_trusted
+    from gateway.http.proxies import parse_trusted
 
     entries = tuple(t.strip() for t in text.split(",") if t.strip())
     try:
@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             parser.error(f"{args.command} runs SDXL, which needs {', '.join(missing)}: pip install 'imagegen[worker]'")
     if getattr(args, "quantize", "none") != "none":
-        from gpu_worker.engines import resolve_device
-        from gpu_worker.quantize import refusal
+        from gpu_worker.engines.load import resolve_device
+        from gpu_worker.engines.quantize import refusal
 
         problem = refusal(args.quantize, resolve_device(args.device))
         if problem:
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "key":
         import json
 
-        from gateway.auth import new_key_entry
+        from gateway.http.auth import new_key_entry
 
         secret, entry = new_key_entry(
             args.name, tiers=args.tiers.split(","), rate_per_minute=args.rate_per_minute, max_concurrent=args.max_concurrent

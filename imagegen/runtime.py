@@ -39,8 +39,8 @@ async def start_gateway(settings: GatewaySettings) -> RunningGateway:
     from aiohttp import web
 
     from gateway.app import AccessLog, create_app
-    from gateway.connections import CappedSite, make_room
-    from gateway.http_errors import ServerLog
+    from gateway.http.connections import CappedSite, make_room
+    from gateway.http.http_errors import ServerLog
 
     app = create_app(settings)
     runner = web.AppRunner(
@@ -62,7 +62,7 @@ async def start_worker(
     settings: WorkerSettings, *, warm_up: bool = True, sensor: TemperatureSensor | None = None
 ) -> tuple[Worker, asyncio.Task]:
     """Loads the engine, warms it up and starts serving; `sensor` replaces NVML for the temperature guard."""
-    from gpu_worker.engines import load_engine
+    from gpu_worker.engines.load import load_engine
     from gpu_worker.worker import Worker
 
     engine = await asyncio.get_running_loop().run_in_executor(None, load_engine, settings)

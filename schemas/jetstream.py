@@ -55,7 +55,7 @@ MAX_BYTES_FLAG = {  # the flag that sets each bucket's max_bytes, for the messag
     names.COMFY_BUCKET: "--status-max-bytes",
 }
 
-WEBHOOK_ACK_WAIT_S = 60.0  # longer than one call may take (gateway.webhooks.CALL_TIMEOUT_S)
+WEBHOOK_ACK_WAIT_S = 60.0  # longer than one call may take (gateway.http.webhooks.CALL_TIMEOUT_S)
 WEBHOOK_MAX_DELIVER = 20
 
 

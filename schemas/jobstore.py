@@ -50,14 +50,15 @@ async def change_status(kv: KeyValue, job_id: str, mutate: Mutation, *, tries: i
     `mutate` gets a copy and returns the new record, or None to leave the record as it is. Returns the
     record as stored afterwards, or None if the job is unknown.
     """
-    status, _ = await change_status_at(kv, job_id, mutate, tries=tries)
+    status, _, _ = await change_status_at(kv, job_id, mutate, tries=tries)
     return status
 
 
 async def change_status_at(
     kv: KeyValue, job_id: str, mutate: Mutation, *, tries: int = 20, known: tuple[JobStatus, int] | None = None
-) -> tuple[JobStatus | None, int]:
-    """`change_status`, also returning the KV revision of the record it returns (0 when unknown).
+) -> tuple[JobStatus | None, int, bool]:
+    """`change_status`, also returning the KV revision of the record it returns (0 when unknown) and
+    whether the change was applied (False when `mutate` left the record as it is, or the job is unknown).
 
     `known`: the record as this caller last read or wrote it, with its revision. The change is then
     written over it by compare-and-set without a read first; when the record changed meanwhile the
@@ -68,24 +69,24 @@ async def change_status_at(
         status, revision = known
         changed = mutate(status.model_copy(deep=True))
         if changed is None:
-            return status, revision
+            return status, revision, False
         try:
-            return changed, await kv.update(job_id, encode(changed), last=revision)
+            return changed, await kv.update(job_id, encode(changed), last=revision), True
         except KeyWrongLastSequenceError:
             pass
     for _ in range(tries):
         try:
             entry = await kv.get(job_id)
         except (KeyNotFoundError, KeyDeletedError):
-            return None, 0
+            return None, 0, False
         if not entry.value:
-            return None, 0
+            return None, 0, False
         current = decode(entry.value, JobStatus)
         changed = mutate(current.model_copy(deep=True))
         if changed is None:
-            return current, entry.revision
+            return current, entry.revision, False
         try:
-            return changed, await kv.update(job_id, encode(changed), last=entry.revision)
+            return changed, await kv.update(job_id, encode(changed), last=entry.revision), True
         except KeyWrongLastSequenceError:
             continue
     raise RuntimeError(f"status of {job_id} kept changing under {tries} tries")
@@ -111,7 +112,7 @@ async def request_cancel(nc: NATS, kv: KeyValue, job_id: str) -> tuple[JobStatus
         seen.append(status.state)
         return cancel_mutation(status)
 
-    status, revision = await change_status_at(kv, job_id, mutate)
+    status, revision, _ = await change_status_at(kv, job_id, mutate)
     if status is None:
         return None, 0
     if seen and seen[-1] is JobState.QUEUED:

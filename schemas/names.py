@@ -24,11 +24,11 @@ STATUS_BUCKET = "imagegen-jobs"
 WORKERS_BUCKET = "imagegen-workers"
 CONFIG_BUCKET = "imagegen-config"
 RATE_BUCKET = "imagegen-ratelimits"
-QUOTA_BUCKET = "imagegen-quota"  # per key: the ids of its jobs not seen to end (gateway.quota)
+QUOTA_BUCKET = "imagegen-quota"  # per key: the ids of its jobs not seen to end (gateway.state.quota)
 IMAGES_BUCKET = "imagegen-images"
 CACHE_BUCKET = "imagegen-cache"  # object store: result cache, object name = cache key
 UPLOADS_BUCKET = "imagegen-uploads"  # init and mask images a job reads, by object name
-COMFY_BUCKET = "imagegen-comfy-prompts"  # ComfyUI prompts, by prompt id: their jobs and nodes (gateway/comfy_record.py)
+COMFY_BUCKET = "imagegen-comfy-prompts"  # ComfyUI prompts, by prompt id: their jobs and nodes (gateway/apis/comfy/record.py)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 

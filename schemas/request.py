@@ -374,7 +374,7 @@ class GenerateRequest(BaseModel):
 
 def webhook_url_problem(url: str) -> str | None:
     """What makes `url` unusable as a webhook (not http or https, no host, a user name or password in
-    it, spaces); None when it is usable. Where it may point is the gateway's check (gateway.webhooks)."""
+    it, spaces); None when it is usable. Where it may point is the gateway's check (gateway.http.webhooks)."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number or out of range

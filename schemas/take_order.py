@@ -1,5 +1,5 @@
 """The order in which workers take queued jobs: the rule `gpu_worker.puller` follows, and the one the
-gateway's forecasts (gateway.forecast) plan with.
+gateway's forecasts (gateway.state.forecast) plan with.
 
 A worker takes from the highest tier with work, except that after `fairness` jobs in a row taken from
 a higher tier while a lower one had work waiting, it takes from the lowest tier with work, and counts

@@ -14,8 +14,8 @@ import nats
 import pytest
 from PIL import Image
 
-from gateway import a1111_api, a1111_inpaint, a1111_prompt
-from gateway.auth import new_key_entry
+from gateway.apis.a1111 import api as a1111_api, inpaint as a1111_inpaint, prompt as a1111_prompt
+from gateway.http.auth import new_key_entry
 from schemas import names
 from schemas.codec import encode
 from schemas.events import JobEvent
@@ -552,7 +552,7 @@ async def test_lora_tags_that_cannot_apply_are_refused_by_name(service, http, pr
 
 
 async def test_a_lora_tag_applies_the_workers_adapter_and_an_unknown_one_is_refused(broker, data_dir, http, tmp_path):
-    from gpu_worker import tiny_sdxl
+    from gpu_worker.engines import tiny_sdxl
     from tests.helpers.loras import build_tiny_lora
 
     base = tiny_sdxl.build_tiny_sdxl(data_dir / "models" / tiny_sdxl.TINY_SDXL)

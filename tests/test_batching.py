@@ -9,10 +9,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpu_worker.engine import GenerationTask
+from gpu_worker.engines.base import GenerationTask
 from gpu_worker.errors import JobCancelled
-from gpu_worker.sdxl import SdxlEngine, SdxlSettings
-from gpu_worker.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
+from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
+from gpu_worker.engines.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
 
 TASK = GenerationTask(
     job_id="batch", prompt="a lighthouse", negative_prompt="", width=64, height=64, steps=5, guidance=5.0, seed=11

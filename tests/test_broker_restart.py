@@ -158,7 +158,7 @@ async def test_a_job_whose_publish_fails_is_not_left_queued(service, http, monke
     retry, which publishes it, and the job is done."""
     import nats.errors
 
-    from gateway.mflux_api import SERVICE
+    from gateway.core.caller import SERVICE
 
     jobs = service.gateway.runner.app[SERVICE]
     real_publish = jobs.submit_js.publish  # the context of a submit's own writes

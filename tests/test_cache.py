@@ -18,9 +18,9 @@ from nats.js.api import ObjectInfo
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import Image
 
-from gateway.auth import new_key_entry
-from gateway.jobs import JobService
-from gateway.mflux_api import SERVICE
+from gateway.http.auth import new_key_entry
+from gateway.core.service import JobService
+from gateway.core.caller import SERVICE
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from imagegen import runtime

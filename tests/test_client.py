@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from gateway.auth import new_key_entry
+from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from imagegen.client import AsyncClient, Client, ImagegenError, JobCancelled, Progress

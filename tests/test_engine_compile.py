@@ -15,11 +15,11 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from gpu_worker.engine import GenerationTask
-from gpu_worker.schedulers import SCHEDULER_SPECS
-from gpu_worker.sdxl import SdxlEngine, SdxlSettings
-from gpu_worker.speedups import is_compiled
-from gpu_worker.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
+from gpu_worker.engines.base import GenerationTask
+from gpu_worker.engines.schedulers import SCHEDULER_SPECS
+from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
+from gpu_worker.engines.speedups import is_compiled
+from gpu_worker.engines.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
 
 TASK = GenerationTask(
     job_id="compiled", prompt="a lighthouse", negative_prompt="", width=64, height=64, steps=4, guidance=5.0, seed=3
@@ -79,7 +79,7 @@ def test_every_sampler_runs_the_compiled_graph_without_recompiling(compiled_engi
 RESTART = """
 import sys, torch, torch._dynamo
 torch.set_num_threads(1)
-from gpu_worker.speedups import cache_counts, use_compile_cache
+from gpu_worker.engines.speedups import cache_counts, use_compile_cache
 folder = use_compile_cache(sys.argv[1])
 layer = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval()
 for start in range(2):  # a start, then a restart: Dynamo's in-memory state is dropped in between

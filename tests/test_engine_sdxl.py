@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from gpu_worker.decode import pick_decode_dtype
-from gpu_worker.engine import GenerationTask
+from gpu_worker.engines.decode import pick_decode_dtype
+from gpu_worker.engines.base import GenerationTask
 from gpu_worker.errors import JobCancelled, JobFailed
-from gpu_worker.lora import parse_lora_specs
-from gpu_worker.schedulers import SCHEDULER_SPECS
-from gpu_worker.sdxl import SdxlEngine, SdxlSettings
-from gpu_worker.speedups import flag_on, is_compiled, parse_buckets
-from gpu_worker.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
+from gpu_worker.engines.lora import parse_lora_specs
+from gpu_worker.engines.schedulers import SCHEDULER_SPECS
+from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
+from gpu_worker.engines.speedups import flag_on, is_compiled, parse_buckets
+from gpu_worker.engines.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas.request import SCHEDULERS, RequestInvalid, parse_request
 from tests.helpers.loras import build_tiny_lora

@@ -12,8 +12,8 @@ from typing import AsyncIterator
 import nats
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from gateway.direct_get import BATCH, DirectReader
-from gateway.event_hub import EventHub
+from gateway.state.direct_get import BATCH, DirectReader
+from gateway.state.event_hub import EventHub
 from schemas import names
 from schemas.codec import encode
 from schemas.events import JobEvent

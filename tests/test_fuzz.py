@@ -18,7 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase
 from schemathesis import GenerationMode
 
-from gateway.openapi import OPERATIONS
+from gateway.http.openapi import OPERATIONS
 from tests.helpers.real_processes import own_stack, submit, wait_state
 
 pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own

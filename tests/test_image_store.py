@@ -86,7 +86,7 @@ async def test_the_gateway_reads_an_image_of_many_chunks_whole_and_follows_a_rep
     """The gateway's read of a finished image: every chunk in one batched Direct Get, named by the
     record; a record naming chunks that a later try replaced reads the replacement through its
     description, as does a record without them (an image the result cache stored)."""
-    from gateway.mflux_api import SERVICE
+    from gateway.core.caller import SERVICE
     from schemas.status import ImageRef
 
     js, obs = images

@@ -20,8 +20,8 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from PIL import Image
 
-from gateway.auth import new_key_entry
-from gateway.jobs import idempotent_job_id
+from gateway.http.auth import new_key_entry
+from gateway.core.service import idempotent_job_id
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from imagegen.client import AsyncClient, ImagegenError, Progress

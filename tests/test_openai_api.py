@@ -12,8 +12,8 @@ import openai
 import pytest
 from PIL import Image
 
-from gateway import openai_api
-from gateway.auth import new_key_entry
+from gateway.apis.openai import images as openai_api
+from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from tests.helpers.native_reads import jobs_with_prompt

@@ -196,7 +196,7 @@ async def test_a_low_tier_eta_counts_the_higher_tier_work_still_to_come(broker, 
     is the work queued ahead of it plus its own, its wait stretched by the normal-tier work that arrived
     over the last minute (more of it will come and go first); stretched less than that wait's mean,
     since most waits see fewer arrivals than the mean counts."""
-    from gateway.forecast import ARRIVAL_WINDOW_S
+    from gateway.state.forecast import ARRIVAL_WINDOW_S
     from gateway.settings import GatewaySettings
     from imagegen import runtime
 
@@ -275,7 +275,7 @@ async def test_a_follower_of_a_queued_job_hears_its_place_as_the_queue_moves(bro
 async def test_a_place_that_cannot_be_worked_out_costs_the_follower_no_event(broker, http, monkeypatch):
     """A failure while working out a queued job's place is logged; its follower still gets the job's own
     events."""
-    from gateway import event_feed
+    from gateway.state import event_feed
     from gateway.settings import GatewaySettings
     from imagegen import runtime
 

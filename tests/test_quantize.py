@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from gpu_worker.quantize import in_transformer_block, refusal
-from gpu_worker.sdxl import SdxlEngine, SdxlSettings
+from gpu_worker.engines.quantize import in_transformer_block, refusal
+from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
 
 
 @pytest.mark.processes  # runs the imagegen command

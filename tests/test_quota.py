@@ -11,9 +11,9 @@ import aiohttp
 import nats
 import pytest
 
-from gateway.auth import new_key_entry
-from gateway.quota import RECORD_GRACE_S, reserve
-from gateway.ratelimit import RateLimited
+from gateway.http.auth import new_key_entry
+from gateway.state.quota import RECORD_GRACE_S, reserve
+from gateway.http.ratelimit import RateLimited
 from imagegen.embedded_nats import free_port
 from schemas import names
 from schemas.jetstream import ensure_topology

@@ -14,7 +14,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from gateway.jobs import idempotent_job_id
+from gateway.core.service import idempotent_job_id
 from imagegen.embedded_nats import free_port
 from schemas import jobstore, names
 from schemas.request import parse_request

@@ -15,7 +15,7 @@ import nats
 import pytest
 from PIL import Image
 
-from gateway.auth import new_key_entry
+from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from imagegen.embedded_nats import EmbeddedNats, free_port

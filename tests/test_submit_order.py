@@ -9,8 +9,8 @@ import asyncio
 import nats
 from nats.js.errors import NotFoundError
 
-from gateway.jobs import JobService
-from gateway.mflux_api import SERVICE
+from gateway.core.service import JobService
+from gateway.core.caller import SERVICE
 from schemas import JobState, JobStatus, decode, jobstore, names
 from schemas.events import JobEvent
 from tests.helpers.service import collect_events

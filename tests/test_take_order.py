@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gateway.forecast import EtaCache, forecast
-from gateway.queue_view import QueueView
+from gateway.state.forecast import EtaCache, forecast
+from gateway.state.queue_view import QueueView
 from schemas.take_order import next_take
 from schemas.names import Tier
 from schemas.status import JobState, JobStatus
@@ -61,10 +61,10 @@ class Clock:
 
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
-    import gateway.forecast
+    import gateway.state.forecast
 
     clock = Clock()
-    monkeypatch.setattr(gateway.forecast, "time", clock)
+    monkeypatch.setattr(gateway.state.forecast, "time", clock)
     return clock
 
 

@@ -12,7 +12,7 @@ import nats
 import pytest
 from nats.js.api import DeliverPolicy
 
-from gateway.auth import new_key_entry
+from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from schemas import names

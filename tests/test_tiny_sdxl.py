@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-from gpu_worker.tiny_sdxl import TINY_REFINER, TINY_SDXL, build_tiny_refiner, build_tiny_sdxl
+from gpu_worker.engines.tiny_sdxl import TINY_REFINER, TINY_SDXL, build_tiny_refiner, build_tiny_sdxl
 
 torch.set_num_threads(1)
 
@@ -191,7 +191,7 @@ def test_base_to_refiner_hand_over(
 
 
 def test_a_build_of_an_older_layout_is_replaced(base_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    from gpu_worker import tiny_sdxl
+    from gpu_worker.engines import tiny_sdxl
 
     folder = build_tiny_sdxl(tmp_path / TINY_SDXL)
     stamp = folder / tiny_sdxl.VERSION_FILE

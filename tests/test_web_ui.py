@@ -26,8 +26,10 @@ import pytest
 from PIL import Image
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from gateway import auth, native_api
-from gateway.auth import new_key_entry
+from gateway.http import auth
+
+from gateway.apis import native as native_api
+from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import runtime
 from schemas import names

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from gateway.settings import GatewaySettings
-from gateway.webhooks import NotPublic, PublicOnlyResolver
+from gateway.http.webhooks import NotPublic, PublicOnlyResolver
 from imagegen import runtime
 from imagegen.embedded_nats import EmbeddedNats, free_port
 from schemas import jobstore, names

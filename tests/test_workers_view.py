@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gateway.auth import new_key_entry
+from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from imagegen import __version__, runtime
 from schemas.workers import DEFAULT_FAIRNESS

@@ -324,9 +324,9 @@ async def test_a1111_img2img_takes_a_controlnet_unit(service, http):
 
 
 def test_a_controlnet_loads_beside_a_lora_and_both_act_on_one_image(tmp_path):
-    from gpu_worker.engine import GenerationTask
-    from gpu_worker.sdxl import SdxlEngine, SdxlSettings
-    from gpu_worker.tiny_sdxl import build_tiny_sdxl
+    from gpu_worker.engines.base import GenerationTask
+    from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
+    from gpu_worker.engines.tiny_sdxl import build_tiny_sdxl
     from schemas.plan import expand
     from schemas.request import parse_request
     from tests.helpers.loras import build_tiny_lora

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 from nats.js.api import DeliverPolicy
 
-from gateway.auth import new_key_entry
+from gateway.http.auth import new_key_entry
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 from imagegen import runtime

@@ -1,0 +1,1 @@
+"""ComfyUI's server API: prompts from graphs, history, view, queue, the WebSocket."""

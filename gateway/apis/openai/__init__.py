@@ -1,0 +1,1 @@
+"""OpenAI's Images API: generations, edits and variations, the model list."""
