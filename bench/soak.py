@@ -48,7 +48,7 @@ import aiohttp  # noqa: E402
 import msgpack  # noqa: E402
 import nats  # noqa: E402
 from nats.js.api import DeliverPolicy  # noqa: E402
-from nats.js.errors import KeyNotFoundError, NotFoundError  # noqa: E402
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError  # noqa: E402
 
 from common import RESULTS, OtherLoad, machine, markdown_table, non_negative, percentile, positive, whole  # noqa: E402
 from imagegen.embedded_nats import EmbeddedNats, free_port  # noqa: E402
@@ -376,11 +376,23 @@ async def observe(js, statuses: dict[str, JobStatus | None], logs: list[str]) ->
     """Reads what the checks look at: the jobs' images and events, every record's key, the image
     stream's chunk sets, and the runs in the workers' logs."""
     done_events, started_events = await stored_events(js)
-    kv = await js.key_value(names.STATUS_BUCKET)
     return Observed(
         statuses=statuses, descriptions=await image_descriptions(js, list(statuses)), done_events=done_events,
-        started_events=started_events, runs=runs_logged(logs), every_key=set(await kv.keys()), chunk_sets=await chunk_sets(js),
+        started_events=started_events, runs=runs_logged(logs), every_key=await record_keys(js), chunk_sets=await chunk_sets(js),
     )
+
+
+async def record_keys(js, *, tries: int = 5) -> set[str]:
+    """Every live status record's key. A KV key watcher started just after a broker restart can
+    report the bucket empty before its consumer has caught up (nats.py raises NoKeysError): it is
+    asked again; a bucket still empty after `tries` is empty, and the checks on lost jobs say so."""
+    kv = await js.key_value(names.STATUS_BUCKET)
+    for attempt in range(tries):
+        try:
+            return set(await kv.keys())
+        except NoKeysError:
+            await asyncio.sleep(0.5 * (attempt + 1))
+    return set()
 
 
 # -- one run --------------------------------------------------------------------------------------

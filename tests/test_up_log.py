@@ -69,7 +69,10 @@ async def test_the_default_log_is_one_line_per_job_event(tmp_path):
     assert "secret lighthouse" not in text  # the prompt is in no line
     about_the_job = [line for line in lines if job_id in line]
     events = [re.search(r" (queued|running|done)\b", line) for line in about_the_job]
-    assert [found.group(1) if found else line for found, line in zip(events, about_the_job)] == ["queued", "running", "done"], text
+    said = [found.group(1) if found else line for found, line in zip(events, about_the_job)]
+    # one line per event; the gateway logs `queued` once the broker has taken the job, by when an idle
+    # worker in the same process may already have logged `running`
+    assert sorted(said) == ["done", "queued", "running"] and said[-1] == "done", text
     assert not [line for line in lines if " WARNING " in line and "no CUDA device" not in line], text
 
 
