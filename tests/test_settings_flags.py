@@ -99,3 +99,14 @@ def test_a_variable_and_a_flag_reach_the_setting_and_nested_one(monkeypatch):
     assert gateway.blocklist == ("a", "b") and gateway.redact_prompts and gateway.api_keys == "[]"
     assert gateway.default_timeout_s is None
     assert worker.loras == ("x=one", "y=two", "z=three")
+
+
+def test_the_engine_settings_extend_the_workers_engine_options_instead_of_copying_them():
+    from gpu_worker.engines.options import EngineOptions
+    from gpu_worker.engines.sdxl import SdxlSettings
+
+    options = {f.name for f in dataclasses.fields(EngineOptions)}
+    assert issubclass(SdxlSettings, EngineOptions) and issubclass(WorkerSettings, EngineOptions)
+    shared = {f.name for f in dataclasses.fields(SdxlSettings)} & {f.name for f in dataclasses.fields(WorkerSettings)}
+    assert shared == options | {"model", "device"}  # those two the worker resolves (auto) before the engine loads
+    assert {"--lora", "--dtype", "--compile", "--max-batch"} <= {flag_of(f) for f in dataclasses.fields(EngineOptions)}
