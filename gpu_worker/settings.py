@@ -1,15 +1,16 @@
-"""Worker settings: keyword-only, built from flags and IMAGEGEN_* environment variables."""
+"""Worker settings: keyword-only, each field with its flag and IMAGEGEN_* variable (schemas.settings_fields)."""
 
 from __future__ import annotations
 
 import os
 import socket
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gpu_worker.engines.speedups import DEFAULT_BUCKETS
+from gpu_worker.engines.options import EngineOptions
 from schemas.jetstream import Topology
-from schemas.request import DEFAULT_REFINER_SPLIT, Limits
+from schemas.request import Limits
+from schemas.settings_fields import at_least_one, nats_url_setting, nested, setting
 from schemas.workers import DEFAULT_FAIRNESS
 
 
@@ -18,46 +19,30 @@ def default_worker_id() -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class WorkerSettings:
-    nats_url: str = "nats://127.0.0.1:4222"
-    worker_id: str = field(default_factory=default_worker_id)
-    model: str = "auto"  # auto: SDXL base on CUDA, tiny-sdxl without CUDA
-    refiner: str | None = None
-    device: str = "auto"  # auto: cuda:0 when available, else cpu
-    dtype: str = "auto"
-    threads: int = 1
-    refiner_split: float = DEFAULT_REFINER_SPLIT  # with the refiner: the fraction of the noise schedule the base denoises
-    vae: str | None = None  # another VAE (hub id or folder), e.g. an fp16-fixed one
-    vae_dtype: str = "auto"  # auto: bf16 for a float16 model (fp32 without bf16), fp32 on CPU
-    vae_tiling: str = "auto"  # auto: tiled decode above 1536x1536 pixels; on; off
-    loras: tuple[str, ...] = ()  # LoRA adapters loaded at start, NAME=FOLDER|FILE|HUB_ID each
-    controlnets: tuple[str, ...] = ()  # ControlNets loaded at start, NAME=FOLDER|HUB_ID|tiny-controlnet each
-    offload: bool = False  # model CPU offload: for GPUs too small to hold the pipeline (slower)
-    channels_last: str = "auto"  # auto, on, off; auto: on with CUDA
-    fuse_qkv: str = "auto"  # fused QKV projections; auto: on with CUDA unless LoRAs are loaded
-    compile: str = "auto"  # torch.compile of the UNets; auto: on with CUDA unless offloading
-    compile_mode: str = "default"  # torch.compile mode
-    compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: compiled and warmed up at start
-    quantize: str = "none"  # none or fp8 (float8 linear layers in the UNets; Ada/Hopper GPUs with torchao)
-    compile_cache: str = ""  # Inductor's artifacts, reused by the next start; empty: <data_dir>/compile-cache
-    max_batch: int = 1  # most images one engine call makes: compatible queued jobs (a request's n images first) taken together; 1: each alone
-    data_dir: str = ""
+class WorkerSettings(EngineOptions):
+    """The worker's settings; those it hands the engine come from EngineOptions."""
+
+    nats_url: str = nats_url_setting()
+    worker_id: str = setting(default_factory=default_worker_id, group="operations", flag_default=None, help="name in the worker registry")
+    model: str = setting("auto", group="engine", help="hub id, local folder, tiny-sdxl or simulated; auto: SDXL base with CUDA, tiny-sdxl without")
+    device: str = setting("auto", group="engine", help="cuda:N or cpu; one worker process per GPU")
+    data_dir: str = setting("", group="operations", help="where built models (and up's server store) live")  # the command's default: imagegen.paths
     heartbeat_s: float = 5.0  # in_progress() and worker-registry refresh period
     progress_write_s: float = 0.5  # at most this often a running job's step goes to the status record
-    preview_every: int = 5  # a preview event every N steps (0: none)
-    safety_checker: str | None = None  # NSFW check: StableDiffusionSafetyChecker folder or hub id, or module:factory
-    nsfw_action: str = "blank"  # a flagged image: blank (black image, status nsfw) or reject (the job fails)
-    max_gpu_temp: float = 85.0  # degrees C: above this no new job is taken (0: guard off)
-    resume_gpu_temp: float = 75.0  # degrees C: at or below this jobs are taken again
+    preview_every: int = setting(5, group="engine", help="a preview image every N steps, 0 for none")
+    safety_checker: str | None = setting(None, group="safety", metavar="PATH|HUB_ID|MODULE:FACTORY", help="NSFW check of every image: a StableDiffusionSafetyChecker folder or hub id (e.g. CompVis/stable-diffusion-safety-checker), or a plug-in factory; off when unset")
+    nsfw_action: str = setting("blank", group="safety", choices=("blank", "reject"), help="a flagged image: blank (a black image, status nsfw: true) or reject (the job fails)")
+    max_gpu_temp: float = setting(85.0, group="operations", help="degrees C at which the worker takes no new job (NVML); 0: no guard")
+    resume_gpu_temp: float = setting(75.0, group="operations", help="degrees C at or below which a paused worker takes jobs again")
     gpu_temp_poll_s: float = 2.0  # how often a paused worker reads the temperature
-    metrics_port: int = 0  # Prometheus /metrics on this port (0: not served)
-    metrics_host: str = "127.0.0.1"  # address the metrics port listens on
-    fairness: int = DEFAULT_FAIRNESS  # jobs in a row from higher tiers while a lower one waits, before its turn
-    sim_step_s: float = 0.05
+    metrics_port: int = setting(0, group="operations", help="serve the worker's Prometheus /metrics on this port; 0: off")
+    metrics_host: str = setting("127.0.0.1", group="operations", help="address the worker's metrics port listens on")
+    fairness: int = setting(DEFAULT_FAIRNESS, group="operations", parse=at_least_one, help="after this many jobs in a row taken from higher tiers while a lower one waited, the next comes from the lowest tier with work")
+    sim_step_s: float = setting(0.05, group="testing", flag="--sim-step-s", help="simulated engine: seconds per step")
     sim_step_s_per_mpx: float = 0.0
     sim_fixed_s: float = 0.0
     sim_refiner_step_factor: float = 1.0  # simulated engine: a refiner step's time over a base step's
     sim_refiner_fixed_s: float = 0.0  # simulated engine: the hand-over to the refiner
-    sim_fail_marker: str = ""  # simulated engine: prompts containing this crash it (tests of retries)
-    limits: Limits = field(default_factory=Limits)
-    topology: Topology = field(default_factory=Topology)
+    sim_fail_marker: str = setting("", group="testing", help="simulated engine: a prompt containing this text crashes it, for testing retries")
+    limits: Limits = nested(Limits)
+    topology: Topology = nested(Topology)

@@ -12,13 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpu_worker.settings import WorkerSettings
-from gpu_worker.engines.speedups import DEFAULT_BUCKETS
 from imagegen import __version__, event_loop
+from imagegen.flags import add_settings, build_settings
 from imagegen.logs import configure as configure_logging
 from imagegen.paths import default_data_dir
-from schemas.jetstream import Topology
-from schemas.request import SCHEDULERS, Limits
-from schemas.workers import DEFAULT_FAIRNESS
+from schemas.request import SCHEDULERS
 
 if TYPE_CHECKING:  # the gateway's modules load only for the commands that run one (not for `imagegen worker`)
     from gateway.settings import GatewaySettings
@@ -39,24 +37,6 @@ def env_list(name: str) -> list[str]:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(f"IMAGEGEN_{name}", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is less than 1")
-    return value
-
-
-def proxy_list(text: str) -> tuple[str, ...]:
-    from gateway.http.proxies import parse_trusted
-
-    entries = tuple(t.strip() for t in text.split(",") if t.strip())
-    try:
-        parse_trusted(entries)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--trust-proxy: ")) from None
-    return entries
 
 
 SECTIONS = {  # the order --help lists them in, and what each holds
@@ -89,7 +69,7 @@ class DefaultsHelp(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if default is None or default is False or default in ("", [], argparse.SUPPRESS) or not action.option_strings:
+        if default is None or default is False or default in ("", [], (), argparse.SUPPRESS) or not action.option_strings:
             return text
         shown = str(default).replace("%", "%%")
         found = ENV_NOTE.search(text)
@@ -99,87 +79,20 @@ class DefaultsHelp(argparse.HelpFormatter):
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    section(p, "network").add_argument("--nats", default=os.environ.get("IMAGEGEN_NATS"), help="NATS server URL(s), comma-separated (IMAGEGEN_NATS)")
+    """The flags of the process itself (not settings of a part): its log and its event loop."""
     section(p, "operations").add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (IMAGEGEN_LOG_LEVEL)")
     section(p, "operations").add_argument("--log-format", default=env("LOG_FORMAT", "text"), choices=["text", "json"], help="text lines, or one JSON object per line with job_id on job lines (IMAGEGEN_LOG_FORMAT)")
     section(p, "operations").add_argument("--event-loop", default=env("EVENT_LOOP", "auto"), choices=list(event_loop.CHOICES), help="auto: uvloop where installed, else asyncio's own (IMAGEGEN_EVENT_LOOP)")
-    section(p, "operations").add_argument("--replicas", type=int, default=env("REPLICAS", 1), help="JetStream replicas of every stream, 3 on a cluster (IMAGEGEN_REPLICAS)")
-    section(p, "limits").add_argument("--max-pixels", type=int, default=env("MAX_PIXELS", Limits().max_pixels), help="pixel budget per image (IMAGEGEN_MAX_PIXELS)")
-    section(p, "limits").add_argument("--max-steps", type=int, default=env("MAX_STEPS", Limits().max_steps), help="most steps per image (IMAGEGEN_MAX_STEPS)")
-    section(p, "limits").add_argument("--max-prompt-chars", type=int, default=env("MAX_PROMPT_CHARS", Limits().max_prompt_chars), help="longest prompt (IMAGEGEN_MAX_PROMPT_CHARS)")
-    section(p, "limits").add_argument("--max-stages", type=int, default=env("MAX_STAGES", Limits().max_stages), help="most stages in one job's plan (hires fix, refiner, ControlNet) (IMAGEGEN_MAX_STAGES)")
-    section(p, "limits").add_argument("--max-images", type=int, default=env("MAX_IMAGES", Limits().max_images), help="most images (n) per request (IMAGEGEN_MAX_IMAGES)")
-    section(p, "limits").add_argument("--max-upload-bytes", type=int, default=env("MAX_UPLOAD_BYTES", Limits().max_upload_bytes), help="largest init or mask image (IMAGEGEN_MAX_UPLOAD_BYTES)")
-    section(p, "operations").add_argument("--job-ttl", type=float, default=env("JOB_TTL", Topology().job_ttl_s), help="seconds status records and images are kept (IMAGEGEN_JOB_TTL)")
-    section(p, "operations").add_argument("--ack-wait", type=float, default=env("ACK_WAIT", Topology().ack_wait_s), help="seconds a silent worker keeps a job before it is redelivered; the same on every process (IMAGEGEN_ACK_WAIT)")
-    section(p, "operations").add_argument("--max-deliver", type=int, default=env("MAX_DELIVER", Topology().max_deliver), help="tries of a job before it is dead-lettered; the same on every process (IMAGEGEN_MAX_DELIVER)")
-    section(p, "operations").add_argument("--images-max-bytes", type=int, default=env("IMAGES_MAX_BYTES", Topology().images_max_bytes), help="most bytes of images kept; a job whose image does not fit fails (IMAGEGEN_IMAGES_MAX_BYTES)")
-    section(p, "operations").add_argument("--uploads-max-bytes", type=int, default=env("UPLOADS_MAX_BYTES", Topology().uploads_max_bytes), help="most bytes of uploaded init and mask images kept; past it uploads get 507 (IMAGEGEN_UPLOADS_MAX_BYTES)")
-    section(p, "operations").add_argument("--cache-max-bytes", type=int, default=env("CACHE_MAX_BYTES", Topology().cache_max_bytes), help="most bytes of the result cache (IMAGEGEN_CACHE_MAX_BYTES)")
-    section(p, "operations").add_argument("--status-max-bytes", type=int, default=env("STATUS_MAX_BYTES", Topology().status_max_bytes), help="most bytes of job records, and of ComfyUI prompts; past it submits get 507 (IMAGEGEN_STATUS_MAX_BYTES)")
-    section(p, "operations").add_argument("--kv-max-bytes", type=int, default=env("KV_MAX_BYTES", Topology().kv_max_bytes), help="most bytes of each small KV bucket: rate limits, quotas, workers, config (IMAGEGEN_KV_MAX_BYTES)")
 
 
 def add_gateway(p: argparse.ArgumentParser) -> None:
     from gateway.settings import GatewaySettings
 
-    section(p, "network").add_argument("--host", default=env("HOST", "127.0.0.1"), help="address the gateway listens on (IMAGEGEN_HOST)")
-    section(p, "network").add_argument("--port", type=int, default=env("PORT", 4030), help="gateway port (IMAGEGEN_PORT)")
-    section(p, "safety").add_argument("--api-keys", default=os.environ.get("IMAGEGEN_API_KEYS_FILE"), help="JSON file of API keys (hashes); auth is on when any key is configured; IMAGEGEN_API_KEYS may hold the JSON itself (IMAGEGEN_API_KEYS_FILE)")
-    section(p, "safety").add_argument("--blocklist", default=env("BLOCKLIST", ""), help="comma-separated terms; prompts containing one are refused (IMAGEGEN_BLOCKLIST)")
-    section(p, "safety").add_argument("--redact-prompts", action="store_true", default=env("REDACT_PROMPTS", "") not in ("", "0", "false"), help="audit records carry a hash instead of the prompt (IMAGEGEN_REDACT_PROMPTS)")
-    section(p, "limits").add_argument("--default-timeout", type=float, default=env("DEFAULT_TIMEOUT", 0.0), help="seconds a job may wait in the queue when the request sets no timeout_s; 0: forever (IMAGEGEN_DEFAULT_TIMEOUT)")
-    section(p, "limits").add_argument("--upload-bytes-per-key", type=int, default=env("UPLOAD_BYTES_PER_KEY", GatewaySettings().upload_bytes_per_key), help="bytes of uploaded images (ComfyUI's /upload/image) each API key may keep at once; past it 413 (IMAGEGEN_UPLOAD_BYTES_PER_KEY)")
-    section(p, "operations").add_argument("--cache-ttl", type=float, default=env("CACHE_TTL", 24 * 3600.0), help="seconds an image answers identical requests (with a seed, or cache: true) from the result cache; 0: no cache (IMAGEGEN_CACHE_TTL)")
-    section(p, "operations").add_argument("--webhook-secret", default=os.environ.get("IMAGEGEN_WEBHOOK_SECRET"), help="signs webhook calls (Standard Webhooks: whsec_ and base64, or any text); the same on every gateway (IMAGEGEN_WEBHOOK_SECRET)")
-    section(p, "safety").add_argument("--webhook-allow-private", action="store_true", default=env("WEBHOOK_ALLOW_PRIVATE", "") not in ("", "0", "false"), help="webhooks may go to loopback, private and link-local addresses, for a closed network (IMAGEGEN_WEBHOOK_ALLOW_PRIVATE)")
-    section(p, "network").add_argument("--trust-proxy", type=proxy_list, default=env("TRUST_PROXY", ""), metavar="ADDR[,ADDR]", help="addresses or networks (10.0.0.0/8) of the reverse proxies in front; only from them are X-Forwarded-Proto and X-Forwarded-Host believed (the scheme and host of image URLs); * for any peer; default none (IMAGEGEN_TRUST_PROXY)")
-    section(p, "operations").add_argument("--comfy-previews", action="store_true", default=env("COMFY_PREVIEWS", "") not in ("", "0", "false"), help="ComfyUI's /ws sends live previews as binary frames for every prompt, as ComfyUI does with a preview method on; without it only for prompts whose extra_data asks (preview_method auto, latent2rgb or taesd), as ComfyUI's default (none) does (IMAGEGEN_COMFY_PREVIEWS)")
-    section(p, "safety").add_argument("--max-body-bytes", type=at_least_one, default=env("MAX_BODY_BYTES", GatewaySettings().max_body_bytes), help="largest body of a route that takes images inline (/v1/jobs, /api/generate, img2img, uploads); at least what two uploads of --max-upload-bytes need as base64 (IMAGEGEN_MAX_BODY_BYTES)")
-    section(p, "safety").add_argument("--max-json-bytes", type=at_least_one, default=env("MAX_JSON_BYTES", GatewaySettings().max_json_bytes), help="largest body of every other route (IMAGEGEN_MAX_JSON_BYTES)")
-    section(p, "safety").add_argument("--max-json-items", type=at_least_one, default=env("MAX_JSON_ITEMS", GatewaySettings().max_json_items), help="most keys and items in a JSON body, counted as its ',' and ':' while it arrives (IMAGEGEN_MAX_JSON_ITEMS)")
-    section(p, "safety").add_argument("--body-timeout", type=float, default=env("BODY_TIMEOUT", GatewaySettings().body_timeout_s), help="seconds a request body may take to arrive; 408 after (IMAGEGEN_BODY_TIMEOUT)")
-    section(p, "safety").add_argument("--header-timeout", type=float, default=env("HEADER_TIMEOUT", GatewaySettings().header_timeout_s), help="seconds a request's headers may take to arrive (from the connection's start, or the last answer on it; also how long an idle keep-alive connection stays); the connection is closed after (IMAGEGEN_HEADER_TIMEOUT)")
-    section(p, "safety").add_argument("--max-connections", type=at_least_one, default=env("MAX_CONNECTIONS", GatewaySettings().max_connections), help="open connections per gateway (HTTP, WebSocket); one more is answered 503 with Retry-After (IMAGEGEN_MAX_CONNECTIONS)")
-    section(p, "operations").add_argument("--access-log", action="store_true", default=env_flag("ACCESS_LOG"), help="log a line per HTTP request: method, path, status, bytes, milliseconds (IMAGEGEN_ACCESS_LOG=1)")
-    section(p, "operations").add_argument("--audit-log", action="store_true", default=env_flag("AUDIT_LOG"), help="also log each audit record (a JSON line per submission, with the prompt unless --redact-prompts); the records go to NATS subject imagegen.audit either way (IMAGEGEN_AUDIT_LOG=1)")
-    section(p, "safety").add_argument("--cache-scope", default=env("CACHE_SCOPE", "key"), choices=["key", "global"], help="with API keys: key keeps each key's result-cache entries to itself; global shares them between keys (IMAGEGEN_CACHE_SCOPE)")
-    section(p, "operations").add_argument("--submit-timeout", type=float, default=env("SUBMIT_TIMEOUT", GatewaySettings().submit_timeout_s), help="seconds a submit waits for the broker to take its job; unanswered (a cluster electing a leader): 503 with Retry-After, and submits are refused at once until the job stream has a leader (IMAGEGEN_SUBMIT_TIMEOUT)")
+    add_settings(lambda name: section(p, name), p, GatewaySettings)
 
 
 def add_worker(p: argparse.ArgumentParser) -> None:
-    section(p, "engine").add_argument("--model", default=env("MODEL", "auto"), help="hub id, local folder, tiny-sdxl or simulated; auto: SDXL base with CUDA, tiny-sdxl without (IMAGEGEN_MODEL)")
-    section(p, "engine").add_argument("--refiner", default=os.environ.get("IMAGEGEN_REFINER"), help="refiner hub id or folder (tiny-sdxl-refiner with tiny-sdxl) (IMAGEGEN_REFINER)")
-    section(p, "engine").add_argument("--device", default=env("DEVICE", "auto"), help="cuda:N or cpu; one worker process per GPU (IMAGEGEN_DEVICE)")
-    section(p, "engine").add_argument("--dtype", default=env("DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"], help="weights' dtype; auto: fp16 with CUDA, fp32 on a CPU (IMAGEGEN_DTYPE)")
-    section(p, "engine").add_argument("--threads", type=int, default=env("THREADS", 1), help="torch CPU threads (IMAGEGEN_THREADS)")
-    section(p, "engine").add_argument("--refiner-split", type=float, default=env("REFINER_SPLIT", 0.8), help="with the refiner: fraction of the noise schedule the base denoises before handing over (IMAGEGEN_REFINER_SPLIT)")
-    section(p, "engine").add_argument("--controlnet", dest="controlnets", action="append", default=env_list("CONTROLNETS"), metavar="NAME=SOURCE", help="load an SDXL ControlNet at start, from a folder or a hub id (tiny-controlnet: a small one built from tiny-sdxl); repeatable; plans pick it by NAME (IMAGEGEN_CONTROLNETS, comma-separated)")
-    section(p, "engine").add_argument("--lora", dest="loras", action="append", default=env_list("LORAS"), metavar="NAME=SOURCE", help="load a LoRA adapter at start, from a folder, a .safetensors file or a hub id (owner/repo[:file]); repeatable; requests pick it by NAME (IMAGEGEN_LORAS, comma-separated)")
-    section(p, "engine").add_argument("--vae", default=os.environ.get("IMAGEGEN_VAE"), help="another VAE, hub id or folder, e.g. madebyollin/sdxl-vae-fp16-fix (IMAGEGEN_VAE)")
-    section(p, "engine").add_argument("--vae-dtype", default=env("VAE_DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"], help="dtype of the VAE decode; auto: bf16 for an fp16 model whose VAE overflows in fp16 (IMAGEGEN_VAE_DTYPE)")
-    section(p, "engine").add_argument("--vae-tiling", default=env("VAE_TILING", "auto"), choices=["auto", "on", "off"], help="tiled VAE decode; auto: above 1536x1536 pixels (IMAGEGEN_VAE_TILING)")
-    section(p, "engine").add_argument("--offload", action="store_true", default=env_flag("OFFLOAD"), help="model CPU offload, only for GPUs too small for the pipeline; slower (IMAGEGEN_OFFLOAD=1)")
-    section(p, "engine").add_argument("--compile", default=env("COMPILE", "auto"), choices=["auto", "on", "off"], help="torch.compile the UNets; auto: on with CUDA (IMAGEGEN_COMPILE)")
-    section(p, "engine").add_argument("--compile-mode", default=env("COMPILE_MODE", "default"), choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], help="torch.compile's mode (IMAGEGEN_COMPILE_MODE)")
-    section(p, "engine").add_argument("--compile-buckets", default=env("COMPILE_BUCKETS", DEFAULT_BUCKETS), metavar="WxH,...", help="sizes compiled and warmed up at start; other sizes run uncompiled, never recompiling (IMAGEGEN_COMPILE_BUCKETS)")
-    section(p, "engine").add_argument("--max-batch", type=at_least_one, default=os.environ.get("IMAGEGEN_MAX_BATCH", "1"), help="most images one engine call makes: up to this many compatible queued jobs (same size, steps, sampler, refiner, LoRAs; a request's n images are) run together; 1: one at a time (IMAGEGEN_MAX_BATCH)")
-    section(p, "engine").add_argument("--quantize", default=env("QUANTIZE", "none"), choices=["none", "fp8"], help="fp8: the UNets' attention and feed-forward layers in float8 (torchao; GPUs of compute capability 8.9+, e.g. H100); refused elsewhere (IMAGEGEN_QUANTIZE)")
-    section(p, "engine").add_argument("--compile-cache", default=env("COMPILE_CACHE", ""), metavar="DIR", help="folder for torch.compile's artifacts, reused at the next start; default: <data dir>/compile-cache (IMAGEGEN_COMPILE_CACHE)")
-    section(p, "engine").add_argument("--channels-last", default=env("CHANNELS_LAST", "auto"), choices=["auto", "on", "off"], help="channels-last memory layout; auto: on with CUDA (IMAGEGEN_CHANNELS_LAST)")
-    section(p, "engine").add_argument("--fuse-qkv", default=env("FUSE_QKV", "auto"), choices=["auto", "on", "off"], help="fused QKV attention projections; auto: on with CUDA unless LoRAs are loaded (IMAGEGEN_FUSE_QKV)")
-    section(p, "operations").add_argument("--worker-id", default=os.environ.get("IMAGEGEN_WORKER_ID"), help="name in the worker registry (IMAGEGEN_WORKER_ID)")
-    section(p, "operations").add_argument("--fairness", type=at_least_one, default=os.environ.get("IMAGEGEN_FAIRNESS", str(DEFAULT_FAIRNESS)), help="after this many jobs in a row taken from higher tiers while a lower one waited, the next comes from the lowest tier with work (IMAGEGEN_FAIRNESS)")
-    section(p, "engine").add_argument("--preview-every", type=int, default=env("PREVIEW_EVERY", 5), help="a preview image every N steps, 0 for none (IMAGEGEN_PREVIEW_EVERY)")
-    section(p, "operations").add_argument("--metrics-port", type=int, default=env("METRICS_PORT", 0), help="serve the worker's Prometheus /metrics on this port; 0: off (IMAGEGEN_METRICS_PORT)")
-    section(p, "operations").add_argument("--metrics-host", default=env("METRICS_HOST", "127.0.0.1"), help="address the worker's metrics port listens on (IMAGEGEN_METRICS_HOST)")
-    section(p, "safety").add_argument("--safety-checker", default=os.environ.get("IMAGEGEN_SAFETY_CHECKER"), metavar="PATH|HUB_ID|MODULE:FACTORY", help="NSFW check of every image: a StableDiffusionSafetyChecker folder or hub id (e.g. CompVis/stable-diffusion-safety-checker), or a plug-in factory; off when unset (IMAGEGEN_SAFETY_CHECKER)")
-    section(p, "safety").add_argument("--nsfw-action", default=env("NSFW_ACTION", "blank"), choices=["blank", "reject"], help="a flagged image: blank (a black image, status nsfw: true) or reject (the job fails) (IMAGEGEN_NSFW_ACTION)")
-    section(p, "operations").add_argument("--max-gpu-temp", type=float, default=env("MAX_GPU_TEMP", 85.0), help="degrees C at which the worker takes no new job (NVML); 0: no guard (IMAGEGEN_MAX_GPU_TEMP)")
-    section(p, "operations").add_argument("--resume-gpu-temp", type=float, default=env("RESUME_GPU_TEMP", 75.0), help="degrees C at or below which a paused worker takes jobs again (IMAGEGEN_RESUME_GPU_TEMP)")
-    section(p, "testing").add_argument("--sim-step-s", type=float, default=env("SIM_STEP_S", 0.05), help="simulated engine: seconds per step (IMAGEGEN_SIM_STEP_S)")
-    section(p, "testing").add_argument("--sim-fail-marker", default=env("SIM_FAIL_MARKER", ""), help="simulated engine: a prompt containing this text crashes it, for testing retries (IMAGEGEN_SIM_FAIL_MARKER)")
-    section(p, "operations").add_argument("--data-dir", default=str(default_data_dir()), help="where built models (and up's server store) live (IMAGEGEN_DATA_DIR)")
+    add_settings(lambda name: section(p, name), p, WorkerSettings, defaults={"data_dir": str(default_data_dir())})
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -260,93 +173,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def limits_of(args: argparse.Namespace) -> Limits:
-    return Limits(
-        max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
-        max_images=args.max_images, max_upload_bytes=args.max_upload_bytes, max_stages=args.max_stages,
-    )
-
-
-def topology_of(args: argparse.Namespace) -> Topology:
-    return Topology(
-        replicas=args.replicas, job_ttl_s=args.job_ttl, ack_wait_s=args.ack_wait, max_deliver=args.max_deliver,
-        images_max_bytes=args.images_max_bytes, uploads_max_bytes=args.uploads_max_bytes,
-        cache_max_bytes=args.cache_max_bytes, status_max_bytes=args.status_max_bytes, kv_max_bytes=args.kv_max_bytes,
-    )
-
-
 def gateway_settings(args: argparse.Namespace, nats_url: str) -> GatewaySettings:
     from gateway.settings import GatewaySettings
 
-    return GatewaySettings(
-        nats_url=nats_url,
-        host=args.host,
-        port=args.port,
-        limits=limits_of(args),
-        topology=topology_of(args),
-        api_keys_file=args.api_keys,
-        api_keys=os.environ.get("IMAGEGEN_API_KEYS"),
-        blocklist=tuple(t.strip() for t in args.blocklist.split(",") if t.strip()),
-        redact_prompts=args.redact_prompts,
-        default_timeout_s=args.default_timeout or None,
-        cache_ttl_s=args.cache_ttl,
-        upload_bytes_per_key=args.upload_bytes_per_key,
-        cache_scope=args.cache_scope,
-        webhook_secret=args.webhook_secret or None,
-        webhook_allow_private=args.webhook_allow_private,
-        trust_proxy=args.trust_proxy,
-        comfy_previews=args.comfy_previews,
-        max_body_bytes=args.max_body_bytes,
-        max_json_bytes=args.max_json_bytes,
-        max_json_items=args.max_json_items,
-        body_timeout_s=args.body_timeout,
-        header_timeout_s=args.header_timeout,
-        max_connections=args.max_connections,
-        submit_timeout_s=args.submit_timeout,
-        access_log=args.access_log,
-        audit_log=args.audit_log,
-    )
+    return build_settings(GatewaySettings, args, nats_url=nats_url)
 
 
 def worker_settings(args: argparse.Namespace, nats_url: str) -> WorkerSettings:
-    extra = {"worker_id": args.worker_id} if args.worker_id else {}
-    return WorkerSettings(
-        nats_url=nats_url,
-        model=args.model,
-        refiner=args.refiner,
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        refiner_split=args.refiner_split,
-        loras=tuple(args.loras or ()),
-        controlnets=tuple(args.controlnets or ()),
-        vae=args.vae,
-        vae_dtype=args.vae_dtype,
-        vae_tiling=args.vae_tiling,
-        offload=args.offload,
-        compile=args.compile,
-        compile_mode=args.compile_mode,
-        compile_buckets=args.compile_buckets,
-        compile_cache=args.compile_cache,
-        quantize=args.quantize,
-        max_batch=args.max_batch,
-        channels_last=args.channels_last,
-        fuse_qkv=args.fuse_qkv,
-        data_dir=args.data_dir,
-        sim_step_s=args.sim_step_s,
-        sim_fail_marker=args.sim_fail_marker,
-        preview_every=args.preview_every,
-        fairness=args.fairness,
-        safety_checker=args.safety_checker,
-        nsfw_action=args.nsfw_action,
-        max_gpu_temp=args.max_gpu_temp,
-        resume_gpu_temp=args.resume_gpu_temp,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        limits=limits_of(args),
-        topology=topology_of(args),
-        **extra,
-    )
+    return build_settings(WorkerSettings, args, nats_url=nats_url)
 
 
 def missing_worker_packages() -> list[str]:

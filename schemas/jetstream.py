@@ -24,27 +24,28 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from schemas import names
+from schemas.settings_fields import setting
 
 log = logging.getLogger("imagegen.jetstream")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Topology:
-    replicas: int = 1
-    job_ttl_s: float = 24 * 3600  # status records and images live this long
+    replicas: int = setting(1, help="JetStream replicas of every stream, 3 on a cluster", group="operations")
+    job_ttl_s: float = setting(24 * 3600, help="seconds status records and images are kept", group="operations")
     events_ttl_s: float = 3600  # events replayable this long
     duplicate_window_s: float = 600  # idempotent submit window (Nats-Msg-Id)
-    ack_wait_s: float = 30.0  # a worker that stops heartbeating loses its job after this
-    max_deliver: int = 5
+    ack_wait_s: float = setting(30.0, help="seconds a silent worker keeps a job before it is redelivered; the same on every process", group="operations")
+    max_deliver: int = setting(5, help="tries of a job before it is dead-lettered; the same on every process", group="operations")
     worker_ttl_s: float = 15.0  # a worker that stops heartbeating disappears after this
     audit_ttl_s: float = 30 * 24 * 3600
     # Every bucket's most bytes: a write past it is refused (schemas.storage.StoreFull). On one server the
     # sum is reserved from its JetStream storage (75% of the free disk by default), so keep it below that.
-    images_max_bytes: int = 2 << 30  # object store imagegen-images
-    uploads_max_bytes: int = 1 << 30  # object store imagegen-uploads
-    cache_max_bytes: int = 1 << 30  # object store imagegen-cache
-    status_max_bytes: int = 512 << 20  # KV imagegen-jobs and imagegen-comfy-prompts
-    kv_max_bytes: int = 64 << 20  # the small KV buckets: rate limits, quotas, workers, config
+    images_max_bytes: int = setting(2 << 30, help="most bytes of images kept; a job whose image does not fit fails", group="operations")  # object store imagegen-images
+    uploads_max_bytes: int = setting(1 << 30, help="most bytes of uploaded init and mask images kept; past it uploads get 507", group="operations")  # object store imagegen-uploads
+    cache_max_bytes: int = setting(1 << 30, help="most bytes of the result cache", group="operations")  # object store imagegen-cache
+    status_max_bytes: int = setting(512 << 20, help="most bytes of job records, and of ComfyUI prompts; past it submits get 507", group="operations")  # KV imagegen-jobs and imagegen-comfy-prompts
+    kv_max_bytes: int = setting(64 << 20, help="most bytes of each small KV bucket: rate limits, quotas, workers, config", group="operations")
 
 
 MAX_BYTES_FLAG = {  # the flag that sets each bucket's max_bytes, for the messages of a full one

@@ -17,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from schemas.names import Tier
 from schemas.plan import ControlNetUnit, HiresFix, Stage, plan_problems
+from schemas.settings_fields import setting
 
 MAX_SEED = 2**63 - 1
 MAX_WEBHOOK_CHARS = 2048
@@ -103,14 +104,14 @@ JsonFloat = Annotated[float, BeforeValidator(_number)]
 class Limits:
     """What one deployment accepts. The defaults fit SDXL on a 24 GB GPU."""
 
-    max_pixels: int = 2048 * 2048
+    max_pixels: int = setting(2048 * 2048, help="pixel budget per image", group="limits")
     max_side: int = 4096
     min_side: int = 64
-    max_steps: int = 100
-    max_prompt_chars: int = 2000
-    max_images: int = 8  # most images (`n`) one request may ask for
-    max_upload_bytes: int = 8 * 1024 * 1024  # largest init or mask image, in bytes as decoded
-    max_stages: int = 4  # most stages in one job's plan (schemas.plan)
+    max_steps: int = setting(100, help="most steps per image", group="limits")
+    max_prompt_chars: int = setting(2000, help="longest prompt", group="limits")
+    max_images: int = setting(8, help="most images (n) per request", group="limits")
+    max_upload_bytes: int = setting(8 * 1024 * 1024, help="largest init or mask image", group="limits")  # in bytes as decoded
+    max_stages: int = setting(4, help="most stages in one job's plan (hires fix, refiner, ControlNet)", group="limits")  # schemas.plan
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_images <= MAX_IMAGES:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import fields
 from pathlib import Path
 
 from gpu_worker.engines.base import Engine
+from gpu_worker.engines.options import EngineOptions
 from gpu_worker.job_context import ContextThreadPool
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.engines.simulated import SIMULATED, SimulatedEngine
@@ -86,29 +88,14 @@ def load_engine(settings: WorkerSettings) -> Engine:
             refiner = str(tiny_sdxl.build_tiny_refiner(root / TINY_REFINER))
     elif refiner == TINY_REFINER:
         raise ValueError("--refiner tiny-sdxl-refiner goes only with --model tiny-sdxl")
+    cache = settings.compile_cache or (str(Path(settings.data_dir) / "compile-cache") if settings.data_dir else "")
+    options = {field.name: getattr(settings, field.name) for field in fields(EngineOptions)}
     sdxl = SdxlSettings(
+        **{**options, "refiner": refiner, "compile_cache": cache},
         model=path,
-        refiner=refiner,
         device=device,
-        dtype=settings.dtype,
-        threads=settings.threads,
         default_steps=4 if model == TINY_SDXL else 30,
-        refiner_split=settings.refiner_split,
-        vae=settings.vae,
-        vae_dtype=settings.vae_dtype,
-        vae_tiling=settings.vae_tiling,
-        loras=tuple(settings.loras),
-        controlnets=tuple(settings.controlnets),
         models_dir=str(Path(settings.data_dir or ".") / "models"),
-        offload=settings.offload,
-        channels_last=settings.channels_last,
-        fuse_qkv=settings.fuse_qkv,
-        compile=settings.compile,
-        compile_mode=settings.compile_mode,
-        compile_buckets=settings.compile_buckets,
-        quantize=settings.quantize,
-        max_batch=settings.max_batch,
-        compile_cache=settings.compile_cache or (str(Path(settings.data_dir) / "compile-cache") if settings.data_dir else ""),
     )
     thread = engine_thread()
     try:

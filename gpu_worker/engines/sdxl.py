@@ -34,8 +34,8 @@ from PIL import Image
 
 from gpu_worker.engines.base import GenerationTask, StepCallback, fit
 from gpu_worker.errors import JobFailed
-from gpu_worker.engines.speedups import DEFAULT_BUCKETS
-from schemas.request import DEFAULT_REFINER_SPLIT, schedule_length
+from gpu_worker.engines.options import EngineOptions
+from schemas.request import schedule_length
 
 log = logging.getLogger("imagegen.worker.sdxl")
 
@@ -44,33 +44,18 @@ SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 WARM_UP_STEPS = 4
 
 
-@dataclass(kw_only=True)
-class SdxlSettings:
+@dataclass(frozen=True, kw_only=True)
+class SdxlSettings(EngineOptions):
+    """What the engine loads and how: the worker's engine options (engines.options), resolved (a model
+    path, a device), and the engine's own."""
+
     model: str = SDXL_BASE
-    refiner: str | None = None
     device: str = "cpu"
-    dtype: str = "auto"  # auto: fp16 on CUDA (the VAE then decodes in bf16), fp32 on CPU
-    refiner_split: float = DEFAULT_REFINER_SPLIT  # fraction of the noise schedule the base denoises when the refiner is used
     default_steps: int = 30
     default_guidance: float = 5.0
-    threads: int = 1  # torch CPU threads
-    vae: str | None = None  # another VAE (hub id or folder), e.g. an fp16-fixed one
-    vae_dtype: str = "auto"  # auto, fp32, fp16, bf16: the dtype the VAE decodes in
-    vae_tiling: str = "auto"  # auto: tiles above vae_tiling_min_pixels; on; off
-    vae_tiling_min_pixels: int = 1536 * 1536
-    loras: tuple[str, ...] = ()  # NAME=SOURCE each
-    controlnets: tuple[str, ...] = ()  # NAME=SOURCE each (gpu_worker.engines.controlnet)
+    vae_tiling_min_pixels: int = 1536 * 1536  # vae_tiling auto: tiles above this
     models_dir: str = "."  # where tiny-controlnet is built
-    offload: bool = False  # model CPU offload, for GPUs too small to hold the pipeline
-    channels_last: str = "auto"  # auto: on with CUDA
-    fuse_qkv: str = "auto"  # auto: on with CUDA unless LoRAs are loaded
-    compile: str = "auto"  # auto: on with CUDA unless offloading
-    compile_mode: str = "default"
     compile_backend: str = "inductor"  # the Dynamo backend; tests trace with "eager" to stay quick on a CPU
-    compile_buckets: str = DEFAULT_BUCKETS  # WIDTHxHEIGHT,...: sizes compiled and warmed up at start
-    max_batch: int = 1  # most images one call makes (generate_batch); each size up to it is compiled at start
-    quantize: str = "none"  # none or fp8: the UNets' transformer-block linear layers in float8 (torchao)
-    compile_cache: str = ""  # folder for Inductor's artifacts, reused by the next start; empty: torch's default
 
 
 def _torch_dtype(name: str, device: str) -> Any:
