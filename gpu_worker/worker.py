@@ -27,6 +27,7 @@ from PIL import Image
 from gpu_worker.batching import Entry, Gathering, settle as settle_entry
 from gpu_worker.engines.base import Engine, GenerationTask
 from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, JobLost, Rerouted, RetryLater
+from gpu_worker.event_publisher import EventPublisher
 from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from gpu_worker.metrics import WorkerMetrics
@@ -41,7 +42,7 @@ from gpu_worker.speed import SpeedMeter, StepStamps
 from gpu_worker.thermal import TemperatureGuard, TemperatureSensor, temperature_guard
 from schemas.version import __version__
 from schemas import jobstore, names, uploads
-from schemas.codec import DecodeError, decode, encode
+from schemas.codec import DecodeError, decode
 from schemas.connect import connect
 from schemas.events import JobEvent
 from schemas.jetstream import MAX_BYTES_FLAG, ensure_model_lanes, ensure_topology
@@ -129,6 +130,7 @@ class Worker:
         self.nc = await connect(self.settings.nats_url, name=f"imagegen-worker {self.worker_id}")
         self.js = self.nc.jetstream()
         await ensure_topology(self.js, self.settings.topology)
+        self.events = EventPublisher(self.nc, self.js, worker_id=self.worker_id)
         self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
         self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
@@ -215,6 +217,7 @@ class Worker:
                 pass
             await self.puller.stop()
             await self.naks.close()
+            await self.events.close()
             await self.nc.drain()
         self.gpu.shutdown(wait=False, cancel_futures=True)
         await self.metrics.close()
@@ -483,6 +486,7 @@ class Worker:
             revision = await jobstore.create_status(self.status_kv, status) or 0
         elif status.state is JobState.DONE:
             log.info("job %s try %d already done; acking", job_id, attempt)
+            await self._tell_done_again(status)
             return None
         elif status.state.final:
             raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(status.state, JobCancelled)()
@@ -549,6 +553,7 @@ class Worker:
             await asyncio.gather(generating, return_exceptions=True)
             if ended is JobState.DONE:
                 log.info("job %s try %d already done; acking", job_id, attempt)
+                await self._tell_done_again(marked)
                 return None
             raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended, JobCancelled)()
         return await generating, gen_started
@@ -851,11 +856,14 @@ class Worker:
         image.save(buf, format=fmt, quality=quality)
         return buf.getvalue()
 
+    async def _tell_done_again(self, status: JobStatus | None) -> None:
+        """A run that finds its job done publishes `done` again from the record: the run that finished
+        it may have died before telling. The stream keeps one `done` per job (event_publisher)."""
+        if status is not None and status.image is not None:
+            await self._event(JobEvent(type="done", job_id=status.job_id, image=status.image, worker=status.worker))
+
     async def _event(self, event: JobEvent) -> None:
-        try:
-            await self.nc.publish(names.events_subject(event.job_id), encode(event))
-        except Exception as exc:
-            log.warning("job %s event %s not published: %s", event.job_id, event.type, exc)
+        await self.events.publish(event)  # gpu_worker/event_publisher.py: start and end survive an outage
 
     # -- outcomes (gpu_worker/outcomes.py) -------------------------------------------------------
 
