@@ -13,6 +13,7 @@ from gpu_worker.engines.base import GenerationTask
 from gpu_worker.errors import JobCancelled
 from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
 from gpu_worker.engines.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
+from tests.helpers.images import finished, queue
 
 TASK = GenerationTask(
     job_id="batch", prompt="a lighthouse", negative_prompt="", width=64, height=64, steps=5, guidance=5.0, seed=11
@@ -100,24 +101,6 @@ async def batching_service(broker, tmp_path):
     service = await start_service(broker.url, tmp_path / "data", refiner=None, max_batch=4, preview_every=0)
     yield service
     await stop_service(service)
-
-
-async def queue(http, url: str, body: dict) -> dict:
-    async with http.post(f"{url}/v1/jobs", json=body) as r:
-        assert r.status == 202, await r.text()
-        return await r.json()
-
-
-async def finished(http, url: str, job_id: str, *, timeout: float = 120) -> dict:
-    import asyncio
-
-    async with asyncio.timeout(timeout):
-        while True:
-            async with http.get(f"{url}/v1/jobs/{job_id}") as r:
-                job = await r.json()
-            if job["state"] not in ("queued", "running"):
-                return job
-            await asyncio.sleep(0.02)
 
 
 async def png(http, url: str, job_id: str) -> np.ndarray:

@@ -26,11 +26,11 @@ import io
 from aiohttp import web
 from aiohttp.web_request import FileField
 from PIL import ImageOps
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from gateway.http import forms
 from gateway.core.caller import SERVICE
-from gateway.apis.openai.images import answered, answer_images, bad, from_invalid, parse_size, quality_steps, resolve_model
+from gateway.apis.openai.images import answered, answer_images, bad, from_invalid, parse_size, quality_steps, resolve_model, validated
 from gateway.http.views import OpenAIEditRequest, OpenAIVariationRequest
 from schemas.job import new_seed
 from schemas.request import Limits, RequestInvalid, parse_request
@@ -68,16 +68,7 @@ async def read_form(request: web.Request, files: tuple[str, ...]) -> tuple[dict[
 
 
 def parse_fields(texts: dict[str, str], kind: type[BaseModel]) -> BaseModel:
-    try:
-        return kind.model_validate(texts)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        if err["type"] == "extra_forbidden":
-            raise bad(param, "unrecognized request argument", "unknown_parameter") from None
-        if err["type"] == "missing":
-            raise bad(param, "Missing required parameter", "missing_required_parameter") from None
-        raise bad(param, err["msg"]) from None
+    return validated(kind, texts)
 
 
 def the_image(found: dict[str, list[bytes]]) -> bytes:

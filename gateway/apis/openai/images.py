@@ -108,8 +108,13 @@ def from_invalid(exc: RequestInvalid, *, steps_given: bool) -> OpenAIFailure:
 def parse_body(body: object) -> OpenAIImageRequest:
     if not isinstance(body, dict):
         raise bad(None, "the body must be a JSON object")
+    return validated(OpenAIImageRequest, body)
+
+
+def validated(kind: type, data: dict):
+    """`kind` validated from a JSON body or a form's fields; the first problem as OpenAI names it."""
     try:
-        return OpenAIImageRequest.model_validate(body)
+        return kind.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
