@@ -26,6 +26,8 @@ LATENT_UPSCALERS = ("nearest-exact", "bilinear", "bicubic", "area")
 PIXEL_UPSCALERS = ("nearest", "bilinear", "bicubic", "lanczos")
 PREPROCESSORS = ("none", "canny")
 """ControlNet preprocessing the worker runs itself (no model needed): the image as given, or canny edges."""
+DEFAULT_CANNY = (100, 200)
+"""Canny's low and high thresholds on the 0-255 scale when a request leaves them out (A1111's defaults)."""
 MAX_UPSCALE = 4.0
 MAX_CONTROLNET_WEIGHT = 2.0
 DEFAULT_HIRES_DENOISE = 0.55
@@ -41,6 +43,11 @@ class ControlNetUnit(BaseModel):
         None, description="The control image, base64 or a data URL (HTTP only; it travels as an upload, `control_image` in the job message)."
     )
     preprocessor: Literal["none", "canny"] = Field("none", description="none: the image as given; canny: its edges, found by the worker.")
+    low_threshold: int = Field(
+        DEFAULT_CANNY[0], ge=1, le=255,
+        description="Canny only: gradient strength (0-255 scale) an edge pixel needs when it touches a strong one.",
+    )
+    high_threshold: int = Field(DEFAULT_CANNY[1], ge=1, le=255, description="Canny only: gradient strength that makes an edge pixel on its own.")
     weight: float = Field(1.0, ge=0.0, le=MAX_CONTROLNET_WEIGHT, description="Conditioning scale; 0 leaves the image unguided.")
     start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the stage's steps at which guidance starts.")
     end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the stage's steps at which it stops.")
@@ -49,6 +56,10 @@ class ControlNetUnit(BaseModel):
     def _window(self) -> "ControlNetUnit":
         if self.start >= self.end:
             raise ValueError(f"start ({self.start:g}) must be below end ({self.end:g})")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) must not be above high_threshold ({self.high_threshold})")
+        if self.preprocessor != "canny" and (self.low_threshold, self.high_threshold) != DEFAULT_CANNY:
+            raise ValueError("low_threshold and high_threshold are for preprocessor canny")
         return self
 
 

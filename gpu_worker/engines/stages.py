@@ -52,7 +52,8 @@ def control_image(task: GenerationTask, stage: SampleStage, width: int, height: 
     if task.control_image is None:
         raise JobFailed("controlnet: the plan names a ControlNet but the job carries no control image")
     image = fit(task.control_image, width, height, mode="RGB")
-    return canny(image) if stage.controlnet.preprocessor == "canny" else image
+    unit = stage.controlnet
+    return canny(image, low=unit.low_threshold, high=unit.high_threshold) if unit.preprocessor == "canny" else image
 
 
 def run_plan(engine: Any, task: GenerationTask, on_step: StepCallback) -> Image.Image:

@@ -11,7 +11,8 @@ Lanczos and Nearest the pixels; a model upscaler such as ESRGAN is refused by na
 A ControlNet unit takes the extension's fields: `enabled`, `model` (a ControlNet the workers loaded; a
 trailing " [hash]" and a file suffix are dropped), `module` (none or canny; other preprocessors need
 models and are refused by name), `image` (base64, or {"image": ...}), `weight`, `guidance_start`,
-`guidance_end`. One enabled unit per request.
+`guidance_end`, and for canny `threshold_a` / `threshold_b` (low and high, 1-255; absent or -1: 100 and 200).
+One enabled unit per request.
 """
 
 from __future__ import annotations
@@ -109,6 +110,21 @@ def controlnet_of(scripts: dict | None, fail: Fail) -> tuple[dict | None, dict]:
         raise fail("alwayson_scripts", "controlnet: the unit needs an image (base64)")
     field = {"model": name, "image": image, "preprocessor": MODULES[module], "weight": unit.get("weight", 1.0),
              "start": unit.get("guidance_start", 0.0), "end": unit.get("guidance_end", 1.0)}
+    if MODULES[module] == "canny":
+        field |= canny_thresholds(unit, fail)
     label = (f"Module: {MODULES[module]}, Model: {model}, Weight: {field['weight']}, "
              f"Guidance Start: {field['start']}, Guidance End: {field['end']}")
     return field, {"ControlNet 0": f'"{label}"'}
+
+
+def canny_thresholds(unit: dict, fail: Fail) -> dict:
+    """The extension's `threshold_a` / `threshold_b` as canny's low and high thresholds (-1: its default)."""
+    out = {}
+    for key, field in (("threshold_a", "low_threshold"), ("threshold_b", "high_threshold")):
+        value = unit.get(key, -1)
+        if value == -1:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise fail("alwayson_scripts", f"controlnet: {key} must be a whole number from 1 to 255 (canny's threshold), got {value!r}")
+        out[field] = int(value)
+    return out

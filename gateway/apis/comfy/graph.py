@@ -14,7 +14,7 @@ Longer graphs compile into a plan (schemas/plan.py): ComfyUI's standard SDXL wor
 as the refiner, `CLIPTextEncodeSDXL` / `CLIPTextEncodeSDXLRefiner`, two `KSamplerAdvanced` handing over at
 `end_at_step` / `start_at_step`), hires fix (`LatentUpscale` / `LatentUpscaleBy`, or `VAEDecode`,
 `ImageScale` / `ImageScaleBy`, `VAEEncode`, then a second sampler with `denoise`), a `ControlNetLoader` and
-`ControlNetApplyAdvanced` (its image a `LoadImage`, or a `Canny` of one) on the first sampler, and
+`ControlNetApplyAdvanced` (its image a `LoadImage`, or a `Canny` of one, its thresholds taken) on the first sampler, and
 `RepeatLatentBatch` (more images). The first sampler's seed drives every stage. Outputs showing several
 `VAEDecode` nodes (the first pass of a hires fix beside the final image) make one request each, their images
 under their own output nodes.
@@ -317,17 +317,28 @@ class GraphReader:
             return None, None
         loader = self.link(apply, "control_net", "ControlNetLoader")
         source = self.link(apply, "image", ("LoadImage", "Canny"))
-        preprocessor = "none"
-        if source is not None and self.graph[source]["class_type"] == "Canny":
-            preprocessor, source = "canny", self.link(source, "image", "LoadImage")
         unit = {
             "model": weights_name(self.value(loader, "control_net_name", str) or "") if loader else None,
             "weight": self.value(apply, "strength", float),
             "start": self.value(apply, "start_percent", float),
             "end": self.value(apply, "end_percent", float),
-            "preprocessor": preprocessor,
+            "preprocessor": "none",
         }
+        if source is not None and self.graph[source]["class_type"] == "Canny":
+            unit |= self.canny(source)
+            source = self.link(source, "image", "LoadImage")
         return self.link(apply, role, TEXT_NODES), (unit, source, loader)
+
+    def canny(self, node: str) -> dict:
+        """ComfyUI's Canny thresholds (0.01-0.99 of the gradient's range) on this service's 0-255 scale."""
+        unit: dict[str, Any] = {"preprocessor": "canny"}
+        for name in ("low_threshold", "high_threshold"):
+            value = self.value(node, name, float)
+            if value is not None and not 0.01 <= value <= 0.99:
+                self.fail(node, "value_not_in_range", f"must be from 0.01 to 0.99, got {value!r}", name)
+            elif value is not None:
+                unit[name] = max(1, round(value * 255))
+        return unit
 
     def text(self, node: str) -> str | None:
         kind = self.graph[node]["class_type"]
