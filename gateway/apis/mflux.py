@@ -12,7 +12,7 @@ from gateway.http.http_errors import read_json
 from gateway.core.caller import SERVICE, caller, owner_of
 from gateway.core.service import JobService
 from gateway.core.submission import submit_request
-from gateway.http.views import LoadRequest, MfluxGenerateResponse, MfluxPs, MfluxStatusResponse, MfluxTask, ModelInfo
+from gateway.http.views.mflux import LoadRequest, MfluxGenerateResponse, MfluxPs, MfluxStatusResponse, MfluxTask, ModelInfo
 from schemas.request import RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus
 

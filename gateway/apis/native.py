@@ -22,7 +22,7 @@ from gateway.core.problems import NotReady, UnknownJob
 from gateway.core.caller import SERVICE, caller, owner_of
 from gateway.core.submission import group_jobs, submit_request
 from schemas.version import __version__
-from gateway.http.views import GroupView, JobView, LimitsView, WorkersView
+from gateway.http.views.native import GroupView, JobView, LimitsView, WorkersView
 from schemas.job import group_job_ids
 from schemas.request import RequestInvalid, field_named_by, parse_request
 from schemas.status import JobState, JobStatus

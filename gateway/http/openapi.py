@@ -9,40 +9,38 @@ from aiohttp import web
 from pydantic import BaseModel
 from swagger_ui_bundle import swagger_ui_path
 
-from gateway.http.views import (
-    OpenAIModel,
-    OpenAIModelList,
-    ErrorBody,
+from gateway.http.views.a1111 import (
+    A1111Embeddings,
     A1111Error,
     A1111Images,
     A1111Img2ImgRequest,
     A1111Lora,
-    A1111Embeddings,
     A1111Memory,
     A1111Model,
-    A1111Scripts,
     A1111Options,
     A1111OptionsUpdate,
     A1111Progress,
     A1111Sampler,
     A1111Schedule,
+    A1111Scripts,
     A1111Txt2ImgRequest,
-    ComfyError,
-    ComfyPromptQueued,
-    ComfyPromptRequest,
-    GroupView,
-    JobView,
-    LimitsView,
-    WorkersView,
+)
+from gateway.http.views.comfy import ComfyError, ComfyPromptQueued, ComfyPromptRequest
+from gateway.http.views.mflux import (
     LoadRequest,
     MfluxGenerateResponse,
     MfluxPs,
     MfluxStatusResponse,
     MfluxTask,
     ModelInfo,
+)
+from gateway.http.views.native import ErrorBody, GroupView, JobView, LimitsView, WorkersView
+from gateway.http.views.openai import (
     OpenAIError,
     OpenAIImageRequest,
     OpenAIImagesResponse,
+    OpenAIModel,
+    OpenAIModelList,
 )
 from schemas.request import GenerateRequest
 

@@ -54,7 +54,7 @@ from gateway.core.waiting import image_data, until_done
 from gateway.core.caller import tier_for
 from gateway.core.submission import group_jobs
 from schemas.version import __version__
-from gateway.http.views import A1111Img2ImgRequest, A1111Txt2ImgRequest
+from gateway.http.views.a1111 import A1111Img2ImgRequest, A1111Txt2ImgRequest
 from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobState, JobStatus

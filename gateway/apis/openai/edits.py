@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from gateway.http import forms
 from gateway.core.caller import SERVICE
 from gateway.apis.openai.images import answered, answer_images, bad, from_invalid, parse_size, quality_steps, resolve_model, validated
-from gateway.http.views import OpenAIEditRequest, OpenAIVariationRequest
+from gateway.http.views.openai import OpenAIEditRequest, OpenAIVariationRequest
 from schemas.job import new_seed
 from schemas.request import Limits, RequestInvalid, parse_request
 from schemas.uploads import decode_upload, problem, transparency

@@ -34,7 +34,7 @@ from gateway.core.service import JobService
 from gateway.core.caller import SERVICE, caller, tier_for
 from gateway.core.waiting import image_data, until_done
 from gateway.http.proxies import public_origin
-from gateway.http.views import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
+from gateway.http.views.openai import OpenAIError, OpenAIErrorDetail, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
 from schemas.job import new_seed
 from schemas.request import GenerateRequest, RequestInvalid, parse_request
 from schemas.status import JobStatus

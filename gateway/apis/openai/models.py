@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.core.caller import SERVICE
 from gateway.apis.openai.images import OPENAI_MODELS, OpenAIFailure
-from gateway.http.views import OpenAIModel, OpenAIModelList
+from gateway.http.views.openai import OpenAIModel, OpenAIModelList
 
 routes = web.RouteTableDef()
 
