@@ -9,7 +9,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from gateway.apis import mflux as mflux_api, native as native_api
-from gateway.apis.a1111 import api as a1111_api, lists as a1111_lists
+from gateway.apis.a1111 import generation as a1111_generation, lists as a1111_lists, options as a1111_options
+from gateway.apis.a1111 import progress as a1111_progress
 from gateway.apis.comfy import api as comfy_api
 from gateway.apis.openai import edits as openai_edits, images as openai_api, models as openai_models
 from gateway.http import openapi
@@ -99,7 +100,9 @@ def create_app(settings: GatewaySettings, jobs: JobService | None = None) -> web
     app.add_routes(openai_api.routes)
     app.add_routes(openai_edits.routes)
     app.add_routes(openai_models.routes)
-    app.add_routes(a1111_api.routes)
+    app.add_routes(a1111_generation.routes)
+    app.add_routes(a1111_progress.routes)
+    app.add_routes(a1111_options.routes)
     app.add_routes(a1111_lists.routes)
     app.add_routes(comfy_api.routes)
     openapi.add_routes(app)

@@ -14,7 +14,7 @@ import nats
 import pytest
 from PIL import Image
 
-from gateway.apis.a1111 import api as a1111_api, inpaint as a1111_inpaint, prompt as a1111_prompt
+from gateway.apis.a1111 import generation as a1111_generation, inpaint as a1111_inpaint, prompt as a1111_prompt
 from gateway.http.auth import new_key_entry
 from schemas import names
 from schemas.codec import encode
@@ -186,7 +186,7 @@ async def test_with_api_keys_txt2img_needs_a_key_and_its_jobs_are_the_keys(servi
 
 
 async def test_waiting_too_long_answers_504_and_cancels_the_jobs(service, http, monkeypatch):
-    monkeypatch.setattr(a1111_api, "WAIT_S", 0.5)
+    monkeypatch.setattr(a1111_generation, "WAIT_S", 0.5)
     prompt = "too slow for an A1111 client"
     status, answer = await txt2img(http, service, {"prompt": prompt, "width": 256, "height": 256, "steps": 60, "batch_size": 2})
     assert status == 504 and "not finished within 0.5 seconds" in answer["detail"], answer

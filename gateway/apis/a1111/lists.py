@@ -3,7 +3,8 @@ A1111's shapes so that no client reads an error as data.
 
 What this service has is listed as it is: the models with their hashes (`sd-models`: the sha256 its
 workers publish, see `gpu_worker.model_hash`, and A1111's short hash, its first 10 hex digits), the
-gateway's memory (`memory`: the process's resident RAM against the machine's, as A1111 counts it;
+LoRA adapters the current model's workers loaded, the samplers and schedules offered
+(`gateway.apis.a1111.samplers`), the gateway's memory (`memory`: the process's resident RAM against the machine's, as A1111 counts it;
 `cuda` as A1111 answers without a GPU, since the GPUs are the workers'), and A1111's command-line
 flags as this server stands. What it does not have answers A1111's empty shape: no VAE files,
 upscalers, latent upscale modes, embeddings, hypernetworks, face restorers, styles, scripts or
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.apis.a1111.samplers import SAMPLERS, SCHEDULES
 from gateway.core.caller import SERVICE
 
 routes = web.RouteTableDef()
@@ -42,6 +44,32 @@ async def sd_models(request: web.Request) -> web.Response:
         short, sha256 = model_hashes(served[name])
         listed.append({"title": name, "model_name": name, "hash": short, "sha256": sha256, "filename": name, "config": None})
     return web.json_response(listed)
+
+
+@routes.get("/sdapi/v1/loras")
+async def lora_list(request: web.Request) -> web.Response:
+    """The LoRA adapters the current model's workers loaded (`--lora NAME=SOURCE`), for `<lora:NAME:WEIGHT>`."""
+    jobs = request.app[SERVICE]
+    names = jobs.loaded_loras(await jobs.current_model()) or set()
+    return web.json_response([{"name": n, "alias": n, "path": n, "metadata": {}} for n in sorted(names)])
+
+
+@routes.post("/sdapi/v1/refresh-loras")
+async def refresh_loras(request: web.Request) -> web.Response:
+    """Nothing to rescan: workers load their adapters at start, and /sdapi/v1/loras lists the live ones."""
+    return web.json_response(None)
+
+
+@routes.get("/sdapi/v1/samplers")
+async def samplers(request: web.Request) -> web.Response:
+    return web.json_response([{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS])
+
+
+@routes.get("/sdapi/v1/schedulers")
+async def schedulers(request: web.Request) -> web.Response:
+    return web.json_response(
+        [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False} for name, label in SCHEDULES.items()]
+    )
 
 
 def ram() -> dict:
