@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.apis.comfy.errors import failure
+from gateway.apis.comfy.errors import failure, from_problem
 from gateway.apis.comfy.record import ComfyPrompt, visible
 from gateway.apis.comfy.routing import comfy_route
 from gateway.core.caller import SERVICE, owner_of
-from gateway.core.problems import BROKER_DOWN
+from gateway.core.problems import BROKER_DOWN, classify
 from gateway.core.records import UNFINISHED
 from gateway.core.service import JobService
 from gateway.http.http_errors import read_json
@@ -57,8 +57,8 @@ async def cancelled(jobs: JobService, prompts: list[ComfyPrompt], owner: str | N
     """Cancels the prompts' jobs (a running one stops at its next step) and answers for it."""
     try:
         await jobs.cancel_each([job_id for prompt in prompts for job_id in prompt.job_ids], owner=owner)
-    except BROKER_DOWN:
-        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    except BROKER_DOWN as exc:
+        return from_problem(classify(exc), "comfy cancel", exc)
     return web.json_response({})
 
 

@@ -9,6 +9,7 @@ import base64
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -82,8 +83,10 @@ async def queue_prompt(request: web.Request) -> web.Response:
     try:
         kept = await jobs.comfy.add(record)
     except BROKER_DOWN as exc:
-        log.warning("comfy prompt %s: its record not kept: %s", prompt_id, exc)
-        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly with the same prompt_id")
+        problem = classify(exc)
+        if problem.status == 503:  # its jobs are queued: the same prompt_id finds them and keeps the record
+            problem = replace(problem, message=f"{problem.message} with the same prompt_id")
+        return from_problem(problem, f"comfy prompt {prompt_id}: its record not kept", exc)
     log.info("comfy prompt %s: jobs %s", prompt_id, ",".join(kept.job_ids))
     return web.json_response({"prompt_id": prompt_id, "number": kept.number, "node_errors": {}})
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.apis.comfy.errors import failure
+from gateway.apis.comfy.errors import failure, from_problem
 from gateway.apis.comfy.routing import comfy_route
 from gateway.apis.comfy.uploads import input_path, uploaded
 from gateway.core.caller import SERVICE, owner_of
-from gateway.core.problems import BROKER_DOWN, NotReady, UnknownJob
+from gateway.core.problems import BROKER_DOWN, NotReady, UnknownJob, classify
 from gateway.core.service import JobService
 from schemas.request import RequestInvalid
 
@@ -30,8 +30,8 @@ async def view(request: web.Request) -> web.Response:
         status, data = await jobs.image(filename[: -len(".png")], owner=owner_of(request))
     except (UnknownJob, NotReady) as exc:
         return failure(404, "not_found", f"no such image here: {exc}", filename)
-    except BROKER_DOWN:
-        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    except BROKER_DOWN as exc:
+        return from_problem(classify(exc), "comfy view", exc)
     return web.Response(body=data, content_type=status.image.content_type)
 
 
@@ -44,8 +44,8 @@ async def view_upload(jobs: JobService, owner: str | None, subfolder: str, filen
         data = await uploaded(jobs, owner, path)
     except RequestInvalid as exc:
         return failure(404, "not_found", str(exc), path)
-    except BROKER_DOWN:
-        return failure(503, "unavailable", "the job broker (NATS) is unavailable; retry shortly")
+    except BROKER_DOWN as exc:
+        return from_problem(classify(exc), "comfy view of an upload", exc)
     kind = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"RIFF": "image/webp"}
     content_type = next((t for magic, t in kind.items() if data.startswith(magic)), "application/octet-stream")
     return web.Response(body=data, content_type=content_type)
