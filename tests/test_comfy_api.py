@@ -224,6 +224,33 @@ async def test_a_body_without_a_prompt_is_refused(service, http):
         assert r.status == 400 and "prompt_id" in (await r.json())["error"]["message"]
 
 
+async def test_while_the_broker_is_away_its_answers_are_503_with_retry_after(service, http, monkeypatch):
+    """A prompt whose record cannot be kept, /view of an image or an upload, and /queue's clear, while the
+    broker is away: 503 in ComfyUI's shape with Retry-After, as every 503 of the gateway."""
+    from gateway.core.caller import SERVICE
+    from gateway.core.problems import BrokerAway
+
+    jobs = service.gateway.runner.app[SERVICE]
+
+    async def away(*args, **kw):
+        raise BrokerAway("not connected")
+
+    for target, name in ((jobs.comfy, "add"), (jobs, "image"), (jobs.upload_reader, "info"), (jobs, "cancel_each")):
+        monkeypatch.setattr(target, name, away)
+    message = "the job broker (NATS) is unavailable; retry shortly"
+    calls = [
+        (http.post(f"{service.url}/prompt", json={"prompt": workflow(), "prompt_id": "broker-away"}), f"{message} with the same prompt_id"),
+        (http.get(f"{service.url}/view", params={"filename": "job.png"}), message),
+        (http.get(f"{service.url}/view", params={"filename": "cat.png", "type": "input"}), message),
+        (http.post(f"{service.url}/queue", json={"clear": True}), message),
+    ]
+    for call, said in calls:
+        async with call as r:
+            body = await r.json()
+            assert (r.status, r.headers.get("Retry-After")) == (503, "2"), body
+            assert body["error"]["type"] == "unavailable" and body["error"]["message"] == said
+
+
 async def test_what_it_runs(service, http):
     async with http.get(f"{service.url}/object_info") as r:
         info = await r.json()

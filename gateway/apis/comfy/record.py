@@ -49,3 +49,8 @@ class ComfyPrompt(BaseModel):
     def queue_entry(self) -> list[Any]:
         """ComfyUI's queue item: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
         return [self.number, self.prompt_id, self.graph, self.extra_data, self.outputs_to_execute()]
+
+
+def visible(prompt: ComfyPrompt | None, owner: str | None) -> bool:
+    """Whether a caller (`owner`, None with API keys off) may see the prompt."""
+    return prompt is not None and (owner is None or prompt.owner == owner)
