@@ -42,8 +42,7 @@ import yarl
 from PIL import Image
 
 from schemas import jobstore, names, uploads
-from schemas.codec import encode
-from schemas.events import JobEvent
+from schemas.enqueue import enqueue
 from schemas.follow import follow_events
 from schemas.group import plan_group, store_uploads
 from schemas.job import JobEnvelope
@@ -322,7 +321,7 @@ class NatsTransport:
 
     async def submit(self, body: dict[str, Any]) -> list[str]:
         """What the gateway does: checks the request and its images, stores the images in object store
-        `imagegen-uploads`, and publishes one job message per image, each naming the stored images."""
+        `imagegen-uploads`, and queues one job per image (`schemas.enqueue`), each naming the stored images."""
         try:
             request = parse_request(body, limits=self.limits)
             prepared = await asyncio.to_thread(uploads.prepare, request, self.limits)
@@ -333,10 +332,7 @@ class NatsTransport:
         stored = await store_uploads(self.uploads, plan, prepared.uploads, timeout_s=self.request_timeout_s * 6)
         for member in plan.members(prepared.request, stored):
             envelope = JobEnvelope.for_request(member.request, job_id=member.job_id, placement=member.placement)
-            await jobstore.create_status(self.kv, envelope.queued_status())
-            # on the tier's own subject, which every worker reads: a worker of another model moves it to its model's lane
-            await self.js.publish(envelope.tier.subject, encode(envelope), headers={names.MSG_ID_HEADER: member.job_id})
-            await self.nc.publish(names.events_subject(member.job_id), encode(JobEvent(type="queued", job_id=member.job_id)))
+            await enqueue(self.nc, self.js, self.kv, envelope)
         return plan.job_ids
 
     async def status(self, job_id: str) -> dict[str, Any]:
