@@ -10,8 +10,10 @@ import re
 import sys
 
 import aiohttp
+import nats
 import pytest
 from aiohttp import web
+from nats.aio.client import Client as NATS
 from PIL import Image
 
 from gateway.http.auth import new_key_entry
@@ -19,6 +21,8 @@ from gateway.settings import GatewaySettings
 from imagegen import runtime
 from imagegen.client import AsyncClient, Client, ImagegenError, JobCancelled, Progress
 from imagegen.embedded_nats import free_port
+from schemas import JobEvent, decode, names
+from tests.helpers.service import collect_events
 
 
 def steps_seen(progress: list[Progress]) -> list[int]:
@@ -137,6 +141,32 @@ async def test_async_client_over_nats(service):
     assert final["state"] == "done" and final["seed"] == 7
     assert image.size == (64, 64) and image.format == "PNG"
     assert steps_seen(progress) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("over", ["http", "nats"])
+async def test_a_jobs_events_come_queued_started_progress_done(service, over, monkeypatch):
+    """The `queued` event goes out before the job, so a worker's `started` cannot come before it, even
+    when sending the `queued` event takes a while (an idle worker takes a job at once): the client hears
+    queued, started, every step, and the stream keeps them in that order, done last."""
+    publish = NATS.publish
+
+    async def queued_late(self, subject, payload=b"", *args, **kw):
+        if subject.startswith(names.events_subject("")) and decode(payload, JobEvent).type == "queued":
+            await asyncio.sleep(0.5)
+        return await publish(self, subject, payload, *args, **kw)
+
+    monkeypatch.setattr(NATS, "publish", queued_late)
+    where = {"url": service.url} if over == "http" else {"nats": service.nats_url}
+    progress: list[Progress] = []
+    async with AsyncClient(**where) as client:
+        job_id = await client.submit(f"in order, {over}", width=64, height=64, steps=3, cache=False)
+        await client.wait(job_id, on_progress=progress.append, timeout=60)
+    monkeypatch.undo()
+    assert [p.type for p in progress] == ["queued", "started", "progress", "progress", "progress"]
+    nc = await nats.connect(service.nats_url)
+    kinds = [e.type for e in await collect_events(nc.jetstream(), job_id) if e.type != "preview"]
+    await nc.close()
+    assert kinds == ["queued", "started", "progress", "progress", "progress", "done"]
 
 
 async def wait_running(client: AsyncClient, job_id: str) -> None:

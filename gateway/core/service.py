@@ -36,6 +36,7 @@ from gateway.http.webhooks import WebhookOutbox
 from schemas import jobstore, names, storage, uploads
 from schemas.codec import encode
 from schemas.connect import BROKER_ERRORS, connect
+from schemas.enqueue import enqueue, publish_job
 from schemas.events import JobEvent
 from schemas.follow import final_event
 from schemas.jetstream import MAX_BYTES_FLAG, ensure_topology
@@ -269,8 +270,11 @@ class JobService(JobRecords):
         self, request: GenerateRequest, *, job_id: str | None, owner: str | None, placement: Placement,
         key_of_result: str | None, idempotency_key: str | None, digest: str | None, created: set[str] | None,
     ) -> JobStatus:
-        """Queues the admitted request: its record, its `queued` event and its message; the job the id
-        named already when it had a record (an idempotent repeat)."""
+        """Queues the admitted request (`schemas.enqueue`: its record, its `queued` event, its message);
+        the job the id named already when it had a record (an idempotent repeat). The queue view, which
+        holds the record already, takes its revision as soon as it is written (before the KV watch brings
+        it back, which then costs no decoding). A fresh id goes out without waiting for its record's ack;
+        an Idempotency-Key's id only once its record is new."""
         envelope = JobEnvelope.for_request(
             request, job_id=job_id, owner=owner, default_timeout_s=self.settings.default_timeout_s, placement=placement
         )
@@ -285,7 +289,10 @@ class JobService(JobRecords):
             self.cache.watch(status.job_id, key_of_result)
         self.fresh.want(status.job_id)
         try:
-            revision = await self._record_and_publish(status, envelope, queued, fresh_id=not idempotency_key, created=created)
+            revision = await enqueue(
+                self.nc, self.submit_js, self.submit_kv, envelope, subject=self.subject_of(envelope), status=status,
+                queued=queued, fresh_id=not idempotency_key, created=created, on_stored=self.view.confirm,
+            )
         except BaseException as exc:
             self._not_queued(status.job_id)
             if isinstance(exc, BROKER_ERRORS):
@@ -348,54 +355,6 @@ class JobService(JobRecords):
             ))
         return status
 
-    async def _record_and_publish(
-        self, status: JobStatus, envelope: JobEnvelope, queued: JobEvent, *, fresh_id: bool, created: set[str] | None
-    ) -> int | None:
-        """Writes the job's first record, sends its `queued` event and publishes the job; returns the
-        record's revision, None when the job id had a record already. The queue view, which holds the
-        record already, takes its revision as soon as it is written (before the KV watch brings it
-        back, which then costs no decoding), and `created` gets the job's id, also when the publish
-        then fails (the caller takes the record back).
-
-        A job with a fresh id goes out in the same send as its record, without waiting for the record's
-        ack (one broker round trip less per submit): a broker stores what one connection publishes in
-        the order sent, so the worker that takes the job finds the record; on a cluster, where the two
-        streams have their own leaders, a worker that finds none writes it from the job itself (as for a
-        job published straight onto NATS) and the record written here is then refused as a repeat. A
-        job id that may exist already (an Idempotency-Key) is published only once its record is new.
-        The `queued` event goes out before the job, so that it comes before the worker's `started`."""
-        subject, payload, headers = self.subject_of(envelope), encode(envelope), {names.MSG_ID_HEADER: envelope.job_id}
-
-        async def record() -> int | None:
-            try:
-                revision = await jobstore.create_status(self.submit_kv, status)
-            except BROKER_ERRORS:
-                if created is not None:  # unanswered, not refused: it may be stored, and is then taken back
-                    created.add(status.job_id)
-                raise
-            if revision is not None:
-                self.view.confirm(status, revision)
-                if created is not None:
-                    created.add(status.job_id)
-            return revision
-
-        if not fresh_id:
-            revision = await record()
-            if revision is not None:
-                await self._event(queued)
-                await self.submit_js.publish(subject, payload, headers=headers)
-            return revision
-        await self._event(queued)
-        # Tasks start in the order made, and each queues its message before its first wait: the record
-        # is sent before the job.
-        recording = asyncio.ensure_future(record())
-        publishing = asyncio.ensure_future(self.submit_js.publish(subject, payload, headers=headers))
-        revision, published = await asyncio.gather(recording, publishing, return_exceptions=True)
-        for outcome in (revision, published):
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return revision
-
     def _not_queued(self, job_id: str) -> None:
         """Takes back what `submit` noted of a job before sending it, when it was not queued after all:
         the view's entry unless a record of the job came in since, and the watches for its end."""
@@ -424,7 +383,7 @@ class JobService(JobRecords):
             update={"seed": existing.seed, "submitted_at": existing.submitted_at, "deadline": existing.deadline}
         )
         try:
-            await self.submit_js.publish(self.subject_of(envelope), encode(envelope), headers={names.MSG_ID_HEADER: existing.job_id})
+            await publish_job(self.submit_js, envelope, self.subject_of(envelope))
         except BROKER_ERRORS as exc:
             self.leaders.lost(exc)
             raise
