@@ -14,9 +14,7 @@ import io
 import json
 import logging
 import re
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -28,19 +26,21 @@ from gpu_worker.batching import Entry, Gathering, settle as settle_entry
 from gpu_worker.engines.base import Engine, GenerationTask
 from gpu_worker.errors import JobCancelled, JobExpired, JobFailed, JobLost, Rerouted, RetryLater
 from gpu_worker.event_publisher import EventPublisher
+from gpu_worker.hold_check import check_hold_from_gpu, check_hold_if_due
 from gpu_worker.image_store import ImageStore
 from gpu_worker.job_context import ContextThreadPool, JobContext, current_job
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker import outcomes, registry
 from gpu_worker.naks import Naks
 from gpu_worker.outcomes import BROKER_TROUBLE
+from gpu_worker.prefetch import RecordPrefetch
 from gpu_worker.preview import latent_preview
 from gpu_worker.puller import PriorityPuller
+from gpu_worker.running_job import RunningJob
 from gpu_worker.safety import SafetyStage, load_safety
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.speed import SpeedMeter, StepStamps
 from gpu_worker.thermal import TemperatureGuard, TemperatureSensor, temperature_guard
-from schemas.version import __version__
 from schemas import jobstore, names, uploads
 from schemas.codec import DecodeError, decode
 from schemas.connect import connect
@@ -56,31 +56,6 @@ from schemas.workers import WorkerInfo
 log = logging.getLogger("imagegen.worker")
 
 KV_KEY_UNSAFE = re.compile(r"[^-_=.a-zA-Z0-9]")
-
-
-@dataclass
-class RunningJob:
-    envelope: JobEnvelope
-    msg: Msg
-    attempt: int
-    cancel: threading.Event = field(default_factory=threading.Event)
-    started: float = field(default_factory=time.monotonic)
-    stamps: StepStamps = field(default_factory=StepStamps)
-    base_step_s: float | None = None  # a base step's seconds, as measured on this job
-    last_status_write: float = 0.0
-    step: int = 0
-    total: int = 0
-    record: tuple[JobStatus, int] | None = None  # the status record as last read or written, and its revision
-    marking: asyncio.Future | None = None  # the write that marks the job running, while it is under way
-    parts: list[tuple[int, float, bool]] = field(default_factory=list)  # a plan's sample stages: (steps, mpx, refiner)
-    final_mpx: float = 0.0  # a plan's output size
-    batch: int = 1  # images in the engine call that made this job's (above 1: taken together with others)
-    checked_at: float = field(default_factory=time.monotonic)  # when the record last said this try holds the job
-    lost: str | None = None  # why this try no longer holds the job (another try took it over)
-
-    def remember(self, status: JobStatus | None, revision: int) -> None:
-        if status is not None and revision > (self.record[1] if self.record else 0):
-            self.record = (status, revision)
 
 
 class Worker:
@@ -109,8 +84,7 @@ class Worker:
         self.nc: NATS | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiting = False  # in the puller, free for the next job
-        self._prefetch: tuple[str, asyncio.Task] | None = None  # a job's record, read on its bell
+        self.prefetch: RecordPrefetch | None = None  # a job's record, read on its bell
 
     @property
     def current(self) -> RunningJob | None:
@@ -136,13 +110,14 @@ class Worker:
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
         self.image_store = ImageStore(self.js, self.images, names.IMAGES_BUCKET)
         self.uploads = await self.js.object_store(names.UPLOADS_BUCKET)
+        self.prefetch = RecordPrefetch(self.status_kv, paused=lambda: self.thermal is not None and self.thermal.paused)
         await ensure_model_lanes(self.js, self.settings.topology, self.engine.name)
-        self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness, on_bell=self._on_bell, model=self.engine.name)
+        self.puller = PriorityPuller(self.nc, fairness=self.settings.fairness, on_bell=self.prefetch.on_bell, model=self.engine.name)
         await self.puller.start()
         await self.nc.subscribe(names.CANCEL_SUBJECT, cb=self._on_cancel)
         self.naks = Naks(self.nc, ack_wait_s=self.settings.topology.ack_wait_s)
         await self.naks.start()
-        await self._register()
+        await registry.register(self)
         self._tasks.append(asyncio.create_task(registry.beat(self)))
         if self.settings.metrics_port:
             await self.metrics.serve(host=self.settings.metrics_host, port=self.settings.metrics_port)
@@ -153,11 +128,11 @@ class Worker:
         while not self.stopping.is_set():
             if self.broker_trouble:
                 await self._wait_for_broker()
-            self._waiting = True
+            self.prefetch.waiting = True
             try:
                 msg = await self.puller.next(self.stopping, hold=self._cool_enough if self.thermal else None)
             finally:
-                self._waiting = False
+                self.prefetch.waiting = False
             if msg is None:
                 break
             taken = await self._take_together(msg)
@@ -171,7 +146,7 @@ class Worker:
 
         async def announce() -> None:
             try:
-                await self._register()
+                await registry.register(self)
             except Exception as exc:  # broker away: the next heartbeat says it
                 log.warning("worker %s registry update failed: %s", self.worker_id, exc)
 
@@ -259,103 +234,6 @@ class Worker:
         started = time.monotonic()
         image.save(io.BytesIO(), format="JPEG", quality=85)
         return time.monotonic() - started
-
-    # -- registry -------------------------------------------------------------------------------
-
-    def info(self) -> WorkerInfo:
-        return WorkerInfo(
-            worker_id=self.worker_id,
-            model=self.engine.name,
-            default_steps=self.engine.default_steps,
-            default_guidance=self.engine.default_guidance,
-            has_refiner=self.engine.has_refiner,
-            device=self.engine.device,
-            state=self.state,
-            job_id=self.current.envelope.job_id if self.current else None,
-            jobs_done=self.jobs_done,
-            paused_hot=self.paused_hot,
-            gpu_temp_c=self.thermal.last_c if self.thermal else None,
-            speed=self.meter.model,
-            fairness=self.settings.fairness,
-            version=__version__,
-            loras=list(self.engine.lora_names),
-            controlnets=list(getattr(self.engine, "controlnet_names", ())),
-            model_sha256=getattr(self.engine, "model_sha256", None),
-        )
-
-    @property
-    def paused_hot(self) -> bool:
-        return self.thermal is not None and self.thermal.paused and self.current is None
-
-    @property
-    def state(self) -> str:
-        if self.current:
-            return "busy"
-        if self.stopping.is_set():
-            return "draining"
-        return "paused-hot" if self.paused_hot else "idle"
-
-    async def _register(self) -> None:
-        await registry.register(self)
-
-    # A worker that stalls past the ack wait (paused, swapped out, its host frozen) may find on waking that
-    # its job went to another worker. It notices at its next step: a try that has not seen its record
-    # for half the ack wait reads it before going on, and stops (JobLost) when the record names another try.
-
-    def _hold_check_s(self) -> float:
-        return self.settings.topology.ack_wait_s / 2
-
-    def _note_holder(self, job: RunningJob, status: JobStatus | None) -> None:
-        """Takes the record's word on who runs the job, once this try's running mark has landed."""
-        if job.marking is None or not job.marking.done() or status is None:
-            job.checked_at = time.monotonic()
-            return
-        if status.state is JobState.RUNNING and (status.attempt, status.worker) != (job.attempt, self.worker_id):
-            job.lost = f"try {status.attempt} on worker {status.worker} holds it now"
-        else:
-            job.checked_at = time.monotonic()
-
-    async def _check_hold(self, job: RunningJob) -> None:
-        try:
-            self._note_holder(job, await jobstore.read_status(self.status_kv, job.envelope.job_id))
-        except Exception as exc:  # broker away: go on, and ask again later
-            job.checked_at = time.monotonic()
-            log.debug("job %s: its record could not be read (%s); going on", job.envelope.job_id, exc)
-
-    def _check_hold_from_gpu(self, job: RunningJob) -> None:
-        """In the GPU thread, at a step: reads the record (on the loop) when it was not seen for long."""
-        if job.lost is None and time.monotonic() - job.checked_at > self._hold_check_s():
-            try:
-                asyncio.run_coroutine_threadsafe(self._check_hold(job), self._loop).result(timeout=self.settings.topology.ack_wait_s)
-            except Exception as exc:
-                log.debug("job %s: hold check skipped: %s", job.envelope.job_id, exc)
-        if job.lost is not None:
-            raise JobLost(job.lost)
-
-    def _on_bell(self, msg: Msg) -> None:
-        """A job was published. A free worker reads its record now, alongside the pull that takes it,
-        instead of after; when another worker takes the job, the read is dropped."""
-        job_id = (msg.headers or {}).get(names.MSG_ID_HEADER)
-        if not self._waiting or not job_id or self.thermal is not None and self.thermal.paused:
-            return
-        if self._prefetch is not None:
-            self._prefetch[1].cancel()
-        read = asyncio.ensure_future(jobstore.read_status_at(self.status_kv, job_id))
-        read.add_done_callback(lambda task: task.cancelled() or task.exception())  # failures: read again
-        self._prefetch = (job_id, read)
-
-    async def _read_status(self, job_id: str) -> tuple[JobStatus | None, int]:
-        """The job's record and its revision: the one read on its bell, or read now."""
-        prefetch, self._prefetch = self._prefetch, None
-        if prefetch is not None:
-            if prefetch[0] == job_id:
-                try:
-                    return await prefetch[1]
-                except Exception as exc:  # read it again, below
-                    log.debug("job %s record read on its bell failed: %s", job_id, exc)
-            else:
-                prefetch[1].cancel()
-        return await jobstore.read_status_at(self.status_kv, job_id)
 
     async def _on_cancel(self, msg: Msg) -> None:
         job = self.running.get(msg.data.decode(errors="replace"))
@@ -480,7 +358,7 @@ class Worker:
             steps = total_steps(list(stages), schedule, from_image=envelope.init_image is not None, strength=request.strength)
         else:
             steps = steps_run(schedule, request.strength) if envelope.init_image else schedule  # the steps that run
-        status, revision = await self._read_status(job_id)
+        status, revision = await self.prefetch.read_status(job_id)
         if status is None:  # published straight onto NATS: this worker writes the first record
             status = envelope.queued_status()
             revision = await jobstore.create_status(self.status_kv, status) or 0
@@ -563,10 +441,7 @@ class Worker:
         followers and teaches the speed model."""
         image, nsfw, data, steps_done, encoded = made
         job_id, request, attempt = job.envelope.job_id, job.envelope.request, job.attempt
-        if time.monotonic() - job.checked_at > self._hold_check_s():
-            await self._check_hold(job)
-        if job.lost is not None:  # no image nor status over the try that holds the job now
-            raise JobLost(job.lost)
+        await check_hold_if_due(self, job)  # no image nor status over the try that holds the job now
         if nsfw:
             log.warning("job %s image flagged by the safety check: blanked", job_id)
 
@@ -777,7 +652,7 @@ class Worker:
         every = 0 if self.safety is not None else self.settings.preview_every  # no unchecked pixels leave
 
         def on_step(step: int, total: int, latents: Any) -> None:
-            self._check_hold_from_gpu(job)
+            check_hold_from_gpu(self, job)
             if job.cancel.is_set():
                 raise JobCancelled()
             now = time.monotonic()
