@@ -60,7 +60,7 @@ def check_hold_from_gpu(worker: Worker, job: RunningJob) -> None:
     """In the GPU thread, at a step: reads the record (on the loop) when it was not seen for long."""
     if job.lost is None and time.monotonic() - job.checked_at > hold_check_s(worker):
         try:
-            asyncio.run_coroutine_threadsafe(check_hold(worker, job), worker._loop).result(timeout=worker.settings.topology.ack_wait_s)
+            asyncio.run_coroutine_threadsafe(check_hold(worker, job), worker.loop).result(timeout=worker.settings.topology.ack_wait_s)
         except Exception as exc:
             log.debug("job %s: hold check skipped: %s", job.envelope.job_id, exc)
     if job.lost is not None:
