@@ -52,21 +52,21 @@ async def start(worker: Worker, admitted: Admitted) -> tuple[Made, float] | None
     )
     job.stamps.refiner_steps = worker.engine.refiner_steps(task)
     gen_started = time.monotonic()
-    made = generating(worker, job, task, request.format, request.quality)
+    making = generating(worker, job, task, request.format, request.quality)
     try:
         marked, revision, applied = await marking
         job.remember(marked, revision)
     except BaseException:
         job.cancel.set()  # the broker is away: the engine stops at its next step, the try ends
-        await asyncio.gather(made, return_exceptions=True)
+        await asyncio.gather(making, return_exceptions=True)
         raise
     ended = marked.state if not applied and marked is not None else None  # the end another run wrote
     if ended is not None or job.cancel.is_set():
         job.cancel.set()
-        await asyncio.gather(made, return_exceptions=True)
+        await asyncio.gather(making, return_exceptions=True)
         if ended is JobState.DONE:
             log.info("job %s try %d already done; acking", job_id, attempt)
             await tell_done_again(worker, marked)
             return None
         raise {JobState.CANCELLED: JobCancelled, JobState.EXPIRED: JobExpired}.get(ended, JobCancelled)()
-    return await made, gen_started
+    return await making, gen_started
