@@ -92,7 +92,7 @@ def measured_capacity(workers: list) -> float:
     sample = workload(1000, random.Random(0))
     return sum(
         1.0 / statistics.mean(
-            worker.info().speed.estimate(
+            worker.meter.model.estimate(
                 width=j["width"], height=j["height"], steps=j["steps"] - on_refiner(j), refiner_steps=on_refiner(j)
             )
             for j in sample

@@ -1,9 +1,11 @@
 """What becomes of a job's message after a try: the one place that acks, naks (with back-off) and terms,
-writes the final state a try ends with, and keeps a failed job's message in the dead letters (`imagegen.dlq`).
+writes the final state a try ends with, keeps a failed job's message in the dead letters (`imagegen.dlq`),
+and records the try's outcome on the audit stream.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -96,7 +98,7 @@ async def write_final(worker: Worker, job_id: str, state: JobState, reason: str)
 
     _, _, changed = await jobstore.change_status_at(worker.status_kv, job_id, to_final)
     if changed:
-        await worker._event(JobEvent(type=state.value, job_id=job_id, reason=reason))
+        await worker.events.publish(JobEvent(type=state.value, job_id=job_id, reason=reason))
 
 
 async def dead_letter(worker: Worker, msg: Msg, job_id: str, attempt: int, reason: str) -> None:
@@ -112,3 +114,22 @@ async def dead_letter(worker: Worker, msg: Msg, job_id: str, attempt: int, reaso
         letter |= {"data": msg.data[: worker.nc.max_payload // 2], "data_truncated_from": len(msg.data)}
         packed = msgpack.packb(letter, use_bin_type=True)
     await worker.js.publish(names.DLQ_SUBJECT, packed)
+
+
+async def audit(worker: Worker, job_id: str, attempt: int, outcome: BaseException | None, duration: float) -> None:
+    """The outcome of one try, for the audit stream IMAGEGEN_AUDIT."""
+    result = "done" if outcome is None else type(outcome).__name__
+    record = {
+        "event": "outcome",
+        "job_id": job_id,
+        "attempt": attempt,
+        "result": result,
+        "reason": getattr(outcome, "reason", None) or (str(outcome) if outcome else None),
+        "duration_s": round(duration, 4),
+        "worker": worker.worker_id,
+        "ts": time.time(),
+    }
+    try:
+        await worker.nc.publish(names.AUDIT_SUBJECT, json.dumps(record).encode())
+    except Exception as exc:
+        log.warning("job %s audit record not published: %s", job_id, exc)

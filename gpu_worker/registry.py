@@ -9,18 +9,58 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from gpu_worker.hold_check import note_holder
+from gpu_worker.running_job import RunningJob
 from schemas import jobstore
 from schemas.codec import encode
+from schemas.version import __version__
+from schemas.workers import WorkerInfo
 
 if TYPE_CHECKING:
-    from gpu_worker.worker import RunningJob, Worker
+    from gpu_worker.worker import Worker
 
 log = logging.getLogger("imagegen.worker")
 
 
+def paused_hot(worker: Worker) -> bool:
+    return worker.thermal is not None and worker.thermal.paused and worker.current is None
+
+
+def state(worker: Worker) -> str:
+    if worker.current:
+        return "busy"
+    if worker.stopping.is_set():
+        return "draining"
+    return "paused-hot" if paused_hot(worker) else "idle"
+
+
+def worker_info(worker: Worker) -> WorkerInfo:
+    """This worker's entry: what it serves, how fast, and what it is doing."""
+    engine, current = worker.engine, worker.current
+    return WorkerInfo(
+        worker_id=worker.worker_id,
+        model=engine.name,
+        default_steps=engine.default_steps,
+        default_guidance=engine.default_guidance,
+        has_refiner=engine.has_refiner,
+        device=engine.device,
+        state=state(worker),
+        job_id=current.envelope.job_id if current else None,
+        jobs_done=worker.jobs_done,
+        paused_hot=paused_hot(worker),
+        gpu_temp_c=worker.thermal.last_c if worker.thermal else None,
+        speed=worker.meter.model,
+        fairness=worker.settings.fairness,
+        version=__version__,
+        loras=list(engine.lora_names),
+        controlnets=list(getattr(engine, "controlnet_names", ())),
+        model_sha256=getattr(engine, "model_sha256", None),
+    )
+
+
 async def register(worker: Worker) -> None:
     """Puts this worker's entry (its model, speed, state) in KV `imagegen-workers`."""
-    await worker.workers_kv.put(worker.worker_id, encode(worker.info()))
+    await worker.workers_kv.put(worker.worker_id, encode(worker_info(worker)))
 
 
 def heartbeat_period(worker: Worker) -> float:
@@ -47,4 +87,4 @@ async def keep_alive(worker: Worker, job: RunningJob) -> None:
     status = await jobstore.read_status(worker.status_kv, job.envelope.job_id)
     if status is not None and status.cancel_requested:
         job.cancel.set()
-    worker._note_holder(job, status)
+    note_holder(worker, job, status)
