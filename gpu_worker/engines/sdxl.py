@@ -77,6 +77,93 @@ def _load_vae(source: str, dtype: Any) -> Any:
     return AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype, local_files_only=_local_only(source))
 
 
+def _checked_speedups(settings: SdxlSettings) -> Any:
+    """The speed-ups the settings ask for on their device; raises ValueError naming a setting that cannot be."""
+    import torch
+
+    from gpu_worker.engines import speedups as sp
+    from gpu_worker.engines.decode import DTYPE_NAMES
+    from gpu_worker.engines.quantize import refusal
+
+    device = settings.device
+    problem = refusal(settings.quantize, device)
+    if problem:
+        raise ValueError(problem)
+    if settings.quantize != "none" and settings.offload:
+        raise ValueError("--quantize fp8 and --offload do not go together: float8 weights stay on the GPU")
+    if device == "cpu":
+        torch.set_num_threads(max(1, settings.threads))
+    if settings.vae_tiling not in sp.FLAG_VALUES:
+        raise ValueError(f"--vae-tiling: expected one of {', '.join(sp.FLAG_VALUES)}, got {settings.vae_tiling!r}")
+    if settings.vae_dtype not in DTYPE_NAMES:
+        raise ValueError(f"--vae-dtype: expected one of {', '.join(DTYPE_NAMES)}, got {settings.vae_dtype!r}")
+    if settings.compile_mode not in sp.COMPILE_MODES:
+        raise ValueError(f"--compile-mode: expected one of {', '.join(sp.COMPILE_MODES)}, got {settings.compile_mode!r}")
+    return sp.Speedups(
+        channels_last=sp.flag_on(settings.channels_last, device),
+        fuse_qkv=sp.flag_on(settings.fuse_qkv, device),
+        compile=sp.flag_on(settings.compile, device) and not settings.offload,
+        compile_mode=settings.compile_mode,
+        compile_backend=settings.compile_backend,
+        buckets=sp.parse_buckets(settings.compile_buckets),
+        batch_sizes=tuple(range(1, max(1, settings.max_batch) + 1)),
+    )
+
+
+def _load_pipelines(settings: SdxlSettings, dtype: Any) -> tuple[Any, Any, dict[str, Any], Any]:
+    """(base pipeline, refiner pipeline or None, ControlNets by name, LoRA set), still on the CPU."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from gpu_worker.engines import controlnet
+    from gpu_worker.engines.lora import LoraSet, parse_lora_specs
+
+    adapters = parse_lora_specs(settings.loras)
+    extra = {"vae": _load_vae(settings.vae, dtype)} if settings.vae else {}
+    base = StableDiffusionXLPipeline.from_pretrained(
+        settings.model, dtype=dtype, local_files_only=_local_only(settings.model), **extra
+    )
+    base.set_progress_bar_config(disable=True)
+    # before LoRAs and speedups touch the UNet: tiny-controlnet is made from its plain weights
+    controlnets = controlnet.load(
+        settings.controlnets, base=base, dtype=dtype, device=settings.device, models_dir=Path(settings.models_dir)
+    )
+    loras = LoraSet.load(base, adapters)
+    refiner = None
+    if settings.refiner:
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            settings.refiner,
+            dtype=dtype,
+            text_encoder_2=base.text_encoder_2,
+            vae=base.vae,
+            local_files_only=_local_only(settings.refiner),
+        )
+        refiner.set_progress_bar_config(disable=True)
+    return base, refiner, controlnets, loras
+
+
+def _place(settings: SdxlSettings, speedups: Any, base: Any, refiner: Any, *, has_loras: bool, decode_dtype: Any) -> list[Any]:
+    """Puts the VAE in its decode dtype, applies the speed-ups, moves (or offloads) the pipelines to the
+    device and quantizes; returns the UNets."""
+    from gpu_worker.engines import speedups as sp
+    from gpu_worker.engines.quantize import quantize_fp8
+
+    if base.vae.dtype != decode_dtype:
+        base.vae.to(dtype=decode_dtype)
+    unets = [base.unet] + ([refiner.unet] if refiner is not None else [])
+    sp.apply_to_modules(speedups, unets=unets, vae=base.vae, has_loras=has_loras)
+    for pipe in (base, refiner):
+        if pipe is None:
+            continue
+        if settings.offload:
+            pipe.enable_model_cpu_offload(device=settings.device)
+        else:
+            pipe.to(settings.device)
+    if settings.quantize == "fp8":
+        converted = sum(quantize_fp8(unet) for unet in unets)
+        log.info("float8: %d linear layers of the UNets' transformer blocks converted", converted)
+    return unets
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one job runs: the samplers, the hand-over point and how many steps each model takes."""
@@ -117,61 +204,13 @@ class SdxlEngine:
 
     @classmethod
     def load(cls, settings: SdxlSettings, *, name: str | None = None) -> "SdxlEngine":
-        import torch
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
-        from gpu_worker.engines import speedups as sp
-        from gpu_worker.engines.decode import DTYPE_NAMES, LatentDecoder, bf16_native, pick_decode_dtype
-        from gpu_worker.engines.lora import LoraSet, parse_lora_specs
+        from gpu_worker.engines.decode import LatentDecoder, bf16_native, pick_decode_dtype
         from gpu_worker.model_hash import model_sha256
 
-        from gpu_worker.engines.quantize import quantize_fp8, refusal
-
+        speedups = _checked_speedups(settings)
         device = settings.device
-        problem = refusal(settings.quantize, device)
-        if problem:
-            raise ValueError(problem)
-        if settings.quantize != "none" and settings.offload:
-            raise ValueError("--quantize fp8 and --offload do not go together: float8 weights stay on the GPU")
-        if device == "cpu":
-            torch.set_num_threads(max(1, settings.threads))
-        adapters = parse_lora_specs(settings.loras)
-        if settings.vae_tiling not in sp.FLAG_VALUES:
-            raise ValueError(f"--vae-tiling: expected one of {', '.join(sp.FLAG_VALUES)}, got {settings.vae_tiling!r}")
-        if settings.vae_dtype not in DTYPE_NAMES:
-            raise ValueError(f"--vae-dtype: expected one of {', '.join(DTYPE_NAMES)}, got {settings.vae_dtype!r}")
-        if settings.compile_mode not in sp.COMPILE_MODES:
-            raise ValueError(f"--compile-mode: expected one of {', '.join(sp.COMPILE_MODES)}, got {settings.compile_mode!r}")
-        speedups = sp.Speedups(
-            channels_last=sp.flag_on(settings.channels_last, device),
-            fuse_qkv=sp.flag_on(settings.fuse_qkv, device),
-            compile=sp.flag_on(settings.compile, device) and not settings.offload,
-            compile_mode=settings.compile_mode,
-            compile_backend=settings.compile_backend,
-            buckets=sp.parse_buckets(settings.compile_buckets),
-            batch_sizes=tuple(range(1, max(1, settings.max_batch) + 1)),
-        )
         dtype = _torch_dtype(settings.dtype, device)
-        extra = {"vae": _load_vae(settings.vae, dtype)} if settings.vae else {}
-        base = StableDiffusionXLPipeline.from_pretrained(
-            settings.model, dtype=dtype, local_files_only=_local_only(settings.model), **extra
-        )
-        base.set_progress_bar_config(disable=True)
-        from gpu_worker.engines import controlnet
-
-        # before LoRAs and speedups touch the UNet: tiny-controlnet is made from its plain weights
-        controlnets = controlnet.load(settings.controlnets, base=base, dtype=dtype, device=device, models_dir=Path(settings.models_dir))
-        loras = LoraSet.load(base, adapters)
-        refiner = None
-        if settings.refiner:
-            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                settings.refiner,
-                dtype=dtype,
-                text_encoder_2=base.text_encoder_2,
-                vae=base.vae,
-                local_files_only=_local_only(settings.refiner),
-            )
-            refiner.set_progress_bar_config(disable=True)
+        base, refiner, controlnets, loras = _load_pipelines(settings, dtype)
         decode_dtype = pick_decode_dtype(
             settings.vae_dtype,
             model_dtype=dtype,
@@ -179,20 +218,7 @@ class SdxlEngine:
             force_upcast=bool(getattr(base.vae.config, "force_upcast", True)),
             bf16_native=bf16_native(device),
         )
-        if base.vae.dtype != decode_dtype:
-            base.vae.to(dtype=decode_dtype)
-        unets = [base.unet] + ([refiner.unet] if refiner is not None else [])
-        sp.apply_to_modules(speedups, unets=unets, vae=base.vae, has_loras=bool(loras.names))
-        for pipe in (base, refiner):
-            if pipe is None:
-                continue
-            if settings.offload:
-                pipe.enable_model_cpu_offload(device=device)
-            else:
-                pipe.to(device)
-        if settings.quantize == "fp8":
-            converted = sum(quantize_fp8(unet) for unet in unets)
-            log.info("float8: %d linear layers of the UNets' transformer blocks converted", converted)
+        unets = _place(settings, speedups, base, refiner, has_loras=bool(loras.names), decode_dtype=decode_dtype)
         engine = cls(
             settings=settings,
             name=name or settings.model,
@@ -227,20 +253,26 @@ class SdxlEngine:
             ",".join(loras.names) or "none", settings.offload, settings.quantize, speedups.describe(),
         )
         if speedups.compile:
-            started = time.monotonic()
-            cache = sp.use_compile_cache(settings.compile_cache) if speedups.compile_backend == "inductor" else ""
-            hits, misses = sp.cache_counts()
-            sp.compile_unets(speedups, unets)
-            engine._warm_up(speedups.buckets, speedups.batch_sizes)
-            sp.freeze_compiled()
-            hits, misses = sp.cache_counts()[0] - hits, sp.cache_counts()[1] - misses
-            log.info(
-                "compile warm-up took %.1fs for %d bucket(s) x %d batch size(s) x %d UNet(s); %s",
-                time.monotonic() - started, len(speedups.buckets), len(speedups.batch_sizes), len(unets),
-                f"Inductor cache {cache}: {hits} graph(s) reused, {misses} compiled" if cache
-                else f"backend {speedups.compile_backend}: no Inductor cache",
-            )
+            engine._compile(speedups, unets)
         return engine
+
+    def _compile(self, speedups: Any, unets: list[Any]) -> None:
+        """Compiles the UNets, traces them at every bucket and batch size, then freezes the graphs."""
+        from gpu_worker.engines import speedups as sp
+
+        started = time.monotonic()
+        cache = sp.use_compile_cache(self.settings.compile_cache) if speedups.compile_backend == "inductor" else ""
+        hits, misses = sp.cache_counts()
+        sp.compile_unets(speedups, unets)
+        self._warm_up(speedups.buckets, speedups.batch_sizes)
+        sp.freeze_compiled()
+        hits, misses = sp.cache_counts()[0] - hits, sp.cache_counts()[1] - misses
+        log.info(
+            "compile warm-up took %.1fs for %d bucket(s) x %d batch size(s) x %d UNet(s); %s",
+            time.monotonic() - started, len(speedups.buckets), len(speedups.batch_sizes), len(unets),
+            f"Inductor cache {cache}: {hits} graph(s) reused, {misses} compiled" if cache
+            else f"backend {speedups.compile_backend}: no Inductor cache",
+        )
 
     def _warm_up(self, buckets: tuple[tuple[int, int], ...], batch_sizes: tuple[int, ...] = (1,)) -> None:
         for width, height in buckets:
