@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from gateway.apis.a1111.plans import controlnet_of
 from gateway.apis.comfy.graph_errors import GraphInvalid
 from gateway.apis.comfy.graph_reader import read_graph
-from gpu_worker.engines.stages import canny
+from gpu_worker.engines.controlnet import canny
 from schemas.plan import ControlNetUnit
 from tests.helpers.comfy import workflow
 

@@ -42,7 +42,7 @@ class GenerationTask:
     mask_image: Image.Image | None = None  # inpainting: white is redrawn, black kept; the init image's size
     strength: float = 1.0  # image-to-image: how far from the init image, 0 < strength <= 1
     eta: float | None = None  # DDIM's eta (used by the ddim scheduler only); None: 0
-    stages: tuple[Any, ...] = ()  # a plan (schemas.plan stages) run by gpu_worker.engines.stages; () for one plain pass
+    stages: tuple[Any, ...] = ()  # the request's plan (schemas.plan stages); (): the implicit plan of its fields
     control_image: Image.Image | None = None  # the ControlNet stages' control image
 
     @property

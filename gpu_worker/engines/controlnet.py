@@ -4,7 +4,8 @@ A SOURCE is a folder or hub id of an SDXL ControlNet (diffusers' ControlNetModel
 one made from tiny-sdxl's UNet (`ControlNetModel.from_unet`), its zero convolutions given small seeded
 weights so that it changes the image (a ControlNet fresh from `from_unet` adds nothing). The pipelines
 (StableDiffusionXLControlNetPipeline and its image-to-image variant) are built on first use around the
-loaded base's modules; the ControlNet a stage names is set on them before each call.
+loaded base's modules; the ControlNet a stage names is set on them before each call. The control image
+goes in as sent or, with the `canny` preprocessor, as its edges (`canny`, numpy only).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import os
 import pathlib
 import re
 from typing import Any
+
+from PIL import Image
+
+from gpu_worker.engines.base import GenerationTask, fit
+from gpu_worker.errors import JobFailed
 
 log = logging.getLogger("imagegen.worker.controlnet")
 
@@ -71,8 +77,6 @@ def load(specs: tuple[str, ...], *, base: Any, dtype: Any, device: str, models_d
 def pipeline(engine: Any, kind: str, name: str) -> Any:
     """The base's ControlNet pipeline (`controlnet`: text to image; `controlnet-img2img`) with `name` set on it."""
     if name not in engine._controlnets:
-        from gpu_worker.errors import JobFailed
-
         have = ", ".join(sorted(engine._controlnets)) or "none"
         raise JobFailed(f"controlnet: this worker has no ControlNet {name!r}; it has: {have}")
     pipe = engine._derived.get(kind)
@@ -92,3 +96,32 @@ def pipeline(engine: Any, kind: str, name: str) -> Any:
         log.info("built the %s pipeline from the loaded components", kind)
     pipe.controlnet = engine._controlnets[name]
     return pipe
+
+
+def canny(image: Image.Image, *, low: int = 100, high: int = 200) -> Image.Image:
+    """Canny-like edges with numpy only: Sobel gradients, thresholds with hysteresis by one dilation;
+    white edges on black, as SDXL canny ControlNets take them."""
+    import numpy as np
+
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    padded = np.pad(grey, 1, mode="edge")
+    gx = (padded[:-2, 2:] + 2 * padded[1:-1, 2:] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[1:-1, :-2] + padded[2:, :-2])
+    gy = (padded[2:, :-2] + 2 * padded[2:, 1:-1] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[:-2, 1:-1] + padded[:-2, 2:])
+    magnitude = np.hypot(gx, gy) / 4
+    strong = magnitude >= high
+    weak = magnitude >= low
+    grown = np.pad(strong, 1)
+    near = np.zeros_like(strong)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            near |= grown[dy:dy + strong.shape[0], dx:dx + strong.shape[1]]
+    edges = strong | (weak & near)
+    return Image.fromarray((edges * 255).astype(np.uint8), mode="L").convert("RGB")
+
+
+def control_image(task: GenerationTask, unit: Any, width: int, height: int) -> Image.Image:
+    """The task's control image at width x height, preprocessed as the unit (schemas.plan.ControlNetUnit) asks."""
+    if task.control_image is None:
+        raise JobFailed("controlnet: the plan names a ControlNet but the job carries no control image")
+    image = fit(task.control_image, width, height, mode="RGB")
+    return canny(image, low=unit.low_threshold, high=unit.high_threshold) if unit.preprocessor == "canny" else image

@@ -3,21 +3,21 @@
 `--model` is a hub id (stabilityai/stable-diffusion-xl-base-1.0), a local folder, or `tiny-sdxl`
 (built locally with small random weights and loaded through the same `from_pretrained` path).
 
-One job runs as: pick the sampler and LoRA mix it asks for, denoise on the base (up to the hand-over
-point when the refiner is used: the ensemble of experts of `denoising_end` / `denoising_start`), hand
-the latents to the refiner, then decode them (`decode.py`). Progress is reported after every step of
-both models; the step callback may raise JobCancelled, which stops the job at that step boundary. Out of
-GPU memory fails only that job, with a clear reason, after the memory is given back.
+The engine loads the pipelines (base, optional refiner, LoRAs, ControlNets, speed-ups, the compile
+warm-up) and runs every job through the stage runner (`stages.py`): a request without stages is its
+implicit plan (one sample stage; two handing over with the refiner), so text-to-image, image-to-image,
+inpainting, base + refiner and the plans of the hires fix and ControlNets share one code path. A job
+picks the LoRA mix it asks for; progress is reported after every step of every stage; the step callback
+may raise JobCancelled, which stops the job at that step boundary. Out of GPU memory fails only that
+job, with a clear reason, after the memory is given back.
 
-Several text-to-image jobs that differ only in prompt and seed (`batch_key`) run as one pipeline call
-(`generate_batch`): one generator per image, so each image's noise is the one its job draws alone;
-progress goes to each job's callback and a job cancelled mid-batch drops out while the others go on.
-Each image is decoded on its own, as it would be alone.
+Several text-to-image jobs that differ only in prompt and seed (`batch_key`) run as one batch through
+the same runner (`generate_batch`): one generator per image, so each image's noise is the one its job
+draws alone; a job cancelled mid-batch drops out while the others go on. Out of memory, a batch's jobs
+run again one by one.
 
-Image-to-image and inpainting run the same way on pipelines built from the loaded base (and refiner)
-components on first use, so no weight is loaded twice. They start part-way down the schedule
-(`strength`), and inpainting pastes the init image back where the mask keeps it, so those pixels come
-back as sent rather than through the VAE.
+Image-to-image, inpainting and the ControlNet stages run on pipelines built from the loaded base (and
+refiner) components on first use (`_derived_pipe`, `controlnet.pipeline`), so no weight is loaded twice.
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ from typing import Any
 
 from PIL import Image
 
-from gpu_worker.engines.base import GenerationTask, StepCallback, fit
+from gpu_worker.engines.base import GenerationTask, StepCallback
 from gpu_worker.errors import JobFailed
 from gpu_worker.engines.options import EngineOptions
-from schemas.request import schedule_length
 
 log = logging.getLogger("imagegen.worker.sdxl")
 
@@ -77,20 +76,91 @@ def _load_vae(source: str, dtype: Any) -> Any:
     return AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype, local_files_only=_local_only(source))
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How one job runs: the samplers, the hand-over point and how many steps each model takes."""
+def _checked_speedups(settings: SdxlSettings) -> Any:
+    """The speed-ups the settings ask for on their device; raises ValueError naming a setting that cannot be."""
+    import torch
 
-    base_scheduler: Any
-    refiner_scheduler: Any
-    split: float | None
-    base_steps: int
-    refiner_steps: int
-    schedule: int  # the schedule length asked of the pipelines; image-to-image runs its last part only
+    from gpu_worker.engines import speedups as sp
+    from gpu_worker.engines.decode import DTYPE_NAMES
+    from gpu_worker.engines.quantize import refusal
 
-    @property
-    def total(self) -> int:
-        return self.base_steps + self.refiner_steps
+    device = settings.device
+    problem = refusal(settings.quantize, device)
+    if problem:
+        raise ValueError(problem)
+    if settings.quantize != "none" and settings.offload:
+        raise ValueError("--quantize fp8 and --offload do not go together: float8 weights stay on the GPU")
+    if device == "cpu":
+        torch.set_num_threads(max(1, settings.threads))
+    if settings.vae_tiling not in sp.FLAG_VALUES:
+        raise ValueError(f"--vae-tiling: expected one of {', '.join(sp.FLAG_VALUES)}, got {settings.vae_tiling!r}")
+    if settings.vae_dtype not in DTYPE_NAMES:
+        raise ValueError(f"--vae-dtype: expected one of {', '.join(DTYPE_NAMES)}, got {settings.vae_dtype!r}")
+    if settings.compile_mode not in sp.COMPILE_MODES:
+        raise ValueError(f"--compile-mode: expected one of {', '.join(sp.COMPILE_MODES)}, got {settings.compile_mode!r}")
+    return sp.Speedups(
+        channels_last=sp.flag_on(settings.channels_last, device),
+        fuse_qkv=sp.flag_on(settings.fuse_qkv, device),
+        compile=sp.flag_on(settings.compile, device) and not settings.offload,
+        compile_mode=settings.compile_mode,
+        compile_backend=settings.compile_backend,
+        buckets=sp.parse_buckets(settings.compile_buckets),
+        batch_sizes=tuple(range(1, max(1, settings.max_batch) + 1)),
+    )
+
+
+def _load_pipelines(settings: SdxlSettings, dtype: Any) -> tuple[Any, Any, dict[str, Any], Any]:
+    """(base pipeline, refiner pipeline or None, ControlNets by name, LoRA set), still on the CPU."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from gpu_worker.engines import controlnet
+    from gpu_worker.engines.lora import LoraSet, parse_lora_specs
+
+    adapters = parse_lora_specs(settings.loras)
+    extra = {"vae": _load_vae(settings.vae, dtype)} if settings.vae else {}
+    base = StableDiffusionXLPipeline.from_pretrained(
+        settings.model, dtype=dtype, local_files_only=_local_only(settings.model), **extra
+    )
+    base.set_progress_bar_config(disable=True)
+    # before LoRAs and speedups touch the UNet: tiny-controlnet is made from its plain weights
+    controlnets = controlnet.load(
+        settings.controlnets, base=base, dtype=dtype, device=settings.device, models_dir=Path(settings.models_dir)
+    )
+    loras = LoraSet.load(base, adapters)
+    refiner = None
+    if settings.refiner:
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            settings.refiner,
+            dtype=dtype,
+            text_encoder_2=base.text_encoder_2,
+            vae=base.vae,
+            local_files_only=_local_only(settings.refiner),
+        )
+        refiner.set_progress_bar_config(disable=True)
+    return base, refiner, controlnets, loras
+
+
+def _place(settings: SdxlSettings, speedups: Any, base: Any, refiner: Any, *, has_loras: bool, decode_dtype: Any) -> list[Any]:
+    """Puts the VAE in its decode dtype, applies the speed-ups, moves (or offloads) the pipelines to the
+    device and quantizes; returns the UNets."""
+    from gpu_worker.engines import speedups as sp
+    from gpu_worker.engines.quantize import quantize_fp8
+
+    if base.vae.dtype != decode_dtype:
+        base.vae.to(dtype=decode_dtype)
+    unets = [base.unet] + ([refiner.unet] if refiner is not None else [])
+    sp.apply_to_modules(speedups, unets=unets, vae=base.vae, has_loras=has_loras)
+    for pipe in (base, refiner):
+        if pipe is None:
+            continue
+        if settings.offload:
+            pipe.enable_model_cpu_offload(device=settings.device)
+        else:
+            pipe.to(settings.device)
+    if settings.quantize == "fp8":
+        converted = sum(quantize_fp8(unet) for unet in unets)
+        log.info("float8: %d linear layers of the UNets' transformer blocks converted", converted)
+    return unets
 
 
 @dataclass(kw_only=True)
@@ -117,61 +187,13 @@ class SdxlEngine:
 
     @classmethod
     def load(cls, settings: SdxlSettings, *, name: str | None = None) -> "SdxlEngine":
-        import torch
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
-        from gpu_worker.engines import speedups as sp
-        from gpu_worker.engines.decode import DTYPE_NAMES, LatentDecoder, bf16_native, pick_decode_dtype
-        from gpu_worker.engines.lora import LoraSet, parse_lora_specs
+        from gpu_worker.engines.decode import LatentDecoder, bf16_native, pick_decode_dtype
         from gpu_worker.model_hash import model_sha256
 
-        from gpu_worker.engines.quantize import quantize_fp8, refusal
-
+        speedups = _checked_speedups(settings)
         device = settings.device
-        problem = refusal(settings.quantize, device)
-        if problem:
-            raise ValueError(problem)
-        if settings.quantize != "none" and settings.offload:
-            raise ValueError("--quantize fp8 and --offload do not go together: float8 weights stay on the GPU")
-        if device == "cpu":
-            torch.set_num_threads(max(1, settings.threads))
-        adapters = parse_lora_specs(settings.loras)
-        if settings.vae_tiling not in sp.FLAG_VALUES:
-            raise ValueError(f"--vae-tiling: expected one of {', '.join(sp.FLAG_VALUES)}, got {settings.vae_tiling!r}")
-        if settings.vae_dtype not in DTYPE_NAMES:
-            raise ValueError(f"--vae-dtype: expected one of {', '.join(DTYPE_NAMES)}, got {settings.vae_dtype!r}")
-        if settings.compile_mode not in sp.COMPILE_MODES:
-            raise ValueError(f"--compile-mode: expected one of {', '.join(sp.COMPILE_MODES)}, got {settings.compile_mode!r}")
-        speedups = sp.Speedups(
-            channels_last=sp.flag_on(settings.channels_last, device),
-            fuse_qkv=sp.flag_on(settings.fuse_qkv, device),
-            compile=sp.flag_on(settings.compile, device) and not settings.offload,
-            compile_mode=settings.compile_mode,
-            compile_backend=settings.compile_backend,
-            buckets=sp.parse_buckets(settings.compile_buckets),
-            batch_sizes=tuple(range(1, max(1, settings.max_batch) + 1)),
-        )
         dtype = _torch_dtype(settings.dtype, device)
-        extra = {"vae": _load_vae(settings.vae, dtype)} if settings.vae else {}
-        base = StableDiffusionXLPipeline.from_pretrained(
-            settings.model, dtype=dtype, local_files_only=_local_only(settings.model), **extra
-        )
-        base.set_progress_bar_config(disable=True)
-        from gpu_worker.engines import controlnet
-
-        # before LoRAs and speedups touch the UNet: tiny-controlnet is made from its plain weights
-        controlnets = controlnet.load(settings.controlnets, base=base, dtype=dtype, device=device, models_dir=Path(settings.models_dir))
-        loras = LoraSet.load(base, adapters)
-        refiner = None
-        if settings.refiner:
-            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                settings.refiner,
-                dtype=dtype,
-                text_encoder_2=base.text_encoder_2,
-                vae=base.vae,
-                local_files_only=_local_only(settings.refiner),
-            )
-            refiner.set_progress_bar_config(disable=True)
+        base, refiner, controlnets, loras = _load_pipelines(settings, dtype)
         decode_dtype = pick_decode_dtype(
             settings.vae_dtype,
             model_dtype=dtype,
@@ -179,20 +201,7 @@ class SdxlEngine:
             force_upcast=bool(getattr(base.vae.config, "force_upcast", True)),
             bf16_native=bf16_native(device),
         )
-        if base.vae.dtype != decode_dtype:
-            base.vae.to(dtype=decode_dtype)
-        unets = [base.unet] + ([refiner.unet] if refiner is not None else [])
-        sp.apply_to_modules(speedups, unets=unets, vae=base.vae, has_loras=bool(loras.names))
-        for pipe in (base, refiner):
-            if pipe is None:
-                continue
-            if settings.offload:
-                pipe.enable_model_cpu_offload(device=device)
-            else:
-                pipe.to(device)
-        if settings.quantize == "fp8":
-            converted = sum(quantize_fp8(unet) for unet in unets)
-            log.info("float8: %d linear layers of the UNets' transformer blocks converted", converted)
+        unets = _place(settings, speedups, base, refiner, has_loras=bool(loras.names), decode_dtype=decode_dtype)
         engine = cls(
             settings=settings,
             name=name or settings.model,
@@ -227,20 +236,26 @@ class SdxlEngine:
             ",".join(loras.names) or "none", settings.offload, settings.quantize, speedups.describe(),
         )
         if speedups.compile:
-            started = time.monotonic()
-            cache = sp.use_compile_cache(settings.compile_cache) if speedups.compile_backend == "inductor" else ""
-            hits, misses = sp.cache_counts()
-            sp.compile_unets(speedups, unets)
-            engine._warm_up(speedups.buckets, speedups.batch_sizes)
-            sp.freeze_compiled()
-            hits, misses = sp.cache_counts()[0] - hits, sp.cache_counts()[1] - misses
-            log.info(
-                "compile warm-up took %.1fs for %d bucket(s) x %d batch size(s) x %d UNet(s); %s",
-                time.monotonic() - started, len(speedups.buckets), len(speedups.batch_sizes), len(unets),
-                f"Inductor cache {cache}: {hits} graph(s) reused, {misses} compiled" if cache
-                else f"backend {speedups.compile_backend}: no Inductor cache",
-            )
+            engine._compile(speedups, unets)
         return engine
+
+    def _compile(self, speedups: Any, unets: list[Any]) -> None:
+        """Compiles the UNets, traces them at every bucket and batch size, then freezes the graphs."""
+        from gpu_worker.engines import speedups as sp
+
+        started = time.monotonic()
+        cache = sp.use_compile_cache(self.settings.compile_cache) if speedups.compile_backend == "inductor" else ""
+        hits, misses = sp.cache_counts()
+        sp.compile_unets(speedups, unets)
+        self._warm_up(speedups.buckets, speedups.batch_sizes)
+        sp.freeze_compiled()
+        hits, misses = sp.cache_counts()[0] - hits, sp.cache_counts()[1] - misses
+        log.info(
+            "compile warm-up took %.1fs for %d bucket(s) x %d batch size(s) x %d UNet(s); %s",
+            time.monotonic() - started, len(speedups.buckets), len(speedups.batch_sizes), len(unets),
+            f"Inductor cache {cache}: {hits} graph(s) reused, {misses} compiled" if cache
+            else f"backend {speedups.compile_backend}: no Inductor cache",
+        )
 
     def _warm_up(self, buckets: tuple[tuple[int, int], ...], batch_sizes: tuple[int, ...] = (1,)) -> None:
         for width, height in buckets:
@@ -266,73 +281,74 @@ class SdxlEngine:
                     self.generate_batch(tasks, [lambda *_: None] * size)
                 log.info("compiled and warmed up %dx%d, batch %d, in %.1fs", width, height, size, time.monotonic() - started)
 
-    # -- planning -------------------------------------------------------------------------------
-
-    def _plan(self, task: GenerationTask) -> Plan:
-        from gpu_worker.engines.schedulers import UnknownScheduler, make_scheduler, split_steps
-
-        if task.use_refiner and not self.has_refiner:
-            raise JobFailed("use_refiner: this worker has no refiner loaded (start it with --refiner)")
-        from_image = task.init_image is not None
-        schedule = schedule_length(task.steps, task.strength) if from_image else task.steps
-        run = task.total_steps  # image-to-image skips the first schedule - run steps
-        try:
-            base_scheduler = make_scheduler(task.scheduler, self._scheduler_configs["base"])
-            if not task.use_refiner:
-                return Plan(base_scheduler, None, None, run, 0, schedule)
-            refiner_scheduler = make_scheduler(task.scheduler, self._scheduler_configs["refiner"])
-            split = task.refiner_split or self.settings.refiner_split
-            base_steps, _ = split_steps(make_scheduler(task.scheduler, self._scheduler_configs["base"]), schedule, split)
-            _, refiner_steps = split_steps(
-                make_scheduler(task.scheduler, self._scheduler_configs["refiner"]), schedule, split
-            )
-        except UnknownScheduler as exc:
-            raise JobFailed(str(exc)) from None
-        base_steps -= schedule - run
-        if base_steps <= 0 or refiner_steps == 0:
-            log.info(
-                "job %s: %d steps%s split at %.2f leave one model no step; the base runs them all",
-                task.job_id, task.steps, f" at strength {task.strength:g}" if from_image else "", split,
-            )
-            return Plan(base_scheduler, None, None, run, 0, schedule)
-        return Plan(base_scheduler, refiner_scheduler, split, base_steps, refiner_steps, schedule)
+    # -- the plan's numbers -------------------------------------------------------------------------
 
     def refiner_steps(self, task: GenerationTask) -> int:
-        if not (task.use_refiner and self.has_refiner):
+        """How many of the task's steps run on the refiner (0 when it cannot run)."""
+        from gpu_worker.engines.stage_sample import Sample
+        from gpu_worker.engines.stages import plan_of
+
+        if not self.has_refiner:
             return 0
         try:
-            return self._plan(task).refiner_steps
+            return sum(stage.runs for stage in plan_of(self, task) if isinstance(stage, Sample) and stage.model == "refiner")
         except JobFailed:
             return 0
-
-    # -- several jobs in one call ------------------------------------------------------------------
 
     def batch_key(self, task: GenerationTask) -> tuple | None:
         """Tasks with equal keys can run as one pipeline call; None: this task runs alone."""
         if task.init_image is not None or task.mask_image is not None or task.stages or self.settings.offload:
-            return None  # a plan (gpu_worker.engines.stages) runs alone
+            return None  # image-to-image, inpainting and a request's own stages run alone
         return (
             task.width, task.height, task.steps, task.guidance, task.scheduler, task.use_refiner,
             task.refiner_split, task.loras, bool(task.negative_prompt), task.eta,
         )
 
+    # -- running ----------------------------------------------------------------------------------
+
+    def generate(self, task: GenerationTask, on_step: StepCallback) -> Image.Image:
+        from gpu_worker.engines.stages import run_plan
+        from gpu_worker.memory import OUT_OF_MEMORY, free_device_memory, memory_note
+
+        self.ran_on.add(threading.get_ident())
+        self._loras.select(self._base, task.loras)
+        try:
+            [outcome] = run_plan(self, [task], [on_step])
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        except OUT_OF_MEMORY:
+            log.debug("job %s: out of memory; freeing it", task.job_id)
+        finally:
+            if self.settings.offload:
+                for pipe in (self._base, self._refiner):
+                    if pipe is not None:
+                        pipe.maybe_free_model_hooks()
+        free_device_memory()
+        note = memory_note(self.device)
+        what = f"{task.width}x{task.height}, {task.steps} steps" + (", refiner" if self.refiner_steps(task) else "")
+        log.warning("job %s: out of GPU memory at %s%s", task.job_id, what, f" ({note})" if note else "")
+        raise JobFailed(
+            f"out of GPU memory at {what}{f' ({note})' if note else ''}; try a smaller size"
+            + ("" if self.settings.offload else ", or start the worker with --offload on a small GPU")
+        )
+
     def generate_batch(self, tasks: list[GenerationTask], on_steps: list[StepCallback]) -> list[Any]:
-        """Runs tasks of one `batch_key` as one pipeline call; returns, per task, its image or the
-        exception that ended it (JobCancelled, JobFailed). A task whose callback raises JobCancelled
+        """Runs tasks of one `batch_key` as one pipeline call per stage; returns, per task, its image or
+        the exception that ended it (JobCancelled, JobFailed). A task whose callback raises JobCancelled
         is no longer told of steps; the call stops once every task is cancelled. Out of memory, the
         tasks run again one by one."""
+        from gpu_worker.engines.stages import run_plan
         from gpu_worker.memory import OUT_OF_MEMORY, free_device_memory
 
         self.ran_on.add(threading.get_ident())
         if len(tasks) == 1 or len({self.batch_key(t) for t in tasks}) != 1 or self.batch_key(tasks[0]) is None:
             return [self._alone(task, on_step) for task, on_step in zip(tasks, on_steps)]
-        try:
-            plan = self._plan(tasks[0])
-        except JobFailed as exc:
-            return [exc for _ in tasks]
         self._loras.select(self._base, tasks[0].loras)
         try:
-            return self._run_batch(tasks, plan, on_steps)
+            return run_plan(self, tasks, on_steps)
+        except JobFailed as exc:
+            return [exc for _ in tasks]
         except OUT_OF_MEMORY:
             log.debug("batch of %d: out of memory; freeing it", len(tasks))
         free_device_memory()
@@ -346,156 +362,6 @@ class SdxlEngine:
             return self.generate(task, on_step)
         except (JobCancelled, JobFailed) as exc:
             return exc
-
-    def _run_batch(self, tasks: list[GenerationTask], plan: Plan, on_steps: list[StepCallback]) -> list[Any]:
-        import torch
-
-        from gpu_worker.errors import JobCancelled
-
-        outcomes: list[Any] = [None] * len(tasks)
-        done = 0
-        cuda = torch.device(self.device) if self.device.startswith("cuda") else None
-
-        def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-            nonlocal done
-            done += 1
-            if cuda is not None:
-                torch.cuda.synchronize(cuda)
-            latents = kwargs.get("latents")
-            for i, on_step in enumerate(on_steps):
-                if outcomes[i] is not None:
-                    continue
-                try:
-                    on_step(min(done, plan.total), plan.total, latents[i : i + 1] if latents is not None else None)
-                except JobCancelled as exc:
-                    outcomes[i] = exc
-            if all(outcome is not None for outcome in outcomes):
-                raise JobCancelled()
-            return kwargs
-
-        first = tasks[0]
-        common = dict(
-            prompt=[t.prompt for t in tasks],
-            negative_prompt=[t.negative_prompt for t in tasks] if first.negative_prompt else None,
-            num_inference_steps=plan.schedule,
-            guidance_scale=first.guidance,
-            generator=[torch.Generator(device="cpu").manual_seed(t.seed) for t in tasks],
-            callback_on_step_end=callback,
-            output_type="latent",
-        )
-        if first.eta is not None:  # one eta for the batch: it is part of batch_key
-            common["eta"] = first.eta
-        with torch.inference_mode():
-            try:
-                self._base.scheduler = plan.base_scheduler
-                if plan.split is None:
-                    latents = self._base(width=first.width, height=first.height, **common).images
-                else:
-                    latents = self._base(width=first.width, height=first.height, denoising_end=plan.split, **common).images
-                    self._refiner.scheduler = plan.refiner_scheduler
-                    latents = self._refiner(image=latents, denoising_start=plan.split, **common).images
-            except JobCancelled:
-                return outcomes
-            for i, task in enumerate(tasks):
-                if outcomes[i] is None:
-                    try:
-                        outcomes[i] = self._decoder.decode(latents[i : i + 1], job_id=task.job_id)
-                    except JobFailed as exc:
-                        outcomes[i] = exc
-        return outcomes
-
-    # -- one job --------------------------------------------------------------------------------
-
-    def generate(self, task: GenerationTask, on_step: StepCallback) -> Image.Image:
-        from gpu_worker.memory import OUT_OF_MEMORY, free_device_memory, memory_note
-
-        self.ran_on.add(threading.get_ident())
-        plan = self._plan(task)
-        self._loras.select(self._base, task.loras)
-        try:
-            return self._run(task, plan, on_step)
-        except OUT_OF_MEMORY:
-            log.debug("job %s: out of memory; freeing it", task.job_id)
-        finally:
-            if self.settings.offload:
-                for pipe in (self._base, self._refiner):
-                    if pipe is not None:
-                        pipe.maybe_free_model_hooks()
-        free_device_memory()
-        note = memory_note(self.device)
-        what = f"{task.width}x{task.height}, {task.steps} steps" + (", refiner" if plan.refiner_steps else "")
-        log.warning("job %s: out of GPU memory at %s%s", task.job_id, what, f" ({note})" if note else "")
-        raise JobFailed(
-            f"out of GPU memory at {what}{f' ({note})' if note else ''}; try a smaller size"
-            + ("" if self.settings.offload else ", or start the worker with --offload on a small GPU")
-        )
-
-    def _run(self, task: GenerationTask, plan: Plan, on_step: StepCallback) -> Image.Image:
-        import torch
-
-        with torch.inference_mode():
-            if task.stages:
-                from gpu_worker.engines.stages import run_plan
-
-                return run_plan(self, task, on_step)
-            latents = self._denoise(task, plan, on_step)
-            image = self._decoder.decode(latents, job_id=task.job_id)
-        if task.mask_image is None:
-            return image
-        init = fit(task.init_image, task.width, task.height, mode="RGB")
-        return Image.composite(image, init, fit(task.mask_image, task.width, task.height, mode="L"))
-
-    def _denoise(self, task: GenerationTask, plan: Plan, on_step: StepCallback) -> Any:
-        import torch
-
-        generator = torch.Generator(device="cpu").manual_seed(task.seed)
-        done = 0
-        cuda = torch.device(self.device) if self.device.startswith("cuda") else None
-
-        def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-            nonlocal done
-            done += 1
-            if cuda is not None:  # the step has ended on the GPU, not only been queued: progress, ETA
-                torch.cuda.synchronize(cuda)  # and cancel follow the GPU, CUDA graphs or not
-            on_step(min(done, plan.total), plan.total, kwargs.get("latents"))
-            return kwargs
-
-        common = dict(
-            prompt=task.prompt,
-            negative_prompt=task.negative_prompt or None,
-            num_inference_steps=plan.schedule,
-            guidance_scale=task.guidance,
-            generator=generator,
-            callback_on_step_end=callback,
-            output_type="latent",
-        )
-        if task.eta is not None:  # diffusers hands it to the schedulers whose step takes it (DDIM's)
-            common["eta"] = task.eta
-        if task.init_image is not None:
-            return self._denoise_image(task, plan, common)
-        self._base.scheduler = plan.base_scheduler
-        if plan.split is None:
-            return self._base(width=task.width, height=task.height, **common).images
-        latents = self._base(width=task.width, height=task.height, denoising_end=plan.split, **common).images
-        self._refiner.scheduler = plan.refiner_scheduler
-        return self._refiner(image=latents, denoising_start=plan.split, **common).images
-
-    def _denoise_image(self, task: GenerationTask, plan: Plan, common: dict) -> Any:
-        """Image-to-image, or inpainting with a mask: the base from the init image noised to `strength`,
-        then (with the refiner) the refiner's own image-to-image or inpainting pipeline from the hand-over."""
-        init = fit(task.init_image, task.width, task.height, mode="RGB")
-        masked: dict[str, Any] = {}
-        if task.mask_image is not None:
-            mask = fit(task.mask_image, task.width, task.height, mode="L")
-            masked = dict(mask_image=mask, width=task.width, height=task.height)
-        base = self._derived_pipe("inpaint" if masked else "img2img")
-        base.scheduler = plan.base_scheduler
-        if plan.split is None:
-            return base(image=init, strength=task.strength, **masked, **common).images
-        latents = base(image=init, strength=task.strength, denoising_end=plan.split, **masked, **common).images
-        refiner = self._derived_pipe("refiner-inpaint") if masked else self._refiner
-        refiner.scheduler = plan.refiner_scheduler
-        return refiner(image=latents, denoising_start=plan.split, **masked, **common).images
 
     def _derived_pipe(self, kind: str) -> Any:
         """The base's `img2img` or `inpaint` pipeline, or the refiner's `refiner-inpaint` one, made on first

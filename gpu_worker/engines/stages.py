@@ -1,11 +1,15 @@
-"""The stage runner: one job's plan (schemas/plan.py) run in order on the SDXL engine's loaded pipelines.
+"""The stage runner: the one way the SDXL engine makes images. A job's plan (schemas/plan.py) runs in
+order on the engine's loaded pipelines, for one task or for a batch of tasks whose plans have one shape.
 
-Latents stay in memory between stages. A sample stage picks its pipeline from what it starts from:
-text to image from noise, image to image from earlier latents or an image (with `denoise` as strength,
-or continuing a shared schedule from `start_step` for a hand-over), inpainting for a first stage with a
-mask, the refiner's own pipeline for `model: refiner`, and the ControlNet variants of the base's when
-the stage names a ControlNet. An upscale resizes the latents (torch interpolation) or the decoded
-pixels (PIL). Progress counts over every stage's steps, so cancel lands between any two steps.
+A task with `stages` runs them; a task without runs its implicit plan (`stage_sample.implicit`: one
+sample stage, or base and refiner handing over). Every sample stage is fixed before the first step
+(`plan_of`), so a plan that cannot run fails before any. Latents stay in memory between stages; a sample
+stage is one pipeline call for the whole batch (`stage_sample.sample`: one prompt and one generator per
+task, so each image is the one its task makes alone), an upscale resizes the latents (torch
+interpolation) or the decoded pixels (PIL). Progress counts over every stage's steps and goes to each
+task's callback after every step; a task whose callback raises JobCancelled drops out at that step
+boundary while the others go on, and the run stops once none is left. Each image is decoded on its own;
+inpainting pastes the init image back where the mask keeps it.
 """
 
 from __future__ import annotations
@@ -15,11 +19,10 @@ from typing import Any
 
 from PIL import Image
 
-from gpu_worker.engines import controlnet
 from gpu_worker.engines.base import GenerationTask, StepCallback, fit
-from gpu_worker.errors import JobFailed
-from schemas.plan import SampleStage, UpscaleStage, total_steps
-from schemas.request import schedule_length
+from gpu_worker.engines.stage_sample import Sample, from_stage, implicit, sample
+from gpu_worker.errors import JobCancelled, JobFailed
+from schemas.plan import UpscaleStage
 
 log = logging.getLogger("imagegen.worker.stages")
 
@@ -27,138 +30,109 @@ PIXEL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampli
                  "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
 
-def canny(image: Image.Image, *, low: int = 100, high: int = 200) -> Image.Image:
-    """Canny-like edges with numpy only: Sobel gradients, thresholds with hysteresis by one dilation;
-    white edges on black, as SDXL canny ControlNets take them."""
-    import numpy as np
-
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
-    padded = np.pad(grey, 1, mode="edge")
-    gx = (padded[:-2, 2:] + 2 * padded[1:-1, 2:] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[1:-1, :-2] + padded[2:, :-2])
-    gy = (padded[2:, :-2] + 2 * padded[2:, 1:-1] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[:-2, 1:-1] + padded[:-2, 2:])
-    magnitude = np.hypot(gx, gy) / 4
-    strong = magnitude >= high
-    weak = magnitude >= low
-    grown = np.pad(strong, 1)
-    near = np.zeros_like(strong)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            near |= grown[dy:dy + strong.shape[0], dx:dx + strong.shape[1]]
-    edges = strong | (weak & near)
-    return Image.fromarray((edges * 255).astype(np.uint8), mode="L").convert("RGB")
+def plan_of(engine: Any, task: GenerationTask) -> list[Any]:
+    """The task's plan as it runs: each sample stage a `Sample`, each upscale as the request gave it."""
+    if not task.stages:
+        return list(implicit(engine, task))
+    plan: list[Any] = []
+    first, has_source, has_latents = True, task.init_image is not None, False
+    for index, stage in enumerate(task.stages):
+        if isinstance(stage, UpscaleStage):
+            if stage.space == "latent" and not has_latents:
+                raise JobFailed(f"stages.{index}: a latent upscale needs latents from a sample stage before it")
+            has_latents = has_latents and stage.space == "latent"
+            plan.append(stage)
+            continue
+        plan.append(from_stage(engine, stage, index, task, first=first, from_source=has_source))
+        first, has_source, has_latents = False, True, True
+    return plan
 
 
-def control_image(task: GenerationTask, stage: SampleStage, width: int, height: int) -> Image.Image:
-    if task.control_image is None:
-        raise JobFailed("controlnet: the plan names a ControlNet but the job carries no control image")
-    image = fit(task.control_image, width, height, mode="RGB")
-    unit = stage.controlnet
-    return canny(image, low=unit.low_threshold, high=unit.high_threshold) if unit.preprocessor == "canny" else image
+class Progress:
+    """The step callback of a batch's pipeline calls: counts steps over the whole plan and tells each task
+    still running; `outcomes` holds, per task, the JobCancelled that ended it (None while it runs)."""
 
+    def __init__(self, on_steps: list[StepCallback], total: int, device: str):
+        import torch
 
-def run_plan(engine: Any, task: GenerationTask, on_step: StepCallback) -> Image.Image:
-    """The image a staged task makes (in torch's inference mode, on the engine's pipelines)."""
-    import torch
-    import torch.nn.functional as F
+        self.on_steps, self.total, self.done = on_steps, total, 0
+        self.outcomes: list[Any] = [None] * len(on_steps)
+        self.cuda = torch.device(device) if device.startswith("cuda") else None
 
-    from gpu_worker.engines.schedulers import UnknownScheduler, make_scheduler
+    def __call__(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        import torch
 
-    stages = list(task.stages)
-    total = total_steps(stages, task.steps, from_image=task.init_image is not None, strength=task.strength)
-    done = 0
-
-    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-        nonlocal done
-        done += 1
-        on_step(min(done, total), total, kwargs.get("latents"))
+        self.done += 1
+        if self.cuda is not None:  # the step has ended on the GPU, not only been queued: progress, ETA
+            torch.cuda.synchronize(self.cuda)  # and cancel follow the GPU, CUDA graphs or not
+        latents = kwargs.get("latents")
+        for i, on_step in enumerate(self.on_steps):
+            if self.outcomes[i] is not None:
+                continue
+            try:
+                on_step(min(self.done, self.total), self.total, latents[i : i + 1] if latents is not None else None)
+            except JobCancelled as exc:
+                self.outcomes[i] = exc
+        if all(outcome is not None for outcome in self.outcomes):
+            raise JobCancelled()
         return kwargs
 
-    generator = torch.Generator(device="cpu").manual_seed(task.seed)
-    factor = engine._base.vae_scale_factor
-    width, height = task.width, task.height
-    latents: Any = None
-    image: Image.Image | None = fit(task.init_image, width, height, mode="RGB") if task.init_image is not None else None
-    mask = fit(task.mask_image, width, height, mode="L") if task.mask_image is not None else None
-    first_sample = True
-    for index, stage in enumerate(stages):
-        if isinstance(stage, UpscaleStage):
-            width, height = stage.size(width, height)
-            if stage.space == "latent":
-                if latents is None:
-                    raise JobFailed(f"stages.{index}: a latent upscale needs latents from a sample stage before it")
-                mode = stage.method
-                options = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-                latents = F.interpolate(latents.float(), size=(height // factor, width // factor), mode=mode, **options).to(latents.dtype)
-            else:
-                if latents is not None:
-                    image, latents = engine._decoder.decode(latents, job_id=task.job_id), None
-                image = image.convert("RGB").resize((width, height), PIXEL_FILTERS[stage.method])
-            log.info("job %s: stage %d upscaled (%s, %s) to %dx%d", task.job_id, index, stage.space, stage.method, width, height)
-            continue
-        if stage.model == "refiner" and not engine.has_refiner:
-            raise JobFailed(f"stages.{index}: this worker has no refiner loaded (start it with --refiner)")
-        steps = stage.steps or task.steps
+
+def run_plan(engine: Any, tasks: list[GenerationTask], on_steps: list[StepCallback]) -> list[Any]:
+    """Runs the tasks (their plans of the first task's shape) together, in torch's inference mode; returns,
+    per task, its image or the exception that ended it (JobCancelled, JobFailed). Raises JobFailed when
+    the plan cannot run; out of memory propagates."""
+    import torch
+
+    plan = plan_of(engine, tasks[0])
+    progress = Progress(on_steps, sum(s.runs for s in plan if isinstance(s, Sample)), engine.device)
+    first = tasks[0]
+    width, height = first.width, first.height
+    source: Any = [fit(t.init_image, width, height, mode="RGB") for t in tasks] if first.init_image is not None else None
+    masks = [fit(t.mask_image, width, height, mode="L") for t in tasks] if first.mask_image is not None else None
+    generators = [torch.Generator(device="cpu").manual_seed(t.seed) for t in tasks]
+    with torch.inference_mode():
         try:
-            scheduler = make_scheduler(stage.scheduler or task.scheduler, engine._scheduler_configs[stage.model])
-        except UnknownScheduler as exc:
-            raise JobFailed(f"stages.{index}: {exc}") from None
-        call: dict[str, Any] = dict(
-            prompt=task.prompt,
-            negative_prompt=task.negative_prompt or None,
-            guidance_scale=stage.guidance if stage.guidance is not None else task.guidance,
-            generator=generator,
-            callback_on_step_end=callback,
-            output_type="latent",
-            num_inference_steps=steps,
-        )
-        if task.eta is not None:
-            call["eta"] = task.eta
-        source = latents if latents is not None else image
-        inpaint = first_sample and mask is not None and source is not None
-        if stage.end_step is not None and stage.end_step < steps:
-            call["denoising_end"] = stage.end_step / steps
-        if source is not None:
-            if stage.start_step is not None:
-                call["denoising_start"] = stage.start_step / steps
-            else:
-                strength = stage.denoise if stage.denoise is not None else (task.strength if first_sample else 1.0)
-                call["strength"] = strength
-                call["num_inference_steps"] = schedule_length(steps, strength)
-            call["image"] = source
-            if inpaint:
-                call.update(mask_image=mask, width=width, height=height)
-        else:
-            call.update(width=width, height=height)
-            if stage.start_step:
-                raise JobFailed(f"stages.{index}: start_step needs latents from a stage before it")
-        if stage.controlnet is not None:
-            if "denoising_start" in call or "denoising_end" in call:
-                raise JobFailed(f"stages.{index}: a ControlNet stage runs its whole schedule here: drop start_step/end_step")
-            if inpaint:
-                raise JobFailed(f"stages.{index}: ControlNet with inpainting is not offered")
-            unit = stage.controlnet
-            pipe = controlnet.pipeline(engine, "controlnet-img2img" if source is not None else "controlnet", unit.model)
-            control = control_image(task, stage, width, height)
-            if source is not None:
-                call["control_image"] = control
-            else:
-                call["image"] = control
-            call.update(controlnet_conditioning_scale=unit.weight, control_guidance_start=unit.start, control_guidance_end=unit.end)
-        elif stage.model == "refiner":
-            if source is None:
-                raise JobFailed(f"stages.{index}: the refiner refines: it needs a stage before it")
-            pipe = engine._derived_pipe("refiner-inpaint") if inpaint else engine._refiner
-        elif source is None:
-            pipe = engine._base
-        else:
-            pipe = engine._derived_pipe("inpaint" if inpaint else "img2img")
-        pipe.scheduler = scheduler
-        log.info("job %s: stage %d sample on %s, %d steps%s", task.job_id, index, stage.model, steps,
-                 "".join(f" {k}={call[k]:g}" for k in ("strength", "denoising_start", "denoising_end") if k in call))
-        latents, image = pipe(**call).images, None
-        first_sample = False
-    result = engine._decoder.decode(latents, job_id=task.job_id) if latents is not None else image
-    if mask is not None and result.size == (task.width, task.height):
-        init = fit(task.init_image, task.width, task.height, mode="RGB")
-        result = Image.composite(result, init, mask)
-    return result
+            for stage in plan:
+                if isinstance(stage, UpscaleStage):
+                    source, width, height = upscale(engine, stage, tasks, source, width, height)
+                else:
+                    source = sample(engine, stage, tasks, source=source, masks=masks, width=width, height=height,
+                                    generators=generators, callback=progress)
+        except JobCancelled:  # every task was cancelled
+            return progress.outcomes
+        return finish(engine, tasks, source, masks, progress.outcomes)
+
+
+def upscale(engine: Any, stage: UpscaleStage, tasks: list[GenerationTask], source: Any, width: int, height: int) -> tuple[Any, int, int]:
+    """(the source upscaled, its width, its height): latents interpolated, or images (decoded first) resized."""
+    import torch.nn.functional as F
+
+    width, height = stage.size(width, height)
+    if stage.space == "latent":
+        factor = engine._base.vae_scale_factor
+        options = {"align_corners": False} if stage.method in ("bilinear", "bicubic") else {}
+        size = (height // factor, width // factor)
+        source = F.interpolate(source.float(), size=size, mode=stage.method, **options).to(source.dtype)
+    else:
+        if not isinstance(source, list):
+            source = [engine._decoder.decode(source[i : i + 1], job_id=task.job_id) for i, task in enumerate(tasks)]
+        source = [image.convert("RGB").resize((width, height), PIXEL_FILTERS[stage.method]) for image in source]
+    log.info("job %s: upscaled (%s, %s) to %dx%d", tasks[0].job_id, stage.space, stage.method, width, height)
+    return source, width, height
+
+
+def finish(engine: Any, tasks: list[GenerationTask], source: Any, masks: list[Any] | None, outcomes: list[Any]) -> list[Any]:
+    """Each running task's image: its latents decoded on their own, the init image pasted back where its mask keeps it."""
+    for i, task in enumerate(tasks):
+        if outcomes[i] is not None:
+            continue
+        try:
+            image = source[i] if isinstance(source, list) else engine._decoder.decode(source[i : i + 1], job_id=task.job_id)
+        except JobFailed as exc:
+            outcomes[i] = exc
+            continue
+        if masks is not None and image.size == (task.width, task.height):
+            image = Image.composite(image, fit(task.init_image, task.width, task.height, mode="RGB"), masks[i])
+        outcomes[i] = image
+    return outcomes
