@@ -102,7 +102,7 @@ class Worker:
         self.nc = await connect(self.settings.nats_url, name=f"imagegen-worker {self.worker_id}")
         self.js = self.nc.jetstream()
         await ensure_topology(self.js, self.settings.topology)
-        self.events = EventPublisher(self.nc, self.js, worker_id=self.worker_id)
+        self.events = EventPublisher(self.nc, worker_id=self.worker_id)
         self.status_kv = await self.js.key_value(names.STATUS_BUCKET)
         self.workers_kv = await self.js.key_value(names.WORKERS_BUCKET)
         self.images = await self.js.object_store(names.IMAGES_BUCKET)
