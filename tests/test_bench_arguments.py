@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ("eta_sim.py", ["--seeds", "0"], "--seeds: must be at least 1, got 0"),
         ("scale.py", ["--levels", "0,8"], "every count must be at least 1"),
         ("overhead.py", ["--jobs", "0"], "--jobs: must be at least 1, got 0"),
+        ("overhead_ab.py", [".", ".", "--rounds", "5"], "--rounds: must be at least 10, got 5"),
+        ("overhead_ab.py", [".", "no-such-checkout"], "after: 'no-such-checkout' is not a checkout"),
         ("gateway_load.py", ["--duration", "inf"], "--duration: must be a finite number"),
         ("soak.py", ["--rate", "0"], "--rate: must be above 0"),
         ("failover.py", ["--jobs", "0"], "--jobs: must be at least 1, got 0"),
