@@ -8,72 +8,82 @@ Dynamo's own counters and from its `fail_on_recompile` stance, which raises wher
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
-import torch._dynamo
-from torch._dynamo.utils import counters
 
+ROOT = Path(__file__).resolve().parents[1]
+
+# Dynamo's state (compiled code, counters, the compile stance) is global to an interpreter: the compiled
+# engine runs in one of its own, so no other test inherits it, and reports what Dynamo counted as JSON.
+COMPILED_ENGINE = """
+import dataclasses, json, sys
+from pathlib import Path
+import torch
+from torch._dynamo.utils import counters
+torch.set_num_threads(1)
 from gpu_worker.engines.base import GenerationTask
 from gpu_worker.engines.schedulers import SCHEDULER_SPECS
 from gpu_worker.engines.sdxl import SdxlEngine, SdxlSettings
 from gpu_worker.engines.speedups import is_compiled
 from gpu_worker.engines.tiny_sdxl import build_tiny_refiner, build_tiny_sdxl
 
-TASK = GenerationTask(
-    job_id="compiled", prompt="a lighthouse", negative_prompt="", width=64, height=64, steps=4, guidance=5.0, seed=3
-)
+root = Path(sys.argv[1])
+engine = SdxlEngine.load(SdxlSettings(
+    model=str(build_tiny_sdxl(root / "tiny-sdxl")), refiner=str(build_tiny_refiner(root / "tiny-sdxl-refiner")),
+    compile="on", compile_backend="eager", compile_buckets="64x64", max_batch=2, default_steps=4,
+))
+report = {"compiled": [is_compiled(engine._base.unet), is_compiled(engine._refiner.unet)],
+          "warm_up": {name: dict(values) for name, values in counters.items()}, "runs": {}}
+task = GenerationTask(job_id="compiled", prompt="a lighthouse", negative_prompt="", width=64, height=64, steps=4, guidance=5.0, seed=3)
+torch.compiler.set_stance("fail_on_recompile")  # a failed guard raises instead of running eagerly
+for use_refiner in (False, True):
+    runs = report["runs"]["base+refiner" if use_refiner else "base"] = {}
+    for scheduler in SCHEDULER_SPECS:
+        counters.clear()
+        engine.generate(dataclasses.replace(task, scheduler=scheduler, use_refiner=use_refiner, refiner_split=0.5), lambda *_: None)
+        runs[scheduler] = {"frames": dict(counters["frames"]), "recompiles": dict(counters["recompiles"])}
+    counters.clear()
+    pair = [dataclasses.replace(task, seed=seed, use_refiner=use_refiner, refiner_split=0.5) for seed in (1, 2)]
+    engine.generate_batch(pair, [lambda *_: None] * 2)  # --max-batch 2: the batch of two was compiled too
+    runs["batch of two"] = {"frames": dict(counters["frames"]), "recompiles": dict(counters["recompiles"])}
+print(json.dumps(report))
+"""
 
-
-pytestmark = pytest.mark.slow  # Dynamo traces both UNets at warm-up: about 10 s on a CPU
+pytestmark = [pytest.mark.slow, pytest.mark.processes]  # Dynamo traces both UNets at warm-up: about 10 s on a CPU
 
 
 @pytest.fixture(scope="module")
-def compiled_engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compile-models")
-    torch._dynamo.reset()
-    counters.clear()
-    engine = SdxlEngine.load(SdxlSettings(
-        model=str(build_tiny_sdxl(root / "tiny-sdxl")),
-        refiner=str(build_tiny_refiner(root / "tiny-sdxl-refiner")),
-        compile="on",
-        compile_backend="eager",
-        compile_buckets="64x64",
-        max_batch=2,
-        default_steps=4,
-    ))
-    warm_up = {name: dict(values) for name, values in counters.items()}
-    yield engine, warm_up
-    torch.compiler.set_stance("default")
-    torch._dynamo.reset()
+def compiled_engine(tmp_path_factory) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_ENGINE, str(tmp_path_factory.mktemp("compile-models"))],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_warm_up_traces_each_unet_whole(compiled_engine):
-    engine, warm_up = compiled_engine
-    assert is_compiled(engine._base.unet) and is_compiled(engine._refiner.unet)
+    warm_up = compiled_engine["warm_up"]
+    assert compiled_engine["compiled"] == [True, True]
     assert warm_up["stats"]["unique_graphs"] == 4, warm_up  # base and refiner, one graph per batch size each
     assert not warm_up.get("graph_break"), warm_up["graph_break"]
 
 
 @pytest.mark.parametrize("use_refiner", [False, True], ids=["base", "base+refiner"])
 def test_every_sampler_runs_the_compiled_graph_without_recompiling(compiled_engine, use_refiner):
-    engine, _ = compiled_engine
-    torch.compiler.set_stance("fail_on_recompile")  # a failed guard raises instead of running eagerly
-    try:
-        for scheduler in SCHEDULER_SPECS:
-            counters.clear()
-            task = dataclasses.replace(TASK, scheduler=scheduler, use_refiner=use_refiner, refiner_split=0.5)
-            engine.generate(task, lambda *_: None)
-            assert not counters["frames"], (scheduler, dict(counters["frames"]))  # nothing traced anew
-            assert not counters["recompiles"], (scheduler, dict(counters["recompiles"]))
-        counters.clear()
-        pair = [dataclasses.replace(TASK, seed=seed, use_refiner=use_refiner, refiner_split=0.5) for seed in (1, 2)]
-        engine.generate_batch(pair, [lambda *_: None] * 2)  # --max-batch 2: the batch of two was compiled too
-        assert not counters["frames"], dict(counters["frames"])
-    finally:
-        torch.compiler.set_stance("eager_on_recompile")
+    from gpu_worker.engines.schedulers import SCHEDULER_SPECS
 
+    runs = compiled_engine["runs"]["base+refiner" if use_refiner else "base"]
+    assert set(runs) == {*SCHEDULER_SPECS, "batch of two"}
+    for name, counted in runs.items():
+        assert not counted["frames"], (name, counted["frames"])  # nothing traced anew
+        assert not counted["recompiles"], (name, counted["recompiles"])
 
 
 RESTART = """
@@ -90,15 +100,10 @@ for start in range(2):  # a start, then a restart: Dynamo's in-memory state is d
 """
 
 
-@pytest.mark.processes  # compiles with Inductor in a process of its own, twice
 def test_compile_cache_folder_is_reused_by_the_next_start(tmp_path):
-    """Inductor's compiled graph lands in the cache folder, and compiling it again loads it from there."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
+    """Inductor's compiled graph lands in the cache folder, and compiling it again loads it from there
+    (compiled in a process of its own, twice)."""
+    root = ROOT
     folder = tmp_path / "compile-cache"
     env = {**os.environ, "PYTHONPATH": str(root)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)

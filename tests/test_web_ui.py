@@ -538,6 +538,7 @@ async def test_one_socket_follows_more_jobs_in_its_life_than_it_may_follow_at_on
 async def test_sockets_waiting_for_their_key_are_capped(keyed, monkeypatch):
     url, secret, _ = keyed
     monkeypatch.setattr(auth, "MAX_PENDING_SOCKETS", 2, raising=False)
+    monkeypatch.setattr(auth, "SOCKET_KEY_WAIT_S", 0.5)
     async with aiohttp.ClientSession() as http:
         first = await http.ws_connect(f"{url}/v1/ws")
         second = await http.ws_connect(f"{url}/v1/ws")

@@ -36,7 +36,7 @@ from schemas.names import Tier
 
 PUBLIC_PATHS = ("/healthz", "/swagger", "/openapi.json", "/static/", "/metrics")
 SOCKET_PATHS = re.compile(r"^/v1/(ws|jobs/[^/]+/ws)$")  # WebSockets that take the key as their first message
-SOCKET_KEY_WAIT_S = 3.0
+SOCKET_KEY_WAIT_S = 3.0  # read per socket: tests lower it
 MAX_PENDING_SOCKETS = 256  # sockets waiting for their first-message key at once (read per request: tests lower it)
 
 
@@ -206,7 +206,7 @@ def is_socket_upgrade(request: web.Request) -> bool:
     )
 
 
-async def socket_key(request: web.Request, ws: web.WebSocketResponse, *, wait_s: float = SOCKET_KEY_WAIT_S) -> bool:
+async def socket_key(request: web.Request, ws: web.WebSocketResponse) -> bool:
     """For a socket opened without a key header: reads `{"key": KEY}` as the first message and sets the
     caller, as the middleware does for other requests. True when the caller may go on (or no key is due);
     otherwise sends an error event, closes the socket (1008) and returns False."""
@@ -214,7 +214,7 @@ async def socket_key(request: web.Request, ws: web.WebSocketResponse, *, wait_s:
     if gate is None:
         return True
     try:
-        message = await ws.receive(timeout=wait_s)
+        message = await ws.receive(timeout=SOCKET_KEY_WAIT_S)
     except asyncio.TimeoutError:
         message = None
     finally:
