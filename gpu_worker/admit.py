@@ -150,7 +150,7 @@ def generation_task(
         negative_prompt=request.negative_prompt,
         width=request.width,
         height=request.height,
-        steps=request.steps or engine.default_steps,
+        steps=schedule,
         guidance=request.guidance if request.guidance is not None else engine.default_guidance,
         seed=envelope.seed,
         use_refiner=request.use_refiner,
