@@ -50,7 +50,9 @@ from imagegen.embedded_nats import EmbeddedCluster, free_port  # noqa: E402
 from schemas import names  # noqa: E402
 from schemas.names import Tier  # noqa: E402
 from schemas.jetstream import Topology, ensure_topology  # noqa: E402
-from soak import BusyWorkers, Proc, image_descriptions, read_statuses, runs_logged, spawn  # noqa: E402
+from soak import (  # noqa: E402
+    BusyWorkers, Proc, image_descriptions, kill_all, read_statuses, runs_logged, spawn, start_simulated_worker,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,20 +112,13 @@ class Run:
         return f"http://127.0.0.1:{port}"
 
     async def start_worker(self, slot: int, generation: int) -> Proc:
-        name = f"failover-w{slot}-{generation}"
-        proc = spawn(self.workdir, name, [
-            "worker", "--model", "simulated", "--worker-id", name, "--sim-step-s", str(self.settings.step_s),
-            "--preview-every", "0", "--data-dir", str(self.workdir / "data"), *self.flags(),
-        ], self.started)
-        self.workers[slot] = proc
-        await proc.wait_for_log(" ready: model=simulated")
+        proc = self.workers[slot] = await start_simulated_worker(
+            self.workdir, f"failover-w{slot}-{generation}", self.settings.step_s, self.flags(), self.started
+        )
         return proc
 
     def stop_all(self) -> None:
-        for proc in self.started:
-            if proc.alive:
-                proc.process.kill()
-                proc.process.wait(timeout=10)
+        kill_all(self.started)
         self.cluster.stop()
 
 

@@ -125,6 +125,23 @@ def spawn(workdir: Path, name: str, args: list[str], started: list[Proc]) -> Pro
     return proc
 
 
+async def start_simulated_worker(workdir: Path, name: str, step_s: float, flags: list[str], started: list[Proc]) -> Proc:
+    """`imagegen worker` on the simulated engine (`step_s` a step, no previews), ready to take jobs."""
+    proc = spawn(workdir, name, [
+        "worker", "--model", "simulated", "--worker-id", name, "--sim-step-s", str(step_s),
+        "--preview-every", "0", "--data-dir", str(workdir / "data"), *flags,
+    ], started)
+    await proc.wait_for_log(" ready: model=simulated")
+    return proc
+
+
+def kill_all(started: list[Proc]) -> None:
+    for proc in started:
+        if proc.alive:
+            proc.process.kill()
+            proc.process.wait(timeout=10)
+
+
 @dataclass
 class Stack:
     settings: SoakSettings
@@ -147,22 +164,14 @@ class Stack:
         return f"http://127.0.0.1:{port}"
 
     async def start_worker(self, slot: int, generation: int) -> Proc:
-        worker_id = f"soak-w{slot}-{generation}"
-        proc = self.spawn(
-            worker_id,
-            ["worker", "--nats", self.broker.url, "--model", "simulated", "--worker-id", worker_id,
-             "--sim-step-s", str(self.settings.step_s), "--preview-every", "0", "--data-dir", str(self.workdir / "data"),
-             *self.topology_flags()],
+        flags = ["--nats", self.broker.url, *self.topology_flags()]
+        proc = self.workers[slot] = await start_simulated_worker(
+            self.workdir, f"soak-w{slot}-{generation}", self.settings.step_s, flags, self.started
         )
-        self.workers[slot] = proc
-        await proc.wait_for_log(" ready: model=simulated")
         return proc
 
     def stop_all(self) -> None:
-        for proc in self.started:
-            if proc.alive:
-                proc.process.kill()
-                proc.process.wait(timeout=10)
+        kill_all(self.started)
         self.broker.stop()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import signal
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from imagegen.embedded_nats import free_port
+from tests.helpers.real_processes import up_ready
 from tests.helpers.service import wait_status
 
 pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
@@ -51,19 +51,8 @@ async def test_up_serves_mflux_workflow_and_drains_on_sigterm(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "imagegen", "up", "--port", str(port)], stdout=log, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
+        await up_ready(proc, url, log_path)
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    async with http.get(f"{url}/healthz") as r:
-                        if r.status == 200 and (await r.json())["workers"] >= 1:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.2)
-            else:
-                raise AssertionError("imagegen up did not become ready:\n" + log_path.read_text())
             async with http.get(f"{url}/api/ps") as r:
                 assert (await r.json())["model"] == "tiny-sdxl"
             body = {"prompt": "a fox", "width": 64, "height": 64, "steps": 2, "seed": "42"}

@@ -4,19 +4,18 @@ audit records; `--access-log` adds a line per HTTP request and `--audit-log` the
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from imagegen.embedded_nats import free_port
+from tests.helpers.real_processes import up_ready
 from tests.helpers.service import wait_status
 
 pytestmark = pytest.mark.processes  # each test starts imagegen up
@@ -34,17 +33,8 @@ async def run_up(tmp_path: Path, *flags: str) -> tuple[str, str]:
         proc = subprocess.Popen([sys.executable, "-m", "imagegen", "up", "--port", str(port), *flags], stdout=log, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
+        await up_ready(proc, url, log_path)
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                try:
-                    async with http.get(f"{url}/healthz") as r:
-                        if r.status == 200 and (await r.json())["workers"] >= 1:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.2)
             body = {"prompt": "a secret lighthouse", "width": 64, "height": 64, "steps": 2}
             async with http.post(f"{url}/api/generate", json=body) as r:
                 job_id = (await r.json())["task_id"]

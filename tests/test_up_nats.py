@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import nats
 import psutil
 import pytest
 
 from imagegen.embedded_nats import free_port
+from tests.helpers.real_processes import up_ready
 
 pytestmark = pytest.mark.processes  # each test starts imagegen or nats-server processes of its own
 
@@ -33,21 +33,6 @@ def up(data_dir: Path, log_path: Path, *flags: str) -> subprocess.Popen:
             [sys.executable, "-m", "imagegen", "up", "--model", "simulated", "--data-dir", str(data_dir), *flags],
             stdout=log, stderr=log, env=env,
         )
-
-
-async def ready(proc: subprocess.Popen, port: int, log_path: Path, *, timeout: float = 90) -> None:
-    async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
-                    if r.status == 200 and (await r.json())["workers"] >= 1:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.2)
-    raise AssertionError("imagegen up did not become ready:\n" + log_path.read_text())
 
 
 def nats_server_of(proc: subprocess.Popen) -> psutil.Process:
@@ -73,7 +58,7 @@ async def running(tmp_path_factory):
     log_path = root / "up.log"
     proc = up(root / "data", log_path, "--port", str(port), "--nats-port", str(nats_port))
     try:
-        await ready(proc, port, log_path)
+        await up_ready(proc, f"http://127.0.0.1:{port}", log_path, timeout=90)
         yield proc, root / "data", log_path, nats_port
     finally:
         stop(proc)
@@ -132,7 +117,7 @@ async def test_kill_9_of_up_takes_its_server_along_and_frees_the_data_dir(tmp_pa
     log_path = tmp_path / "up.log"
     proc = up(tmp_path / "data", log_path, "--port", str(port))
     try:
-        await ready(proc, port, log_path)
+        await up_ready(proc, f"http://127.0.0.1:{port}", log_path, timeout=90)
         server = nats_server_of(proc)
         proc.kill()
         proc.wait(timeout=10)
@@ -142,7 +127,7 @@ async def test_kill_9_of_up_takes_its_server_along_and_frees_the_data_dir(tmp_pa
         assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, "nats-server outlived kill -9 of up"
         again = up(tmp_path / "data", log_path, "--port", str(port))  # the same data dir serves a new up
         try:
-            await ready(again, port, log_path)
+            await up_ready(again, f"http://127.0.0.1:{port}", log_path, timeout=90)
         finally:
             stop(again)
     finally:

@@ -124,6 +124,23 @@ async def own_stack(root: Path, *, name: str, worker_flags: tuple[str, ...] = ()
         broker.stop()
 
 
+async def up_ready(proc: subprocess.Popen, url: str, log_path: Path, *, timeout: float = 120) -> None:
+    """Waits until an `imagegen up` process answers /healthz with a worker ready; fails with its log
+    when it exits or takes longer than `timeout`."""
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                async with http.get(f"{url}/healthz") as r:
+                    if r.status == 200 and (await r.json())["workers"] >= 1:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError("imagegen up did not become ready:\n" + log_path.read_text())
+
+
 async def job_state(http: aiohttp.ClientSession, url: str, job_id: str) -> dict:
     async with http.get(f"{url}/v1/jobs/{job_id}", timeout=aiohttp.ClientTimeout(total=10)) as r:
         assert r.status == 200, await r.text()
