@@ -10,8 +10,10 @@ each in turn, the order swapped every round, so the drift weighs on both alike. 
 Reported per checkout: p50 and p99 of the time added per job, and the median of the paired differences
 (B minus A, round by round) with a 95 % interval from resampling the rounds.
 
-  git worktree add /tmp/before <commit>
-  python bench/overhead_ab.py /tmp/before .        # about 1 minute on 2 cores
+  git worktree add ../before <commit>
+  python bench/overhead_ab.py ../before .          # about 1 minute on 2 cores
+
+The results name each checkout by its commit (and whether its tree had changes), never by its folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +84,15 @@ async def open_checkout(stack: AsyncExitStack, label: str, tree: Path) -> Checko
     return checkout
 
 
+def revision(tree: Path) -> str:
+    """The checkout's commit, with "+changes" when its tracked files differ from it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, check=False)
+
+    commit = git("rev-parse", "--short=12", "HEAD").stdout.strip() or "unknown"
+    return commit + ("+changes" if git("diff", "--quiet", "HEAD").returncode == 1 else "")
+
+
 def median_interval(values: list[float], *, draws: int = 2000, seed: int = 7) -> tuple[float, float, float]:
     """The median and its 95 % interval from resampling `values` (a bootstrap)."""
     rng = random.Random(seed)
@@ -123,7 +135,7 @@ async def main(args: argparse.Namespace) -> None:
         b = await open_checkout(stack, "B", trees[1])
         started = time.monotonic()
         result = await compare(a, b, args.rounds, args.warm_up)
-    result |= {"before": str(trees[0]), "after": str(trees[1]), "seconds": round(time.monotonic() - started, 1)}
+    result |= {"before": revision(trees[0]), "after": revision(trees[1]), "seconds": round(time.monotonic() - started, 1)}
     rows = []
     for way, r in result["ways"].items():
         d = r["b_minus_a_ms"]
